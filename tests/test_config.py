@@ -1,0 +1,67 @@
+"""KV-cache arithmetic and conversion-settings validation."""
+
+import pytest
+from transformers import LlamaConfig
+
+from ecomla.config import MLAConversionConfig, kv_fraction, max_kv_lora_rank, rank_for_ratio
+
+
+def llama32(layers, kv_heads, head_dim, heads, hidden):
+    return LlamaConfig(num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       num_attention_heads=heads, hidden_size=hidden, intermediate_size=4 * hidden)
+
+
+LLAMA_1B = llama32(16, 8, 64, 32, 2048)
+LLAMA_3B = llama32(28, 8, 128, 24, 3072)
+SMOLLM2 = llama32(30, 3, 64, 9, 576)
+
+
+@pytest.mark.parametrize("rank, expected", [(128, 15.625), (64, 9.375), (48, 7.8125)])
+def test_paper_figures_llama32_1b(rank, expected):
+    frac = kv_fraction(LLAMA_1B, list(range(16)), rank, 1, 32)
+    assert 100 * frac == pytest.approx(expected)
+    assert round(100 * frac, 1) == {128: 15.6, 64: 9.4, 48: 7.8}[rank]
+
+
+def test_paper_figure_llama32_3b():
+    assert 100 * kv_fraction(LLAMA_3B, list(range(28)), 128, 1, 64) == pytest.approx(9.375)
+
+
+def test_hybrid_fraction_is_layer_average():
+    # half the layers at 96/384 = 25%, half untouched: (0.25 + 1) / 2
+    assert kv_fraction(SMOLLM2, list(range(0, 30, 2)), 64, 1, 32) == pytest.approx(0.625)
+
+
+def test_rank_for_ratio_picks_largest_rank_meeting_ratio():
+    assert rank_for_ratio(SMOLLM2, 4, 32, 1, list(range(30))) == 64  # 96 / 384 = exactly 4x
+    r = rank_for_ratio(SMOLLM2, 6.4, 32, 1, list(range(30)))
+    assert kv_fraction(SMOLLM2, list(range(30)), r, 1, 32) <= 1 / 6.4
+    assert kv_fraction(SMOLLM2, list(range(30)), r + 1, 1, 32) > 1 / 6.4
+    with pytest.raises(ValueError, match="impossible"):
+        rank_for_ratio(SMOLLM2, 4, 32, 1, [0, 1])  # 2 of 30 layers cannot give 4x
+
+
+def test_resolve_defaults():
+    conv = MLAConversionConfig(kv_ratio=4).resolve(SMOLLM2)
+    assert (conv.kv_lora_rank, conv.qk_nope_head_dim, conv.v_head_dim, conv.layers) == (64, 32, 64, list(range(30)))
+    assert max_kv_lora_rank(SMOLLM2, 32) == 288  # 3 groups x (64 + 64 - 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kv_lora_rank=289), "kv_lora_rank=289 is impossible"),
+        (dict(kv_lora_rank=0), "impossible"),
+        (dict(kv_lora_rank=64, qk_rope_head_dim=31), "RoPE dimension 31 is invalid"),
+        (dict(kv_lora_rank=64, qk_rope_head_dim=66), "RoPE dimension 66 is invalid"),
+        (dict(kv_lora_rank=64, layers=[0, 30]), "out of range"),
+        (dict(kv_lora_rank=64, rope_key_heads=2), "must divide the number of KV heads"),
+        (dict(kv_lora_rank=64, q_lora_rank=10_000), "q_lora_rank=10000 is impossible"),
+        (dict(), "exactly one of kv_lora_rank"),
+        (dict(kv_lora_rank=64, kv_ratio=4), "exactly one of kv_lora_rank"),
+        (dict(kv_lora_rank=64, rope_freqs="random"), "rope_freqs"),
+    ],
+)
+def test_resolve_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MLAConversionConfig(**kwargs).resolve(SMOLLM2)

@@ -1,0 +1,116 @@
+"""Exactness of the conversion where it drops nothing, against references built independently."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import rel_err, tiny_llama
+from ecomla import MLAConversionConfig, convert
+from ecomla.config import max_kv_lora_rank
+from ecomla.rope import select_rope_pairs
+from ecomla.sources import UnsupportedModelError
+
+
+def rope_change_reference(model, pairs: list[int], rope_key_heads: int = 1):
+    """The original model with only the RoPE change: pairs not kept lose their rotation
+    (inv_freq = 0 => cos 1, sin 0) and, on the kept dims, heads sharing a RoPE key use the mean
+    of their key rows. Built from the Llama code alone, without ecomla."""
+    ref = copy.deepcopy(model)
+    D = ref.config.head_dim
+    G = ref.config.num_key_value_heads
+    kept = torch.zeros(D // 2, dtype=torch.bool)
+    kept[pairs] = True
+    with torch.no_grad():
+        ref.model.rotary_emb.inv_freq[~kept] = 0.0
+        rows = [j for j in pairs] + [j + D // 2 for j in pairs]
+        for layer in ref.model.layers:
+            wk = layer.self_attn.k_proj.weight.view(G, D, -1)  # (G, D, d)
+            grouped = wk[:, rows].view(rope_key_heads, G // rope_key_heads, len(rows), -1)
+            wk[:, rows] = grouped.mean(1, keepdim=True).expand_as(grouped).reshape(G, len(rows), -1)
+    return ref
+
+
+def full_rank(model, d_rope):
+    return max_kv_lora_rank(model.config, d_rope)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["MHA", "GQA"])
+@pytest.mark.parametrize("freqs", ["uniform", "high"])
+def test_full_rank_equals_rope_change_reference(kv_heads, freqs):
+    model = tiny_llama(num_kv_heads=kv_heads)
+    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8, rope_freqs=freqs)
+    mla = convert(model, conv, progress=False)
+    ref = rope_change_reference(model, select_rope_pairs(16, 8, freqs))
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        assert rel_err(mla(ids).logits, ref(ids).logits) <= 1e-4
+        assert rel_err(ref(ids).logits, model(ids).logits) > 1e-2  # the RoPE change itself is not a no-op
+
+
+def test_per_group_rope_keys_all_frequencies_full_rank_reproduce_original():
+    model = tiny_llama(num_kv_heads=2)
+    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2)
+    mla = convert(model, conv, progress=False)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        assert rel_err(mla(ids).logits, model(ids).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("nope, v", [(12, 16), (8, 12), (4, 24)])
+def test_other_head_dims_fold_softmax_scale_and_stay_exact_when_rank_allows(nope, v):
+    """d_nope + d_rope != D changes MLA's softmax scale; the converter folds the ratio into q.
+    d_nope >= D - d_rope and d_v >= D are exact (zero padding); smaller ones truncate."""
+    model = tiny_llama(num_kv_heads=2)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8,
+                                             qk_nope_head_dim=nope, v_head_dim=v, rope_key_heads=2), progress=False)
+    ref = rope_change_reference(model, select_rope_pairs(16, 8, "uniform"), rope_key_heads=2)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        err = rel_err(mla(ids).logits, ref(ids).logits)
+    if nope >= 8 and v >= 16:
+        assert err <= 1e-4
+    else:
+        assert 1e-4 < err < float("inf")  # truncated per-head dims: lossy (optimality is tested in test_svd_init)
+
+
+def test_full_rank_query_lora_is_exact():
+    model = tiny_llama(num_kv_heads=2)
+    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2, q_lora_rank=64)
+    mla = convert(model, conv, progress=False)
+    assert hasattr(mla.model.layers[0].self_attn, "q_a_proj")
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        assert rel_err(mla(ids).logits, model(ids).logits) <= 1e-4
+
+
+def test_error_shrinks_with_rank_on_tiny_model():
+    model = tiny_llama(num_kv_heads=2)
+    ids = torch.randint(0, 128, (2, 24))
+    ref = rope_change_reference(model, select_rope_pairs(16, 8, "uniform"))
+    errs = []
+    with torch.no_grad():
+        for r in (4, 12, 24, 36, 48):
+            mla = convert(model, MLAConversionConfig(kv_lora_rank=r, qk_rope_head_dim=8), progress=False)
+            errs.append(rel_err(mla(ids).logits, ref(ids).logits))
+    assert errs == sorted(errs, reverse=True) and errs[-1] <= 1e-4
+
+
+def test_hybrid_keeps_unconverted_layers_and_config_records_conversion():
+    model = tiny_llama(num_kv_heads=2, layers=4)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=[0, 2]), progress=False)
+    attn = [type(layer.self_attn).__name__ for layer in mla.model.layers]
+    assert attn == ["MLAAttention", "LlamaAttention", "MLAAttention", "LlamaAttention"]
+    torch.testing.assert_close(mla.model.layers[1].self_attn.k_proj.weight, model.model.layers[1].self_attn.k_proj.weight)
+    assert mla.config.conversion["method"] == "x-ecomla-svd" and mla.config.mla_layers == [0, 2]
+    assert mla.config.rope_pair_indices == [0, 2, 4, 6]
+
+
+def test_refuses_biases_and_unsupported_architectures():
+    with pytest.raises(UnsupportedModelError, match="biases"):
+        convert(tiny_llama(attention_bias=True), MLAConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*not supported yet"):
+        convert(gpt2, MLAConversionConfig(kv_lora_rank=8))
