@@ -114,3 +114,22 @@ def test_refuses_biases_and_unsupported_architectures():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*not supported yet"):
         convert(gpt2, MLAConversionConfig(kv_lora_rank=8))
+
+
+def test_mistral_converts_and_full_rank_per_group_is_exact():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=None)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2),
+                  progress=False)
+    assert mla.config.conversion["source_model_type"] == "mistral"
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        assert rel_err(mla(ids).logits, model(ids).logits) <= 1e-4

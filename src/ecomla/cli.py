@@ -45,7 +45,11 @@ def atomic_output_dir(out: Path, overwrite: bool):
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
+    return tmp
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -83,8 +87,6 @@ def conversion_table(original_config, converted_config, contexts=(1024, 8192, 32
 
 
 def cmd_convert(args) -> int:
-    import torch
-
     from .config import MLAConversionConfig
     from .convert import build_config, convert
     from .sources import check_supported, load_config, load_model
@@ -92,6 +94,8 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before any slow work
         raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
     src_config = load_config(args.source)
     check_supported(src_config)
     rope_key_heads = src_config.num_key_value_heads if args.rope_key == "per-group" else (
@@ -123,7 +127,6 @@ def cmd_convert(args) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
           "or with trust_remote_code=True)")
-    del torch
     return 0
 
 
@@ -134,6 +137,8 @@ def cmd_generate(args) -> int:
     from .sources import load_model
 
     model, tok = load_model(args.model, dtype=_dtype(args.dtype))
+    if tok is None:
+        raise FileNotFoundError(f"{args.model} has no tokenizer files: save one beside the weights to generate")
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
@@ -158,7 +163,8 @@ def cmd_kv(args) -> int:
         return 0
     from transformers import LlamaConfig
 
-    original = LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k in LlamaConfig().to_dict()})
+    llama_keys = set(LlamaConfig().to_dict()) - {"model_type", "architectures", "auto_map"}
+    original = LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k in llama_keys})
     print(conversion_table(original, cfg))
     return 0
 
@@ -173,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--kv-rank", type=int, help="kv_lora_rank (latent size per token and layer)")
     rank.add_argument("--kv-ratio", type=float, help="largest rank whose whole-model cache is at least X times smaller")
     c.add_argument("--q-rank", type=int, default=None, help="q_lora_rank (default: full-rank q_proj)")
-    c.add_argument("--rope-dim", type=int, default=32, help="qk_rope_head_dim (default 32)")
+    c.add_argument("--rope-dim", type=int, default=None, help="qk_rope_head_dim (default min(32, head_dim/2))")
     c.add_argument("--rope-freqs", choices=["uniform", "high", "low"], default="uniform",
                    help="which frequency pairs keep RoPE (default uniform: every other pair)")
     c.add_argument("--rope-key", default="shared",

@@ -24,7 +24,8 @@ class MLAConversionConfig:
     kv_lora_rank / kv_ratio: give one. kv_ratio X picks the largest rank whose whole-model cache
         is at least X times smaller than the original.
     q_lora_rank: None keeps a full-rank q_proj.
-    qk_rope_head_dim: dims per head that keep RoPE (even; at most head_dim).
+    qk_rope_head_dim: dims per head that keep RoPE (even; at most head_dim); default
+        min(32, head_dim / 2) (X-EcoMLA uses 32 for head_dim 64).
     qk_nope_head_dim: per-head query/key dims without RoPE; default head_dim - qk_rope_head_dim
         (exact); another value factors each head's query-key product to that rank.
     v_head_dim: per-head value dims; default head_dim (exact).
@@ -40,7 +41,7 @@ class MLAConversionConfig:
     kv_lora_rank: int | None = None
     kv_ratio: float | None = None
     q_lora_rank: int | None = None
-    qk_rope_head_dim: int = 32
+    qk_rope_head_dim: int | None = None  # None: min(32, head_dim // 2)
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
     rope_key_heads: int = 1
@@ -71,7 +72,7 @@ class MLAConversionConfig:
             )
         out.layers = layers
 
-        d_rope = self.qk_rope_head_dim
+        d_rope = out.qk_rope_head_dim = min(32, head_dim // 2) if self.qk_rope_head_dim is None else self.qk_rope_head_dim
         if d_rope % 2 or not 0 < d_rope <= head_dim:
             raise ValueError(
                 f"RoPE dimension {d_rope} is invalid: it must be even and between 2 and head_dim={head_dim} "

@@ -153,10 +153,11 @@ class MLAAttention(nn.Module):
         scores = scores + torch.matmul(q_pe, k_pe.transpose(-1, -2)).view(bsz, heads, q_len, kv_len)  # (B, H, T, S)
         scores = scores.float() * self.scaling
 
-        if attention_mask is None:  # no padding: causal, queries are the last q_len positions
+        if attention_mask is None:
+            # transformers drops the mask only where sdpa's `is_causal` is right: a single query
+            # (sees everything) or an empty cache (upper-left aligned causal, as torch defines it).
             if q_len > 1:
-                q_pos = torch.arange(kv_len - q_len, kv_len, device=scores.device)[:, None]  # (T, 1)
-                allowed = torch.arange(kv_len, device=scores.device)[None, :] <= q_pos  # (T, S)
+                allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()  # (T, S)
                 scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         elif attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)

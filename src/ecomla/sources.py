@@ -112,5 +112,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | No
     if device:
         model = model.to(device)
     model.config.name_or_path = str(source)
-    tok = AutoTokenizer.from_pretrained(path, **kwargs) if tokenizer else None
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, TypeError):  # weights without tokenizer files: fine for convert
+            tok = None
     return model.eval(), tok

@@ -1,0 +1,70 @@
+"""`ecomla convert` / `ecomla kv` on a tiny local model: outputs, and refusals that write nothing."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from conftest import tiny_llama
+from ecomla.cli import main, parse_layers
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_llama(num_kv_heads=2, layers=4).save_pretrained(path)
+    return path
+
+
+def test_convert_writes_checkpoint_and_prints_table(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "mla"
+    assert main(["convert", str(tiny_dir), "--kv-rank", "16", "--rope-dim", "8", "--layers", "0,2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| original | 64 |" in text and "| converted | 44 |" in text  # (16 + 8 + 2*64) / 2 per layer
+    assert "1.45x smaller" in text
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.mla_layers == [0, 2] and model.config.kv_lora_rank == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mla"]  # no temporary directory left behind
+    assert main(["kv", str(out)]) == 0 and "1.45x smaller" in capsys.readouterr().out
+
+
+def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "mla"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["convert", str(tiny_dir), "--kv-ratio", "2", "--rope-dim", "8", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["convert", str(tiny_dir), "--kv-ratio", "2", "--rope-dim", "8", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).config.kv_lora_rank == 24  # (24 + 8) / 64 = 2x
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-rank", "10000"], "kv_lora_rank=10000 is impossible"),
+    (["--kv-rank", "16", "--rope-dim", "7"], "RoPE dimension 7 is invalid"),
+    (["--kv-rank", "16", "--rope-dim", "64"], "RoPE dimension 64 is invalid"),
+    (["--kv-rank", "16", "--layers", "0,9"], "out of range"),
+    (["--kv-rank", "16", "--layers", "x"], "--layers 'x'"),
+    (["--kv-ratio", "0.5"], "kv_ratio must be > 1"),
+])
+def test_bad_settings_fail_clearly_and_write_nothing(tiny_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "mla"
+    assert main(["convert", str(tiny_dir), *args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_source_and_unsupported_architecture(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), "--kv-rank", "8", "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
+    assert main(["convert", str(gpt2), "--kv-rank", "8", "--out", str(tmp_path / "o")]) == 2
+    assert "'GPT2LMHeadModel' (model_type 'gpt2') is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_layers():
+    assert parse_layers("all") is None
+    assert parse_layers("0,2,4") == [0, 2, 4]
+    assert parse_layers("0-3,6") == [0, 1, 2, 3, 6]
+    assert parse_layers("even", 5) == [0, 2, 4] and parse_layers("odd", 5) == [1, 3]

@@ -1,0 +1,88 @@
+"""HF integration: generate with the latent cache, save/load, trust_remote_code in a fresh process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import rel_err, tiny_llama
+from ecomla import EcoMLAForCausalLM, MLAConversionConfig, convert
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    model = tiny_llama(num_kv_heads=2, layers=4)
+    return convert(model, MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, rope_key_heads=2, layers=[0, 2]),
+                   progress=False)
+
+
+def test_hybrid_greedy_generate_same_with_and_without_cache_and_cache_holds_latent(hybrid):
+    ids = torch.randint(1, 128, (2, 7))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        cached = hybrid.generate(ids, use_cache=True, return_dict_in_generate=True, **kw)
+        uncached = hybrid.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached)
+    cfg, cache = hybrid.config, cached.past_key_values
+    seen = cached.sequences.shape[1] - 1  # the last generated token is never fed back
+    for i, layer in enumerate(cache.layers):
+        if i in cfg.mla_layers:  # latent + RoPE key(s) only
+            assert layer.keys.shape == (2, 1, seen, cfg.kv_lora_rank)
+            assert layer.values.shape == (2, 1, seen, cfg.rope_key_heads * cfg.qk_rope_head_dim)
+        else:  # untouched layers keep full K/V
+            assert layer.keys.shape == layer.values.shape == (2, cfg.num_key_value_heads, seen, cfg.head_dim)
+
+
+def test_static_cache_generates_same_tokens_as_dynamic(hybrid):
+    ids = torch.randint(1, 128, (2, 6))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        dynamic = hybrid.generate(ids, **kw)
+        static = hybrid.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(dynamic, static)
+
+
+def test_save_and_load_round_trip_identical_logits(hybrid, tmp_path):
+    hybrid.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "ecomla" and cfg["mla_layers"] == [0, 2] and cfg["conversion"]["kv_lora_rank"] == 20
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_ecomla.EcoMLAForCausalLM"
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, EcoMLAForCausalLM)
+    ids = torch.randint(1, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, hybrid(ids).logits)
+
+
+REMOTE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert "ecomla" not in sys.modules, "the remote-code path must not import ecomla"
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+torch.save({"logits": logits, "tokens": tokens, "cls": type(model).__module__}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("layers", [None, [1, 3]], ids=["full", "hybrid"])
+def test_trust_remote_code_in_fresh_process(tmp_path, layers):
+    model = convert(tiny_llama(num_kv_heads=2, layers=4),
+                    MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=layers), progress=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(1, 128, (1, 8))
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", REMOTE, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["cls"].startswith("transformers_modules")
+    with torch.no_grad():
+        assert rel_err(out["logits"], model(ids).logits) == 0.0
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(out["tokens"], want)

@@ -1,0 +1,45 @@
+"""Model sources: local directories, GGUF files, built-in names, and clear refusals."""
+
+import pytest
+from transformers import GPT2Config, MistralConfig
+
+from ecomla.sources import UnsupportedModelError, builtin_gguf, check_supported, resolve_source
+
+
+def test_builtin_resolves_to_packaged_gguf():
+    path, gguf = resolve_source("smollm2-135m")
+    assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf" and (builtin_gguf("smollm2-135m")).is_file()
+    assert str(builtin_gguf("smollm2-135m").parent) == path
+
+
+def test_local_dir_gguf_and_hub_id(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_source(str(tmp_path)) == (str(tmp_path), None)
+    (tmp_path / "m.gguf").write_bytes(b"")
+    assert resolve_source(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("./no/such/dir", "not found"),
+    ("/no/such/model.gguf", "GGUF file not found"),
+    ("a/b/c", "not found"),
+])
+def test_missing_paths_are_clear(source, message):
+    with pytest.raises(FileNotFoundError, match=message):
+        resolve_source(source)
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_source(str(tmp_path))
+
+
+def test_unsupported_architectures_are_named():
+    cfg = GPT2Config()
+    cfg.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(UnsupportedModelError, match="'GPT2LMHeadModel'.*not supported yet"):
+        check_supported(cfg)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        check_supported(MistralConfig(sliding_window=4096))
+    check_supported(MistralConfig(sliding_window=None))  # Mistral v0.2+ converts
