@@ -1,4 +1,4 @@
-"""Command line: `ecomla convert`, `ecomla generate`, `ecomla kv`."""
+"""Command line: `ecomla convert`, `ecomla generate`, `ecomla export`, `ecomla kv`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ import tempfile
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+# Calibrates the latent norms that --target deepseek-v3 adds (their scale only).
+CALIBRATION_TEXT = (
+    "The history of science is the study of how people came to understand the natural world. Early "
+    "astronomers tracked the motion of the planets, and physicians recorded the course of diseases. In the "
+    "seventeenth century, experiments and mathematics began to work together: Galileo measured falling bodies, "
+    "Kepler described planetary orbits, and Newton explained both with one law of gravitation. Chemistry grew out "
+    "of alchemy, biology out of natural history. Today researchers share data across the world, and questions "
+    "about energy, medicine, climate and computing are studied by large teams. def add(a, b):\n    return a + b\n"
+    "Question: What is 12 times 7? Answer: 84."
+)
 
 
 def _dtype(name: str):
@@ -110,6 +122,7 @@ def cmd_convert(args) -> int:
         rope_key_heads=rope_key_heads,
         rope_freqs=args.rope_freqs,
         layers=parse_layers(args.layers, src_config.num_hidden_layers),
+        target=args.target,
     )
     resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
     print(conversion_table(src_config, build_config(src_config, resolved)))
@@ -117,7 +130,8 @@ def cmd_convert(args) -> int:
     tmp = atomic_output_dir(out, args.overwrite)
     try:
         model, tok = load_model(args.source, dtype=_dtype(args.dtype))
-        new = convert(model, conv, progress=True)
+        calib = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids if tok is not None else None
+        new = convert(model, conv, progress=True, calibration_ids=calib)
         new.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
@@ -127,6 +141,25 @@ def cmd_convert(args) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
           "or with trust_remote_code=True)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_deepseek_v3, export_problems
+    from .sources import load_config, load_model
+
+    config = load_config(args.model)
+    if config.model_type != "ecomla":
+        raise ValueError(f"{args.model} is not an ecomla model (model_type {config.model_type!r}): convert it first")
+    problems = export_problems(config)  # refuse before loading weights
+    if problems:
+        raise ValueError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
+    model, tok = load_model(args.model)
+    export_deepseek_v3(model, out, tokenizer=tok, overwrite=args.overwrite)
+    print(f"saved {out}: loads with transformers' DeepseekV3ForCausalLM, no custom code")
     return 0
 
 
@@ -187,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nope-dim", type=int, default=None, help="qk_nope_head_dim (default head_dim - rope dim)")
     c.add_argument("--v-dim", type=int, default=None, help="v_head_dim (default head_dim)")
     c.add_argument("--layers", default="all", help="'all' (full MLA), 'even', 'odd', or indices like 0,2,4 (hybrid)")
+    c.add_argument("--target", choices=["deepseek-v3"], default=None,
+                   help="restrict to what a stock DeepSeek-V3 checkpoint expresses exactly (adds latent norms)")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -203,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="write a full-MLA model as a stock DeepSeek-V3 checkpoint")
+    e.add_argument("model")
+    e.add_argument("--format", choices=["deepseek-v3"], default="deepseek-v3")
+    e.add_argument("--out", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
 
     k = sub.add_parser("kv", help="print a model's KV-cache sizes from its config")
     k.add_argument("source")

@@ -36,6 +36,11 @@ class MLAConversionConfig:
         dimension), "high" (the highest frequencies), "low" (the lowest).
     rope_key_init: how heads sharing a RoPE key are merged: "mean" (X-EcoMLA).
     layers: indices of the layers to convert; None = all (full MLA), a subset = hybrid.
+    target: "deepseek-v3" restricts the conversion to what a stock DeepSeek-V3 checkpoint
+        expresses exactly (every layer MLA, one shared RoPE key, standard rotary frequencies,
+        RMS-normalized latents), so that `ecomla export` of the result is exact. The latent
+        norms are not in the original model: conversion is then no longer exact even at full
+        rank (their scale is calibrated, and distillation adapts the rest).
     """
 
     kv_lora_rank: int | None = None
@@ -48,7 +53,7 @@ class MLAConversionConfig:
     rope_freqs: str = "uniform"
     rope_key_init: str = "mean"
     layers: list[int] | None = None
-    use_kv_a_layernorm: bool = False  # reserved for training-time variants: a norm makes SVD init inexact
+    target: str | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -92,6 +97,9 @@ class MLAConversionConfig:
         if out.qk_nope_head_dim < 0 or out.v_head_dim < 1:
             raise ValueError("qk_nope_head_dim must be >= 0 and v_head_dim >= 1")
 
+        if self.target is not None:
+            self._check_target(out, model_config, head_dim, kv_heads)
+
         max_rank = max_kv_lora_rank(model_config, d_rope)
         if (self.kv_lora_rank is None) == (self.kv_ratio is None):
             raise ValueError("give exactly one of kv_lora_rank (--kv-rank) and kv_ratio (--kv-ratio)")
@@ -108,6 +116,22 @@ class MLAConversionConfig:
             if not 1 <= self.q_lora_rank <= q_max:
                 raise ValueError(f"q_lora_rank={self.q_lora_rank} is impossible: choose 1..{q_max} or leave it unset")
         return out
+
+
+    def _check_target(self, out: "MLAConversionConfig", model_config, head_dim: int, kv_heads: int) -> None:
+        if self.target != "deepseek-v3":
+            raise ValueError(f"unknown conversion target {self.target!r}: the only target is 'deepseek-v3'")
+        problems = []
+        if len(out.layers) != model_config.num_hidden_layers:
+            problems.append("every layer must be MLA (--layers all)")
+        if self.rope_key_heads != 1:
+            problems.append("one shared RoPE key (--rope-key shared)")
+        if self.rope_freqs != "uniform" or head_dim % out.qk_rope_head_dim:
+            problems.append(f"standard rotary frequencies (--rope-freqs uniform with a RoPE dim dividing head_dim {head_dim})")
+        if getattr(model_config, "mlp_bias", False):
+            problems.append("MLPs without biases")
+        if problems:
+            raise ValueError("--target deepseek-v3 needs " + "; ".join(problems))
 
 
 def _dims(model_config):

@@ -36,8 +36,8 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
         v_head_dim=conv.v_head_dim,
         rope_key_heads=conv.rope_key_heads,
         rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs),
-        use_kv_a_layernorm=False,
-        use_q_a_layernorm=False,
+        use_kv_a_layernorm=conv.target == "deepseek-v3",
+        use_q_a_layernorm=conv.target == "deepseek-v3" and conv.q_lora_rank is not None,
         conversion={
             "method": "x-ecomla-svd",
             "ecomla_version": __version__,
@@ -53,16 +53,47 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
 
 
 @torch.no_grad()
-def convert(model, conv: MLAConversionConfig, progress: bool = True) -> EcoMLAForCausalLM:
+def attention_inputs(model, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The (normalized) hidden states entering each listed layer's attention, flattened to (N, d)."""
+    seen, hooks = {}, []
+    for i in layers:
+        def hook(module, args, kwargs, i=i):
+            seen[i] = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, model.config.hidden_size)
+        hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(input_ids.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def norm_scale(down: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean RMS of the projected inputs: an RMSNorm with this weight keeps their average scale."""
+    proj = inputs.double() @ down.double().T  # (N, r)
+    return proj.pow(2).mean(-1).sqrt().mean().item()
+
+
+@torch.no_grad()
+def convert(model, conv: MLAConversionConfig, progress: bool = True,
+            calibration_ids: torch.Tensor | None = None) -> EcoMLAForCausalLM:
     """Return `model` (a Llama/Mistral causal LM) upcycled into MLA as `conv` asks.
 
     The original model is left untouched; weights keep its dtype, SVDs run in float64.
+    `calibration_ids` (B, T) only matter where the conversion adds latent norms
+    (target "deepseek-v3"): their weights are set to the mean RMS of the latents on that text
+    (random tokens when none is given).
     """
     check_supported(model.config, type(model).__name__)
     conv = conv.resolve(model.config)
     config = build_config(model.config, conv)
     dtype = next(model.parameters()).dtype
     config._attn_implementation = model.config._attn_implementation
+    calib = None
+    if config.use_kv_a_layernorm:
+        if calibration_ids is None:
+            calibration_ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+        calib = attention_inputs(model, conv.layers, calibration_ids)
 
     state = {k: v for k, v in model.state_dict().items() if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
     for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
@@ -82,6 +113,12 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True) -> EcoMLAFo
             rope_key_heads=config.rope_key_heads,
             q_lora_rank=config.q_lora_rank,
         )
+        if calib is not None:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
+            down = weights["kv_a_proj_with_mqa.weight"][: config.kv_lora_rank]
+            weights["kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), norm_scale(down, calib[i]))
+            if config.use_q_a_layernorm:
+                weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,),
+                                                             norm_scale(weights["q_a_proj.weight"], calib[i]))
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(dtype)
 

@@ -1,0 +1,150 @@
+"""Export a full-MLA ecomla model as a stock DeepSeek-V3 checkpoint (no custom code needed).
+
+The DeepSeek-V3 format fixes: MLA in every layer, one RoPE key shared by all heads, a standard
+rotary of dimension qk_rope_head_dim (frequencies theta^(-2i/d_rope), rope scaling applied to
+those), RMS-normalized latents (kv_a_layernorm, and q_a_layernorm with q_lora_rank, eps 1e-6),
+interleaved RoPE pairs, no attention biases. What it cannot express is refused, with the
+conversion options that would make the model exportable; what it can, is written exactly:
+
+- RoPE layout: ecomla keeps HF's half-split layout [x_0..x_{k-1}, y_0..y_{k-1}]; DeepSeek
+  rotates interleaved pairs (x_0, y_0, x_1, y_1, ...). The query and key RoPE rows are permuted.
+- Every layer's MLP stays dense (first_k_dense_replace = num_hidden_layers, no experts, no
+  multi-token-prediction layers); `lm_head` is written out even when the source ties it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .rope import is_standard_rotary
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def export_problems(config) -> list[str]:
+    """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can."""
+    problems = []
+    missing = sorted(set(range(config.num_hidden_layers)) - set(config.mla_layers))
+    if missing:
+        problems.append(f"layers {missing} keep grouped-query attention, but DeepSeek-V3 has MLA in every layer "
+                        "(convert with --layers all)")
+    if config.rope_key_heads != 1:
+        problems.append(f"it has {config.rope_key_heads} RoPE keys per token, DeepSeek-V3 one shared key "
+                        "(convert with --rope-key shared)")
+    if not is_standard_rotary(config.rope_pair_indices, config.head_dim):
+        problems.append(f"its kept RoPE frequencies {config.rope_pair_indices} are not those of a standard rotary of "
+                        f"dimension {config.qk_rope_head_dim} (convert with --rope-freqs uniform and a RoPE dim that "
+                        f"divides head_dim {config.head_dim})")
+    if not config.use_kv_a_layernorm:
+        problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert with --target deepseek-v3)")
+    if config.q_lora_rank is not None and not config.use_q_a_layernorm:
+        problems.append("its query latent has no RMS norm (convert with --target deepseek-v3)")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        problems.append(f"rope scaling {rope_type!r} has no DeepSeek-V3 equivalent")
+    if config.attention_bias or getattr(config, "mlp_bias", False):
+        problems.append("it has biases, which DeepSeek-V3 layers do not")
+    return problems
+
+
+def interleave_permutation(d_rope: int) -> list[int]:
+    """new[2i] = old[i], new[2i+1] = old[i + d_rope/2]: half-split -> interleaved pairs."""
+    half = d_rope // 2
+    return [j for i in range(half) for j in (i, i + half)]
+
+
+def deepseek_v3_config(config):
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        moe_intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        n_shared_experts=1,
+        n_routed_experts=1,  # unused: no layer reaches first_k_dense_replace
+        num_experts_per_tok=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=config.num_hidden_layers,
+        kv_lora_rank=config.kv_lora_rank,
+        q_lora_rank=config.q_lora_rank,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        v_head_dim=config.v_head_dim,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters),
+        rope_interleave=True,
+        attention_bias=False,
+        num_mtp_layers=0,
+        tie_word_embeddings=False,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under DeepSeek-V3 names and layout (RoPE rows interleaved)."""
+    config = model.config
+    heads, d_nope, d_rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    perm = torch.tensor(interleave_permutation(d_rope))
+    state = {}
+    for name, w in model.state_dict().items():
+        w = w.detach().clone()
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            w = w.view(heads, d_nope + d_rope, -1)  # (H, dq, in)
+            w[:, d_nope:] = w[:, d_nope:][:, perm]
+            w = w.reshape(heads * (d_nope + d_rope), -1)
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            w[config.kv_lora_rank :] = w[config.kv_lora_rank :][perm]
+        state[name] = w.contiguous()
+    state["lm_head.weight"] = model.lm_head.weight.detach().clone().contiguous()  # written even when tied
+    return state
+
+
+@torch.no_grad()
+def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from .cli import atomic_output_dir, publish
+
+    config = model.config
+    if getattr(config, "model_type", None) != "ecomla":
+        raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}")
+    problems = export_problems(config)
+    if problems:
+        raise ExportError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
+    out = Path(out)
+    tmp = atomic_output_dir(out, overwrite)
+    try:
+        ds_config = deepseek_v3_config(config)
+        with torch.device("meta"):
+            ds = DeepseekV3ForCausalLM(ds_config)
+        state = deepseek_v3_state_dict(model)
+        missing, unexpected = ds.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
+        ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)
+        ds.config.architectures = ["DeepseekV3ForCausalLM"]
+        ds.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

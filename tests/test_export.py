@@ -1,0 +1,119 @@
+"""DeepSeek-V3 export: stock transformers loads it without custom code and gives the same model."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import rel_err, tiny_llama
+from ecomla import MLAConversionConfig, convert
+from ecomla.cli import main
+from ecomla.export import ExportError, export_deepseek_v3, interleave_permutation
+
+FRESH = """
+import sys, torch
+from transformers import DeepseekV3ForCausalLM
+model = DeepseekV3ForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert "ecomla" not in sys.modules
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+                         return_dict_in_generate=True)
+cache = [(tuple(l.keys.shape), tuple(l.values.shape)) for l in out.past_key_values.layers]
+torch.save({"logits": logits, "tokens": out.sequences, "cache": cache, "cfg": model.config.to_dict()}, sys.argv[3])
+"""
+
+
+def run_fresh(model, ids, tmp_path, tokenizer=None):
+    export_deepseek_v3(model, tmp_path / "ds", tokenizer=tokenizer)
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "ds"), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+                   check=True, cwd=tmp_path)
+    return torch.load(tmp_path / "o.pt")
+
+
+def check_same_model(model, ids, got):
+    with torch.no_grad():
+        assert rel_err(got["logits"], model(ids).logits) <= 1e-4
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got["tokens"], want)
+    cfg, seen = model.config, got["tokens"].shape[1] - 1
+    for keys, values in got["cache"]:  # the latent and one RoPE key per token, not full K/V
+        assert keys == (ids.shape[0], 1, seen, cfg.kv_lora_rank) and values == (ids.shape[0], 1, seen, cfg.qk_rope_head_dim)
+    ds = got["cfg"]
+    assert ds["model_type"] == "deepseek_v3" and ds["num_key_value_heads"] == ds["num_attention_heads"]
+    assert ds["first_k_dense_replace"] >= ds["num_hidden_layers"] and ds["num_nextn_predict_layers"] == 0
+    assert ds["rope_interleave"] is True and ds["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 40])
+def test_tiny_export_loads_in_stock_transformers_with_same_logits(tmp_path, q_lora_rank):
+    model = convert(tiny_llama(num_kv_heads=2, tie_word_embeddings=True),
+                    MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, q_lora_rank=q_lora_rank, target="deepseek-v3"),
+                    progress=False)
+    ids = torch.randint(1, 128, (2, 10))
+    check_same_model(model, ids, run_fresh(model, ids, tmp_path))
+
+
+@pytest.mark.slow
+def test_smollm2_export_loads_in_stock_transformers_with_same_logits(smollm2, tmp_path):
+    original, tok = smollm2
+    model = convert(original, MLAConversionConfig(kv_ratio=4, target="deepseek-v3"), progress=False,
+                    calibration_ids=tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    got = run_fresh(model, ids, tmp_path, tokenizer=tok)
+    check_same_model(model, ids, got)
+    assert (tmp_path / "ds" / "tokenizer.json").exists()
+
+
+def test_interleave_permutation():
+    assert interleave_permutation(8) == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+@pytest.mark.parametrize("conv, message", [
+    (dict(layers=[0, 2]), r"layers \[1\] keep grouped-query attention.*--layers all"),
+    (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
+    (dict(rope_freqs="high"), "not those of a standard rotary.*--rope-freqs uniform"),
+    (dict(), "latent has no RMS norm.*--target deepseek-v3"),
+])
+def test_refusals_name_the_reason_and_the_fix(tmp_path, capsys, conv, message):
+    model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, **conv),
+                    progress=False)
+    with pytest.raises(ExportError, match=message):
+        export_deepseek_v3(model, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    model.save_pretrained(tmp_path / "mla")  # the CLI refuses before loading weights, and writes nothing
+    assert main(["export", str(tmp_path / "mla"), "--out", str(tmp_path / "ds")]) == 2
+    assert "cannot export as DeepSeek-V3 exactly" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+
+
+def test_query_latent_without_norm_is_refused(tmp_path):
+    model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, q_lora_rank=32),
+                    progress=False)
+    model.config.use_kv_a_layernorm = True  # only the query norm is missing
+    with pytest.raises(ExportError, match="query latent has no RMS norm"):
+        export_deepseek_v3(model, tmp_path / "ds")
+
+
+def test_target_refuses_options_the_format_cannot_express():
+    with pytest.raises(ValueError, match="--target deepseek-v3 needs every layer must be MLA.*one shared RoPE key"):
+        convert(tiny_llama(num_kv_heads=2),
+                MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=[0], rope_key_heads=2, target="deepseek-v3"))
+
+
+def test_cli_convert_target_then_export(tmp_path, capsys):
+    src = tmp_path / "llama"
+    tiny_llama(num_kv_heads=2).save_pretrained(src)
+    assert main(["convert", str(src), "--kv-rank", "16", "--rope-dim", "8", "--target", "deepseek-v3",
+                 "--out", str(tmp_path / "mla")]) == 0
+    assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / "ds")]) == 0
+    assert "DeepseekV3ForCausalLM" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")
+    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "mla")
+    ids = torch.randint(1, 128, (1, 12))
+    with torch.no_grad():
+        assert type(ds).__name__ == "DeepseekV3ForCausalLM" and rel_err(ds(ids).logits, mla(ids).logits) <= 1e-4
