@@ -109,6 +109,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | No
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
         raise FileNotFoundError(f"could not load model {source!r}: {err}") from err
+    if gguf:  # GGUF weights are dequantized on load: drop the quantizer so the model saves as plain float
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        delattr(model.config, "quantization_config")
     if device:
         model = model.to(device)
     model.config.name_or_path = str(source)
