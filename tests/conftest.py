@@ -8,12 +8,12 @@ import ecomla  # noqa: F401  (registers the Auto classes)
 
 
 def tiny_llama(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 3, head_dim: int = 16, seed: int = 0,
-               hidden: int = 64, attn: str = "sdpa", **kw) -> LlamaForCausalLM:
+               hidden: int = 64, attn: str = "sdpa", rope_parameters: dict | None = None, **kw) -> LlamaForCausalLM:
     """A random Llama with non-trivial weights (std 0.2, so attention patterns are not flat)."""
     cfg = LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, head_dim=head_dim, vocab_size=128, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, **kw,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, **kw,
     )
     cfg._attn_implementation = attn
     torch.manual_seed(seed)

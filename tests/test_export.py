@@ -48,13 +48,25 @@ def check_same_model(model, ids, got):
     assert ds["rope_interleave"] is True and ds["tie_word_embeddings"] is False
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 40])
-def test_tiny_export_loads_in_stock_transformers_with_same_logits(tmp_path, q_lora_rank):
-    model = convert(tiny_llama(num_kv_heads=2, tie_word_embeddings=True),
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("q_lora_rank, rope", [(None, None), (40, None), (None, LLAMA3_ROPE)],
+                         ids=["full-q", "q-lora", "llama3-rope-scaling"])
+def test_tiny_export_loads_in_stock_transformers_with_same_logits(tmp_path, q_lora_rank, rope):
+    model = convert(tiny_llama(num_kv_heads=2, tie_word_embeddings=True, rope_parameters=rope),
                     MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, q_lora_rank=q_lora_rank, target="deepseek-v3"),
                     progress=False)
-    ids = torch.randint(1, 128, (2, 10))
-    check_same_model(model, ids, run_fresh(model, ids, tmp_path))
+    ids = torch.randint(1, 128, (2, 40))  # longer than original_max_position_embeddings: scaling matters
+    got = run_fresh(model, ids, tmp_path)
+    check_same_model(model, ids, got)
+    if rope:
+        assert got["cfg"]["rope_parameters"]["rope_type"] == "llama3"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ds" / "model.safetensors", "pt") as f:  # lm_head written although the source ties it
+        assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
 
 
 @pytest.mark.slow

@@ -65,6 +65,16 @@ def test_hybrid_generate_same_tokens_with_and_without_cache(smollm2):
             assert layer.keys.shape == (1, 3, seen, 64)
 
 
+def test_gguf_original_saves_as_plain_float_checkpoint(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = smollm2
+    model.save_pretrained(tmp_path / "orig")  # the GGUF quantizer is dropped on load: weights are plain floats
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "orig")
+    assert "quantization_config" not in again.config.to_dict()
+    torch.testing.assert_close(again.model.layers[3].self_attn.k_proj.weight, model.model.layers[3].self_attn.k_proj.weight)
+
+
 def test_cli_convert_and_generate_builtin(tmp_path, capsys):
     out = tmp_path / "smollm2-mla"
     assert main(["convert", "smollm2-135m", "--kv-ratio", "4", "--out", str(out)]) == 0

@@ -143,12 +143,14 @@ class MLAAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_nope, r), (H, d_v, r)
 
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        scores = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))  # (B, H, T, S)
-        q_pe = q_pe.view(bsz, n_r, heads // n_r, q_len, d_rope)  # (B, n_r, H/n_r, T, d_rope)
-        k_pe = k_pe.view(bsz, kv_len, n_r, d_rope).transpose(1, 2).unsqueeze(2)  # (B, n_r, 1, S, d_rope)
-        scores = scores + torch.matmul(q_pe, k_pe.transpose(-1, -2)).view(bsz, heads, q_len, kv_len)  # (B, H, T, S)
-        scores = scores.float() * self.scaling
+        # All heads and queries share one latent (and n_r RoPE keys): fold (H, T) into the rows of one
+        # batched matmul per sequence, so the cache is read once, never broadcast per head.
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).reshape(bsz, heads * q_len, -1)  # (B, H*T, r)
+        scores = torch.bmm(q_lat, c_kv.transpose(1, 2))  # (B, H*T, S)
+        q_pe = q_pe.reshape(bsz * n_r, heads // n_r * q_len, d_rope)  # (B*n_r, H/n_r*T, d_rope)
+        k_pe = k_pe.view(bsz, kv_len, n_r, d_rope).permute(0, 2, 3, 1).reshape(bsz * n_r, d_rope, kv_len)  # (B*n_r, d_rope, S)
+        scores = scores + torch.bmm(q_pe, k_pe).view(bsz, heads * q_len, kv_len)  # (B, H*T, S)
+        scores = scores.view(bsz, heads, q_len, kv_len).float() * self.scaling  # (B, H, T, S)
 
         if attention_mask is None:
             # transformers drops the mask only where sdpa's `is_causal` is right: a single query
@@ -162,7 +164,7 @@ class MLAAttention(nn.Module):
             scores = scores + attention_mask[..., :kv_len].float()
         probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)  # (B, H, T, S)
 
-        o_lat = torch.matmul(probs, c_kv.unsqueeze(1))  # (B, H, T, r)
+        o_lat = torch.bmm(probs.view(bsz, heads * q_len, kv_len), c_kv).view(bsz, heads, q_len, -1)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # (B, T, H, d_v)
 
 
