@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from .atomic import check_output_dir, save_checkpoint
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -52,29 +51,6 @@ def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | N
     return layers
 
 
-def atomic_output_dir(out: Path, overwrite: bool):
-    """Check `out` before any work; return a temporary sibling to write into (see `publish`)."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
-    return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place (replacing `out` only now)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def conversion_table(original_config, converted_config, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
     """Markdown table: original vs converted cache and parameter sizes."""
     from .config import attention_params, cache_values_per_token
@@ -104,10 +80,7 @@ def cmd_convert(args) -> int:
     from .sources import check_supported, load_config, load_model
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:  # refuse before any slow work
-        raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a directory")
+    check_output_dir(out, args.overwrite)  # refuse before any slow work
     src_config = load_config(args.source)
     check_supported(src_config)
     rope_key_heads = src_config.num_key_value_heads if args.rope_key == "per-group" else (
@@ -127,18 +100,9 @@ def cmd_convert(args) -> int:
     resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
     print(conversion_table(src_config, build_config(src_config, resolved)))
 
-    tmp = atomic_output_dir(out, args.overwrite)
-    try:
-        model, tok = load_model(args.source, dtype=_dtype(args.dtype))
-        calib = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids if tok is not None else None
-        new = convert(model, conv, progress=True, calibration_ids=calib)
-        new.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    model, tok = load_model(args.source, dtype=_dtype(args.dtype))
+    calib = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids if tok is not None else None
+    save_checkpoint(convert(model, conv, progress=True, calibration_ids=calib), tok, out, args.overwrite)
     print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
           "or with trust_remote_code=True)")
     return 0
@@ -155,8 +119,7 @@ def cmd_export(args) -> int:
     if problems:
         raise ValueError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output directory {out} exists: choose another --out or pass --overwrite")
+    check_output_dir(out, args.overwrite)
     model, tok = load_model(args.model)
     export_deepseek_v3(model, out, tokenizer=tok, overwrite=args.overwrite)
     print(f"saved {out}: loads with transformers' DeepseekV3ForCausalLM, no custom code")

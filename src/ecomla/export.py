@@ -14,11 +14,11 @@ conversion options that would make the model exportable; what it can, is written
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from .atomic import check_output_dir, save_checkpoint
 from .rope import is_standard_rotary
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
@@ -120,31 +120,19 @@ def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool =
     """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint."""
     from transformers import DeepseekV3ForCausalLM
 
-    from .cli import atomic_output_dir, publish
-
     config = model.config
     if getattr(config, "model_type", None) != "ecomla":
         raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}")
     problems = export_problems(config)
     if problems:
         raise ExportError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
-    out = Path(out)
-    tmp = atomic_output_dir(out, overwrite)
-    try:
-        ds_config = deepseek_v3_config(config)
-        with torch.device("meta"):
-            ds = DeepseekV3ForCausalLM(ds_config)
-        state = deepseek_v3_state_dict(model)
-        missing, unexpected = ds.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
-        ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)
-        ds.config.architectures = ["DeepseekV3ForCausalLM"]
-        ds.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    check_output_dir(Path(out), overwrite)
+    ds_config = deepseek_v3_config(config)
+    with torch.device("meta"):
+        ds = DeepseekV3ForCausalLM(ds_config)
+    missing, unexpected = ds.load_state_dict(deepseek_v3_state_dict(model), strict=False, assign=True)
+    if missing or unexpected:
+        raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
+    ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)
+    ds.config.architectures = ["DeepseekV3ForCausalLM"]
+    return save_checkpoint(ds, tokenizer, out, overwrite)
