@@ -52,3 +52,34 @@ def test_full_rank_latent_reproduces_keys_and_values():
     # scale folding: d_nope + d_rope = D here, so queries are unchanged
     q = w["q_proj.weight"].view(H, 16, d)
     assert rel_err(q[:, :8], wq.double().view(H, D, d)[:, nope]) < 1e-12
+
+
+def test_whitened_svd_full_rank_reproduces_weights_and_truncation_is_input_optimal():
+    torch.manual_seed(0)
+    m = torch.randn(30, 16, dtype=torch.float64)
+    x = torch.randn(500, 16, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 16, dtype=torch.float64))
+    from ecomla.svd_init import whitening_factor
+
+    L = whitening_factor(x.T @ x / len(x), ridge=0.0)
+    up, down = balanced_factors(m, 16, L)
+    assert rel_err(up @ down, m) < 1e-10  # full rank: the weights themselves
+    up_w, down_w = balanced_factors(m, 4, L)
+    up_p, down_p = balanced_factors(m, 4)
+    out_err = lambda u, dn: ((x @ (m - u @ dn).T).norm() / (x @ m.T).norm()).item()  # error on the inputs
+    assert out_err(up_w, down_w) < out_err(up_p, down_p)
+
+
+def test_activation_aware_layer_init_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    H, G, D, d = 4, 2, 16, 64
+    wq, wk, wv, wo = (torch.randn(H * D, d), torch.randn(G * D, d), 3 * torch.randn(G * D, d), torch.randn(d, H * D))
+    x = torch.randn(200, d, dtype=torch.float64)
+    kw = dict(num_heads=H, num_kv_heads=G, head_dim=D, rope_pair_indices=[0, 2, 4, 6], kv_lora_rank=48,
+              qk_nope_head_dim=8, v_head_dim=D, rope_key_heads=G, q_lora_rank=64)
+    plain = init_mla_layer(wq, wk, wv, wo, **kw)
+    aware = init_mla_layer(wq, wk, wv, wo, input_cov=x.T @ x / len(x), **kw)
+    for w in (plain, aware):
+        kv = w["kv_b_proj.weight"] @ w["kv_a_proj_with_mqa.weight"][:48]
+        q = w["q_b_proj.weight"] @ w["q_a_proj.weight"]
+        assert rel_err(kv, plain["kv_b_proj.weight"] @ plain["kv_a_proj_with_mqa.weight"][:48]) < 1e-8
+        assert rel_err(q, plain["q_b_proj.weight"] @ plain["q_a_proj.weight"]) < 1e-8

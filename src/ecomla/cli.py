@@ -11,18 +11,6 @@ from .atomic import check_output_dir, save_checkpoint
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
-# Calibrates the latent norms that --target deepseek-v3 adds (their scale only).
-CALIBRATION_TEXT = (
-    "The history of science is the study of how people came to understand the natural world. Early "
-    "astronomers tracked the motion of the planets, and physicians recorded the course of diseases. In the "
-    "seventeenth century, experiments and mathematics began to work together: Galileo measured falling bodies, "
-    "Kepler described planetary orbits, and Newton explained both with one law of gravitation. Chemistry grew out "
-    "of alchemy, biology out of natural history. Today researchers share data across the world, and questions "
-    "about energy, medicine, climate and computing are studied by large teams. def add(a, b):\n    return a + b\n"
-    "Question: What is 12 times 7? Answer: 84."
-)
-
-
 def _dtype(name: str):
     import torch
 
@@ -74,6 +62,35 @@ def conversion_table(original_config, converted_config, contexts=(1024, 8192, 32
     return "\n".join(lines)
 
 
+def read_text(path: str) -> str:
+    """Plain text, or JSONL with a "text" field per line."""
+    import json
+
+    raw = Path(path).read_text(encoding="utf-8", errors="replace")
+    if path.endswith(".jsonl"):
+        return "\n\n".join(json.loads(line).get("text", "") for line in raw.splitlines() if line.strip())
+    return raw
+
+
+def calibration_ids(model, tok, path: str | None, tokens: int, seq_len: int = 256):
+    """(N, seq_len) token ids for calibration: from a text file, else sampled from the model itself."""
+    import torch
+
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        ids = tok(read_text(path), return_tensors="pt").input_ids[0][:tokens]
+        if ids.numel() < seq_len:
+            raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least {seq_len}")
+        return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+    n_seq = max(1, tokens // seq_len)
+    start = torch.full((n_seq, 1), tok.bos_token_id if tok.bos_token_id is not None else 0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # data-free: the model's own text (teacher samples)
+        return model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=seq_len - 1, do_sample=True,
+                              top_p=0.95, pad_token_id=tok.pad_token_id or tok.eos_token_id, min_new_tokens=seq_len - 1)
+
+
 def cmd_convert(args) -> int:
     from .config import MLAConversionConfig
     from .convert import build_config, convert
@@ -96,12 +113,13 @@ def cmd_convert(args) -> int:
         rope_freqs=args.rope_freqs,
         layers=parse_layers(args.layers, src_config.num_hidden_layers),
         target=args.target,
+        svd=args.svd,
     )
     resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
     print(conversion_table(src_config, build_config(src_config, resolved)))
 
     model, tok = load_model(args.source, dtype=_dtype(args.dtype))
-    calib = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids if tok is not None else None
+    calib = calibration_ids(model, tok, args.calib, args.calib_tokens) if tok is not None else None
     save_checkpoint(convert(model, conv, progress=True, calibration_ids=calib), tok, out, args.overwrite)
     print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
           "or with trust_remote_code=True)")
@@ -183,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nope-dim", type=int, default=None, help="qk_nope_head_dim (default head_dim - rope dim)")
     c.add_argument("--v-dim", type=int, default=None, help="v_head_dim (default head_dim)")
     c.add_argument("--layers", default="all", help="'all' (full MLA), 'even', 'odd', or indices like 0,2,4 (hybrid)")
+    c.add_argument("--svd", choices=["weights", "activations"], default="weights",
+                   help="weights: X-EcoMLA's plain SVD; activations: whitened by the layers' inputs on --calib text")
+    c.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl with 'text'); default: model samples")
+    c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     c.add_argument("--target", choices=["deepseek-v3"], default=None,
                    help="restrict to what a stock DeepSeek-V3 checkpoint expresses exactly (adds latent norms)")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")

@@ -36,6 +36,9 @@ class MLAConversionConfig:
         dimension), "high" (the highest frequencies), "low" (the lowest).
     rope_key_init: how heads sharing a RoPE key are merged: "mean" (X-EcoMLA).
     layers: indices of the layers to convert; None = all (full MLA), a subset = hybrid.
+    svd: "weights" (X-EcoMLA: plain SVD of the weights) or "activations" (the joint K/V SVD, and
+        the query SVD, whitened by the covariance of the layer's inputs on calibration text, with
+        keys and values balanced to equal energy; exact at full rank too).
     target: "deepseek-v3" restricts the conversion to what a stock DeepSeek-V3 checkpoint
         expresses exactly (every layer MLA, one shared RoPE key, standard rotary frequencies,
         RMS-normalized latents), so that `ecomla export` of the result is exact. The latent
@@ -53,6 +56,7 @@ class MLAConversionConfig:
     rope_freqs: str = "uniform"
     rope_key_init: str = "mean"
     layers: list[int] | None = None
+    svd: str = "weights"
     target: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -85,6 +89,8 @@ class MLAConversionConfig:
             )
         if self.rope_freqs not in ROPE_FREQ_CHOICES:
             raise ValueError(f"rope_freqs must be one of {ROPE_FREQ_CHOICES}, got {self.rope_freqs!r}")
+        if self.svd not in ("weights", "activations"):
+            raise ValueError(f"svd must be 'weights' or 'activations', got {self.svd!r}")
         if self.rope_key_init not in ROPE_KEY_CHOICES:
             raise ValueError(f"rope_key_init must be one of {ROPE_KEY_CHOICES}, got {self.rope_key_init!r}")
         if self.rope_key_heads < 1 or kv_heads % self.rope_key_heads:

@@ -39,7 +39,7 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
         use_kv_a_layernorm=conv.target == "deepseek-v3",
         use_q_a_layernorm=conv.target == "deepseek-v3" and conv.q_lora_rank is not None,
         conversion={
-            "method": "x-ecomla-svd",
+            "method": "x-ecomla-svd" if conv.svd == "weights" else "activation-aware-svd",
             "ecomla_version": __version__,
             "source": getattr(model_config, "name_or_path", None) or getattr(model_config, "_name_or_path", None),
             "source_model_type": model_config.model_type,
@@ -53,25 +53,31 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
 
 
 @torch.no_grad()
-def attention_inputs(model, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """The (normalized) hidden states entering each listed layer's attention, flattened to (N, d)."""
-    seen, hooks = {}, []
+def attention_input_covariance(model, layers: list[int], input_ids: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
+    """E[x x^T] (d, d), float64, of the normalized hidden states entering each listed layer's attention."""
+    sums = {i: torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for i in layers}
+    count, hooks = 0, []
     for i in layers:
         def hook(module, args, kwargs, i=i):
-            seen[i] = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, model.config.hidden_size)
+            x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, model.config.hidden_size)  # (N, d)
+            sums[i] += (x.double().T @ x.double()).cpu()
         hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
     try:
-        model(input_ids.to(next(model.parameters()).device))
+        for chunk in input_ids.split(batch_size):
+            model(chunk.to(device), use_cache=False, logits_to_keep=1)
+            count += chunk.numel()
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return {i: s / count for i, s in sums.items()}
 
 
-def norm_scale(down: torch.Tensor, inputs: torch.Tensor) -> float:
-    """Mean RMS of the projected inputs: an RMSNorm with this weight keeps their average scale."""
-    proj = inputs.double() @ down.double().T  # (N, r)
-    return proj.pow(2).mean(-1).sqrt().mean().item()
+def norm_scale(down: torch.Tensor, cov: torch.Tensor) -> float:
+    """RMS of the projected inputs, sqrt(tr(W C W^T) / r): an RMSNorm with this weight keeps the
+    latents' average scale."""
+    down = down.double()
+    return (torch.einsum("rd,de,re->", down, cov, down) / down.shape[0]).sqrt().item()
 
 
 @torch.no_grad()
@@ -80,20 +86,20 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
     """Return `model` (a Llama/Mistral causal LM) upcycled into MLA as `conv` asks.
 
     The original model is left untouched; weights keep its dtype, SVDs run in float64.
-    `calibration_ids` (B, T) only matter where the conversion adds latent norms
-    (target "deepseek-v3"): their weights are set to the mean RMS of the latents on that text
-    (random tokens when none is given).
+    `calibration_ids` (B, T): text whose attention inputs calibrate the activation-aware SVD
+    (svd="activations") and the latent norms that target "deepseek-v3" adds (their weight is the
+    RMS of the latents on that text). Random tokens when none is given; pass real text.
     """
     check_supported(model.config, type(model).__name__)
     conv = conv.resolve(model.config)
     config = build_config(model.config, conv)
     dtype = next(model.parameters()).dtype
     config._attn_implementation = model.config._attn_implementation
-    calib = None
-    if config.use_kv_a_layernorm:
+    cov = None
+    if config.use_kv_a_layernorm or conv.svd == "activations":
         if calibration_ids is None:
-            calibration_ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-        calib = attention_inputs(model, conv.layers, calibration_ids)
+            calibration_ids = torch.randint(0, config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+        cov = attention_input_covariance(model, conv.layers, calibration_ids)
 
     state = {k: v for k, v in model.state_dict().items() if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
     for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
@@ -112,13 +118,14 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
             v_head_dim=config.v_head_dim,
             rope_key_heads=config.rope_key_heads,
             q_lora_rank=config.q_lora_rank,
+            input_cov=cov[i] if conv.svd == "activations" else None,
         )
-        if calib is not None:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
+        if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
             down = weights["kv_a_proj_with_mqa.weight"][: config.kv_lora_rank]
-            weights["kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), norm_scale(down, calib[i]))
+            weights["kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), norm_scale(down, cov[i]))
             if config.use_q_a_layernorm:
                 weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,),
-                                                             norm_scale(weights["q_a_proj.weight"], calib[i]))
+                                                             norm_scale(weights["q_a_proj.weight"], cov[i]))
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(dtype)
 

@@ -13,6 +13,8 @@ Queries: W_q,h[R] and W_q,h[N], scaled by sqrt(d_nope + d_rope) / sqrt(D) so tha
   query rows get the same balanced truncated SVD.
 Head dims other than the exact ones (d_nope != D - d_r, d_v != D) factor each head's bilinear
   form (q-key product, or output-value product) to that rank: `bilinear_factor`.
+Activation-aware variant (`input_cov`): the same factorizations, optimal for the layer's real
+  inputs rather than for the weights alone (see `balanced_factors`).
 All SVDs run in float64.
 """
 
@@ -23,17 +25,32 @@ import torch
 from .rope import nope_columns, rope_columns
 
 
-def balanced_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(matrix: torch.Tensor, rank: int, whiten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) with up @ down the best rank-`rank` approximation of `matrix` (n, m); the
-    singular values are split evenly (sqrt on each side). Zero-padded beyond the matrix rank."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)  # (n, k), (k,), (k, m)
+    singular values are split evenly (sqrt on each side). Zero-padded beyond the matrix rank.
+
+    With `whiten` = L, a lower-triangular factor of the input covariance E[x x^T] = L L^T, "best"
+    is measured on the inputs: minimize E||(matrix - up down) x||^2 = ||(matrix - up down) L||_F^2,
+    solved by the SVD of matrix @ L and down = S^1/2 V^T L^-1 (SVD-LLM). Exact at full rank."""
+    target = matrix.double() if whiten is None else matrix.double() @ whiten.double()
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)  # (n, k), (k,), (k, m)
     k = min(rank, s.numel())
     root = s[:k].sqrt()
     up = torch.zeros(matrix.shape[0], rank, dtype=torch.float64)
     down = torch.zeros(rank, matrix.shape[1], dtype=torch.float64)
     up[:, :k] = u[:, :k] * root  # (n, r)
     down[:k] = root[:, None] * vh[:k]  # (r, m)
+    if whiten is not None:  # down <- down L^-1, i.e. solve L^T down^T = down^T
+        down = torch.linalg.solve_triangular(whiten.double().T, down.T, upper=True).T
     return up, down
+
+
+def whitening_factor(cov: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """Lower-triangular L with L L^T = cov + ridge * mean(diag(cov)) * I (the ridge keeps it
+    invertible when calibration saw fewer tokens than dimensions)."""
+    cov = cov.double()
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(cov + ridge * cov.diagonal().mean() * eye)
 
 
 def bilinear_factor(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +78,14 @@ def init_mla_layer(
     v_head_dim: int,
     rope_key_heads: int,
     q_lora_rank: int | None = None,
+    input_cov: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """MLA weights (float64, DeepSeek-V3 names, keys relative to the attention module)."""
+    """MLA weights (float64, DeepSeek-V3 names, keys relative to the attention module).
+
+    `input_cov` (d, d), the covariance of the layer's (normalized) inputs on calibration text,
+    makes the SVDs activation-aware: the latent keeps what matters on real inputs, and keys and
+    values are scaled to equal energy on those inputs before the joint SVD (and back after), so
+    neither dominates the latent. Exact at full rank either way."""
     H, G, D = num_heads, num_kv_heads, head_dim
     d = w_q.shape[1]
     rope_rows, nope_rows = rope_columns(rope_pair_indices, D), nope_columns(rope_pair_indices, D)
@@ -76,7 +99,16 @@ def init_mla_layer(
     # Joint SVD of keys (non-RoPE rows) and values into the latent.
     k_nope = wk[:, nope_rows]  # (G, D - d_r, d)
     stacked = torch.cat([k_nope.reshape(-1, d), wv.reshape(-1, d)])  # (G(2D - d_r), d)
-    w_ukv, w_dkv = balanced_factors(stacked, kv_lora_rank)  # (G(2D-d_r), r), (r, d)
+    whiten = None if input_cov is None else whitening_factor(input_cov)  # (d, d)
+    row_scale = torch.ones(stacked.shape[0], dtype=torch.float64)  # (G(2D - d_r),)
+    if whiten is not None:  # equal key and value energy on real inputs
+        n_k = k_nope.numel() // d
+        for rows in (slice(0, n_k), slice(n_k, None)):
+            energy = (stacked[rows] @ whiten).norm()
+            if energy > 0:
+                row_scale[rows] = 1.0 / energy
+    w_ukv, w_dkv = balanced_factors(stacked * row_scale[:, None], kv_lora_rank, whiten)  # (G(2D-d_r), r), (r, d)
+    w_ukv = w_ukv / row_scale[:, None]
     w_uk = w_ukv[: G * len(nope_rows)].view(G, len(nope_rows), kv_lora_rank)  # (G, D - d_r, r)
     w_uv = w_ukv[G * len(nope_rows) :].view(G, D, kv_lora_rank)  # (G, D, r)
 
@@ -106,6 +138,6 @@ def init_mla_layer(
     if q_lora_rank is None:
         out["q_proj.weight"] = q_full
     else:
-        q_b, q_a = balanced_factors(q_full, q_lora_rank)  # (H dq, r_q), (r_q, d)
+        q_b, q_a = balanced_factors(q_full, q_lora_rank, whiten)  # (H dq, r_q), (r_q, d)
         out["q_a_proj.weight"], out["q_b_proj.weight"] = q_a, q_b
     return out
