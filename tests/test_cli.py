@@ -45,6 +45,7 @@ def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     (["--kv-rank", "16", "--layers", "0,9"], "out of range"),
     (["--kv-rank", "16", "--layers", "x"], "--layers 'x'"),
     (["--kv-ratio", "0.5"], "kv_ratio must be > 1"),
+    (["--kv-rank", "16", "--svd", "activations", "--calib", "/no/such/calib.txt"], "calibration file not found"),
 ])
 def test_bad_settings_fail_clearly_and_write_nothing(tiny_dir, tmp_path, capsys, args, message):
     out = tmp_path / "mla"

@@ -98,6 +98,8 @@ def cmd_convert(args) -> int:
 
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # refuse before any slow work
+    if args.calib and not Path(args.calib).is_file():
+        raise FileNotFoundError(f"calibration file not found: {args.calib}")
     src_config = load_config(args.source)
     check_supported(src_config)
     rope_key_heads = src_config.num_key_value_heads if args.rope_key == "per-group" else (
@@ -114,6 +116,8 @@ def cmd_convert(args) -> int:
         layers=parse_layers(args.layers, src_config.num_hidden_layers),
         target=args.target,
         svd=args.svd,
+        extra={"calibration": args.calib or f"{args.calib_tokens} tokens sampled from the model"}
+        if args.svd == "activations" or args.target else {},
     )
     resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
     print(conversion_table(src_config, build_config(src_config, resolved)))
