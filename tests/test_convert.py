@@ -160,3 +160,16 @@ def test_activation_aware_svd_beats_plain_svd_on_calibration_like_inputs():
                           calibration_ids=calib)
             errs[svd] = rel_err(mla(ids).logits, ref(ids).logits)
     assert errs["activations"] < errs["weights"], errs
+
+
+def test_converted_model_shares_no_storage_with_the_original():
+    """Training the student in place must not change the teacher."""
+    model = tiny_llama(num_kv_heads=2, tie_word_embeddings=True)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=[0]), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in mla.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert mla.lm_head.weight.data_ptr() == mla.model.embed_tokens.weight.data_ptr()  # the tie survives
+    assert all(p.requires_grad for p in mla.parameters())

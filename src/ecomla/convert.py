@@ -101,7 +101,9 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
             calibration_ids = torch.randint(0, config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
         cov = attention_input_covariance(model, conv.layers, calibration_ids)
 
-    state = {k: v for k, v in model.state_dict().items() if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
+    # Copies, not references: training the converted model must never touch the original (often its teacher).
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
     for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
         attn = model.model.layers[i].self_attn
         weights = init_mla_layer(
