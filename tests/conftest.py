@@ -16,8 +16,13 @@ def tiny_llama(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 3, head_
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, **kw,
     )
     cfg._attn_implementation = attn
+    return randomized(LlamaForCausalLM, cfg, seed)
+
+
+def randomized(model_class, config, seed: int = 0):
+    """`model_class(config)` in eval mode with every non-norm weight drawn from N(0, 0.2^2)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = model_class(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import rel_err, tiny_llama
+from conftest import randomized, rel_err, tiny_llama
 from ecomla import MLAConversionConfig, convert
 from ecomla.config import max_kv_lora_rank
 from ecomla.rope import select_rope_pairs
@@ -121,12 +121,7 @@ def test_mistral_converts_and_full_rank_per_group_is_exact():
 
     cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=None)
-    torch.manual_seed(0)
-    model = MistralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.2)
+    model = randomized(MistralForCausalLM, cfg)
     mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2),
                   progress=False)
     assert mla.config.conversion["source_model_type"] == "mistral"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import rel_err
+from conftest import randomized, rel_err
 from ecomla import EcoMLAConfig, EcoMLAForCausalLM
 from ecomla.mla_attention import MLAAttention
 
@@ -20,13 +20,7 @@ def mla_config(**kw):
 def random_mla_model(seed=0, attn="sdpa", **kw):
     cfg = mla_config(**kw)
     cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = EcoMLAForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.2)
-    return model.eval()
+    return randomized(EcoMLAForCausalLM, cfg, seed)
 
 
 def naive_over_cache(attn: MLAAttention, q_nope, q_pe, c_kv, k_pe, mask):
