@@ -46,6 +46,9 @@ def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     (["--kv-rank", "16", "--layers", "x"], "--layers 'x'"),
     (["--kv-ratio", "0.5"], "kv_ratio must be > 1"),
     (["--kv-rank", "16", "--svd", "activations", "--calib", "/no/such/calib.txt"], "calibration file not found"),
+    (["--kv-rank", "16", "--svd", "activations"], "needs a tokenizer"),
+    (["--kv-rank", "16", "--svd", "activations", "--calib-tokens", "0"], "--calib-tokens must be at least 256"),
+    (["--kv-rank", "16", "--rope-key", "two"], "--rope-key 'two'"),
 ])
 def test_bad_settings_fail_clearly_and_write_nothing(tiny_dir, tmp_path, capsys, args, message):
     out = tmp_path / "mla"
@@ -62,6 +65,15 @@ def test_missing_source_and_unsupported_architecture(tmp_path, capsys):
     assert main(["convert", str(gpt2), "--kv-rank", "8", "--out", str(tmp_path / "o")]) == 2
     assert "'GPT2LMHeadModel' (model_type 'gpt2') is not supported yet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_kv_table_for_original_and_refusal_for_others(tiny_dir, tmp_path, capsys):
+    assert main(["kv", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| original | 64 |" in out and "converted" not in out
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
+    assert main(["kv", str(gpt2)]) == 2 and "not 'gpt2'" in capsys.readouterr().err
 
 
 def test_parse_layers():

@@ -52,8 +52,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
-@pytest.mark.parametrize("q_lora_rank, rope", [(None, None), (40, None), (None, LLAMA3_ROPE)],
-                         ids=["full-q", "q-lora", "llama3-rope-scaling"])
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+@pytest.mark.parametrize("q_lora_rank, rope", [(None, None), (40, None), (None, LLAMA3_ROPE), (None, LINEAR_ROPE)],
+                         ids=["full-q", "q-lora", "llama3-rope-scaling", "linear-rope-scaling"])
 def test_tiny_export_loads_in_stock_transformers_with_same_logits(tmp_path, q_lora_rank, rope):
     model = convert(tiny_llama(num_kv_heads=2, tie_word_embeddings=True, rope_parameters=rope),
                     MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, q_lora_rank=q_lora_rank, target="deepseek-v3"),
@@ -62,7 +65,7 @@ def test_tiny_export_loads_in_stock_transformers_with_same_logits(tmp_path, q_lo
     got = run_fresh(model, ids, tmp_path)
     check_same_model(model, ids, got)
     if rope:
-        assert got["cfg"]["rope_parameters"]["rope_type"] == "llama3"
+        assert got["cfg"]["rope_parameters"]["rope_type"] == rope["rope_type"]
     from safetensors import safe_open
 
     with safe_open(tmp_path / "ds" / "model.safetensors", "pt") as f:  # lm_head written although the source ties it
@@ -89,10 +92,13 @@ def test_interleave_permutation():
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
     (dict(rope_freqs="high"), "not those of a standard rotary.*--rope-freqs uniform"),
     (dict(), "latent has no RMS norm.*--target deepseek-v3"),
+    (dict(target="deepseek-v3", rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 64}), "rope scaling 'yarn' depends on the rotary"),
 ])
 def test_refusals_name_the_reason_and_the_fix(tmp_path, capsys, conv, message):
-    model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, **conv),
-                    progress=False)
+    rope = conv.pop("rope", None)
+    model = convert(tiny_llama(num_kv_heads=2, rope_parameters=rope),
+                    MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, **conv), progress=False)
     with pytest.raises(ExportError, match=message):
         export_deepseek_v3(model, tmp_path / "ds")
     assert not (tmp_path / "ds").exists()

@@ -39,26 +39,28 @@ def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | N
     return layers
 
 
-def conversion_table(original_config, converted_config, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
-    """Markdown table: original vs converted cache and parameter sizes."""
+def conversion_table(original_config, converted_config=None, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
+    """Markdown table: original vs converted cache and parameter sizes (one row without a conversion)."""
     from .config import attention_params, cache_values_per_token
 
+    configs = [("original", original_config)] + ([("converted", converted_config)] if converted_config else [])
     rows = []
-    for name, cfg in (("original", original_config), ("converted", converted_config)):
+    for name, cfg in configs:
         values = cache_values_per_token(cfg)
         rows.append(
             [name, f"{values / cfg.num_hidden_layers:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
             + [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts]
             + [f"{attention_params(cfg) / 1e6:.2f}M"]
         )
-    ratio = cache_values_per_token(original_config) / cache_values_per_token(converted_config)
     header = ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"]
     header += [f"cache MiB @{t // 1024}K" for t in contexts] + ["attention params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines.append(f"\ncompression: {ratio:.2f}x smaller KV cache ({100 / ratio:.2f}% of the original), "
-                 f"{len(converted_config.mla_layers)}/{converted_config.num_hidden_layers} layers MLA "
-                 f"(bytes at {bytes_per_value} bytes/value, batch 1)")
+    if converted_config is not None:
+        ratio = cache_values_per_token(original_config) / cache_values_per_token(converted_config)
+        lines.append(f"\ncompression: {ratio:.2f}x smaller KV cache ({100 / ratio:.2f}% of the original), "
+                     f"{len(converted_config.mla_layers)}/{converted_config.num_hidden_layers} layers MLA "
+                     f"(bytes at {bytes_per_value} bytes/value, batch 1)")
     return "\n".join(lines)
 
 
@@ -72,17 +74,23 @@ def read_text(path: str) -> str:
     return raw
 
 
-def calibration_ids(model, tok, path: str | None, tokens: int, seq_len: int = 256):
-    """(N, seq_len) token ids for calibration: from a text file, else sampled from the model itself."""
+CALIB_SEQ_LEN = 256
+
+
+def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_LEN):
+    """(N, seq_len) token ids from a text file (at most `tokens`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    ids = tok(read_text(path), return_tensors="pt").input_ids[0][:tokens]
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least {seq_len}")
+    return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+
+def sampled_calibration_ids(model, tok, tokens: int, seq_len: int = CALIB_SEQ_LEN):
+    """(N, seq_len) token ids sampled from the model itself (data-free calibration)."""
     import torch
 
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        ids = tok(read_text(path), return_tensors="pt").input_ids[0][:tokens]
-        if ids.numel() < seq_len:
-            raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least {seq_len}")
-        return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
     n_seq = max(1, tokens // seq_len)
     start = torch.full((n_seq, 1), tok.bos_token_id if tok.bos_token_id is not None else 0)
     torch.manual_seed(0)
@@ -94,16 +102,22 @@ def calibration_ids(model, tok, path: str | None, tokens: int, seq_len: int = 25
 def cmd_convert(args) -> int:
     from .config import MLAConversionConfig
     from .convert import build_config, convert
-    from .sources import check_supported, load_config, load_model
+    from .sources import check_supported, load_config, load_model, load_tokenizer
 
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # refuse before any slow work
     if args.calib and not Path(args.calib).is_file():
         raise FileNotFoundError(f"calibration file not found: {args.calib}")
+    if args.calib_tokens < CALIB_SEQ_LEN:
+        raise ValueError(f"--calib-tokens must be at least {CALIB_SEQ_LEN}, got {args.calib_tokens}")
     src_config = load_config(args.source)
     check_supported(src_config)
-    rope_key_heads = src_config.num_key_value_heads if args.rope_key == "per-group" else (
-        1 if args.rope_key == "shared" else int(args.rope_key))
+    if args.rope_key in ("shared", "per-group"):
+        rope_key_heads = 1 if args.rope_key == "shared" else src_config.num_key_value_heads
+    elif args.rope_key.isdigit():
+        rope_key_heads = int(args.rope_key)
+    else:
+        raise ValueError(f"--rope-key {args.rope_key!r}: give 'shared', 'per-group' or a number of RoPE keys")
     conv = MLAConversionConfig(
         kv_lora_rank=args.kv_rank,
         kv_ratio=args.kv_ratio,
@@ -116,14 +130,26 @@ def cmd_convert(args) -> int:
         layers=parse_layers(args.layers, src_config.num_hidden_layers),
         target=args.target,
         svd=args.svd,
-        extra={"calibration": args.calib or f"{args.calib_tokens} tokens sampled from the model"}
-        if args.svd == "activations" or args.target else {},
     )
     resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
+    needs_calibration = args.svd == "activations" or args.target is not None
+    tok, calib = load_tokenizer(args.source), None
+    if args.calib and tok is None:
+        raise ValueError(f"--calib needs the tokenizer of {args.source}, and it has none")
+    if args.svd == "activations" and tok is None:
+        raise ValueError(f"--svd activations calibrates on text, which needs a tokenizer; {args.source} has none")
+    if needs_calibration and args.calib:
+        calib = file_calibration_ids(tok, args.calib, args.calib_tokens)
+        conv.extra["calibration"] = f"{calib.numel()} tokens of {args.calib}"
     print(conversion_table(src_config, build_config(src_config, resolved)))
 
-    model, tok = load_model(args.source, dtype=_dtype(args.dtype))
-    calib = calibration_ids(model, tok, args.calib, args.calib_tokens) if tok is not None else None
+    model, _ = load_model(args.source, dtype=_dtype(args.dtype), tokenizer=False)
+    if needs_calibration and calib is None:
+        if tok is not None:
+            calib = sampled_calibration_ids(model, tok, args.calib_tokens)
+            conv.extra["calibration"] = f"{calib.numel()} tokens sampled from the model"
+        else:  # latent-norm scale only (--target without tokenizer)
+            conv.extra["calibration"] = "random tokens (the source has no tokenizer)"
     save_checkpoint(convert(model, conv, progress=True, calibration_ids=calib), tok, out, args.overwrite)
     print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
           "or with trust_remote_code=True)")
@@ -142,7 +168,7 @@ def cmd_export(args) -> int:
         raise ValueError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype="auto")  # keep the checkpoint's dtype
     export_deepseek_v3(model, out, tokenizer=tok, overwrite=args.overwrite)
     print(f"saved {out}: loads with transformers' DeepseekV3ForCausalLM, no custom code")
     return 0
@@ -173,17 +199,18 @@ def cmd_generate(args) -> int:
 
 def cmd_kv(args) -> int:
     """Print the KV table of a (converted or original) model without loading weights."""
-    from .sources import load_config
-
-    cfg = load_config(args.source)
-    if cfg.model_type != "ecomla":
-        print(conversion_table(cfg, cfg).split("\n\ncompression")[0].replace("converted", "original (again)"))
-        return 0
     from transformers import LlamaConfig
 
-    llama_keys = set(LlamaConfig().to_dict()) - {"model_type", "architectures", "auto_map"}
-    original = LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k in llama_keys})
-    print(conversion_table(original, cfg))
+    from .sources import SUPPORTED_MODEL_TYPES, load_config
+
+    cfg = load_config(args.source)
+    if cfg.model_type in SUPPORTED_MODEL_TYPES:
+        print(conversion_table(cfg))
+    elif cfg.model_type == "ecomla":
+        llama_keys = set(LlamaConfig().to_dict()) - {"model_type", "architectures", "auto_map"}
+        print(conversion_table(LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k in llama_keys}), cfg))
+    else:
+        raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)} and ecomla models, not {cfg.model_type!r}")
     return 0
 
 

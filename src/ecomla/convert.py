@@ -93,7 +93,7 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
     check_supported(model.config, type(model).__name__)
     conv = conv.resolve(model.config)
     config = build_config(model.config, conv)
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     config._attn_implementation = model.config._attn_implementation
     cov = None
     if config.use_kv_a_layernorm or conv.svd == "activations":
@@ -129,7 +129,7 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
                 weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,),
                                                              norm_scale(weights["q_a_proj.weight"], cov[i]))
         for name, w in weights.items():
-            state[f"model.layers.{i}.self_attn.{name}"] = w.to(dtype)
+            state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
 
     with torch.device("meta"):  # no throw-away random init of a full-size model
         new = EcoMLAForCausalLM(config)
@@ -138,6 +138,6 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}")
-    new.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(next(model.parameters()).device)
+    new.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     new.tie_weights()
     return new.eval()

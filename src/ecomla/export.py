@@ -21,7 +21,10 @@ import torch
 from .atomic import check_output_dir, save_checkpoint
 from .rope import is_standard_rotary
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# Scalings that act on each frequency alone, so a standard rotary of dimension d_rope with the same
+# parameters gives exactly the kept frequencies. yarn, dynamic and longrope depend on the rotary
+# dimension itself and would silently change the model.
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class ExportError(ValueError):
@@ -48,7 +51,8 @@ def export_problems(config) -> list[str]:
         problems.append("its query latent has no RMS norm (convert with --target deepseek-v3)")
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
-        problems.append(f"rope scaling {rope_type!r} has no DeepSeek-V3 equivalent")
+        problems.append(f"rope scaling {rope_type!r} depends on the rotary dimension, so DeepSeek-V3's "
+                        f"{config.qk_rope_head_dim}-dim rotary would use other frequencies (exportable: {', '.join(ROPE_TYPES)})")
     if config.attention_bias or getattr(config, "mlp_bias", False):
         problems.append("it has biases, which DeepSeek-V3 layers do not")
     return problems

@@ -19,6 +19,7 @@ class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
     config_class = EcoMLAConfig
     config: EcoMLAConfig
     _supports_flash_attn = False  # MLA's value head dim differs from its query/key head dim
+    _supports_flex_attn = False  # the absorbed decode path reads boolean/additive masks, not BlockMasks
 
 
 class EcoMLAModel(EcoMLAPreTrainedModel, LlamaModel):

@@ -97,9 +97,23 @@ def load_config(source: str):
         raise FileNotFoundError(f"could not load a config from {source!r}: {err}") from err
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | None = None, tokenizer: bool = True):
+def load_tokenizer(source: str):
+    """The source's tokenizer, or None when it ships none (weights-only directories)."""
+    from transformers import AutoTokenizer
+
+    import ecomla  # noqa: F401
+
+    path, gguf = resolve_source(source)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
     """Load (model, tokenizer) from any source; the model is in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import ecomla  # noqa: F401
 
@@ -116,10 +130,4 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | No
     if device:
         model = model.to(device)
     model.config.name_or_path = str(source)
-    tok = None
-    if tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        except (OSError, ValueError, TypeError):  # weights without tokenizer files: fine for convert
-            tok = None
-    return model.eval(), tok
+    return model.eval(), load_tokenizer(source) if tokenizer else None

@@ -13,8 +13,9 @@ Queries: W_q,h[R] and W_q,h[N], scaled by sqrt(d_nope + d_rope) / sqrt(D) so tha
   query rows get the same balanced truncated SVD.
 Head dims other than the exact ones (d_nope != D - d_r, d_v != D) factor each head's bilinear
   form (q-key product, or output-value product) to that rank: `bilinear_factor`.
-Activation-aware variant (`input_cov`): the same factorizations, optimal for the layer's real
-  inputs rather than for the weights alone (see `balanced_factors`).
+Activation-aware variant (`input_cov`): the joint K/V SVD and the query SVD become optimal for the
+  layer's real inputs rather than for the weights alone (see `balanced_factors`); the per-head
+  `bilinear_factor` truncations (non-exact d_nope / d_v) stay weight-based.
 All SVDs run in float64.
 """
 
@@ -88,6 +89,9 @@ def init_mla_layer(
     neither dominates the latent. Exact at full rank either way."""
     H, G, D = num_heads, num_kv_heads, head_dim
     d = w_q.shape[1]
+    # The SVDs run on the CPU in float64 whatever device the model is on; results come back on the CPU.
+    w_q, w_k, w_v, w_o = (w.detach().to("cpu", torch.float64) for w in (w_q, w_k, w_v, w_o))
+    input_cov = None if input_cov is None else input_cov.detach().to("cpu", torch.float64)
     rope_rows, nope_rows = rope_columns(rope_pair_indices, D), nope_columns(rope_pair_indices, D)
     d_rope = len(rope_rows)
     wq = w_q.double().view(H, D, d)  # (H, D, d)
