@@ -53,7 +53,8 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
 
 
 @torch.no_grad()
-def attention_input_covariance(model, layers: list[int], input_ids: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
+def attention_input_covariance(model, layers: list[int], input_ids: torch.Tensor, batch_size: int = 4,
+                               progress: bool = True) -> dict[int, torch.Tensor]:
     """E[x x^T] (d, d), float64, of the normalized hidden states entering each listed layer's attention."""
     sums = {i: torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for i in layers}
     count, hooks = 0, []
@@ -64,7 +65,7 @@ def attention_input_covariance(model, layers: list[int], input_ids: torch.Tensor
         hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:
-        for chunk in input_ids.split(batch_size):
+        for chunk in tqdm(input_ids.split(batch_size), desc="calibration", unit="batch", disable=not progress):
             model(chunk.to(device), use_cache=False, logits_to_keep=1)
             count += chunk.numel()
     finally:
@@ -99,7 +100,7 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True,
     if config.use_kv_a_layernorm or conv.svd == "activations":
         if calibration_ids is None:
             calibration_ids = torch.randint(0, config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
-        cov = attention_input_covariance(model, conv.layers, calibration_ids)
+        cov = attention_input_covariance(model, conv.layers, calibration_ids, progress=progress)
 
     # Copies, not references: training the converted model must never touch the original (often its teacher).
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
