@@ -86,3 +86,17 @@ def test_trust_remote_code_in_fresh_process(tmp_path, layers):
         assert rel_err(out["logits"], model(ids).logits) == 0.0
         want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     assert torch.equal(out["tokens"], want)
+
+
+def test_static_cache_decode_compiles_as_one_graph_with_same_tokens():
+    """The static-cache path traces without graph breaks (fullgraph) and generates what eager does."""
+    model = convert(tiny_llama(num_kv_heads=2, layers=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8),
+                    progress=False)
+    ids = torch.randint(1, 128, (1, 6))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+              cache_implementation="static")
+    with torch.no_grad():
+        eager = model.generate(ids, **kw)
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        compiled = model.generate(ids, **kw)
+    assert torch.equal(eager, compiled)
