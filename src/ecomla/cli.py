@@ -157,15 +157,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_deepseek_v3, export_problems
+    from .export import check_exportable, export_deepseek_v3
     from .sources import load_config, load_model
 
-    config = load_config(args.model)
-    if config.model_type != "ecomla":
-        raise ValueError(f"{args.model} is not an ecomla model (model_type {config.model_type!r}): convert it first")
-    problems = export_problems(config)  # refuse before loading weights
-    if problems:
-        raise ValueError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
+    check_exportable(load_config(args.model))  # refuse from the config, before loading weights
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     model, tok = load_model(args.model, dtype="auto")  # keep the checkpoint's dtype

@@ -66,9 +66,7 @@ class MLAConversionConfig:
     def resolve(self, model_config) -> "MLAConversionConfig":
         """Validate against `model_config` (a Llama-family HF config); return a filled copy."""
         n_layers = model_config.num_hidden_layers
-        heads = model_config.num_attention_heads
-        kv_heads = model_config.num_key_value_heads or heads
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        heads, kv_heads, head_dim = model_dims(model_config)
         hidden = model_config.hidden_size
         out = MLAConversionConfig(**self.to_dict())
 
@@ -140,7 +138,8 @@ class MLAConversionConfig:
             raise ValueError("--target deepseek-v3 needs " + "; ".join(problems))
 
 
-def _dims(model_config):
+def model_dims(model_config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a Llama-family config, with HF's defaults filled in."""
     heads = model_config.num_attention_heads
     kv_heads = model_config.num_key_value_heads or heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
@@ -149,13 +148,13 @@ def _dims(model_config):
 
 def max_kv_lora_rank(model_config, qk_rope_head_dim: int) -> int:
     """Rank of the stacked [keys without RoPE dims; values] projection: min(d, G * (2D - d_rope))."""
-    _, kv_heads, head_dim = _dims(model_config)
+    _, kv_heads, head_dim = model_dims(model_config)
     return min(model_config.hidden_size, kv_heads * (2 * head_dim - qk_rope_head_dim))
 
 
 def gqa_values_per_token(model_config) -> int:
     """K and V values one original attention layer caches per token."""
-    _, kv_heads, head_dim = _dims(model_config)
+    _, kv_heads, head_dim = model_dims(model_config)
     return 2 * kv_heads * head_dim
 
 
@@ -207,7 +206,7 @@ def cache_bytes(config, tokens: int, batch: int = 1, bytes_per_value: int = 2) -
 
 def attention_params(config) -> int:
     """Parameters of all attention layers (original or MLA) from a config alone."""
-    heads, kv_heads, head_dim = _dims(config)
+    heads, kv_heads, head_dim = model_dims(config)
     d = config.hidden_size
     gqa = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
     if getattr(config, "model_type", None) != "ecomla":

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import MLAConversionConfig
+from .config import MLAConversionConfig, model_dims
 from .configuration_ecomla import EcoMLAConfig
 from .modeling_ecomla import EcoMLAForCausalLM
 from .rope import select_rope_pairs
@@ -24,10 +24,10 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
     base = model_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window"):
         base.pop(key, None)
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    _, kv_heads, head_dim = model_dims(model_config)
     base.update(
         head_dim=head_dim,
-        num_key_value_heads=model_config.num_key_value_heads or model_config.num_attention_heads,
+        num_key_value_heads=kv_heads,
         mla_layers=conv.layers,
         kv_lora_rank=conv.kv_lora_rank,
         q_lora_rank=conv.q_lora_rank,

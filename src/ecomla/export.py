@@ -119,17 +119,23 @@ def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_exportable(config) -> None:
+    """Raise ExportError naming every reason `config` cannot be written exactly as DeepSeek-V3."""
+    if getattr(config, "model_type", None) != "ecomla":
+        raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}: "
+                          "convert it first")
+    problems = export_problems(config)
+    if problems:
+        raise ExportError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
+
+
 @torch.no_grad()
 def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint."""
     from transformers import DeepseekV3ForCausalLM
 
     config = model.config
-    if getattr(config, "model_type", None) != "ecomla":
-        raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}")
-    problems = export_problems(config)
-    if problems:
-        raise ExportError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
+    check_exportable(config)
     check_output_dir(Path(out), overwrite)
     ds_config = deepseek_v3_config(config)
     with torch.device("meta"):
