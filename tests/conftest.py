@@ -10,9 +10,10 @@ import ecomla  # noqa: F401  (registers the Auto classes)
 def tiny_llama(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 3, head_dim: int = 16, seed: int = 0,
                hidden: int = 64, attn: str = "sdpa", rope_parameters: dict | None = None, **kw) -> LlamaForCausalLM:
     """A random Llama with non-trivial weights (std 0.2, so attention patterns are not flat)."""
+    kw.setdefault("vocab_size", 128)
     cfg = LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, head_dim=head_dim, vocab_size=128, max_position_embeddings=256,
+        num_key_value_heads=num_kv_heads, head_dim=head_dim, max_position_embeddings=256,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, **kw,
     )
     cfg._attn_implementation = attn
@@ -41,3 +42,42 @@ def smollm2():
     from ecomla.sources import load_model
 
     return load_model("smollm2-135m", dtype=torch.float32)
+
+
+TINY_TEXT = (
+    "the cat sat on the mat. the dog ran in the park. a bird sang a song. question: what is the sky? answer: blue. "
+    "once upon a time there was a small model that learned to speak. it read many books and wrote many words. "
+) * 4
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory on TINY_TEXT, with EOS/PAD and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return fast
+
+
+def tiny_model_dir(path, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2):
+    """Save a tiny random Llama (vocab = the tiny tokenizer's) and its tokenizer into `path`."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(num_kv_heads=kv_heads, num_heads=heads, layers=layers, hidden=hidden, seed=seed,
+                       vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name or "lm_head" in name:
+                p.mul_(5.0)  # sharper next-token distributions than N(0, 0.2) alone gives
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,55 @@
+"""Full lm-evaluation-harness run of SmolLM2-135M-Instruct (the built-in teacher), offline.
+
+Run (from the repository root; reads ../shared/data/eval, which is not shipped in the repo):
+
+    .venv/bin/python benchmarks/eval_smollm2.py                       # the teacher, all items
+    .venv/bin/python benchmarks/eval_smollm2.py out/mla-4x --limit 500 # the teacher beside converted models
+
+Tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, lambada_openai (the
+harness's own definitions over the local files) and WikiText-2 token perplexity (window 2048,
+stride 1024). bfloat16, batches of up to 8192 padded tokens. Writes
+benchmarks/results/eval_smollm2.json (flat rows: model, task, metric, value, stderr, n; plus the
+summary table and timings), eval_smollm2.md and eval_smollm2.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ecomla.eval_tasks import DEFAULT_TASKS
+from ecomla.evaluate import run_eval
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", help="more models to compare with the teacher")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "eval"))
+    p.add_argument("--tasks", default=",".join([*DEFAULT_TASKS, "wikitext"]))
+    p.add_argument("--name", default="eval_smollm2", help="results file stem in benchmarks/results/")
+    args = p.parse_args()
+    if not Path(args.data_dir).is_dir():
+        sys.exit(f"{args.data_dir} not found: this benchmark reads ../shared/data/eval (see README)")
+    with tempfile.TemporaryDirectory() as tmp:
+        md, rows = run_eval(["smollm2-135m", *args.models], args.tasks.split(","), out=f"{tmp}/r", data_dir=args.data_dir,
+                            limit=args.limit, dtype="bfloat16")
+        results = ROOT / "benchmarks" / "results"
+        data = json.loads(Path(f"{tmp}/r/results.json").read_text())
+        data["meta"]["command"] = "python benchmarks/eval_smollm2.py " + " ".join(sys.argv[1:])
+        (results / f"{args.name}.json").write_text(json.dumps(data, indent=1))
+        shutil.copy(f"{tmp}/r/results.md", results / f"{args.name}.md")
+        shutil.copy(f"{tmp}/r/results.png", results / f"{args.name}.png")
+    print(md)
+    print("seconds per model:", data["meta"]["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

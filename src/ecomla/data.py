@@ -1,0 +1,162 @@
+"""Training text for distillation: read files of several formats, tokenize, pack to a fixed length.
+
+Formats (by extension and fields):
+    .txt                         plain text (one document per file; blank-line paragraphs kept)
+    .jsonl / .json with "text"   one document per row
+    "messages" / "conversations" chat through the tokenizer's chat template; content may be a string
+                                 or a list of {"type": "text", "value"|"text"} parts
+    "instruction" [+ "input"] + "output"   alpaca style, as a user/assistant chat
+    "question" + "answer"        as a user/assistant chat (GSM8K)
+
+Chat documents carry a per-token weight: 1 on assistant tokens, 0 on the prompt (unless
+prompt tokens are asked to count). Documents are joined with EOS and cut into sequences of
+`seq_len` tokens; the last, partial sequence is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Document:
+    ids: list[int]
+    weights: list[int]  # 1: the token counts in the loss (as a prediction target)
+
+
+def _content(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("value", p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    raise ValueError(f"unreadable chat content {content!r}")
+
+
+ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+        "bot": "assistant", "model": "assistant"}
+
+
+def to_messages(row: dict) -> list[dict] | None:
+    """A chat (list of {role, content}) from a row in any chat/instruction format, or None."""
+    if "messages" in row or "conversations" in row:
+        msgs = row.get("messages") or row.get("conversations")
+        out = []
+        for m in msgs:
+            role = ROLE.get(m.get("role", m.get("from")), None)
+            if role is None:
+                raise ValueError(f"unknown chat role in {m!r}")
+            out.append({"role": role, "content": _content(m.get("content", m.get("value", "")))})
+        return out
+    if "instruction" in row and "output" in row:
+        prompt = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    if "question" in row and "answer" in row:
+        return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+    return None
+
+
+def read_rows(path: Path) -> list:
+    """Plain strings (text documents) or dict rows from one file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path}: no such file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"data file {path}: cannot read it as UTF-8 text ({err})") from err
+    if not raw.strip():
+        raise ValueError(f"data file {path} is empty")
+    if path.suffix == ".jsonl":
+        try:
+            return [json.loads(line) for line in raw.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data file {path}: not JSON lines ({err})") from err
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data file {path}: not JSON ({err})") from err
+        if not isinstance(data, list):
+            raise ValueError(f"data file {path}: expected a JSON list of rows")
+        return data
+    return [raw]
+
+
+def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) -> Document:
+    """Tokens of a chat and their weights: assistant turns count, the rest only if prompt_counts."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat data needs a tokenizer with a chat template")
+
+    def ids(msgs, gen):
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    full = ids(messages, False)
+    weights = [1 if prompt_counts else 0] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(ids(messages[:i], True)) if i else 0
+        end = len(ids(messages[: i + 1], False))
+        for t in range(start, min(end, len(full))):
+            weights[t] = 1
+    return Document(full, weights)
+
+
+def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = False) -> list[Document]:
+    docs = []
+    for p in paths:
+        path = Path(p)
+        rows = read_rows(path)
+        n0 = len(docs)
+        for row in rows:
+            if isinstance(row, str):
+                docs.append(Document(tokenizer(row, add_special_tokens=False)["input_ids"], []))
+                continue
+            if not isinstance(row, dict):
+                raise ValueError(f"data file {path}: rows must be objects, got {type(row).__name__}")
+            msgs = to_messages(row)
+            if msgs is not None:
+                docs.append(chat_document(tokenizer, msgs, prompt_counts))
+            elif "text" in row:
+                docs.append(Document(tokenizer(row["text"], add_special_tokens=False)["input_ids"], []))
+            else:
+                raise ValueError(f"data file {path}: rows need 'text', 'messages', 'conversations', "
+                                 f"'instruction'+'output' or 'question'+'answer'; got {sorted(row)}")
+        if not any(d.ids for d in docs[n0:]):
+            raise ValueError(f"data file {path} holds no text")
+    for d in docs:
+        if not d.weights:
+            d.weights = [1] * len(d.ids)
+    return docs
+
+
+def pack(docs: list[Document], seq_len: int, eos_id: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle documents (seeded), join with EOS, cut into (S, seq_len) ids and weights; weights[:, 0]
+    is never used (nothing predicts the first token of a sequence)."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    ids, weights = [], []
+    for i in order:
+        ids += docs[i].ids
+        weights += docs[i].weights
+        if eos_id is not None:
+            ids.append(eos_id)
+            weights.append(1)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"the data hold {len(ids)} tokens, fewer than one sequence of {seq_len}: add data or lower --seq-len")
+    ids_t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # (S, L)
+    w_t = torch.tensor(weights[: n * seq_len], dtype=torch.float32).view(n, seq_len)  # (S, L)
+    return ids_t, w_t
+
+
+def split_heldout(ids: torch.Tensor, weights: torch.Tensor, fraction: float, max_sequences: int = 64):
+    """The last sequences (at least one, when there are two or more) become the held-out set."""
+    n = ids.shape[0]
+    k = min(max(1, round(n * fraction)), max_sequences) if n >= 2 and fraction > 0 else 0
+    return (ids[: n - k], weights[: n - k]), (ids[n - k :], weights[n - k :])

@@ -1,0 +1,458 @@
+"""Knowledge distillation of an upcycled (MLA) student from a frozen teacher, on one CPU or many GPUs.
+
+One step = `batch_size` sequences of `seq_len` tokens on every process, times `grad_accum`
+micro-steps. Data order is a seeded function of the step alone (no sampler state), so a run
+resumed from a checkpoint sees the same batches as one that never stopped. The loss (see
+`distill_loss`) is computed inside the student's wrapped forward, so DDP/FSDP see one module.
+
+Output layout:
+    OUT/                  the final student (config.json written last: a reader never sees half a model)
+    OUT/training/         args.json, log.jsonl (one row per step and per held-out evaluation),
+                          sampled.jsonl (data-free runs), checkpoints/step-NNNNNN/ (atomic)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distill_loss import LOSSES, chunked_distill_loss
+
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_FREE_PROMPTS = [
+    "Once upon a time", "The history of", "In this article, we explain", "Here is a recipe for",
+    "The main causes of", "Scientists have discovered", "def main():", "Dear", "The best way to learn",
+    "Question: Why is the sky blue?\nAnswer:", "Chapter 1", "A short guide to", "The city of",
+    "In mathematics,", "My favourite book", "Breaking news:",
+]
+
+
+@dataclass
+class DistillConfig:
+    student: str
+    teacher: str
+    out: str
+    data: list[str] = field(default_factory=list)
+    tokens: int = 1_000_000  # training token budget (all processes together)
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per process per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup: float = 0.03  # fraction of steps
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    train: str = "all"  # all | mla
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights stay fp32)
+    teacher_dtype: str = "float32"
+    prompt_loss: bool = False  # chat data: prompt tokens count too
+    chunk_size: int = 1024
+    eval_fraction: float = 0.05
+    eval_every: int = 50
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    data_free_tokens: int = 65536
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    stop_after: int | None = None  # stop after the checkpoint at this step (an interruption, for tests)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.train not in ("all", "mla"):
+            raise ValueError(f"--train {self.train!r}: choose 'all' or 'mla'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision {self.precision!r}: choose fp32 or bf16")
+        for name in ("seq_len", "batch_size", "grad_accum", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.seq_len < 2:
+            raise ValueError("--seq-len must be at least 2")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("--temperature and --lr must be positive")
+
+
+class DistillStudent(nn.Module):
+    """The student LM whose forward returns the distillation loss: (loss, mean KL, token count)."""
+
+    def __init__(self, lm: nn.Module, cfg: DistillConfig):
+        super().__init__()
+        self.lm = lm
+        self.cfg = cfg
+
+    def forward(self, input_ids, weights, teacher_hidden, teacher_head):
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C): position t predicts token t+1
+        t_h = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1])  # (B*(T-1), C_t)
+        labels = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+        w = weights[:, 1:].reshape(-1).to(h.dtype if h.dtype.is_floating_point else torch.float32)  # (B*(T-1),)
+        head_w = self.lm.get_output_embeddings().weight  # (V, C)
+        return chunked_distill_loss(
+            h, head_w, lambda s, e: teacher_head(t_h[s:e]), labels, w,
+            kind=self.cfg.loss, temperature=self.cfg.temperature, ce_weight=self.cfg.ce_weight, chunk_size=self.cfg.chunk_size,
+        )
+
+
+def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg) -> None:
+    """Distillation compares distributions token by token: the vocabularies must be identical."""
+    if student_cfg.vocab_size != teacher_cfg.vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({teacher_cfg.vocab_size} tokens) differs from the student's "
+                         f"({student_cfg.vocab_size}): distillation needs a teacher with the same tokenizer")
+    if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError("the teacher's tokenizer maps tokens differently from the student's: "
+                         "distillation needs a teacher with the same tokenizer")
+
+
+def lr_lambda(cfg: DistillConfig, steps: int):
+    warm = int(round(cfg.warmup * steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, steps - warm)
+        if cfg.schedule == "linear":
+            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def batch_rows(step: int, micro: int, rank: int, world: int, cfg: DistillConfig, n_train: int) -> torch.Tensor:
+    """Indices of the training sequences for (step, micro-step, process): a seeded permutation per epoch."""
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    start = step * per_step + (micro * world + rank) * cfg.batch_size
+    idx = []
+    for k in range(start, start + cfg.batch_size):
+        epoch, pos = divmod(k, n_train)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        idx.append(int(torch.randperm(n_train, generator=g)[pos]))
+    return torch.tensor(idx)
+
+
+def trainable_parameters(lm: nn.Module, which: str) -> list[nn.Parameter]:
+    from .mla_attention import MLAAttention
+
+    if which == "all":
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        return [p for p in lm.parameters()]
+    mla = [m for m in lm.modules() if isinstance(m, MLAAttention)]
+    if not mla:
+        raise ValueError("--train mla: the student has no MLA layers (convert it first)")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    params = [p for m in mla for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@torch.no_grad()
+def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, weights: torch.Tensor, cfg: DistillConfig,
+                    device, batch: int = 4, autocast=None) -> dict:
+    """Mean forward KL(teacher || student) (T=1) and the student's perplexity on held-out sequences."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    kl_sum, nll_sum, count = 0.0, 0.0, 0.0
+    s_body, s_head = getattr(student, student.base_model_prefix), student.get_output_embeddings()
+    t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
+    for i in range(0, ids.shape[0], batch):
+        x = ids[i : i + batch].to(device)  # (B, T)
+        w = weights[i : i + batch, 1:].reshape(-1).to(device)  # (B*(T-1),)
+        with autocast() if autocast else contextlib.nullcontext():
+            sh = s_body(input_ids=x, use_cache=False).last_hidden_state[:, :-1].reshape(-1, s_head.weight.shape[1])
+            th = t_body(input_ids=x, use_cache=False).last_hidden_state[:, :-1].reshape(-1, t_head.weight.shape[1])
+        labels = x[:, 1:].reshape(-1)
+        for s in range(0, sh.shape[0], cfg.chunk_size):
+            e = s + cfg.chunk_size
+            ls = F.log_softmax(s_head(sh[s:e]).float(), -1)  # (n, V)
+            lt = F.log_softmax(t_head(th[s:e]).float(), -1)  # (n, V)
+            kl_sum += float(((lt.exp() * (lt - ls)).sum(-1) * w[s:e]).sum())
+            nll_sum += float((-ls.gather(-1, labels[s:e, None])[:, 0] * w[s:e]).sum())
+        count += float(w.sum())
+    return {"heldout_kl": kl_sum / max(count, 1), "heldout_ppl": math.exp(nll_sum / max(count, 1)), "heldout_tokens": int(count)}
+
+
+def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 16) -> list[str]:
+    """Texts sampled from the teacher (temperature 1, top-p 0.95) from generic prompts."""
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    new = max(16, min(seq_len, 256))
+    total = 0
+    bar = tqdm(total=tokens, desc="sampling data-free text from the teacher", unit="tok")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    k = 0
+    while total < tokens:
+        prompts = [DATA_FREE_PROMPTS[(k + j) % len(DATA_FREE_PROMPTS)] for j in range(batch)]
+        k += batch
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        out = teacher.generate(**enc, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=new,
+                               pad_token_id=tokenizer.pad_token_id)
+        for row in out:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            texts.append(text)
+        total += out.shape[0] * new
+        bar.update(out.shape[0] * new)
+    bar.close()
+    return texts
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _publish_model(lm, tokenizer, out: Path) -> None:
+    """save_pretrained into a temporary folder, then move files into `out`, config.json last."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+    for f in files:
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def distill(cfg: DistillConfig, log=print) -> dict:
+    """Run (or resume) a distillation; returns the summary (held-out metrics before/after, speed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .data import pack, read_documents, split_heldout
+    from .sources import load_config, load_model, load_tokenizer
+
+    cfg.validate()
+    out = Path(cfg.out)
+    train_dir = out / "training"
+    ckpt_dir = train_dir / "checkpoints"
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+
+    # ---- everything that can fail fast, before any model weights load
+    if out.exists() and not cfg.resume:
+        if not cfg.overwrite:
+            raise FileExistsError(f"output directory {out} exists: pass --resume to continue it, --overwrite to replace it, or another --out")
+        if main:
+            shutil.rmtree(out)
+        accelerator.wait_for_everyone()
+    s_cfg = load_config(cfg.student)
+    try:
+        t_cfg = load_config(cfg.teacher)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ValueError(f"teacher {cfg.teacher!r} cannot load: {err}") from err
+    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    tokenizer = s_tok or t_tok
+    if tokenizer is None:
+        raise ValueError("neither the student nor the teacher ships a tokenizer")
+    check_vocab(s_tok, t_tok, s_cfg, t_cfg)
+    max_pos = min(getattr(s_cfg, "max_position_embeddings", 1 << 30), getattr(t_cfg, "max_position_embeddings", 1 << 30))
+    if cfg.seq_len > max_pos:
+        raise ValueError(f"--seq-len {cfg.seq_len} is beyond the models' maximum length {max_pos}")
+    docs = read_documents(cfg.data, tokenizer, prompt_counts=cfg.prompt_loss) if cfg.data else None
+    per_step_tokens = cfg.batch_size * world * cfg.grad_accum * cfg.seq_len
+    steps = cfg.tokens // per_step_tokens
+    if steps < 1:
+        raise ValueError(f"--tokens {cfg.tokens} is smaller than one step ({cfg.batch_size} sequences x {cfg.seq_len} tokens "
+                         f"x {world} processes x {cfg.grad_accum} accumulation = {per_step_tokens} tokens)")
+
+    set_seed(cfg.seed)
+    device = accelerator.device
+    teacher, _ = load_model(cfg.teacher, dtype=getattr(torch, cfg.teacher_dtype), device=str(device), tokenizer=False)
+    teacher.requires_grad_(False)
+
+    if docs is None:  # data-free: the teacher writes the training text (kept, so a resume reuses it)
+        sampled = train_dir / "sampled.jsonl"
+        if not sampled.is_file():
+            if main:
+                texts = sample_data_free(teacher, tokenizer, cfg.data_free_tokens, cfg.seq_len, cfg.seed, device)
+                train_dir.mkdir(parents=True, exist_ok=True)
+                tmp = sampled.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+                os.replace(tmp, sampled)
+            accelerator.wait_for_everyone()
+        docs = read_documents([sampled], tokenizer)
+    ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed)
+    (train_ids, train_w), (held_ids, held_w) = split_heldout(ids, weights, cfg.eval_fraction)
+    if train_ids.shape[0] < cfg.batch_size:
+        raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
+                         f"fewer than --batch-size {cfg.batch_size}: add data or lower --seq-len/--batch-size")
+
+    lm, _ = load_model(cfg.student, dtype=torch.float32, device=str(device), tokenizer=False)
+    lm.train()
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    params = trainable_parameters(lm, cfg.train)
+    student = DistillStudent(lm, cfg)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    # the scheduler is stepped once per step here; accelerate's wrapper would step it once per process
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
+
+    start_step = 0
+    log_path = train_dir / "log.jsonl"
+    if cfg.resume:
+        last = _latest_checkpoint(ckpt_dir)
+        if last is not None:
+            accelerator.load_state(str(last))
+            start_step = json.loads((last / "state.json").read_text())["step"]
+            log(f"[ecomla distill] resuming from {last} (step {start_step} of {steps})")
+        else:
+            log(f"[ecomla distill] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    if main:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        (train_dir / "args.json").write_text(json.dumps({**asdict(cfg), "steps": steps, "world_size": world}, indent=1))
+        kept = []
+        if log_path.is_file():  # drop rows past the checkpoint: they are re-run
+            kept = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
+            kept = [r for r in kept if not (json.loads(r)["step"] == start_step and "heldout_kl" in json.loads(r) and start_step > 0)]
+        log_path.write_text("".join(r + "\n" for r in kept))
+
+    def write_log(row: dict) -> None:
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def evaluate(step: int) -> dict:
+        unwrapped = accelerator.unwrap_model(student).lm
+        unwrapped.eval()
+        m = heldout_metrics(unwrapped, teacher, held_ids, held_w, cfg, device, autocast=accelerator.autocast)
+        unwrapped.train()
+        row = {"step": step, "tokens": step * per_step_tokens, **m}
+        write_log(row)
+        return m
+
+    before = evaluate(0) if start_step == 0 and held_ids.shape[0] else None
+    if before:
+        log(f"[ecomla distill] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
+    bar = tqdm(total=steps, initial=start_step, desc="distill", disable=not (main and cfg.progress))
+    t0, trained = time.time(), 0
+    for step in range(start_step, steps):
+        loss_acc, kl_acc = 0.0, 0.0
+        for micro in range(cfg.grad_accum):
+            rows = batch_rows(step, micro, accelerator.process_index, world, cfg, train_ids.shape[0])
+            x = train_ids[rows].to(device)  # (B, T)
+            w = train_w[rows].to(device)  # (B, T)
+            with torch.no_grad(), accelerator.autocast():
+                t_hidden = t_body(input_ids=x, use_cache=False).last_hidden_state  # (B, T, C_t)
+            sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 else _null()
+            with sync, accelerator.autocast():
+                loss, kl, _ = student(x, w, t_hidden, t_head)
+                accelerator.backward(loss / cfg.grad_accum)
+            loss_acc += float(loss.detach()) / cfg.grad_accum
+            kl_acc += float(kl) / cfg.grad_accum
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        trained += per_step_tokens
+        tok_s = trained / max(time.time() - t0, 1e-9)
+        loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
+        kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
+        write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, "kl": kl_avg,
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s})
+        bar.set_postfix(loss=f"{loss_avg:.3f}", kl=f"{kl_avg:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.update(1)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < steps and held_ids.shape[0]:
+            evaluate(done)
+        if (cfg.save_every and done % cfg.save_every == 0 and done < steps) or done == cfg.stop_after:
+            _save_checkpoint(accelerator, ckpt_dir, done, cfg.keep_checkpoints)
+        if done == cfg.stop_after:
+            bar.close()
+            log(f"[ecomla distill] stopped after step {done} (checkpoint saved); continue with --resume")
+            return {"stopped_at": done}
+    bar.close()
+    after = evaluate(steps) if held_ids.shape[0] else None
+    accelerator.wait_for_everyone()
+    # every process's own weights, summed: equal on all ranks when data parallelism kept them in sync
+    own = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(student).parameters()]).sum()
+    checksums = [float(c) for c in accelerator.gather(own.reshape(1).to(device)).cpu()]
+    summary = {"steps": steps, "tokens": steps * per_step_tokens, "world_size": world,
+               "train_tokens_per_s": trained / max(time.time() - t0, 1e-9) if trained else None,
+               "before": before, "after": after, "train_sequences": int(train_ids.shape[0]),
+               "heldout_sequences": int(held_ids.shape[0]), "rank_param_checksums": checksums}
+    if main:
+        lm_final = accelerator.unwrap_model(student).lm
+        state = accelerator.get_state_dict(student)
+        lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False)
+        _publish_model(lm_final, tokenizer, out)
+        prev = json.loads((train_dir / "summary.json").read_text()) if (train_dir / "summary.json").is_file() else {}
+        if summary["before"] is None:
+            summary["before"] = prev.get("before") or _first_eval(log_path)
+        (train_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if summary["after"]:
+            b, a = summary["before"] or {}, summary["after"]
+            log(f"[ecomla distill] after {steps} steps: held-out KL {b.get('heldout_kl', float('nan')):.4f} -> "
+                f"{a['heldout_kl']:.4f}, ppl {b.get('heldout_ppl', float('nan')):.2f} -> {a['heldout_ppl']:.2f}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _first_eval(log_path: Path) -> dict | None:
+    for line in log_path.read_text().splitlines():
+        row = json.loads(line)
+        if "heldout_kl" in row and row["step"] == 0:
+            return {k: row[k] for k in ("heldout_kl", "heldout_ppl", "heldout_tokens")}
+    return None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
+    """accelerate's full state (weights, optimizer, scheduler, RNG) into a temp dir, renamed when complete."""
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in ckpt_dir.glob("step-*") if p != final)[: max(0, len(list(ckpt_dir.glob("step-*"))) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,208 @@
+"""lm-evaluation-harness tasks that read local files when the dataset hub is out of reach.
+
+The harness's own task definition (prompt template, answer delimiter, choices, metrics) is kept;
+only its dataset is swapped for rows built from a local file, with the *hub's* field names, so
+the harness renders exactly the prompts a hub run renders. Local formats (see
+`../shared/data/eval/README`, llm-foundry style) and what they become:
+
+    arc_*, openbookqa  {"query", "choices", "gold"}      -> {question|question_stem, choices{text,label}, answerKey}
+    piqa               {"query": "Question: g\\n", ...}   -> {goal, sol1, sol2, label}
+    winogrande         {"context_options", "continuation", "gold"} -> {sentence with "_", option1, option2, answer}
+    lambada_openai     {"context", "continuation"}        -> {text = context + " " + continuation}
+    hellaswag          6 lines per item (label: ctx / gold / 4 endings) -> {activity_label, ctx_a, ctx_b, endings, label}
+
+Rows already in the hub's format pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# Perplexity "tasks" computed by ecomla itself (token-level, sliding window), not by the harness.
+PPL_TASKS = {"wikitext": "wikitext-2-raw-test.txt"}
+
+# Headline metric per task (the convention of the X-EcoMLA / open-LLM tables).
+HEADLINE = {
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "piqa": "acc",
+    "winogrande": "acc",
+    "openbookqa": "acc_norm",
+    "lambada_openai": "acc",
+    "wikitext": "ppl",
+}
+DEFAULT_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "lambada_openai"]
+
+
+def _strip_question(query: str) -> str:
+    return query.removeprefix("Question: ").removeprefix("Question:")
+
+
+def _labelled(choices: list[str], gold: int) -> dict:
+    labels = [chr(ord("A") + i) for i in range(len(choices))]
+    return {"choices": {"text": list(choices), "label": labels}, "answerKey": labels[int(gold)]}
+
+
+def arc_row(r: dict) -> dict:
+    if "question" in r:
+        return r
+    return {"question": _strip_question(r["query"]), **_labelled(r["choices"], r["gold"])}
+
+
+def openbookqa_row(r: dict) -> dict:
+    if "question_stem" in r:
+        return r
+    return {"question_stem": r["query"], **_labelled(r["choices"], r["gold"])}
+
+
+def piqa_row(r: dict) -> dict:
+    if "goal" in r:
+        return r
+    goal = _strip_question(r["query"])
+    goal = goal[:-1] if goal.endswith("\n") else goal  # llm-foundry writes "Question: {goal}\n"
+    return {"goal": goal, "sol1": r["choices"][0], "sol2": r["choices"][1], "label": int(r["gold"])}
+
+
+def winogrande_row(r: dict) -> dict:
+    """The harness scores " " + sentence[after "_"].strip() after sentence[:"_"] + option; the local
+    file holds those two contexts whole, so split them at their longest common prefix."""
+    if "sentence" in r:
+        return r
+    a, b = r["context_options"]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    prefix = a[:n]
+    if "_" in prefix:
+        raise ValueError(f"winogrande item with '_' before the blank cannot be expressed in the hub format: {prefix!r}")
+    return {
+        "sentence": prefix + "_ " + r["continuation"].strip(),
+        "option1": a[n:],
+        "option2": b[n:],
+        "answer": str(int(r["gold"]) + 1),
+    }
+
+
+def lambada_row(r: dict) -> dict:
+    if "text" in r:
+        return r
+    return {"text": r["context"] + " " + r["continuation"]}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?]) ")
+
+
+def hellaswag_item(label_ctx: str, gold: str, endings: list[str]) -> dict:
+    """The hub's fields from one local item. The harness builds ctx_a + " " + ctx_b.capitalize();
+    ctx_b is the unfinished last sentence of the context (empty when it ends with . ! ?)."""
+    activity_label, ctx = label_ctx.split(": ", 1)
+    ctx_a, ctx_b = ctx, ""
+    if ctx and ctx.rstrip()[-1] not in ".!?":
+        parts = _SENTENCE_END.split(ctx)
+        if len(parts) > 1:
+            ctx_a, ctx_b = " ".join(parts[:-1]), parts[-1]
+    return {"activity_label": activity_label, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": endings, "label": str(int(gold))}
+
+
+def read_hellaswag(path: Path) -> list[dict]:
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if path.name.removesuffix(".bz2").endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) % 6:
+        raise ValueError(f"{path}: expected 6 lines per HellaSwag item (label: context, gold, 4 endings), got {len(lines)} lines")
+    return [hellaswag_item(lines[i], lines[i + 1], lines[i + 2 : i + 6]) for i in range(0, len(lines), 6)]
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    files: tuple[str, ...]  # accepted file names in --data-dir, first found wins
+    split: str  # the split the harness evaluates
+    row: Callable[[dict], dict] | None  # local row -> hub row (None: custom reader)
+
+
+LOCAL_TASKS = {
+    "arc_easy": LocalTask(("arc_easy.jsonl",), "test", arc_row),
+    "arc_challenge": LocalTask(("arc_challenge.jsonl",), "test", arc_row),
+    "openbookqa": LocalTask(("openbookqa.jsonl", "openbook_qa.jsonl"), "test", openbookqa_row),
+    "piqa": LocalTask(("piqa.jsonl",), "validation", piqa_row),
+    "winogrande": LocalTask(("winogrande.jsonl",), "validation", winogrande_row),
+    "lambada_openai": LocalTask(("lambada_openai.jsonl",), "test", lambada_row),
+    "hellaswag": LocalTask(("hellaswag_val_full.txt.bz2", "hellaswag_val_full.txt", "hellaswag.jsonl"), "validation", None),
+}
+
+
+def local_file(task: str, data_dir: str | Path) -> Path:
+    """The file of `task` in `data_dir`, or a clear error naming the file names it looks for."""
+    if task in PPL_TASKS:
+        names: tuple[str, ...] = (PPL_TASKS[task], "wikitext-2-raw-test.txt", "wiki.test.raw")
+    elif task in LOCAL_TASKS:
+        names = LOCAL_TASKS[task].files
+    else:
+        raise ValueError(f"task {task!r} has no local-file reader; local tasks: {', '.join(sorted([*LOCAL_TASKS, *PPL_TASKS]))}")
+    for name in names:
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    raise FileNotFoundError(f"--data-dir {data_dir} has no file for task {task!r}: expected {' or '.join(names)}")
+
+
+def local_rows(task: str, data_dir: str | Path) -> list[dict]:
+    """The task's items from its local file, in the hub's field names."""
+    path = local_file(task, data_dir)
+    if task == "hellaswag":
+        return read_hellaswag(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON lines ({err})") from err
+    try:
+        return [LOCAL_TASKS[task].row(r) for r in rows]
+    except KeyError as err:
+        raise ValueError(f"{path}: rows lack field {err} expected for task {task!r} (see ecomla/eval_tasks.py)") from err
+
+
+def harness_config(task: str, task_manager) -> dict:
+    """The harness's own resolved config of a registered task (includes followed, functions loaded)."""
+    entry = task_manager._entry(task)
+    if entry is None:
+        raise ValueError(f"unknown task {task!r}")
+    return task_manager._factory._load_full_config(entry, None)
+
+
+def local_task_config(task: str, data_dir: str | Path, task_manager) -> dict:
+    """The harness config of `task` with its dataset replaced by the rows of the local file."""
+    import datasets
+
+    spec = LOCAL_TASKS[task]
+    rows = local_rows(task, data_dir)
+    if not rows:
+        raise ValueError(f"{local_file(task, data_dir)} holds no items")
+    cfg = harness_config(task, task_manager)
+    for key in ("tag", "group", "task_list"):
+        cfg.pop(key, None)
+
+    def load(**_):  # the harness calls custom_dataset(**metadata, **dataset_kwargs)
+        return datasets.DatasetDict({spec.split: datasets.Dataset.from_list(rows)})
+
+    cfg.update(
+        dataset_path=None,
+        dataset_name=None,
+        dataset_kwargs=None,
+        custom_dataset=load,
+        training_split=None,
+        fewshot_split=None,
+        validation_split=spec.split if spec.split == "validation" else None,
+        test_split=spec.split if spec.split == "test" else None,
+    )
+    cfg["metadata"] = {**cfg.get("metadata", {}), "local_file": str(local_file(task, data_dir))}
+    return cfg

@@ -1,0 +1,387 @@
+"""Evaluation: lm-evaluation-harness scores, sliding-window perplexity, and the comparison report.
+
+Scores come from the harness (`simple_evaluate`) over an in-memory model wrapped by `EcoLM`, an
+`HFLM` whose log-likelihood path runs the LM head only on continuation tokens: for a 135M model
+with a 49k vocabulary that head (and its log-softmax) costs as much as the whole body on every
+position, while multiple-choice scoring needs it on a few. Same numbers as HFLM, same tokenization.
+
+Perplexity (`wikitext` or any text file) is token-level: the text is tokenized once and scored with
+windows of `window` tokens moved by `stride`; each token is scored once, with at least
+window - stride tokens of context (except at the start):
+
+    ppl = exp( -1/N * sum_t log p(x_t | x_{max(0, t-c_t)} .. x_{t-1}) ),   N = tokens - 1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .eval_tasks import DEFAULT_TASKS, HEADLINE, LOCAL_TASKS, PPL_TASKS, local_file, local_task_config
+
+
+def _hflm():
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as err:  # pragma: no cover - the package depends on lm-eval
+        raise ImportError("ecomla eval needs lm-evaluation-harness: pip install 'lm-eval[hf]'") from err
+    return HFLM
+
+
+def _split_model(model):
+    """(body, lm_head) of a causal LM whose logits are lm_head(body(x)) with nothing in between."""
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: cannot split into body and LM head")
+    return body, head
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int = 0, max_length: int | None = None):
+    """Sum of log p(continuation | context) and whether it is the greedy continuation, for each
+    (context, continuation) pair, in one right-padded batch; the head runs on continuation positions only.
+    Truncates from the left to `max_length` + 1 tokens like the harness."""
+    body, head = _split_model(model)
+    inputs, spans = [], []
+    for ctx, cont in sequences:
+        full = ctx + cont
+        if max_length is not None:
+            full = full[-(max_length + 1) :]
+        inp = full[:-1]
+        inputs.append(inp)
+        spans.append((len(inp) - len(cont), len(inp)))  # positions whose next-token logits score cont
+    T = max(len(x) for x in inputs)
+    ids = torch.full((len(inputs), T), pad_id, dtype=torch.long)  # (B, T)
+    for b, x in enumerate(inputs):
+        ids[b, : len(x)] = torch.tensor(x)
+    # right padding needs no mask: causal attention never lets a real position see a later pad
+    hidden = body(input_ids=ids.to(model.device), use_cache=False).last_hidden_state  # (B, T, C)
+    rows = torch.cat([torch.full((e - s,), b) for b, (s, e) in enumerate(spans)])  # (N,)
+    cols = torch.cat([torch.arange(s, e) for s, e in spans])  # (N,)
+    logp = F.log_softmax(head(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float(), dim=-1)  # (N, V)
+    targets = torch.tensor([t for _, cont in sequences for t in cont], device=logp.device)  # (N,)
+    token_lp = logp.gather(-1, targets[:, None])[:, 0]  # (N,)
+    greedy = logp.argmax(-1) == targets  # (N,)
+    out, i = [], 0
+    for _, cont in sequences:
+        n = len(cont)
+        out.append((float(token_lp[i : i + n].sum()), bool(greedy[i : i + n].all())))
+        i += n
+    return out
+
+
+def make_lm(model, tokenizer, batch_size: int = 32, max_batch_tokens: int = 8192, max_length: int | None = None):
+    """An lm-eval LM over an in-memory HF model (original or converted)."""
+    HFLM = _hflm()
+
+    class EcoLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # longest first (like HFLM): equal lengths batch together and any OOM shows at once
+            order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+            results: list = [None] * len(requests)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood requests")
+            start = 0
+            while start < len(order):
+                first = min(len(requests[order[start]][1]) + len(requests[order[start]][2]), self.max_length + 1)
+                n = max(1, min(batch_size, max_batch_tokens // max(first, 1)))
+                chunk = order[start : start + n]
+                scored = continuation_logprobs(
+                    self._model, [(requests[i][1], requests[i][2]) for i in chunk], pad, self.max_length
+                )
+                for i, answer in zip(chunk, scored):
+                    results[i] = answer
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                bar.update(len(chunk))
+                start += n
+            bar.close()
+            return results
+
+    kwargs = {"max_length": max_length} if max_length else {}
+    return EcoLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids: list[int], window: int = 2048, stride: int = 1024, batch_size: int = 4, progress: bool = True) -> dict:
+    """Token-level sliding-window perplexity of one token stream (formula in the module docstring)."""
+    if not 0 < stride <= window:
+        raise ValueError(f"perplexity needs 0 < stride <= window, got stride {stride}, window {window}")
+    if len(token_ids) < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    body, head = _split_model(model)
+    ids = torch.tensor(token_ids)
+    jobs, prev_end = [], 0  # (begin, end, first scored position inside the window)
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        jobs.append((begin, end, max(prev_end - begin, 1) - 1))
+        prev_end = end
+        if end == len(ids):
+            break
+    nll, count = 0.0, 0
+    for k in tqdm(range(0, len(jobs), batch_size), desc="perplexity windows", disable=not progress):
+        group = jobs[k : k + batch_size]
+        T = max(e - b for b, e, _ in group)
+        x = torch.zeros(len(group), T, dtype=torch.long)  # (B, T), right-padded
+        for j, (b, e, _) in enumerate(group):
+            x[j, : e - b] = ids[b:e]
+        hidden = body(input_ids=x.to(model.device), use_cache=False).last_hidden_state  # (B, T, C)
+        for j, (b, e, first) in enumerate(group):
+            h = hidden[j, first : e - b - 1]  # (n, C): predicts tokens first+1 .. e-b-1 of the window
+            target = x[j, first + 1 : e - b].to(h.device)  # (n,)
+            nll += float(F.cross_entropy(head(h).float(), target, reduction="sum"))
+            count += len(target)
+    assert count == len(ids) - 1
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "window": window, "stride": stride}
+
+
+def text_perplexity(model, tokenizer, text: str, window: int, stride: int, batch_size: int = 4, progress: bool = True) -> dict:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return perplexity(model, ids, window=window, stride=stride, batch_size=batch_size, progress=progress)
+
+
+# ----------------------------------------------------------------------------- task planning
+
+
+def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = ()) -> None:
+    """Fail fast, before any model loads: unknown tasks, missing local files, unreadable text files."""
+    if not tasks and not ppl_files:
+        raise ValueError("no tasks: give --tasks (e.g. " + ",".join(DEFAULT_TASKS) + ",wikitext) or --ppl-file")
+    harness = [t for t in tasks if t not in PPL_TASKS]
+    if harness:
+        from lm_eval.tasks import TaskManager
+
+        tm = TaskManager()
+        unknown = [t for t in harness if t not in tm.all_tasks]
+        if unknown:
+            raise ValueError(
+                f"unknown task(s) {', '.join(unknown)}: use lm-eval task names such as {', '.join(DEFAULT_TASKS)}, "
+                f"or 'wikitext' (perplexity); `lm-eval ls tasks` lists all"
+            )
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"--data-dir {data_dir} is not a directory")
+        for t in tasks:
+            if t not in LOCAL_TASKS and t not in PPL_TASKS:
+                raise ValueError(f"task {t!r} has no local-file reader; with --data-dir use {', '.join([*LOCAL_TASKS, *PPL_TASKS])}")
+            local_file(t, data_dir)
+    elif "wikitext" in tasks:
+        raise ValueError("task 'wikitext' reads a raw text file: give --data-dir DIR holding wikitext-2-raw-test.txt")
+    for f in ppl_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--ppl-file {f}: no such file")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def harness_tasks(tasks: list[str], data_dir: str | None):
+    """Task specs for simple_evaluate: local-file configs when data_dir is given, else hub names."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager()
+    names = [t for t in tasks if t not in PPL_TASKS]
+    if data_dir is None:
+        return names, tm
+    return [local_task_config(t, data_dir, tm) for t in names], tm
+
+
+# ----------------------------------------------------------------------------- running and reporting
+
+
+def kv_values_per_token(config) -> int:
+    from .config import cache_values_per_token
+
+    return cache_values_per_token(config)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    name: str,
+    tasks: list[str],
+    data_dir: str | None = None,
+    limit: int | None = None,
+    ppl_files: list[str] = (),
+    batch_size: int = 32,
+    max_batch_tokens: int = 8192,
+    ppl_window: int = 2048,
+    ppl_stride: int = 1024,
+    progress: bool = True,
+) -> list[dict]:
+    """Flat result rows {model, task, metric, value, stderr, n} for one loaded model."""
+    from lm_eval import simple_evaluate
+
+    rows: list[dict] = []
+    specs, tm = harness_tasks(tasks, data_dir)
+    if specs:
+        lm = make_lm(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        out = simple_evaluate(
+            model=lm, tasks=specs, task_manager=tm, limit=limit, num_fewshot=0, bootstrap_iters=1000,
+            log_samples=False, verbosity="ERROR",
+        )
+        for task, metrics in out["results"].items():
+            n = out.get("n-samples", {}).get(task, {}).get("effective")
+            for key, value in metrics.items():
+                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                metric = key.split(",")[0]
+                stderr = metrics.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
+                rows.append({"model": name, "task": task, "metric": metric, "value": float(value),
+                             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
+    texts = [(t, local_file(t, data_dir)) for t in tasks if t in PPL_TASKS] + [(Path(f).name, Path(f)) for f in ppl_files]
+    for task, path in texts:
+        text = path.read_text(encoding="utf-8")
+        window = min(ppl_window, getattr(model.config, "max_position_embeddings", ppl_window))
+        r = text_perplexity(model, tokenizer, text, window, min(ppl_stride, window), progress=progress)
+        rows.append({"model": name, "task": task, "metric": "ppl", "value": r["ppl"], "stderr": None, "n": r["tokens"],
+                     "window": r["window"], "stride": r["stride"]})
+    return rows
+
+
+def summary_table(rows: list[dict], kv: dict[str, int]) -> tuple[list[str], list[dict]]:
+    """One summary row per model: KV size relative to the first model, headline score per task,
+    the average of the harness tasks, and that average relative to the first model's."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    first_kv = kv[models[0]]
+    table, first_avg = [], None
+    for m in models:
+        row = {"model": m, "kv_cache": kv[m] / first_kv}
+        scores = []
+        for t in tasks:
+            metric = HEADLINE.get(t, "ppl" if any(r["task"] == t and r["metric"] == "ppl" for r in rows) else "acc")
+            hit = [r["value"] for r in rows if r["model"] == m and r["task"] == t and r["metric"] == metric]
+            row[f"{t} ({metric})"] = hit[0] if hit else None
+            if hit and metric != "ppl" and "perplexity" not in metric:
+                scores.append(hit[0])
+        row["average"] = sum(scores) / len(scores) if scores else None
+        if first_avg is None:
+            first_avg = row["average"]
+        row["average vs first"] = row["average"] / first_avg if row["average"] is not None and first_avg else None
+        table.append(row)
+    return list(table[0].keys()), table
+
+
+def markdown(columns: list[str], table: list[dict]) -> str:
+    def fmt(c, v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if c == "kv_cache" or c == "average vs first":
+                return f"{v:.3f}x" if c == "average vs first" else f"{v:.3f}"
+            return f"{v:.2f}" if "ppl" in c else f"{100 * v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(c, r[c]) for c in columns) + " |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path, title: str = "") -> bool:
+    points = [(r["kv_cache"], r["average"], r["model"]) for r in table if r["average"] is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for x, y, name in points:
+        ax.scatter([x], [100 * y])
+        ax.annotate(Path(name).name, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("KV cache size (relative to first model)")
+    ax.set_ylabel("average score (%)")
+    ax.set_xlim(0, max(1.05, max(p[0] for p in points) * 1.05))
+    ax.set_title(title or "average harness score vs KV cache size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(rows: list[dict], kv: dict[str, int], out_dir: Path, meta: dict) -> str:
+    """results.json (flat rows + summary + meta), results.md, results.png into out_dir."""
+    columns, table = summary_table(rows, kv)
+    md = markdown(columns, table)
+    (out_dir / "results.md").write_text(md)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": table, "rows": rows}, indent=1))
+    plot(table, out_dir / "results.png")
+    return md
+
+
+def run_eval(
+    models: list[str],
+    tasks: list[str],
+    out: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    ppl_files: list[str] = (),
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    batch_size: int = 32,
+    max_batch_tokens: int = 8192,
+    ppl_window: int = 2048,
+    ppl_stride: int = 1024,
+    overwrite: bool = False,
+    log=print,
+) -> tuple[str, list[dict]]:
+    """Evaluate several models on the same tasks; returns (markdown table, rows); writes out/ if given."""
+    from .atomic import atomic_output_dir, check_output_dir
+    from .sources import load_config, load_model
+
+    if not models:
+        raise ValueError("give at least one MODEL")
+    if data_dir is None and [t for t in tasks if t not in PPL_TASKS] and not hub_reachable():
+        env = os.environ.get("ECOMLA_EVAL_DATA")
+        if not env:
+            raise ValueError("the dataset hub is out of reach: give --data-dir DIR with the tasks' local files "
+                             "(e.g. ../shared/data/eval) or set ECOMLA_EVAL_DATA")
+        data_dir = env
+    check_tasks(tasks, data_dir, ppl_files)
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
+    configs = {m: load_config(m) for m in models}  # every model must resolve before any long work
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype)
+    rows: list[dict] = []
+    timings = {}
+    for m in models:
+        log(f"[ecomla eval] {m}: loading ({dtype}, {device})")
+        model, tok = load_model(m, dtype=torch_dtype, device=device)
+        if tok is None:
+            raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
+        t0 = time.time()
+        rows += evaluate_model(model, tok, m, tasks, data_dir, limit, ppl_files, batch_size, max_batch_tokens, ppl_window, ppl_stride)
+        timings[m] = time.time() - t0
+        log(f"[ecomla eval] {m}: done in {timings[m]:.0f} s")
+        del model
+    kv = {m: kv_values_per_token(configs[m]) for m in models}
+    meta = {"tasks": tasks, "limit": limit, "data_dir": data_dir, "dtype": dtype, "device": device,
+            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "seconds": timings,
+            "kv_values_per_token": kv, "torch_threads": torch.get_num_threads()}
+    columns, table = summary_table(rows, kv)
+    md = markdown(columns, table)
+    if out is not None:
+        with atomic_output_dir(out, overwrite) as tmp:
+            write_report(rows, kv, tmp, meta)
+    return md, rows

@@ -1,0 +1,229 @@
+"""Distillation: chunked loss, masking, vocabulary check, resume, data parallelism, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model_dir, tiny_tokenizer, TINY_TEXT
+from ecomla.distill_loss import chunked_distill_loss, token_kd
+
+
+def _setup(seed=0, n=37, c=16, v=50):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    w_head = torch.randn(v, c, generator=g, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    weights = (torch.rand(n, generator=g) > 0.3).double()
+    return h, w_head, t_logits, labels, weights
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_loss_equals_unchunked(kind):
+    h, w_head, t_logits, labels, weights = _setup()
+    args = dict(kind=kind, temperature=2.0, ce_weight=0.3)
+    chunked, kl_c, _ = chunked_distill_loss(h, w_head, lambda s, e: t_logits[s:e], labels, weights, chunk_size=5, **args)
+    g_chunked = torch.autograd.grad(chunked, (h, w_head))
+    s_logits = h @ w_head.T  # (N, V) all at once
+    per_token = token_kd(s_logits, t_logits, kind, 2.0) + 0.3 * F.cross_entropy(s_logits, labels, reduction="none")
+    whole = (per_token * weights).sum() / weights.sum()
+    g_whole = torch.autograd.grad(whole, (h, w_head))
+    torch.testing.assert_close(chunked.double(), whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_chunked, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    kl_ref = (token_kd(s_logits, t_logits, "forward_kl", 1.0) * weights).sum() / weights.sum()
+    torch.testing.assert_close(kl_c.double(), kl_ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_kl_is_the_textbook_formula():
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    torch.testing.assert_close(token_kd(s, t, "forward_kl"), (p * (p.log() - q.log())).sum(-1))
+    assert token_kd(t, t, "jsd").abs().max() < 1e-6 and token_kd(t, t, "reverse_kl").abs().max() < 1e-6
+
+
+def test_masked_tokens_never_count():
+    h, w_head, t_logits, labels, weights = _setup()
+    loss, _, count = chunked_distill_loss(h, w_head, lambda s, e: t_logits[s:e], labels, weights, chunk_size=8)
+    garbage_t = t_logits.clone()
+    garbage_t[weights == 0] = 1e3 * torch.randn_like(garbage_t[weights == 0])
+    h2 = h.detach().clone()
+    h2[weights == 0] = 50.0
+    loss2, _, _ = chunked_distill_loss(h2, w_head, lambda s, e: garbage_t[s:e], labels, weights, chunk_size=8)
+    torch.testing.assert_close(loss, loss2)
+    assert int(count) == int(weights.sum())
+    keep = weights.bool()
+    ref, _, _ = chunked_distill_loss(h[keep], w_head, lambda s, e: t_logits[keep][s:e], labels[keep], weights[keep])
+    torch.testing.assert_close(loss, ref)
+
+
+def test_chat_documents_weight_only_assistant_tokens():
+    from ecomla.data import chat_document, read_documents
+
+    tok = tiny_tokenizer()
+    doc = chat_document(tok, [{"role": "user", "content": "what is the sky?"}, {"role": "assistant", "content": "blue."}])
+    prompt = tok.apply_chat_template([{"role": "user", "content": "what is the sky?"}], tokenize=True, add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert doc.ids[: len(prompt)] == prompt
+    assert doc.weights == [0] * len(prompt) + [1] * (len(doc.ids) - len(prompt))
+    assert sum(chat_document(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], prompt_counts=True).weights) > 0
+
+
+def test_data_formats(tmp_path):
+    from ecomla.data import pack, read_documents
+
+    tok = tiny_tokenizer()
+    (tmp_path / "a.txt").write_text(TINY_TEXT)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "the cat sat."}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}]}, {"role": "assistant", "content": "the dog"}]}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"instruction": "say", "input": "cat", "output": "the cat"}]))
+    (tmp_path / "d.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    docs = read_documents([tmp_path / n for n in ("a.txt", "b.jsonl", "c.json", "d.json")], tok)
+    assert len(docs) == 5 and all(len(d.ids) == len(d.weights) for d in docs)
+    assert 0 < sum(docs[2].weights) < len(docs[2].ids)  # chat: prompt masked
+    ids, w = pack(docs, 16, tok.eos_token_id)
+    assert ids.shape[1] == 16 and ids.shape == w.shape
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        read_documents([tmp_path / "empty.txt"], tok)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_documents([tmp_path / "missing.txt"], tok)
+    (tmp_path / "bad.jsonl").write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="rows need 'text'"):
+        read_documents([tmp_path / "bad.jsonl"], tok)
+
+
+# ----------------------------------------------------------------------------- end-to-end on tiny models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(teacher dir, MLA student dir, text file) on a tiny Llama with a real (tiny) tokenizer."""
+    from ecomla import MLAConversionConfig, convert, load_model
+    from ecomla.atomic import save_checkpoint
+
+    root = tmp_path_factory.mktemp("distill")
+    teacher = tiny_model_dir(root / "teacher")
+    model, tok = load_model(str(teacher))
+    student = save_checkpoint(convert(model, MLAConversionConfig(kv_lora_rank=8), progress=False), tok, root / "student")
+    text = root / "train.txt"
+    text.write_text(TINY_TEXT * 3)
+    return str(teacher), str(student), str(text)
+
+
+def _cfg(models, out, **kw):
+    from ecomla.distill import DistillConfig
+
+    teacher, student, text = models
+    base = dict(student=student, teacher=teacher, out=str(out), data=[text], tokens=6 * 2 * 32, seq_len=32,
+                batch_size=2, lr=3e-3, eval_every=2, save_every=2, progress=False, warmup=0.2)
+    return DistillConfig(**{**base, **kw})
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _train_rows(out):
+    rows = [json.loads(r) for r in open(os.path.join(out, "training", "log.jsonl"))]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_distill_lowers_heldout_kl_and_saves_a_loadable_model(models, tmp_path):
+    from ecomla.distill import distill
+    from ecomla.sources import load_model
+
+    summary = distill(_cfg(models, tmp_path / "run", tokens=12 * 2 * 32), log=lambda *a: None)
+    assert summary["after"]["heldout_kl"] < summary["before"]["heldout_kl"]
+    model, tok = load_model(str(tmp_path / "run"))
+    assert type(model).__name__ == "EcoMLAForCausalLM" and tok is not None
+
+
+def test_interrupted_run_resumes_to_the_same_end(models, tmp_path):
+    from ecomla.distill import distill
+
+    distill(_cfg(models, tmp_path / "full"), log=lambda *a: None)
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=4), log=lambda *a: None) == {"stopped_at": 4}
+    assert not (tmp_path / "cut" / "config.json").exists()  # no final model from an interrupted run
+    with pytest.raises(FileExistsError, match="--resume"):
+        distill(_cfg(models, tmp_path / "cut"), log=lambda *a: None)
+    distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    cut, full = _train_rows(tmp_path / "cut"), _train_rows(tmp_path / "full")
+    assert [s for s, _ in cut] == [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
+    assert [x for _, x in cut] == pytest.approx([x for _, x in full], rel=1e-5)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_vocabulary_mismatch_is_refused(models, tmp_path):
+    from transformers import LlamaConfig
+
+    from ecomla.distill import check_vocab, distill
+
+    other = tmp_path / "other"
+    tiny_model_dir(other)
+    cfg = LlamaConfig.from_pretrained(other)
+    cfg.vocab_size = 512
+    cfg.save_pretrained(other)
+    with pytest.raises(ValueError, match="same tokenizer"):
+        distill(_cfg(models, tmp_path / "o", teacher=str(other)), log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_fails_before_training(models, tmp_path):
+    from ecomla.distill import distill
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        distill(_cfg(models, tmp_path / "a", data=[str(empty)]))
+    with pytest.raises(ValueError, match="beyond the models' maximum length 256"):
+        distill(_cfg(models, tmp_path / "b", seq_len=1024))
+    with pytest.raises(ValueError, match="teacher .* cannot load"):
+        distill(_cfg(models, tmp_path / "c", teacher=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="smaller than one step"):
+        distill(_cfg(models, tmp_path / "d", tokens=10))
+    for name in "abcd":
+        assert not (tmp_path / name / "config.json").exists()
+
+
+def test_data_free_distillation_runs(models, tmp_path):
+    from ecomla.distill import distill
+
+    summary = distill(_cfg(models, tmp_path / "free", data=[], data_free_tokens=512, tokens=2 * 2 * 32), log=lambda *a: None)
+    assert (tmp_path / "free" / "training" / "sampled.jsonl").is_file() and summary["steps"] == 2
+
+
+def test_two_processes_under_accelerate_take_identical_steps(models, tmp_path):
+    """DDP on 2 CPU processes: both ranks end with the same weights, equal to one process with the
+    same global batch."""
+    from ecomla.distill import distill
+
+    teacher, student, text = models
+    common = ["--teacher", teacher, "--data", text, "--tokens", str(3 * 4 * 32), "--seq-len", "32", "--lr", "3e-3",
+              "--eval-every", "0", "--save-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "ecomla.cli", "distill", student,
+           *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "training" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    c = summary["rank_param_checksums"]
+    assert len(c) == 2 and c[0] == c[1]
+    distill(_cfg(models, tmp_path / "one", tokens=3 * 4 * 32, batch_size=4, eval_every=0, save_every=0, warmup=0.03),
+            log=lambda *a: None)
+    assert [x for _, x in _train_rows(tmp_path / "ddp")] == pytest.approx([x for _, x in _train_rows(tmp_path / "one")], rel=1e-5)
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,179 @@
+"""ecomla eval: the real harness over local files, checked against a hand computation."""
+
+import bz2
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model_dir
+
+pytest.importorskip("lm_eval")
+
+from ecomla.eval_tasks import LOCAL_TASKS, hellaswag_item, local_task_config, winogrande_row  # noqa: E402
+from ecomla.evaluate import check_tasks, continuation_logprobs, perplexity, run_eval  # noqa: E402
+
+ARC = [
+    {"query": "Question: the cat sat on the?", "choices": ["mat", "park", "song"], "gold": 0},
+    {"query": "Question: what is the sky?", "choices": ["blue", "a bird sang", "the dog"], "gold": 0},
+    {"query": "Question: a bird sang a?", "choices": ["song", "mat"], "gold": 0},
+]
+
+
+def write_local_files(d):
+    """One item per task in the formats of ../shared/data/eval (see its README)."""
+    (d / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
+    (d / "arc_challenge.jsonl").write_text(json.dumps(ARC[0]) + "\n")
+    (d / "piqa.jsonl").write_text(json.dumps({"query": "Question: How do I open a jar?\n", "choices": ["Twist the lid.", "Eat the lid."], "gold": 0}) + "\n")
+    (d / "openbook_qa.jsonl").write_text(json.dumps({"query": "Predators eat", "choices": ["lions", "humans", "bunnies", "grass"], "gold": 2}) + "\n")
+    (d / "winogrande.jsonl").write_text(json.dumps({
+        "context_options": ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"],
+        "continuation": "always got the harder cases.", "gold": 0}) + "\n")
+    (d / "lambada_openai.jsonl").write_text(json.dumps({"context": "the cat sat on the", "continuation": "mat"}) + "\n")
+    with bz2.open(d / "hellaswag_val_full.txt.bz2", "wt") as f:
+        f.write("Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap to wrap a pair of skis.\n"
+                "is ripping level tiles off.\nis holding a rubik's cube.\nstarts pulling up roofing on a roof.\n")
+    (d / "wikitext-2-raw-test.txt").write_text(" = Title = \n\n the cat sat on the mat . the dog ran in the park . \n" * 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval_data")
+    write_local_files(d)
+    return d
+
+
+# The harness's standard prompt for one item of each task (what a hub run sends to the model).
+EXPECTED = {
+    "arc_easy": ("Question: the cat sat on the?\nAnswer:", " mat"),
+    "arc_challenge": ("Question: the cat sat on the?\nAnswer:", " mat"),
+    "piqa": ("Question: How do I open a jar?\nAnswer:", " Twist the lid."),
+    "openbookqa": ("Predators eat", " lions"),
+    "winogrande": ("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
+    "lambada_openai": ("the cat sat on the", " mat"),
+    "hellaswag": ("Roof shingle removal: A man is sitting on a roof. He", " is using wrap to wrap a pair of skis."),
+}
+
+
+@pytest.mark.parametrize("task", sorted(LOCAL_TASKS))
+def test_local_files_give_the_harness_standard_requests(task, data_dir):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager()
+    built = tm.load([local_task_config(task, data_dir, tm)])["tasks"][task]
+    built.build_all_requests(limit=1, rank=0, world_size=1)
+    assert built.instances[0].arguments == EXPECTED[task]
+
+
+def test_hub_rows_match_known_hub_items():
+    """Reconstructed fields equal the hub's own for items whose hub form is known."""
+    assert winogrande_row({"context_options": ["He gave the _ ... no", "He gave the X"], "continuation": "x", "gold": 1})["answer"] == "2"
+    hub = hellaswag_item("Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. the lady", "3", ["a", "b", "c", "d"])
+    assert hub["ctx_a"] == "A lady walks to a barbell. She bends down and grabs the pole." and hub["ctx_b"] == "the lady"
+    done = hellaswag_item("Home: How to cook rice. Rinse the rice.", "0", ["a", "b", "c", "d"])
+    assert done["ctx_b"] == "" and done["ctx_a"] == "How to cook rice. Rinse the rice."
+
+
+def hand_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one plain forward, tokenized as the harness does."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)  # (T, V)
+    return sum(float(logp[t - 1, whole[t]]) for t in range(n_ctx, len(whole)))
+
+
+def test_harness_scores_equal_hand_computation(tiny_dir, data_dir, tmp_path):
+    from ecomla.sources import load_model
+
+    md, rows = run_eval([str(tiny_dir)], ["arc_easy", "lambada_openai", "wikitext"], out=str(tmp_path / "r"),
+                        data_dir=str(data_dir), dtype="float32", device="cpu", batch_size=2)
+    model, tok = load_model(str(tiny_dir))
+    acc = acc_norm = 0.0
+    for r in ARC:
+        ll = [hand_loglikelihood(model, tok, r["query"] + "\nAnswer:", " " + c) for c in r["choices"]]
+        acc += float(max(range(len(ll)), key=ll.__getitem__) == r["gold"]) / len(ARC)
+        norm = [x / len(c) for x, c in zip(ll, r["choices"])]
+        acc_norm += float(max(range(len(norm)), key=norm.__getitem__) == r["gold"]) / len(ARC)
+    got = {(r["task"], r["metric"]): r["value"] for r in rows}
+    assert got[("arc_easy", "acc")] == pytest.approx(acc)
+    assert got[("arc_easy", "acc_norm")] == pytest.approx(acc_norm)
+    ll = hand_loglikelihood(model, tok, "the cat sat on the", " mat")
+    assert got[("lambada_openai", "perplexity")] == pytest.approx(math.exp(-ll), rel=1e-4)
+    # the three report files, one summary row
+    out = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert {"model", "task", "metric", "value"} <= set(out["rows"][0])
+    assert (tmp_path / "r" / "results.png").is_file() and "| model |" in (tmp_path / "r" / "results.md").read_text()
+    assert out["summary"][0]["kv_cache"] == 1.0
+
+
+def test_continuation_logprobs_equal_stock_hflm(tiny_dir):
+    """The head-on-continuations path gives HFLM's own numbers (ragged batch, truncation)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ecomla.evaluate import make_lm
+    from ecomla.sources import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    pairs = [("the cat sat on", " the mat"), ("the cat sat on the mat. the dog ran in the park. a bird", " sang a song."),
+             ("question: what is the sky? answer:", " blue")]
+    reqs = [((c, k), *[tok(s, add_special_tokens=False)["input_ids"] for s in (c, k)]) for c, k in pairs]
+    assert max(len(c) + len(k) for _, c, k in reqs) > 12 + 1  # one request is truncated from the left
+    ours = make_lm(model, tok, batch_size=2, max_length=12)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=12)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(ours, stock):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_sliding_window_perplexity_equals_hand_computation(tiny_dir):
+    from ecomla.sources import load_model
+
+    model, _ = load_model(str(tiny_dir))
+    ids = list(torch.randint(2, 300, (37,), generator=torch.Generator().manual_seed(0)).tolist())
+    got = perplexity(model, ids, window=16, stride=8, batch_size=3, progress=False)
+    # by hand: token t (t >= 1) is scored once, in the first window [b, b + 16) (b = 0, 8, 16, ...) that holds it
+    nll = 0.0
+    for t in range(1, len(ids)):
+        b = 0
+        while b + 16 <= t:
+            b += 8
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[b : t + 1]])).logits[0, -2]
+        nll -= float(F.log_softmax(logits.double(), -1)[ids[t]])
+    assert got["tokens"] == len(ids) - 1
+    assert got["ppl"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-4)
+
+
+def test_bad_input_fails_before_work(tiny_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        check_tasks(["arc_easyy"], None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no file for task 'piqa'.*piqa.jsonl"):
+        check_tasks(["piqa"], str(empty))
+    # every model must resolve before the first one is evaluated
+    with pytest.raises(FileNotFoundError, match="not found"):
+        run_eval([str(tiny_dir), str(tmp_path / "missing-model")], ["arc_easy"], data_dir=str(data_dir))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises((ValueError, OSError)):
+        run_eval([str(tiny_dir), str(broken)], ["arc_easy"], data_dir=str(data_dir), out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_eval(tiny_dir, data_dir, tmp_path, capsys):
+    from ecomla.cli import main
+
+    assert main(["eval", str(tiny_dir), "--tasks", "arc_easy,hellaswag", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "o"), "--dtype", "float32"]) == 0
+    assert "| model |" in capsys.readouterr().out
+    assert main(["eval", str(tiny_dir), "--tasks", "nope", "--data-dir", str(data_dir)]) == 2
+    assert "unknown task" in capsys.readouterr().err
