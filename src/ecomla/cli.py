@@ -193,6 +193,25 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_dpo(args) -> int:
+    from .dpo import DPOArgs, dpo
+
+    out = dpo(DPOArgs(model=args.model, data=args.data, out=args.out, ref_model=args.ref_model, beta=args.beta, lr=args.lr,
+                      epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      max_length=args.max_length, precision=args.precision, save_every=args.save_every, seed=args.seed,
+                      resume=args.resume, overwrite=args.overwrite))
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .run import run_recipe
+
+    report = run_recipe(args.recipe)
+    print(f"report: {report}/report.md, report.json, report.png")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import check_exportable, export_deepseek_v3
     from .sources import load_config, load_model
@@ -323,6 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_distill)
+
+    o = sub.add_parser("dpo", help="DPO (TRL) with an explicit frozen reference model")
+    o.add_argument("model")
+    o.add_argument("--data", required=True, help="preferences: {prompt, chosen, rejected} or {conversations, chosen, rejected}")
+    o.add_argument("--out", required=True)
+    o.add_argument("--ref-model", default=None, help="reference model (default: MODEL itself, frozen)")
+    o.add_argument("--beta", type=float, default=0.1)
+    o.add_argument("--lr", type=float, default=5e-7)
+    o.add_argument("--epochs", type=float, default=1.0)
+    o.add_argument("--max-steps", type=int, default=-1)
+    o.add_argument("--batch-size", type=int, default=2)
+    o.add_argument("--grad-accum", type=int, default=1)
+    o.add_argument("--max-length", type=int, default=512)
+    o.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    o.add_argument("--save-every", type=int, default=100)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--resume", action="store_true")
+    o.add_argument("--overwrite", action="store_true")
+    o.set_defaults(func=cmd_dpo)
+
+    r = sub.add_parser("run", help="the main job from a recipe: convert, distill, optional DPO, evaluate, report")
+    r.add_argument("recipe", help="YAML recipe (see recipes/)")
+    r.set_defaults(func=cmd_run)
 
     g = sub.add_parser("generate", help="stream a continuation from any model ecomla can load")
     g.add_argument("model")

@@ -176,7 +176,7 @@ def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, w
 
     import torch.nn.functional as F
 
-    kl_sum, nll_sum, count = 0.0, 0.0, 0.0
+    kl_sum, nll_sum, t_nll_sum, count = 0.0, 0.0, 0.0, 0.0
     s_body, s_head = getattr(student, student.base_model_prefix), student.get_output_embeddings()
     t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
     for i in range(0, ids.shape[0], batch):
@@ -192,8 +192,11 @@ def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, w
             lt = F.log_softmax(t_head(th[s:e]).float(), -1)  # (n, V)
             kl_sum += float(((lt.exp() * (lt - ls)).sum(-1) * w[s:e]).sum())
             nll_sum += float((-ls.gather(-1, labels[s:e, None])[:, 0] * w[s:e]).sum())
+            t_nll_sum += float((-lt.gather(-1, labels[s:e, None])[:, 0] * w[s:e]).sum())
         count += float(w.sum())
-    return {"heldout_kl": kl_sum / max(count, 1), "heldout_ppl": math.exp(nll_sum / max(count, 1)), "heldout_tokens": int(count)}
+    n = max(count, 1)
+    return {"heldout_kl": kl_sum / n, "heldout_ppl": math.exp(nll_sum / n), "teacher_ppl": math.exp(t_nll_sum / n),
+            "heldout_tokens": int(count)}
 
 
 def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 16) -> list[str]:
@@ -427,7 +430,7 @@ def _first_eval(log_path: Path) -> dict | None:
     for line in log_path.read_text().splitlines():
         row = json.loads(line)
         if "heldout_kl" in row and row["step"] == 0:
-            return {k: row[k] for k in ("heldout_kl", "heldout_ppl", "heldout_tokens")}
+            return {k: row.get(k) for k in ("heldout_kl", "heldout_ppl", "teacher_ppl", "heldout_tokens")}
     return None
 
 

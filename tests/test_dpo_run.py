@@ -1,0 +1,93 @@
+"""ecomla dpo (TRL, explicit frozen reference) and ecomla run (the main job from a recipe)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_TEXT, tiny_model_dir
+
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    from ecomla import MLAConversionConfig, convert, load_model
+    from ecomla.atomic import save_checkpoint
+
+    root = tmp_path_factory.mktemp("dpo")
+    model, tok = load_model(str(tiny_model_dir(root / "teacher")))
+    return str(save_checkpoint(convert(model, MLAConversionConfig(kv_lora_rank=8), progress=False), tok, root / "student"))
+
+
+def test_preference_formats(tmp_path):
+    from ecomla.dpo import read_preferences
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    assert read_preferences(tmp_path / "a.jsonl") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    row = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "c"},
+           "rejected": {"from": "gpt", "value": "r"}}
+    (tmp_path / "b.json").write_text(json.dumps([row]))
+    assert read_preferences(tmp_path / "b.json") == [{"prompt": [{"role": "user", "content": "q"}],
+                                                     "chosen": [{"role": "assistant", "content": "c"}],
+                                                     "rejected": [{"role": "assistant", "content": "r"}]}]
+    (tmp_path / "c.json").write_text(json.dumps([{"prompt": "p"}]))
+    with pytest.raises(ValueError, match="'chosen' and 'rejected'"):
+        read_preferences(tmp_path / "c.json")
+
+
+def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):
+    from ecomla.dpo import DPOArgs, dpo
+    from ecomla.sources import load_model
+
+    row = {"conversations": [{"from": "human", "value": "what is the sky?"}], "chosen": {"from": "gpt", "value": "blue."},
+           "rejected": {"from": "gpt", "value": "a dog ran."}}
+    (tmp_path / "p.json").write_text(json.dumps([row] * 4))
+    before, _ = load_model(student)
+    out = dpo(DPOArgs(model=student, data=str(tmp_path / "p.json"), out=str(tmp_path / "o"), max_steps=3, lr=1e-3),
+              log=lambda *a: None)
+    history = json.loads((tmp_path / "o.dpo-state" / "log_history.json").read_text())
+    margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1: the reference is the start
+    assert margins[-1] > 0.1
+    after, _ = load_model(str(out))
+    assert type(after).__name__ == "EcoMLAForCausalLM"
+    assert not torch.equal(after.model.layers[0].self_attn.kv_b_proj.weight, before.model.layers[0].self_attn.kv_b_proj.weight)
+
+
+def test_run_recipe_end_to_end(tmp_path):
+    from ecomla.run import run_recipe
+
+    teacher = tiny_model_dir(tmp_path / "teacher")
+    (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
+    recipe = {
+        "name": "tiny", "model": str(teacher), "out": str(tmp_path / "out"),
+        "convert": {"kv_rank": 8},
+        "distill": {"data": [str(tmp_path / "train.txt")], "tokens": 4 * 2 * 32, "seq_len": 32, "batch_size": 2,
+                    "lr": 0.003, "eval_every": 2, "save_every": 2},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    report = run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    data = json.loads((report / "report.json").read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert rows["distilled"]["heldout_kl"] < rows["converted"]["heldout_kl"]
+    assert rows["converted"]["kv_cache"] < 1.0
+    assert (report / "report.png").is_file() and "kv_rank: 8" in (report / "report.md").read_text()
+    # re-running continues: every step is complete, nothing is redone
+    lines = []
+    run_recipe(tmp_path / "r.yaml", log=lines.append)
+    assert sum("already done" in str(x) for x in lines) == 2
+
+
+def test_bad_recipes(tmp_path):
+    from ecomla.run import run_recipe
+
+    (tmp_path / "a.yaml").write_text("model: x\nout: y\nconvert: {kv_rank: 8}\ndistil: {}\n")
+    with pytest.raises(ValueError, match="unknown section.*distil"):
+        run_recipe(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text(f"model: {tmp_path}\nout: {tmp_path / 'o'}\nconvert: {{kv_rank: 8, bogus: 1}}\n")
+    with pytest.raises(ValueError, match="section 'convert' has an option"):
+        run_recipe(tmp_path / "b.yaml")
+    with pytest.raises(FileNotFoundError):
+        run_recipe(tmp_path / "missing.yaml")
