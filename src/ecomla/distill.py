@@ -199,11 +199,12 @@ def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, w
             "heldout_tokens": int(count)}
 
 
-def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 16) -> list[str]:
+def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 64) -> list[str]:
     """Texts sampled from the teacher (temperature 1, top-p 0.95) from generic prompts."""
     torch.manual_seed(seed)
     texts: list[str] = []
-    new = max(16, min(seq_len, 256))
+    new = max(16, min(seq_len, 256))  # new tokens per sample
+    batch = max(1, min(batch, -(-tokens // new)))  # no more rows than the budget needs
     total = 0
     bar = tqdm(total=tokens, desc="sampling data-free text from the teacher", unit="tok")
     tokenizer.padding_side = "left"
@@ -260,12 +261,11 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     world = accelerator.num_processes
 
     # ---- everything that can fail fast, before any model weights load
-    if out.exists() and not cfg.resume:
-        if not cfg.overwrite:
-            raise FileExistsError(f"output directory {out} exists: pass --resume to continue it, --overwrite to replace it, or another --out")
-        if main:
-            shutil.rmtree(out)
-        accelerator.wait_for_everyone()
+    if out.exists() and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f"output directory {out} exists: pass --resume to continue it, --overwrite to replace it, or another --out")
+    if cfg.resume and (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
+        log(f"[ecomla distill] {out} is already complete; nothing to resume")
+        return json.loads((train_dir / "summary.json").read_text())
     s_cfg = load_config(cfg.student)
     try:
         t_cfg = load_config(cfg.teacher)
@@ -286,6 +286,10 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         raise ValueError(f"--tokens {cfg.tokens} is smaller than one step ({cfg.batch_size} sequences x {cfg.seq_len} tokens "
                          f"x {world} processes x {cfg.grad_accum} accumulation = {per_step_tokens} tokens)")
 
+    if out.exists() and not cfg.resume:  # --overwrite, and every check above passed
+        if main:
+            shutil.rmtree(out)
+        accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     device = accelerator.device
     teacher, _ = load_model(cfg.teacher, dtype=getattr(torch, cfg.teacher_dtype), device=str(device), tokenizer=False)
@@ -409,9 +413,9 @@ def distill(cfg: DistillConfig, log=print) -> dict:
                "train_tokens_per_s": trained / max(time.time() - t0, 1e-9) if trained else None,
                "before": before, "after": after, "train_sequences": int(train_ids.shape[0]),
                "heldout_sequences": int(held_ids.shape[0]), "rank_param_checksums": checksums}
+    state = accelerator.get_state_dict(student)  # a collective under FSDP: every rank calls it
     if main:
         lm_final = accelerator.unwrap_model(student).lm
-        state = accelerator.get_state_dict(student)
         lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False)
         _publish_model(lm_final, tokenizer, out)
         prev = json.loads((train_dir / "summary.json").read_text()) if (train_dir / "summary.json").is_file() else {}
