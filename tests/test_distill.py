@@ -158,6 +158,9 @@ def test_interrupted_run_resumes_to_the_same_end(models, tmp_path):
     cut, full = _train_rows(tmp_path / "cut"), _train_rows(tmp_path / "full")
     assert [s for s, _ in cut] == [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
     assert [x for _, x in cut] == pytest.approx([x for _, x in full], rel=1e-5)
+    held = lambda out: [(r["step"], r["heldout_kl"]) for r in map(json.loads, open(out / "training" / "log.jsonl")) if "heldout_kl" in r]
+    assert [s for s, _ in held(tmp_path / "cut")] == [s for s, _ in held(tmp_path / "full")] == [0, 2, 4, 6]
+    assert [k for _, k in held(tmp_path / "cut")] == pytest.approx([k for _, k in held(tmp_path / "full")], rel=1e-5)
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:

@@ -345,7 +345,6 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         kept = []
         if log_path.is_file():  # drop rows past the checkpoint: they are re-run
             kept = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
-            kept = [r for r in kept if not (json.loads(r)["step"] == start_step and "heldout_kl" in json.loads(r) and start_step > 0)]
         log_path.write_text("".join(r + "\n" for r in kept))
 
     def write_log(row: dict) -> None:
@@ -366,8 +365,9 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     if before:
         log(f"[ecomla distill] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
     bar = tqdm(total=steps, initial=start_step, desc="distill", disable=not (main and cfg.progress))
-    t0, trained = time.time(), 0
+    train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
     for step in range(start_step, steps):
+        t_step = time.time()
         loss_acc, kl_acc = 0.0, 0.0
         for micro in range(cfg.grad_accum):
             rows = batch_rows(step, micro, accelerator.process_index, world, cfg, train_ids.shape[0])
@@ -387,7 +387,8 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         trained += per_step_tokens
-        tok_s = trained / max(time.time() - t0, 1e-9)
+        train_seconds += time.time() - t_step
+        tok_s = trained / max(train_seconds, 1e-9)
         loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
         kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
         write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, "kl": kl_avg,
@@ -410,7 +411,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     own = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(student).parameters()]).sum()
     checksums = [float(c) for c in accelerator.gather(own.reshape(1).to(device)).cpu()]
     summary = {"steps": steps, "tokens": steps * per_step_tokens, "world_size": world,
-               "train_tokens_per_s": trained / max(time.time() - t0, 1e-9) if trained else None,
+               "train_tokens_per_s": trained / max(train_seconds, 1e-9) if trained else None,
                "before": before, "after": after, "train_sequences": int(train_ids.shape[0]),
                "heldout_sequences": int(held_ids.shape[0]), "rank_param_checksums": checksums}
     state = accelerator.get_state_dict(student)  # a collective under FSDP: every rank calls it
