@@ -87,8 +87,10 @@ class MLAAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        past_key_values = past_key_values if past_key_values is not None else cache  # transformers >= 5.24 says `cache`
         bsz, q_len, _ = hidden_states.shape
         heads, d_nope, d_rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         n_r, rank = self.rope_key_heads, self.kv_lora_rank
