@@ -1,20 +1,26 @@
 """How much of SmolLM2-135M survives conversion before any training: perplexity and KL.
 
-Run (from the repository root; CPU, a few minutes; reads ../shared/data, not shipped in the repo):
+Run (from the repository root; CPU; reads ../shared/data, not shipped in the repo):
 
-    .venv/bin/python benchmarks/init_fidelity.py
+    .venv/bin/python benchmarks/init_fidelity.py                 # every row, 64K tokens (~50 min on 2 cores)
+    .venv/bin/python benchmarks/init_fidelity.py --eval-tokens 8192 --ratios 4 --only split   # a quick look
 
-Full MLA at 2x and 4x smaller KV caches (relative to SmolLM2's own GQA cache), no training:
-WikiText-2 test perplexity on a fixed prefix (`--eval-tokens`, in windows of `--window` tokens)
-and the mean KL(original || converted) of next-token distributions on the same tokens, for
-- xecomla: X-EcoMLA's initialization (plain weight SVD, 32 RoPE dims at every other frequency,
-  one RoPE key = mean over heads);
-- aware: the same RoPE settings, activation-aware SVD (whitened by the layers' inputs on
-  calibration text from ../shared/data/train/wiki_demo.txt, keys and values balanced);
-- aware+group16: activation-aware SVD with one 16-dim RoPE key per KV group (3 x 16 = 48 RoPE
-  values per token, the latent takes the rest of the same budget).
-Writes benchmarks/results/init_fidelity.json (flat rows: method, kv_fraction, ppl, kl, ...) and
-benchmarks/results/init_fidelity.png.
+SmolLM2-135M-Instruct, no training. For full MLA at 2x, 4x, 6.4x and 8x smaller KV caches
+(relative to SmolLM2's own GQA cache): WikiText-2 test perplexity on a fixed prefix
+(`--eval-tokens`, default 65,536, in windows of `--window`) and the mean KL(original || converted)
+of next-token distributions on the same tokens, for
+- xecomla: X-EcoMLA's initialization (`init="xecomla"`: plain weight SVD, 32 RoPE dims at every
+  other frequency, one RoPE key = mean over heads);
+- each improvement alone on top of it: +aware (activation-aware SVD), +contribution (frequencies
+  by query-key contribution per layer, MHA2MLA), +cost (frequencies by the score change losing their
+  rotation causes), +pca (head-PCA shared RoPE key), +pergroup (one RoPE key
+  per KV group, 16 dims each so the latent keeps most of the budget), +spectrum (per-layer ranks);
+- best: the new default (`init="ecomla"`, every option at its default);
+- at 4x, the split of the cache between latent and RoPE keys (split:NxD rows, otherwise the default);
+- a hybrid with half the layers converted at rank 64: layers chosen by sensitivity vs every other one.
+Calibration: 16,384 tokens of ../shared/data/train/wiki_demo.txt (statistics computed once and shared).
+Models run in bfloat16 (as served); conversion in float32. Writes benchmarks/results/init_fidelity.json
+(flat rows: method, kv_fraction, ppl, kl, ...), .md and .png.
 """
 
 from __future__ import annotations
@@ -23,96 +29,189 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from ecomla import MLAConversionConfig, convert, load_model
-from ecomla.cli import read_text
+from ecomla.calibration import attention_input_covariance, read_text
+from ecomla.config import cache_values_per_token, max_kv_lora_rank
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-METHODS = {
-    "xecomla": dict(svd="weights", qk_rope_head_dim=32),
-    "aware": dict(svd="activations", qk_rope_head_dim=32),
-    "aware+group16": dict(svd="activations", qk_rope_head_dim=16, rope_key_heads=3),
+XECOMLA = dict(init="xecomla")
+METHODS = {  # name -> conversion options (added to kv_ratio)
+    "xecomla": XECOMLA,
+    "+aware": dict(XECOMLA, svd="activations"),
+    "+contribution": dict(XECOMLA, rope_freqs="contribution"),
+    "+cost": dict(XECOMLA, rope_freqs="cost"),
+    "+pca": dict(XECOMLA, rope_key_init="pca"),
+    "+pergroup": dict(XECOMLA, rope_key_heads="per-group", qk_rope_head_dim=16),
+    "+spectrum": dict(XECOMLA, rank_alloc="spectrum"),
+    "best": dict(),
 }
+SPLITS = {"split:1x16": dict(qk_rope_head_dim=16, rope_key_heads="shared"),
+          "split:1x8": dict(qk_rope_head_dim=8, rope_key_heads="shared"),
+          "split:3x16": dict(qk_rope_head_dim=16, rope_key_heads="per-group"),
+          "split:3x8": dict(qk_rope_head_dim=8, rope_key_heads="per-group")}
 
 
-@torch.no_grad()
-def evaluate(model, windows: torch.Tensor, ref_logprobs: list[torch.Tensor] | None = None):
-    """(perplexity, mean KL to the reference, per-window log-probs) over (N, T) windows."""
-    nll, kl, count, logprobs = 0.0, 0.0, 0, []
-    for i, w in enumerate(windows):
-        lp = model(w[None]).logits[0, :-1].float().log_softmax(-1)  # (T-1, V)
-        nll -= lp.gather(-1, w[1:, None]).sum().item()
-        if ref_logprobs is not None:
-            ref = ref_logprobs[i]
+def bf16(model):
+    """A bfloat16 copy of the parameters (buffers such as the rotary inv_freq stay float32, as loading in bf16 keeps them)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return out
+
+
+class Evaluator:
+    """Perplexity and KL to the original over fixed windows; the original's log-probs are rebuilt per
+    window from its cached final hidden states (a full (tokens, vocab) table would not fit in memory)."""
+
+    def __init__(self, model, windows: torch.Tensor):
+        self.windows = windows  # (N, T)
+        self.head = model.lm_head
+        self.hidden = []  # N x (T, d) final normalized hidden states of the original
+        with torch.no_grad():
+            for w in windows:
+                self.hidden.append(model.model(w[None]).last_hidden_state[0])
+
+    @torch.no_grad()
+    def __call__(self, model) -> tuple[float, float]:
+        nll, kl, count = 0.0, 0.0, 0
+        for w, h in zip(self.windows, self.hidden):
+            lp = model(w[None]).logits[0, :-1].float().log_softmax(-1)  # (T-1, V)
+            ref = self.head(h[:-1]).float().log_softmax(-1)  # (T-1, V)
+            nll -= lp.gather(-1, w[1:, None]).sum().item()
             kl += (ref.exp() * (ref - lp)).sum().item()
-        count += len(w) - 1
-        logprobs.append(lp)
-    return float(torch.tensor(nll / count).exp()), kl / count, logprobs
+            count += len(w) - 1
+        return float(torch.tensor(nll / count).exp()), kl / count
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ratios", default="2,4")
-    p.add_argument("--eval-tokens", type=int, default=4096)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--ratios", default="4,2,6.4,8")
+    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--only", default="methods,hybrid,split,rope",
+                   help="comma list of row groups: methods, hybrid, split, rope (the RoPE change alone, at full rank)")
     p.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args()
     wiki, calib_file = DATA / "eval" / "wikitext-2-raw-test.txt", DATA / "train" / "wiki_demo.txt"
     if not wiki.is_file() or not calib_file.is_file():
         print(f"needs {wiki} and {calib_file} (the shared data beside the repository)", file=sys.stderr)
         return 2
+    torch.manual_seed(0)
+    groups = set(args.only.split(","))
 
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
     ids = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: args.eval_tokens]
     windows = ids[: len(ids) // args.window * args.window].view(-1, args.window)  # (N, T)
     calib = tok(read_text(str(calib_file)), return_tensors="pt").input_ids[0][: args.calib_tokens]
     calib = calib[: len(calib) // 256 * 256].view(-1, 256)  # (M, 256)
+    t0 = time.time()
+    cov = attention_input_covariance(model, calib)
+    print(f"calibration statistics: {calib.numel()} tokens, {time.time() - t0:.0f} s", flush=True)
 
-    ppl0, _, ref = evaluate(model, windows)
-    rows = [dict(method="original", kv_fraction=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0)]
-    print(f"original: ppl {ppl0:.2f} on {windows.numel()} WikiText-2 tokens", flush=True)
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    original = bf16(model)
+    evaluate = Evaluator(original, windows)
+    gqa = cache_values_per_token(model.config)
+    ppl0, _ = evaluate(original)
+    del original
+    rows = [dict(method="original", kv_fraction=1.0, kv_ratio=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0)]
+    print(f"original: ppl {ppl0:.2f} on {windows.numel()} WikiText-2 tokens (bf16)", flush=True)
+
+    def run(name: str, **kw):
+        t = time.time()
+        try:
+            mla = convert(model, MLAConversionConfig(**kw), progress=False, calibration_ids=calib, covariance=cov)
+        except ValueError as e:  # e.g. a split that leaves no room for the latent at this ratio
+            print(f"{name}: skipped ({e})", flush=True)
+            return
+        ppl, kl = evaluate(bf16(mla))
+        c, conv = mla.config, mla.config.conversion
+        ranks = sorted({c.layer_kv_lora_rank(i) for i in c.mla_layers})
+        rows.append(dict(method=name, kv_fraction=round(cache_values_per_token(c) / gqa, 4), kv_ratio=kw.get("kv_ratio"),
+                         kv_lora_rank=c.kv_lora_rank, layer_ranks=f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else None,
+                         qk_rope_head_dim=c.qk_rope_head_dim, rope_key_heads=c.rope_key_heads, svd=conv["svd"],
+                         rope_freqs=conv["rope_freqs"], rope_key_init=conv["rope_key_init"], rank_alloc=conv["rank_alloc"],
+                         mla_layers=c.mla_layers if len(c.mla_layers) < c.num_hidden_layers else "all",
+                         ppl=round(ppl, 3), kl=round(kl, 4), seconds=round(time.time() - t, 1)))
+        save_json(rows, Path(args.out_dir))  # partial results survive an interrupted run
+        print(f"{name:16s} KV {rows[-1]['kv_fraction']:.3f} r={c.kv_lora_rank:3d} RoPE {c.rope_key_heads}x{c.qk_rope_head_dim}: "
+              f"ppl {ppl:10.2f}  KL {kl:.4f}  ({time.time() - t:.0f} s)", flush=True)
+
+    for ratio in [float(r) for r in args.ratios.split(",")] if "methods" in groups else []:
         for name, kw in METHODS.items():
-            mla = convert(model, MLAConversionConfig(kv_ratio=ratio, **kw), progress=False, calibration_ids=calib)
-            ppl, kl, _ = evaluate(mla, windows, ref)
-            c = mla.config
-            frac = (c.kv_lora_rank + c.rope_key_heads * c.qk_rope_head_dim) / (2 * c.num_key_value_heads * c.head_dim)
-            rows.append(dict(method=name, kv_fraction=round(frac, 4), kv_ratio=ratio, kv_lora_rank=c.kv_lora_rank,
-                             qk_rope_head_dim=c.qk_rope_head_dim, rope_key_heads=c.rope_key_heads, svd=kw["svd"],
-                             ppl=round(ppl, 3), kl=round(kl, 4)))
-            print(f"{ratio:g}x {name:14s} r={c.kv_lora_rank:3d}: ppl {ppl:10.2f}  KL {kl:.4f}", flush=True)
+            run(name, kv_ratio=ratio, **kw)
+    if "hybrid" in groups:
+        half = model.config.num_hidden_layers // 2
+        for choice in ("sensitivity", "alternate"):
+            run(f"hybrid:{choice}", kv_lora_rank=64, num_mla_layers=half, layer_choice=choice)
+    if "split" in groups:  # at 4x: other splits of the same 96 values per token and layer
+        for name, kw in SPLITS.items():
+            run(name, kv_ratio=4, **kw)
+    if "rope" in groups:  # the RoPE change alone: full latent rank, so only the RoPE side loses anything
+        full = max_kv_lora_rank(model.config, 32)
+        for freqs, key in (("uniform", "mean"), ("uniform", "pca"), ("contribution", "pca"), ("cost", "mean"), ("cost", "pca")):
+            run(f"rope:{freqs}+{key}", kv_lora_rank=full, rope_freqs=freqs, rope_key_init=key, rope_key_heads="shared",
+                    qk_rope_head_dim=32)
+        run("rope:uniform+pergroup", kv_lora_rank=full, rope_freqs="uniform", rope_key_heads="per-group", qk_rope_head_dim=32)
+    write(rows, Path(args.out_dir), windows.numel())
+    return 0
 
-    print("\n| method | KV fraction | kv_lora_rank | RoPE | WikiText-2 ppl | KL to original |\n|---|---|---|---|---|---|")
+
+def table(rows) -> str:
+    lines = ["| method | KV fraction | kv_lora_rank | RoPE keys x dims | WikiText-2 ppl | KL to original (nats/token) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        rope = f"{r.get('rope_key_heads', '-')} x {r.get('qk_rope_head_dim', '-')}" if r["method"] != "original" else "-"
-        print(f"| {r['method']} | {r['kv_fraction']:.3f} | {r['kv_lora_rank'] or '-'} | {rope} | {r['ppl']:.2f} | {r['kl']:.4f} |")
-    out = Path(args.out_dir)
+        rope = f"{r['rope_key_heads']} x {r['qk_rope_head_dim']}" if r["method"] != "original" else "-"
+        rank = r.get("layer_ranks") or r["kv_lora_rank"] or "-"
+        lines.append(f"| {r['method']} | {r['kv_fraction']:.3f} | {rank} | {rope} | {r['ppl']:.2f} | {r['kl']:.4f} |")
+    return "\n".join(lines)
+
+
+def save_json(rows, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".init_fidelity.json.tmp"
     tmp.write_text(json.dumps(rows, indent=1))
     os.replace(tmp, out / "init_fidelity.json")
+
+
+def write(rows, out: Path, tokens: int) -> None:
+    md = table(rows)
+    print("\n" + md)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("init_fidelity.json", json.dumps(rows, indent=1)),
+                       ("init_fidelity.md", f"SmolLM2-135M-Instruct, no training, {tokens} WikiText-2 test tokens\n\n{md}\n")):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in METHODS:
-        pts = sorted((r["kv_fraction"], r["kl"]) for r in rows if r["method"] == name)
-        ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set(xlabel="KV cache fraction of the original", ylabel="KL(original || converted), nats/token",
-           title="SmolLM2-135M, no training")
+        pts = sorted((1 / r["kv_fraction"], r["kl"]) for r in rows if r["method"] == name)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name in ("xecomla", "best") else 1)
+    for r in rows:
+        if r["method"].startswith(("split:", "hybrid:")):
+            ax.scatter(1 / r["kv_fraction"], r["kl"], marker="x")
+            ax.annotate(r["method"], (1 / r["kv_fraction"], r["kl"]), fontsize=7)
+    ax.set(xlabel="KV cache compression (x smaller than the original)", ylabel="KL(original || converted), nats/token",
+           title="SmolLM2-135M, conversion only (no training)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / ".init_fidelity.tmp.png", dpi=110)
     os.replace(out / ".init_fidelity.tmp.png", out / "init_fidelity.png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -46,9 +46,10 @@ def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     (["--kv-rank", "16", "--layers", "x"], "--layers 'x'"),
     (["--kv-ratio", "0.5"], "kv_ratio must be > 1"),
     (["--kv-rank", "16", "--svd", "activations", "--calib", "/no/such/calib.txt"], "calibration file not found"),
-    (["--kv-rank", "16", "--svd", "activations"], "needs a tokenizer"),
+    (["--kv-rank", "16", "--num-mla-layers", "9"], "num_mla_layers=9 must be between 1"),
+    (["--kv-rank", "16", "--target", "deepseek-v3", "--rope-freqs", "contribution"], "standard rotary frequencies"),
     (["--kv-rank", "16", "--svd", "activations", "--calib-tokens", "0"], "--calib-tokens must be at least 256"),
-    (["--kv-rank", "16", "--rope-key", "two"], "--rope-key 'two'"),
+    (["--kv-rank", "16", "--rope-key", "two"], "rope_key_heads='two'"),
 ])
 def test_bad_settings_fail_clearly_and_write_nothing(tiny_dir, tmp_path, capsys, args, message):
     out = tmp_path / "mla"
@@ -81,3 +82,21 @@ def test_parse_layers():
     assert parse_layers("0,2,4") == [0, 2, 4]
     assert parse_layers("0-3,6") == [0, 1, 2, 3, 6]
     assert parse_layers("even", 5) == [0, 2, 4] and parse_layers("odd", 5) == [1, 3]
+
+
+def test_convert_chooses_layers_ranks_and_frequencies_and_caches_statistics(tiny_dir, tmp_path, capsys):
+    """Data-free calibration (the model's own samples; this source has no tokenizer), cached for the next run."""
+    cache = tmp_path / "cache"
+    args = ["convert", str(tiny_dir), "--kv-rank", "8", "--rope-dim", "4", "--num-mla-layers", "2", "--rank-alloc",
+            "spectrum", "--calib-tokens", "512", "--calib-cache", str(cache)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert len(list(cache.glob("cov-*.pt"))) == 1
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "a").config
+    conv = config.conversion
+    assert len(config.mla_layers) == 2 and set(conv["layer_sensitivity_kl"]) == {"0", "1", "2", "3"}
+    assert conv["calibration"] == "512 tokens sampled from the model" and conv["rope_freqs"] == "cost"
+    assert sorted(config.layer_rope_pair_indices) == [str(i) for i in config.mla_layers]
+    assert sum(config.layer_kv_lora_rank(i) for i in config.mla_layers) == 16
+    assert main([*args, "--init", "xecomla", "--out", str(tmp_path / "b")]) == 0
+    conv = AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.conversion
+    assert (conv["init"], conv["svd"], conv["rope_freqs"], conv["rope_key_init"]) == ("xecomla", "weights", "uniform", "mean")

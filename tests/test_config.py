@@ -55,7 +55,7 @@ def test_resolve_defaults():
         (dict(kv_lora_rank=64, qk_rope_head_dim=31), "RoPE dimension 31 is invalid"),
         (dict(kv_lora_rank=64, qk_rope_head_dim=66), "RoPE dimension 66 is invalid"),
         (dict(kv_lora_rank=64, layers=[0, 30]), "out of range"),
-        (dict(kv_lora_rank=64, rope_key_heads=2), "must divide the number of KV heads"),
+        (dict(kv_lora_rank=64, rope_key_heads=2), "divide the number of KV heads"),
         (dict(kv_lora_rank=64, q_lora_rank=10_000), "q_lora_rank=10000 is impossible"),
         (dict(), "exactly one of kv_lora_rank"),
         (dict(kv_lora_rank=64, kv_ratio=4), "exactly one of kv_lora_rank"),

@@ -39,7 +39,7 @@ def full_rank(model, d_rope):
 @pytest.mark.parametrize("freqs", ["uniform", "high"])
 def test_full_rank_equals_rope_change_reference(kv_heads, freqs):
     model = tiny_llama(num_kv_heads=kv_heads)
-    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8, rope_freqs=freqs)
+    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8, rope_freqs=freqs, init="xecomla")
     mla = convert(model, conv, progress=False)
     ref = rope_change_reference(model, select_rope_pairs(16, 8, freqs))
     ids = torch.randint(0, 128, (2, 24))
@@ -63,7 +63,7 @@ def test_other_head_dims_fold_softmax_scale_and_stay_exact_when_rank_allows(nope
     d_nope >= D - d_rope and d_v >= D are exact (zero padding); smaller ones truncate."""
     model = tiny_llama(num_kv_heads=2)
     mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8,
-                                             qk_nope_head_dim=nope, v_head_dim=v, rope_key_heads=2), progress=False)
+                                             qk_nope_head_dim=nope, v_head_dim=v, rope_key_heads=2, init="xecomla"), progress=False)
     ref = rope_change_reference(model, select_rope_pairs(16, 8, "uniform"), rope_key_heads=2)
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():
@@ -91,14 +91,14 @@ def test_error_shrinks_with_rank_on_tiny_model():
     errs = []
     with torch.no_grad():
         for r in (4, 12, 24, 36, 48):
-            mla = convert(model, MLAConversionConfig(kv_lora_rank=r, qk_rope_head_dim=8), progress=False)
+            mla = convert(model, MLAConversionConfig(kv_lora_rank=r, qk_rope_head_dim=8, init="xecomla"), progress=False)
             errs.append(rel_err(mla(ids).logits, ref(ids).logits))
     assert errs == sorted(errs, reverse=True) and errs[-1] <= 1e-4
 
 
 def test_hybrid_keeps_unconverted_layers_and_config_records_conversion():
     model = tiny_llama(num_kv_heads=2, layers=4)
-    mla = convert(model, MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=[0, 2]), progress=False)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=[0, 2], init="xecomla"), progress=False)
     attn = [type(layer.self_attn).__name__ for layer in mla.model.layers]
     assert attn == ["MLAAttention", "LlamaAttention", "MLAAttention", "LlamaAttention"]
     torch.testing.assert_close(mla.model.layers[1].self_attn.k_proj.weight, model.model.layers[1].self_attn.k_proj.weight)
@@ -134,7 +134,7 @@ def test_activation_aware_svd_is_exact_at_full_rank_and_recorded():
     model = tiny_llama(num_kv_heads=2)
     calib = torch.randint(0, 128, (4, 32))
     mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8, svd="activations",
-                                             q_lora_rank=64), progress=False, calibration_ids=calib)
+                                             q_lora_rank=64, init="xecomla"), progress=False, calibration_ids=calib)
     ref = rope_change_reference(model, select_rope_pairs(16, 8, "uniform"))
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_activation_aware_svd_beats_plain_svd_on_calibration_like_inputs():
     errs = {}
     with torch.no_grad():
         for svd in ("weights", "activations"):
-            mla = convert(model, MLAConversionConfig(kv_lora_rank=12, qk_rope_head_dim=8, svd=svd), progress=False,
+            mla = convert(model, MLAConversionConfig(kv_lora_rank=12, qk_rope_head_dim=8, svd=svd, init="xecomla"), progress=False,
                           calibration_ids=calib)
             errs[svd] = rel_err(mla(ids).logits, ref(ids).logits)
     assert errs["activations"] < errs["weights"], errs

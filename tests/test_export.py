@@ -91,6 +91,7 @@ def test_interleave_permutation():
     (dict(layers=[0, 2]), r"layers \[1\] keep grouped-query attention.*--layers all"),
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
     (dict(rope_freqs="high"), "not those of a standard rotary.*--rope-freqs uniform"),
+    (dict(rope_freqs="cost"), "keep different RoPE frequencies.*--rope-freqs uniform"),
     (dict(), "latent has no RMS norm.*--target deepseek-v3"),
     (dict(target="deepseek-v3", rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 64}), "rope scaling 'yarn' depends on the rotary"),
@@ -105,6 +106,18 @@ def test_refusals_name_the_reason_and_the_fix(tmp_path, capsys, conv, message):
     model.save_pretrained(tmp_path / "mla")  # the CLI refuses before loading weights, and writes nothing
     assert main(["export", str(tmp_path / "mla"), "--out", str(tmp_path / "ds")]) == 2
     assert "cannot export as DeepSeek-V3 exactly" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+
+
+def test_per_layer_ranks_are_refused():
+    from ecomla.export import export_problems
+
+    model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="deepseek-v3"),
+                    progress=False)
+    assert export_problems(model.config) == []
+    with pytest.raises(ValueError, match="one latent rank in every layer"):
+        MLAConversionConfig(kv_lora_rank=16, rank_alloc="spectrum", target="deepseek-v3").resolve(model.config)
+    model.config.layer_kv_lora_ranks = {"0": 12, "1": 20}
+    assert any("different latent ranks (12..20)" in p and "--rank-alloc uniform" in p for p in export_problems(model.config))
 
 
 def test_query_latent_without_norm_is_refused(tmp_path):

@@ -74,7 +74,8 @@ torch.save({"logits": logits, "tokens": tokens, "cls": type(model).__module__}, 
 @pytest.mark.parametrize("layers", [None, [1, 3]], ids=["full", "hybrid"])
 def test_trust_remote_code_in_fresh_process(tmp_path, layers):
     model = convert(tiny_llama(num_kv_heads=2, layers=4),
-                    MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=layers), progress=False)
+                    MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=layers, rank_alloc="spectrum",
+                                        rope_key_heads="per-group"), progress=False)
     model.save_pretrained(tmp_path / "ckpt")
     ids = torch.randint(1, 128, (1, 8))
     torch.save(ids, tmp_path / "ids.pt")

@@ -77,7 +77,7 @@ def test_activation_aware_layer_init_is_exact_at_full_rank():
     kw = dict(num_heads=H, num_kv_heads=G, head_dim=D, rope_pair_indices=[0, 2, 4, 6], kv_lora_rank=48,
               qk_nope_head_dim=8, v_head_dim=D, rope_key_heads=G, q_lora_rank=64)
     plain = init_mla_layer(wq, wk, wv, wo, **kw)
-    aware = init_mla_layer(wq, wk, wv, wo, input_cov=x.T @ x / len(x), **kw)
+    aware = init_mla_layer(wq, wk, wv, wo, input_cov=x.T @ x / len(x), svd="activations", **kw)
     for w in (plain, aware):
         kv = w["kv_b_proj.weight"] @ w["kv_a_proj_with_mqa.weight"][:48]
         q = w["q_b_proj.weight"] @ w["q_a_proj.weight"]

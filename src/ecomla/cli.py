@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .atomic import check_output_dir, save_checkpoint
+from .calibration import CALIB_SEQ_LEN, file_calibration_ids, read_text, sampled_calibration_ids  # noqa: F401
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -64,42 +65,8 @@ def conversion_table(original_config, converted_config=None, contexts=(1024, 819
     return "\n".join(lines)
 
 
-def read_text(path: str) -> str:
-    """Plain text, or JSONL with a "text" field per line."""
-    import json
-
-    raw = Path(path).read_text(encoding="utf-8", errors="replace")
-    if path.endswith(".jsonl"):
-        return "\n\n".join(json.loads(line).get("text", "") for line in raw.splitlines() if line.strip())
-    return raw
-
-
-CALIB_SEQ_LEN = 256
-
-
-def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_LEN):
-    """(N, seq_len) token ids from a text file (at most `tokens`)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"calibration file not found: {path}")
-    ids = tok(read_text(path), return_tensors="pt").input_ids[0][:tokens]
-    if ids.numel() < seq_len:
-        raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least {seq_len}")
-    return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
-
-
-def sampled_calibration_ids(model, tok, tokens: int, seq_len: int = CALIB_SEQ_LEN):
-    """(N, seq_len) token ids sampled from the model itself (data-free calibration)."""
-    import torch
-
-    n_seq = max(1, tokens // seq_len)
-    start = torch.full((n_seq, 1), tok.bos_token_id if tok.bos_token_id is not None else 0)
-    torch.manual_seed(0)
-    with torch.no_grad():  # data-free: the model's own text (teacher samples)
-        return model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=seq_len - 1, do_sample=True,
-                              top_p=0.95, pad_token_id=tok.pad_token_id or tok.eos_token_id, min_new_tokens=seq_len - 1)
-
-
 def cmd_convert(args) -> int:
+    from .calibration import cached_covariance
     from .config import MLAConversionConfig
     from .convert import build_config, convert
     from .sources import check_supported, load_config, load_model, load_tokenizer
@@ -112,45 +79,42 @@ def cmd_convert(args) -> int:
         raise ValueError(f"--calib-tokens must be at least {CALIB_SEQ_LEN}, got {args.calib_tokens}")
     src_config = load_config(args.source)
     check_supported(src_config)
-    if args.rope_key in ("shared", "per-group"):
-        rope_key_heads = 1 if args.rope_key == "shared" else src_config.num_key_value_heads
-    elif args.rope_key.isdigit():
-        rope_key_heads = int(args.rope_key)
-    else:
-        raise ValueError(f"--rope-key {args.rope_key!r}: give 'shared', 'per-group' or a number of RoPE keys")
     conv = MLAConversionConfig(
+        init=args.init,
         kv_lora_rank=args.kv_rank,
         kv_ratio=args.kv_ratio,
         q_lora_rank=args.q_rank,
         qk_rope_head_dim=args.rope_dim,
         qk_nope_head_dim=args.nope_dim,
         v_head_dim=args.v_dim,
-        rope_key_heads=rope_key_heads,
+        rope_key_heads=args.rope_key,
         rope_freqs=args.rope_freqs,
+        rope_key_init=args.rope_key_init,
         layers=parse_layers(args.layers, src_config.num_hidden_layers),
+        num_mla_layers=args.num_mla_layers,
+        layer_choice=args.layer_choice,
+        rank_alloc=args.rank_alloc,
         target=args.target,
         svd=args.svd,
     )
     resolved = conv.resolve(src_config)  # all argument errors surface here, before loading weights
-    needs_calibration = args.svd == "activations" or args.target is not None
+    needs_calibration = resolved.needs_calibration
     tok, calib = load_tokenizer(args.source), None
     if args.calib and tok is None:
         raise ValueError(f"--calib needs the tokenizer of {args.source}, and it has none")
-    if args.svd == "activations" and tok is None:
-        raise ValueError(f"--svd activations calibrates on text, which needs a tokenizer; {args.source} has none")
     if needs_calibration and args.calib:
         calib = file_calibration_ids(tok, args.calib, args.calib_tokens)
         conv.extra["calibration"] = f"{calib.numel()} tokens of {args.calib}"
     print(conversion_table(src_config, build_config(src_config, resolved)))
 
     model, _ = load_model(args.source, dtype=_dtype(args.dtype), tokenizer=False)
-    if needs_calibration and calib is None:
-        if tok is not None:
+    cov = None
+    if needs_calibration:
+        if calib is None:  # data-free: the model's own samples
             calib = sampled_calibration_ids(model, tok, args.calib_tokens)
             conv.extra["calibration"] = f"{calib.numel()} tokens sampled from the model"
-        else:  # latent-norm scale only (--target without tokenizer)
-            conv.extra["calibration"] = "random tokens (the source has no tokenizer)"
-    save_checkpoint(convert(model, conv, progress=True, calibration_ids=calib), tok, out, args.overwrite)
+        cov = None if args.calib_cache == "none" else cached_covariance(model, calib, args.calib_cache)
+    save_checkpoint(convert(model, conv, progress=True, calibration_ids=calib, covariance=cov), tok, out, args.overwrite)
     print(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
           "or with trust_remote_code=True)")
     return 0
@@ -276,17 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--kv-ratio", type=float, help="largest rank whose whole-model cache is at least X times smaller")
     c.add_argument("--q-rank", type=int, default=None, help="q_lora_rank (default: full-rank q_proj)")
     c.add_argument("--rope-dim", type=int, default=None, help="qk_rope_head_dim (default min(32, head_dim/2))")
-    c.add_argument("--rope-freqs", choices=["uniform", "high", "low"], default="uniform",
-                   help="which frequency pairs keep RoPE (default uniform: every other pair)")
-    c.add_argument("--rope-key", default="shared",
+    c.add_argument("--init", choices=["ecomla", "xecomla"], default="ecomla",
+                   help="ecomla (default): the best measured initialization; xecomla: the paper's exact one "
+                        "(plain weight SVD, uniform frequencies, mean RoPE key). Options below override it")
+    c.add_argument("--rope-freqs", choices=["uniform", "high", "low", "contribution", "cost"], default=None,
+                   help="which frequency pairs keep RoPE: uniform (every other pair), high, low, contribution "
+                        "(per layer and RoPE key, largest query-key norm product on calibration text), or cost "
+                        "(that product times how much losing the rotation changes the scores)")
+    c.add_argument("--rope-key", default=None,
                    help="'shared' (one RoPE key, DeepSeek layout), 'per-group' (one per KV head), or a count")
+    c.add_argument("--rope-key-init", choices=["mean", "pca"], default=None,
+                   help="how KV groups sharing a RoPE key merge: mean (X-EcoMLA) or pca (per frequency, on calibration text)")
     c.add_argument("--nope-dim", type=int, default=None, help="qk_nope_head_dim (default head_dim - rope dim)")
     c.add_argument("--v-dim", type=int, default=None, help="v_head_dim (default head_dim)")
     c.add_argument("--layers", default="all", help="'all' (full MLA), 'even', 'odd', or indices like 0,2,4 (hybrid)")
-    c.add_argument("--svd", choices=["weights", "activations"], default="weights",
+    c.add_argument("--num-mla-layers", type=int, default=None,
+                   help="hybrid: convert this many layers, chosen by --layer-choice (instead of --layers)")
+    c.add_argument("--layer-choice", choices=["sensitivity", "alternate"], default="sensitivity",
+                   help="with --num-mla-layers: the least sensitive layers (measured) or evenly spaced ones")
+    c.add_argument("--svd", choices=["weights", "activations"], default=None,
                    help="weights: X-EcoMLA's plain SVD; activations: whitened by the layers' inputs on --calib text")
+    c.add_argument("--rank-alloc", choices=["uniform", "spectrum"], default=None,
+                   help="uniform: one kv rank for every layer; spectrum: the same total split by the layers' spectra")
     c.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl with 'text'); default: model samples")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    c.add_argument("--calib-cache", default=None,
+                   help="where calibration statistics are cached (default $ECOMLA_CACHE or ~/.cache/ecomla; 'none': off)")
     c.add_argument("--target", choices=["deepseek-v3"], default=None,
                    help="restrict to what a stock DeepSeek-V3 checkpoint expresses exactly (adds latent norms)")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")

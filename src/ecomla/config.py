@@ -13,14 +13,28 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-ROPE_FREQ_CHOICES = ("uniform", "high", "low")
-ROPE_KEY_CHOICES = ("mean",)
+ROPE_FREQ_CHOICES = ("uniform", "high", "low", "contribution", "cost")
+ROPE_KEY_CHOICES = ("mean", "pca")
+RANK_CHOICES = ("uniform", "spectrum")
+LAYER_CHOICES = ("sensitivity", "alternate")
+
+# Named initializations: what each unset option means. "xecomla" is the paper's; "ecomla" is the
+# best combination measured by benchmarks/init_fidelity.py (the default).
+INIT_PRESETS = {
+    "xecomla": dict(svd="weights", rope_freqs="uniform", rope_key_init="mean", rope_key_heads="shared",
+                    qk_rope_head_dim=None, rank_alloc="uniform"),
+    "ecomla": dict(svd="activations", rope_freqs="cost", rope_key_init="pca", rope_key_heads="shared",
+                   qk_rope_head_dim=None, rank_alloc="uniform"),
+}
 
 
 @dataclass
 class MLAConversionConfig:
     """What a user asks of a conversion; `resolve` checks it against a model and fills defaults.
 
+    init: "ecomla" (default: the best measured combination) or "xecomla" (the paper's exact
+        initialization: plain weight SVD, uniform frequencies, one RoPE key = mean over heads);
+        every option left None below takes its value from this preset (INIT_PRESETS).
     kv_lora_rank / kv_ratio: give one. kv_ratio X picks the largest rank whose whole-model cache
         is at least X times smaller than the original.
     q_lora_rank: None keeps a full-rank q_proj.
@@ -29,48 +43,88 @@ class MLAConversionConfig:
     qk_nope_head_dim: per-head query/key dims without RoPE; default head_dim - qk_rope_head_dim
         (exact); another value factors each head's query-key product to that rank.
     v_head_dim: per-head value dims; default head_dim (exact).
-    rope_key_heads: 1 (one shared RoPE key, DeepSeek layout) or a divisor of the KV heads,
-        e.g. num_key_value_heads for one RoPE key per KV group.
+    rope_key_heads: 1 or "shared" (one shared RoPE key, DeepSeek layout), "per-group"
+        (= num_key_value_heads), or another divisor of the KV heads.
     rope_freqs: which frequency pairs keep their rotation: "uniform" (evenly spaced; every other
         pair when qk_rope_head_dim = head_dim/2, which are exactly a standard rotary of that
-        dimension), "high" (the highest frequencies), "low" (the lowest).
-    rope_key_init: how heads sharing a RoPE key are merged: "mean" (X-EcoMLA).
-    layers: indices of the layers to convert; None = all (full MLA), a subset = hybrid.
+        dimension), "high" (the highest frequencies), "low" (the lowest), "contribution" (per
+        layer and RoPE key head, the pairs with the largest query-key 2-norm product on
+        calibration text, MHA2MLA's criterion), "cost" (the same product times how much dropping
+        the pair's rotation changes its scores within 4096 tokens: the pairs whose loss
+        would change the attention scores most keep RoPE).
+    rope_key_init: how KV groups sharing a RoPE key are merged: "mean" (X-EcoMLA) or "pca"
+        (per frequency pair, the query-weighted leading complex principal component on
+        calibration text; see svd_init).
     svd: "weights" (X-EcoMLA: plain SVD of the weights) or "activations" (the joint K/V SVD, and
         the query SVD, whitened by the covariance of the layer's inputs on calibration text, with
         keys and values balanced to equal energy; exact at full rank too).
+    rank_alloc: "uniform" (every MLA layer kv_lora_rank) or "spectrum" (the same total rank,
+        split across layers to keep the most normalized spectral energy of each joint K/V SVD).
+    layers: indices of the layers to convert; None = all (full MLA), a subset = hybrid.
+    num_mla_layers: instead of `layers`, convert this many layers, chosen by `layer_choice`:
+        "sensitivity" (the layers whose conversion alone costs the least KL on calibration
+        text) or "alternate" (evenly spaced).
     target: "deepseek-v3" restricts the conversion to what a stock DeepSeek-V3 checkpoint
         expresses exactly (every layer MLA, one shared RoPE key, standard rotary frequencies,
-        RMS-normalized latents), so that `ecomla export` of the result is exact. The latent
-        norms are not in the original model: conversion is then no longer exact even at full
-        rank (their scale is calibrated, and distillation adapts the rest).
+        one rank, RMS-normalized latents), so that `ecomla export` of the result is exact.
+        The latent norms are not in the original model: conversion is then no longer exact even
+        at full rank (their scale is calibrated, and distillation adapts the rest).
     """
 
     kv_lora_rank: int | None = None
     kv_ratio: float | None = None
     q_lora_rank: int | None = None
-    qk_rope_head_dim: int | None = None  # None: min(32, head_dim // 2)
+    qk_rope_head_dim: int | None = None
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
-    rope_key_heads: int = 1
-    rope_freqs: str = "uniform"
-    rope_key_init: str = "mean"
+    rope_key_heads: int | str | None = None
+    rope_freqs: str | None = None
+    rope_key_init: str | None = None
     layers: list[int] | None = None
-    svd: str = "weights"
+    num_mla_layers: int | None = None
+    layer_choice: str = "sensitivity"
+    svd: str | None = None
+    rank_alloc: str | None = None
+    init: str = "ecomla"
     target: str | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the (resolved) conversion reads statistics of the model's inputs."""
+        return (self.svd == "activations" or self.rope_freqs in ("contribution", "cost") or self.rope_key_init == "pca"
+                or self.target is not None or (self.num_mla_layers is not None and self.layer_choice == "sensitivity"))
+
     def resolve(self, model_config) -> "MLAConversionConfig":
         """Validate against `model_config` (a Llama-family HF config); return a filled copy."""
         n_layers = model_config.num_hidden_layers
         heads, kv_heads, head_dim = model_dims(model_config)
         hidden = model_config.hidden_size
+        if self.init not in INIT_PRESETS:
+            raise ValueError(f"init must be one of {tuple(INIT_PRESETS)}, got {self.init!r}")
         out = MLAConversionConfig(**self.to_dict())
+        out.extra = dict(self.extra)
+        explicit = {k for k, v in self.to_dict().items() if v is not None}
+        preset = dict(INIT_PRESETS[self.init])
+        if self.target is not None:  # what DeepSeek-V3 expresses, unless the user asked otherwise (then _check_target says why not)
+            preset.update(rope_freqs="uniform", rope_key_heads="shared", rank_alloc="uniform")
+        for key, value in preset.items():
+            if key not in explicit:
+                setattr(out, key, value)
 
-        layers = list(range(n_layers)) if self.layers is None else sorted(set(int(i) for i in self.layers))
+        if self.num_mla_layers is not None:
+            if self.layers is not None:
+                raise ValueError("give either layers (explicit indices) or num_mla_layers (chosen by layer_choice), not both")
+            if not 1 <= self.num_mla_layers <= n_layers:
+                raise ValueError(f"num_mla_layers={self.num_mla_layers} must be between 1 and the model's {n_layers} layers")
+            if self.layer_choice not in LAYER_CHOICES:
+                raise ValueError(f"layer_choice must be one of {LAYER_CHOICES}, got {self.layer_choice!r}")
+            layers = list(range(self.num_mla_layers))  # placeholder of the right count: convert() chooses
+        else:
+            layers = list(range(n_layers)) if self.layers is None else sorted(set(int(i) for i in self.layers))
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad or not layers:
             raise ValueError(
@@ -79,23 +133,27 @@ class MLAConversionConfig:
             )
         out.layers = layers
 
-        d_rope = out.qk_rope_head_dim = min(32, head_dim // 2) if self.qk_rope_head_dim is None else self.qk_rope_head_dim
+        d_rope = out.qk_rope_head_dim = min(32, head_dim // 2) if out.qk_rope_head_dim is None else out.qk_rope_head_dim
         if d_rope % 2 or not 0 < d_rope <= head_dim:
             raise ValueError(
                 f"RoPE dimension {d_rope} is invalid: it must be even and between 2 and head_dim={head_dim} "
                 f"(e.g. --rope-dim {head_dim // 2})"
             )
-        if self.rope_freqs not in ROPE_FREQ_CHOICES:
-            raise ValueError(f"rope_freqs must be one of {ROPE_FREQ_CHOICES}, got {self.rope_freqs!r}")
-        if self.svd not in ("weights", "activations"):
-            raise ValueError(f"svd must be 'weights' or 'activations', got {self.svd!r}")
-        if self.rope_key_init not in ROPE_KEY_CHOICES:
-            raise ValueError(f"rope_key_init must be one of {ROPE_KEY_CHOICES}, got {self.rope_key_init!r}")
-        if self.rope_key_heads < 1 or kv_heads % self.rope_key_heads:
+        for name, value, choices in (("rope_freqs", out.rope_freqs, ROPE_FREQ_CHOICES),
+                                     ("rope_key_init", out.rope_key_init, ROPE_KEY_CHOICES),
+                                     ("svd", out.svd, ("weights", "activations")),
+                                     ("rank_alloc", out.rank_alloc, RANK_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        n_r = {"shared": 1, "per-group": kv_heads}.get(out.rope_key_heads, out.rope_key_heads)
+        if isinstance(n_r, str) and n_r.isdigit():
+            n_r = int(n_r)
+        if not isinstance(n_r, int) or n_r < 1 or kv_heads % n_r:
             raise ValueError(
-                f"rope_key_heads={self.rope_key_heads} must divide the number of KV heads ({kv_heads}): "
-                f"use 1 (shared key) or {kv_heads} (one per KV group)"
+                f"rope_key_heads={out.rope_key_heads!r} must be 'shared', 'per-group' or divide the number of KV heads "
+                f"({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)"
             )
+        out.rope_key_heads = n_r
         out.qk_nope_head_dim = head_dim - d_rope if self.qk_nope_head_dim is None else self.qk_nope_head_dim
         out.v_head_dim = head_dim if self.v_head_dim is None else self.v_head_dim
         if out.qk_nope_head_dim < 0 or out.v_head_dim < 1:
@@ -108,7 +166,7 @@ class MLAConversionConfig:
         if (self.kv_lora_rank is None) == (self.kv_ratio is None):
             raise ValueError("give exactly one of kv_lora_rank (--kv-rank) and kv_ratio (--kv-ratio)")
         if self.kv_ratio is not None:
-            out.kv_lora_rank = rank_for_ratio(model_config, self.kv_ratio, d_rope, self.rope_key_heads, layers)
+            out.kv_lora_rank = rank_for_ratio(model_config, self.kv_ratio, d_rope, n_r, layers)
         if not 1 <= out.kv_lora_rank <= max_rank:
             raise ValueError(
                 f"kv_lora_rank={out.kv_lora_rank} is impossible: the stacked key/value matrix of each layer has rank "
@@ -121,16 +179,17 @@ class MLAConversionConfig:
                 raise ValueError(f"q_lora_rank={self.q_lora_rank} is impossible: choose 1..{q_max} or leave it unset")
         return out
 
-
     def _check_target(self, out: "MLAConversionConfig", model_config, head_dim: int, kv_heads: int) -> None:
         if self.target != "deepseek-v3":
             raise ValueError(f"unknown conversion target {self.target!r}: the only target is 'deepseek-v3'")
         problems = []
         if len(out.layers) != model_config.num_hidden_layers:
             problems.append("every layer must be MLA (--layers all)")
-        if self.rope_key_heads != 1:
+        if out.rope_key_heads != 1:
             problems.append("one shared RoPE key (--rope-key shared)")
-        if self.rope_freqs != "uniform" or head_dim % out.qk_rope_head_dim:
+        if out.rank_alloc != "uniform":
+            problems.append("one latent rank in every layer (--rank-alloc uniform)")
+        if out.rope_freqs != "uniform" or head_dim % out.qk_rope_head_dim:
             problems.append(f"standard rotary frequencies (--rope-freqs uniform with a RoPE dim dividing head_dim {head_dim})")
         if getattr(model_config, "mlp_bias", False):
             problems.append("MLPs without biases")
@@ -191,11 +250,11 @@ def kv_fraction(model_config, mla_layers, kv_lora_rank, rope_key_heads, qk_rope_
 
 
 def cache_values_per_token(config) -> int:
-    """Whole-model cached values per token for an original (Llama) or converted (EcoMLA) config."""
+    """Whole-model cached values per token for an original (Llama) or converted (EcoMLA) config
+    (per-layer latent ranks included)."""
     if getattr(config, "model_type", None) == "ecomla":
-        return sum(
-            per_layer_values(config, config.mla_layers, config.kv_lora_rank, config.rope_key_heads, config.qk_rope_head_dim)
-        )
+        mla, gqa = set(config.mla_layers), gqa_values_per_token(config)
+        return sum(config.layer_cache_values_per_token(i) if i in mla else gqa for i in range(config.num_hidden_layers))
     return config.num_hidden_layers * gqa_values_per_token(config)
 
 
@@ -213,11 +272,10 @@ def attention_params(config) -> int:
         return config.num_hidden_layers * gqa
     dq = config.qk_nope_head_dim + config.qk_rope_head_dim
     q = d * heads * dq if config.q_lora_rank is None else config.q_lora_rank * (d + heads * dq)
-    mla = (
-        q
-        + d * (config.kv_lora_rank + config.rope_key_heads * config.qk_rope_head_dim)
-        + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
-        + heads * config.v_head_dim * d
-    )
+
+    def mla(rank: int) -> int:
+        return (q + d * (rank + config.rope_key_heads * config.qk_rope_head_dim)
+                + rank * heads * (config.qk_nope_head_dim + config.v_head_dim) + heads * config.v_head_dim * d)
+
     n_mla = len(config.mla_layers)
-    return n_mla * mla + (config.num_hidden_layers - n_mla) * gqa
+    return sum(mla(config.layer_kv_lora_rank(i)) for i in config.mla_layers) + (config.num_hidden_layers - n_mla) * gqa

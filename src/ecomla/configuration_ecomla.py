@@ -22,6 +22,12 @@ class EcoMLAConfig(LlamaConfig):
     `qk_rope_head_dim // 2` rotary pairs uses the original pair `rope_pair_indices[i]`
     (original frequency `inv_freq[j]`, rotary scaling included), so kept frequencies need not be
     those of a standard rotary of dimension `qk_rope_head_dim`.
+
+    Per-layer overrides (written by the converter when it chooses them by measurement; keys are
+    layer indices as strings, since JSON keys are strings):
+    `layer_kv_lora_ranks[str(i)]` the latent rank of MLA layer i (default `kv_lora_rank`);
+    `layer_rope_pair_indices[str(i)]` one list of kept pairs per RoPE key head of layer i
+    (`rope_key_heads` lists; default `rope_pair_indices` for every key head).
     """
 
     model_type = "ecomla"
@@ -34,6 +40,8 @@ class EcoMLAConfig(LlamaConfig):
     v_head_dim: int = 64
     rope_key_heads: int = 1  # 1 = one RoPE key shared by all heads (DeepSeek layout)
     rope_pair_indices: list[int] | None = None  # None = every other pair ("uniform")
+    layer_kv_lora_ranks: dict | None = None
+    layer_rope_pair_indices: dict | None = None
     use_kv_a_layernorm: bool = False
     use_q_a_layernorm: bool = False
     conversion: dict | None = None  # how the checkpoint was made (method, source, options)
@@ -47,6 +55,12 @@ class EcoMLAConfig(LlamaConfig):
             stride = self.head_dim // self.qk_rope_head_dim if self.qk_rope_head_dim else 1
             self.rope_pair_indices = [stride * i for i in range(self.qk_rope_head_dim // 2)]
         self.rope_pair_indices = [int(i) for i in self.rope_pair_indices]
+        if self.layer_kv_lora_ranks is not None:
+            self.layer_kv_lora_ranks = {str(k): int(v) for k, v in self.layer_kv_lora_ranks.items()}
+        if self.layer_rope_pair_indices is not None:
+            self.layer_rope_pair_indices = {
+                str(k): [[int(j) for j in pairs] for pairs in v] for k, v in self.layer_rope_pair_indices.items()
+            }
         self._check_mla()
 
     def _check_mla(self):
@@ -59,15 +73,35 @@ class EcoMLAConfig(LlamaConfig):
             raise ValueError("rope_pair_indices must list qk_rope_head_dim // 2 frequency pairs")
         if any(not 0 <= j < self.head_dim // 2 for j in self.rope_pair_indices):
             raise ValueError(f"rope_pair_indices must lie in [0, {self.head_dim // 2})")
-        if self.kv_lora_rank < 1:
-            raise ValueError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank}")
         if self.num_attention_heads % self.rope_key_heads:
             raise ValueError("num_attention_heads must be a multiple of rope_key_heads")
+        for layer in self.mla_layers:
+            if self.layer_kv_lora_rank(layer) < 1:
+                raise ValueError(f"kv_lora_rank of layer {layer} must be >= 1, got {self.layer_kv_lora_rank(layer)}")
+            pairs = self.layer_rope_pairs(layer)
+            if len(pairs) != self.rope_key_heads or any(len(p) != self.qk_rope_head_dim // 2 for p in pairs):
+                raise ValueError(f"layer {layer}: layer_rope_pair_indices must hold rope_key_heads={self.rope_key_heads} "
+                                 f"lists of qk_rope_head_dim // 2 = {self.qk_rope_head_dim // 2} pairs")
+            if any(not 0 <= j < self.head_dim // 2 for p in pairs for j in p) or any(len(set(p)) != len(p) for p in pairs):
+                raise ValueError(f"layer {layer}: RoPE pairs must be distinct and lie in [0, {self.head_dim // 2})")
+        unknown = set(self.layer_kv_lora_ranks or {}) | set(self.layer_rope_pair_indices or {})
+        unknown -= {str(i) for i in self.mla_layers}
+        if unknown:
+            raise ValueError(f"per-layer MLA settings given for layers {sorted(unknown)} that are not in mla_layers")
 
-    @property
-    def mla_cache_values_per_token(self) -> int:
-        """Values one MLA layer caches per token: latent + decoupled RoPE key(s)."""
-        return self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim
+    def layer_kv_lora_rank(self, layer: int) -> int:
+        """Latent rank of MLA layer `layer`."""
+        return (self.layer_kv_lora_ranks or {}).get(str(layer), self.kv_lora_rank)
+
+    def layer_rope_pairs(self, layer: int) -> list[list[int]]:
+        """Kept frequency pairs of MLA layer `layer`, one list per RoPE key head."""
+        pairs = (self.layer_rope_pair_indices or {}).get(str(layer))
+        return pairs if pairs is not None else [list(self.rope_pair_indices)] * self.rope_key_heads
+
+    def layer_cache_values_per_token(self, layer: int) -> int:
+        """Values MLA layer `layer` caches per token: latent + decoupled RoPE key(s)."""
+        return self.layer_kv_lora_rank(layer) + self.rope_key_heads * self.qk_rope_head_dim
+
 
 
 __all__ = ["EcoMLAConfig"]

@@ -1,26 +1,33 @@
 """Convert a Llama-family model into MLA (full or hybrid), layer by layer, from its weights.
 
 Non-attention weights (embeddings, MLPs, norms, head) are copied unchanged; each converted
-layer's attention is initialized by `svd_init.init_mla_layer`. The result is an
-`EcoMLAForCausalLM` whose config records the conversion.
+layer's attention is initialized by `svd_init.init_mla_layer`. Choices made by measurement
+(which layers, which RoPE frequencies per layer and key head, which rank per layer) are taken
+here, from the calibration statistics, and recorded in the result's config. The result is an
+`EcoMLAForCausalLM`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import MLAConversionConfig, model_dims
+from .calibration import attention_input_covariance
+from .config import MLAConversionConfig, max_kv_lora_rank, model_dims
 from .configuration_ecomla import EcoMLAConfig
+from .mla_attention import MLAAttention
 from .modeling_ecomla import EcoMLAForCausalLM
-from .rope import select_rope_pairs
+from .rope import nope_columns, select_rope_pairs
 from .sources import check_supported
-from .svd_init import init_mla_layer
+from .svd_init import init_mla_layer, kv_spectrum, pair_contributions
 
 
-def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
-    """EcoMLAConfig for `model_config` converted with the resolved `conv`."""
+def build_config(model_config, conv: MLAConversionConfig, layer_pairs: dict | None = None,
+                 layer_ranks: dict | None = None, choices: dict | None = None) -> EcoMLAConfig:
+    """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices)."""
     base = model_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window"):
         base.pop(key, None)
@@ -35,7 +42,10 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
         qk_nope_head_dim=conv.qk_nope_head_dim,
         v_head_dim=conv.v_head_dim,
         rope_key_heads=conv.rope_key_heads,
-        rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs),
+        rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim,
+                                            "uniform" if conv.rope_freqs in ("contribution", "cost") else conv.rope_freqs),
+        layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
+        layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
         use_kv_a_layernorm=conv.target == "deepseek-v3",
         use_q_a_layernorm=conv.target == "deepseek-v3" and conv.q_lora_rank is not None,
         conversion={
@@ -45,33 +55,12 @@ def build_config(model_config, conv: MLAConversionConfig) -> EcoMLAConfig:
             "source_model_type": model_config.model_type,
             **{k: v for k, v in conv.to_dict().items() if k not in ("layers", "extra")},
             **conv.extra,
+            **(choices or {}),
         },
     )
     config = EcoMLAConfig(**base)
     config.architectures = ["EcoMLAForCausalLM"]
     return config
-
-
-@torch.no_grad()
-def attention_input_covariance(model, layers: list[int], input_ids: torch.Tensor, batch_size: int = 4,
-                               progress: bool = True) -> dict[int, torch.Tensor]:
-    """E[x x^T] (d, d), float64, of the normalized hidden states entering each listed layer's attention."""
-    sums = {i: torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for i in layers}
-    count, hooks = 0, []
-    for i in layers:
-        def hook(module, args, kwargs, i=i):
-            x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, model.config.hidden_size)  # (N, d)
-            sums[i] += (x.double().T @ x.double()).cpu()
-        hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for chunk in tqdm(input_ids.split(batch_size), desc="calibration", unit="batch", disable=not progress):
-            model(chunk.to(device), use_cache=False, logits_to_keep=1)
-            count += chunk.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    return {i: s / count for i, s in sums.items()}
 
 
 def norm_scale(down: torch.Tensor, cov: torch.Tensor) -> float:
@@ -81,54 +70,152 @@ def norm_scale(down: torch.Tensor, cov: torch.Tensor) -> float:
     return (torch.einsum("rd,de,re->", down, cov, down) / down.shape[0]).sqrt().item()
 
 
+ROPE_CONTEXT = 4096  # relative distances the "cost" frequency choice protects (or the model's maximum, if smaller)
+
+
+def rotary_inv_freq(model_config) -> torch.Tensor:
+    """The model's rotary frequencies per pair (D/2,), rotary scaling (llama3, yarn, ...) included."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(config=model_config).inv_freq
+
+
+def choose_rope_pairs(attn, conv: MLAConversionConfig, model_config, cov: torch.Tensor | None) -> list[list[int]]:
+    """Kept frequency pairs of one layer, one list per RoPE key head."""
+    heads, kv_heads, head_dim = model_dims(model_config)
+    keep = conv.qk_rope_head_dim // 2
+    if conv.rope_freqs not in ("contribution", "cost"):
+        return [select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs)] * conv.rope_key_heads
+    inv_freq = rotary_inv_freq(model_config) if conv.rope_freqs == "cost" else None
+    score = pair_contributions(attn.q_proj.weight, attn.k_proj.weight, num_heads=heads, num_kv_heads=kv_heads,
+                               head_dim=head_dim, input_cov=cov, inv_freq=inv_freq,
+                               context=min(ROPE_CONTEXT, model_config.max_position_embeddings))  # (G, D/2)
+    score = score.view(conv.rope_key_heads, kv_heads // conv.rope_key_heads, -1).sum(1)  # (n_r, D/2)
+    return [sorted(s.topk(keep).indices.tolist()) for s in score]
+
+
+def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) -> dict[int, int]:
+    """Split `total` latent dims over layers to keep the most normalized energy:
+    maximize sum_l sum_{k < r_l} s_lk^2 / ||s_l||^2 with sum_l r_l = total, min_rank <= r_l <= len(s_l).
+    Each layer's terms decrease in k, so taking the largest terms overall is optimal."""
+    ranks = {i: min(min_rank, len(s)) for i, s in spectra.items()}
+    candidates = []
+    for i, s in spectra.items():
+        energy = s.double() ** 2 / (s.double() ** 2).sum().clamp_min(1e-300)
+        candidates += [(energy[k].item(), i) for k in range(ranks[i], len(s))]
+    candidates.sort(key=lambda t: -t[0])
+    for _, i in candidates[: max(0, total - sum(ranks.values()))]:
+        ranks[i] += 1
+    return ranks
+
+
+def _layer_weights(attn, config: EcoMLAConfig, conv: MLAConversionConfig, layer: int, cov: torch.Tensor | None):
+    """MLA weights (float64) of one layer, latent norm scales included when the config has them."""
+    weights = init_mla_layer(
+        attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rope_pair_indices=config.layer_rope_pairs(layer),
+        kv_lora_rank=config.layer_kv_lora_rank(layer),
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        v_head_dim=config.v_head_dim,
+        rope_key_heads=config.rope_key_heads,
+        q_lora_rank=config.q_lora_rank,
+        input_cov=cov,
+        svd=conv.svd,
+        rope_key_init=conv.rope_key_init,
+    )
+    if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
+        down = weights["kv_a_proj_with_mqa.weight"][: config.layer_kv_lora_rank(layer)]
+        weights["kv_a_layernorm.weight"] = torch.full((down.shape[0],), norm_scale(down, cov))
+        if config.use_q_a_layernorm:
+            weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,), norm_scale(weights["q_a_proj.weight"], cov))
+    return weights
+
+
 @torch.no_grad()
-def convert(model, conv: MLAConversionConfig, progress: bool = True,
-            calibration_ids: torch.Tensor | None = None) -> EcoMLAForCausalLM:
+def layer_sensitivity(model, conv: MLAConversionConfig, cov: dict[int, torch.Tensor], input_ids: torch.Tensor,
+                      candidates: list[int] | None = None, max_tokens: int = 2048, progress: bool = True) -> dict[int, float]:
+    """{layer: mean KL(original || model with only that layer converted)} on calibration ids, in nats/token."""
+    n_seq = max(1, max_tokens // input_ids.shape[1])
+    ids = input_ids[:n_seq].to(next(model.parameters()).device)  # (N, T)
+    candidates = list(range(model.config.num_hidden_layers)) if candidates is None else candidates
+    ref = [model(x[None]).logits[0].float().log_softmax(-1) for x in ids]  # N x (T, V)
+    dtype = next(model.parameters()).dtype
+    out = {}
+    for i in tqdm(candidates, desc="layer sensitivity", unit="layer", disable=not progress):
+        single = dataclasses.replace(conv, layers=[i])
+        attn = model.model.layers[i].self_attn
+        pairs = {i: choose_rope_pairs(attn, single, model.config, cov.get(i))}
+        config = build_config(model.config, single, layer_pairs=pairs)
+        config._attn_implementation = model.config._attn_implementation
+        mla = MLAAttention(config, i)
+        mla.load_state_dict({k: v.to(dtype) for k, v in _layer_weights(attn, config, single, i, cov.get(i)).items()})
+        mla.to(device=ids.device, dtype=dtype)
+        model.model.layers[i].self_attn = mla
+        try:
+            kl = sum((r.exp() * (r - model(x[None]).logits[0].float().log_softmax(-1))).sum().item() for r, x in zip(ref, ids))
+        finally:
+            model.model.layers[i].self_attn = attn
+        out[i] = kl / ids.numel()
+    return out
+
+
+@torch.no_grad()
+def convert(model, conv: MLAConversionConfig, progress: bool = True, calibration_ids: torch.Tensor | None = None,
+            covariance: dict[int, torch.Tensor] | None = None) -> EcoMLAForCausalLM:
     """Return `model` (a Llama/Mistral causal LM) upcycled into MLA as `conv` asks.
 
     The original model is left untouched; weights keep its dtype, SVDs run in float64.
-    `calibration_ids` (B, T): text whose attention inputs calibrate the activation-aware SVD
-    (svd="activations") and the latent norms that target "deepseek-v3" adds (their weight is the
-    RMS of the latents on that text). Random tokens when none is given; pass real text.
+    `calibration_ids` (B, T): text whose attention inputs calibrate everything activation-aware
+    (`conv.needs_calibration`) and the latent norms that target "deepseek-v3" adds. Random tokens
+    when none is given; pass real text. `covariance`: precomputed per-layer input covariances of
+    these ids (`calibration.cached_covariance`), so a sweep computes them once.
     """
     check_supported(model.config, type(model).__name__)
     conv = conv.resolve(model.config)
-    config = build_config(model.config, conv)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    config._attn_implementation = model.config._attn_implementation
-    cov = None
-    if config.use_kv_a_layernorm or conv.svd == "activations":
+    cov, choices = None, {}
+    if conv.needs_calibration:
         if calibration_ids is None:
-            calibration_ids = torch.randint(0, config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
-        cov = attention_input_covariance(model, conv.layers, calibration_ids, progress=progress)
+            calibration_ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+        cov = covariance if covariance is not None else attention_input_covariance(model, calibration_ids, progress=progress)
+
+    n_layers = model.config.num_hidden_layers
+    if conv.num_mla_layers is not None:  # hybrid: which layers, chosen here
+        if conv.layer_choice == "alternate":
+            conv.layers = sorted({round(k * n_layers / conv.num_mla_layers) for k in range(conv.num_mla_layers)})
+        else:
+            sens = layer_sensitivity(model, conv, cov, calibration_ids, progress=progress)
+            conv.layers = sorted(sorted(sens, key=sens.get)[: conv.num_mla_layers])
+            choices["layer_sensitivity_kl"] = {str(i): round(v, 6) for i, v in sens.items()}
+
+    layers = model.model.layers
+    layer_pairs = None
+    if conv.rope_freqs in ("contribution", "cost"):
+        layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, conv, model.config, cov[i]) for i in conv.layers}
+    layer_ranks = None
+    if conv.rank_alloc == "spectrum":
+        _, kv_heads, head_dim = model_dims(model.config)
+        spectra = {}
+        for i in conv.layers:
+            pairs = (layer_pairs or {}).get(i) or choose_rope_pairs(layers[i].self_attn, conv, model.config, None)
+            nope = [nope_columns(pairs[g // (kv_heads // conv.rope_key_heads)], head_dim) for g in range(kv_heads)]
+            attn = layers[i].self_attn
+            spectra[i] = kv_spectrum(attn.k_proj.weight, attn.v_proj.weight, nope, head_dim=head_dim,
+                                     input_cov=cov[i] if conv.svd == "activations" else None)
+        max_rank = max_kv_lora_rank(model.config, conv.qk_rope_head_dim)
+        layer_ranks = allocate_ranks({i: s[:max_rank] for i, s in spectra.items()}, conv.kv_lora_rank * len(conv.layers),
+                                     min_rank=max(1, conv.kv_lora_rank // 4))
+    config = build_config(model.config, conv, layer_pairs, layer_ranks, choices)
+    config._attn_implementation = model.config._attn_implementation
 
     # Copies, not references: training the converted model must never touch the original (often its teacher).
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
     for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
-        attn = model.model.layers[i].self_attn
-        weights = init_mla_layer(
-            attn.q_proj.weight,
-            attn.k_proj.weight,
-            attn.v_proj.weight,
-            attn.o_proj.weight,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
-            rope_pair_indices=config.rope_pair_indices,
-            kv_lora_rank=config.kv_lora_rank,
-            qk_nope_head_dim=config.qk_nope_head_dim,
-            v_head_dim=config.v_head_dim,
-            rope_key_heads=config.rope_key_heads,
-            q_lora_rank=config.q_lora_rank,
-            input_cov=cov[i] if conv.svd == "activations" else None,
-        )
-        if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
-            down = weights["kv_a_proj_with_mqa.weight"][: config.kv_lora_rank]
-            weights["kv_a_layernorm.weight"] = torch.full((config.kv_lora_rank,), norm_scale(down, cov[i]))
-            if config.use_q_a_layernorm:
-                weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,),
-                                                             norm_scale(weights["q_a_proj.weight"], cov[i]))
+        weights = _layer_weights(layers[i].self_attn, config, conv, i, None if cov is None else cov[i])
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
 

@@ -41,7 +41,14 @@ def export_problems(config) -> list[str]:
     if config.rope_key_heads != 1:
         problems.append(f"it has {config.rope_key_heads} RoPE keys per token, DeepSeek-V3 one shared key "
                         "(convert with --rope-key shared)")
-    if not is_standard_rotary(config.rope_pair_indices, config.head_dim):
+    ranks = sorted({config.layer_kv_lora_rank(i) for i in config.mla_layers})
+    if len(ranks) > 1:
+        problems.append(f"its layers have different latent ranks ({ranks[0]}..{ranks[-1]}), DeepSeek-V3 one "
+                        "(convert with --rank-alloc uniform)")
+    if any(pairs != list(config.rope_pair_indices) for i in config.mla_layers for pairs in config.layer_rope_pairs(i)):
+        problems.append("its layers keep different RoPE frequencies (chosen per layer), DeepSeek-V3 one standard "
+                        "rotary (convert with --rope-freqs uniform)")
+    elif not is_standard_rotary(config.rope_pair_indices, config.head_dim):
         problems.append(f"its kept RoPE frequencies {config.rope_pair_indices} are not those of a standard rotary of "
                         f"dimension {config.qk_rope_head_dim} (convert with --rope-freqs uniform and a RoPE dim that "
                         f"divides head_dim {config.head_dim})")

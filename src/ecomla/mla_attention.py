@@ -16,6 +16,9 @@ moved into the latent space once per step and the scores are taken against the c
 likewise sum_s p_s (W_uv,h c_s) = W_uv,h (sum_s p_s c_s). Full keys and values are never
 rebuilt from the cache.
 
+RoPE key head k (of n_r) rotates at its own kept frequencies (config.layer_rope_pairs), and so do
+the queries of the heads that read it (heads k*H/n_r .. (k+1)*H/n_r - 1).
+
 Cache layout (one transformers cache layer per MLA layer): the "keys" slot holds the latent
 (B, 1, S, r), the "values" slot the RoPE keys, already rotated, (B, 1, S, n_r * d_rope). Both
 have one "head" so that StaticCache allocates exactly these sizes.
@@ -26,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward, rotate_half
 
 from .rope import rope_columns
 
@@ -39,7 +42,7 @@ class MLAAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.kv_lora_rank = config.kv_lora_rank
+        self.kv_lora_rank = config.layer_kv_lora_rank(layer_idx)
         self.q_lora_rank = config.q_lora_rank
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
@@ -66,7 +69,8 @@ class MLAAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=False)
 
-        self._rope_cols_list = rope_columns(config.rope_pair_indices, config.head_dim)
+        # Columns of the full-head-dim cos/sin tables each RoPE key head keeps, flattened (n_r * d_rope).
+        self._rope_cols_list = [c for pairs in config.layer_rope_pairs(layer_idx) for c in rope_columns(pairs, config.head_dim)]
         self._rope_cols: torch.Tensor | None = None  # built lazily on the tables' device; not a checkpoint tensor
 
     def project_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -75,11 +79,15 @@ class MLAAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
 
     def rope_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        """Select the kept frequency pairs from the model's full-head-dim cos/sin tables."""
+        """Each RoPE key head's kept frequency pairs from the model's full-head-dim cos/sin tables."""
         cos, sin = position_embeddings  # (B, T, head_dim)
         if self._rope_cols is None or self._rope_cols.device != cos.device:
             self._rope_cols = torch.tensor(self._rope_cols_list, dtype=torch.long, device=cos.device)
-        return cos.index_select(-1, self._rope_cols), sin.index_select(-1, self._rope_cols)  # (B, T, d_rope)
+        bsz, q_len = cos.shape[:2]
+        shape = (bsz, q_len, self.rope_key_heads, self.qk_rope_head_dim)
+        cos = cos.index_select(-1, self._rope_cols).view(shape).transpose(1, 2)  # (B, n_r, T, d_rope)
+        sin = sin.index_select(-1, self._rope_cols).view(shape).transpose(1, 2)  # (B, n_r, T, d_rope)
+        return cos, sin
 
     def forward(
         self,
@@ -100,8 +108,11 @@ class MLAAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([rank, n_r * d_rope], dim=-1)  # (B, T, r), (B, T, n_r*d_rope)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
         k_pe = k_pe.view(bsz, q_len, n_r, d_rope).transpose(1, 2)  # (B, n_r, T, d_rope)
-        cos, sin = self.rope_tables(position_embeddings)  # (B, T, d_rope)
-        q_pe, k_pe = apply_rotary_pos_emb(q_pe, k_pe, cos, sin)  # (B, H, T, d_rope), (B, n_r, T, d_rope)
+        cos, sin = self.rope_tables(position_embeddings)  # (B, n_r, T, d_rope)
+        k_pe = k_pe * cos + rotate_half(k_pe) * sin  # (B, n_r, T, d_rope)
+        q_pe = q_pe.view(bsz, n_r, heads // n_r, q_len, d_rope)  # (B, n_r, H/n_r, T, d_rope)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, n_r, 1, T, d_rope)
+        q_pe = (q_pe * cos + rotate_half(q_pe) * sin).view(bsz, heads, q_len, d_rope)  # (B, H, T, d_rope)
 
         if past_key_values is not None:
             k_pe_flat = k_pe.transpose(1, 2).reshape(bsz, 1, q_len, n_r * d_rope)  # (B, 1, T, n_r*d_rope)

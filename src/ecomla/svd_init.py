@@ -6,8 +6,19 @@ D, kept RoPE dims d_r (rows R of a head, rope.rope_columns), the other rows N (D
 Keys/values (joint SVD):  M = [W_k,g[N] for g; W_v,g for g]   (G (2D - d_r), d)
     M ~= U_r S_r V_r^T,   W_dkv = S_r^1/2 V_r^T  (r, d)   and   W_ukv = U_r S_r^1/2
   so the latent c = W_dkv x, k_nope,g = W_uk,g c, v_g = W_uv,g c. At r = rank(M) it is exact.
-RoPE key: rows R of each group's W_k (one key per group), or their mean over the groups that
-  share a key (X-EcoMLA: one key, mean over heads).
+RoPE key: rows R of each group's W_k (one key per group), or, for the m groups sharing one key
+  (`rope_key_init`):
+  mean (X-EcoMLA): the mean of their rows; queries unchanged.
+  pca: per kept frequency pair, write group g's key pair as one complex number z_g = a_g x
+    (a_g = W_k,g[j] + i W_k,g[j + D/2]); RoPE multiplies it by e^{i theta t} and a pair's score
+    is Re(q conj(k) e^{i theta (t - s)}), so a complex coefficient (a scaled rotation of the 2-D
+    pair) commutes with RoPE. The shared key is the leading principal component of the groups'
+    z_g on real inputs, weighted by the energy of the queries that read them:
+        C = W A Sigma A^H W  (m, m),  W = diag(w_g),  w_g^2 = sum_{h in g} E|q_h,j|^2,
+        u = top eigenvector of C,  k = sum_g conj(u_g) w_g z_g,  z_g ~= (u_g / w_g) k,
+    and each query pair is multiplied by conj(u_g / w_g), so q . k_g ~= q' . k exactly where the
+    groups' pairs are complex multiples of one another (and at m = 1). Minimizes the expected
+    squared error of the attention scores for queries independent of keys.
 Queries: W_q,h[R] and W_q,h[N], scaled by sqrt(d_nope + d_rope) / sqrt(D) so that MLA's softmax
   scale 1/sqrt(d_nope + d_rope) equals the original 1/sqrt(D). With q_lora_rank, the stacked
   query rows get the same balanced truncated SVD.
@@ -16,7 +27,11 @@ Head dims other than the exact ones (d_nope != D - d_r, d_v != D) factor each he
 Activation-aware variant (`input_cov`): the joint K/V SVD and the query SVD become optimal for the
   layer's real inputs rather than for the weights alone (see `balanced_factors`); the per-head
   `bilinear_factor` truncations (non-exact d_nope / d_v) stay weight-based.
-All SVDs run in float64.
+Frequency choice by contribution (MHA2MLA's 2-norm criterion): pair j of a RoPE key head
+  scores sum_h sqrt(E|q_h,j|^2) sqrt(E|k_g(h),j|^2) over the heads reading it
+  (`pair_contributions`); the largest d_r / 2 keep RoPE.
+All SVDs run in float64. Expectations over inputs come from the input covariance Sigma = E[x x^T]
+  (E|a x|^2 = a Sigma a^H), so calibration needs only one (d, d) matrix per layer.
 """
 
 from __future__ import annotations
@@ -64,6 +79,101 @@ def bilinear_factor(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.
     return (qa @ left).T, right @ qb.T  # (rank, m), (rank, n)
 
 
+def _complex_pairs(w: torch.Tensor, pairs: list[int], head_dim: int) -> torch.Tensor:
+    """Rows of w (..., D, d) at the given frequency pairs as complex functionals (..., P, d)."""
+    half = head_dim // 2
+    idx = torch.tensor(pairs, dtype=torch.long)
+    return torch.complex(w[..., idx, :], w[..., idx + half, :])
+
+
+def _energy(a: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """E|a x|^2 = Re(a Sigma a^H) for complex functionals a (..., d); (...)."""
+    return torch.einsum("...d,de,...e->...", a, cov.to(a.dtype), a.conj()).real.clamp_min(0)
+
+
+def pair_contributions(w_q: torch.Tensor, w_k: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                       input_cov: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
+                       context: int = 4096) -> torch.Tensor:
+    """(G, D/2): for KV group g and frequency pair j, sum_{h in g} sqrt(E|q_h,j|^2 E|k_g,j|^2) on
+    inputs with covariance `input_cov` (identity when None: the weights' own norms).
+
+    With `inv_freq` (D/2,), each term is multiplied by the RMS change that dropping the pair's
+    rotation makes to its score over relative distances uniform in [0, context):
+        E_delta |e^{i theta_j delta} - 1|^2 = 2 (1 - sin(theta_j L) / (theta_j L)),
+    so pairs that barely rotate within the context (low frequencies) cost little to drop."""
+    H, G, D = num_heads, num_kv_heads, head_dim
+    d = w_q.shape[1]
+    cov = torch.eye(d, dtype=torch.float64) if input_cov is None else input_cov.detach().to("cpu", torch.float64)
+    all_pairs = list(range(D // 2))
+    q = _complex_pairs(w_q.detach().to("cpu", torch.float64).view(H, D, d), all_pairs, D)  # (H, D/2, d)
+    k = _complex_pairs(w_k.detach().to("cpu", torch.float64).view(G, D, d), all_pairs, D)  # (G, D/2, d)
+    q_norm = _energy(q, cov).sqrt().view(G, H // G, D // 2)  # (G, H/G, D/2)
+    k_norm = _energy(k, cov).sqrt()  # (G, D/2)
+    score = (q_norm * k_norm[:, None]).sum(1)  # (G, D/2)
+    if inv_freq is not None:
+        phase = inv_freq.detach().to("cpu", torch.float64) * context  # (D/2,)
+        score = score * (2 * (1 - torch.sinc(phase / torch.pi))).clamp_min(0).sqrt()  # torch.sinc(x) = sin(pi x)/(pi x)
+    return score
+
+
+def shared_rope_key(k_pairs: torch.Tensor, q_energy: torch.Tensor, cov: torch.Tensor, how: str):
+    """One complex key functional per pair for m groups: (key (P, d), coef (m, P)) with z_g ~= coef_g k.
+
+    k_pairs (m, P, d) complex: each group's key pairs; q_energy (m, P): sum over the heads
+    reading group g of E|q_h,p|^2; cov (d, d). See the module docstring for `pca`."""
+    m, P, d = k_pairs.shape
+    if how == "mean" or m == 1:
+        return k_pairs.mean(0), torch.ones(m, P, dtype=k_pairs.dtype)
+    if how != "pca":
+        raise ValueError(f"unknown RoPE key initialization {how!r}: use mean or pca")
+    w = q_energy.sqrt().clamp_min(1e-12 * q_energy.sqrt().max().clamp_min(1e-300))  # (m, P)
+    key, coef = torch.empty(P, d, dtype=k_pairs.dtype), torch.empty(m, P, dtype=k_pairs.dtype)
+    c = cov.to(k_pairs.dtype)
+    for p in range(P):
+        a = w[:, p, None] * k_pairs[:, p]  # (m, d) weighted key functionals
+        gram = a @ c @ a.conj().T  # (m, m) Hermitian: E[y y^H], y_g = w_g z_g
+        _, vecs = torch.linalg.eigh(gram)
+        u = vecs[:, -1]  # (m,) leading component, unit norm
+        top = u.abs().argmax()
+        u = u * (u[top].conj() / u[top].abs())  # fix the free phase: largest entry real positive
+        k = (u.conj()[:, None] * a).sum(0)  # (d,)
+        g = u / w[:, p]  # (m,) z_g ~= g_g k
+        # free scale: give the shared key the groups' mean energy (keeps weights well scaled for training)
+        scale = (_energy(k_pairs[:, p], cov).mean() / _energy(k, cov).clamp_min(1e-300)).sqrt()
+        key[p], coef[:, p] = k * scale, g / scale
+    return key, coef
+
+
+def kv_target(w_k: torch.Tensor, w_v: torch.Tensor, nope_rows: list[list[int]], *, head_dim: int,
+              input_cov: torch.Tensor | None = None):
+    """The matrix the joint K/V SVD factors, with what undoes its scalings: (target, whiten, row_scale).
+
+    Rows: each group's non-RoPE key rows (nope_rows[g]) then every group's value rows. With
+    `input_cov`, keys and values are scaled to equal energy on the inputs and the target is
+    multiplied by the whitening factor L (see `balanced_factors`)."""
+    G, D = len(nope_rows), head_dim
+    d = w_k.shape[1]
+    wk = w_k.detach().to("cpu", torch.float64).view(G, D, d)  # (G, D, d)
+    wv = w_v.detach().to("cpu", torch.float64).view(G, D, d)  # (G, D, d)
+    k_nope = torch.stack([wk[g, rows] for g, rows in enumerate(nope_rows)])  # (G, D - d_r, d)
+    stacked = torch.cat([k_nope.reshape(-1, d), wv.reshape(-1, d)])  # (G(2D - d_r), d)
+    whiten = None if input_cov is None else whitening_factor(input_cov.detach().to("cpu", torch.float64))  # (d, d)
+    row_scale = torch.ones(stacked.shape[0], dtype=torch.float64)  # (G(2D - d_r),)
+    if whiten is not None:  # equal key and value energy on real inputs
+        n_k = k_nope.numel() // d
+        for rows in (slice(0, n_k), slice(n_k, None)):
+            energy = (stacked[rows] @ whiten).norm()
+            if energy > 0:
+                row_scale[rows] = 1.0 / energy
+    return stacked * row_scale[:, None], whiten, row_scale
+
+
+def kv_spectrum(w_k, w_v, nope_rows, *, head_dim: int, input_cov=None) -> torch.Tensor:
+    """Singular values of the joint K/V target (whitened when `input_cov` is given), descending."""
+    target, whiten, _ = kv_target(w_k, w_v, nope_rows, head_dim=head_dim, input_cov=input_cov)
+    return torch.linalg.svdvals(target if whiten is None else target @ whiten)
+
+
 def init_mla_layer(
     w_q: torch.Tensor,  # (H*D, d)
     w_k: torch.Tensor,  # (G*D, d)
@@ -73,68 +183,83 @@ def init_mla_layer(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    rope_pair_indices: list[int],
+    rope_pair_indices: list[int] | list[list[int]],
     kv_lora_rank: int,
     qk_nope_head_dim: int,
     v_head_dim: int,
     rope_key_heads: int,
     q_lora_rank: int | None = None,
     input_cov: torch.Tensor | None = None,
+    svd: str = "weights",
+    rope_key_init: str = "mean",
 ) -> dict[str, torch.Tensor]:
     """MLA weights (float64, DeepSeek-V3 names, keys relative to the attention module).
 
-    `input_cov` (d, d), the covariance of the layer's (normalized) inputs on calibration text,
-    makes the SVDs activation-aware: the latent keeps what matters on real inputs, and keys and
-    values are scaled to equal energy on those inputs before the joint SVD (and back after), so
-    neither dominates the latent. Exact at full rank either way."""
-    H, G, D = num_heads, num_kv_heads, head_dim
+    rope_pair_indices: the kept pairs, one list for every RoPE key head or one list per key head.
+    input_cov (d, d): covariance of the layer's (normalized) inputs on calibration text; used by
+        svd="activations" (the latent keeps what matters on real inputs, keys and values scaled
+        to equal energy before the joint SVD and back after) and rope_key_init="pca".
+    Exact at full rank either way."""
+    H, G, D, n_r = num_heads, num_kv_heads, head_dim, rope_key_heads
     d = w_q.shape[1]
+    if svd not in ("weights", "activations"):
+        raise ValueError(f"svd must be 'weights' or 'activations', got {svd!r}")
+    if svd == "activations" and input_cov is None:
+        raise ValueError("svd='activations' needs input_cov (the layer's input covariance on calibration text)")
     # The SVDs run on the CPU in float64 whatever device the model is on; results come back on the CPU.
     w_q, w_k, w_v, w_o = (w.detach().to("cpu", torch.float64) for w in (w_q, w_k, w_v, w_o))
-    input_cov = None if input_cov is None else input_cov.detach().to("cpu", torch.float64)
-    rope_rows, nope_rows = rope_columns(rope_pair_indices, D), nope_columns(rope_pair_indices, D)
-    d_rope = len(rope_rows)
-    wq = w_q.double().view(H, D, d)  # (H, D, d)
-    wk = w_k.double().view(G, D, d)  # (G, D, d)
-    wv = w_v.double().view(G, D, d)  # (G, D, d)
-    wo = w_o.double().view(d, H, D).permute(1, 2, 0)  # (H, D, d): head h's rows of W_o^T
-    group = [h // (H // G) for h in range(H)]
+    cov = None if input_cov is None else input_cov.detach().to("cpu", torch.float64)
+    pairs = rope_pair_indices if rope_pair_indices and isinstance(rope_pair_indices[0], (list, tuple)) \
+        else [list(rope_pair_indices)] * n_r
+    if len(pairs) != n_r:
+        raise ValueError(f"got {len(pairs)} lists of RoPE pairs for {n_r} RoPE key heads")
+    key_head = [g // (G // n_r) for g in range(G)]  # RoPE key head of KV group g
+    group = [h // (H // G) for h in range(H)]  # KV group of query head h
+    rope_rows = [rope_columns(p, D) for p in pairs]  # per key head, d_r rows each
+    nope_rows = [nope_columns(p, D) for p in pairs]
+    d_rope, d_nope0 = len(rope_rows[0]), D - len(rope_rows[0])
+    wq = w_q.view(H, D, d)  # (H, D, d)
+    wk = w_k.view(G, D, d)  # (G, D, d)
+    wo = w_o.view(d, H, D).permute(1, 2, 0)  # (H, D, d): head h's rows of W_o^T
 
     # Joint SVD of keys (non-RoPE rows) and values into the latent.
-    k_nope = wk[:, nope_rows]  # (G, D - d_r, d)
-    stacked = torch.cat([k_nope.reshape(-1, d), wv.reshape(-1, d)])  # (G(2D - d_r), d)
-    whiten = None if input_cov is None else whitening_factor(input_cov)  # (d, d)
-    row_scale = torch.ones(stacked.shape[0], dtype=torch.float64)  # (G(2D - d_r),)
-    if whiten is not None:  # equal key and value energy on real inputs
-        n_k = k_nope.numel() // d
-        for rows in (slice(0, n_k), slice(n_k, None)):
-            energy = (stacked[rows] @ whiten).norm()
-            if energy > 0:
-                row_scale[rows] = 1.0 / energy
-    w_ukv, w_dkv = balanced_factors(stacked * row_scale[:, None], kv_lora_rank, whiten)  # (G(2D-d_r), r), (r, d)
+    target, whiten, row_scale = kv_target(w_k, w_v, [nope_rows[key_head[g]] for g in range(G)], head_dim=D,
+                                          input_cov=cov if svd == "activations" else None)
+    w_ukv, w_dkv = balanced_factors(target, kv_lora_rank, whiten)  # (G(2D-d_r), r), (r, d)
     w_ukv = w_ukv / row_scale[:, None]
-    w_uk = w_ukv[: G * len(nope_rows)].view(G, len(nope_rows), kv_lora_rank)  # (G, D - d_r, r)
-    w_uv = w_ukv[G * len(nope_rows) :].view(G, D, kv_lora_rank)  # (G, D, r)
+    w_uk = w_ukv[: G * d_nope0].view(G, d_nope0, kv_lora_rank)  # (G, D - d_r, r)
+    w_uv = w_ukv[G * d_nope0 :].view(G, D, kv_lora_rank)  # (G, D, r)
 
-    # Decoupled RoPE key(s): mean over the KV groups that share one.
-    per_key = G // rope_key_heads
-    k_rope = wk[:, rope_rows].view(rope_key_heads, per_key, d_rope, d).mean(dim=1)  # (n_r, d_r, d)
+    # Decoupled RoPE key(s), as complex pair functionals; coef[g] maps the shared key back to group g.
+    stats = torch.eye(d, dtype=torch.float64) if cov is None else cov
+    k_rope, q_coef = [], torch.ones(G, d_rope // 2, dtype=torch.complex128)
+    for kh in range(n_r):
+        groups = [g for g in range(G) if key_head[g] == kh]
+        k_pairs = _complex_pairs(wk[groups], pairs[kh], D)  # (m, P, d)
+        q_pairs = _complex_pairs(wq[[h for h in range(H) if key_head[group[h]] == kh]], pairs[kh], D)  # (m H/G, P, d)
+        q_energy = _energy(q_pairs, stats).view(len(groups), H // G, -1).sum(1)  # (m, P)
+        key, coef = shared_rope_key(k_pairs, q_energy, stats, rope_key_init)  # (P, d), (m, P)
+        k_rope.append(torch.cat([key.real, key.imag]))  # (d_r, d) in half-split layout
+        q_coef[groups] = coef
 
     scale = ((qk_nope_head_dim + d_rope) / D) ** 0.5  # keeps the original softmax temperature
     q_rows, kv_b_rows, o_cols = [], [], []
     for h in range(H):
-        q_nope_h, k_up_h = wq[h, nope_rows] * scale, w_uk[group[h]]  # (D - d_r, d), (D - d_r, r)
-        if qk_nope_head_dim != len(nope_rows):
+        g = group[h]
+        kh = key_head[g]
+        q_nope_h, k_up_h = wq[h, nope_rows[kh]] * scale, w_uk[g]  # (D - d_r, d), (D - d_r, r)
+        if qk_nope_head_dim != d_nope0:
             q_nope_h, k_up_h = bilinear_factor(q_nope_h, k_up_h, qk_nope_head_dim)  # (d_n, d), (d_n, r)
-        o_h, v_up_h = wo[h], w_uv[group[h]]  # (D, d), (D, r)
+        o_h, v_up_h = wo[h], w_uv[g]  # (D, d), (D, r)
         if v_head_dim != D:
             o_h, v_up_h = bilinear_factor(o_h, v_up_h, v_head_dim)  # (d_v, d), (d_v, r)
-        q_rows += [q_nope_h, wq[h, rope_rows] * scale]
+        q_pe = _complex_pairs(wq[h], pairs[kh], D) * q_coef[g].conj()[:, None]  # (P, d): q . k_g ~= q' . k
+        q_rows += [q_nope_h, torch.cat([q_pe.real, q_pe.imag]) * scale]
         kv_b_rows += [k_up_h, v_up_h]
         o_cols.append(o_h)
 
     out = {
-        "kv_a_proj_with_mqa.weight": torch.cat([w_dkv, k_rope.reshape(-1, d)]),  # (r + n_r d_r, d)
+        "kv_a_proj_with_mqa.weight": torch.cat([w_dkv, *k_rope]),  # (r + n_r d_r, d)
         "kv_b_proj.weight": torch.cat(kv_b_rows),  # (H (d_n + d_v), r)
         "o_proj.weight": torch.cat(o_cols).T.contiguous(),  # (d, H d_v)
     }

@@ -1,0 +1,126 @@
+"""Calibration: the text a conversion measures the model on, and the statistics it keeps.
+
+Everything activation-aware in the initialization (whitened SVD, frequency contributions, the
+head-PCA RoPE key, per-layer ranks) reads one matrix per layer: the covariance of the
+normalized hidden states entering attention, Sigma_i = E[x x^T] (d, d). Layer sensitivity (for
+hybrids) needs the model's outputs, so it takes the token ids themselves.
+
+Statistics are cached on disk (`cache_dir`, default $ECOMLA_CACHE or ~/.cache/ecomla) under a key
+made of the model's attention weights and the calibration ids, so a sweep of conversions of one
+model on one text computes them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CALIB_SEQ_LEN = 256
+
+
+def read_text(path: str) -> str:
+    """Plain text, or JSONL with a "text" field per line."""
+    import json
+
+    raw = Path(path).read_text(encoding="utf-8", errors="replace")
+    if path.endswith(".jsonl"):
+        return "\n\n".join(json.loads(line).get("text", "") for line in raw.splitlines() if line.strip())
+    return raw
+
+
+def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:
+    """(N, seq_len) token ids from a text file (at most `tokens`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    ids = tok(read_text(path), return_tensors="pt").input_ids[0][:tokens]
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least {seq_len}")
+    return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+
+@torch.no_grad()
+def sampled_calibration_ids(model, tok=None, tokens: int = 4096, seq_len: int = CALIB_SEQ_LEN,
+                            batch_size: int = 16) -> torch.Tensor:
+    """(N, seq_len) token ids sampled from the model itself (data-free calibration: teacher samples).
+    Needs no tokenizer: without one, sampling starts from the config's BOS id (or 0)."""
+    n_seq = max(1, tokens // seq_len)
+    first = lambda *ids: next((i for i in ids if i is not None), 0)  # noqa: E731
+    cfg = model.config
+    bos = first(getattr(tok, "bos_token_id", None), cfg.bos_token_id)
+    pad = first(getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None), cfg.pad_token_id,
+                cfg.eos_token_id if not isinstance(cfg.eos_token_id, list) else cfg.eos_token_id[0])
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, n_seq, batch_size), desc="sampling calibration text", unit="batch"):
+        n = min(batch_size, n_seq - start)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        prompt = torch.full((n, 1), bos, device=device)
+        out.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=seq_len - 1,
+                                  min_new_tokens=seq_len - 1, do_sample=True, top_p=0.95, pad_token_id=pad).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def attention_input_covariance(model, input_ids: torch.Tensor, layers: list[int] | None = None, batch_size: int = 4,
+                               progress: bool = True) -> dict[int, torch.Tensor]:
+    """{layer: E[x x^T]} (d, d), float64, of the normalized hidden states entering each layer's attention."""
+    d = model.config.hidden_size
+    layers = list(range(model.config.num_hidden_layers)) if layers is None else layers
+    sums = {i: torch.zeros(d, d, dtype=torch.float64) for i in layers}
+    count, hooks = 0, []
+    for i in layers:
+        def hook(module, args, kwargs, i=i):
+            x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, d).double()  # (N, d)
+            sums[i] += (x.T @ x).cpu()
+        hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        for chunk in tqdm(input_ids.split(batch_size), desc="calibration", unit="batch", disable=not progress):
+            model(chunk.to(device), use_cache=False, logits_to_keep=1)
+            count += chunk.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: s / count for i, s in sums.items()}
+
+
+def stats_key(model, input_ids: torch.Tensor) -> str:
+    """Hash of everything the covariances depend on: the weights up to the last attention input and the ids."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.named_parameters():
+        if "lm_head" not in name:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().flatten()[:: max(1, p.numel() // 4096)].numpy().tobytes())
+    h.update(input_ids.cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ECOMLA_CACHE") or Path.home() / ".cache" / "ecomla") / "calibration"
+
+
+def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | None = None,
+                      progress: bool = True) -> dict[int, torch.Tensor]:
+    """`attention_input_covariance` for every layer, read from / written to `cache_dir` (atomically)."""
+    path = Path(cache_dir or default_cache_dir()) / f"cov-{stats_key(model, input_ids)}.pt"
+    if path.is_file():
+        try:
+            return {int(k): v for k, v in torch.load(path, weights_only=True).items()}
+        except Exception:  # a corrupt cache entry is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    cov = attention_input_covariance(model, input_ids, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({str(k): v for k, v in cov.items()}, tmp)
+    os.replace(tmp, path)
+    return cov
+
+
+__all__ = ["CALIB_SEQ_LEN", "read_text", "file_calibration_ids", "sampled_calibration_ids",
+           "attention_input_covariance", "cached_covariance", "stats_key", "default_cache_dir"]
