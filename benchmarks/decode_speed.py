@@ -22,6 +22,7 @@ benchmarks/results/decode_speed.png (ms per token against context).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -41,9 +42,10 @@ def variants(num_layers: int) -> dict:
 
     return {
         "original": None,
-        "MLA 4x (r=64)": MLAConversionConfig(kv_ratio=4),
-        "MLA 8x (r=16)": MLAConversionConfig(kv_ratio=8),
-        "hybrid even layers (r=64)": MLAConversionConfig(kv_lora_rank=64, layers=list(range(0, num_layers, 2))),
+        # init="xecomla": speed does not depend on the initialization, and it needs no calibration pass
+        "MLA 4x (r=64)": MLAConversionConfig(kv_ratio=4, init="xecomla"),
+        "MLA 8x (r=16)": MLAConversionConfig(kv_ratio=8, init="xecomla"),
+        "hybrid even layers (r=64)": MLAConversionConfig(kv_lora_rank=64, layers=list(range(0, num_layers, 2)), init="xecomla"),
     }
 
 
@@ -56,7 +58,7 @@ def filled_cache(model, batch: int, context: int, device):
     mla = set(getattr(cfg, "mla_layers", []) or [])
     for i in range(cfg.num_hidden_layers):
         if i in mla:
-            k = torch.randn(batch, 1, context, cfg.kv_lora_rank, dtype=DTYPE, device=device)  # latent
+            k = torch.randn(batch, 1, context, cfg.layer_kv_lora_rank(i), dtype=DTYPE, device=device)  # latent
             v = torch.randn(batch, 1, context, cfg.rope_key_heads * cfg.qk_rope_head_dim, dtype=DTYPE, device=device)
         else:
             k = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, dtype=DTYPE, device=device)
@@ -67,6 +69,48 @@ def filled_cache(model, batch: int, context: int, device):
 
 def cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """The machine's device-memory copy bandwidth, bytes/s (read + write), best of 10 copies."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def attention_bandwidth(model, cache, batch: int, device, repeats: int = 20) -> tuple[float, float]:
+    """(seconds, bytes/s) of one layer's attention over its cache at one decode step, counting the
+    cache bytes it must read: the MLA latent kernel for an MLA layer, sdpa over K and V otherwise."""
+    cfg = model.config
+    layer = 0
+    keys, values = cache.layers[layer].keys, cache.layers[layer].values
+    heads = cfg.num_attention_heads
+    if layer in set(getattr(cfg, "mla_layers", []) or []):
+        from ecomla.kernels.mla_decode import mla_decode
+
+        r, d_rope = keys.shape[-1], values.shape[-1] // cfg.rope_key_heads
+        q_lat = torch.randn(batch, heads, r, dtype=DTYPE, device=device)
+        q_pe = torch.randn(batch, heads, d_rope, dtype=DTYPE, device=device)
+        fn = lambda: mla_decode(q_lat, q_pe, keys[:, 0], values[:, 0], 0.125, None, cfg.rope_key_heads)  # noqa: E731
+    else:
+        q = torch.randn(batch, heads, 1, cfg.head_dim, dtype=DTYPE, device=device)
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)  # noqa: E731
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    seconds = (time.perf_counter() - t0) / repeats
+    nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+    return seconds, nbytes / seconds
 
 
 def sync(device):
@@ -95,6 +139,17 @@ def worker(model_dir: str, context: int, batch: int, steps: int, prefill_max: in
     cache = filled_cache(model, batch, context, dev)
     nbytes = cache_nbytes(cache)
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    kernel_err = None
+    if dev.type == "cuda" and getattr(model.config, "mla_layers", None):  # the compiled kernel vs the PyTorch path
+        pos = torch.full((batch, 1), context, device=dev)
+        logits = {}
+        for mode in ("1", "0"):
+            os.environ["ECOMLA_DECODE_KERNEL"] = mode
+            trial = copy.deepcopy(cache)  # the MLA cache is small; both paths see the same values
+            logits[mode] = model(token, past_key_values=trial, position_ids=pos, use_cache=True).logits.float()
+            del trial
+        os.environ["ECOMLA_DECODE_KERNEL"] = "1"
+        kernel_err = ((logits["1"] - logits["0"]).norm() / logits["0"].norm()).item()
     times = []
     for step in range(steps + 1):
         pos = torch.full((batch, 1), context + step, device=dev)
@@ -108,9 +163,16 @@ def worker(model_dir: str, context: int, batch: int, steps: int, prefill_max: in
     ms = 1000 * sorted(times)[len(times) // 2]  # median
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return dict(device=name, context=context, batch=batch, ms_per_token=round(ms, 3),
-                tokens_per_s=round(1000 * batch / ms, 2), prefill_ms=None if prefill_ms is None else round(prefill_ms, 1),
-                peak_mem_bytes=int(peak), cache_bytes=nbytes, dtype=str(DTYPE).replace("torch.", ""), steps=steps)
+    row = dict(device=name, context=context, batch=batch, ms_per_token=round(ms, 3),
+               tokens_per_s=round(1000 * batch / ms, 2), prefill_ms=None if prefill_ms is None else round(prefill_ms, 1),
+               peak_mem_bytes=int(peak), cache_bytes=nbytes, dtype=str(DTYPE).replace("torch.", ""), steps=steps,
+               kernel_vs_pytorch_rel_err=kernel_err)
+    if dev.type == "cuda":  # the attention step against the memory system's measured copy bandwidth
+        seconds, bw = attention_bandwidth(model, cache, batch, dev)
+        copy = copy_bandwidth(dev)
+        row.update(attn_layer_us=round(1e6 * seconds, 2), attn_bandwidth_gbs=round(bw / 1e9, 1),
+                   copy_bandwidth_gbs=round(copy / 1e9, 1), attn_bandwidth_fraction=round(bw / copy, 3))
+    return row
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -180,13 +242,16 @@ def main() -> int:
                           f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
 
     base = {(r["context"], r["batch"]): r["ms_per_token"] for r in rows if r["model"] == "original"}
-    print("\n| model | context | batch | ms/token | tokens/s | speed-up vs original | prefill ms | cache MiB | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    gpu = any("attn_bandwidth_fraction" in r for r in rows)
+    print("\n| model | context | batch | ms/token | tokens/s | speed-up vs original | prefill ms | cache MiB | peak GiB |"
+          + (" attention GB/s (of copy) |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for r in rows:
         r["speedup_vs_original"] = round(base[(r["context"], r["batch"])] / r["ms_per_token"], 3)
         print(f"| {r['model']} | {r['context']} | {r['batch']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_original']:.2f}x | {r['prefill_ms'] if r['prefill_ms'] is not None else '-'} | "
-              f"{r['cache_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} |")
+              f"{r['cache_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} |"
+              + (f" {r['attn_bandwidth_gbs']} ({100 * r['attn_bandwidth_fraction']:.0f}%) |" if gpu else ""))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" else f"_{args.device}"

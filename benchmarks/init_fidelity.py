@@ -50,10 +50,14 @@ METHODS = {  # name -> conversion options (added to kv_ratio)
     "+spectrum": dict(XECOMLA, rank_alloc="spectrum"),
     "best": dict(),
 }
+ALL_RATIOS = {"xecomla", "+aware", "+cost", "+pca", "best"}  # the rows at every ratio; the others at 4x only
 SPLITS = {"split:1x16": dict(qk_rope_head_dim=16, rope_key_heads="shared"),
           "split:1x8": dict(qk_rope_head_dim=8, rope_key_heads="shared"),
           "split:3x16": dict(qk_rope_head_dim=16, rope_key_heads="per-group"),
-          "split:3x8": dict(qk_rope_head_dim=8, rope_key_heads="per-group")}
+          "split:3x8": dict(qk_rope_head_dim=8, rope_key_heads="per-group"),
+          "split:1x24": dict(qk_rope_head_dim=24, rope_key_heads="shared"),
+          "split:1x32+spectrum": dict(qk_rope_head_dim=32, rope_key_heads="shared", rank_alloc="spectrum"),
+          "split:3x16+spectrum": dict(qk_rope_head_dim=16, rope_key_heads="per-group", rank_alloc="spectrum")}
 
 
 def bf16(model):
@@ -96,9 +100,11 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--only", default="methods,hybrid,split,rope",
+    p.add_argument("--only", default="methods,hybrid",
                    help="comma list of row groups: methods, hybrid, split, rope (the RoPE change alone, at full rank)")
     p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--name", default="init_fidelity", help="result file stem")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in the result JSON and skip them")
     args = p.parse_args()
     wiki, calib_file = DATA / "eval" / "wikitext-2-raw-test.txt", DATA / "train" / "wiki_demo.txt"
     if not wiki.is_file() or not calib_file.is_file():
@@ -116,15 +122,22 @@ def main() -> int:
     cov = attention_input_covariance(model, calib)
     print(f"calibration statistics: {calib.numel()} tokens, {time.time() - t0:.0f} s", flush=True)
 
+    out_dir = Path(args.out_dir)
     original = bf16(model)
     evaluate = Evaluator(original, windows)
     gqa = cache_values_per_token(model.config)
-    ppl0, _ = evaluate(original)
+    result = out_dir / f"{args.name}.json"
+    rows = json.loads(result.read_text()) if args.resume and result.is_file() else []
+    done = {(r["method"], r.get("kv_ratio")) for r in rows}
+    if ("original", 1.0) not in done:
+        ppl0, _ = evaluate(original)
+        rows = [dict(method="original", kv_fraction=1.0, kv_ratio=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0)]
+        print(f"original: ppl {ppl0:.2f} on {windows.numel()} WikiText-2 tokens (bf16)", flush=True)
     del original
-    rows = [dict(method="original", kv_fraction=1.0, kv_ratio=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0)]
-    print(f"original: ppl {ppl0:.2f} on {windows.numel()} WikiText-2 tokens (bf16)", flush=True)
 
     def run(name: str, **kw):
+        if (name, kw.get("kv_ratio")) in done:
+            return
         t = time.time()
         try:
             mla = convert(model, MLAConversionConfig(**kw), progress=False, calibration_ids=calib, covariance=cov)
@@ -140,13 +153,14 @@ def main() -> int:
                          rope_freqs=conv["rope_freqs"], rope_key_init=conv["rope_key_init"], rank_alloc=conv["rank_alloc"],
                          mla_layers=c.mla_layers if len(c.mla_layers) < c.num_hidden_layers else "all",
                          ppl=round(ppl, 3), kl=round(kl, 4), seconds=round(time.time() - t, 1)))
-        save_json(rows, Path(args.out_dir))  # partial results survive an interrupted run
+        save_json(rows, out_dir, args.name)  # partial results survive an interrupted run (--resume)
         print(f"{name:16s} KV {rows[-1]['kv_fraction']:.3f} r={c.kv_lora_rank:3d} RoPE {c.rope_key_heads}x{c.qk_rope_head_dim}: "
               f"ppl {ppl:10.2f}  KL {kl:.4f}  ({time.time() - t:.0f} s)", flush=True)
 
     for ratio in [float(r) for r in args.ratios.split(",")] if "methods" in groups else []:
         for name, kw in METHODS.items():
-            run(name, kv_ratio=ratio, **kw)
+            if ratio == 4 or name in ALL_RATIOS:
+                run(name, kv_ratio=ratio, **kw)
     if "hybrid" in groups:
         half = model.config.num_hidden_layers // 2
         for choice in ("sensitivity", "alternate"):
@@ -160,7 +174,7 @@ def main() -> int:
             run(f"rope:{freqs}+{key}", kv_lora_rank=full, rope_freqs=freqs, rope_key_init=key, rope_key_heads="shared",
                     qk_rope_head_dim=32)
         run("rope:uniform+pergroup", kv_lora_rank=full, rope_freqs="uniform", rope_key_heads="per-group", qk_rope_head_dim=32)
-    write(rows, Path(args.out_dir), windows.numel())
+    write(rows, out_dir, windows.numel(), args.name)
     return 0
 
 
@@ -174,22 +188,20 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def save_json(rows, out: Path) -> None:
+def save_json(rows, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".init_fidelity.json.tmp"
+    tmp = out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, out / "init_fidelity.json")
+    os.replace(tmp, out / f"{stem}.json")
 
 
-def write(rows, out: Path, tokens: int) -> None:
+def write(rows, out: Path, tokens: int, stem: str) -> None:
     md = table(rows)
     print("\n" + md)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("init_fidelity.json", json.dumps(rows, indent=1)),
-                       ("init_fidelity.md", f"SmolLM2-135M-Instruct, no training, {tokens} WikiText-2 test tokens\n\n{md}\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    save_json(rows, out, stem)
+    tmp = out / f".{stem}.md.tmp"
+    tmp.write_text(f"SmolLM2-135M-Instruct, no training, {tokens} WikiText-2 test tokens\n\n{md}\n")
+    os.replace(tmp, out / f"{stem}.md")
 
     import matplotlib
 
@@ -210,8 +222,8 @@ def write(rows, out: Path, tokens: int) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / ".init_fidelity.tmp.png", dpi=110)
-    os.replace(out / ".init_fidelity.tmp.png", out / "init_fidelity.png")
+    fig.savefig(out / f".{stem}.tmp.png", dpi=110)
+    os.replace(out / f".{stem}.tmp.png", out / f"{stem}.png")
 
 
 if __name__ == "__main__":

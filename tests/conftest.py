@@ -1,5 +1,11 @@
 """Shared fixtures: tiny random Llama models (most tests) and the real SmolLM2-135M (once)."""
 
+import os
+
+# Triton kernels run in Triton's CPU interpreter here, which must be chosen before triton is first
+# imported (torch imports it). It only matters where a test routes a kernel call (tests/test_kernels.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -24,6 +24,7 @@ Cache layout (one transformers cache layer per MLA layer): the "keys" slot holds
 have one "head" so that StaticCache allocates exactly these sizes.
 """
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,27 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward, rotate_half
 
 from .rope import rope_columns
+
+
+def _decode_kernel():
+    """ecomla's Triton latent-decode kernel, or None where it cannot run (no triton, no ecomla
+    beside a remote-code checkpoint, or ECOMLA_DECODE_KERNEL=0). ECOMLA_DECODE_KERNEL=interpret
+    also routes CPU tensors through it (Triton's interpreter, which needs TRITON_INTERPRET=1 set
+    before triton is first imported): that is how the tests check it without a GPU."""
+    global _KERNEL
+    if os.environ.get("ECOMLA_DECODE_KERNEL", "1") == "0":
+        return None
+    if _KERNEL is False:
+        try:
+            from ecomla.kernels.mla_decode import mla_decode
+
+            _KERNEL = mla_decode
+        except Exception:  # ImportError, or triton present but unusable here
+            _KERNEL = None
+    return _KERNEL
+
+
+_KERNEL = False
 
 
 class MLAAttention(nn.Module):
@@ -155,6 +177,20 @@ class MLAAttention(nn.Module):
         kv_len, n_r, d_rope = c_kv.shape[1], self.rope_key_heads, self.qk_rope_head_dim
         w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_nope, r), (H, d_v, r)
+
+        # One new token per sequence on a GPU: the Triton flash-decoding kernel (any rank / RoPE dim).
+        # Not under torch.compile (inductor fuses the PyTorch path itself) nor when gradients are needed.
+        if (q_len == 1 and (c_kv.is_cuda or os.environ.get("ECOMLA_DECODE_KERNEL") == "interpret")
+                and _decode_kernel() is not None
+                and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and q_nope.requires_grad)):
+            q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)  # (B, H, r)
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[:, 0, -1, :kv_len]  # (B, S)
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+            o_lat = _decode_kernel()(q_lat, q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
+            return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None]  # (B, 1, H, d_v)
 
         # All heads and queries share one latent (and n_r RoPE keys): fold (H, T) into the rows of one
         # batched matmul per sequence, so the cache is read once, never broadcast per head.

@@ -1,0 +1,134 @@
+"""Latent-attention decode as one Triton kernel (flash-decoding): any kv_lora_rank and RoPE dim.
+
+One decode step of the absorbed MLA path (see mla_attention.py), per sequence b and head h:
+
+    s_n = scale * (q_lat[b,h] . c_kv[b,n] + q_pe[b,h] . k_pe[b,n,kh(h)]) + mask[b,n]
+    o_lat[b,h] = sum_n softmax(s)_n c_kv[b,n]                       (B, H, r)
+
+The context is split into chunks, one program per (sequence, block of heads sharing a RoPE key,
+chunk); each program reads its chunk of the cache once (the latent serves as key and as value),
+keeps an online softmax (running max m, sum l, accumulator acc) in fp32, and writes (m, l, acc).
+The chunks are merged after: o = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i, M = max_i m_i.
+FlashMLA's kernels take only kv_lora_rank 512 + RoPE 64; here every size is a masked power-of-two
+block, so upcycled models' ranks (16 ... 512) and RoPE dims (8 ... 64) all run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: it has no bf16 matmul, so tiles go to fp32
+NEG_INIT = -1.0e30  # finite start for the running max: a fully masked chunk then gives p = 0, not NaN
+
+
+@triton.jit
+def _mla_decode_split(
+    q_lat, q_pe, c_kv, k_pe, mask, m_out, l_out, acc_out,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_cb, stride_cn, stride_kb, stride_kn, stride_mb,
+    stride_ob, stride_oh, stride_os,
+    H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
+    HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    key_head = tl.program_id(1) // head_blocks
+    heads = key_head * heads_per_key + (tl.program_id(1) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
+    head_ok = (heads < (key_head + 1) * heads_per_key) & (heads < H)
+    split = tl.program_id(2)
+    r = tl.arange(0, BLOCK_R)
+    dr = tl.arange(0, BLOCK_DR)
+    q = tl.load(q_lat + b * stride_qb + heads[:, None] * stride_qh + r[None, :],
+                mask=head_ok[:, None] & (r[None, :] < R), other=0.0)  # (BH, BR)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qp = tl.load(q_pe + b * stride_pb + heads[:, None] * stride_ph + dr[None, :],
+                 mask=head_ok[:, None] & (dr[None, :] < DR), other=0.0)  # (BH, BDR)
+    if UPCAST:
+        qp = qp.to(tl.float32)
+    m = tl.full((BLOCK_H,), NEG_INIT, tl.float32)
+    l = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
+    start = split * chunk
+    for n0 in range(start, tl.minimum(start + chunk, S), BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
+        n_ok = n < tl.minimum(start + chunk, S)
+        c = tl.load(c_kv + b * stride_cb + n[:, None] * stride_cn + r[None, :],
+                    mask=n_ok[:, None] & (r[None, :] < R), other=0.0)  # (BN, BR): keys and values at once
+        kp = tl.load(k_pe + b * stride_kb + n[:, None] * stride_kn + key_head * DR + dr[None, :],
+                     mask=n_ok[:, None] & (dr[None, :] < DR), other=0.0)  # (BN, BDR)
+        if UPCAST:
+            c, kp = c.to(tl.float32), kp.to(tl.float32)
+        s = (tl.dot(q, tl.trans(c)) + tl.dot(qp, tl.trans(kp))) * scale  # (BH, BN) fp32
+        if HAS_MASK:
+            s += tl.load(mask + b * stride_mb + n, mask=n_ok, other=0.0)[None, :]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # (BH,)
+        p = tl.exp(s - m_new[:, None])  # (BH, BN)
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)  # (BH, BR)
+        m = m_new
+    out = b * stride_ob + heads * stride_oh + split * stride_os  # (BH,)
+    tl.store(m_out + out, m, mask=head_ok)
+    tl.store(l_out + out, l, mask=head_ok)
+    tl.store(acc_out + out[:, None] * R + r[None, :], acc, mask=head_ok[:, None] & (r[None, :] < R))
+
+
+def _block(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def mla_decode(
+    q_lat: torch.Tensor,  # (B, H, r) query absorbed into the latent space
+    q_pe: torch.Tensor,  # (B, H, d_rope) rotated
+    c_kv: torch.Tensor,  # (B, S, r) latent cache (last dim contiguous; any batch / position strides)
+    k_pe: torch.Tensor,  # (B, S, n_r * d_rope) rotated RoPE keys
+    scale: float,
+    mask: torch.Tensor | None = None,  # (B, S) additive float (0 or -inf), or None: every position valid
+    rope_key_heads: int = 1,
+    num_splits: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Softmax-weighted latent per head, (B, H, r), in q_lat's dtype; accumulation in fp32."""
+    B, H, R = q_lat.shape
+    S, DR = c_kv.shape[1], q_pe.shape[-1]
+    if S == 0 or H % rope_key_heads or k_pe.shape[-1] != rope_key_heads * DR:
+        raise ValueError(f"bad MLA decode shapes: H={H}, S={S}, rope_key_heads={rope_key_heads}, k_pe {tuple(k_pe.shape)}")
+    q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
+    c_kv = c_kv if c_kv.stride(-1) == 1 else c_kv.contiguous()
+    k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
+    heads_per_key = H // rope_key_heads
+    block_h = _block(min(heads_per_key, 64))
+    head_blocks = triton.cdiv(heads_per_key, block_h)
+    if num_splits is None:  # enough programs to fill the GPU (~4 per SM), chunks of at least 4 blocks
+        sms = torch.cuda.get_device_properties(c_kv.device).multi_processor_count if c_kv.is_cuda else 8
+        num_splits = max(1, min(triton.cdiv(4 * sms, B * rope_key_heads * head_blocks), triton.cdiv(S, 4 * block_n)))
+    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(S, chunk)
+    m = torch.empty(B, H, num_splits, device=q_lat.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, H, num_splits, R, device=q_lat.device, dtype=torch.float32)
+    if mask is not None:
+        mask = mask.to(torch.float32)
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    grid = (B, rope_key_heads * head_blocks, num_splits)
+    _mla_decode_split[grid](
+        q_lat, q_pe, c_kv, k_pe, mask if mask is not None else q_lat, m, l, acc,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), c_kv.stride(0), c_kv.stride(1),
+        k_pe.stride(0), k_pe.stride(1), mask.stride(0) if mask is not None else 0,
+        m.stride(0), m.stride(1), m.stride(2),
+        H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
+        HAS_MASK=mask is not None, UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=_block(R), BLOCK_DR=_block(DR),
+    )
+    # Merge the chunks (small: B x H x splits): rescale each to the global max.
+    top = m.amax(-1, keepdim=True)  # (B, H, 1)
+    w = torch.exp(m - top)  # (B, H, splits)
+    out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True).clamp_min(1e-30)  # (B, H, r)
+    return out.to(q_lat.dtype)
+
+
+__all__ = ["mla_decode"]
