@@ -2,8 +2,9 @@
 
 Run (from the repository root; CPU; reads ../shared/data, not shipped in the repo):
 
-    .venv/bin/python benchmarks/init_fidelity.py                 # every row, 64K tokens (~50 min on 2 cores)
-    .venv/bin/python benchmarks/init_fidelity.py --eval-tokens 8192 --ratios 4 --only split   # a quick look
+    .venv/bin/python benchmarks/init_fidelity.py                 # the table, 64K tokens (~65 min on 2 cores)
+    .venv/bin/python benchmarks/init_fidelity.py --eval-tokens 8192 --only split,rope --name init_fidelity_study
+                                                                 # the cache-split and RoPE-only study (~8 min)
 
 SmolLM2-135M-Instruct, no training. For full MLA at 2x, 4x, 6.4x and 8x smaller KV caches
 (relative to SmolLM2's own GQA cache): WikiText-2 test perplexity on a fixed prefix
@@ -11,13 +12,16 @@ SmolLM2-135M-Instruct, no training. For full MLA at 2x, 4x, 6.4x and 8x smaller 
 of next-token distributions on the same tokens, for
 - xecomla: X-EcoMLA's initialization (`init="xecomla"`: plain weight SVD, 32 RoPE dims at every
   other frequency, one RoPE key = mean over heads);
-- each improvement alone on top of it: +aware (activation-aware SVD), +contribution (frequencies
-  by query-key contribution per layer, MHA2MLA), +cost (frequencies by the score change losing their
-  rotation causes), +pca (head-PCA shared RoPE key), +pergroup (one RoPE key
-  per KV group, 16 dims each so the latent keeps most of the budget), +spectrum (per-layer ranks);
+- each improvement alone on top of it: +aware (activation-aware SVD), +cost (frequencies by the
+  score change losing their rotation causes), +pca (head-PCA shared RoPE key) at every ratio, and
+  at 4x also +contribution (frequencies by query-key contribution per layer, MHA2MLA), +pergroup
+  (one RoPE key per KV group, 16 dims each so the latent keeps most of the budget), +spectrum
+  (per-layer ranks);
+- aware+cost, aware+pca (at 4x): each RoPE improvement given the whitened latent;
 - best: the new default (`init="ecomla"`, every option at its default);
-- at 4x, the split of the cache between latent and RoPE keys (split:NxD rows, otherwise the default);
 - a hybrid with half the layers converted at rank 64: layers chosen by sensitivity vs every other one.
+The study (`--only split,rope`): at 4x, other splits of the cache between latent and RoPE keys
+(split:NxD, otherwise the default); and the RoPE change alone at full latent rank (rope:FREQS+KEY).
 Calibration: 16,384 tokens of ../shared/data/train/wiki_demo.txt (statistics computed once and shared).
 Models run in bfloat16 (as served); conversion in float32. Writes benchmarks/results/init_fidelity.json
 (flat rows: method, kv_fraction, ppl, kl, ...), .md and .png.
@@ -48,10 +52,13 @@ METHODS = {  # name -> conversion options (added to kv_ratio)
     "+pca": dict(XECOMLA, rope_key_init="pca"),
     "+pergroup": dict(XECOMLA, rope_key_heads="per-group", qk_rope_head_dim=16),
     "+spectrum": dict(XECOMLA, rank_alloc="spectrum"),
+    "aware+cost": dict(XECOMLA, svd="activations", rope_freqs="cost"),  # the RoPE gains given a whitened latent
+    "aware+pca": dict(XECOMLA, svd="activations", rope_key_init="pca"),
     "best": dict(),
 }
 ALL_RATIOS = {"xecomla", "+aware", "+cost", "+pca", "best"}  # the rows at every ratio; the others at 4x only
-SPLITS = {"split:1x16": dict(qk_rope_head_dim=16, rope_key_heads="shared"),
+SPLITS = {"split:1x32": dict(qk_rope_head_dim=32, rope_key_heads="shared"),  # = best
+          "split:1x16": dict(qk_rope_head_dim=16, rope_key_heads="shared"),
           "split:1x8": dict(qk_rope_head_dim=8, rope_key_heads="shared"),
           "split:3x16": dict(qk_rope_head_dim=16, rope_key_heads="per-group"),
           "split:3x8": dict(qk_rope_head_dim=8, rope_key_heads="per-group"),
