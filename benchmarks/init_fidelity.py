@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ecomla import MLAConversionConfig, convert, load_model
-from ecomla.calibration import attention_input_covariance, read_text
+from ecomla.calibration import attention_input_covariance, file_calibration_ids
 from ecomla.config import cache_values_per_token, max_kv_lora_rank
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -123,8 +123,7 @@ def main() -> int:
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
     ids = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: args.eval_tokens]
     windows = ids[: len(ids) // args.window * args.window].view(-1, args.window)  # (N, T)
-    calib = tok(read_text(str(calib_file)), return_tensors="pt").input_ids[0][: args.calib_tokens]
-    calib = calib[: len(calib) // 256 * 256].view(-1, 256)  # (M, 256)
+    calib = file_calibration_ids(tok, str(calib_file), args.calib_tokens)  # (M, 256)
     t0 = time.time()
     cov = attention_input_covariance(model, calib)
     print(f"calibration statistics: {calib.numel()} tokens, {time.time() - t0:.0f} s", flush=True)

@@ -47,7 +47,7 @@ def test_kernel_equals_pytorch_absorbed_path(interpret, monkeypatch, dtype, tol,
     pad = torch.ones(B, 1, 1, S, dtype=torch.bool)
     pad[0, ..., : S // 3] = False  # left padding of a ragged batch
     additive = torch.zeros(B, 1, 1, S).masked_fill(~pad, torch.finfo(torch.float32).min)
-    for mask in (None, pad, additive):
+    for mask in (None, pad, additive, additive[:1]):  # the last: one mask row broadcast over the batch
         with torch.no_grad():
             got = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # kernel (interpreted)
             monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "0")

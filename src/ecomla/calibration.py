@@ -90,7 +90,8 @@ def attention_input_covariance(model, input_ids: torch.Tensor, layers: list[int]
 
 
 def stats_key(model, input_ids: torch.Tensor) -> str:
-    """Hash of everything the covariances depend on: the weights up to the last attention input and the ids."""
+    """Cache key: the config, a strided sample (<= ~4096 values) of every non-head weight, and the ids.
+    A fingerprint, not a full hash: weights changed only between sampled entries would collide."""
     h = hashlib.sha256()
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in model.named_parameters():

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from .atomic import check_output_dir, save_checkpoint
-from .calibration import CALIB_SEQ_LEN, file_calibration_ids, read_text, sampled_calibration_ids  # noqa: F401
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -66,7 +65,7 @@ def conversion_table(original_config, converted_config=None, contexts=(1024, 819
 
 
 def cmd_convert(args) -> int:
-    from .calibration import cached_covariance
+    from .calibration import CALIB_SEQ_LEN, cached_covariance, file_calibration_ids, sampled_calibration_ids
     from .config import MLAConversionConfig
     from .convert import build_config, convert
     from .sources import check_supported, load_config, load_model, load_tokenizer

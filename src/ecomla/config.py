@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-ROPE_FREQ_CHOICES = ("uniform", "high", "low", "contribution", "cost")
+MEASURED_ROPE_FREQS = ("contribution", "cost")  # chosen per layer from calibration statistics
+ROPE_FREQ_CHOICES = ("uniform", "high", "low", *MEASURED_ROPE_FREQS)
 ROPE_KEY_CHOICES = ("mean", "pca")
 RANK_CHOICES = ("uniform", "spectrum")
 LAYER_CHOICES = ("sensitivity", "alternate")
@@ -22,9 +23,9 @@ LAYER_CHOICES = ("sensitivity", "alternate")
 # best combination measured by benchmarks/init_fidelity.py (the default).
 INIT_PRESETS = {
     "xecomla": dict(svd="weights", rope_freqs="uniform", rope_key_init="mean", rope_key_heads="shared",
-                    qk_rope_head_dim=None, rank_alloc="uniform"),
+                    rank_alloc="uniform"),
     "ecomla": dict(svd="activations", rope_freqs="cost", rope_key_init="pca", rope_key_heads="shared",
-                   qk_rope_head_dim=None, rank_alloc="uniform"),
+                   rank_alloc="uniform"),
 }
 
 
@@ -95,7 +96,7 @@ class MLAConversionConfig:
     @property
     def needs_calibration(self) -> bool:
         """True when the (resolved) conversion reads statistics of the model's inputs."""
-        return (self.svd == "activations" or self.rope_freqs in ("contribution", "cost") or self.rope_key_init == "pca"
+        return (self.svd == "activations" or self.rope_freqs in MEASURED_ROPE_FREQS or self.rope_key_init == "pca"
                 or self.target is not None or (self.num_mla_layers is not None and self.layer_choice == "sensitivity"))
 
     def resolve(self, model_config) -> "MLAConversionConfig":
@@ -105,8 +106,7 @@ class MLAConversionConfig:
         hidden = model_config.hidden_size
         if self.init not in INIT_PRESETS:
             raise ValueError(f"init must be one of {tuple(INIT_PRESETS)}, got {self.init!r}")
-        out = MLAConversionConfig(**self.to_dict())
-        out.extra = dict(self.extra)
+        out = MLAConversionConfig(**self.to_dict())  # asdict copies `extra` too
         explicit = {k for k, v in self.to_dict().items() if v is not None}
         preset = dict(INIT_PRESETS[self.init])
         if self.target is not None:  # what DeepSeek-V3 expresses, unless the user asked otherwise (then _check_target says why not)

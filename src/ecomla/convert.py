@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration import attention_input_covariance
-from .config import MLAConversionConfig, max_kv_lora_rank, model_dims
+from .config import MEASURED_ROPE_FREQS, MLAConversionConfig, max_kv_lora_rank, model_dims
 from .configuration_ecomla import EcoMLAConfig
 from .mla_attention import MLAAttention
 from .modeling_ecomla import EcoMLAForCausalLM
@@ -43,7 +43,7 @@ def build_config(model_config, conv: MLAConversionConfig, layer_pairs: dict | No
         v_head_dim=conv.v_head_dim,
         rope_key_heads=conv.rope_key_heads,
         rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim,
-                                            "uniform" if conv.rope_freqs in ("contribution", "cost") else conv.rope_freqs),
+                                            "uniform" if conv.rope_freqs in MEASURED_ROPE_FREQS else conv.rope_freqs),
         layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
         layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
         use_kv_a_layernorm=conv.target == "deepseek-v3",
@@ -84,7 +84,7 @@ def choose_rope_pairs(attn, conv: MLAConversionConfig, model_config, cov: torch.
     """Kept frequency pairs of one layer, one list per RoPE key head."""
     heads, kv_heads, head_dim = model_dims(model_config)
     keep = conv.qk_rope_head_dim // 2
-    if conv.rope_freqs not in ("contribution", "cost"):
+    if conv.rope_freqs not in MEASURED_ROPE_FREQS:
         return [select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs)] * conv.rope_key_heads
     inv_freq = rotary_inv_freq(model_config) if conv.rope_freqs == "cost" else None
     score = pair_contributions(attn.q_proj.weight, attn.k_proj.weight, num_heads=heads, num_kv_heads=kv_heads,
@@ -193,7 +193,7 @@ def convert(model, conv: MLAConversionConfig, progress: bool = True, calibration
 
     layers = model.model.layers
     layer_pairs = None
-    if conv.rope_freqs in ("contribution", "cost"):
+    if conv.rope_freqs in MEASURED_ROPE_FREQS:
         layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, conv, model.config, cov[i]) for i in conv.layers}
     layer_ranks = None
     if conv.rank_alloc == "spectrum":

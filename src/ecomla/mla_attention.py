@@ -180,16 +180,18 @@ class MLAAttention(nn.Module):
 
         # One new token per sequence on a GPU: the Triton flash-decoding kernel (any rank / RoPE dim).
         # Not under torch.compile (inductor fuses the PyTorch path itself) nor when gradients are needed.
+        kernel = None
         if (q_len == 1 and (c_kv.is_cuda or os.environ.get("ECOMLA_DECODE_KERNEL") == "interpret")
-                and _decode_kernel() is not None
                 and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and q_nope.requires_grad)):
+            kernel = _decode_kernel()
+        if kernel is not None:
             q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)  # (B, H, r)
             mask = None
             if attention_mask is not None:
-                mask = attention_mask[:, 0, -1, :kv_len]  # (B, S)
+                mask = attention_mask[:, 0, -1, :kv_len].expand(bsz, -1)  # (B, S); a broadcast batch dim too
                 if mask.dtype == torch.bool:
                     mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
-            o_lat = _decode_kernel()(q_lat, q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
+            o_lat = kernel(q_lat, q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
             return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None]  # (B, 1, H, d_v)
 
         # All heads and queries share one latent (and n_r RoPE keys): fold (H, T) into the rows of one

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import nope_columns, rope_columns
+from .rope import nope_columns
 
 
 def balanced_factors(matrix: torch.Tensor, rank: int, whiten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +215,8 @@ def init_mla_layer(
         raise ValueError(f"got {len(pairs)} lists of RoPE pairs for {n_r} RoPE key heads")
     key_head = [g // (G // n_r) for g in range(G)]  # RoPE key head of KV group g
     group = [h // (H // G) for h in range(H)]  # KV group of query head h
-    rope_rows = [rope_columns(p, D) for p in pairs]  # per key head, d_r rows each
-    nope_rows = [nope_columns(p, D) for p in pairs]
-    d_rope, d_nope0 = len(rope_rows[0]), D - len(rope_rows[0])
+    nope_rows = [nope_columns(p, D) for p in pairs]  # per key head, D - d_r rows each
+    d_rope, d_nope0 = 2 * len(pairs[0]), D - 2 * len(pairs[0])
     wq = w_q.view(H, D, d)  # (H, D, d)
     wk = w_k.view(G, D, d)  # (G, D, d)
     wo = w_o.view(d, H, D).permute(1, 2, 0)  # (H, D, d): head h's rows of W_o^T
