@@ -2,9 +2,9 @@
 
 Run (from the repository root; CPU; reads ../shared/data, not shipped in the repo):
 
-    .venv/bin/python benchmarks/init_fidelity.py                 # the table, 64K tokens (~65 min on 2 cores)
+    .venv/bin/python benchmarks/init_fidelity.py                 # the table, 64K tokens (~1 h on 2 cores)
     .venv/bin/python benchmarks/init_fidelity.py --eval-tokens 8192 --only split,rope --name init_fidelity_study
-                                                                 # the cache-split and RoPE-only study (~8 min)
+                                                                 # the cache-split and RoPE-only study (~5 min)
 
 SmolLM2-135M-Instruct, no training. For full MLA at 2x, 4x, 6.4x and 8x smaller KV caches
 (relative to SmolLM2's own GQA cache): WikiText-2 test perplexity on a fixed prefix
