@@ -92,3 +92,26 @@ def test_generate_with_kernel_equals_pytorch_path_on_a_padded_batch(interpret, m
         want = model.generate(ids, **kw)
     assert torch.equal(got, want)
     assert len(calls) == 2 * 5  # 2 MLA layers x 5 single-token decode steps went through the kernel
+
+
+def test_compiled_static_cache_decode_calls_the_kernel_inside_the_graph(interpret, monkeypatch):
+    """The kernel is a registered operator: torch.compile(fullgraph=True) keeps it in the graph (no
+    break) and the compiled static-cache generation equals eager PyTorch decoding."""
+    import ecomla.kernels.mla_decode as kernels
+
+    calls = []
+    real = kernels.mla_decode
+    monkeypatch.setattr(kernels, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = convert(tiny_llama(num_kv_heads=2, layers=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8),
+                    progress=False)
+    ids = torch.randint(1, 128, (2, 6))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+              cache_implementation="static")
+    with torch.no_grad():
+        monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "0")
+        want = model.generate(ids, **kw)
+        monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "interpret")
+        model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=False)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert len(calls) == 2 * 4  # 2 MLA layers x 4 single-token decode steps, all inside the compiled graph

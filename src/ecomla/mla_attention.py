@@ -45,9 +45,9 @@ def _decode_kernel():
         return None
     if _KERNEL is False:
         try:
-            from ecomla.kernels.mla_decode import mla_decode
+            from ecomla.kernels.mla_decode import mla_decode_op
 
-            _KERNEL = mla_decode
+            _KERNEL = mla_decode_op
         except Exception:  # ImportError, or triton present but unusable here
             _KERNEL = None
     return _KERNEL
@@ -178,11 +178,12 @@ class MLAAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_nope, r), (H, d_v, r)
 
-        # One new token per sequence on a GPU: the Triton flash-decoding kernel (any rank / RoPE dim).
-        # Not under torch.compile (inductor fuses the PyTorch path itself) nor when gradients are needed.
+        # One new token per sequence on a GPU: the Triton flash-decoding kernel (any rank / RoPE dim),
+        # a registered operator, so it also runs inside torch.compile graphs and CUDA graphs. Not when
+        # gradients are needed (it has no backward).
         kernel = None
         if (q_len == 1 and (c_kv.is_cuda or os.environ.get("ECOMLA_DECODE_KERNEL") == "interpret")
-                and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and q_nope.requires_grad)):
+                and not (torch.is_grad_enabled() and q_nope.requires_grad)):
             kernel = _decode_kernel()
         if kernel is not None:
             q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)  # (B, H, r)

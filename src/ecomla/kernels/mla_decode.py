@@ -131,4 +131,19 @@ def mla_decode(
     return out.to(q_lat.dtype)
 
 
-__all__ = ["mla_decode"]
+@torch.library.custom_op("ecomla::mla_decode", mutates_args=())
+def mla_decode_op(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, scale: float,
+    mask: torch.Tensor | None, rope_key_heads: int,
+) -> torch.Tensor:
+    """`mla_decode` as a PyTorch operator, so torch.compile keeps it in its graph as one opaque call
+    (no graph break; inductor compiles the rest around it) and CUDA graphs capture it."""
+    return mla_decode(q_lat, q_pe, c_kv, k_pe, scale, mask, rope_key_heads).contiguous()
+
+
+@mla_decode_op.register_fake
+def _(q_lat, q_pe, c_kv, k_pe, scale, mask, rope_key_heads):
+    return q_lat.new_empty(q_lat.shape)  # (B, H, r), contiguous like the real output
+
+
+__all__ = ["mla_decode", "mla_decode_op"]
