@@ -8,15 +8,24 @@ Run (from the repository root):
 For each model (the original; full MLA at kv_ratio 4 and 8; a hybrid with the even layers at
 rank 64) and each (context, batch): a cache holding `context` tokens is filled with random
 values of exactly the shapes a prefill leaves (decode time does not depend on the values), then
-`--steps` greedy decode steps through the model's forward are timed (after one warm-up step).
+`--steps` greedy decode steps through the model's forward are timed (median, after one warm-up
+step), in two modes:
+  - "eager, DynamicCache": transformers' default cache, growing by concatenation;
+  - "CUDA graph, StaticCache" on a GPU ("eager, StaticCache" on CPU): preallocated slots, the
+    whole step (token, positions, mask, every layer, argmax) captured once and replayed, so the
+    step costs what the GPU does and not Python's kernel-launch rate. Its first step's logits are
+    compared with the dynamic path's from the same cache (first_step_rel_err_vs_dynamic).
 Prefill time is measured for real at batch 1 up to `--prefill-max` tokens (a 16K prefill takes
 minutes on 2 CPU cores). Each configuration runs in its own subprocess, so `peak_mem_bytes` is that
-process's peak resident memory on CPU (ru_maxrss, weights included), or
-torch.cuda.max_memory_allocated on a GPU.
+process's peak resident memory so far on CPU (VmHWM, weights included), or
+torch.cuda.max_memory_allocated on a GPU (for the static mode: from the static cache on).
+On a GPU each configuration also records the kernel-vs-PyTorch error of one decode step, the time
+of one step's attention over every layer's cache (CUDA graph), the bandwidth that achieves over
+the cache bytes it must read, and the measured copy bandwidth.
 
-Outputs: a Markdown table, benchmarks/results/decode_speed.json (flat rows: model, device,
-context, batch, ms_per_token, tokens_per_s, prefill_ms, peak_mem_bytes, cache_bytes, ...) and
-benchmarks/results/decode_speed.png (ms per token against context).
+Outputs: a Markdown table, benchmarks/results/decode_speed[_cuda].json (flat rows: model, mode,
+device, context, batch, ms_per_token, tokens_per_s, prefill_ms, peak_mem_bytes, cache_bytes, ...)
+and decode_speed[_cuda].png (ms per token against context, per batch).
 """
 
 from __future__ import annotations
@@ -49,21 +58,36 @@ def variants(num_layers: int) -> dict:
     }
 
 
+def random_kv(cfg, layer: int, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (keys, values) of exactly the shapes a prefill of `length` tokens leaves in layer `layer`."""
+    if layer in set(getattr(cfg, "mla_layers", []) or []):
+        k = torch.randn(batch, 1, length, cfg.layer_kv_lora_rank(layer), dtype=DTYPE, device=device)  # latent
+        v = torch.randn(batch, 1, length, cfg.rope_key_heads * cfg.qk_rope_head_dim, dtype=DTYPE, device=device)  # RoPE keys
+    else:
+        k = torch.randn(batch, cfg.num_key_value_heads, length, cfg.head_dim, dtype=DTYPE, device=device)
+        v = torch.randn_like(k)
+    return k, v
+
+
 def filled_cache(model, batch: int, context: int, device):
-    """A DynamicCache holding `context` tokens per sequence, with the shapes a prefill leaves."""
+    """A DynamicCache holding `context` tokens per sequence (random values; decode time does not depend on them)."""
     from transformers import DynamicCache
 
-    cfg = model.config
-    cache = DynamicCache(config=cfg)
-    mla = set(getattr(cfg, "mla_layers", []) or [])
-    for i in range(cfg.num_hidden_layers):
-        if i in mla:
-            k = torch.randn(batch, 1, context, cfg.layer_kv_lora_rank(i), dtype=DTYPE, device=device)  # latent
-            v = torch.randn(batch, 1, context, cfg.rope_key_heads * cfg.qk_rope_head_dim, dtype=DTYPE, device=device)
-        else:
-            k = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, dtype=DTYPE, device=device)
-            v = torch.randn_like(k)
-        cache.update(k, v, i)
+    cache = DynamicCache(config=model.config)
+    for i in range(model.config.num_hidden_layers):
+        cache.update(*random_kv(model.config, i, batch, context, device), i)
+    return cache
+
+
+def static_copy(model, dynamic, context: int, max_len: int):
+    """A StaticCache of `max_len` slots holding the first `context` tokens of `dynamic`, whose layers
+    are freed as they are copied (both caches of a long context need not fit at once)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    for i, layer in enumerate(dynamic.layers):
+        cache.update(layer.keys[:, :, :context], layer.values[:, :, :context], i)
+        layer.keys = layer.values = None
     return cache
 
 
@@ -85,32 +109,64 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / best
 
 
-def attention_bandwidth(model, cache, batch: int, device, repeats: int = 20) -> tuple[float, float]:
-    """(seconds, bytes/s) of one layer's attention over its cache at one decode step, counting the
-    cache bytes it must read: the MLA latent kernel for an MLA layer, sdpa over K and V otherwise."""
-    cfg = model.config
-    layer = 0
-    keys, values = cache.layers[layer].keys, cache.layers[layer].values
-    heads = cfg.num_attention_heads
-    if layer in set(getattr(cfg, "mla_layers", []) or []):
-        from ecomla.kernels.mla_decode import mla_decode
+def attention_bandwidth(model, cache, batch: int, device, repeats: int = 20) -> tuple[float, float, str]:
+    """(seconds, bytes/s, how timed) of the attention of one decode step over every layer's cache,
+    counting the cache bytes it must read: the MLA latent kernel for MLA layers, sdpa over K and V
+    otherwise. All layers, not one: a single layer's cache can fit in L2 and read faster than memory.
+    Captured as a CUDA graph, so the time is the GPU's and not Python's launch rate."""
+    from ecomla.kernels.mla_decode import mla_decode_op
 
-        r, d_rope = keys.shape[-1], values.shape[-1] // cfg.rope_key_heads
-        q_lat = torch.randn(batch, heads, r, dtype=DTYPE, device=device)
-        q_pe = torch.randn(batch, heads, d_rope, dtype=DTYPE, device=device)
-        fn = lambda: mla_decode(q_lat, q_pe, keys[:, 0], values[:, 0], 0.125, None, cfg.rope_key_heads)  # noqa: E731
-    else:
-        q = torch.randn(batch, heads, 1, cfg.head_dim, dtype=DTYPE, device=device)
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)  # noqa: E731
-    fn()
+    cfg = model.config
+    mla = set(getattr(cfg, "mla_layers", []) or [])
+    heads = cfg.num_attention_heads
+    calls, nbytes = [], 0
+    for i, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values
+        nbytes += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        if i in mla:
+            r, d_rope = keys.shape[-1], values.shape[-1] // cfg.rope_key_heads
+            q_lat = torch.randn(batch, heads, r, dtype=DTYPE, device=device)  # (B, H, r)
+            q_pe = torch.randn(batch, heads, d_rope, dtype=DTYPE, device=device)  # (B, H, d_rope)
+            calls.append(lambda q_lat=q_lat, q_pe=q_pe, k=keys, v=values:
+                         mla_decode_op(q_lat, q_pe, k[:, 0], v[:, 0], 0.125, None, cfg.rope_key_heads))
+        else:
+            q = torch.randn(batch, heads, 1, cfg.head_dim, dtype=DTYPE, device=device)  # (B, H, 1, D)
+            calls.append(lambda q=q, k=keys, v=values:
+                         torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+    def step():
+        for call in calls:
+            call()
+
+    step()
+    how = "CUDA graph"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    except Exception as exc:  # noqa: BLE001  (report launch-bound eager timing rather than nothing)
+        how, run = f"eager ({type(exc).__name__})", step
+    run()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        fn()
+        run()
     sync(device)
     seconds = (time.perf_counter() - t0) / repeats
-    nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
-    return seconds, nbytes / seconds
+    return seconds, nbytes / seconds, how
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    from the parent across fork + exec, so a worker would report the launcher's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def sync(device):
@@ -118,18 +174,86 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_steps(step, steps: int, device) -> float:
+    """Median milliseconds of `steps` calls of `step` after one warm-up call."""
+    times = []
+    for i in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def static_decoder(model, cache, token, context: int, device, graph: bool):
+    """One greedy decode step over a StaticCache as a callable that advances itself (token, position,
+    cache length all live in device tensors updated in place), captured as a CUDA graph if `graph`;
+    `reset()` rewinds to `context`; `logits` holds the last step's logits."""
+    batch = token.shape[0]
+    tok = token.clone()  # (B, 1)
+    pos = torch.full((batch, 1), context, device=device)  # (B, 1) position ids
+    cache_position = torch.tensor([context], device=device)  # (1,)
+    logits = {}
+
+    def step():
+        out = model(tok, past_key_values=cache, position_ids=pos, cache_position=cache_position, use_cache=True)
+        logits["last"] = out.logits  # (B, 1, V)
+        tok.copy_(out.logits[:, -1:].argmax(-1))
+        pos.add_(1)
+        cache_position.add_(1)
+
+    def reset():
+        tok.copy_(token)
+        pos.fill_(context)
+        cache_position.fill_(context)
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(context)  # StaticLayer's write position (a device tensor)
+
+    if not graph:
+        return step, reset, logits
+    stream = torch.cuda.Stream()  # warm up outside the capture (lazy tables, allocator, autotuning)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+            reset()
+    torch.cuda.current_stream().wait_stream(stream)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        step()
+    reset()
+    return cuda_graph.replay, reset, logits
+
+
 @torch.inference_mode()
-def worker(model_dir: str, context: int, batch: int, steps: int, prefill_max: int, device: str) -> dict:
+def worker(model_dir: str, configs: list[tuple[int, int]], steps: int, prefill_max: int, device: str,
+           static: bool = True) -> list[dict]:
+    """Rows for one model at each (context, batch) of `configs`, the model loaded once."""
     import ecomla  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     dev = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).to(dev).eval()
+    rows = []
+    for context, batch in configs:
+        rows += measure(model, context, batch, steps, prefill_max, dev, static)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def measure(model, context: int, batch: int, steps: int, prefill_max: int, dev, static: bool) -> list[dict]:
+    """Eager decoding over a DynamicCache, then (if `static`) over a StaticCache, captured as a CUDA
+    graph on a GPU, run eagerly on CPU."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     prefill_ms = None
     if context <= prefill_max and batch == 1:
         ids = torch.randint(0, model.config.vocab_size, (batch, context), device=dev)
+        if dev.type == "cuda":  # the first call pays for library initialization: not a prefill cost
+            model(ids, use_cache=True, logits_to_keep=1)
         sync(dev)
         t0 = time.perf_counter()
         model(ids, use_cache=True, logits_to_keep=1)
@@ -138,41 +262,68 @@ def worker(model_dir: str, context: int, batch: int, steps: int, prefill_max: in
         del ids
     cache = filled_cache(model, batch, context, dev)
     nbytes = cache_nbytes(cache)
-    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)  # (B, 1)
+    pos = torch.full((batch, 1), context, device=dev)  # (B, 1)
+    first = model(token, past_key_values=cache, position_ids=pos, use_cache=True).logits.float()  # (B, 1, V)
+    cache.crop(-1)  # back to `context` tokens; `first` is the reference for the static path's first step, from the same cache
     kernel_err = None
     if dev.type == "cuda" and getattr(model.config, "mla_layers", None):  # the compiled kernel vs the PyTorch path
-        pos = torch.full((batch, 1), context, device=dev)
-        logits = {}
+        out = {}
         for mode in ("1", "0"):
             os.environ["ECOMLA_DECODE_KERNEL"] = mode
             trial = copy.deepcopy(cache)  # the MLA cache is small; both paths see the same values
-            logits[mode] = model(token, past_key_values=trial, position_ids=pos, use_cache=True).logits.float()
+            out[mode] = model(token, past_key_values=trial, position_ids=pos, use_cache=True).logits.float()
             del trial
         os.environ["ECOMLA_DECODE_KERNEL"] = "1"
-        kernel_err = ((logits["1"] - logits["0"]).norm() / logits["0"].norm()).item()
-    times = []
-    for step in range(steps + 1):
-        pos = torch.full((batch, 1), context + step, device=dev)
-        sync(dev)
-        t0 = time.perf_counter()
-        out = model(token, past_key_values=cache, position_ids=pos, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)  # (B, 1)
-        sync(dev)
-        if step:  # step 0 warms up
-            times.append(time.perf_counter() - t0)
-    ms = 1000 * sorted(times)[len(times) // 2]  # median
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        kernel_err = ((out["1"] - out["0"]).norm() / out["0"].norm()).item()
+
+    state = {"token": token}
+
+    def eager_step():  # appends to the dynamic cache; its first `context` positions stay as they are
+        p = torch.full((batch, 1), cache.get_seq_length(), device=dev)  # (B, 1)
+        out = model(state["token"], past_key_values=cache, position_ids=p, use_cache=True)
+        state["token"] = out.logits[:, -1:].argmax(-1)  # (B, 1)
+
+    ms = time_steps(eager_step, steps, dev)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss()
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    row = dict(device=name, context=context, batch=batch, ms_per_token=round(ms, 3),
-               tokens_per_s=round(1000 * batch / ms, 2), prefill_ms=None if prefill_ms is None else round(prefill_ms, 1),
-               peak_mem_bytes=int(peak), cache_bytes=nbytes, dtype=str(DTYPE).replace("torch.", ""), steps=steps,
-               kernel_vs_pytorch_rel_err=kernel_err)
-    if dev.type == "cuda":  # the attention step against the memory system's measured copy bandwidth
-        seconds, bw = attention_bandwidth(model, cache, batch, dev)
-        copy = copy_bandwidth(dev)
-        row.update(attn_layer_us=round(1e6 * seconds, 2), attn_bandwidth_gbs=round(bw / 1e9, 1),
-                   copy_bandwidth_gbs=round(copy / 1e9, 1), attn_bandwidth_fraction=round(bw / copy, 3))
-    return row
+    common = dict(device=name, context=context, batch=batch, prefill_ms=None if prefill_ms is None else round(prefill_ms, 1),
+                  cache_bytes=nbytes, dtype=str(DTYPE).replace("torch.", ""), steps=steps, kernel_vs_pytorch_rel_err=kernel_err)
+    if dev.type == "cuda":  # the attention of a decode step against the memory system's measured copy bandwidth
+        seconds, bw, how = attention_bandwidth(model, cache, batch, dev)
+        copy_bw = copy_bandwidth(dev)
+        common.update(attn_step_us=round(1e6 * seconds, 2), attn_bandwidth_gbs=round(bw / 1e9, 1), attn_timing=how,
+                      copy_bandwidth_gbs=round(copy_bw / 1e9, 1), attn_bandwidth_fraction=round(bw / copy_bw, 3))
+    rows = [dict(mode="eager, DynamicCache", ms_per_token=round(ms, 3), tokens_per_s=round(1000 * batch / ms, 2),
+                 peak_mem_bytes=int(peak), **common)]
+    if not static:
+        return rows
+
+    graph = dev.type == "cuda"
+    static_cache = static_copy(model, cache, context, context + steps + 8)
+    del cache
+    if graph:
+        torch.cuda.reset_peak_memory_stats()
+    mode = "CUDA graph, StaticCache" if graph else "eager, StaticCache"
+    try:
+        step, reset, logits = static_decoder(model, static_cache, token, context, dev, graph)
+    except RuntimeError as exc:  # a capture that fails still leaves the eager static numbers, labelled as such
+        if not graph:
+            raise
+        print(f"CUDA graph capture failed, timing eagerly: {exc}", file=sys.stderr)
+        mode = f"eager, StaticCache (capture failed: {type(exc).__name__})"
+        step, reset, logits = static_decoder(model, static_cache, token, context, dev, False)
+        reset()
+    step()  # the first step from the same cache and token as `first`
+    sync(dev)
+    rel = ((logits["last"].float() - first).norm() / first.norm()).item()
+    reset()
+    ms = time_steps(step, steps, dev)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss()
+    rows.append(dict(mode=mode, ms_per_token=round(ms, 3),
+                     tokens_per_s=round(1000 * batch / ms, 2), peak_mem_bytes=int(peak),
+                     first_step_rel_err_vs_dynamic=rel, **common))
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -182,15 +333,21 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
+    contexts = sorted({r["context"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            pts = sorted((r["context"], r["ms_per_token"]) for r in rows if r["model"] == model and r["batch"] == b)
-            ax.plot(*zip(*pts), marker="o", label=model)
-        ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decode step", title=f"batch {b}")
-        ax.set_xticks(sorted({r["context"] for r in rows}), [str(c) for c in sorted({r["context"] for r in rows})])
+        for i, model in enumerate(models):
+            for mode, style in zip(modes, ("--", "-")[-len(modes):]):  # the last mode (static) solid
+                pts = sorted((r["context"], r["ms_per_token"]) for r in rows
+                             if r["model"] == model and r["batch"] == b and r["mode"] == mode)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{model}, {mode}")
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step", title=f"batch {b}")
+        ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"SmolLM2-135M decode, {rows[0]['device']}, {rows[0]['dtype']}")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -201,16 +358,19 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="smollm2-135m", help="source of the original model (built-in name, .gguf, dir, hub id)")
     p.add_argument("--contexts", default="1024,4096,16384")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prefill-max", type=int, default=4096)
+    p.add_argument("--no-static", action="store_true", help="time the DynamicCache only")
     p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--worker", nargs=3, metavar=("MODEL_DIR", "CONTEXT", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "CONTEXTxBATCH,..."), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        model_dir, context, batch = args.worker
-        print(json.dumps(worker(model_dir, int(context), int(batch), args.steps, args.prefill_max, args.device)))
+        model_dir, configs = args.worker
+        configs = [tuple(int(x) for x in c.split("x")) for c in configs.split(",")]
+        print(json.dumps(worker(model_dir, configs, args.steps, args.prefill_max, args.device, not args.no_static)))
         return 0
 
     from ecomla import convert, load_model
@@ -219,36 +379,41 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        original, _ = load_model("smollm2-135m", dtype=torch.float32)
+        original, _ = load_model(args.model, dtype=torch.float32)
         dirs = {}
         for name, conv in variants(original.config.num_hidden_layers).items():
             model = original if conv is None else convert(original, conv, progress=False)
             dirs[name] = os.path.join(tmp, f"m{len(dirs)}")
             model.save_pretrained(dirs[name])  # float32; workers load it as bfloat16
         del original, model
-        for context in contexts:
-            for batch in batches:
-                for name, d in dirs.items():
-                    cmd = [sys.executable, __file__, "--worker", d, str(context), str(batch), "--steps", str(args.steps),
-                           "--prefill-max", str(args.prefill_max), "--device", args.device]
-                    res = subprocess.run(cmd, capture_output=True, text=True)
-                    if res.returncode:
-                        print(res.stderr[-2000:], file=sys.stderr)
-                        return 1
-                    row = {"model": name, **json.loads(res.stdout.strip().splitlines()[-1])}
-                    rows.append(row)
-                    print(f"{name:28s} ctx {context:6d} batch {batch:3d}: {row['ms_per_token']:9.2f} ms/token "
-                          f"({row['tokens_per_s']:.1f} tok/s), cache {row['cache_bytes'] / 2**20:.0f} MiB, "
-                          f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
+        configs = [(c, b) for c in contexts for b in batches]
+        # CPU: one process per configuration, so each peak RSS is that configuration's. GPU: one per
+        # model (peak memory is reset per configuration), which keeps start-up and kernel compilation
+        # out of the way of a time-limited machine.
+        jobs = [(name, d, [cb]) for cb in configs for name, d in dirs.items()] if args.device == "cpu" else \
+            [(name, d, configs) for name, d in dirs.items()]
+        for name, d, job in jobs:
+            cmd = [sys.executable, __file__, "--worker", d, ",".join(f"{c}x{b}" for c, b in job), "--steps", str(args.steps),
+                   "--prefill-max", str(args.prefill_max), "--device", args.device] + (["--no-static"] if args.no_static else [])
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                print(res.stderr[-3000:], file=sys.stderr)
+                return 1
+            for row in json.loads(res.stdout.strip().splitlines()[-1]):
+                rows.append({"model": name, **row})
+                print(f"{name:26s} {row['mode']:24s} ctx {row['context']:6d} batch {row['batch']:3d}: "
+                      f"{row['ms_per_token']:9.2f} ms/token ({row['tokens_per_s']:.1f} tok/s), "
+                      f"cache {row['cache_bytes'] / 2**20:.0f} MiB, peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
+    rows.sort(key=lambda r: (r["context"], r["batch"]))  # stable: model and mode order kept within a configuration
 
-    base = {(r["context"], r["batch"]): r["ms_per_token"] for r in rows if r["model"] == "original"}
+    base = {(r["mode"], r["context"], r["batch"]): r["ms_per_token"] for r in rows if r["model"] == "original"}
     gpu = any("attn_bandwidth_fraction" in r for r in rows)
-    print("\n| model | context | batch | ms/token | tokens/s | speed-up vs original | prefill ms | cache MiB | peak GiB |"
+    print("\n| model | mode | context | batch | ms/token | tokens/s | vs original (same mode) | prefill ms | cache MiB | peak GiB |"
           + (" attention GB/s (of copy) |" if gpu else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for r in rows:
-        r["speedup_vs_original"] = round(base[(r["context"], r["batch"])] / r["ms_per_token"], 3)
-        print(f"| {r['model']} | {r['context']} | {r['batch']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
+        r["speedup_vs_original"] = round(base[(r["mode"], r["context"], r["batch"])] / r["ms_per_token"], 3)
+        print(f"| {r['model']} | {r['mode']} | {r['context']} | {r['batch']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_original']:.2f}x | {r['prefill_ms'] if r['prefill_ms'] is not None else '-'} | "
               f"{r['cache_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} |"
               + (f" {r['attn_bandwidth_gbs']} ({100 * r['attn_bandwidth_fraction']:.0f}%) |" if gpu else ""))

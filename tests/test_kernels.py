@@ -1,6 +1,9 @@
 """The Triton latent-decode kernel against the PyTorch absorbed path, run by Triton's CPU interpreter
-(conftest sets TRITON_INTERPRET=1; on a GPU the same kernel compiles). Random shapes, odd lengths, masks.
-ECOMLA_DECODE_KERNEL=interpret routes decode steps through the kernel, =0 through PyTorch."""
+(conftest sets TRITON_INTERPRET=1). Random shapes, odd lengths, masks. ECOMLA_DECODE_KERNEL=interpret
+routes decode steps through the kernel, =0 through PyTorch. On a GPU, `TRITON_INTERPRET=0 pytest
+tests/test_kernels.py` runs the same checks on CUDA tensors with the compiled kernel."""
+
+import os
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from conftest import rel_err, tiny_llama
 from ecomla import MLAConversionConfig, convert
 
 pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
 
 @pytest.fixture
@@ -30,7 +34,7 @@ def mla_module(H, r, d_rope, n_r, dtype, seed=0):
                        kv_lora_rank=r, qk_rope_head_dim=d_rope, qk_nope_head_dim=12, v_head_dim=10, rope_key_heads=n_r,
                        rope_pair_indices=list(range(d_rope // 2)), vocab_size=16)
     torch.manual_seed(seed)
-    return MLAAttention(cfg, 0).to(dtype)
+    return MLAAttention(cfg, 0).to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
@@ -40,13 +44,13 @@ def mla_module(H, r, d_rope, n_r, dtype, seed=0):
 def test_kernel_equals_pytorch_absorbed_path(interpret, monkeypatch, dtype, tol, B, H, r, d_rope, n_r, S):
     attn = mla_module(H, r, d_rope, n_r, dtype)
     g = torch.Generator().manual_seed(S)
-    q_nope = torch.randn(B, H, 1, 12, generator=g).to(dtype)
-    q_pe = torch.randn(B, H, 1, d_rope, generator=g).to(dtype)
-    c_kv = torch.randn(B, S, r, generator=g).to(dtype)
-    k_pe = torch.randn(B, S, n_r * d_rope, generator=g).to(dtype)
-    pad = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    q_nope = torch.randn(B, H, 1, 12, generator=g).to(DEVICE, dtype)
+    q_pe = torch.randn(B, H, 1, d_rope, generator=g).to(DEVICE, dtype)
+    c_kv = torch.randn(B, S, r, generator=g).to(DEVICE, dtype)
+    k_pe = torch.randn(B, S, n_r * d_rope, generator=g).to(DEVICE, dtype)
+    pad = torch.ones(B, 1, 1, S, dtype=torch.bool, device=DEVICE)
     pad[0, ..., : S // 3] = False  # left padding of a ragged batch
-    additive = torch.zeros(B, 1, 1, S).masked_fill(~pad, torch.finfo(torch.float32).min)
+    additive = torch.zeros(B, 1, 1, S, device=DEVICE).masked_fill(~pad, torch.finfo(torch.float32).min)
     for mask in (None, pad, additive, additive[:1]):  # the last: one mask row broadcast over the batch
         with torch.no_grad():
             got = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # kernel (interpreted)
@@ -61,11 +65,11 @@ def test_kernel_reads_a_strided_static_cache_and_splits_long_contexts(interpret)
     from ecomla.kernels.mla_decode import mla_decode
 
     g = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, 1, 1000, 48, generator=g)  # (B, 1, S_max, r) as a static cache holds it
-    k_pe = torch.randn(2, 1, 1000, 16, generator=g)
-    q_lat, q_pe = torch.randn(2, 9, 48, generator=g), torch.randn(2, 9, 16, generator=g)
+    cache = torch.randn(2, 1, 1000, 48, generator=g).to(DEVICE)  # (B, 1, S_max, r) as a static cache holds it
+    k_pe = torch.randn(2, 1, 1000, 16, generator=g).to(DEVICE)
+    q_lat, q_pe = torch.randn(2, 9, 48, generator=g).to(DEVICE), torch.randn(2, 9, 16, generator=g).to(DEVICE)
     valid = 700
-    mask = torch.zeros(2, 1000).masked_fill(torch.arange(1000) >= valid, float("-inf"))  # unfilled slots
+    mask = torch.zeros(2, 1000, device=DEVICE).masked_fill(torch.arange(1000, device=DEVICE) >= valid, float("-inf"))
     ref = mla_decode(q_lat, q_pe, cache[:, 0, :valid].contiguous(), k_pe[:, 0, :valid].contiguous(), 0.2, None, 1, num_splits=1)
     for splits in (1, 3, 7):
         out = mla_decode(q_lat, q_pe, cache[:, 0], k_pe[:, 0], 0.2, mask, 1, num_splits=splits)

@@ -32,7 +32,7 @@ def _mla_decode_split(
     stride_ob, stride_oh, stride_os,
     H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
     HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     key_head = tl.program_id(1) // head_blocks
@@ -62,7 +62,8 @@ def _mla_decode_split(
                      mask=n_ok[:, None] & (dr[None, :] < DR), other=0.0)  # (BN, BDR)
         if UPCAST:
             c, kp = c.to(tl.float32), kp.to(tl.float32)
-        s = (tl.dot(q, tl.trans(c)) + tl.dot(qp, tl.trans(kp))) * scale  # (BH, BN) fp32
+        s = (tl.dot(q, tl.trans(c), input_precision=PRECISION)
+             + tl.dot(qp, tl.trans(kp), input_precision=PRECISION)) * scale  # (BH, BN) fp32
         if HAS_MASK:
             s += tl.load(mask + b * stride_mb + n, mask=n_ok, other=0.0)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -70,7 +71,7 @@ def _mla_decode_split(
         p = tl.exp(s - m_new[:, None])  # (BH, BN)
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)  # (BH, BR)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)  # (BH, BR)
         m = m_new
     out = b * stride_ob + heads * stride_oh + split * stride_os  # (BH,)
     tl.store(m_out + out, m, mask=head_ok)
@@ -122,7 +123,9 @@ def mla_decode(
         k_pe.stride(0), k_pe.stride(1), mask.stride(0) if mask is not None else 0,
         m.stride(0), m.stride(1), m.stride(2),
         H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
-        HAS_MASK=mask is not None, UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=_block(R), BLOCK_DR=_block(DR),
+        HAS_MASK=mask is not None, UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_R=_block(R), BLOCK_DR=_block(DR),
+        PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",  # fp32 exact (GPUs default to TF32); 16-bit: unused
     )
     # Merge the chunks (small: B x H x splits): rescale each to the global max.
     top = m.amax(-1, keepdim=True)  # (B, H, 1)

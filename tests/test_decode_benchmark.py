@@ -1,0 +1,63 @@
+"""benchmarks/decode_speed.py's decode loops compute what transformers' own decoding computes: the
+static-cache step (the one captured as a CUDA graph on a GPU) generates the same tokens as steps
+over a DynamicCache from the same cache, and its rows carry the fields the results file promises."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from ecomla import MLAConversionConfig, convert
+
+SPEC = importlib.util.spec_from_file_location("decode_speed", Path(__file__).parents[1] / "benchmarks" / "decode_speed.py")
+decode_speed = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(decode_speed)
+CPU = torch.device("cpu")
+
+
+def models():
+    base = tiny_llama(num_kv_heads=2, layers=4)
+    conv = dict(kv_lora_rank=16, qk_rope_head_dim=8, init="xecomla")
+    return {
+        "original": base,
+        "mla": convert(base, MLAConversionConfig(**conv), progress=False),
+        "hybrid": convert(base, MLAConversionConfig(layers=[0, 2], **conv), progress=False),
+    }
+
+
+@pytest.mark.parametrize("name", ["original", "mla", "hybrid"])
+def test_static_decoder_generates_what_dynamic_decoding_does(name):
+    model = models()[name].to(decode_speed.DTYPE)
+    batch, context, steps = 3, 37, 5
+    with torch.no_grad():
+        cache = decode_speed.filled_cache(model, batch, context, CPU)
+        token = torch.randint(0, 128, (batch, 1))  # (B, 1)
+        want, tok = [], token
+        for i in range(steps):  # greedy steps over the dynamic cache
+            out = model(tok, past_key_values=cache, position_ids=torch.full((batch, 1), context + i), use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            want.append(tok)
+        cache.crop(-steps)
+        static = decode_speed.static_copy(model, cache, context, context + steps + 3)
+        assert all(layer.keys is None for layer in cache.layers)  # freed as copied
+        step, reset, logits = decode_speed.static_decoder(model, static, token, context, CPU, graph=False)
+        for rewind in range(2):  # reset() rewinds token, positions and the cache's write position
+            got = []
+            for _ in range(steps):
+                step()
+                got.append(logits["last"][:, -1:].argmax(-1))
+            assert torch.equal(torch.cat(got, 1), torch.cat(want, 1))
+            reset()
+
+
+def test_worker_rows_have_the_promised_fields(tmp_path):
+    models()["hybrid"].save_pretrained(tmp_path)
+    rows = decode_speed.worker(str(tmp_path), [(20, 1)], steps=2, prefill_max=20, device="cpu")
+    assert [r["mode"] for r in rows] == ["eager, DynamicCache", "eager, StaticCache"]
+    for r in rows:
+        assert {"device", "context", "batch", "ms_per_token", "peak_mem_bytes", "cache_bytes"} <= r.keys()
+        assert r["ms_per_token"] > 0 and r["context"] == 20 and r["batch"] == 1
+    assert rows[1]["first_step_rel_err_vs_dynamic"] == 0.0  # same cache, same token, same math on CPU
+    assert rows[0]["prefill_ms"] > 0  # measured at batch 1 up to prefill_max
