@@ -361,7 +361,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m", help="source of the original model (built-in name, .gguf, dir, hub id)")
     p.add_argument("--contexts", default="1024,4096,16384")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prefill-max", type=int, default=4096)
     p.add_argument("--no-static", action="store_true", help="time the DynamicCache only")
     p.add_argument("--out-dir", default="benchmarks/results")

@@ -51,7 +51,7 @@ def test_kernel_equals_pytorch_absorbed_path(interpret, monkeypatch, dtype, tol,
     pad = torch.ones(B, 1, 1, S, dtype=torch.bool, device=DEVICE)
     pad[0, ..., : S // 3] = False  # left padding of a ragged batch
     additive = torch.zeros(B, 1, 1, S, device=DEVICE).masked_fill(~pad, torch.finfo(torch.float32).min)
-    for mask in (None, pad, additive, additive[:1]):  # the last: one mask row broadcast over the batch
+    for mask in (None, pad, additive, additive[:1], pad[:1]):  # [:1]: one mask row broadcast over the batch
         with torch.no_grad():
             got = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # kernel (interpreted)
             monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "0")
@@ -71,9 +71,13 @@ def test_kernel_reads_a_strided_static_cache_and_splits_long_contexts(interpret)
     valid = 700
     mask = torch.zeros(2, 1000, device=DEVICE).masked_fill(torch.arange(1000, device=DEVICE) >= valid, float("-inf"))
     ref = mla_decode(q_lat, q_pe, cache[:, 0, :valid].contiguous(), k_pe[:, 0, :valid].contiguous(), 0.2, None, 1, num_splits=1)
-    for splits in (1, 3, 7):
+    for splits in (1, 3, 7, 15):
         out = mla_decode(q_lat, q_pe, cache[:, 0], k_pe[:, 0], 0.2, mask, 1, num_splits=splits)
         assert rel_err(out, ref) < 1e-6
+        out = mla_decode(q_lat, q_pe, cache[:, 0], k_pe[:, 0], 0.2, mask.isfinite(), 1, num_splits=splits)  # bool
+        assert rel_err(out, ref) < 1e-6
+    out = mla_decode(q_lat, q_pe, cache[:, 0], k_pe[:, 0], 0.2, mask, 1, num_splits=100, block_n=16)  # 63 chunks: the merge loops
+    assert rel_err(out, ref) < 1e-6
     s = 0.2 * (torch.einsum("bhr,bnr->bhn", q_lat, cache[:, 0, :valid]) + torch.einsum("bhd,bnd->bhn", q_pe, k_pe[:, 0, :valid]))
     assert rel_err(ref, torch.einsum("bhn,bnr->bhr", s.softmax(-1), cache[:, 0, :valid])) < 1e-5
 

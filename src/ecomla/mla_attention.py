@@ -189,9 +189,7 @@ class MLAAttention(nn.Module):
             q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)  # (B, H, r)
             mask = None
             if attention_mask is not None:
-                mask = attention_mask[:, 0, -1, :kv_len].expand(bsz, -1)  # (B, S); a broadcast batch dim too
-                if mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+                mask = attention_mask[:, 0, -1, :kv_len].expand(bsz, -1)  # (B, S) bool or additive; batch may broadcast
             o_lat = kernel(q_lat, q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
             return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None]  # (B, 1, H, d_v)
 

@@ -8,7 +8,9 @@ One decode step of the absorbed MLA path (see mla_attention.py), per sequence b 
 The context is split into chunks, one program per (sequence, block of heads sharing a RoPE key,
 chunk); each program reads its chunk of the cache once (the latent serves as key and as value),
 keeps an online softmax (running max m, sum l, accumulator acc) in fp32, and writes (m, l, acc).
-The chunks are merged after: o = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i, M = max_i m_i.
+A second small kernel merges the chunks: o = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i,
+M = max_i m_i. Two launches per layer and step: under a CUDA graph each launch still costs about a
+microsecond, comparable to reading one layer's latent cache.
 FlashMLA's kernels take only kv_lora_rank 512 + RoPE 64; here every size is a masked power-of-two
 block, so upcycled models' ranks (16 ... 512) and RoPE dims (8 ... 64) all run.
 """
@@ -31,7 +33,7 @@ def _mla_decode_split(
     stride_qb, stride_qh, stride_pb, stride_ph, stride_cb, stride_cn, stride_kb, stride_kn, stride_mb,
     stride_ob, stride_oh, stride_os,
     H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
-    HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -65,7 +67,10 @@ def _mla_decode_split(
         s = (tl.dot(q, tl.trans(c), input_precision=PRECISION)
              + tl.dot(qp, tl.trans(kp), input_precision=PRECISION)) * scale  # (BH, BN) fp32
         if HAS_MASK:
-            s += tl.load(mask + b * stride_mb + n, mask=n_ok, other=0.0)[None, :]
+            if MASK_BOOL:  # True = attend (transformers' boolean masks), read as is: no conversion per layer
+                s = tl.where(tl.load(mask + b * stride_mb + n, mask=n_ok, other=0)[None, :] != 0, s, float("-inf"))
+            else:  # additive
+                s += tl.load(mask + b * stride_mb + n, mask=n_ok, other=0.0)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # (BH,)
         p = tl.exp(s - m_new[:, None])  # (BH, BN)
@@ -79,6 +84,33 @@ def _mla_decode_split(
     tl.store(acc_out + out[:, None] * R + r[None, :], acc, mask=head_ok[:, None] & (r[None, :] < R))
 
 
+@triton.jit
+def _mla_decode_merge(
+    m_in, l_in, acc_in, out, stride_ob, stride_oh, H, splits, R,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program per (sequence, head): o = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    base = (b * H + h) * splits  # m, l: (B, H, splits); acc: (B, H, splits, R), all contiguous
+    top = tl.full((BLOCK_S,), NEG_INIT, tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.load(m_in + base + sp, mask=sp < splits, other=NEG_INIT))
+    top_all = tl.max(top, 0)  # M
+    r = tl.arange(0, BLOCK_R)
+    num = tl.zeros((BLOCK_R,), tl.float32)
+    den = tl.zeros((BLOCK_S,), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)  # (BS,)
+        ok = sp < splits
+        w = tl.where(ok, tl.exp(tl.load(m_in + base + sp, mask=ok, other=NEG_INIT) - top_all), 0.0)  # (BS,)
+        den += w * tl.load(l_in + base + sp, mask=ok, other=0.0)
+        acc = tl.load(acc_in + (base + sp[:, None]) * R + r[None, :], mask=ok[:, None] & (r[None, :] < R), other=0.0)  # (BS, BR)
+        num += tl.sum(acc * w[:, None], 0)
+    o = num / tl.maximum(tl.sum(den, 0), 1e-30)  # (BR,); a row with nothing to attend gives 0
+    tl.store(out + b * stride_ob + h * stride_oh + r, o.to(out.dtype.element_ty), mask=r < R)
+
+
 def _block(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
@@ -89,7 +121,7 @@ def mla_decode(
     c_kv: torch.Tensor,  # (B, S, r) latent cache (last dim contiguous; any batch / position strides)
     k_pe: torch.Tensor,  # (B, S, n_r * d_rope) rotated RoPE keys
     scale: float,
-    mask: torch.Tensor | None = None,  # (B, S) additive float (0 or -inf), or None: every position valid
+    mask: torch.Tensor | None = None,  # (B, S) bool (True = attend) or additive float, or None: all valid
     rope_key_heads: int = 1,
     num_splits: int | None = None,
     block_n: int = 64,
@@ -114,7 +146,7 @@ def mla_decode(
     l = torch.empty_like(m)
     acc = torch.empty(B, H, num_splits, R, device=q_lat.device, dtype=torch.float32)
     if mask is not None:
-        mask = mask.to(torch.float32)
+        mask = mask if mask.dtype == torch.bool else mask.to(torch.float32)
         mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     grid = (B, rope_key_heads * head_blocks, num_splits)
     _mla_decode_split[grid](
@@ -123,15 +155,15 @@ def mla_decode(
         k_pe.stride(0), k_pe.stride(1), mask.stride(0) if mask is not None else 0,
         m.stride(0), m.stride(1), m.stride(2),
         H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
-        HAS_MASK=mask is not None, UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool, UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_R=_block(R), BLOCK_DR=_block(DR),
         PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",  # fp32 exact (GPUs default to TF32); 16-bit: unused
     )
-    # Merge the chunks (small: B x H x splits): rescale each to the global max.
-    top = m.amax(-1, keepdim=True)  # (B, H, 1)
-    w = torch.exp(m - top)  # (B, H, splits)
-    out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True).clamp_min(1e-30)  # (B, H, r)
-    return out.to(q_lat.dtype)
+    # Merge the chunks (small: B x H x splits) in one more launch: rescale each to the global max.
+    out = torch.empty(B, H, R, device=q_lat.device, dtype=q_lat.dtype)  # (B, H, r)
+    _mla_decode_merge[(B, H)](m, l, acc, out, out.stride(0), out.stride(1), H, num_splits, R,
+                              BLOCK_S=min(32, triton.next_power_of_2(num_splits)), BLOCK_R=_block(R))
+    return out
 
 
 @torch.library.custom_op("ecomla::mla_decode", mutates_args=())
@@ -141,7 +173,7 @@ def mla_decode_op(
 ) -> torch.Tensor:
     """`mla_decode` as a PyTorch operator, so torch.compile keeps it in its graph as one opaque call
     (no graph break; inductor compiles the rest around it) and CUDA graphs capture it."""
-    return mla_decode(q_lat, q_pe, c_kv, k_pe, scale, mask, rope_key_heads).contiguous()
+    return mla_decode(q_lat, q_pe, c_kv, k_pe, scale, mask, rope_key_heads)
 
 
 @mla_decode_op.register_fake
