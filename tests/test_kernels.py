@@ -82,15 +82,25 @@ def test_kernel_reads_a_strided_static_cache_and_splits_long_contexts(interpret)
     assert rel_err(ref, torch.einsum("bhn,bnr->bhr", s.softmax(-1), cache[:, 0, :valid])) < 1e-5
 
 
-def test_generate_with_kernel_equals_pytorch_path_on_a_padded_batch(interpret, monkeypatch):
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that grows by one at every call of the kernel."""
     import ecomla.kernels.mla_decode as kernels
 
-    calls = []
-    real = kernels.mla_decode
+    calls, real = [], kernels.mla_decode
     monkeypatch.setattr(kernels, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = convert(tiny_llama(num_kv_heads=2, layers=2), MLAConversionConfig(kv_lora_rank=12, qk_rope_head_dim=8),
+    return calls
+
+
+def tiny_mla(rank: int):
+    model = convert(tiny_llama(num_kv_heads=2, layers=2), MLAConversionConfig(kv_lora_rank=rank, qk_rope_head_dim=8),
                     progress=False)
-    ids = torch.randint(1, 128, (2, 7))
+    return model.to(DEVICE)
+
+
+def test_generate_with_kernel_equals_pytorch_path_on_a_padded_batch(interpret, monkeypatch, kernel_calls):
+    model = tiny_mla(12)
+    ids = torch.randint(1, 128, (2, 7), device=DEVICE)
     mask = torch.ones_like(ids)
     ids[0, :3], mask[0, :3] = 0, 0  # left padding
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -99,20 +109,14 @@ def test_generate_with_kernel_equals_pytorch_path_on_a_padded_batch(interpret, m
         monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "0")
         want = model.generate(ids, **kw)
     assert torch.equal(got, want)
-    assert len(calls) == 2 * 5  # 2 MLA layers x 5 single-token decode steps went through the kernel
+    assert len(kernel_calls) == 2 * 5  # 2 MLA layers x 5 single-token decode steps went through the kernel
 
 
-def test_compiled_static_cache_decode_calls_the_kernel_inside_the_graph(interpret, monkeypatch):
+def test_compiled_static_cache_decode_calls_the_kernel_inside_the_graph(interpret, monkeypatch, kernel_calls):
     """The kernel is a registered operator: torch.compile(fullgraph=True) keeps it in the graph (no
     break) and the compiled static-cache generation equals eager PyTorch decoding."""
-    import ecomla.kernels.mla_decode as kernels
-
-    calls = []
-    real = kernels.mla_decode
-    monkeypatch.setattr(kernels, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = convert(tiny_llama(num_kv_heads=2, layers=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8),
-                    progress=False)
-    ids = torch.randint(1, 128, (2, 6))
+    model = tiny_mla(16)
+    ids = torch.randint(1, 128, (2, 6), device=DEVICE)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
               cache_implementation="static")
     with torch.no_grad():
@@ -122,4 +126,4 @@ def test_compiled_static_cache_decode_calls_the_kernel_inside_the_graph(interpre
         model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=False)
         got = model.generate(ids, **kw)
     assert torch.equal(got, want)
-    assert len(calls) == 2 * 4  # 2 MLA layers x 4 single-token decode steps, all inside the compiled graph
+    assert len(kernel_calls) == 2 * 4  # 2 MLA layers x 4 single-token decode steps, all inside the compiled graph
