@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU measurements on a lent machine that cannot reach the network and takes at most 64 MiB per call.
-# Any CUDA machine with ecomla installed needs none of this: run the two commands at the end directly.
+# Any CUDA machine with ecomla installed needs none of this: run the python commands of `run` directly.
 #
 #   benchmarks/gpu_carry.sh prepare   # here: split the 98 MB GGUF into .carry/a and .carry/b, fetch the gguf wheel
 #   then two back-to-back device calls from the repository root (the machine keeps ignored paths while warm):
@@ -8,7 +8,8 @@
 #     carry [".carry/b"]:          benchmarks/gpu_carry.sh run [extra decode_speed.py arguments]
 #
 # `run` joins the parts (checking the SHA-256), installs the wheel beside the machine's own packages,
-# runs the kernel tests on CUDA tensors (compiled kernel), then the decode benchmark, results in $OUT.
+# runs the kernel tests on CUDA tensors (compiled kernel), the kernel's launch-setting sweep, then the
+# decode benchmark; logs and results in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +38,7 @@ run)
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log" \
         || echo "KERNEL TESTS FAILED on CUDA (see test_kernels_cuda.log); timing anyway" >&2
+    python3 benchmarks/decode_kernel_sweep.py --out-dir "$out" 2>&1 | tee "$out/decode_kernel_sweep.log" || true
     python3 benchmarks/decode_speed.py --device cuda --model /tmp/smollm2.gguf --contexts 1024,4096,16384,32768 \
         --batches 1,8,32 --out-dir "$out" "$@" 2>&1 | tee "$out/decode_speed_cuda.log"
     ;;

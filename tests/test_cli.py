@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_model_dir
 from ecomla.cli import main, parse_layers
 
 
@@ -100,3 +100,17 @@ def test_convert_chooses_layers_ranks_and_frequencies_and_caches_statistics(tiny
     assert main([*args, "--init", "xecomla", "--out", str(tmp_path / "b")]) == 0
     conv = AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.conversion
     assert (conv["init"], conv["svd"], conv["rope_freqs"], conv["rope_key_init"]) == ("xecomla", "weights", "uniform", "mean")
+
+
+def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys):
+    tiny_model_dir(tmp_path / "orig")
+    out = tmp_path / "mla"
+    assert main(["convert", str(tmp_path / "orig"), "--kv-rank", "12", "--rope-dim", "8", "--init", "xecomla",
+                 "--out", str(out)]) == 0
+    texts = {}
+    for cache in ("dynamic", "static"):
+        capsys.readouterr()
+        assert main(["generate", str(out), "--prompt", "the cat sat", "--max-new-tokens", "12", "--cache", cache,
+                     "--device", "cpu"]) == 0
+        texts[cache] = capsys.readouterr().out
+    assert texts["dynamic"] == texts["static"] and len(texts["static"]) > len("the cat sat")

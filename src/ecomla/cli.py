@@ -194,17 +194,20 @@ def cmd_generate(args) -> int:
 
     from .sources import load_model
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_model(args.model, dtype=_dtype(args.dtype))
     if tok is None:
         raise FileNotFoundError(f"{args.model} has no tokenizer files: save one beside the weights to generate")
+    model = model.to(device)
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = args.prompt
-    inputs = tok(text, return_tensors="pt", add_special_tokens=not args.chat)
+    inputs = tok(text, return_tensors="pt", add_special_tokens=not args.chat).to(device)
     torch.manual_seed(args.seed)
     streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True)
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+               cache_implementation=args.cache)
     if args.sample:
         gen.update(temperature=args.temperature, top_p=args.top_p)
     model.generate(**inputs, **gen)
@@ -354,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                   help="static: preallocated for prompt + new tokens, no per-step copy of the cache (faster at long "
+                        "contexts; benchmarks/decode_speed.py)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("export", help="write a full-MLA model as a stock DeepSeek-V3 checkpoint")

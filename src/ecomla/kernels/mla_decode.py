@@ -125,8 +125,11 @@ def mla_decode(
     rope_key_heads: int = 1,
     num_splits: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,  # Triton's defaults
 ) -> torch.Tensor:
-    """Softmax-weighted latent per head, (B, H, r), in q_lat's dtype; accumulation in fp32."""
+    """Softmax-weighted latent per head, (B, H, r), in q_lat's dtype; accumulation in fp32.
+    num_splits / block_n / num_warps / num_stages: launch tuning (benchmarks/decode_kernel_sweep.py)."""
     B, H, R = q_lat.shape
     S, DR = c_kv.shape[1], q_pe.shape[-1]
     if S == 0 or H % rope_key_heads or k_pe.shape[-1] != rope_key_heads * DR:
@@ -155,14 +158,16 @@ def mla_decode(
         k_pe.stride(0), k_pe.stride(1), mask.stride(0) if mask is not None else 0,
         m.stride(0), m.stride(1), m.stride(2),
         H, S, R, DR, heads_per_key, head_blocks, chunk, scale,
-        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool, UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_R=_block(R), BLOCK_DR=_block(DR),
+        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+        UPCAST=INTERPRET and q_lat.dtype != torch.float32, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=_block(R),
+        BLOCK_DR=_block(DR),
         PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",  # fp32 exact (GPUs default to TF32); 16-bit: unused
+        num_warps=num_warps, num_stages=num_stages,
     )
     # Merge the chunks (small: B x H x splits) in one more launch: rescale each to the global max.
     out = torch.empty(B, H, R, device=q_lat.device, dtype=q_lat.dtype)  # (B, H, r)
     _mla_decode_merge[(B, H)](m, l, acc, out, out.stride(0), out.stride(1), H, num_splits, R,
-                              BLOCK_S=min(32, triton.next_power_of_2(num_splits)), BLOCK_R=_block(R))
+                              BLOCK_S=_block(min(num_splits, 32)), BLOCK_R=_block(R))
     return out
 
 
