@@ -35,6 +35,11 @@ def test_preference_formats(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"prompt": "p"}]))
     with pytest.raises(ValueError, match="'chosen' and 'rejected'"):
         read_preferences(tmp_path / "c.json")
+    (tmp_path / "d.txt").write_text("chosen")
+    with pytest.raises(ValueError, match=r"expected \.json"):
+        read_preferences(tmp_path / "d.txt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_preferences(tmp_path / "e.jsonl")
 
 
 def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):

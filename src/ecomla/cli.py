@@ -195,10 +195,9 @@ def cmd_generate(args) -> int:
     from .sources import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model(args.model, dtype=_dtype(args.dtype))
+    model, tok = load_model(args.model, dtype=_dtype(args.dtype), device=device)
     if tok is None:
         raise FileNotFoundError(f"{args.model} has no tokenizer files: save one beside the weights to generate")
-    model = model.to(device)
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import ROLE, _content
+from .data import ROLE, _content, read_rows
 
 
 @dataclass
@@ -63,17 +63,11 @@ def preference_row(row: dict) -> dict:
 
 
 def read_preferences(path: str | Path) -> list[dict]:
+    """Preference rows from a .json list or .jsonl file (read as data.read_rows reads training data)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {path}: no such file")
-    raw = path.read_text(encoding="utf-8")
-    if not raw.strip():
-        raise ValueError(f"preference file {path} is empty")
-    try:
-        rows = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(x) for x in raw.splitlines() if x.strip()]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"preference file {path}: not JSON or JSON lines ({err})") from err
-    return [preference_row(r) for r in rows]
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"preference file {path}: expected .json (a list of rows) or .jsonl (one row per line)")
+    return [preference_row(r) for r in read_rows(path)]
 
 
 def dpo(args: DPOArgs, log=print) -> Path:

@@ -379,9 +379,8 @@ def run_eval(
     meta = {"tasks": tasks, "limit": limit, "data_dir": data_dir, "dtype": dtype, "device": device,
             "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "seconds": timings,
             "kv_values_per_token": kv, "torch_threads": torch.get_num_threads()}
-    columns, table = summary_table(rows, kv)
-    md = markdown(columns, table)
-    if out is not None:
-        with atomic_output_dir(out, overwrite) as tmp:
-            write_report(rows, kv, tmp, meta)
+    if out is None:
+        return markdown(*summary_table(rows, kv)), rows
+    with atomic_output_dir(out, overwrite) as tmp:
+        md = write_report(rows, kv, tmp, meta)
     return md, rows
