@@ -23,13 +23,10 @@ CALIB_SEQ_LEN = 256
 
 
 def read_text(path: str) -> str:
-    """Plain text, or JSONL with a "text" field per line."""
-    import json
+    """Plain text, or the "text" fields of a .jsonl / .json file's rows (read as training data is)."""
+    from .data import read_rows
 
-    raw = Path(path).read_text(encoding="utf-8", errors="replace")
-    if path.endswith(".jsonl"):
-        return "\n\n".join(json.loads(line).get("text", "") for line in raw.splitlines() if line.strip())
-    return raw
+    return "\n\n".join(r if isinstance(r, str) else r.get("text", "") for r in read_rows(Path(path)))
 
 
 def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .atomic import check_output_dir, save_checkpoint
+from .config import INIT_PRESETS, LAYER_CHOICES, RANK_CHOICES, ROPE_FREQ_CHOICES, ROPE_KEY_CHOICES, SVD_CHOICES
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -241,27 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--kv-ratio", type=float, help="largest rank whose whole-model cache is at least X times smaller")
     c.add_argument("--q-rank", type=int, default=None, help="q_lora_rank (default: full-rank q_proj)")
     c.add_argument("--rope-dim", type=int, default=None, help="qk_rope_head_dim (default min(32, head_dim/2))")
-    c.add_argument("--init", choices=["ecomla", "xecomla"], default="ecomla",
+    c.add_argument("--init", choices=list(INIT_PRESETS), default="ecomla",
                    help="ecomla (default): the best measured initialization; xecomla: the paper's exact one "
                         "(plain weight SVD, uniform frequencies, mean RoPE key). Options below override it")
-    c.add_argument("--rope-freqs", choices=["uniform", "high", "low", "contribution", "cost"], default=None,
+    c.add_argument("--rope-freqs", choices=ROPE_FREQ_CHOICES, default=None,
                    help="which frequency pairs keep RoPE: uniform (every other pair), high, low, contribution "
                         "(per layer and RoPE key, largest query-key norm product on calibration text), or cost "
                         "(that product times how much losing the rotation changes the scores)")
     c.add_argument("--rope-key", default=None,
                    help="'shared' (one RoPE key, DeepSeek layout), 'per-group' (one per KV head), or a count")
-    c.add_argument("--rope-key-init", choices=["mean", "pca"], default=None,
+    c.add_argument("--rope-key-init", choices=ROPE_KEY_CHOICES, default=None,
                    help="how KV groups sharing a RoPE key merge: mean (X-EcoMLA) or pca (per frequency, on calibration text)")
     c.add_argument("--nope-dim", type=int, default=None, help="qk_nope_head_dim (default head_dim - rope dim)")
     c.add_argument("--v-dim", type=int, default=None, help="v_head_dim (default head_dim)")
     c.add_argument("--layers", default="all", help="'all' (full MLA), 'even', 'odd', or indices like 0,2,4 (hybrid)")
     c.add_argument("--num-mla-layers", type=int, default=None,
                    help="hybrid: convert this many layers, chosen by --layer-choice (instead of --layers)")
-    c.add_argument("--layer-choice", choices=["sensitivity", "alternate"], default="sensitivity",
+    c.add_argument("--layer-choice", choices=LAYER_CHOICES, default="sensitivity",
                    help="with --num-mla-layers: the least sensitive layers (measured) or evenly spaced ones")
-    c.add_argument("--svd", choices=["weights", "activations"], default=None,
+    c.add_argument("--svd", choices=SVD_CHOICES, default=None,
                    help="weights: X-EcoMLA's plain SVD; activations: whitened by the layers' inputs on --calib text")
-    c.add_argument("--rank-alloc", choices=["uniform", "spectrum"], default=None,
+    c.add_argument("--rank-alloc", choices=RANK_CHOICES, default=None,
                    help="uniform: one kv rank for every layer; spectrum: the same total split by the layers' spectra")
     c.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl with 'text'); default: model samples")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")

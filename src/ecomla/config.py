@@ -17,6 +17,7 @@ MEASURED_ROPE_FREQS = ("contribution", "cost")  # chosen per layer from calibrat
 ROPE_FREQ_CHOICES = ("uniform", "high", "low", *MEASURED_ROPE_FREQS)
 ROPE_KEY_CHOICES = ("mean", "pca")
 RANK_CHOICES = ("uniform", "spectrum")
+SVD_CHOICES = ("weights", "activations")
 LAYER_CHOICES = ("sensitivity", "alternate")
 
 # Named initializations: what each unset option means. "xecomla" is the paper's; "ecomla" is the
@@ -141,7 +142,7 @@ class MLAConversionConfig:
             )
         for name, value, choices in (("rope_freqs", out.rope_freqs, ROPE_FREQ_CHOICES),
                                      ("rope_key_init", out.rope_key_init, ROPE_KEY_CHOICES),
-                                     ("svd", out.svd, ("weights", "activations")),
+                                     ("svd", out.svd, SVD_CHOICES),
                                      ("rank_alloc", out.rank_alloc, RANK_CHOICES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")

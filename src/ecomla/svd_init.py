@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import SVD_CHOICES
 from .rope import nope_columns
 
 
@@ -202,8 +203,8 @@ def init_mla_layer(
     Exact at full rank either way."""
     H, G, D, n_r = num_heads, num_kv_heads, head_dim, rope_key_heads
     d = w_q.shape[1]
-    if svd not in ("weights", "activations"):
-        raise ValueError(f"svd must be 'weights' or 'activations', got {svd!r}")
+    if svd not in SVD_CHOICES:
+        raise ValueError(f"svd must be one of {SVD_CHOICES}, got {svd!r}")
     if svd == "activations" and input_cov is None:
         raise ValueError("svd='activations' needs input_cov (the layer's input covariance on calibration text)")
     # The SVDs run on the CPU in float64 whatever device the model is on; results come back on the CPU.
