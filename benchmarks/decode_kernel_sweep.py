@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,7 +45,9 @@ def main() -> int:
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("on CPU the kernel runs only in Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent / "src"), str(here)]
+    from decode_speed import copy_bandwidth, graph_seconds
     from ecomla.kernels.mla_decode import mla_decode
 
     B, S, H, R, DR, NR = args.batch, args.context, args.heads, args.rank, args.rope_dim, args.rope_key_heads
@@ -58,19 +59,7 @@ def main() -> int:
     scale = (R + DR) ** -0.5
     nbytes = sum(c.numel() * c.element_size() + k.numel() * k.element_size() for c, k in caches)
     ref = mla_decode(q_lat, q_pe, *caches[0], scale, None, NR, num_splits=1)  # (B, H, r)
-    copy_bw = None
-    if dev.type == "cuda":
-        src = torch.empty(1 << 29, dtype=dtype, device=dev)
-        dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(10):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        copy_bw = 2 * src.numel() * src.element_size() / best
-        del src, dst
+    copy_bw = copy_bandwidth(dev) if dev.type == "cuda" else None
 
     rows = []
     default = (None, 64, 4, 3)  # mla_decode's own settings: measured first, whatever the grid
@@ -82,19 +71,13 @@ def main() -> int:
         try:
             out = mla_decode(q_lat, q_pe, *caches[0], scale, None, NR, **kw)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            seconds = None
+            seconds = how = None
             if dev.type == "cuda":
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                def step(kw=kw):
                     for c, k in caches:
                         mla_decode(q_lat, q_pe, c, k, scale, None, NR, **kw)
-                graph.replay()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(args.repeats):
-                    graph.replay()
-                torch.cuda.synchronize()
-                seconds = (time.perf_counter() - t0) / args.repeats
+
+                seconds, how = graph_seconds(step, dev, args.repeats)
         except Exception as exc:  # noqa: BLE001  (a setting the compiler refuses, e.g. too much shared memory)
             print(f"splits={splits} block_n={block_n} warps={warps} stages={stages}: {type(exc).__name__}: {exc}"[:200])
             continue
@@ -103,7 +86,7 @@ def main() -> int:
                    num_warps=warps, num_stages=stages, rel_err_vs_one_chunk=err, cache_bytes=nbytes)
         if seconds is not None:
             bw = nbytes / seconds
-            row.update(step_us=round(1e6 * seconds, 2), bandwidth_gbs=round(bw / 1e9, 1),
+            row.update(step_us=round(1e6 * seconds, 2), timing=how, bandwidth_gbs=round(bw / 1e9, 1),
                        copy_bandwidth_gbs=round(copy_bw / 1e9, 1), fraction_of_copy=round(bw / copy_bw, 3))
         rows.append(row)
         print(f"splits={str(splits):>4} block_n={block_n:3d} warps={warps} stages={stages}: "

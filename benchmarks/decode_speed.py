@@ -109,20 +109,39 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / best
 
 
-def attention_bandwidth(model, cache, batch: int, device, repeats: int = 20) -> tuple[float, float, str]:
+def graph_seconds(fn, device, repeats: int = 20) -> tuple[float, str]:
+    """(seconds per call of `fn`, how timed): `fn` captured as a CUDA graph and replayed, so the time
+    is the GPU's and not Python's launch rate; timed eagerly (launch-bound) if capture fails."""
+    fn()  # compiles kernels, settles the allocator
+    how, run = "CUDA graph", fn
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except Exception as exc:  # noqa: BLE001  (report launch-bound eager timing rather than nothing)
+        how = f"eager ({type(exc).__name__})"
+    run()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats, how
+
+
+def attention_bandwidth(model, cache, batch: int, device) -> tuple[float, float, str]:
     """(seconds, bytes/s, how timed) of the attention of one decode step over every layer's cache,
     counting the cache bytes it must read: the MLA latent kernel for MLA layers, sdpa over K and V
-    otherwise. All layers, not one: a single layer's cache can fit in L2 and read faster than memory.
-    Captured as a CUDA graph, so the time is the GPU's and not Python's launch rate."""
+    otherwise. All layers, not one: a single layer's cache can fit in L2 and read faster than memory."""
     from ecomla.kernels.mla_decode import mla_decode_op
 
     cfg = model.config
     mla = set(getattr(cfg, "mla_layers", []) or [])
     heads = cfg.num_attention_heads
-    calls, nbytes = [], 0
+    calls = []
     for i, layer in enumerate(cache.layers):
         keys, values = layer.keys, layer.values
-        nbytes += keys.numel() * keys.element_size() + values.numel() * values.element_size()
         if i in mla:
             r, d_rope = keys.shape[-1], values.shape[-1] // cfg.rope_key_heads
             q_lat = torch.randn(batch, heads, r, dtype=DTYPE, device=device)  # (B, H, r)
@@ -138,23 +157,8 @@ def attention_bandwidth(model, cache, batch: int, device, repeats: int = 20) -> 
         for call in calls:
             call()
 
-    step()
-    how = "CUDA graph"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        run = graph.replay
-    except Exception as exc:  # noqa: BLE001  (report launch-bound eager timing rather than nothing)
-        how, run = f"eager ({type(exc).__name__})", step
-    run()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / repeats
-    return seconds, nbytes / seconds, how
+    seconds, how = graph_seconds(step, device)
+    return seconds, cache_nbytes(cache) / seconds, how
 
 
 def peak_rss() -> int:
