@@ -2,7 +2,7 @@
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/decode_speed.py                       # CPU: contexts 1K,4K,16K; batch 1,8
+    .venv/bin/python benchmarks/decode_speed.py --repeats 3           # CPU: contexts 1K,4K,16K; batch 1,8
     python benchmarks/decode_speed.py --device cuda --contexts 1024,4096,16384,32768 --batches 1,8,32
 
 For each model (the original; full MLA at kv_ratio 4 and 8; a hybrid with the even layers at
@@ -22,6 +22,10 @@ torch.cuda.max_memory_allocated on a GPU (for the static mode: from the static c
 On a GPU each configuration also records the kernel-vs-PyTorch error of one decode step, the time
 of one step's attention over every layer's cache (CUDA graph), the bandwidth that achieves over
 the cache bytes it must read, and the measured copy bandwidth.
+
+`--repeats N` runs every job N times in rounds and keeps, per row, the round with the median time
+(every round's value in ms_per_token_runs, error bars in the plot): on a shared 2-core machine
+one run's rows drift by up to 20-30% from the next run's.
 
 Outputs: a Markdown table, benchmarks/results/decode_speed[_cuda].json (flat rows: model, mode,
 device, context, batch, ms_per_token, tokens_per_s, prefill_ms, peak_mem_bytes, cache_bytes, ...)
@@ -330,6 +334,20 @@ def measure(model, context: int, batch: int, steps: int, prefill_max: int, dev, 
     return rows
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, mode, context, batch) from the rows of several rounds: the round with the
+    median ms_per_token (the lower one of an even count), every round's value in `ms_per_token_runs`.
+    Order: first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["mode"], r["context"], r["batch"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        ranked = sorted(runs, key=lambda r: r["ms_per_token"])
+        out.append({**ranked[(len(ranked) - 1) // 2], "ms_per_token_runs": [r["ms_per_token"] for r in runs]})
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -344,15 +362,19 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, b in zip(axes[0], batches):
         for i, model in enumerate(models):
             for mode, style in zip(modes, ("--", "-")[-len(modes):]):  # the last mode (static) solid
-                pts = sorted((r["context"], r["ms_per_token"]) for r in rows
-                             if r["model"] == model and r["batch"] == b and r["mode"] == mode)
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{model}, {mode}")
+                pts = sorted((r["context"], r["ms_per_token"], min(r["ms_per_token_runs"]), max(r["ms_per_token_runs"]))
+                             for r in rows if r["model"] == model and r["batch"] == b and r["mode"] == mode)
+                if pts:  # error bars: the fastest and slowest of the rounds (none with one round)
+                    x, y, lo, hi = (list(v) for v in zip(*pts))
+                    ax.errorbar(x, y, yerr=[[m - a for m, a in zip(y, lo)], [z - m for m, z in zip(y, hi)]], fmt=style,
+                                marker="o", color=f"C{i}", capsize=2, label=f"{model}, {mode}")
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step", title=f"batch {b}")
         ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M decode, {rows[0]['device']}, {rows[0]['dtype']}")
+    runs = max(len(r["ms_per_token_runs"]) for r in rows)
+    fig.suptitle(f"SmolLM2-135M decode, {rows[0]['device']}, {rows[0]['dtype']}"
+                 + (f" (median of {runs} runs, bars: fastest to slowest)" if runs > 1 else ""))
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -368,9 +390,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prefill-max", type=int, default=4096)
     p.add_argument("--no-static", action="store_true", help="time the DynamicCache only")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every job this many times, in rounds, and keep per row the median round: on a shared "
+                        "machine one run's numbers drift by tens of percent (each row lists every round's value)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "CONTEXTxBATCH,..."), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.worker:
         model_dir, configs = args.worker
         configs = [tuple(int(x) for x in c.split("x")) for c in configs.split(",")]
@@ -396,7 +423,7 @@ def main() -> int:
         # out of the way of a time-limited machine.
         jobs = [(name, d, [cb]) for cb in configs for name, d in dirs.items()] if args.device == "cpu" else \
             [(name, d, configs) for name, d in dirs.items()]
-        for name, d, job in jobs:
+        for i, (name, d, job) in enumerate(jobs * args.repeats):  # in rounds: each round runs every job once
             cmd = [sys.executable, __file__, "--worker", d, ",".join(f"{c}x{b}" for c, b in job), "--steps", str(args.steps),
                    "--prefill-max", str(args.prefill_max), "--device", args.device] + (["--no-static"] if args.no_static else [])
             res = subprocess.run(cmd, capture_output=True, text=True)
@@ -405,19 +432,22 @@ def main() -> int:
                 return 1
             for row in json.loads(res.stdout.strip().splitlines()[-1]):
                 rows.append({"model": name, **row})
-                print(f"{name:26s} {row['mode']:24s} ctx {row['context']:6d} batch {row['batch']:3d}: "
+                print(f"[{i // len(jobs) + 1}/{args.repeats}] {name:26s} {row['mode']:24s} ctx {row['context']:6d} batch {row['batch']:3d}: "
                       f"{row['ms_per_token']:9.2f} ms/token ({row['tokens_per_s']:.1f} tok/s), "
                       f"cache {row['cache_bytes'] / 2**20:.0f} MiB, peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
+    rows = median_rows(rows)
     rows.sort(key=lambda r: (r["context"], r["batch"]))  # stable: model and mode order kept within a configuration
 
     base = {(r["mode"], r["context"], r["batch"]): r["ms_per_token"] for r in rows if r["model"] == "original"}
     gpu = any("attn_bandwidth_fraction" in r for r in rows)
-    print("\n| model | mode | context | batch | ms/token | tokens/s | vs original (same mode) | prefill ms | cache MiB | peak GiB |"
+    print(f"\n| model | mode | context | batch | ms/token{' (range of runs)' if args.repeats > 1 else ''} | tokens/s | vs original (same mode) | prefill ms | cache MiB | peak GiB |"
           + (" attention GB/s (of copy) |" if gpu else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for r in rows:
         r["speedup_vs_original"] = round(base[(r["mode"], r["context"], r["batch"])] / r["ms_per_token"], 3)
-        print(f"| {r['model']} | {r['mode']} | {r['context']} | {r['batch']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
+        runs = r["ms_per_token_runs"]
+        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+        print(f"| {r['model']} | {r['mode']} | {r['context']} | {r['batch']} | {r['ms_per_token']:.2f}{spread} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_original']:.2f}x | {r['prefill_ms'] if r['prefill_ms'] is not None else '-'} | "
               f"{r['cache_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} |"
               + (f" {r['attn_bandwidth_gbs']} ({100 * r['attn_bandwidth_fraction']:.0f}%) |" if gpu else ""))

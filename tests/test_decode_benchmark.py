@@ -61,3 +61,19 @@ def test_worker_rows_have_the_promised_fields(tmp_path):
         assert r["ms_per_token"] > 0 and r["context"] == 20 and r["batch"] == 1
     assert rows[1]["first_step_rel_err_vs_dynamic"] == 0.0  # same cache, same token, same math on CPU
     assert rows[0]["prefill_ms"] > 0  # measured at batch 1 up to prefill_max
+
+
+def test_median_rows_keeps_the_median_round_and_every_value(tmp_path):
+    def row(model, ms, peak):
+        return dict(model=model, mode="eager, StaticCache", device="cpu", context=16, batch=1, ms_per_token=ms,
+                    peak_mem_bytes=peak, dtype="bfloat16")
+
+    rounds = [row("original", 30.0, 1), row("MLA", 12.0, 2), row("original", 10.0, 3), row("MLA", 11.0, 4),
+              row("original", 20.0, 5), row("MLA", 40.0, 6), row("original", 25.0, 7)]
+    rows = decode_speed.median_rows(rounds)
+    assert [r["model"] for r in rows] == ["original", "MLA"]  # first appearance
+    assert rows[0]["ms_per_token"] == 20.0 and rows[0]["peak_mem_bytes"] == 5  # lower median of 4; that round's fields
+    assert rows[0]["ms_per_token_runs"] == [30.0, 10.0, 20.0, 25.0]
+    assert rows[1]["ms_per_token"] == 12.0 and rows[1]["ms_per_token_runs"] == [12.0, 11.0, 40.0]
+    decode_speed.plot(rows, tmp_path / "p.png")  # error bars from the runs
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -174,9 +174,17 @@ class MLAAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention over the latent cache with W_uk folded into the query and W_uv applied last."""
         bsz, heads, q_len, _ = q_nope.shape
-        kv_len, n_r, d_rope = c_kv.shape[1], self.rope_key_heads, self.qk_rope_head_dim
-        w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        kv_len, n_r, d_rope, rank = c_kv.shape[1], self.rope_key_heads, self.qk_rope_head_dim, self.kv_lora_rank
+        w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_nope, r), (H, d_v, r)
+        # Absorption as one bmm over heads on strided views of W (no copy of it): einsum permutes and
+        # copies per call, ~15 us more per product on CPU (measured), which adds up over 30 layers.
+        q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(heads, bsz * q_len, -1), w_uk)  # (H, B*T, r)
+        q_lat = q_lat.view(heads, bsz, q_len, rank).transpose(0, 1)  # (B, H, T, r)
+
+        def up_values(o_lat: torch.Tensor) -> torch.Tensor:  # (B, H, T, r) -> (B, T, H, d_v)
+            out = torch.bmm(o_lat.transpose(0, 1).reshape(heads, bsz * q_len, rank), w_uv.transpose(1, 2))  # (H, B*T, d_v)
+            return out.view(heads, bsz, q_len, -1).permute(1, 2, 0, 3)  # (B, T, H, d_v)
 
         # One new token per sequence on a GPU: the Triton flash-decoding kernel (any rank / RoPE dim),
         # a registered operator, so it also runs inside torch.compile graphs and CUDA graphs. Not when
@@ -186,36 +194,36 @@ class MLAAttention(nn.Module):
                 and not (torch.is_grad_enabled() and q_nope.requires_grad)):
             kernel = _decode_kernel()
         if kernel is not None:
-            q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], w_uk)  # (B, H, r)
             mask = None
             if attention_mask is not None:
                 mask = attention_mask[:, 0, -1, :kv_len].expand(bsz, -1)  # (B, S) bool or additive; batch may broadcast
-            o_lat = kernel(q_lat, q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
-            return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None]  # (B, 1, H, d_v)
+            o_lat = kernel(q_lat[:, :, 0], q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
+            return up_values(o_lat[:, :, None])  # (B, 1, H, d_v)
 
         # All heads and queries share one latent (and n_r RoPE keys): fold (H, T) into the rows of one
         # batched matmul per sequence, so the cache is read once, never broadcast per head.
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).reshape(bsz, heads * q_len, -1)  # (B, H*T, r)
-        scores = torch.bmm(q_lat, c_kv.transpose(1, 2))  # (B, H*T, S)
+        scores = torch.bmm(q_lat.reshape(bsz, heads * q_len, rank), c_kv.transpose(1, 2))  # (B, H*T, S)
         q_pe = q_pe.reshape(bsz * n_r, heads // n_r * q_len, d_rope)  # (B*n_r, H/n_r*T, d_rope)
         k_pe = k_pe.view(bsz, kv_len, n_r, d_rope).permute(0, 2, 3, 1).reshape(bsz * n_r, d_rope, kv_len)  # (B*n_r, d_rope, S)
         scores = scores + torch.bmm(q_pe, k_pe).view(bsz, heads * q_len, kv_len)  # (B, H*T, S)
         scores = scores.view(bsz, heads, q_len, kv_len).float() * self.scaling  # (B, H, T, S)
 
+        # torch.where with the "attend" mask as is: no negated copy, and 25% faster than masked_fill
+        # over the broadcast head dim on CPU (measured at 16K, batch 8); same values.
         if attention_mask is None:
             # transformers drops the mask only where sdpa's `is_causal` is right: a single query
             # (sees everything) or an empty cache (upper-left aligned causal, as torch defines it).
             if q_len > 1:
                 allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()  # (T, S)
-                scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+                scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)  # (B, H, T, S)
         elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., :kv_len], torch.finfo(scores.dtype).min)
+            scores = torch.where(attention_mask[..., :kv_len], scores, torch.finfo(scores.dtype).min)  # (B, H, T, S)
         else:
             scores = scores + attention_mask[..., :kv_len].float()
         probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)  # (B, H, T, S)
 
-        o_lat = torch.bmm(probs.view(bsz, heads * q_len, kv_len), c_kv).view(bsz, heads, q_len, -1)  # (B, H, T, r)
-        return torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # (B, T, H, d_v)
+        o_lat = torch.bmm(probs.view(bsz, heads * q_len, kv_len), c_kv).view(bsz, heads, q_len, rank)  # (B, H, T, r)
+        return up_values(o_lat)  # (B, T, H, d_v)
 
 
 __all__ = ["MLAAttention"]
