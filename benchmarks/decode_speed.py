@@ -25,7 +25,7 @@ the cache bytes it must read, and the measured copy bandwidth.
 
 `--repeats N` runs every job N times in rounds and keeps, per row, the round with the median time
 (every round's value in ms_per_token_runs, error bars in the plot): on a shared 2-core machine
-one run's rows drift by up to 20-30% from the next run's.
+the same row varied by 11% between runs (median over rows of (slowest - fastest) / median; up to 36%).
 
 Outputs: a Markdown table, benchmarks/results/decode_speed[_cuda].json (flat rows: model, mode,
 device, context, batch, ms_per_token, tokens_per_s, prefill_ms, peak_mem_bytes, cache_bytes, ...)
