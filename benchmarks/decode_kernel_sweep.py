@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from common import RESULTS, copy_bandwidth, graph_seconds, write_json
 
 
 def main() -> int:
@@ -39,15 +40,12 @@ def main() -> int:
     p.add_argument("--warps", default="2,4,8")
     p.add_argument("--stages", default="2,3")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("on CPU the kernel runs only in Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    here = Path(__file__).resolve().parent
-    sys.path[:0] = [str(here.parent / "src"), str(here)]
-    from decode_speed import copy_bandwidth, graph_seconds
     from ecomla.kernels.mla_decode import mla_decode
 
     B, S, H, R, DR, NR = args.batch, args.context, args.heads, args.rank, args.rope_dim, args.rope_key_heads
@@ -99,12 +97,7 @@ def main() -> int:
         print(f"best: splits={best['num_splits']} block_n={best['block_n']} warps={best['num_warps']} "
               f"stages={best['num_stages']}: {best['bandwidth_gbs']} GB/s ({100 * best['fraction_of_copy']:.1f}% of copy "
               f"{best['copy_bandwidth_gbs']} GB/s); default: {rows[0]['bandwidth_gbs']} GB/s")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode_kernel_sweep_{dev.type}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    write_json(Path(args.out_dir) / f"decode_kernel_sweep_{dev.type}.json", rows)
     return 0
 
 

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from common import RESULTS, copy_bandwidth, graph_seconds, pyplot, save_figure, sync, write_json
+
 DTYPE = torch.bfloat16
 
 
@@ -99,41 +101,6 @@ def cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
-    """The machine's device-memory copy bandwidth, bytes/s (read + write), best of 10 copies."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
-
-
-def graph_seconds(fn, device, repeats: int = 20) -> tuple[float, str]:
-    """(seconds per call of `fn`, how timed): `fn` captured as a CUDA graph and replayed, so the time
-    is the GPU's and not Python's launch rate; timed eagerly (launch-bound) if capture fails."""
-    fn()  # compiles kernels, settles the allocator
-    how, run = "CUDA graph", fn
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    except Exception as exc:  # noqa: BLE001  (report launch-bound eager timing rather than nothing)
-        how = f"eager ({type(exc).__name__})"
-    run()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats, how
-
-
 def attention_bandwidth(model, cache, batch: int, device) -> tuple[float, float, str]:
     """(seconds, bytes/s, how timed) of the attention of one decode step over every layer's cache,
     counting the cache bytes it must read: the MLA latent kernel for MLA layers, sdpa over K and V
@@ -175,11 +142,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_steps(step, steps: int, device) -> float:
@@ -349,11 +311,7 @@ def median_rows(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     batches = sorted({r["batch"] for r in rows})
     contexts = sorted({r["context"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -376,9 +334,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle(f"SmolLM2-135M decode, {rows[0]['device']}, {rows[0]['dtype']}"
                  + (f" (median of {runs} runs, bars: fastest to slowest)" if runs > 1 else ""))
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> int:
@@ -393,7 +349,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="run every job this many times, in rounds, and keep per row the median round: on a shared "
                         "machine one run's numbers drift by tens of percent (each row lists every round's value)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "CONTEXTxBATCH,..."), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.repeats < 1:
@@ -451,12 +407,9 @@ def main() -> int:
               f"{r['speedup_vs_original']:.2f}x | {r['prefill_ms'] if r['prefill_ms'] is not None else '-'} | "
               f"{r['cache_bytes'] / 2**20:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} |"
               + (f" {r['attn_bandwidth_gbs']} ({100 * r['attn_bandwidth_fraction']:.0f}%) |" if gpu else ""))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out_dir)  # atomic_write creates it
     suffix = "" if args.device == "cpu" else f"_{args.device}"
-    tmp_json = out / f".decode_speed{suffix}.json.tmp"
-    tmp_json.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp_json, out / f"decode_speed{suffix}.json")
+    write_json(out / f"decode_speed{suffix}.json", rows)
     plot(rows, out / f"decode_speed{suffix}.png")
     return 0
 

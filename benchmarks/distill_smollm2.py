@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ROOT.parent / "shared" / "data" / "train"
+from common import DATA, RESULTS, ROOT, pyplot, save_figure, write_json
+
+TRAIN = DATA / "train"
 
 
 def main() -> int:
@@ -38,20 +39,21 @@ def main() -> int:
     if not TRAIN.is_dir():
         sys.exit(f"{TRAIN} not found: this benchmark reads ../shared/data/train (see README)")
     from ecomla.cli import main as cli
-    from ecomla.distill import DistillConfig, distill
+    from ecomla.training.distill import DistillOptions, distill
 
     work = Path(args.work)
     converted = work / "converted"
     t0 = time.time()
     if not (converted / "config.json").is_file():
         assert cli(["convert", "smollm2-135m", "--kv-rank", "48", "--rope-dim", "16", "--rope-key", "per-group",
-                    "--svd", "activations", "--rope-freqs", "uniform",  # the initialization these results were measured with "--calib", str(TRAIN / "wiki_demo.txt"), "--out", str(converted), "--overwrite"]) == 0
+                    "--svd", "activations", "--rope-freqs", "uniform",  # the initialization these results were measured with
+                    "--calib", str(TRAIN / "wiki_demo.txt"), "--out", str(converted), "--overwrite"]) == 0
     convert_s = time.time() - t0
     data = [str(TRAIN / f) for f in ("c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json")]
-    cfg = DistillConfig(student=str(converted), teacher="smollm2-135m", out=str(work / "distilled"), data=data,
-                        tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup=0.05,
-                        precision=args.precision, eval_every=max(1, args.tokens // (args.batch_size * args.seq_len) // 4),
-                        save_every=10**9, overwrite=True, eval_fraction=0.004)
+    cfg = DistillOptions(student=str(converted), teacher="smollm2-135m", out=str(work / "distilled"), data=data,
+                         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup=0.05,
+                         precision=args.precision, eval_every=max(1, args.tokens // (args.batch_size * args.seq_len) // 4),
+                         save_every=10**9, overwrite=True, eval_fraction=0.004)
     summary = distill(cfg)
     log = [json.loads(r) for r in (work / "distilled" / "training" / "log.jsonl").read_text().splitlines()]
     curve = [r for r in log if "heldout_kl" in r]
@@ -66,18 +68,13 @@ def main() -> int:
         "train_tokens_per_s": summary["train_tokens_per_s"], "convert_seconds": convert_s,
         "before": summary["before"], "after": summary["after"], "curve": curve,
     }
-    out = ROOT / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    write_json(RESULTS / f"{args.name}.json", result)
     b, a = summary["before"], summary["after"]
     print(f"| | held-out KL | held-out ppl |\n|---|---|---|\n| teacher (original) | 0 | {b['teacher_ppl']:.2f} |\n"
           f"| converted, before | {b['heldout_kl']:.3f} | {b['heldout_ppl']:.2f} |\n"
           f"| distilled, {summary['tokens']} tokens | {a['heldout_kl']:.3f} | {a['heldout_ppl']:.2f} |\n"
           f"training: {summary['train_tokens_per_s']:.0f} tokens/s ({result['device']})")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot([r["tokens"] for r in curve], [r["heldout_kl"] for r in curve], marker="o")
     ax[0].set(xlabel="training tokens", ylabel="held-out KL(teacher || student)", yscale="log")
@@ -89,7 +86,7 @@ def main() -> int:
         a_.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M -> full MLA (4x smaller KV cache): distillation")
     fig.tight_layout()
-    fig.savefig(out / f"{args.name}.png", dpi=120)
+    save_figure(fig, RESULTS / f"{args.name}.png", dpi=120)
     return 0
 
 

@@ -21,31 +21,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ecomla.eval_tasks import DEFAULT_TASKS
-from ecomla.evaluate import run_eval
+from ecomla.evaluation.evaluate import run_eval
+from ecomla.options import DEFAULT_TASKS, EvalOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import DATA, RESULTS, write_json
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="more models to compare with the teacher")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "eval"))
+    p.add_argument("--data-dir", default=str(DATA / "eval"))
     p.add_argument("--tasks", default=",".join([*DEFAULT_TASKS, "wikitext"]))
     p.add_argument("--name", default="eval_smollm2", help="results file stem in benchmarks/results/")
     args = p.parse_args()
     if not Path(args.data_dir).is_dir():
         sys.exit(f"{args.data_dir} not found: this benchmark reads ../shared/data/eval (see README)")
     with tempfile.TemporaryDirectory() as tmp:
-        md, rows = run_eval(["smollm2-135m", *args.models], args.tasks.split(","), out=f"{tmp}/r", data_dir=args.data_dir,
-                            limit=args.limit, dtype="bfloat16")
-        results = ROOT / "benchmarks" / "results"
+        md, rows = run_eval(EvalOptions(models=["smollm2-135m", *args.models], tasks=args.tasks.split(","),
+                                        out=f"{tmp}/r", data_dir=args.data_dir, limit=args.limit, dtype="bfloat16"))
         data = json.loads(Path(f"{tmp}/r/results.json").read_text())
         data["meta"]["command"] = "python benchmarks/eval_smollm2.py " + " ".join(sys.argv[1:])
-        (results / f"{args.name}.json").write_text(json.dumps(data, indent=1))
-        shutil.copy(f"{tmp}/r/results.md", results / f"{args.name}.md")
-        shutil.copy(f"{tmp}/r/results.png", results / f"{args.name}.png")
+        write_json(RESULTS / f"{args.name}.json", data)
+        shutil.copy(f"{tmp}/r/results.md", RESULTS / f"{args.name}.md")
+        shutil.copy(f"{tmp}/r/results.png", RESULTS / f"{args.name}.png")
     print(md)
     print("seconds per model:", data["meta"]["seconds"])
     return 0

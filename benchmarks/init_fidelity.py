@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,10 +38,12 @@ from pathlib import Path
 import torch
 
 from ecomla import MLAConversionConfig, convert, load_model
-from ecomla.calibration import attention_input_covariance, file_calibration_ids
-from ecomla.config import cache_values_per_token, max_kv_lora_rank
+from ecomla.conversion.calibration import attention_input_covariance, file_calibration_ids
+from ecomla.conversion.kv import cache_values_per_token, max_kv_lora_rank
+from ecomla.io import atomic_write
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from common import DATA, RESULTS, pyplot, save_figure, write_json
+
 XECOMLA = dict(init="xecomla")
 METHODS = {  # name -> conversion options (added to kv_ratio)
     "xecomla": XECOMLA,
@@ -109,7 +110,7 @@ def main() -> int:
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--only", default="methods,hybrid",
                    help="comma list of row groups: methods, hybrid, split, rope (the RoPE change alone, at full rank)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="init_fidelity", help="result file stem")
     p.add_argument("--resume", action="store_true", help="keep the rows already in the result JSON and skip them")
     args = p.parse_args()
@@ -159,7 +160,7 @@ def main() -> int:
                          rope_freqs=conv["rope_freqs"], rope_key_init=conv["rope_key_init"], rank_alloc=conv["rank_alloc"],
                          mla_layers=c.mla_layers if len(c.mla_layers) < c.num_hidden_layers else "all",
                          ppl=round(ppl, 3), kl=round(kl, 4), seconds=round(time.time() - t, 1)))
-        save_json(rows, out_dir, args.name)  # partial results survive an interrupted run (--resume)
+        write_json(result, rows)  # partial results survive an interrupted run (--resume)
         print(f"{name:16s} KV {rows[-1]['kv_fraction']:.3f} r={c.kv_lora_rank:3d} RoPE {c.rope_key_heads}x{c.qk_rope_head_dim}: "
               f"ppl {ppl:10.2f}  KL {kl:.4f}  ({time.time() - t:.0f} s)", flush=True)
 
@@ -194,26 +195,13 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def save_json(rows, out: Path, stem: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, out / f"{stem}.json")
-
-
 def write(rows, out: Path, tokens: int, stem: str) -> None:
     md = table(rows)
     print("\n" + md)
-    save_json(rows, out, stem)
-    tmp = out / f".{stem}.md.tmp"
-    tmp.write_text(f"SmolLM2-135M-Instruct, no training, {tokens} WikiText-2 test tokens\n\n{md}\n")
-    os.replace(tmp, out / f"{stem}.md")
+    write_json(out / f"{stem}.json", rows)
+    atomic_write(out / f"{stem}.md", f"SmolLM2-135M-Instruct, no training, {tokens} WikiText-2 test tokens\n\n{md}\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in METHODS:
         pts = sorted((1 / r["kv_fraction"], r["kl"]) for r in rows if r["method"] == name)
@@ -228,8 +216,7 @@ def write(rows, out: Path, tokens: int, stem: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f".{stem}.tmp.png", dpi=110)
-    os.replace(out / f".{stem}.tmp.png", out / f"{stem}.png")
+    save_figure(fig, out / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Run (from the repository root; CPU, about 3 minutes with the default contexts):
 For each model (the original; full MLA at kv_ratio 4 and 8; a hybrid with the even layers at
 kv_lora_rank 64) and each context length, prefill random token ids (batch 1) through the base
 model and sum the bytes of every tensor the returned cache holds. Beside it the prediction of
-`ecomla.config.cache_bytes`. Exits 1 if any measurement differs from its prediction.
+`ecomla.conversion.kv.cache_bytes`. Exits 1 if any measurement differs from its prediction.
 
 Default dtype bfloat16 (2 bytes per cached value, the usual inference dtype; on this CPU it is
 also faster than float32). Default contexts 1K..8K: 8K is SmolLM2's max_position_embeddings, and
@@ -21,16 +21,16 @@ and <out-dir>/kv_memory.png (cache MiB vs context: markers measured, lines predi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
 from ecomla import MLAConversionConfig, convert, load_model
-from ecomla.config import cache_bytes, cache_values_per_token
+from ecomla.conversion.kv import cache_bytes, cache_values_per_token
+
+from common import RESULTS, pyplot, save_figure, write_json
 
 MIB = 2**20
 
@@ -53,24 +53,8 @@ def measured_cache_bytes(cache) -> int:
     return total
 
 
-def atomic_write(path: str, write) -> None:
-    """Call write(binary file) on a temp file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -91,15 +75,14 @@ def plot(rows: list[dict], path: str) -> None:
     ax.legend(title="model (kv fraction)", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contexts", default="1024,2048,4096,8192", help="comma list of prefill lengths")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     dtype = getattr(torch, args.dtype)
@@ -150,7 +133,7 @@ def main(argv=None) -> int:
             f"| {r['cache_bytes_predicted'] / MIB:.3f} | {'yes' if r['equal'] else 'NO'} |"
         )
     json_path = os.path.join(args.out_dir, "kv_memory.json")
-    atomic_write(json_path, lambda f: f.write((json.dumps(rows, indent=2) + "\n").encode()))
+    write_json(json_path, rows)
     plot(rows, os.path.join(args.out_dir, "kv_memory.png"))
     print(f"\nwrote {json_path} and kv_memory.png; {args.dtype}, {device}; total {time.time() - start:.0f} s", file=sys.stderr)
 

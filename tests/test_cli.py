@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import tiny_llama, tiny_model_dir
-from ecomla.cli import main, parse_layers
+from ecomla.cli import main
+from ecomla.conversion.plan import parse_layers
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,13 @@ def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(["convert", str(tiny_dir), "--kv-ratio", "2", "--rope-dim", "8", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    # --overwrite never removes a folder ecomla did not write
+    assert main(["convert", str(tiny_dir), "--kv-ratio", "2", "--rope-dim", "8", "--out", str(out), "--overwrite"]) == 2
+    assert "not written by ecomla (it holds keep.txt)" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
+    out = tmp_path / "mla2"
+    assert main(["convert", str(tiny_dir), "--kv-rank", "8", "--rope-dim", "8", "--init", "xecomla", "--out", str(out)]) == 0
     assert main(["convert", str(tiny_dir), "--kv-ratio", "2", "--rope-dim", "8", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert "replacing" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(out).config.kv_lora_rank == 24  # (24 + 8) / 64 = 2x
 
 
@@ -44,11 +50,11 @@ def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     (["--kv-rank", "16", "--rope-dim", "64"], "RoPE dimension 64 is invalid"),
     (["--kv-rank", "16", "--layers", "0,9"], "out of range"),
     (["--kv-rank", "16", "--layers", "x"], "--layers 'x'"),
-    (["--kv-ratio", "0.5"], "kv_ratio must be > 1"),
-    (["--kv-rank", "16", "--svd", "activations", "--calib", "/no/such/calib.txt"], "calibration file not found"),
+    (["--kv-ratio", "0.5"], "kv_ratio (--kv-ratio) must be > 1, got 0.5"),
+    (["--kv-rank", "16", "--svd", "activations", "--calib", "/no/such/calib.txt"], "--calib /no/such/calib.txt: no such file"),
     (["--kv-rank", "16", "--num-mla-layers", "9"], "num_mla_layers=9 must be between 1"),
-    (["--kv-rank", "16", "--target", "deepseek-v3", "--rope-freqs", "contribution"], "standard rotary frequencies"),
-    (["--kv-rank", "16", "--svd", "activations", "--calib-tokens", "0"], "--calib-tokens must be at least 256"),
+    (["--kv-rank", "16", "--target", "deepseek-v3", "--rope-freqs", "contribution"], "DeepSeek-V3 one standard rotary"),
+    (["--kv-rank", "16", "--svd", "activations", "--calib-tokens", "0"], "calib_tokens (--calib-tokens) must be >= 256"),
     (["--kv-rank", "16", "--rope-key", "two"], "rope_key_heads='two'"),
 ])
 def test_bad_settings_fail_clearly_and_write_nothing(tiny_dir, tmp_path, capsys, args, message):
@@ -78,10 +84,12 @@ def test_kv_table_for_original_and_refusal_for_others(tiny_dir, tmp_path, capsys
 
 
 def test_parse_layers():
-    assert parse_layers("all") is None
-    assert parse_layers("0,2,4") == [0, 2, 4]
-    assert parse_layers("0-3,6") == [0, 1, 2, 3, 6]
+    assert parse_layers("all", 3) == [0, 1, 2] and parse_layers(None, 2) == [0, 1]
+    assert parse_layers("0,2,4", 8) == [0, 2, 4]
+    assert parse_layers("0-3,6", 8) == [0, 1, 2, 3, 6]
     assert parse_layers("even", 5) == [0, 2, 4] and parse_layers("odd", 5) == [1, 3]
+    with pytest.raises(ValueError, match="--layers '3-1'"):
+        parse_layers("3-1", 8)
 
 
 def test_convert_chooses_layers_ranks_and_frequencies_and_caches_statistics(tiny_dir, tmp_path, capsys):

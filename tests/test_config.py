@@ -3,12 +3,21 @@
 import pytest
 from transformers import LlamaConfig
 
-from ecomla.config import MLAConversionConfig, kv_fraction, max_kv_lora_rank, rank_for_ratio
+from ecomla import MLAConversionConfig
+from ecomla.conversion.kv import cache_values_per_token, max_kv_lora_rank, rank_for_ratio
+from ecomla.conversion.plan import build_config, resolve
 
 
 def llama32(layers, kv_heads, head_dim, heads, hidden):
     return LlamaConfig(num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim,
                        num_attention_heads=heads, hidden_size=hidden, intermediate_size=4 * hidden)
+
+
+def kv_fraction(config, layers, rank, rope_keys, rope_dim):
+    """Cache size relative to the original, from the converted config the converter would write."""
+    conv = resolve(MLAConversionConfig(kv_lora_rank=rank, layers=layers, rope_key_heads=rope_keys, qk_rope_head_dim=rope_dim,
+                               init="xecomla"), config)
+    return cache_values_per_token(build_config(config, conv)) / cache_values_per_token(config)
 
 
 LLAMA_1B = llama32(16, 8, 64, 32, 2048)
@@ -42,7 +51,7 @@ def test_rank_for_ratio_picks_largest_rank_meeting_ratio():
 
 
 def test_resolve_defaults():
-    conv = MLAConversionConfig(kv_ratio=4).resolve(SMOLLM2)
+    conv = resolve(MLAConversionConfig(kv_ratio=4), SMOLLM2)
     assert (conv.kv_lora_rank, conv.qk_nope_head_dim, conv.v_head_dim, conv.layers) == (64, 32, 64, list(range(30)))
     assert max_kv_lora_rank(SMOLLM2, 32) == 288  # 3 groups x (64 + 64 - 32)
 
@@ -51,17 +60,19 @@ def test_resolve_defaults():
     "kwargs, message",
     [
         (dict(kv_lora_rank=289), "kv_lora_rank=289 is impossible"),
-        (dict(kv_lora_rank=0), "impossible"),
+        (dict(kv_lora_rank=0), r"kv_lora_rank \(--kv-rank\) must be >= 1"),
         (dict(kv_lora_rank=64, qk_rope_head_dim=31), "RoPE dimension 31 is invalid"),
         (dict(kv_lora_rank=64, qk_rope_head_dim=66), "RoPE dimension 66 is invalid"),
         (dict(kv_lora_rank=64, layers=[0, 30]), "out of range"),
         (dict(kv_lora_rank=64, rope_key_heads=2), "divide the number of KV heads"),
         (dict(kv_lora_rank=64, q_lora_rank=10_000), "q_lora_rank=10000 is impossible"),
-        (dict(), "exactly one of kv_lora_rank"),
-        (dict(kv_lora_rank=64, kv_ratio=4), "exactly one of kv_lora_rank"),
+        (dict(), "give the latent size"),
+        (dict(kv_lora_rank=64, kv_ratio=4), "not both"),
+        (dict(kv_ratio=float("nan")), "finite"),
+        (dict(kv_lora_rank=64, layers="3-1"), "--layers '3-1'"),
         (dict(kv_lora_rank=64, rope_freqs="random"), "rope_freqs"),
     ],
 )
 def test_resolve_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MLAConversionConfig(**kwargs).resolve(SMOLLM2)
+        resolve(MLAConversionConfig(**kwargs), SMOLLM2)

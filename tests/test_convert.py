@@ -7,8 +7,8 @@ import torch
 
 from conftest import randomized, rel_err, tiny_llama
 from ecomla import MLAConversionConfig, convert
-from ecomla.config import max_kv_lora_rank
-from ecomla.rope import select_rope_pairs
+from ecomla.conversion.kv import max_kv_lora_rank
+from ecomla.model.rope import select_rope_pairs
 from ecomla.sources import UnsupportedModelError
 
 

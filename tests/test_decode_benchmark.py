@@ -3,6 +3,7 @@ static-cache step (the one captured as a CUDA graph on a GPU) generates the same
 over a DynamicCache from the same cache, and its rows carry the fields the results file promises."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,18 @@ import torch
 from conftest import tiny_llama
 from ecomla import MLAConversionConfig, convert
 
-SPEC = importlib.util.spec_from_file_location("decode_speed", Path(__file__).parents[1] / "benchmarks" / "decode_speed.py")
-decode_speed = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(decode_speed)
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as module NAME, registered so that another script's `from NAME import ...` finds it
+    (run as scripts, they find each other through their own directory on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+load_benchmark("common")  # decode_speed imports it
+decode_speed = load_benchmark("decode_speed")
 CPU = torch.device("cpu")
 
 

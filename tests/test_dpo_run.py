@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     from ecomla import MLAConversionConfig, convert, load_model
-    from ecomla.atomic import save_checkpoint
+    from ecomla.io import save_checkpoint
 
     root = tmp_path_factory.mktemp("dpo")
     model, tok = load_model(str(tiny_model_dir(root / "teacher")))
@@ -22,7 +22,7 @@ def student(tmp_path_factory):
 
 
 def test_preference_formats(tmp_path):
-    from ecomla.dpo import read_preferences
+    from ecomla.training.dpo import read_preferences
 
     (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
     assert read_preferences(tmp_path / "a.jsonl") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
@@ -43,14 +43,14 @@ def test_preference_formats(tmp_path):
 
 
 def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):
-    from ecomla.dpo import DPOArgs, dpo
+    from ecomla.training.dpo import DPOOptions, dpo
     from ecomla.sources import load_model
 
     row = {"conversations": [{"from": "human", "value": "what is the sky?"}], "chosen": {"from": "gpt", "value": "blue."},
            "rejected": {"from": "gpt", "value": "a dog ran."}}
     (tmp_path / "p.json").write_text(json.dumps([row] * 4))
     before, _ = load_model(student)
-    out = dpo(DPOArgs(model=student, data=str(tmp_path / "p.json"), out=str(tmp_path / "o"), max_steps=3, lr=1e-3),
+    out = dpo(DPOOptions(model=student, data=str(tmp_path / "p.json"), out=str(tmp_path / "o"), max_steps=3, lr=1e-3),
               log=lambda *a: None)
     history = json.loads((tmp_path / "o.dpo-state" / "log_history.json").read_text())
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
@@ -62,7 +62,7 @@ def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):
 
 
 def test_run_recipe_end_to_end(tmp_path):
-    from ecomla.run import run_recipe
+    from ecomla.pipeline import run_recipe
 
     teacher = tiny_model_dir(tmp_path / "teacher")
     (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
@@ -86,13 +86,13 @@ def test_run_recipe_end_to_end(tmp_path):
 
 
 def test_bad_recipes(tmp_path):
-    from ecomla.run import run_recipe
+    from ecomla.pipeline import run_recipe
 
     (tmp_path / "a.yaml").write_text("model: x\nout: y\nconvert: {kv_rank: 8}\ndistil: {}\n")
     with pytest.raises(ValueError, match="unknown section.*distil"):
         run_recipe(tmp_path / "a.yaml")
     (tmp_path / "b.yaml").write_text(f"model: {tmp_path}\nout: {tmp_path / 'o'}\nconvert: {{kv_rank: 8, bogus: 1}}\n")
-    with pytest.raises(ValueError, match="section 'convert' has an option"):
+    with pytest.raises(ValueError, match="recipe section 'convert': unknown option 'bogus'"):
         run_recipe(tmp_path / "b.yaml")
     with pytest.raises(FileNotFoundError):
         run_recipe(tmp_path / "missing.yaml")

@@ -12,8 +12,9 @@ from conftest import tiny_model_dir
 
 pytest.importorskip("lm_eval")
 
-from ecomla.eval_tasks import LOCAL_TASKS, hellaswag_item, local_task_config, winogrande_row  # noqa: E402
-from ecomla.evaluate import check_tasks, continuation_logprobs, perplexity, run_eval  # noqa: E402
+from ecomla.evaluation.tasks import LOCAL_TASKS, hellaswag_item, local_task_config, winogrande_row  # noqa: E402
+from ecomla.evaluation.evaluate import check_tasks, continuation_logprobs, perplexity, run_eval  # noqa: E402
+from ecomla.options import EvalOptions  # noqa: E402
 
 ARC = [
     {"query": "Question: the cat sat on the?", "choices": ["mat", "park", "song"], "gold": 0},
@@ -93,8 +94,9 @@ def hand_loglikelihood(model, tok, context: str, continuation: str) -> float:
 def test_harness_scores_equal_hand_computation(tiny_dir, data_dir, tmp_path):
     from ecomla.sources import load_model
 
-    md, rows = run_eval([str(tiny_dir)], ["arc_easy", "lambada_openai", "wikitext"], out=str(tmp_path / "r"),
-                        data_dir=str(data_dir), dtype="float32", device="cpu", batch_size=2)
+    md, rows = run_eval(EvalOptions(models=[str(tiny_dir)], tasks=["arc_easy", "lambada_openai", "wikitext"],
+                                    out=str(tmp_path / "r"), data_dir=str(data_dir), dtype="float32", device="cpu",
+                                    batch_size=2, ppl_window=2048, ppl_stride=1024))
     model, tok = load_model(str(tiny_dir))
     acc = acc_norm = 0.0
     for r in ARC:
@@ -118,7 +120,7 @@ def test_continuation_logprobs_equal_stock_hflm(tiny_dir):
     """The head-on-continuations path gives HFLM's own numbers (ragged batch, truncation)."""
     from lm_eval.models.huggingface import HFLM
 
-    from ecomla.evaluate import make_lm
+    from ecomla.evaluation.evaluate import make_lm
     from ecomla.sources import load_model
 
     model, tok = load_model(str(tiny_dir))
@@ -160,12 +162,14 @@ def test_bad_input_fails_before_work(tiny_dir, data_dir, tmp_path):
         check_tasks(["piqa"], str(empty))
     # every model must resolve before the first one is evaluated
     with pytest.raises(FileNotFoundError, match="not found"):
-        run_eval([str(tiny_dir), str(tmp_path / "missing-model")], ["arc_easy"], data_dir=str(data_dir))
+        run_eval(EvalOptions(models=[str(tiny_dir), str(tmp_path / "missing-model")], tasks=["arc_easy"],
+                             data_dir=str(data_dir)))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     with pytest.raises((ValueError, OSError)):
-        run_eval([str(tiny_dir), str(broken)], ["arc_easy"], data_dir=str(data_dir), out=str(tmp_path / "never"))
+        run_eval(EvalOptions(models=[str(tiny_dir), str(broken)], tasks=["arc_easy"], data_dir=str(data_dir),
+                             out=str(tmp_path / "never")))
     assert not (tmp_path / "never").exists()
 
 

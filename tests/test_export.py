@@ -4,12 +4,14 @@ import subprocess
 import sys
 
 import pytest
+
+from ecomla.conversion.plan import resolve
 import torch
 
 from conftest import rel_err, tiny_llama
 from ecomla import MLAConversionConfig, convert
 from ecomla.cli import main
-from ecomla.export import ExportError, export_deepseek_v3, interleave_permutation
+from ecomla.export.deepseek_v3 import ExportError, export_deepseek_v3, interleave_permutation
 
 FRESH = """
 import sys, torch
@@ -93,7 +95,7 @@ def test_interleave_permutation():
     (dict(rope_freqs="high"), "not those of a standard rotary.*--rope-freqs uniform"),
     (dict(rope_freqs="cost"), "keep different RoPE frequencies.*--rope-freqs uniform"),
     (dict(), "latent has no RMS norm.*--target deepseek-v3"),
-    (dict(target="deepseek-v3", rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+    (dict(rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 64}), "rope scaling 'yarn' depends on the rotary"),
 ])
 def test_refusals_name_the_reason_and_the_fix(tmp_path, capsys, conv, message):
@@ -109,15 +111,22 @@ def test_refusals_name_the_reason_and_the_fix(tmp_path, capsys, conv, message):
 
 
 def test_per_layer_ranks_are_refused():
-    from ecomla.export import export_problems
+    from ecomla.export.deepseek_v3 import deepseek_v3_problems as export_problems
 
     model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="deepseek-v3"),
                     progress=False)
     assert export_problems(model.config) == []
-    with pytest.raises(ValueError, match="one latent rank in every layer"):
-        MLAConversionConfig(kv_lora_rank=16, rank_alloc="spectrum", target="deepseek-v3").resolve(model.config)
+    with pytest.raises(ValueError, match="one latent rank in every layer .*--rank-alloc uniform"):
+        resolve(MLAConversionConfig(kv_lora_rank=16, rank_alloc="spectrum", target="deepseek-v3"), model.config)
     model.config.layer_kv_lora_ranks = {"0": 12, "1": 20}
     assert any("different latent ranks (12..20)" in p and "--rank-alloc uniform" in p for p in export_problems(model.config))
+
+
+def test_target_refuses_a_rope_scaling_the_format_cannot_express_before_converting():
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(ValueError, match="--target deepseek-v3 cannot be met: rope scaling 'yarn' depends on the rotary"):
+        resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="deepseek-v3"),
+                tiny_llama(num_kv_heads=2, rope_parameters=yarn).config)
 
 
 def test_query_latent_without_norm_is_refused(tmp_path):
@@ -129,7 +138,7 @@ def test_query_latent_without_norm_is_refused(tmp_path):
 
 
 def test_target_refuses_options_the_format_cannot_express():
-    with pytest.raises(ValueError, match="--target deepseek-v3 needs every layer must be MLA.*one shared RoPE key"):
+    with pytest.raises(ValueError, match="--target deepseek-v3 cannot be met: .*MLA in every layer.*one shared key"):
         convert(tiny_llama(num_kv_heads=2),
                 MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, layers=[0], rope_key_heads=2, target="deepseek-v3"))
 

@@ -4,14 +4,16 @@ frequencies (honoured by the model, kept by save/load), sensitivity-chosen hybri
 import json
 
 import pytest
+
+from ecomla.conversion.plan import resolve
 import torch
 
 from conftest import rel_err, tiny_llama
 from ecomla import EcoMLAConfig, EcoMLAForCausalLM, MLAConversionConfig, convert
-from ecomla.calibration import cached_covariance
-from ecomla.convert import allocate_ranks
-from ecomla.mla_attention import MLAAttention
-from ecomla.svd_init import init_mla_layer, pair_contributions
+from ecomla.conversion.calibration import cached_covariance
+from ecomla.conversion.upcycle import allocate_ranks
+from ecomla.model.mla_attention import MLAAttention
+from ecomla.conversion.svd_init import init_mla_layer, pair_contributions
 
 
 def pair_scores(q_rows, k_rows, xq, xk, angles):
@@ -196,7 +198,7 @@ def test_contribution_and_spectrum_record_their_choices_and_keep_the_cache_budge
                                              rank_alloc="spectrum"), progress=False, calibration_ids=calib)
     ranks = [low.config.layer_kv_lora_rank(i) for i in range(3)]
     assert sum(ranks) == 30 and min(ranks) >= 2 and len(set(ranks)) > 1
-    from ecomla.config import cache_values_per_token
+    from ecomla.conversion.kv import cache_values_per_token
 
     assert cache_values_per_token(low.config) == 30 + 3 * 8  # the same cache as rank 10 everywhere
 
@@ -232,7 +234,7 @@ def test_sensitivity_chooses_the_layers_whose_conversion_costs_least():
 
 
 def test_covariance_cache_is_reused_and_keyed_by_weights(tmp_path, monkeypatch):
-    import ecomla.calibration as cal
+    import ecomla.conversion.calibration as cal
 
     model = tiny_llama(num_kv_heads=2, layers=2)
     ids = torch.randint(0, 128, (2, 16))
@@ -252,11 +254,11 @@ def test_xecomla_preset_is_the_papers_initialization():
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
-    paper = MLAConversionConfig(kv_lora_rank=8, init="xecomla").resolve(cfg)
+    paper = resolve(MLAConversionConfig(kv_lora_rank=8, init="xecomla"), cfg)
     assert (paper.svd, paper.rope_freqs, paper.rope_key_init, paper.rope_key_heads, paper.rank_alloc) == \
         ("weights", "uniform", "mean", 1, "uniform")
     assert not paper.needs_calibration
-    over = MLAConversionConfig(kv_lora_rank=8, init="xecomla", svd="activations").resolve(cfg)
+    over = resolve(MLAConversionConfig(kv_lora_rank=8, init="xecomla", svd="activations"), cfg)
     assert over.svd == "activations" and over.rope_freqs == "uniform"
-    with pytest.raises(ValueError, match="init must be one of"):
-        MLAConversionConfig(kv_lora_rank=8, init="paper").resolve(cfg)
+    with pytest.raises(ValueError, match=r"init \(--init\) must be one of"):
+        resolve(MLAConversionConfig(kv_lora_rank=8, init="paper"), cfg)

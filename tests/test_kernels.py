@@ -19,7 +19,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TR
 def interpret(monkeypatch):
     """Route decode steps through the kernel (interpreted) for the duration of a test."""
     monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "interpret")
-    import ecomla.mla_attention as mla
+    import ecomla.model.mla_attention as mla
 
     monkeypatch.setattr(mla, "_KERNEL", False)  # re-resolve under the interpreter
     yield
@@ -28,7 +28,7 @@ def interpret(monkeypatch):
 
 def mla_module(H, r, d_rope, n_r, dtype, seed=0):
     from ecomla import EcoMLAConfig
-    from ecomla.mla_attention import MLAAttention
+    from ecomla.model.mla_attention import MLAAttention
 
     cfg = EcoMLAConfig(hidden_size=16 * H, num_attention_heads=H, num_key_value_heads=n_r, head_dim=32, num_hidden_layers=1,
                        kv_lora_rank=r, qk_rope_head_dim=d_rope, qk_nope_head_dim=12, v_head_dim=10, rope_key_heads=n_r,

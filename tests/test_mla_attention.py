@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from conftest import randomized, rel_err
 from ecomla import EcoMLAConfig, EcoMLAForCausalLM
-from ecomla.mla_attention import MLAAttention
+from ecomla.model.mla_attention import MLAAttention
 
 
 def mla_config(**kw):

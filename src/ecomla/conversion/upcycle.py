@@ -14,53 +14,18 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .calibration import attention_input_covariance
-from .config import MEASURED_ROPE_FREQS, MLAConversionConfig, max_kv_lora_rank, model_dims
-from .configuration_ecomla import EcoMLAConfig
-from .mla_attention import MLAAttention
-from .modeling_ecomla import EcoMLAForCausalLM
-from .rope import nope_columns, select_rope_pairs
-from .sources import check_supported
+from ..model.configuration_ecomla import EcoMLAConfig
+from ..model.mla_attention import MLAAttention
+from ..model.modeling_ecomla import EcoMLAForCausalLM
+from ..model.rope import nope_columns, select_rope_pairs
+from ..options import MEASURED_ROPE_FREQS, ConvertOptions
+from ..sources import check_supported
+from ..training.losses import forward_kl
+from .calibration import attention_input_covariance, calibration_ids as calibration_ids_for
+from .kv import max_kv_lora_rank, model_dims
+from .plan import build_config, resolve
 from .svd_init import init_mla_layer, kv_spectrum, pair_contributions
 
-
-def build_config(model_config, conv: MLAConversionConfig, layer_pairs: dict | None = None,
-                 layer_ranks: dict | None = None, choices: dict | None = None) -> EcoMLAConfig:
-    """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices)."""
-    base = model_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window"):
-        base.pop(key, None)
-    _, kv_heads, head_dim = model_dims(model_config)
-    base.update(
-        head_dim=head_dim,
-        num_key_value_heads=kv_heads,
-        mla_layers=conv.layers,
-        kv_lora_rank=conv.kv_lora_rank,
-        q_lora_rank=conv.q_lora_rank,
-        qk_rope_head_dim=conv.qk_rope_head_dim,
-        qk_nope_head_dim=conv.qk_nope_head_dim,
-        v_head_dim=conv.v_head_dim,
-        rope_key_heads=conv.rope_key_heads,
-        rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim,
-                                            "uniform" if conv.rope_freqs in MEASURED_ROPE_FREQS else conv.rope_freqs),
-        layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
-        layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
-        use_kv_a_layernorm=conv.target == "deepseek-v3",
-        use_q_a_layernorm=conv.target == "deepseek-v3" and conv.q_lora_rank is not None,
-        conversion={
-            "method": "x-ecomla-svd" if conv.svd == "weights" else "activation-aware-svd",
-            "ecomla_version": __version__,
-            "source": getattr(model_config, "name_or_path", None) or getattr(model_config, "_name_or_path", None),
-            "source_model_type": model_config.model_type,
-            **{k: v for k, v in conv.to_dict().items() if k not in ("layers", "extra")},
-            **conv.extra,
-            **(choices or {}),
-        },
-    )
-    config = EcoMLAConfig(**base)
-    config.architectures = ["EcoMLAForCausalLM"]
-    return config
 
 
 def norm_scale(down: torch.Tensor, cov: torch.Tensor) -> float:
@@ -80,7 +45,7 @@ def rotary_inv_freq(model_config) -> torch.Tensor:
     return LlamaRotaryEmbedding(config=model_config).inv_freq
 
 
-def choose_rope_pairs(attn, conv: MLAConversionConfig, model_config, cov: torch.Tensor | None) -> list[list[int]]:
+def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:
     """Kept frequency pairs of one layer, one list per RoPE key head."""
     heads, kv_heads, head_dim = model_dims(model_config)
     keep = conv.qk_rope_head_dim // 2
@@ -109,7 +74,7 @@ def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) 
     return ranks
 
 
-def _layer_weights(attn, config: EcoMLAConfig, conv: MLAConversionConfig, layer: int, cov: torch.Tensor | None):
+def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int, cov: torch.Tensor | None):
     """MLA weights (float64) of one layer, latent norm scales included when the config has them."""
     weights = init_mla_layer(
         attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
@@ -135,7 +100,7 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: MLAConversionConfig, layer:
 
 
 @torch.no_grad()
-def layer_sensitivity(model, conv: MLAConversionConfig, cov: dict[int, torch.Tensor], input_ids: torch.Tensor,
+def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor], input_ids: torch.Tensor,
                       candidates: list[int] | None = None, max_tokens: int = 2048, progress: bool = True) -> dict[int, float]:
     """{layer: mean KL(original || model with only that layer converted)} on calibration ids, in nats/token."""
     n_seq = max(1, max_tokens // input_ids.shape[1])
@@ -145,7 +110,7 @@ def layer_sensitivity(model, conv: MLAConversionConfig, cov: dict[int, torch.Ten
     dtype = next(model.parameters()).dtype
     out = {}
     for i in tqdm(candidates, desc="layer sensitivity", unit="layer", disable=not progress):
-        single = dataclasses.replace(conv, layers=[i])
+        single = dataclasses.replace(conv, layers=[i], num_mla_layers=None)
         attn = model.model.layers[i].self_attn
         pairs = {i: choose_rope_pairs(attn, single, model.config, cov.get(i))}
         config = build_config(model.config, single, layer_pairs=pairs)
@@ -155,7 +120,7 @@ def layer_sensitivity(model, conv: MLAConversionConfig, cov: dict[int, torch.Ten
         mla.to(device=ids.device, dtype=dtype)
         model.model.layers[i].self_attn = mla
         try:
-            kl = sum((r.exp() * (r - model(x[None]).logits[0].float().log_softmax(-1))).sum().item() for r, x in zip(ref, ids))
+            kl = sum(forward_kl(r, model(x[None]).logits[0].float().log_softmax(-1)).sum().item() for r, x in zip(ref, ids))
         finally:
             model.model.layers[i].self_attn = attn
         out[i] = kl / ids.numel()
@@ -163,23 +128,26 @@ def layer_sensitivity(model, conv: MLAConversionConfig, cov: dict[int, torch.Ten
 
 
 @torch.no_grad()
-def convert(model, conv: MLAConversionConfig, progress: bool = True, calibration_ids: torch.Tensor | None = None,
-            covariance: dict[int, torch.Tensor] | None = None) -> EcoMLAForCausalLM:
+def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids: torch.Tensor | None = None,
+            covariance: dict[int, torch.Tensor] | None = None, tokenizer=None) -> EcoMLAForCausalLM:
     """Return `model` (a Llama/Mistral causal LM) upcycled into MLA as `conv` asks.
 
     The original model is left untouched; weights keep its dtype, SVDs run in float64.
     `calibration_ids` (B, T): text whose attention inputs calibrate everything activation-aware
-    (`conv.needs_calibration`) and the latent norms that target "deepseek-v3" adds. Random tokens
-    when none is given; pass real text. `covariance`: precomputed per-layer input covariances of
-    these ids (`calibration.cached_covariance`), so a sweep computes them once.
+    (`conv.needs_calibration`) and the latent norms that target "deepseek-v3" adds. When none is
+    given, `conv.calib` is read (with `tokenizer`) or `conv.calib_tokens` tokens are sampled from the model with `conv.seed`, as `ecomla
+    convert` does without --calib (so both give the same model). `covariance`: precomputed
+    per-layer input covariances of these ids (`calibration.cached_covariance`), so a sweep computes
+    them once.
     """
     check_supported(model.config, type(model).__name__)
-    conv = conv.resolve(model.config)
+    conv = resolve(conv, model.config)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     cov, choices = None, {}
     if conv.needs_calibration:
         if calibration_ids is None:
-            calibration_ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+            calibration_ids, source = calibration_ids_for(model, conv, tokenizer, progress)
+            conv.extra = {**conv.extra, "calibration": source}
         cov = covariance if covariance is not None else attention_input_covariance(model, calibration_ids, progress=progress)
 
     n_layers = model.config.num_hidden_layers

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .eval_tasks import DEFAULT_TASKS, HEADLINE, LOCAL_TASKS, PPL_TASKS, local_file, local_task_config
+from ..options import DEFAULT_TASKS, DTYPES, EvalOptions
+from ..report import markdown_table
+from .tasks import HEADLINE, LOCAL_TASKS, PPL_TASKS, local_file, local_task_config
 
 
 def _hflm():
@@ -112,8 +114,8 @@ def make_lm(model, tokenizer, batch_size: int = 32, max_batch_tokens: int = 8192
 @torch.inference_mode()
 def perplexity(model, token_ids: list[int], window: int = 2048, stride: int = 1024, batch_size: int = 4, progress: bool = True) -> dict:
     """Token-level sliding-window perplexity of one token stream (formula in the module docstring)."""
-    if not 0 < stride <= window:
-        raise ValueError(f"perplexity needs 0 < stride <= window, got stride {stride}, window {window}")
+    if not 0 < stride < window:
+        raise ValueError(f"perplexity needs 0 < stride < window, got stride {stride}, window {window}")
     if len(token_ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
     body, head = _split_model(model)
@@ -177,6 +179,10 @@ def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = (
     for f in ppl_files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"--ppl-file {f}: no such file")
+        try:
+            Path(f).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--ppl-file {f}: cannot read it as UTF-8 text ({err})") from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -203,12 +209,6 @@ def harness_tasks(tasks: list[str], data_dir: str | None):
 
 
 # ----------------------------------------------------------------------------- running and reporting
-
-
-def kv_values_per_token(config) -> int:
-    from .config import cache_values_per_token
-
-    return cache_values_per_token(config)
 
 
 def evaluate_model(
@@ -247,9 +247,13 @@ def evaluate_model(
                              "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
     texts = [(t, local_file(t, data_dir)) for t in tasks if t in PPL_TASKS] + [(Path(f).name, Path(f)) for f in ppl_files]
     for task, path in texts:
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"perplexity file {path}: cannot read it as UTF-8 text ({err})") from None
         window = min(ppl_window, getattr(model.config, "max_position_embeddings", ppl_window))
-        r = text_perplexity(model, tokenizer, text, window, min(ppl_stride, window), progress=progress)
+        stride = ppl_stride if ppl_stride < window else window // 2  # the window shrank to the model's maximum
+        r = text_perplexity(model, tokenizer, text, window, stride, progress=progress)
         rows.append({"model": name, "task": task, "metric": "ppl", "value": r["ppl"], "stderr": None, "n": r["tokens"],
                      "window": r["window"], "stride": r["stride"]})
     return rows
@@ -281,17 +285,15 @@ def summary_table(rows: list[dict], kv: dict[str, int]) -> tuple[list[str], list
 
 def markdown(columns: list[str], table: list[dict]) -> str:
     def fmt(c, v):
-        if v is None:
-            return "-"
         if isinstance(v, float):
-            if c == "kv_cache" or c == "average vs first":
-                return f"{v:.3f}x" if c == "average vs first" else f"{v:.3f}"
+            if c == "kv_cache":
+                return f"{v:.3f}"
+            if c == "average vs first":
+                return f"{v:.3f}x"
             return f"{v:.2f}" if "ppl" in c else f"{100 * v:.2f}"
-        return str(v)
+        return v
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(c, r[c]) for c in columns) + " |" for r in table]
-    return "\n".join(lines) + "\n"
+    return markdown_table(columns, [[r[c] for c in columns] for r in table], fmt) + "\n"
 
 
 def plot(table: list[dict], path: Path, title: str = "") -> bool:
@@ -328,26 +330,14 @@ def write_report(rows: list[dict], kv: dict[str, int], out_dir: Path, meta: dict
     return md
 
 
-def run_eval(
-    models: list[str],
-    tasks: list[str],
-    out: str | None = None,
-    data_dir: str | None = None,
-    limit: int | None = None,
-    ppl_files: list[str] = (),
-    dtype: str = "bfloat16",
-    device: str | None = None,
-    batch_size: int = 32,
-    max_batch_tokens: int = 8192,
-    ppl_window: int = 2048,
-    ppl_stride: int = 1024,
-    overwrite: bool = False,
-    log=print,
-) -> tuple[str, list[dict]]:
-    """Evaluate several models on the same tasks; returns (markdown table, rows); writes out/ if given."""
-    from .atomic import atomic_output_dir, check_output_dir
-    from .sources import load_config, load_model
+def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
+    """Evaluate several models on the same tasks; returns (markdown table, rows); writes options.out if given."""
+    from ..conversion.kv import cache_values_per_token
+    from ..io import atomic_output_dir, check_output
+    from ..sources import load_config, load_model
 
+    o = options
+    models, tasks, data_dir = list(o.models), o.task_list, o.data_dir
     if not models:
         raise ValueError("give at least one MODEL")
     if data_dir is None and [t for t in tasks if t not in PPL_TASKS] and not hub_reachable():
@@ -356,31 +346,34 @@ def run_eval(
             raise ValueError("the dataset hub is out of reach: give --data-dir DIR with the tasks' local files "
                              "(e.g. ../shared/data/eval) or set ECOMLA_EVAL_DATA")
         data_dir = env
-    check_tasks(tasks, data_dir, ppl_files)
-    if out is not None:
-        check_output_dir(Path(out), overwrite)
+    check_tasks(tasks, data_dir, o.ppl_files)
+    inputs = {"model": models, "task data directory": data_dir, "perplexity file": list(o.ppl_files)}
+    if o.out is not None:
+        check_output(o.out, inputs, o.overwrite)
     configs = {m: load_config(m) for m in models}  # every model must resolve before any long work
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, dtype)
+    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    dtype = DTYPES[o.dtype]
     rows: list[dict] = []
     timings = {}
     for m in models:
         log(f"[ecomla eval] {m}: loading ({dtype}, {device})")
-        model, tok = load_model(m, dtype=torch_dtype, device=device)
+        model, tok = load_model(m, dtype=getattr(torch, dtype), device=device)
         if tok is None:
             raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
         t0 = time.time()
-        rows += evaluate_model(model, tok, m, tasks, data_dir, limit, ppl_files, batch_size, max_batch_tokens, ppl_window, ppl_stride)
+        rows += evaluate_model(model, tok, m, tasks, data_dir, o.limit, o.ppl_files, o.batch_size, o.max_batch_tokens,
+                               o.ppl_window, o.ppl_stride)
         timings[m] = time.time() - t0
         log(f"[ecomla eval] {m}: done in {timings[m]:.0f} s")
         del model
-    kv = {m: kv_values_per_token(configs[m]) for m in models}
-    meta = {"tasks": tasks, "limit": limit, "data_dir": data_dir, "dtype": dtype, "device": device,
-            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "seconds": timings,
+    kv = {m: cache_values_per_token(configs[m]) for m in models}
+    meta = {"tasks": tasks, "limit": o.limit, "data_dir": data_dir, "dtype": dtype, "device": device,
+            "batch_size": o.batch_size, "max_batch_tokens": o.max_batch_tokens, "seconds": timings,
             "kv_values_per_token": kv, "torch_threads": torch.get_num_threads()}
-    if out is None:
+    if o.out is None:
         return markdown(*summary_table(rows, kv)), rows
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(o.out, o.overwrite, inputs) as tmp:
         md = write_report(rows, kv, tmp, meta)
     return md, rows

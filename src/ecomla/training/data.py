@@ -29,57 +29,76 @@ class Document:
     weights: list[int]  # 1: the token counts in the loss (as a prediction target)
 
 
-def _content(content) -> str:
+def _content(content, where: str) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "".join(p.get("value", p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
-    raise ValueError(f"unreadable chat content {content!r}")
+    if isinstance(content, list) and all(isinstance(p, (dict, str)) for p in content):
+        return "".join(p.get("value", p.get("text", "")) if isinstance(p, dict) else p for p in content)
+    raise ValueError(f"{where}: chat content must be a string or a list of text parts, got {content!r}")
 
 
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
         "bot": "assistant", "model": "assistant"}
 
 
-def to_messages(row: dict) -> list[dict] | None:
+def message(m, where: str = "chat turn") -> dict:
+    """One chat turn {role, content} from {role|from, content|value} (content: a string or text parts)."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where}: a chat turn must be an object with role/from and content/value, got {m!r}")
+    role = ROLE.get(m.get("role", m.get("from")))
+    if role is None:
+        raise ValueError(f"{where}: unknown chat role in {m!r} (known: {', '.join(ROLE)})")
+    return {"role": role, "content": _content(m.get("content", m.get("value", "")), where)}
+
+
+def _text(value, key: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def to_messages(row: dict, where: str = "row") -> list[dict] | None:
     """A chat (list of {role, content}) from a row in any chat/instruction format, or None."""
     if "messages" in row or "conversations" in row:
         msgs = row.get("messages") or row.get("conversations")
-        out = []
-        for m in msgs:
-            role = ROLE.get(m.get("role", m.get("from")), None)
-            if role is None:
-                raise ValueError(f"unknown chat role in {m!r}")
-            out.append({"role": role, "content": _content(m.get("content", m.get("value", "")))})
-        return out
+        if not isinstance(msgs, list):
+            raise ValueError(f"{where}: 'messages'/'conversations' must be a list of turns, got {msgs!r}")
+        return [message(m, where) for m in msgs]
     if "instruction" in row and "output" in row:
-        prompt = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+        extra = row.get("input")
+        prompt = _text(row["instruction"], "instruction", where) + (("\n\n" + _text(extra, "input", where)) if extra else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row["output"], "output", where)}]
     if "question" in row and "answer" in row:
-        return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        return [{"role": "user", "content": _text(row["question"], "question", where)},
+                {"role": "assistant", "content": _text(row["answer"], "answer", where)}]
     return None
 
 
 def read_rows(path: Path) -> list:
-    """Plain strings (text documents) or dict rows from one file."""
+    """Plain strings (text documents) or dict rows from one file; errors name the file (and the line)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path}: no such file")
     try:
         raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise ValueError(f"data file {path}: cannot read it as UTF-8 text ({err})") from err
     if not raw.strip():
         raise ValueError(f"data file {path} is empty")
     if path.suffix == ".jsonl":
-        try:
-            return [json.loads(line) for line in raw.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"data file {path}: not JSON lines ({err})") from err
+        rows = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"data file {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
+        return rows
     if path.suffix == ".json":
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data file {path}: not JSON ({err})") from err
+            raise ValueError(f"data file {path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
         if not isinstance(data, list):
             raise ValueError(f"data file {path}: expected a JSON list of rows")
         return data
@@ -113,17 +132,18 @@ def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = Fal
         path = Path(p)
         rows = read_rows(path)
         n0 = len(docs)
-        for row in rows:
+        for n, row in enumerate(rows, 1):
             if isinstance(row, str):
                 docs.append(Document(tokenizer(row, add_special_tokens=False)["input_ids"], []))
                 continue
+            where = f"data file {path}, {'line' if path.suffix == '.jsonl' else 'row'} {n}"
             if not isinstance(row, dict):
-                raise ValueError(f"data file {path}: rows must be objects, got {type(row).__name__}")
-            msgs = to_messages(row)
+                raise ValueError(f"{where}: rows must be objects, got {type(row).__name__}")
+            msgs = to_messages(row, where)
             if msgs is not None:
                 docs.append(chat_document(tokenizer, msgs, prompt_counts))
             elif "text" in row:
-                docs.append(Document(tokenizer(row["text"], add_special_tokens=False)["input_ids"], []))
+                docs.append(Document(tokenizer(_text(row["text"], "text", where), add_special_tokens=False)["input_ids"], []))
             else:
                 raise ValueError(f"data file {path}: rows need 'text', 'messages', 'conversations', "
                                  f"'instruction'+'output' or 'question'+'answer'; got {sorted(row)}")

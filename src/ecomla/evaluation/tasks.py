@@ -37,7 +37,6 @@ HEADLINE = {
     "lambada_openai": "acc",
     "wikitext": "ppl",
 }
-DEFAULT_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "lambada_openai"]
 
 
 def _strip_question(query: str) -> str:

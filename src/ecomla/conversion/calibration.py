@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-CALIB_SEQ_LEN = 256
+from ..io import atomic_torch_save
+from ..options import CALIB_SEQ_LEN
 
 
 def read_text(path: str) -> str:
     """Plain text, or the "text" fields of a .jsonl / .json file's rows (read as training data is)."""
-    from .data import read_rows
+    from ..training.data import read_rows
 
     return "\n\n".join(r if isinstance(r, str) else r.get("text", "") for r in read_rows(Path(path)))
 
@@ -41,7 +42,7 @@ def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_L
 
 @torch.no_grad()
 def sampled_calibration_ids(model, tok=None, tokens: int = 4096, seq_len: int = CALIB_SEQ_LEN,
-                            batch_size: int = 16) -> torch.Tensor:
+                            batch_size: int = 16, seed: int = 0, progress: bool = True) -> torch.Tensor:
     """(N, seq_len) token ids sampled from the model itself (data-free calibration: teacher samples).
     Needs no tokenizer: without one, sampling starts from the config's BOS id (or 0)."""
     n_seq = max(1, tokens // seq_len)
@@ -50,16 +51,30 @@ def sampled_calibration_ids(model, tok=None, tokens: int = 4096, seq_len: int = 
     bos = first(getattr(tok, "bos_token_id", None), cfg.bos_token_id)
     pad = first(getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None), cfg.pad_token_id,
                 cfg.eos_token_id if not isinstance(cfg.eos_token_id, list) else cfg.eos_token_id[0])
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     out = []
-    for start in tqdm(range(0, n_seq, batch_size), desc="sampling calibration text", unit="batch"):
+    for start in tqdm(range(0, n_seq, batch_size), desc="sampling calibration text", unit="batch",
+                      disable=not progress):
         n = min(batch_size, n_seq - start)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         prompt = torch.full((n, 1), bos, device=device)
         out.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=seq_len - 1,
                                   min_new_tokens=seq_len - 1, do_sample=True, top_p=0.95, pad_token_id=pad).cpu())
     return torch.cat(out)
+
+
+def calibration_ids(model, options, tokenizer=None, progress: bool = True) -> tuple[torch.Tensor, str]:
+    """(ids (N, CALIB_SEQ_LEN), where they came from) as `options` (ConvertOptions) asks: its --calib
+    file, or `calib_tokens` tokens sampled from the model with `seed`. The CLI and `convert()` both call this."""
+    if options.calib:
+        if tokenizer is None:
+            raise ValueError("--calib needs the source's tokenizer, and it ships none: drop --calib (the model's "
+                             "own samples calibrate it) or save a tokenizer beside the weights")
+        ids = file_calibration_ids(tokenizer, options.calib, options.calib_tokens)
+        return ids, f"{ids.numel()} tokens of {options.calib}"
+    ids = sampled_calibration_ids(model, tokenizer, options.calib_tokens, seed=options.seed, progress=progress)
+    return ids, f"{ids.numel()} tokens sampled from the model"
 
 
 @torch.no_grad()
@@ -113,12 +128,9 @@ def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | No
         except Exception:  # a corrupt cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
     cov = attention_input_covariance(model, input_ids, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({str(k): v for k, v in cov.items()}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({str(k): v for k, v in cov.items()}, path)
     return cov
 
 
-__all__ = ["CALIB_SEQ_LEN", "read_text", "file_calibration_ids", "sampled_calibration_ids",
+__all__ = ["CALIB_SEQ_LEN", "read_text", "file_calibration_ids", "sampled_calibration_ids", "calibration_ids",
            "attention_input_covariance", "cached_covariance", "stats_key", "default_cache_dir"]

@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd")
+from ..options import LOSSES
+
+
+def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """(N, V), (N, V) log-probabilities -> (N,) KL(p || q) = sum_v p_v (log p_v - log q_v)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def token_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", temperature: float = 1.0) -> torch.Tensor:
@@ -30,12 +35,12 @@ def token_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: s
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
     if kind == "forward_kl":
-        kd = (log_p.exp() * (log_p - log_q)).sum(-1)
+        kd = forward_kl(log_p, log_q)
     elif kind == "reverse_kl":
-        kd = (log_q.exp() * (log_q - log_p)).sum(-1)
+        kd = forward_kl(log_q, log_p)
     else:
         log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))  # (N, V)
-        kd = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1))
+        kd = 0.5 * (forward_kl(log_p, log_m) + forward_kl(log_q, log_m))
     return kd * temperature**2  # (N,)
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import check_output_dir, save_checkpoint
-from .rope import is_standard_rotary
+from ..io import save_checkpoint
+from ..model.rope import is_standard_rotary
 
 # Scalings that act on each frequency alone, so a standard rotary of dimension d_rope with the same
 # parameters gives exactly the kept frequencies. yarn, dynamic and longrope depend on the rotary
@@ -31,8 +31,12 @@ class ExportError(ValueError):
     pass
 
 
-def export_problems(config) -> list[str]:
-    """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can."""
+def deepseek_v3_problems(config, rope_freqs: str | None = None, rank_alloc: str | None = None) -> list[str]:
+    """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can.
+    The one set of DeepSeek-V3 rules: `ecomla export` reads it, and `--target deepseek-v3` checks a
+    conversion's planned config against it before converting (`rope_freqs`: the frequency choice
+    and `rank_alloc`: the choices the conversion will make, since per-layer choices are not in a
+    planned config yet)."""
     problems = []
     missing = sorted(set(range(config.num_hidden_layers)) - set(config.mla_layers))
     if missing:
@@ -45,7 +49,11 @@ def export_problems(config) -> list[str]:
     if len(ranks) > 1:
         problems.append(f"its layers have different latent ranks ({ranks[0]}..{ranks[-1]}), DeepSeek-V3 one "
                         "(convert with --rank-alloc uniform)")
-    if any(pairs != list(config.rope_pair_indices) for i in config.mla_layers for pairs in config.layer_rope_pairs(i)):
+    elif rank_alloc not in (None, "uniform"):
+        problems.append("DeepSeek-V3 has one latent rank in every layer (convert with --rank-alloc uniform)")
+    per_layer = rope_freqs is not None and rope_freqs != "uniform"
+    if per_layer or any(pairs != list(config.rope_pair_indices) for i in config.mla_layers
+                        for pairs in config.layer_rope_pairs(i)):
         problems.append("its layers keep different RoPE frequencies (chosen per layer), DeepSeek-V3 one standard "
                         "rotary (convert with --rope-freqs uniform)")
     elif not is_standard_rotary(config.rope_pair_indices, config.head_dim):
@@ -131,19 +139,18 @@ def check_exportable(config) -> None:
     if getattr(config, "model_type", None) != "ecomla":
         raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}: "
                           "convert it first")
-    problems = export_problems(config)
+    problems = deepseek_v3_problems(config)
     if problems:
         raise ExportError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
 
 
 @torch.no_grad()
-def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False, inputs: dict | None = None) -> Path:
     """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint."""
     from transformers import DeepseekV3ForCausalLM
 
     config = model.config
     check_exportable(config)
-    check_output_dir(Path(out), overwrite)
     ds_config = deepseek_v3_config(config)
     with torch.device("meta"):
         ds = DeepseekV3ForCausalLM(ds_config)
@@ -152,4 +159,4 @@ def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool =
         raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
     ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)
     ds.config.architectures = ["DeepseekV3ForCausalLM"]
-    return save_checkpoint(ds, tokenizer, out, overwrite)
+    return save_checkpoint(ds, tokenizer, out, overwrite, inputs)

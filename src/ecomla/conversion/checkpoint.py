@@ -1,0 +1,53 @@
+"""`ecomla convert` as a library function: checks, calibration, conversion, an atomic checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..options import DTYPES, ConvertOptions
+
+
+def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
+    """Convert `options.source` and save it to `options.out` (with its tokenizer); the CLI and
+    `ecomla run` call this. Every check runs before any weight loads; nothing is written on error."""
+    import torch
+
+    from ..io import check_output, save_checkpoint
+    from ..sources import check_supported, load_config, load_model, load_tokenizer
+    from .calibration import cached_covariance, calibration_ids
+    from .kv import conversion_table
+    from .plan import build_config, resolve
+    from .upcycle import convert
+
+    if options.source is None:
+        raise ValueError("give the SOURCE model to convert")
+    inputs = {"source model": options.source, "calibration file": options.calib}
+    check_output(options.out, inputs, options.overwrite)  # refuse before any slow work
+    if options.calib and not Path(options.calib).is_file():
+        raise FileNotFoundError(f"--calib {options.calib}: no such file")
+    src_config = load_config(options.source)
+    check_supported(src_config)
+    resolved = resolve(options, src_config)  # every setting error surfaces here, before loading weights
+    if options.calib and not resolved.needs_calibration:
+        raise ValueError(f"--calib {options.calib} would never be read: this initialization (--init {options.init}"
+                         f"{', --svd ' + resolved.svd if options.svd else ''}) measures nothing; drop --calib, or use "
+                         "--init ecomla / --svd activations, which read it")
+    tok = load_tokenizer(options.source)
+    if options.calib and tok is None:
+        raise ValueError(f"--calib needs the tokenizer of {options.source}, and it ships none")
+    ids = cov = None
+    extra = dict(options.extra)
+    if options.calib:  # read (and refuse) the file before the weights load
+        ids, extra["calibration"] = calibration_ids(None, options, tok)
+    log(conversion_table(src_config, build_config(src_config, resolved)))
+
+    model, _ = load_model(options.source, dtype=getattr(torch, DTYPES[options.dtype]), tokenizer=False)
+    if resolved.needs_calibration:
+        if ids is None:
+            ids, extra["calibration"] = calibration_ids(model, options, tok)
+        cov = None if options.calib_cache == "none" else cached_covariance(model, ids, options.calib_cache)
+    converted = convert(model, options.replace(extra=extra), progress=True, calibration_ids=ids, covariance=cov)
+    out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log)
+    log(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
+        "or with trust_remote_code=True)")
+    return out

@@ -1,0 +1,124 @@
+"""KV-cache and parameter arithmetic of original and converted models (from configs alone).
+
+Per layer and token, grouped-query attention caches keys and values:
+    gqa_values = 2 * num_key_value_heads * head_dim
+an MLA layer caches the latent and the decoupled RoPE key(s):
+    mla_values = kv_lora_rank + rope_key_heads * qk_rope_head_dim
+The cache fraction of a model is sum(layer values) / (num_layers * gqa_values); for a hybrid the
+unconverted layers count with gqa_values. Compression ratio = 1 / fraction.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def model_dims(model_config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a Llama-family config, with HF's defaults filled in."""
+    heads = model_config.num_attention_heads
+    kv_heads = model_config.num_key_value_heads or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def max_kv_lora_rank(model_config, qk_rope_head_dim: int) -> int:
+    """Rank of the stacked [keys without RoPE dims; values] projection: min(d, G * (2D - d_rope))."""
+    _, kv_heads, head_dim = model_dims(model_config)
+    return min(model_config.hidden_size, kv_heads * (2 * head_dim - qk_rope_head_dim))
+
+
+def gqa_values_per_token(model_config) -> int:
+    """K and V values one original attention layer caches per token."""
+    _, kv_heads, head_dim = model_dims(model_config)
+    return 2 * kv_heads * head_dim
+
+
+def rank_for_ratio(model_config, ratio: float, qk_rope_head_dim: int, rope_key_heads: int, layers: list[int]) -> int:
+    """Largest kv_lora_rank whose whole-model cache is at least `ratio` times smaller."""
+    if ratio <= 1:
+        raise ValueError(f"kv_ratio must be > 1 (how many times smaller the cache gets), got {ratio}")
+    n_layers, gqa = model_config.num_hidden_layers, gqa_values_per_token(model_config)
+    budget = n_layers * gqa / ratio - (n_layers - len(layers)) * gqa  # values/token left for the MLA layers
+    rank = math.floor(budget / len(layers) + 1e-9) - rope_key_heads * qk_rope_head_dim
+    if rank < 1:
+        raise ValueError(
+            f"a {ratio}x smaller cache is impossible with {len(layers)} of {n_layers} layers converted and "
+            f"{rope_key_heads} x {qk_rope_head_dim} RoPE values per token: convert more layers or lower the RoPE dim"
+        )
+    return rank
+
+
+def cache_values_per_token(config) -> int:
+    """Whole-model cached values per token for an original (Llama) or converted (EcoMLA) config
+    (per-layer latent ranks included)."""
+    if getattr(config, "model_type", None) == "ecomla":
+        mla, gqa = set(config.mla_layers), gqa_values_per_token(config)
+        return sum(config.layer_cache_values_per_token(i) if i in mla else gqa for i in range(config.num_hidden_layers))
+    return config.num_hidden_layers * gqa_values_per_token(config)
+
+
+def cache_bytes(config, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+    """Bytes the cache holds for `batch` sequences of `tokens` tokens."""
+    return cache_values_per_token(config) * tokens * batch * bytes_per_value
+
+
+def attention_params(config) -> int:
+    """Parameters of all attention layers (original or MLA) from a config alone."""
+    heads, kv_heads, head_dim = model_dims(config)
+    d = config.hidden_size
+    gqa = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
+    if getattr(config, "model_type", None) != "ecomla":
+        return config.num_hidden_layers * gqa
+    dq = config.qk_nope_head_dim + config.qk_rope_head_dim
+    q = d * heads * dq if config.q_lora_rank is None else config.q_lora_rank * (d + heads * dq)
+
+    def mla(rank: int) -> int:
+        return (q + d * (rank + config.rope_key_heads * config.qk_rope_head_dim)
+                + rank * heads * (config.qk_nope_head_dim + config.v_head_dim) + heads * config.v_head_dim * d)
+
+    n_mla = len(config.mla_layers)
+    return sum(mla(config.layer_kv_lora_rank(i)) for i in config.mla_layers) + (config.num_hidden_layers - n_mla) * gqa
+
+
+def original_config(config):
+    """The Llama config an ecomla config was converted from (its attention as it was), for comparisons."""
+    from transformers import LlamaConfig
+
+    if getattr(config, "model_type", None) != "ecomla":
+        return config
+    keys = set(LlamaConfig().to_dict()) - {"model_type", "architectures", "auto_map"}
+    return LlamaConfig(**{k: v for k, v in config.to_dict().items() if k in keys})
+
+
+def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
+    """Markdown table: original vs converted cache and parameter sizes (one row without a conversion)."""
+    from ..report import markdown_table
+
+    configs = [("original", original)] + ([("converted", converted)] if converted is not None else [])
+    header = ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"]
+    header += [f"cache MiB @{t // 1024}K" for t in contexts] + ["attention params"]
+    rows = []
+    for name, cfg in configs:
+        values = cache_values_per_token(cfg)
+        rows.append([name, f"{values / cfg.num_hidden_layers:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
+                    + [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts]
+                    + [f"{attention_params(cfg) / 1e6:.2f}M"])
+    text = markdown_table(header, rows)
+    if converted is not None:
+        ratio = cache_values_per_token(original) / cache_values_per_token(converted)
+        text += (f"\ncompression: {ratio:.2f}x smaller KV cache ({100 / ratio:.2f}% of the original), "
+                 f"{len(converted.mla_layers)}/{converted.num_hidden_layers} layers MLA "
+                 f"(bytes at {bytes_per_value} bytes/value, batch 1)")
+    return text
+
+
+def kv_report(source: str) -> str:
+    """`ecomla kv`: the KV table of an original or converted model, from its config (no weights)."""
+    from ..sources import SUPPORTED_MODEL_TYPES, load_config
+
+    cfg = load_config(source)
+    if cfg.model_type in SUPPORTED_MODEL_TYPES:
+        return conversion_table(cfg)
+    if cfg.model_type == "ecomla":
+        return conversion_table(original_config(cfg), cfg)
+    raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)} and ecomla models, not {cfg.model_type!r}")

@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness over local files, perplexity, the comparison report."""

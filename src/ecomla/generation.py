@@ -1,0 +1,36 @@
+"""`ecomla generate`: stream a continuation from any model ecomla loads (latent cache for MLA layers)."""
+
+from __future__ import annotations
+
+from .options import DTYPES, GenerateOptions
+
+
+def generate(options: GenerateOptions) -> str:
+    """Greedy (or sampled) continuation of `options.prompt`, streamed to stdout; returns the new text."""
+    import torch
+    from transformers import TextStreamer
+
+    from .sources import load_model
+
+    o = options
+    if o.model is None or o.prompt is None:
+        raise ValueError("give the MODEL and --prompt")
+    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    model, tok = load_model(o.model, dtype=getattr(torch, DTYPES[o.dtype]), device=device)
+    if tok is None:
+        raise FileNotFoundError(f"{o.model} has no tokenizer files: save one beside the weights to generate")
+    if o.chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": o.prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = o.prompt
+    inputs = tok(text, return_tensors="pt", add_special_tokens=not o.chat).to(device)
+    torch.manual_seed(o.seed)
+    streamer = TextStreamer(tok, skip_prompt=o.chat, skip_special_tokens=True)
+    gen = dict(max_new_tokens=o.max_new_tokens, do_sample=o.sample, streamer=streamer,
+               pad_token_id=tok.pad_token_id or tok.eos_token_id, cache_implementation=o.cache)
+    if o.sample:
+        gen.update(temperature=o.temperature, top_p=o.top_p)
+    ids = model.generate(**inputs, **gen)
+    return tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,220 @@
+"""`ecomla run RECIPE.yaml`: the main job — convert, distill, optional DPO, evaluate, report.
+
+A recipe (see recipes/) has `model`, `out`, a `convert` section and optional `distill`, `dpo` and
+`eval` sections; each section holds the fields of that job's options (ecomla.options; the
+command-line spellings without dashes work too, e.g. `kv_rank`). Every section is checked before
+step one. Steps write OUT/converted, OUT/distilled, OUT/dpo and OUT/report/. Re-running a recipe
+continues where it stopped: a step whose output is complete and whose section is unchanged is
+skipped, an interrupted distillation resumes, and a changed section reruns its step and every
+step after it (OUT/steps.json records the options each output was made with).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .options import ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options
+
+SECTIONS = {"name", "model", "out", "convert", "distill", "dpo", "eval"}
+PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib")  # relative to the recipe file when not to the cwd
+RUN_SWITCHES = ("resume", "overwrite", "progress", "stop_after")  # how a step runs, not what it makes
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path}: no such file")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path}: not valid YAML ({err})") from err
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path}: expected a mapping with model, out, convert, distill")
+    unknown = set(recipe) - SECTIONS
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(SECTIONS))}")
+    for key in ("model", "out", "convert"):
+        if key not in recipe:
+            raise ValueError(f"recipe {path}: missing '{key}'")
+    base = path.parent
+
+    def fix(v):
+        return str(v) if Path(str(v)).is_absolute() or (Path.cwd() / str(v)).exists() else str(base / str(v))
+
+    for section in ("convert", "distill", "dpo", "eval"):
+        sec = recipe.get(section)
+        if isinstance(sec, dict):
+            for key in PATH_KEYS:
+                if sec.get(key):
+                    sec[key] = [fix(v) for v in sec[key]] if isinstance(sec[key], list) else fix(sec[key])
+    return recipe
+
+
+@dataclass
+class Step:
+    name: str
+    options: Options
+    out: Path
+
+    def recorded(self) -> dict:
+        return {k: v for k, v in self.options.recorded().items() if k not in RUN_SWITCHES}
+
+
+def plan(recipe: dict) -> tuple[list[Step], EvalOptions | None]:
+    """Every section as its options object (all checked now, before any work), in run order."""
+    out, model = Path(str(recipe["out"])), str(recipe["model"])
+    steps = [Step("convert", ConvertOptions.from_dict(recipe["convert"], "recipe section 'convert'", source=model,
+                                                      out=str(out / "converted"), overwrite=True), out / "converted")]
+    if recipe.get("distill") is not None:
+        sec = dict(recipe["distill"]) if isinstance(recipe["distill"], dict) else recipe["distill"]
+        if isinstance(sec, dict):
+            sec.setdefault("teacher", model)
+        steps.append(Step("distill", DistillOptions.from_dict(sec, "recipe section 'distill'", student=str(steps[-1].out),
+                                                              out=str(out / "distilled"), resume=True), out / "distilled"))
+    if recipe.get("dpo") is not None:
+        steps.append(Step("dpo", DPOOptions.from_dict(recipe["dpo"], "recipe section 'dpo'", model=str(steps[-1].out),
+                                                      out=str(out / "dpo"), resume=True), out / "dpo"))
+    evaluation = None
+    if recipe.get("eval") is not None:
+        models = [model, *[str(s.out) for s in steps]]
+        evaluation = EvalOptions.from_dict(recipe["eval"], "recipe section 'eval'", models=models,
+                                           out=str(out / "report" / "eval"), overwrite=True)
+    return steps, evaluation
+
+
+def _complete(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+
+
+def run_recipe(path: str | Path, log=print) -> Path:
+    from .conversion import convert_checkpoint
+    from .conversion.kv import cache_values_per_token
+    from .io import atomic_write, check_output, mark, run_lock
+    from .sources import load_config
+
+    recipe = load_recipe(path)
+    steps, evaluation = plan(recipe)
+    out = Path(str(recipe["out"]))
+    inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
+              "calibration file": steps[0].options.calib}
+    check_output(out, inputs, resume=True)
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out)
+    record_path = out / "steps.json"
+    timings: dict[str, float] = {}
+    with run_lock(out):
+        made = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        rerun = False  # once a step reruns, every later step reruns too (its input changed)
+        for step in steps:
+            changed = step.name in made and made[step.name] != step.recorded()
+            if _complete(step.out) and not changed and not rerun and (step.name in made or not record_path.is_file()):
+                log(f"[ecomla run] {step.name}: already done, skipped")
+                continue
+            if changed or (rerun and step.out.exists()):
+                diffs = [f"{k}: {made[step.name].get(k)!r} -> {v!r}" for k, v in step.recorded().items()
+                         if step.name in made and made[step.name].get(k) != v]
+                why = f"its section changed ({'; '.join(diffs)})" if changed else "an earlier step was redone"
+                log(f"[ecomla run] {step.name}: {step.out} was made with other options; {why}: making it again")
+                if hasattr(step.options, "resume"):
+                    step.options = step.options.replace(resume=False, overwrite=True)
+            rerun = rerun or changed or step.name not in made or not _complete(step.out)
+            log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
+            t0 = time.time()
+            {"convert": convert_checkpoint, "distill": _distill, "dpo": _dpo}[step.name](step.options)
+            timings[step.name] = time.time() - t0
+            made = {**{k: v for k, v in made.items() if k != step.name}, step.name: step.recorded()}
+            atomic_write(record_path, json.dumps(made, indent=1))
+        last = steps[-1].out
+        report = out / "report"
+        report.mkdir(exist_ok=True)
+        mark(report)
+        rows, summary = _report_rows(recipe, steps, cache_values_per_token(load_config(recipe["model"])),
+                                     cache_values_per_token(load_config(str(last))))
+        eval_md = ""
+        if evaluation is not None:
+            from .evaluation.evaluate import run_eval
+
+            t0 = time.time()
+            eval_md, _ = run_eval(evaluation, log=log)
+            timings["eval"] = time.time() - t0
+        write_report(report, recipe, rows, summary, eval_md, timings, out)
+    log((report / "report.md").read_text())
+    return report
+
+
+def _distill(options: DistillOptions) -> None:
+    from .training.distill import distill
+
+    distill(options)
+
+
+def _dpo(options: DPOOptions) -> None:
+    from .training.dpo import dpo
+
+    dpo(options)
+
+
+def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:
+    out = Path(str(recipe["out"]))
+    rows = [{"model": "original", "path": recipe["model"], "kv_values_per_token": kv_orig, "kv_cache": 1.0}]
+    summary_path = out / "distilled" / "training" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() and len(steps) > 1 else {}
+    if summary:
+        rows[0].update(heldout_kl=0.0, heldout_ppl=(summary.get("before") or {}).get("teacher_ppl"))
+    conv_row = {"model": "converted", "path": str(out / "converted"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig}
+    if summary.get("before"):
+        conv_row.update(heldout_kl=summary["before"]["heldout_kl"], heldout_ppl=summary["before"]["heldout_ppl"])
+    rows.append(conv_row)
+    if summary.get("after"):
+        rows.append({"model": "distilled", "path": str(out / "distilled"), "kv_values_per_token": kv_final,
+                     "kv_cache": kv_final / kv_orig, "heldout_kl": summary["after"]["heldout_kl"],
+                     "heldout_ppl": summary["after"]["heldout_ppl"]})
+    if any(s.name == "dpo" for s in steps):
+        rows.append({"model": "dpo", "path": str(out / "dpo"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig})
+    return rows, summary
+
+
+def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, eval_md: str, timings: dict, out: Path) -> None:
+    from .io import atomic_write
+    from .report import markdown_table
+
+    cols = ["model", "kv_values_per_token", "kv_cache", "heldout_kl", "heldout_ppl"]
+    md = [f"# ecomla run: {recipe.get('name', recipe['model'])}", "",
+          markdown_table(cols, [[r.get(c) for c in cols] for r in rows], lambda v: f"{v:.4g}" if isinstance(v, float) else v),
+          "", f"KV cache per token: {rows[0]['kv_values_per_token']} -> {rows[-1]['kv_values_per_token']} values "
+          f"({rows[0]['kv_values_per_token'] / rows[-1]['kv_values_per_token']:.2f}x smaller).",
+          "held-out KL = mean KL(teacher || model) per token on the held-out split of the distillation data; "
+          "ppl on the same tokens.", ""]
+    if summary:
+        md.append(f"Distillation: {summary['steps']} steps, {summary['tokens']} tokens, "
+                  f"{summary.get('train_tokens_per_s') or 0:.0f} tokens/s.")
+    md.append("Seconds per step (this run): " + (", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "none, all done before"))
+    if eval_md:
+        md += ["", "## Evaluation", "", eval_md]
+    md += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+    atomic_write(report / "report.md", "\n".join(md))
+    atomic_write(report / "report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings}, indent=1))
+    atomic_write(report / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    log_path = out / "distilled" / "training" / "log.jsonl"
+    curve = [json.loads(r) for r in log_path.read_text().splitlines() if "heldout_kl" in r] if log_path.is_file() else []
+    if curve:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["tokens"] for r in curve], [r["heldout_kl"] for r in curve], marker="o")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out KL(teacher || student)")
+        ax.set_yscale("log")
+        ax.set_title(f"distillation, KV cache {rows[-1]['kv_cache']:.3f}x of the original")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(report / "report.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,1 @@
+"""Training after conversion: data (formats, packing), losses, distillation (KD), DPO."""

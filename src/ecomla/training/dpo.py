@@ -1,0 +1,133 @@
+"""DPO after distillation, through TRL's DPOTrainer with an explicit frozen reference model.
+
+    L = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
+
+Preference files (JSON list or JSONL):
+    {"prompt": str, "chosen": str, "rejected": str}                          plain text
+    {"conversations": [{"from", "value"}...], "chosen": {"from", "value"}, "rejected": {...}}
+                                                                              chat (as ../shared/data/train/dpo_en_demo.json)
+Chat rows go to TRL in its conversational format, so the tokenizer's chat template is applied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..options import DPOOptions
+from .data import message, read_rows
+
+
+def _turn(m) -> dict:
+    return {"role": "assistant", "content": m} if isinstance(m, str) else message(m, "preference row")
+
+
+def preference_row(row: dict) -> dict:
+    """One preference pair in TRL's standard (strings) or conversational (message lists) format."""
+    if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        raise ValueError("preference rows need 'chosen' and 'rejected' (and 'prompt' or 'conversations')")
+    if "conversations" in row:
+        prompt = [_turn(m) for m in row["conversations"]]
+        return {"prompt": prompt, "chosen": [_turn(row["chosen"])], "rejected": [_turn(row["rejected"])]}
+    if "prompt" in row and all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected")):
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+    if "prompt" in row:  # already conversational
+        return {"prompt": [_turn(m) for m in row["prompt"]], "chosen": [_turn(m) for m in row["chosen"]],
+                "rejected": [_turn(m) for m in row["rejected"]]}
+    raise ValueError("preference rows need 'prompt' or 'conversations' beside 'chosen' and 'rejected'")
+
+
+def read_preferences(path: str | Path) -> list[dict]:
+    """Preference rows from a .json list or .jsonl file (read as data.read_rows reads training data)."""
+    path = Path(path)
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"preference file {path}: expected .json (a list of rows) or .jsonl (one row per line)")
+    rows = []
+    for n, r in enumerate(read_rows(path), 1):
+        try:
+            rows.append(preference_row(r))
+        except ValueError as err:
+            raise ValueError(f"preference file {path}, {'line' if path.suffix == '.jsonl' else 'row'} {n}: {err}") from None
+    if not rows:
+        raise ValueError(f"preference file {path} holds no rows")
+    return rows
+
+
+def dpo(args: DPOOptions, log=print) -> Path:
+    """Train with DPO; the final model is written atomically to args.out (TRL state in out.dpo-state/)."""
+    import shutil
+
+    import torch
+
+    from ..io import check_output
+    from ..sources import load_config, load_model, load_tokenizer
+    from .distill import check_vocab
+
+    if args.model is None:
+        raise ValueError("give the MODEL to train")
+    inputs = {"model": args.model, "reference model": args.ref_model, "preference data": args.data}
+    out = check_output(args.out, inputs, args.overwrite, resume=args.resume)
+    state = out.with_name(out.name + ".dpo-state")
+    check_output(state, inputs, overwrite=args.overwrite, resume=args.resume)
+    rows = read_preferences(args.data)
+    if args.ref_model:
+        check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
+                    load_config(args.ref_model))
+    recorded = state / "args.json"
+    if args.resume and recorded.is_file():
+        diffs = args.resume_differences(json.loads(recorded.read_text()))
+        if diffs:
+            raise ValueError(f"--resume with options other than those the run in {args.out} started with "
+                             f"({'; '.join(diffs)}): resume with the same options, or use another --out")
+    model, tok = load_model(args.model, dtype=torch.float32)
+    if tok is None:
+        raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if isinstance(rows[0]["prompt"], list) and not tok.chat_template:
+        raise ValueError("chat preference data need a tokenizer with a chat template")
+    ref, _ = load_model(args.ref_model or args.model, dtype=torch.float32, tokenizer=False)
+    ref.requires_grad_(False)
+    created = not state.exists()
+    try:
+        _train(args, state, out, model, ref, tok, rows, inputs, log)
+    except BaseException:
+        if created and not any(state.glob("checkpoint-*")):  # nothing worth resuming: leave no empty folder
+            shutil.rmtree(state, ignore_errors=True)
+        raise
+    return out
+
+
+def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, log) -> None:
+    import shutil
+
+    import datasets
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from ..io import mark, run_lock, save_checkpoint
+
+    recorded = state / "args.json"
+    with run_lock(state):
+        if args.overwrite and not args.resume:
+            for p in state.iterdir():
+                if p.name != ".ecomla.lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        mark(state)
+        recorded.write_text(json.dumps(args.recorded(), indent=1))
+        config = DPOConfig(
+            output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
+            max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+            max_length=args.max_length, bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
+            logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
+        )
+        trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok)
+        last = None
+        if args.resume:
+            ckpts = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            last = str(ckpts[-1]) if ckpts else None
+            log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
+        trainer.train(resume_from_checkpoint=last)
+        (state / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        save_checkpoint(trainer.model, tok, out, overwrite=True, inputs=inputs)

@@ -1,0 +1,42 @@
+"""Hugging Face model classes of an upcycled Llama-family model: MLA layers beside original ones.
+
+Self-contained (torch + transformers + sibling files): `save_pretrained` copies this file,
+`configuration_ecomla.py` and `mla_attention.py` next to the weights and names them in
+`auto_map`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in a
+process that never imported ecomla. Everything but attention (embeddings, MLPs, norms, rotary
+tables, head) is the stock Llama code; MLA layers read the model's full-head-dim rotary tables
+and keep only their frequency pairs.
+"""
+
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from torch import nn
+
+from .configuration_ecomla import EcoMLAConfig
+from .mla_attention import MLAAttention
+
+
+class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
+    config_class = EcoMLAConfig
+    config: EcoMLAConfig
+    _supports_flash_attn = False  # MLA's value head dim differs from its query/key head dim
+    _supports_flex_attn = False  # the absorbed decode path reads boolean/additive masks, not BlockMasks
+
+
+class EcoMLAModel(EcoMLAPreTrainedModel, LlamaModel):
+    def __init__(self, config: EcoMLAConfig):
+        LlamaModel.__init__(self, config)
+        for i in config.mla_layers:
+            self.layers[i].self_attn = MLAAttention(config, layer_idx=i)
+        self.post_init()
+
+
+class EcoMLAForCausalLM(EcoMLAPreTrainedModel, LlamaForCausalLM):
+    def __init__(self, config: EcoMLAConfig):
+        EcoMLAPreTrainedModel.__init__(self, config)
+        self.model = EcoMLAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = ["EcoMLAPreTrainedModel", "EcoMLAModel", "EcoMLAForCausalLM"]

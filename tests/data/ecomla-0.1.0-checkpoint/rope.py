@@ -1,0 +1,50 @@
+"""Which rotary frequency pairs an MLA layer keeps, and where they sit in HF's half-split layout.
+
+A Llama head of dimension D rotates D/2 pairs; pair j (frequency inv_freq[j], decreasing in j)
+is made of dims j and j + D/2 (HF "rotate_half" layout). MLA keeps d_rope/2 pairs rotary and
+moves the rest to the no-RoPE part. Self-contained (no ecomla imports): it is copied beside
+checkpoints for trust_remote_code loading.
+"""
+
+
+def select_rope_pairs(head_dim: int, qk_rope_head_dim: int, how: str = "uniform") -> list[int]:
+    """Indices of the frequency pairs that keep RoPE.
+
+    uniform: evenly spaced, j_i = floor(i * (D/2) / (d_rope/2)); when d_rope divides D these are
+        every (D/d_rope)-th pair, whose frequencies theta^(-2 j_i / D) = theta^(-2 i / d_rope)
+        are exactly those of a standard rotary of dimension d_rope.
+    high: j = 0 .. d_rope/2 - 1 (highest frequencies).  low: the last d_rope/2 pairs.
+    """
+    half, keep = head_dim // 2, qk_rope_head_dim // 2
+    if how == "uniform":
+        return [int(i * half // keep) for i in range(keep)]
+    if how == "high":
+        return list(range(keep))
+    if how == "low":
+        return list(range(half - keep, half))
+    raise ValueError(f"unknown RoPE frequency choice {how!r}: use uniform, high or low")
+
+
+def rope_columns(pair_indices, head_dim: int) -> list[int]:
+    """Dims of a head (and columns of the (.., D) cos/sin tables) holding the kept pairs, in the
+    half-split layout of a rotary of dimension d_rope: [j_0..j_k, j_0+D/2..j_k+D/2]."""
+    half = head_dim // 2
+    return [int(j) for j in pair_indices] + [int(j) + half for j in pair_indices]
+
+
+def nope_columns(pair_indices, head_dim: int) -> list[int]:
+    """Dims of a head that lose their rotation (the complement of rope_columns)."""
+    kept = set(rope_columns(pair_indices, head_dim))
+    return [i for i in range(head_dim) if i not in kept]
+
+
+def is_standard_rotary(pair_indices, head_dim: int) -> bool:
+    """True when the kept pairs are those of a standard rotary of dimension 2 * len(pairs)."""
+    keep = len(pair_indices)
+    if keep == 0 or (head_dim // 2) % keep:
+        return False
+    stride = (head_dim // 2) // keep
+    return list(pair_indices) == [stride * i for i in range(keep)]
+
+
+__all__ = ["select_rope_pairs", "rope_columns", "nope_columns", "is_standard_rotary"]

@@ -1,0 +1,96 @@
+"""Output directories appear whole or not at all; the output policy; run locks; leftover cleanup."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ecomla.io import MARKER, OutputError, atomic_output_dir, check_output, mark, run_lock
+
+
+def test_failure_keeps_old_output_and_leaves_no_temporary(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    mark(out)
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "half.bin").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (out / "old.txt").read_text() == "old"
+
+
+def test_success_replaces_and_refuses_without_overwrite(tmp_path):
+    out = tmp_path / "ckpt"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (out / "a.txt").exists() and (out / MARKER).exists() and oct(out.stat().st_mode)[-3:] != "700"
+    with pytest.raises(OutputError, match="--overwrite"):
+        with atomic_output_dir(out):
+            pass
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_overwrite_never_replaces_a_folder_ecomla_did_not_write(tmp_path):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("years of work")
+    with pytest.raises(OutputError, match=r"not written by ecomla \(it holds chapter1.tex\)"):
+        check_output(out, overwrite=True)
+    with pytest.raises(OutputError, match="not written by ecomla"):
+        check_output(out, resume=True)
+    assert (out / "chapter1.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("where, relation", [("same", "is"), ("parent", "contains"), ("inside", "sits inside")])
+def test_out_must_not_touch_an_input(tmp_path, where, relation):
+    model = tmp_path / "models" / "llama"
+    model.mkdir(parents=True)
+    out = {"same": model, "parent": tmp_path / "models", "inside": model / "mla"}[where]
+    with pytest.raises(OutputError, match=f"--out {out} {relation} the source model"):
+        check_output(out, {"source model": str(model)}, overwrite=True)
+
+
+def test_unwritable_or_file_blocked_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, so nothing can be written below it"):
+        check_output(tmp_path / "file" / "out")
+    with pytest.raises(OutputError, match="is a file; give a directory"):
+        check_output(tmp_path / "file", overwrite=True)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="not writable"):
+            check_output(ro / "out")
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_replace_rolled_back(tmp_path):
+    out = tmp_path / "ckpt"
+    dead = 2**22 + 12345  # no such process
+    (tmp_path / f".ckpt.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".ckpt.old-{dead}").mkdir()  # killed between the two renames: `out` is missing
+    (tmp_path / f".ckpt.old-{dead}" / "model.safetensors").write_text("the previous output")
+    mark(tmp_path / f".ckpt.old-{dead}")
+    check_output(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (out / "model.safetensors").read_text() == "the previous output"
+
+
+def test_a_second_process_cannot_take_the_run_lock(tmp_path):
+    code = ("import sys, time; from ecomla.io import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputError, match=f"another ecomla run \\(pid {holder.pid}\\) is writing"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(tmp_path):  # the OS released the dead holder's lock
+        pass

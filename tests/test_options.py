@@ -1,0 +1,101 @@
+"""One definition per option: the CLI and the recipes are generated from the options dataclasses."""
+
+import argparse
+from dataclasses import MISSING, fields
+
+import pytest
+
+from ecomla.cli import build_parser
+from ecomla.options import JOBS, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, GenerateOptions
+
+
+def subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("cls", JOBS, ids=lambda c: c.command)
+def test_every_cli_option_is_one_field_with_the_same_default(cls):
+    sub = subparsers()[cls.command]
+    dests = [a.dest for a in sub._actions if a.dest != "help"]
+    names = [f.name for f in fields(cls)]
+    assert len(dests) == len(set(dests))  # one option per field
+    assert set(dests) <= set(names)  # every option is a field
+    assert set(dests) == {f.name for f in fields(cls) if f.metadata.get("cli", True)}  # every CLI field is an option
+    for a in sub._actions:
+        if a.dest != "help" and a.option_strings:
+            assert a.default is argparse.SUPPRESS  # so the dataclass default is the only default
+    # parsing only what is required gives exactly the dataclass defaults (the same objects for immutables)
+    required = {"convert": ["SRC", "--kv-rank", "8", "--out", "o"], "eval": ["M"], "distill": ["S", "--teacher", "T", "--out", "o"],
+                "dpo": ["M", "--data", "d.json", "--out", "o"], "run": ["r.yaml"], "generate": ["M", "--prompt", "hi"],
+                "export": ["M", "--out", "o"], "kv": ["M"]}[cls.command]
+    args = build_parser().parse_args([cls.command, *required])
+    opts = cls.from_args(args)
+    given = {a.dest for a in sub._actions if a.dest != "help" and (a.option_strings and any(s in required for s in a.option_strings))}
+    for f in fields(cls):
+        if f.metadata.get("positional") or f.name in given:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        assert getattr(opts, f.name) == default
+        if f.default is not MISSING:
+            assert getattr(opts, f.name) is f.default
+
+
+@pytest.mark.parametrize("cls", JOBS, ids=lambda c: c.command)
+def test_every_recipe_key_maps_to_one_field(cls):
+    keys = cls.keys()
+    assert set(keys.values()) == {f.name for f in fields(cls)}
+    for f in fields(cls):
+        assert keys[f.name] == f.name
+    # the command-line spelling works as a recipe key and lands on the same field
+    for a in subparsers()[cls.command]._actions:
+        for s in a.option_strings:
+            if s.startswith("--") and s != "--help":
+                assert keys[s[2:].replace("-", "_")] == a.dest
+
+
+def test_recipe_section_and_cli_and_api_give_the_same_object():
+    api = ConvertOptions(kv_lora_rank=16, qk_rope_head_dim=8, layers="even", out="o", source="m")
+    cli = ConvertOptions.from_args(build_parser().parse_args(["convert", "m", "--kv-rank", "16", "--rope-dim", "8",
+                                                              "--layers", "even", "--out", "o"]))
+    recipe = ConvertOptions.from_dict({"kv_rank": 16, "rope-dim": 8, "layers": "even"}, source="m", out="o")
+    assert api == cli == recipe
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (DistillOptions, dict(ce_weight=-1), r"ce_weight \(--ce-weight\) must be >= 0"),
+    (DistillOptions, dict(warmup=5), r"warmup \(--warmup\) must be >= 0 and <= 1, got 5"),
+    (DistillOptions, dict(warmup=-1), r"warmup \(--warmup\) must be >= 0"),
+    (DistillOptions, dict(weight_decay=-5), "weight_decay"),
+    (DistillOptions, dict(eval_every=-1), "eval_every"),
+    (DistillOptions, dict(save_every=-1), "save_every"),
+    (DistillOptions, dict(lr=0), r"lr \(--lr\) must be > 0"),
+    (DistillOptions, dict(seq_len="512"), r"seq_len \(--seq-len\) must be an integer, got '512'"),
+    (DistillOptions, dict(loss="mse"), "must be one of forward_kl, reverse_kl, jsd"),
+    (DistillOptions, dict(resume=True, overwrite=True), "not both"),
+    (DistillOptions, dict(data="a.txt"), "must be a list of strings"),
+    (DPOOptions, dict(beta=-1), r"beta \(--beta\) must be > 0"),
+    (DPOOptions, dict(epochs=0), r"epochs \(--epochs\) must be > 0"),
+    (DPOOptions, dict(max_steps=0), "-1 .* or at least 1"),
+    (GenerateOptions, dict(top_p=2), r"top_p \(--top-p\) must be > 0 and <= 1"),
+    (GenerateOptions, dict(prompt=""), "prompt .* is empty"),
+    (GenerateOptions, dict(device="banana"), "'banana' is not a device"),
+    (EvalOptions, dict(batch_size=0), r"batch_size \(--batch-size\) must be >= 1"),
+    (EvalOptions, dict(limit=0), r"limit \(--limit\) must be >= 1"),
+    (EvalOptions, dict(ppl_window=1024, ppl_stride=1024), "must be smaller than ppl_window"),
+    (ConvertOptions, dict(kv_ratio=float("nan")), "finite"),
+    (ConvertOptions, dict(kv_lora_rank=8, rope_freqs="random"), "must be one of uniform"),
+])
+def test_ranges_are_checked_when_the_object_is_made(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_recipe_sections_name_unknown_and_malformed_keys():
+    with pytest.raises(ValueError, match=r"recipe section 'eval': unknown option 'task' \(did you mean 'tasks'\?\)"):
+        EvalOptions.from_dict({"task": ["arc_easy"]}, "recipe section 'eval'")
+    with pytest.raises(ValueError, match="must be a mapping of options"):
+        ConvertOptions.from_dict("rank 8", "recipe section 'convert'")
+    with pytest.raises(ValueError, match="set by the recipe itself"):
+        ConvertOptions.from_dict({"kv_rank": 8, "out": "x"}, "recipe section 'convert'", out="y")
