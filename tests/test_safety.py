@@ -177,6 +177,7 @@ CASES = [  # (argv with {m} models, {w} the user's folder, {s} scratch; what the
     ("eval {m}/teacher --ppl-file {s}/latin1.txt", "latin1.txt: cannot read it as UTF-8"),
     ("eval {m}/teacher --ppl-file {w}/run/mydata.txt --ppl-window 64 --ppl-stride 64", "must be smaller than ppl_window"),
     ("run {s}/misspelt.yaml", "unknown option 'task'"),
+    ("kv {s}/badconfig", "badconfig/config.json is not a valid model config"),
     ("convert {m}/teacher --kv-rank 8 --out {m}/teacher/../teacher", "is the source model"),
 ]
 
@@ -196,6 +197,9 @@ def scratch(world, tmp_path_factory):
         if (src / f).exists():
             (s / "garbage" / f).write_bytes((src / f).read_bytes())
     (s / "garbage" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    (s / "badconfig").mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    (s / "badconfig" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "two"}))
     big = tiny_model_dir(s / "bigvocab")
     cfg = json.loads((big / "config.json").read_text())
     cfg["vocab_size"] = 512

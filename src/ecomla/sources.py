@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from . import model as _registered  # noqa: F401  (the ecomla model type, for AutoConfig/AutoModel)
 
@@ -96,6 +97,9 @@ def load_config(source: str):
         return AutoConfig.from_pretrained(path, **kwargs)
     except OSError as err:
         raise FileNotFoundError(f"could not load a config from {source!r}: {err}") from err
+    except (TypeError, ValueError, StrictDataclassError) as err:  # malformed JSON or field types (strict configs)
+        where = f"{path}/config.json" if gguf is None else f"{path}/{gguf}"
+        raise ValueError(f"{where} is not a valid model config: {' '.join(str(err).split())}") from None
 
 
 def load_tokenizer(source: str):

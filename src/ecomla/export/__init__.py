@@ -11,12 +11,15 @@ def export_checkpoint(options: ExportOptions, log=print):
     from ..sources import load_config, load_model
     from .deepseek_v3 import check_exportable, export_deepseek_v3
 
+    exporters = {"deepseek-v3": (check_exportable, export_deepseek_v3)}  # --format -> (refusal from the config, writer)
+    check, write = exporters[options.format]
+
     if options.model is None:
         raise ValueError("give the MODEL to export")
     inputs = {"model": options.model}
     check_output(options.out, inputs, options.overwrite)
-    check_exportable(load_config(options.model))
+    check(load_config(options.model))
     model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
-    out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs)
-    log(f"saved {out}: loads with transformers' DeepseekV3ForCausalLM, no custom code")
+    out = write(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs)
+    log(f"saved {out} ({options.format}: loads with transformers' DeepseekV3ForCausalLM, no custom code)")
     return out

@@ -105,7 +105,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from ..io import mark, run_lock, save_checkpoint
+    from ..io import atomic_write, mark, run_lock, save_checkpoint
 
     recorded = state / "args.json"
     with run_lock(state):
@@ -114,7 +114,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
                 if p.name != ".ecomla.lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         mark(state)
-        recorded.write_text(json.dumps(args.recorded(), indent=1))
+        atomic_write(recorded, json.dumps(args.recorded(), indent=1))
         config = DPOConfig(
             output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
             max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -129,5 +129,5 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
             last = str(ckpts[-1]) if ckpts else None
             log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
         trainer.train(resume_from_checkpoint=last)
-        (state / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        atomic_write(state / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
         save_checkpoint(trainer.model, tok, out, overwrite=True, inputs=inputs)
