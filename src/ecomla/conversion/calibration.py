@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_torch_save
 from ..options import CALIB_SEQ_LEN
+from .kv import has_attention_bias
 
 
 def read_text(path: str) -> str:
@@ -80,14 +81,19 @@ def calibration_ids(model, options, tokenizer=None, progress: bool = True) -> tu
 @torch.no_grad()
 def attention_input_covariance(model, input_ids: torch.Tensor, layers: list[int] | None = None, batch_size: int = 4,
                                progress: bool = True) -> dict[int, torch.Tensor]:
-    """{layer: E[x x^T]} (d, d), float64, of the normalized hidden states entering each layer's attention."""
+    """{layer: E[x x^T]} (d, d), float64, of the normalized hidden states entering each layer's attention.
+    For a model whose attention projections have biases the statistics are of x~ = [x; 1] (d + 1, d + 1):
+    a bias b of W acts as the last column of [W | b] on x~ (see `has_attention_bias`)."""
     d = model.config.hidden_size
+    aug = int(has_attention_bias(model.config))
     layers = list(range(model.config.num_hidden_layers)) if layers is None else layers
-    sums = {i: torch.zeros(d, d, dtype=torch.float64) for i in layers}
+    sums = {i: torch.zeros(d + aug, d + aug, dtype=torch.float64) for i in layers}
     count, hooks = 0, []
     for i in layers:
         def hook(module, args, kwargs, i=i):
             x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, d).double()  # (N, d)
+            if aug:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (N, d + 1)
             sums[i] += (x.T @ x).cpu()
         hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device

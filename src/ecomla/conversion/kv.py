@@ -21,10 +21,17 @@ def model_dims(model_config) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def has_attention_bias(config) -> bool:
+    """Qwen2 (q, k, v biases) and Llama with attention_bias (q, k, v, o biases)."""
+    return getattr(config, "model_type", None) == "qwen2" or bool(getattr(config, "attention_bias", False))
+
+
 def max_kv_lora_rank(model_config, qk_rope_head_dim: int) -> int:
-    """Rank of the stacked [keys without RoPE dims; values] projection: min(d, G * (2D - d_rope))."""
+    """Rank of the stacked [keys without RoPE dims; values] projection: min(d, G * (2D - d_rope)); with biases
+    the projection acts on [x; 1], so d + 1."""
     _, kv_heads, head_dim = model_dims(model_config)
-    return min(model_config.hidden_size, kv_heads * (2 * head_dim - qk_rope_head_dim))
+    d = model_config.hidden_size + int(has_attention_bias(model_config))
+    return min(d, kv_heads * (2 * head_dim - qk_rope_head_dim))
 
 
 def gqa_values_per_token(model_config) -> int:

@@ -13,7 +13,7 @@ from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.rope import select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, ConvertOptions
 from ..version import __version__
-from .kv import max_kv_lora_rank, model_dims, rank_for_ratio
+from .kv import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 
 # What config.conversion records of the request (the workflow's paths and switches are not the model's).
 RECORDED = ("kv_lora_rank", "kv_ratio", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
@@ -118,10 +118,12 @@ def build_config(model_config, conv: ConvertOptions, layer_pairs: dict | None = 
                  layer_ranks: dict | None = None, choices: dict | None = None) -> EcoMLAConfig:
     """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices)."""
     base = model_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window"):
+    for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window",
+                "use_sliding_window", "max_window_layers", "layer_types"):
         base.pop(key, None)
     _, kv_heads, head_dim = model_dims(model_config)
     base.update(
+        attention_bias=has_attention_bias(model_config),
         head_dim=head_dim,
         num_key_value_heads=kv_heads,
         mla_layers=conv.layers,

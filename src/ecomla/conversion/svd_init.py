@@ -220,7 +220,7 @@ def init_mla_layer(
     d_rope, d_nope0 = 2 * len(pairs[0]), D - 2 * len(pairs[0])
     wq = w_q.view(H, D, d)  # (H, D, d)
     wk = w_k.view(G, D, d)  # (G, D, d)
-    wo = w_o.view(d, H, D).permute(1, 2, 0)  # (H, D, d): head h's rows of W_o^T
+    wo = w_o.view(w_o.shape[0], H, D).permute(1, 2, 0)  # (H, D, d_out): head h's rows of W_o^T (d_out = d: no bias column)
 
     # Joint SVD of keys (non-RoPE rows) and values into the latent.
     target, whiten, row_scale = kv_target(w_k, w_v, [nope_rows[key_head[g]] for g in range(G)], head_dim=D,

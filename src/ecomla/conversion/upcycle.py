@@ -45,6 +45,20 @@ def rotary_inv_freq(model_config) -> torch.Tensor:
     return LlamaRotaryEmbedding(config=model_config).inv_freq
 
 
+def projections(attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_q, W_k, W_v) of an original attention layer; with biases, [W | b] acting on x~ = [x; 1].
+
+    Folding each bias in as a last input column makes every step of the initialization (the joint K/V
+    SVD, the RoPE key, the queries, the frequency scores) see the biased projection, so a conversion at
+    full rank with all frequencies and per-group keys stays exact: the latent becomes W_dkv x + b_dkv
+    (one bias on kv_a_proj_with_mqa) and reproduces k = W_k x + b_k and v = W_v x + b_v; q keeps its bias."""
+    out = []
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        w = proj.weight
+        out.append(w if proj.bias is None else torch.cat([w, proj.bias[:, None]], dim=1))  # (out, d [+ 1])
+    return tuple(out)
+
+
 def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:
     """Kept frequency pairs of one layer, one list per RoPE key head."""
     heads, kv_heads, head_dim = model_dims(model_config)
@@ -52,7 +66,8 @@ def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tenso
     if conv.rope_freqs not in MEASURED_ROPE_FREQS:
         return [select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs)] * conv.rope_key_heads
     inv_freq = rotary_inv_freq(model_config) if conv.rope_freqs == "cost" else None
-    score = pair_contributions(attn.q_proj.weight, attn.k_proj.weight, num_heads=heads, num_kv_heads=kv_heads,
+    w_q, w_k, _ = projections(attn)
+    score = pair_contributions(w_q, w_k, num_heads=heads, num_kv_heads=kv_heads,
                                head_dim=head_dim, input_cov=cov, inv_freq=inv_freq,
                                context=min(ROPE_CONTEXT, model_config.max_position_embeddings))  # (G, D/2)
     score = score.view(conv.rope_key_heads, kv_heads // conv.rope_key_heads, -1).sum(1)  # (n_r, D/2)
@@ -75,9 +90,9 @@ def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) 
 
 
 def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int, cov: torch.Tensor | None):
-    """MLA weights (float64) of one layer, latent norm scales included when the config has them."""
+    """MLA weights (float64) of one layer, latent norm scales (and biases) included when the config has them."""
     weights = init_mla_layer(
-        attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+        *projections(attn), attn.o_proj.weight,
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
@@ -96,6 +111,13 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int,
         weights["kv_a_layernorm.weight"] = torch.full((down.shape[0],), norm_scale(down, cov))
         if config.use_q_a_layernorm:
             weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,), norm_scale(weights["q_a_proj.weight"], cov))
+    if config.attention_bias:  # the last input column (the one x~ = [x; 1] sets to 1) is each projection's bias
+        for name in ("q_proj", "q_a_proj", "kv_a_proj_with_mqa"):
+            if f"{name}.weight" in weights:
+                w = weights[f"{name}.weight"]
+                weights[f"{name}.weight"], weights[f"{name}.bias"] = w[:, :-1], w[:, -1]
+        bias = attn.o_proj.bias  # Llama's o bias; Qwen2 has none
+        weights["o_proj.bias"] = torch.zeros(attn.o_proj.weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
     return weights
 
 
@@ -171,7 +193,8 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
             pairs = (layer_pairs or {}).get(i) or choose_rope_pairs(layers[i].self_attn, conv, model.config, None)
             nope = [nope_columns(pairs[g // (kv_heads // conv.rope_key_heads)], head_dim) for g in range(kv_heads)]
             attn = layers[i].self_attn
-            spectra[i] = kv_spectrum(attn.k_proj.weight, attn.v_proj.weight, nope, head_dim=head_dim,
+            _, w_k, w_v = projections(attn)
+            spectra[i] = kv_spectrum(w_k, w_v, nope, head_dim=head_dim,
                                      input_cov=cov[i] if conv.svd == "activations" else None)
         max_rank = max_kv_lora_rank(model.config, conv.qk_rope_head_dim)
         layer_ranks = allocate_ranks({i: s[:max_rank] for i, s in spectra.items()}, conv.kv_lora_rank * len(conv.layers),
@@ -189,6 +212,10 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
 
     with torch.device("meta"):  # no throw-away random init of a full-size model
         new = EcoMLAForCausalLM(config)
+    if config.attention_bias:  # Qwen2 has no o_proj bias; the Llama layers it keeps get a zero one (exact)
+        for i in range(n_layers):
+            state.setdefault(f"model.layers.{i}.self_attn.o_proj.bias",
+                             torch.zeros(config.hidden_size, device=device, dtype=dtype))
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]

@@ -5,9 +5,10 @@ Self-contained (torch + transformers only): `save_pretrained` copies it beside t
 
 Per token x (hidden d), with H heads, latent rank r, RoPE key heads n_r:
 
-    q            = W_q x                       (or W_qb norm(W_qa x) with q_lora_rank)
+    q            = W_q x + b_q                 (or W_qb norm(W_qa x + b_qa) with q_lora_rank)
     [q_nope_h | q_pe_h]                        per head, dims (d_nope | d_rope)
-    [c_kv | k_pe] = W_kv_a x                   c_kv: (r), k_pe: (n_r * d_rope)  <- cached
+    [c_kv | k_pe] = W_kv_a x + b_kv_a          c_kv: (r), k_pe: (n_r * d_rope)  <- cached
+                                               (biases only for sources with biased projections, e.g. Qwen2)
     [k_nope_h | v_h] = W_kv_b,h c_kv            per head, dims (d_nope | d_v)
     score_h(t, s) = scale * (q_nope_h(t) . k_nope_h(s) + rope(q_pe_h(t)) . rope(k_pe_g(h)(s)))
 
@@ -77,19 +78,20 @@ class MLAAttention(nn.Module):
         self.num_key_value_groups = 1  # keys are expanded to all heads before the attention interface
         hidden, heads = config.hidden_size, self.num_heads
 
+        bias = bool(getattr(config, "attention_bias", False))  # from a source with biased projections (Qwen2)
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
+            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=bias)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = LlamaRMSNorm(self.q_lora_rank, eps=1e-6) if config.use_q_a_layernorm else nn.Identity()
             self.q_b_proj = nn.Linear(self.q_lora_rank, heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
-            hidden, self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim, bias=False
+            hidden, self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim, bias=bias
         )
         # Latent norms use eps 1e-6 whatever the model's rms_norm_eps, as DeepSeek-V3 does (exact export).
         self.kv_a_layernorm = LlamaRMSNorm(self.kv_lora_rank, eps=1e-6) if config.use_kv_a_layernorm else nn.Identity()
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=bias)
 
         # Columns of the full-head-dim cos/sin tables each RoPE key head keeps, flattened (n_r * d_rope).
         self._rope_cols_list = [c for pairs in config.layer_rope_pairs(layer_idx) for c in rope_columns(pairs, config.head_dim)]
