@@ -13,6 +13,7 @@ The policy (every command goes through `check_output`, before any slow work):
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -188,6 +189,38 @@ def save_checkpoint(model, tokenizer, out, overwrite: bool = False, inputs: dict
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def read_rows(path, what: str = "data file") -> list:
+    """Plain strings (a text file is one document) or the rows of a .json list / .jsonl file; errors name
+    the file (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path}: cannot read it as UTF-8 text ({err})") from err
+    if not raw.strip():
+        raise ValueError(f"{what} {path} is empty")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} {path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{what} {path}: expected a JSON list of rows")
+        return data
+    return [raw]
 
 
 class RunLockedError(OutputError):

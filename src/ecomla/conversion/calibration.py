@@ -26,7 +26,7 @@ from .kv import has_attention_bias
 
 def read_text(path: str) -> str:
     """Plain text, or the "text" fields of a .jsonl / .json file's rows (read as training data is)."""
-    from ..training.data import read_rows
+    from ..io import read_rows
 
     return "\n\n".join(r if isinstance(r, str) else r.get("text", "") for r in read_rows(Path(path)))
 
@@ -42,7 +42,7 @@ def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_L
 
 
 @torch.no_grad()
-def sampled_calibration_ids(model, tok=None, tokens: int = 4096, seq_len: int = CALIB_SEQ_LEN,
+def sampled_calibration_ids(model, tok, tokens: int, seq_len: int = CALIB_SEQ_LEN,
                             batch_size: int = 16, seed: int = 0, progress: bool = True) -> torch.Tensor:
     """(N, seq_len) token ids sampled from the model itself (data-free calibration: teacher samples).
     Needs no tokenizer: without one, sampling starts from the config's BOS id (or 0)."""

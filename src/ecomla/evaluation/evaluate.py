@@ -80,7 +80,7 @@ def continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], p
     return out
 
 
-def make_lm(model, tokenizer, batch_size: int = 32, max_batch_tokens: int = 8192, max_length: int | None = None):
+def make_lm(model, tokenizer, batch_size: int, max_batch_tokens: int | None = None, max_length: int | None = None):
     """An lm-eval LM over an in-memory HF model (original or converted)."""
     HFLM = _hflm()
 
@@ -94,7 +94,7 @@ def make_lm(model, tokenizer, batch_size: int = 32, max_batch_tokens: int = 8192
             start = 0
             while start < len(order):
                 first = min(len(requests[order[start]][1]) + len(requests[order[start]][2]), self.max_length + 1)
-                n = max(1, min(batch_size, max_batch_tokens // max(first, 1)))
+                n = max(1, min(batch_size, (max_batch_tokens or 1 << 62) // max(first, 1)))
                 chunk = order[start : start + n]
                 scored = continuation_logprobs(
                     self._model, [(requests[i][1], requests[i][2]) for i in chunk], pad, self.max_length
@@ -112,7 +112,7 @@ def make_lm(model, tokenizer, batch_size: int = 32, max_batch_tokens: int = 8192
 
 
 @torch.inference_mode()
-def perplexity(model, token_ids: list[int], window: int = 2048, stride: int = 1024, batch_size: int = 4, progress: bool = True) -> dict:
+def perplexity(model, token_ids: list[int], window: int, stride: int, batch_size: int = 4, progress: bool = True) -> dict:
     """Token-level sliding-window perplexity of one token stream (formula in the module docstring)."""
     if not 0 < stride < window:
         raise ValueError(f"perplexity needs 0 < stride < window, got stride {stride}, window {window}")
@@ -216,16 +216,13 @@ def evaluate_model(
     tokenizer,
     name: str,
     tasks: list[str],
+    options: EvalOptions,
     data_dir: str | None = None,
-    limit: int | None = None,
-    ppl_files: list[str] = (),
-    batch_size: int = 32,
-    max_batch_tokens: int = 8192,
-    ppl_window: int = 2048,
-    ppl_stride: int = 1024,
     progress: bool = True,
 ) -> list[dict]:
-    """Flat result rows {model, task, metric, value, stderr, n} for one loaded model."""
+    """Flat result rows {model, task, metric, value, stderr, n} for one loaded model (settings from `options`)."""
+    limit, ppl_files, batch_size, max_batch_tokens = options.limit, options.ppl_files, options.batch_size, options.max_batch_tokens
+    ppl_window, ppl_stride = options.ppl_window, options.ppl_stride
     from lm_eval import simple_evaluate
 
     rows: list[dict] = []
@@ -363,8 +360,7 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
         if tok is None:
             raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
         t0 = time.time()
-        rows += evaluate_model(model, tok, m, tasks, data_dir, o.limit, o.ppl_files, o.batch_size, o.max_batch_tokens,
-                               o.ppl_window, o.ppl_stride)
+        rows += evaluate_model(model, tok, m, tasks, o, data_dir)
         timings[m] = time.time() - t0
         log(f"[ecomla eval] {m}: done in {timings[m]:.0f} s")
         del model

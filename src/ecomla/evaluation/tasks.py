@@ -17,11 +17,12 @@ Rows already in the hub's format pass through unchanged.
 from __future__ import annotations
 
 import bz2
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ..io import read_rows
 
 # Perplexity "tasks" computed by ecomla itself (token-level, sliding window), not by the harness.
 PPL_TASKS = {"wikitext": "wikitext-2-raw-test.txt"}
@@ -110,10 +111,10 @@ def hellaswag_item(label_ctx: str, gold: str, endings: list[str]) -> dict:
 
 
 def read_hellaswag(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return read_rows(path, "HellaSwag file")
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        if path.name.removesuffix(".bz2").endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
         lines = f.read().split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
@@ -159,15 +160,11 @@ def local_rows(task: str, data_dir: str | Path) -> list[dict]:
     path = local_file(task, data_dir)
     if task == "hellaswag":
         return read_hellaswag(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = [json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON lines ({err})") from err
+    rows = read_rows(path, f"task file for {task!r}")
     try:
         return [LOCAL_TASKS[task].row(r) for r in rows]
     except KeyError as err:
-        raise ValueError(f"{path}: rows lack field {err} expected for task {task!r} (see ecomla/eval_tasks.py)") from err
+        raise ValueError(f"{path}: rows lack field {err} expected for task {task!r} (see ecomla/evaluation/tasks.py)") from err
 
 
 def harness_config(task: str, task_manager) -> dict:

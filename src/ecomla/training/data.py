@@ -15,12 +15,13 @@ prompt tokens are asked to count). Documents are joined with EOS and cut into se
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..io import read_rows
 
 
 @dataclass
@@ -72,37 +73,6 @@ def to_messages(row: dict, where: str = "row") -> list[dict] | None:
         return [{"role": "user", "content": _text(row["question"], "question", where)},
                 {"role": "assistant", "content": _text(row["answer"], "answer", where)}]
     return None
-
-
-def read_rows(path: Path) -> list:
-    """Plain strings (text documents) or dict rows from one file; errors name the file (and the line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path}: no such file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"data file {path}: cannot read it as UTF-8 text ({err})") from err
-    if not raw.strip():
-        raise ValueError(f"data file {path} is empty")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"data file {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
-        return rows
-    if path.suffix == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"data file {path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"data file {path}: expected a JSON list of rows")
-        return data
-    return [raw]
 
 
 def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) -> Document:

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from ..options import DPOOptions
-from .data import message, read_rows
+from ..io import read_rows
+from .data import message
 
 
 def _turn(m) -> dict:
@@ -38,7 +39,7 @@ def preference_row(row: dict) -> dict:
 
 
 def read_preferences(path: str | Path) -> list[dict]:
-    """Preference rows from a .json list or .jsonl file (read as data.read_rows reads training data)."""
+    """Preference rows from a .json list or .jsonl file (read by io.read_rows, as training data is)."""
     path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"preference file {path}: expected .json (a list of rows) or .jsonl (one row per line)")
