@@ -205,6 +205,14 @@ def comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in comma_list(text)]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in comma_list(text)]
+
+
 def int_or_name(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
@@ -391,9 +399,19 @@ class EvalOptions(Options):
     max_batch_tokens: int = opt(8192, "padded tokens per forward (at most)", min=1)
     ppl_window: int = opt(2048, "perplexity window (tokens; at most the model's maximum length)", min=2)
     ppl_stride: int = opt(1024, "perplexity stride (< window: each window scores its last `stride` tokens)", min=1)
+    passkey_contexts: list[int] = opt([1024, 2048, 4096, 8192], "task passkey: prompt lengths in tokens (those beyond "
+                                      "the model's positions are skipped)", parse=int_list)
+    passkey_depths: list[float] = opt([0.0, 0.25, 0.5, 0.75, 1.0], "task passkey: where the key sits (0: start, 1: end)",
+                                      parse=float_list)
+    passkey_trials: int = opt(2, "task passkey: prompts per context and depth (a new key each)", min=1)
+    passkey_filler: str | None = opt(None, "task passkey: filler text file (default: the WikiText file in --data-dir)")
 
     def validate(self) -> None:
         check_device(self.device)
+        if not self.passkey_contexts or any(c < 64 for c in self.passkey_contexts):
+            raise ValueError(f"passkey_contexts (--passkey-contexts) must be token counts >= 64, got {self.passkey_contexts}")
+        if not self.passkey_depths or any(not 0 <= d <= 1 for d in self.passkey_depths):
+            raise ValueError(f"passkey_depths (--passkey-depths) must lie in [0, 1], got {self.passkey_depths}")
         if self.ppl_stride >= self.ppl_window:
             raise ValueError(f"ppl_stride (--ppl-stride) must be smaller than ppl_window (--ppl-window): got stride "
                              f"{self.ppl_stride}, window {self.ppl_window}")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..options import DEFAULT_TASKS, DTYPES, EvalOptions
 from ..report import markdown_table
-from .tasks import HEADLINE, LOCAL_TASKS, PPL_TASKS, local_file, local_task_config
+from .tasks import HEADLINE, LOCAL_TASKS, OWN_TASKS, PPL_TASKS, local_file, local_task_config
 
 
 def _hflm():
@@ -152,11 +152,11 @@ def text_perplexity(model, tokenizer, text: str, window: int, stride: int, batch
 # ----------------------------------------------------------------------------- task planning
 
 
-def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = ()) -> None:
+def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = (), passkey_filler: str | None = None) -> None:
     """Fail fast, before any model loads: unknown tasks, missing local files, unreadable text files."""
     if not tasks and not ppl_files:
-        raise ValueError("no tasks: give --tasks (e.g. " + ",".join(DEFAULT_TASKS) + ",wikitext) or --ppl-file")
-    harness = [t for t in tasks if t not in PPL_TASKS]
+        raise ValueError("no tasks: give --tasks (e.g. " + ",".join(DEFAULT_TASKS) + ",wikitext,passkey) or --ppl-file")
+    harness = [t for t in tasks if t not in OWN_TASKS]
     if harness:
         from lm_eval.tasks import TaskManager
 
@@ -171,12 +171,16 @@ def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = (
         if not Path(data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {data_dir} is not a directory")
         for t in tasks:
-            if t not in LOCAL_TASKS and t not in PPL_TASKS:
-                raise ValueError(f"task {t!r} has no local-file reader; with --data-dir use {', '.join([*LOCAL_TASKS, *PPL_TASKS])}")
-            local_file(t, data_dir)
+            if t not in LOCAL_TASKS and t not in OWN_TASKS:
+                raise ValueError(f"task {t!r} has no local-file reader; with --data-dir use {', '.join([*LOCAL_TASKS, *OWN_TASKS])}")
+            if not (t == "passkey" and passkey_filler):
+                local_file(t, data_dir)
     elif "wikitext" in tasks:
         raise ValueError("task 'wikitext' reads a raw text file: give --data-dir DIR holding wikitext-2-raw-test.txt")
-    for f in ppl_files:
+    elif "passkey" in tasks and not passkey_filler:
+        raise ValueError("task 'passkey' hides the key in filler text: give --data-dir DIR holding "
+                         "wikitext-2-raw-test.txt, or --passkey-filler FILE")
+    for f in [*ppl_files, *([passkey_filler] if passkey_filler else [])]:
         if not Path(f).is_file():
             raise FileNotFoundError(f"--ppl-file {f}: no such file")
         try:
@@ -202,7 +206,7 @@ def harness_tasks(tasks: list[str], data_dir: str | None):
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager()
-    names = [t for t in tasks if t not in PPL_TASKS]
+    names = [t for t in tasks if t not in OWN_TASKS]
     if data_dir is None:
         return names, tm
     return [local_task_config(t, data_dir, tm) for t in names], tm
@@ -253,6 +257,14 @@ def evaluate_model(
         r = text_perplexity(model, tokenizer, text, window, stride, progress=progress)
         rows.append({"model": name, "task": task, "metric": "ppl", "value": r["ppl"], "stderr": None, "n": r["tokens"],
                      "window": r["window"], "stride": r["stride"]})
+    if "passkey" in tasks:
+        from .passkey import passkey_accuracy
+
+        filler = Path(options.passkey_filler) if options.passkey_filler else local_file("passkey", data_dir)
+        for r in passkey_accuracy(model, tokenizer, filler.read_text(encoding="utf-8"), options.passkey_contexts,
+                                  options.passkey_depths, options.passkey_trials):
+            metric = "acc" if r["context"] is None else f"acc@{r['context']}"
+            rows.append({"model": name, "task": "passkey", "metric": metric, "value": r["accuracy"], "stderr": None, "n": r["n"]})
     return rows
 
 
@@ -270,7 +282,7 @@ def summary_table(rows: list[dict], kv: dict[str, int]) -> tuple[list[str], list
             metric = HEADLINE.get(t, "ppl" if any(r["task"] == t and r["metric"] == "ppl" for r in rows) else "acc")
             hit = [r["value"] for r in rows if r["model"] == m and r["task"] == t and r["metric"] == metric]
             row[f"{t} ({metric})"] = hit[0] if hit else None
-            if hit and metric != "ppl" and "perplexity" not in metric:
+            if hit and metric != "ppl" and "perplexity" not in metric and t != "passkey":  # the harness average
                 scores.append(hit[0])
         row["average"] = sum(scores) / len(scores) if scores else None
         if first_avg is None:
@@ -337,14 +349,15 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
     models, tasks, data_dir = list(o.models), o.task_list, o.data_dir
     if not models:
         raise ValueError("give at least one MODEL")
-    if data_dir is None and [t for t in tasks if t not in PPL_TASKS] and not hub_reachable():
+    if data_dir is None and [t for t in tasks if t not in OWN_TASKS] and not hub_reachable():
         env = os.environ.get("ECOMLA_EVAL_DATA")
         if not env:
             raise ValueError("the dataset hub is out of reach: give --data-dir DIR with the tasks' local files "
                              "(e.g. ../shared/data/eval) or set ECOMLA_EVAL_DATA")
         data_dir = env
-    check_tasks(tasks, data_dir, o.ppl_files)
-    inputs = {"model": models, "task data directory": data_dir, "perplexity file": list(o.ppl_files)}
+    check_tasks(tasks, data_dir, o.ppl_files, o.passkey_filler)
+    inputs = {"model": models, "task data directory": data_dir, "perplexity file": list(o.ppl_files),
+              "passkey filler": o.passkey_filler}
     if o.out is not None:
         check_output(o.out, inputs, o.overwrite)
     configs = {m: load_config(m) for m in models}  # every model must resolve before any long work

@@ -26,6 +26,9 @@ from ..io import read_rows
 
 # Perplexity "tasks" computed by ecomla itself (token-level, sliding window), not by the harness.
 PPL_TASKS = {"wikitext": "wikitext-2-raw-test.txt"}
+# ecomla's own tasks (not the harness's): perplexity, and passkey retrieval (evaluation/passkey.py), whose
+# filler text is the same local WikiText file unless --passkey-filler names another.
+OWN_TASKS = {*PPL_TASKS, "passkey"}
 
 # Headline metric per task (the convention of the X-EcoMLA / open-LLM tables).
 HEADLINE = {
@@ -37,6 +40,7 @@ HEADLINE = {
     "openbookqa": "acc_norm",
     "lambada_openai": "acc",
     "wikitext": "ppl",
+    "passkey": "acc",  # over every context and depth (per context: acc@N); not in the harness average
 }
 
 
@@ -143,12 +147,12 @@ LOCAL_TASKS = {
 
 def local_file(task: str, data_dir: str | Path) -> Path:
     """The file of `task` in `data_dir`, or a clear error naming the file names it looks for."""
-    if task in PPL_TASKS:
-        names: tuple[str, ...] = (PPL_TASKS[task], "wikitext-2-raw-test.txt", "wiki.test.raw")
+    if task in PPL_TASKS or task == "passkey":
+        names: tuple[str, ...] = ("wikitext-2-raw-test.txt", "wiki.test.raw")
     elif task in LOCAL_TASKS:
         names = LOCAL_TASKS[task].files
     else:
-        raise ValueError(f"task {task!r} has no local-file reader; local tasks: {', '.join(sorted([*LOCAL_TASKS, *PPL_TASKS]))}")
+        raise ValueError(f"task {task!r} has no local-file reader; local tasks: {', '.join(sorted([*LOCAL_TASKS, *OWN_TASKS]))}")
     for name in names:
         if (Path(data_dir) / name).is_file():
             return Path(data_dir) / name
