@@ -10,14 +10,12 @@ def generate(options: GenerateOptions) -> str:
     import torch
     from transformers import TextStreamer
 
-    from .sources import load_model
+    from .sources import load_model, resolve_device
 
     o = options
     if o.model is None or o.prompt is None:
         raise ValueError("give the MODEL and --prompt")
-    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(o.device)
     model, tok = load_model(o.model, dtype=getattr(torch, DTYPES[o.dtype]), device=device)
     if tok is None:
         raise FileNotFoundError(f"{o.model} has no tokenizer files: save one beside the weights to generate")

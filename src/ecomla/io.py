@@ -47,8 +47,7 @@ def _relation(out: Path, inp: Path) -> str | None:
     return None
 
 
-def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool = False, resume: bool = False,
-                 is_file: bool = False) -> Path:
+def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool = False, resume: bool = False) -> Path:
     """Refuse an output that would touch an input or a user's files; return it resolved.
 
     inputs: {description: path or source or list of them}; hub ids and missing paths are ignored.
@@ -66,13 +65,12 @@ def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool =
                                   "choose an --out outside every input")
     clean_leftovers(out_path)
     if out_path.exists():
-        if is_file != out_path.is_file():
-            kind = "a file" if out_path.is_file() else "a directory"
-            raise OutputError(f"--out {out} is {kind}; give {'a file' if is_file else 'a directory'} path")
+        if out_path.is_file():
+            raise OutputError(f"--out {out} is a file; give a directory path")
         if not (overwrite or resume):
             raise OutputError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it"
-                              + (" (--resume continues a run)" if not is_file else ""))
-        if not is_file and not written_by_ecomla(out_path):
+                              " (--resume continues a run)")
+        if not written_by_ecomla(out_path):
             names = sorted(p.name for p in out_path.iterdir())[:5]
             what = f"it holds {', '.join(names)}{', ...' if len(names) == 5 else ''}" if names else "it is empty"
             raise OutputError(f"--out {out} was not written by ecomla ({what}): --overwrite and --resume only "
@@ -124,9 +122,8 @@ def _owner_alive(p: Path) -> bool:
     m = re.search(r"\.(?:tmp|old)-(\d+)", p.name)
     if not m or int(m.group(1)) == os.getpid():
         return False
-    pid = m.group(1)
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(m.group(1)), 0)
     except OSError as err:
         return err.errno == errno.EPERM
     return True
@@ -134,6 +131,13 @@ def _owner_alive(p: Path) -> bool:
 
 def mark(directory: Path) -> None:
     (Path(directory) / MARKER).write_text("written by ecomla; `--overwrite` may replace this folder\n")
+
+
+def clear_run_dir(directory: Path) -> None:
+    """Empty a run folder that --overwrite restarts, keeping only the lock its run holds."""
+    for p in Path(directory).iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 @contextmanager
@@ -163,23 +167,23 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write(path, data: str | bytes) -> None:
-    """Write a file through a temporary sibling and a rename: never half-written."""
+def _write_via_temporary(path, write) -> None:
+    """`write(tmp)` into a temporary sibling, then rename it onto `path`: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_write(path, data: str | bytes) -> None:
+    _write_via_temporary(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
 
 
 def atomic_torch_save(obj, path) -> None:
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _write_via_temporary(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(model, tokenizer, out, overwrite: bool = False, inputs: dict | None = None, log=None) -> Path:

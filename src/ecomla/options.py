@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -77,7 +78,7 @@ def _accepts(tp, value) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is typing.Any:
         return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_accepts(a, value) for a in args)
     if tp is type(None):
         return value is None
@@ -158,6 +159,18 @@ class Options:
         return [f"{f.name}: {recorded[f.name]!r} -> {now[f.name]!r}" for f in fields(self)
                 if f.metadata.get("resume_must_match") and f.name in recorded and recorded[f.name] != now[f.name]]
 
+    def check_resume(self, recorded_file) -> None:
+        """Refuse to resume the run recorded in `recorded_file` (JSON of `recorded()`) with options that change it."""
+        import json
+        from pathlib import Path
+
+        path = Path(recorded_file)
+        diffs = self.resume_differences(json.loads(path.read_text())) if path.is_file() else []
+        if diffs:
+            raise ValueError(f"--resume with options other than those the run in {self.out} started with "
+                             f"({'; '.join(diffs)}): resume with the same options, or start a new run with another "
+                             "--out (or --overwrite)")
+
     @classmethod
     def keys(cls) -> dict[str, str]:
         """{recipe key: field}: every field name, and each option's spelling without dashes."""
@@ -191,8 +204,6 @@ class Options:
         try:
             return cls(**values)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        except TypeError as err:  # a required field is missing
             raise ValueError(f"{where}: {err}") from None
 
     @classmethod
@@ -277,7 +288,7 @@ class ConvertOptions(Options):
     def validate(self) -> None:
         if self.kv_lora_rank is None and self.kv_ratio is None:
             raise ValueError("give the latent size: kv_lora_rank (--kv-rank) or kv_ratio (--kv-ratio)")
-        if self.kv_lora_rank is not None and self.kv_ratio is not None and "kv_ratio" not in self.extra:
+        if self.kv_lora_rank is not None and self.kv_ratio is not None:
             raise ValueError("give one of kv_lora_rank (--kv-rank) and kv_ratio (--kv-ratio), not both")
         if self.layers is not None and self.num_mla_layers is not None:
             raise ValueError("give layers (--layers, explicit indices) or num_mla_layers (--num-mla-layers), not both")

@@ -96,6 +96,8 @@ def run_recipe(path: str | Path, log=print) -> Path:
     from .conversion.kv import cache_values_per_token
     from .io import atomic_write, check_output, mark, run_lock
     from .sources import load_config
+    from .training.distill import distill
+    from .training.dpo import dpo
 
     recipe = load_recipe(path)
     steps, evaluation = plan(recipe)
@@ -125,7 +127,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
             rerun = rerun or changed or step.name not in made or not _complete(step.out)
             log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
             t0 = time.time()
-            {"convert": convert_checkpoint, "distill": _distill, "dpo": _dpo}[step.name](step.options)
+            {"convert": convert_checkpoint, "distill": distill, "dpo": dpo}[step.name](step.options)
             timings[step.name] = time.time() - t0
             made = {**{k: v for k, v in made.items() if k != step.name}, step.name: step.recorded()}
             atomic_write(record_path, json.dumps(made, indent=1))
@@ -145,18 +147,6 @@ def run_recipe(path: str | Path, log=print) -> Path:
         write_report(report, recipe, rows, summary, eval_md, timings, out)
     log((report / "report.md").read_text())
     return report
-
-
-def _distill(options: DistillOptions) -> None:
-    from .training.distill import distill
-
-    distill(options)
-
-
-def _dpo(options: DPOOptions) -> None:
-    from .training.dpo import dpo
-
-    dpo(options)
 
 
 def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:

@@ -123,6 +123,15 @@ def load_tokenizer(source: str):
         return None
 
 
+def resolve_device(requested: str | None) -> str:
+    """The device to load onto: the one asked for (refused when it is CUDA and there is none), else cuda if present."""
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+    return requested
+
+
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
     """Load (model, tokenizer) from any source; the model is in eval mode."""
     from transformers import AutoModelForCausalLM

@@ -33,11 +33,9 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
                          f"{', --svd ' + resolved.svd if options.svd else ''}) measures nothing; drop --calib, or use "
                          "--init ecomla / --svd activations, which read it")
     tok = load_tokenizer(options.source)
-    if options.calib and tok is None:
-        raise ValueError(f"--calib needs the tokenizer of {options.source}, and it ships none")
     ids = cov = None
     extra = dict(options.extra)
-    if options.calib:  # read (and refuse) the file before the weights load
+    if options.calib:  # read (and refuse) the file, or a source without a tokenizer, before the weights load
         ids, extra["calibration"] = calibration_ids(None, options, tok)
     log(conversion_table(src_config, build_config(src_config, resolved)))
 

@@ -93,7 +93,8 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     if not 1 <= out.kv_lora_rank <= max_rank:
         raise ValueError(
             f"kv_lora_rank={out.kv_lora_rank} is impossible: the stacked key/value matrix of each layer has rank "
-            f"at most {max_rank} (= min(hidden {hidden}, kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope "
+            f"at most {max_rank} (= min(hidden {hidden}{' + 1 for the biases' if has_attention_bias(model_config) else ''}, "
+            f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope "
             f"dim {d_rope}))); choose 1..{max_rank}")
     if options.q_lora_rank is not None:
         q_max = min(hidden, heads * (out.qk_nope_head_dim + d_rope))

@@ -343,7 +343,7 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
     """Evaluate several models on the same tasks; returns (markdown table, rows); writes options.out if given."""
     from ..conversion.kv import cache_values_per_token
     from ..io import atomic_output_dir, check_output
-    from ..sources import load_config, load_model
+    from ..sources import load_config, load_model, resolve_device
 
     o = options
     models, tasks, data_dir = list(o.models), o.task_list, o.data_dir
@@ -361,9 +361,7 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
     if o.out is not None:
         check_output(o.out, inputs, o.overwrite)
     configs = {m: load_config(m) for m in models}  # every model must resolve before any long work
-    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(o.device)
     dtype = DTYPES[o.dtype]
     rows: list[dict] = []
     timings = {}

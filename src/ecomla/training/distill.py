@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import LOCK, atomic_write, check_output, mark, run_lock
+from ..io import LOCK, atomic_write, check_output, clear_run_dir, mark, run_lock
 from ..options import DTYPES, DistillOptions
 from .losses import chunked_distill_loss, forward_kl
 
@@ -173,15 +173,6 @@ def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, d
     return texts
 
 
-def check_resume(cfg: DistillOptions, train_dir: Path) -> None:
-    """Refuse to resume a run with options that change it (the schedule, the data, the models...)."""
-    args = train_dir / "args.json"
-    diffs = cfg.resume_differences(json.loads(args.read_text())) if args.is_file() else []
-    if diffs:
-        raise ValueError(f"--resume with options other than those the run in {cfg.out} started with ({'; '.join(diffs)}): "
-                         "resume with the same options, or start a new run with another --out (or --overwrite)")
-
-
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
 
@@ -255,15 +246,13 @@ def _prepare_run_dir(cfg: DistillOptions, out: Path, log) -> dict | None:
     """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
     train_dir = out / "training"
     if cfg.resume:
-        check_resume(cfg, train_dir)
+        cfg.check_resume(train_dir / "args.json")
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
             log(f"[ecomla distill] {out} is already complete; nothing to resume")
             return json.loads((train_dir / "summary.json").read_text())
     elif cfg.overwrite and any(p.name != LOCK for p in out.iterdir()):
         log(f"[ecomla distill] --overwrite: replacing the earlier ecomla run in {out}")
-        for p in out.iterdir():
-            if p.name != LOCK:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        clear_run_dir(out)
     mark(out)
     return None
 

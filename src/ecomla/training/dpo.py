@@ -74,12 +74,8 @@ def dpo(args: DPOOptions, log=print) -> Path:
     if args.ref_model:
         check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model))
-    recorded = state / "args.json"
-    if args.resume and recorded.is_file():
-        diffs = args.resume_differences(json.loads(recorded.read_text()))
-        if diffs:
-            raise ValueError(f"--resume with options other than those the run in {args.out} started with "
-                             f"({'; '.join(diffs)}): resume with the same options, or use another --out")
+    if args.resume:
+        args.check_resume(state / "args.json")
     model, tok = load_model(args.model, dtype=torch.float32)
     if tok is None:
         raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
@@ -100,22 +96,17 @@ def dpo(args: DPOOptions, log=print) -> Path:
 
 
 def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, log) -> None:
-    import shutil
-
     import datasets
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from ..io import atomic_write, mark, run_lock, save_checkpoint
+    from ..io import atomic_write, clear_run_dir, mark, run_lock, save_checkpoint
 
-    recorded = state / "args.json"
     with run_lock(state):
         if args.overwrite and not args.resume:
-            for p in state.iterdir():
-                if p.name != ".ecomla.lock":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            clear_run_dir(state)
         mark(state)
-        atomic_write(recorded, json.dumps(args.recorded(), indent=1))
+        atomic_write(state / "args.json", json.dumps(args.recorded(), indent=1))
         config = DPOConfig(
             output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
             max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
