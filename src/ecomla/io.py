@@ -53,16 +53,7 @@ def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool =
     inputs: {description: path or source or list of them}; hub ids and missing paths are ignored.
     resume: an existing `out` is the run being resumed (it must have been written by ecomla).
     """
-    if out is None or not str(out).strip():
-        raise OutputError("give an output path with --out")
-    out_path = Path(str(out)).expanduser().resolve()
-    for name, values in (inputs or {}).items():
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            inp = local_path(value)
-            rel = inp and _relation(out_path, inp)
-            if rel:
-                raise OutputError(f"--out {out} {rel} the {name} {value}: writing there could destroy it; "
-                                  "choose an --out outside every input")
+    out_path = _outside_inputs(out, inputs)
     clean_leftovers(out_path)
     if out_path.exists():
         if out_path.is_file():
@@ -77,6 +68,52 @@ def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool =
                               f"touch ecomla's own outputs; choose another --out, or move it away yourself")
     _check_writable(out_path, str(out))
     return out_path
+
+
+def _outside_inputs(out, inputs: dict | None) -> Path:
+    if out is None or not str(out).strip():
+        raise OutputError("give an output path with --out")
+    out_path = Path(str(out)).expanduser().resolve()
+    for name, values in (inputs or {}).items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            inp = local_path(value)
+            rel = inp and _relation(out_path, inp)
+            if rel:
+                raise OutputError(f"--out {out} {rel} the {name} {value}: writing there could destroy it; "
+                                  "choose an --out outside every input")
+    return out_path
+
+
+def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecomla_file, suffix: str) -> Path:
+    """`check_output` for a single-file output (e.g. a GGUF): an existing file is replaced only with
+    --overwrite and only if `written_by_ecomla_file(path)` says ecomla wrote it."""
+    out_path = _outside_inputs(out, inputs)
+    if out_path.suffix != suffix:
+        raise OutputError(f"--out {out} must be a {suffix} file path (it is one file, not a folder)")
+    clean_leftovers(out_path)
+    if out_path.is_dir():
+        raise OutputError(f"--out {out} is a directory; give a {suffix} file path")
+    if out_path.exists():
+        if not overwrite:
+            raise OutputError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it")
+        if not written_by_ecomla_file(out_path):
+            raise OutputError(f"--out {out} was not written by ecomla: --overwrite only replaces ecomla's own "
+                              "outputs; choose another --out, or move it away yourself")
+    _check_writable(out_path.parent, str(out))
+    return out_path
+
+
+@contextmanager
+def atomic_output_file(out: Path):
+    """Yield a temporary sibling path; on success it replaces `out` (os.replace), on error it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def written_by_ecomla(directory: Path) -> bool:

@@ -32,7 +32,9 @@ ROPE_KEY_CHOICES = ("mean", "pca")
 RANK_CHOICES = ("uniform", "spectrum")
 SVD_CHOICES = ("weights", "activations")
 LAYER_CHOICES = ("sensitivity", "alternate")
-TARGETS = ("deepseek-v3",)
+TARGETS = ("deepseek-v3", "llama.cpp", "vllm")  # conversion restricted to what the engine runs
+EXPORT_FORMATS = ("deepseek-v3", "gguf")
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CALIB_SEQ_LEN = 256  # tokens per calibration sequence
 # Named initializations: what each unset option means. "xecomla" is the paper's; "ecomla" is the
 # best combination measured by benchmarks/init_fidelity.py (the default).
@@ -245,8 +247,9 @@ class ConvertOptions(Options):
     rope_freqs: "uniform" (evenly spaced), "high", "low", "contribution" (per layer and RoPE key, the
         pairs with the largest query-key 2-norm product on calibration text, MHA2MLA's criterion), "cost"
         (that product times how much losing the pair's rotation changes its scores within 4096 tokens).
-    target: "deepseek-v3" restricts the conversion to what a stock DeepSeek-V3 checkpoint expresses
-        exactly (adds RMS-normalized latents, so the conversion is no longer exact even at full rank).
+    target: restrict the conversion to what an engine runs: "deepseek-v3" (a stock DeepSeek-V3
+        checkpoint), "llama.cpp" (a deepseek2 GGUF), "vllm" (DeepSeek-V3 with a 512+64 or 256+64 latent).
+        Each adds RMS-normalized latents, so the conversion is no longer exact even at full rank.
     """
 
     command: typing.ClassVar[str] = "convert"
@@ -274,7 +277,8 @@ class ConvertOptions(Options):
     num_mla_layers: int | None = opt(None, "hybrid: convert this many layers, chosen by --layer-choice", min=1)
     layer_choice: str = opt("sensitivity", "with --num-mla-layers: the least sensitive layers (measured) or evenly "
                             "spaced ones", choices=LAYER_CHOICES)
-    target: str | None = opt(None, "restrict to what a stock DeepSeek-V3 checkpoint expresses exactly", choices=TARGETS)
+    target: str | None = opt(None, "restrict to what this engine runs (deepseek-v3: stock transformers; llama.cpp: "
+                             "a deepseek2 GGUF; vllm: a 512+64 or 256+64 latent)", choices=TARGETS)
     calib: str | None = opt(None, "calibration text (.txt, or .jsonl/.json rows with 'text'); default: model samples")
     calib_tokens: int = opt(4096, "calibration tokens", min=CALIB_SEQ_LEN)
     calib_cache: str | None = opt(None, "where calibration statistics are cached (default $ECOMLA_CACHE or "
@@ -434,13 +438,26 @@ class EvalOptions(Options):
 
 @dataclass
 class ExportOptions(Options):
-    """Write a converted model in an engine's format (deepseek-v3: a stock DeepSeek-V3 checkpoint)."""
+    """Write a converted model in an engine's format: deepseek-v3 (a stock DeepSeek-V3 checkpoint for
+    transformers, vLLM, SGLang) or gguf (one llama.cpp file, architecture deepseek2, latent cache)."""
 
     command: typing.ClassVar[str] = "export"
     model: str | None = opt(None, "a model converted by ecomla", positional=True)
-    format: str = opt("deepseek-v3", "output format", choices=TARGETS)
-    out: str | None = opt(None, "output directory (written atomically)", required=True)
+    format: str = opt("deepseek-v3", "output format", choices=EXPORT_FORMATS)
+    out: str | None = opt(None, "output directory (deepseek-v3) or .gguf file (gguf), written atomically",
+                          required=True)
+    outtype: str | None = opt(None, "gguf: type of the weight matrices (default f16; norms stay f32)",
+                              choices=GGUF_OUTTYPES)
+    query_lora: str | None = opt(None, "deepseek-v3 without a query LoRA: 'identity' writes q_proj as an equivalent "
+                                 "query LoRA (logits within ~2e-4), which llama.cpp's own converter needs",
+                                 choices=("identity",))
     overwrite: bool = opt(False, "replace --out if it is an earlier ecomla output")
+
+    def validate(self) -> None:
+        if self.outtype is not None and self.format != "gguf":
+            raise ValueError(f"--outtype sets the GGUF weight type; it does not apply to --format {self.format}")
+        if self.query_lora is not None and self.format != "deepseek-v3":
+            raise ValueError("--query-lora applies to --format deepseek-v3 (the GGUF export is exact without one)")
 
 
 @dataclass

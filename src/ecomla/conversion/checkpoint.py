@@ -12,6 +12,7 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     `ecomla run` call this. Every check runs before any weight loads; nothing is written on error."""
     import torch
 
+    from ..export.engines import engine_table
     from ..io import check_output, save_checkpoint
     from ..sources import check_supported, load_config, load_model, load_tokenizer
     from .calibration import cached_covariance, calibration_ids
@@ -37,7 +38,10 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     extra = dict(options.extra)
     if options.calib:  # read (and refuse) the file, or a source without a tokenizer, before the weights load
         ids, extra["calibration"] = calibration_ids(None, options, tok)
-    log(conversion_table(src_config, build_config(src_config, resolved)))
+    planned = build_config(src_config, resolved)
+    log(conversion_table(src_config, planned))
+    log("engines that serve this shape:\n" + engine_table(planned, rope_freqs=resolved.rope_freqs,
+                                                            rank_alloc=resolved.rank_alloc))
 
     model, _ = load_model(options.source, dtype=getattr(torch, DTYPES[options.dtype]), tokenizer=False)
     if resolved.needs_calibration:

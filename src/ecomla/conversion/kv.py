@@ -127,5 +127,7 @@ def kv_report(source: str) -> str:
     if cfg.model_type in SUPPORTED_MODEL_TYPES:
         return conversion_table(cfg)
     if cfg.model_type == "ecomla":
-        return conversion_table(original_config(cfg), cfg)
+        from ..export.engines import engine_table
+
+        return conversion_table(original_config(cfg), cfg) + "\n\nengines that serve it:\n" + engine_table(cfg)
     raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)} and ecomla models, not {cfg.model_type!r}")

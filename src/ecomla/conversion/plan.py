@@ -13,6 +13,7 @@ from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.rope import select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, ConvertOptions
 from ..version import __version__
+from ..export.engines import VLLM_ROPE_DIM, VLLM_SHAPES, target_problems
 from .kv import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 
 # What config.conversion records of the request (the workflow's paths and switches are not the model's).
@@ -55,6 +56,8 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     preset = dict(INIT_PRESETS[options.init])
     if options.target is not None:  # what DeepSeek-V3 expresses, unless the user asked otherwise (refused below)
         preset.update(rope_freqs="uniform", rope_key_heads="shared", rank_alloc="uniform")
+        if options.target == "vllm":
+            preset.update(qk_rope_head_dim=VLLM_ROPE_DIM)
     for key, value in preset.items():
         if key not in explicit:
             setattr(out, key, value)
@@ -85,7 +88,9 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     out.qk_nope_head_dim = head_dim - d_rope if options.qk_nope_head_dim is None else options.qk_nope_head_dim
     out.v_head_dim = head_dim if options.v_head_dim is None else options.v_head_dim
 
-    if options.kv_ratio is not None:
+    if options.target == "vllm":
+        out.kv_lora_rank = vllm_rank(model_config, options, layers)
+    elif options.kv_ratio is not None:
         out.kv_lora_rank = rank_for_ratio(model_config, options.kv_ratio, d_rope, n_r, layers)
         out.extra = {**out.extra, "kv_ratio": options.kv_ratio}
         out.kv_ratio = None  # the rank is the setting now; the request is kept in extra (provenance)
@@ -105,12 +110,31 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     return out
 
 
+def vllm_rank(model_config, options: ConvertOptions, layers: list[int]) -> int:
+    """The latent rank for --target vllm: 512 or 256 (with a 64-dim RoPE key); with --kv-ratio X the larger
+    one whose cache is X times smaller; refused when neither makes the cache smaller than the original's."""
+    _, kv_heads, head_dim = model_dims(model_config)
+    original = 2 * kv_heads * head_dim  # values per token and layer
+    ranks = [r for r, d in VLLM_SHAPES]
+    if options.kv_lora_rank is not None:
+        if options.kv_lora_rank not in ranks:
+            raise ValueError(f"--target vllm takes --kv-rank 512 or 256 (vLLM's MLA latents), got {options.kv_lora_rank}")
+        fits = [options.kv_lora_rank]
+    else:
+        fits = [r for r in ranks if original >= options.kv_ratio * (r + VLLM_ROPE_DIM)]
+    fits = [r for r in fits if r + VLLM_ROPE_DIM < original]
+    if not fits:
+        shown = " or ".join(f"{r} + {VLLM_ROPE_DIM}" for r in ranks)
+        raise ValueError(f"--target vllm cannot make this cache {'smaller' if options.kv_ratio is None else f'{options.kv_ratio}x smaller'}:"
+                         f" the original caches {original} values per token and layer (2 x {kv_heads} KV heads x "
+                         f"{head_dim}), vLLM's MLA latents are {shown}; use --target llama.cpp or no --target")
+    return fits[0]
+
+
 def check_target(resolved: ConvertOptions, model_config) -> None:
     """Refuse, before any work, a conversion the target cannot express exactly (the exporter's own rules)."""
-    from ..export.deepseek_v3 import deepseek_v3_problems
-
-    problems = deepseek_v3_problems(build_config(model_config, resolved), rope_freqs=resolved.rope_freqs,
-                                    rank_alloc=resolved.rank_alloc)
+    problems = target_problems(resolved.target, build_config(model_config, resolved), rope_freqs=resolved.rope_freqs,
+                               rank_alloc=resolved.rank_alloc)
     if problems:
         raise ValueError(f"--target {resolved.target} cannot be met: " + "; ".join(problems))
 
@@ -138,8 +162,8 @@ def build_config(model_config, conv: ConvertOptions, layer_pairs: dict | None = 
                                             "uniform" if conv.rope_freqs in MEASURED_ROPE_FREQS else conv.rope_freqs),
         layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
         layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
-        use_kv_a_layernorm=conv.target == "deepseek-v3",
-        use_q_a_layernorm=conv.target == "deepseek-v3" and conv.q_lora_rank is not None,
+        use_kv_a_layernorm=conv.target is not None,  # every target engine normalizes the latents
+        use_q_a_layernorm=conv.target is not None and conv.q_lora_rank is not None,
         conversion={
             "method": "x-ecomla-svd" if conv.svd == "weights" else "activation-aware-svd",
             "ecomla_version": __version__,

@@ -8,6 +8,8 @@ conversion options that would make the model exportable; what it can, is written
 
 - RoPE layout: ecomla keeps HF's half-split layout [x_0..x_{k-1}, y_0..y_{k-1}]; DeepSeek
   rotates interleaved pairs (x_0, y_0, x_1, y_1, ...). The query and key RoPE rows are permuted.
+- No query LoRA: llama.cpp's own converter cannot load that (its loader needs q_lora_rank unless the
+  model has 26 or 27 layers); `query_lora="identity"` writes an equivalent one (`identity_query_lora`).
 - Every layer's MLP stays dense (first_k_dense_replace = num_hidden_layers, no experts, no
   multi-token-prediction layers); `lm_head` is written out even when the source ties it.
 """
@@ -91,7 +93,9 @@ def deepseek_v3_config(config):
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads,
         n_shared_experts=1,
-        n_routed_experts=1,  # unused: no layer reaches first_k_dense_replace
+        # Unused (no layer reaches first_k_dense_replace), but read by llama.cpp's converter, whose loader
+        # asserts expert groups < experts: 2 experts in 1 group load there, 1 in 1 aborts it.
+        n_routed_experts=2,
         num_experts_per_tok=1,
         n_group=1,
         topk_group=1,
@@ -113,6 +117,23 @@ def deepseek_v3_config(config):
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
+
+
+def identity_query_lora(state: dict[str, torch.Tensor], num_layers: int) -> None:
+    """Rewrite every full-rank `q_proj` in `state` as a query LoRA of rank hidden that computes (nearly) the same q.
+
+    The attention input is x = g * h / sqrt(mean(h^2) + eps) (the layer's input RMSNorm, gain g). With
+    q_a_proj = diag(1/g), q_a_layernorm weight g and q_b_proj = W_q, the LoRA computes
+    W_q (g * RMSNorm(x / g)) = W_q (g * h / sqrt(mean(h^2) + eps')) : W_q x up to the norms' eps terms
+    (relative eps / (2 mean(h^2)); 2e-4 on SmolLM2-135M's logits). llama.cpp's loader needs a query
+    LoRA in every DeepSeek-V2/V3 but its 26/27-layer shapes, so its own converter loads this one."""
+    for i in range(num_layers):
+        gain = state[f"model.layers.{i}.input_layernorm.weight"]
+        if not bool((gain.abs() > 1e-12).all()):
+            raise ExportError(f"layer {i}'s input norm has zero gains, so its query cannot be written as a query LoRA")
+        state[f"model.layers.{i}.self_attn.q_b_proj.weight"] = state.pop(f"model.layers.{i}.self_attn.q_proj.weight")
+        state[f"model.layers.{i}.self_attn.q_a_proj.weight"] = torch.diag(1 / gain.float()).to(gain.dtype)
+        state[f"model.layers.{i}.self_attn.q_a_layernorm.weight"] = gain.clone()
 
 
 def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
@@ -145,16 +166,22 @@ def check_exportable(config) -> None:
 
 
 @torch.no_grad()
-def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False, inputs: dict | None = None) -> Path:
-    """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint."""
+def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False, inputs: dict | None = None,
+                       query_lora: str | None = None) -> Path:
+    """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint
+    (`query_lora="identity"`: a full-rank query written as a query LoRA, see `identity_query_lora`)."""
     from transformers import DeepseekV3ForCausalLM
 
     config = model.config
     check_exportable(config)
     ds_config = deepseek_v3_config(config)
+    state = deepseek_v3_state_dict(model)
+    if query_lora == "identity" and config.q_lora_rank is None:
+        identity_query_lora(state, config.num_hidden_layers)
+        ds_config.q_lora_rank = config.hidden_size
     with torch.device("meta"):
         ds = DeepseekV3ForCausalLM(ds_config)
-    missing, unexpected = ds.load_state_dict(deepseek_v3_state_dict(model), strict=False, assign=True)
+    missing, unexpected = ds.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
     ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)

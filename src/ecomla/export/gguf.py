@@ -1,0 +1,278 @@
+"""Export a full-MLA ecomla model as a llama.cpp GGUF (architecture `deepseek2`, latent cache).
+
+llama.cpp's `deepseek2` graph with absorbed MLA (its src/models/deepseek2.cpp), per layer and head h:
+
+    q_h = [q_nope_h; q_pe_h] = W_q x                      (or W_qb RMSNorm(W_qa x) with a query LoRA)
+    [c; k_pe] = W_kv_a x,  c <- RMSNorm(c) * g             cached per token: c (kv_lora_rank) and rope(k_pe)
+    score_h(t, s) = ((k_b_h q_nope_h(t)) . c(s) + rope(q_pe_h(t)) . rope(k_pe(s))) / sqrt(d_nope + d_rope)
+    o_h(t) = v_b_h sum_s softmax_s(score_h(t, s)) c(s),   out = W_o [o_1; ...; o_H]
+
+with k_b_h, v_b_h the key and value halves of head h's rows of `kv_b_proj`. That is DeepSeek-V3's
+attention, so DeepSeek-V3's rules apply (`deepseek_v3_problems`: MLA in every layer, one shared RoPE
+key, one rank, a standard rotary, RMS-normalized latents, no biases) plus llama.cpp's own:
+
+- rope scaling: `deepseek2` takes no per-frequency factors (no `rope_freqs` tensor), so `llama3`
+  scaling is refused; `linear` (factor f) is written as llama.cpp's `rope.scaling.type linear`. The
+  deepseek2 graph then multiplies every score by (1 + 0.1 ln f)^2 (YaRN's mscale, applied whatever the
+  scaling type): the query rows are written divided by that, which cancels it exactly.
+- ggml's NORM rope rotates adjacent pairs: the RoPE rows are interleaved as for DeepSeek-V3.
+- no query LoRA: written with `attention.q_lora_rank = 0`, which selects the full `attn_q` weight
+  for any layer count (llama.cpp reads q_lora_rank for every model but DeepSeek-V2-Lite's shapes).
+- dense MLP in every layer: `leading_dense_block_count = n_layer`, no experts (the loader still
+  reads `expert_feed_forward_length` and `expert_shared_count`, written as the dense size and 0).
+- tied embeddings: no `output.weight`; llama.cpp then uses `token_embd.weight`.
+- one RMS-norm epsilon for all norms, the model's (eps'); ecomla's latent norms use DeepSeek's eps = 1e-6.
+  Exact anyway: RMSNorm_eps'(a c) = a c / sqrt(a^2 mean(c^2) + eps') = RMSNorm_eps(c) for a = sqrt(eps'/eps),
+  so the latent rows of `kv_a_proj_with_mqa` (and `q_a_proj`) are written times a. (Left as is, the
+  mismatch changed SmolLM2-135M's logits by 1.8e-3 relative.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..model.mla_attention import LATENT_NORM_EPS
+from .deepseek_v3 import ExportError, deepseek_v3_problems, deepseek_v3_state_dict
+
+ARCH = "deepseek2"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+LLAMA_CPP_ROPE_TYPES = ("default", "linear")
+
+
+def gguf_problems(config, rope_freqs: str | None = None, rank_alloc: str | None = None) -> list[str]:
+    """Why `config` (an EcoMLAConfig) cannot be written exactly as a llama.cpp `deepseek2` GGUF
+    (`rope_freqs`, `rank_alloc`: a planned conversion's choices, as for `deepseek_v3_problems`)."""
+    problems = [p.replace("--target deepseek-v3", "--target llama.cpp").replace("DeepSeek-V3", "llama.cpp's deepseek2")
+                for p in deepseek_v3_problems(config, rope_freqs, rank_alloc)]
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in LLAMA_CPP_ROPE_TYPES and not any("rope scaling" in p for p in problems):
+        problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
+                        f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})")
+    if config.qk_nope_head_dim < 1:
+        problems.append("llama.cpp's deepseek2 needs at least one query/key dim without RoPE (convert with a smaller --rope-dim)")
+    return problems
+
+
+def check_gguf_exportable(config) -> None:
+    if getattr(config, "model_type", None) != "ecomla":
+        raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}: "
+                          "convert it first")
+    problems = gguf_problems(config)
+    if problems:
+        raise ExportError("cannot export as a llama.cpp GGUF exactly: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# llama.cpp picks its pre-tokenizer (the regex split before BPE) by name. We name it from the Hugging
+# Face tokenizer's own pre-tokenizer: the split pattern and whether digits are split one by one.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer_signature(tok_json: dict) -> tuple[str, bool]:
+    """(split regex or 'bytelevel', digits split individually) of a tokenizer.json pre-tokenizer."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    pattern, digits = None, False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Digits":
+            digits = digits or bool(step.get("individual_digits"))
+        elif kind == "Split":
+            pattern = (step.get("pattern") or {}).get("Regex") or (step.get("pattern") or {}).get("String")
+        elif kind == "ByteLevel" and pattern is None and step.get("use_regex", True):
+            pattern = GPT2_PATTERN
+    return pattern or "", digits
+
+
+def llama_cpp_pre_tokenizer(tok_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer of `tok_json`; ExportError if llama.cpp has none that matches."""
+    pattern, digits = _pre_tokenizer_signature(tok_json)
+    known = {(GPT2_PATTERN, True): "smollm", (GPT2_PATTERN, False): "gpt-2", (LLAMA3_PATTERN, False): "llama-bpe",
+             (QWEN2_PATTERN, False): "qwen2"}
+    name = known.get((pattern, digits))
+    if name is None:
+        raise ExportError(f"the tokenizer's pre-tokenizer (split {pattern!r}, individual digits {digits}) is not one "
+                          f"ecomla maps to llama.cpp yet (known: GPT-2, SmolLM, Llama 3, Qwen2)")
+    return name
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Write a byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) to `writer`."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    tok_json = json.loads(backend.to_str())
+    model = tok_json["model"]
+    if model.get("type") != "BPE" or not _is_byte_level(tok_json):
+        raise ExportError(f"GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM); this one is "
+                          f"{model.get('type')} without byte-level encoding (SentencePiece tokenizers are not written yet)")
+    pre = llama_cpp_pre_tokenizer(tok_json)
+    by_id = {i: t for t, i in model["vocab"].items()}
+    special, added = set(), set()
+    for a in tok_json.get("added_tokens", []):
+        by_id[a["id"]] = a["content"]
+        (special if a.get("special") else added).add(a["id"])
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in special else
+                         gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    probe = tokenizer("a").input_ids
+    writer.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id))
+    writer.add_add_space_prefix(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _is_byte_level(tok_json: dict) -> bool:
+    return "ByteLevel" in json.dumps(tok_json.get("pre_tokenizer")) + json.dumps(tok_json.get("decoder"))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def gguf_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's weights under llama.cpp names, in llama.cpp's layout (torch shapes: ggml's reversed)."""
+    config = model.config
+    heads, d_nope, d_v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    rank = config.kv_lora_rank
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+        "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+        "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    eps_scale = (config.rms_norm_eps / LATENT_NORM_EPS) ** 0.5  # llama.cpp's one eps, made exact (module docstring)
+    q_scale = 1 / _score_scale(config)  # cancels llama.cpp's YaRN mscale under linear scaling (module docstring)
+    out = {}
+    for name, w in deepseek_v3_state_dict(model).items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp falls back to token_embd.weight
+        if name in names:
+            out[names[name]] = w
+            continue
+        parts = name.split(".")  # model.layers.{i}.{module...}.weight
+        i, module = int(parts[2]), ".".join(parts[3:-1])
+        if module == "self_attn.kv_b_proj":
+            kv_b = w.view(heads, d_nope + d_v, rank)  # (H, d_nope + d_v, r)
+            out[f"blk.{i}.attn_k_b.weight"] = kv_b[:, :d_nope].transpose(1, 2).contiguous()  # (H, r, d_nope)
+            out[f"blk.{i}.attn_v_b.weight"] = kv_b[:, d_nope:].contiguous()  # (H, d_v, r)
+        elif module in per_layer:
+            if module == "self_attn.kv_a_proj_with_mqa":
+                w = torch.cat([w[:rank] * eps_scale, w[rank:]])  # (r + d_rope, d): the latent rows feed the norm
+            elif module == "self_attn.q_a_proj" and config.use_q_a_layernorm:
+                w = w * eps_scale
+            elif module in ("self_attn.q_proj", "self_attn.q_b_proj"):
+                w = w * q_scale
+            out[f"blk.{i}.{per_layer[module]}.weight"] = w
+        else:
+            raise ExportError(f"no llama.cpp tensor for {name}")
+    return out
+
+
+def _score_scale(config) -> float:
+    """What llama.cpp's deepseek2 graph multiplies the scores by beyond 1/sqrt(d_nope + d_rope):
+    mscale^2 with mscale = 1 + 0.1 ln(1 / freq_scale) (no yarn_log_mul written, so its second factor is 1)."""
+    import math
+
+    rope = config.rope_parameters or {}
+    factor = float(rope.get("factor", 1.0)) if rope.get("rope_type", "default") == "linear" else 1.0
+    return (1 + 0.1 * math.log(factor)) ** 2
+
+
+def _as_type(name: str, w: torch.Tensor, outtype: str):
+    """(array, ggml type) for one tensor: 1-D tensors (norms) stay f32 as llama.cpp's converter keeps them."""
+    import gguf
+
+    w = w.detach().float().cpu()
+    if w.ndim == 1 or outtype == "f32":
+        return w.numpy(), gguf.GGMLQuantizationType.F32
+    if outtype == "f16":
+        return w.half().numpy(), gguf.GGMLQuantizationType.F16
+    if outtype == "bf16":
+        return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if w.shape[-1] % block:  # rows that do not split into Q8_0 blocks stay 16-bit, as llama.cpp's converter does
+        return w.half().numpy(), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+
+
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_* of the bulk of the weights
+
+
+def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[str, str] | None = None) -> None:
+    """Write `model` (EcoMLAForCausalLM, exportable) and its tokenizer to the GGUF file `path`
+    (`extra`: string keys added to the metadata, e.g. the writer's version)."""
+    import gguf
+
+    config = model.config
+    check_gguf_exportable(config)
+    if outtype not in OUTTYPES:
+        raise ExportError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer.add_name(str((config.conversion or {}).get("source") or "ecomla model"))
+    writer.add_file_type(FILE_TYPES[outtype])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(1)  # absorbed MLA is multi-query attention over the latent
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length_mla(config.v_head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_q_lora_rank(config.q_lora_rank or 0)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    rope = config.rope_parameters or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope.get("rope_type", "default") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_leading_dense_block_count(config.num_hidden_layers)
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+    writer.add_expert_shared_count(0)
+    writer.add_vocab_size(config.vocab_size)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, str(value))
+    for name, w in gguf_tensors(model).items():
+        data, dtype = _as_type(name, w, outtype)
+        writer.add_tensor(name, data, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
