@@ -23,7 +23,7 @@ from ecomla.export import export_gguf
 from ecomla.export import llama_cpp as lc
 from ecomla.export.deepseek_v3 import ExportError, export_deepseek_v3
 from ecomla.export.engines import engine_table
-from ecomla.export.gguf import gguf_problems
+from ecomla.export.gguf import LLAMA3_PATTERN, QWEN2_PATTERN, gguf_problems
 from ecomla.sources import load_model
 
 LOGIT_TOL = {"f32": 1e-4, "f16": 2e-2, "bf16": 5e-2, "q8_0": 5e-2}
@@ -91,6 +91,39 @@ def test_linear_rope_scaling_and_untied_head(tmp_path):
     check_in_llama_cpp(mla, tok, export_gguf(mla, tok, tmp_path / "m.gguf", "f32"), "f32")
 
 
+def split_tokenizer(pattern: str):
+    """A byte-level BPE tokenizer that splits with `pattern` first (as Llama 3's and Qwen2's do)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import TINY_TEXT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TINY_TEXT + " 1234567 12 3\n\n  x\t y"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("pattern, name", [(LLAMA3_PATTERN, "llama-bpe"), (QWEN2_PATTERN, "qwen2")], ids=["llama3", "qwen2"])
+def test_llama3_and_qwen2_pre_tokenizers_tokenize_as_in_transformers(tmp_path, pattern, name):
+    from conftest import tiny_llama
+
+    tok = split_tokenizer(pattern)
+    model = tiny_llama(num_kv_heads=2, vocab_size=len(tok))
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="llama.cpp"), progress=False)
+    path = export_gguf(mla, tok, tmp_path / "m.gguf", "f16")
+    llm, _ = lc.load(path, n_ctx=64)
+    try:
+        assert llm.metadata["tokenizer.ggml.pre"] == name
+        for text in TEXTS + ["year 2024: 1234567 apples,\n\n\tand  12 pears!", "I'm HERE's  x"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text).input_ids, text
+    finally:
+        llm.close()
+
+
 def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     model, tok = tiny_converted(tmp_path)
     model.save_pretrained(tmp_path / "mla")
@@ -109,6 +142,19 @@ def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     assert "must be a .gguf file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mla"), "--outtype", "f16", "--out", str(tmp_path / "ds")]) == 2
     assert "does not apply to --format deepseek-v3" in capsys.readouterr().err
+
+
+def test_a_tokenizer_llama_cpp_cannot_take_is_refused_before_the_weights_load(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model, _ = tiny_converted(tmp_path)
+    wordlevel = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.save_pretrained(tmp_path / "mla")
+    PreTrainedTokenizerFast(tokenizer_object=wordlevel).save_pretrained(tmp_path / "mla")
+    assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "writes byte-level BPE tokenizers" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

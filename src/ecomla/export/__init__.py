@@ -10,9 +10,9 @@ GGUF_MARK = "ecomla.version"  # a GGUF key: what `--overwrite` may replace
 def export_checkpoint(options: ExportOptions, log=print):
     """`ecomla export`: refuse from the config (before loading weights), then write `options.out` atomically."""
     from ..io import check_output, check_output_file
-    from ..sources import load_config, load_model
+    from ..sources import load_config, load_model, load_tokenizer
     from .deepseek_v3 import check_exportable, export_deepseek_v3
-    from .gguf import check_gguf_exportable
+    from .gguf import check_gguf_exportable, tokenizer_json
 
     if options.model is None:
         raise ValueError("give the MODEL to export")
@@ -24,6 +24,8 @@ def export_checkpoint(options: ExportOptions, log=print):
         check_output(options.out, inputs, options.overwrite)
         check = check_exportable
     check(load_config(options.model))
+    if options.format == "gguf":
+        tokenizer_json(load_tokenizer(options.model))  # a tokenizer the GGUF can carry, before the weights load
     model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
     if options.format == "gguf":
         out = export_gguf(model, tok, options.out, options.outtype or "f16")

@@ -104,18 +104,28 @@ def llama_cpp_pre_tokenizer(tok_json: dict) -> str:
     return name
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Write a byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) to `writer`."""
-    import gguf
-
+def tokenizer_json(tokenizer) -> dict:
+    """The tokenizer.json of a tokenizer GGUF export can write; ExportError naming why otherwise."""
+    if tokenizer is None:
+        raise ExportError("the model has no tokenizer, and a GGUF must carry one: save the tokenizer beside the model")
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
     tok_json = json.loads(backend.to_str())
-    model = tok_json["model"]
-    if model.get("type") != "BPE" or not _is_byte_level(tok_json):
+    kind = tok_json["model"].get("type")
+    if kind != "BPE" or not _is_byte_level(tok_json):
         raise ExportError(f"GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM); this one is "
-                          f"{model.get('type')} without byte-level encoding (SentencePiece tokenizers are not written yet)")
+                          f"{kind} without byte-level encoding (SentencePiece tokenizers are not written yet)")
+    llama_cpp_pre_tokenizer(tok_json)  # one llama.cpp knows
+    return tok_json
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Write a byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) to `writer`."""
+    import gguf
+
+    tok_json = tokenizer_json(tokenizer)
+    model = tok_json["model"]
     pre = llama_cpp_pre_tokenizer(tok_json)
     by_id = {i: t for t, i in model["vocab"].items()}
     special, added = set(), set()
@@ -238,6 +248,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[s
 
     config = model.config
     check_gguf_exportable(config)
+    tokenizer_json(tokenizer)  # refused before the file is opened
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     writer = gguf.GGUFWriter(str(path), ARCH)
