@@ -26,8 +26,9 @@ def load(path, n_ctx: int = 512, cache_type: str = "f16", flash_attn: bool = Fal
         raise ImportError("running a GGUF needs llama-cpp-python: pip install 'ecomla[llama-cpp]'") from err
     import os
 
-    # llama.cpp quantizes the V cache only with flash attention; MLA has no V cache (its values are the
-    # latent, a view of K), so there `cache_type` is the whole cache either way.
+    # llama.cpp quantizes the V cache only with flash attention. MLA keeps no separate V cache (its values
+    # are the latent, a view of K) but llama.cpp still wants both types equal there, so an MLA model's
+    # cache is quantized only with flash attention; the original then keeps an f16 V cache.
     v_type = cache_type if flash_attn or cache_type in ("f32", "f16") else "f16"
     log = io.StringIO()
     try:
@@ -36,8 +37,9 @@ def load(path, n_ctx: int = 512, cache_type: str = "f16", flash_attn: bool = Fal
                         verbose=True, n_threads=threads or os.cpu_count(), type_k=GGML_TYPES[cache_type],
                         type_v=GGML_TYPES[v_type], flash_attn=flash_attn)
     except ValueError as err:  # llama-cpp-python says only "Failed to load": add llama.cpp's own reason
-        errors = [line for line in log.getvalue().splitlines() if "error" in line.lower() or "failed" in line.lower()]
-        raise ValueError(f"llama.cpp cannot load {path}: " + " | ".join(errors[-3:] or [str(err)])) from err
+        lines = [line for line in log.getvalue().splitlines() if line.strip(" .")]
+        said = [line for line in lines if re.search(r"error|fail|not support|requires", line, re.I)] or lines[-2:]
+        raise ValueError(f"llama.cpp cannot load {path}: " + " | ".join(said[-2:] or [str(err)])) from err
     from llama_cpp._logger import set_verbose
 
     set_verbose(False)  # quiet from here on
@@ -99,3 +101,4 @@ def speed(llm, context: int, new_tokens: int = 32, repeats: int = 3) -> dict:
     gen_s = sorted(times)[len(times) // 2]
     return {"prompt_tok_s": context / prompt_s, "gen_tok_s": new_tokens / gen_s, "gen_ms_per_token": 1000 * gen_s / new_tokens,
             "gen_ms_per_token_repeats": [round(1000 * t / new_tokens, 2) for t in times]}
+
