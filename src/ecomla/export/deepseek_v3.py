@@ -155,14 +155,14 @@ def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_exportable(config) -> None:
-    """Raise ExportError naming every reason `config` cannot be written exactly as DeepSeek-V3."""
+def check_exportable(config, problems_of=deepseek_v3_problems, what: str = "DeepSeek-V3") -> None:
+    """Raise ExportError naming every reason `config` cannot be written exactly as `what` (by `problems_of`)."""
     if getattr(config, "model_type", None) != "ecomla":
         raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}: "
                           "convert it first")
-    problems = deepseek_v3_problems(config)
+    problems = problems_of(config)
     if problems:
-        raise ExportError("cannot export as DeepSeek-V3 exactly: " + "; ".join(problems))
+        raise ExportError(f"cannot export as {what} exactly: " + "; ".join(problems))
 
 
 @torch.no_grad()

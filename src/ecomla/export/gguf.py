@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..model.mla_attention import LATENT_NORM_EPS
-from .deepseek_v3 import ExportError, deepseek_v3_problems, deepseek_v3_state_dict
+from .deepseek_v3 import ExportError, check_exportable, deepseek_v3_problems, deepseek_v3_state_dict
 
 ARCH = "deepseek2"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -57,12 +57,7 @@ def gguf_problems(config, rope_freqs: str | None = None, rank_alloc: str | None 
 
 
 def check_gguf_exportable(config) -> None:
-    if getattr(config, "model_type", None) != "ecomla":
-        raise ExportError(f"export needs a model converted by ecomla (model_type 'ecomla'), got {config.model_type!r}: "
-                          "convert it first")
-    problems = gguf_problems(config)
-    if problems:
-        raise ExportError("cannot export as a llama.cpp GGUF exactly: " + "; ".join(problems))
+    check_exportable(config, gguf_problems, "a llama.cpp GGUF")
 
 
 # ----------------------------------------------------------------------------- tokenizer
