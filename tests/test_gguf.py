@@ -210,7 +210,8 @@ def test_vllm_target_picks_a_shape_vllm_runs():
                            num_key_value_heads=8, head_dim=64, vocab_size=128)  # Llama-3.2-1B's attention: 1024 values
     for ratio, rank in ((3.0, 256), (1.5, 512)):
         r = resolve(MLAConversionConfig(kv_ratio=ratio, target="vllm"), llama_1b)
-        assert (r.kv_lora_rank, r.qk_rope_head_dim) == (rank, 64)
+        assert (r.kv_lora_rank, r.qk_rope_head_dim, r.kv_ratio, r.extra["kv_ratio"]) == (rank, 64, None, ratio)
+        r.replace()  # the resolved options are valid options (one of rank and ratio)
     with pytest.raises(ValueError, match="--target vllm cannot make this cache 4.0x smaller: the original caches 1024"):
         resolve(MLAConversionConfig(kv_ratio=4.0, target="vllm"), llama_1b)
     with pytest.raises(ValueError, match="--target vllm takes --kv-rank 512 or 256"):

@@ -9,11 +9,11 @@ divide the KV heads, what `--target deepseek-v3` cannot express), each with the 
 
 from __future__ import annotations
 
+from ..export.engines import VLLM_ROPE_DIM, VLLM_SHAPES, target_problems
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.rope import select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, ConvertOptions
 from ..version import __version__
-from ..export.engines import VLLM_ROPE_DIM, VLLM_SHAPES, target_problems
 from .kv import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 
 # What config.conversion records of the request (the workflow's paths and switches are not the model's).
@@ -89,9 +89,10 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     out.v_head_dim = head_dim if options.v_head_dim is None else options.v_head_dim
 
     if options.target == "vllm":
-        out.kv_lora_rank = vllm_rank(model_config, options, layers)
+        out.kv_lora_rank = vllm_rank(model_config, options)
     elif options.kv_ratio is not None:
         out.kv_lora_rank = rank_for_ratio(model_config, options.kv_ratio, d_rope, n_r, layers)
+    if options.kv_ratio is not None:
         out.extra = {**out.extra, "kv_ratio": options.kv_ratio}
         out.kv_ratio = None  # the rank is the setting now; the request is kept in extra (provenance)
     max_rank = max_kv_lora_rank(model_config, d_rope)
@@ -110,7 +111,7 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     return out
 
 
-def vllm_rank(model_config, options: ConvertOptions, layers: list[int]) -> int:
+def vllm_rank(model_config, options: ConvertOptions) -> int:
     """The latent rank for --target vllm: 512 or 256 (with a 64-dim RoPE key); with --kv-ratio X the larger
     one whose cache is X times smaller; refused when neither makes the cache smaller than the original's."""
     _, kv_heads, head_dim = model_dims(model_config)
