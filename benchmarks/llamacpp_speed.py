@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common import RESULTS, ROOT, pyplot, save_figure, write_json
@@ -107,7 +108,7 @@ def profile(path: Path, context: int, scratch: Path) -> list[tuple[str, float]]:
     marker.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", script, str(marker)])
     while proc.poll() is None and not marker.exists():  # profile decode only, after the prompt
-        subprocess.run(["sleep", "0.2"])
+        time.sleep(0.2)
     data = scratch.with_suffix(".perf")
     rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-p", str(proc.pid), "-o", str(data)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -103,19 +103,6 @@ def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecom
     return out_path
 
 
-@contextmanager
-def atomic_output_file(out: Path):
-    """Yield a temporary sibling path; on success it replaces `out` (os.replace), on error it is removed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def written_by_ecomla(directory: Path) -> bool:
     """The marker, or (folders written before the marker existed) a run's args or a converted config."""
     if (directory / MARKER).is_file() or (directory / "training" / "args.json").is_file():
@@ -204,23 +191,27 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_via_temporary(path, write) -> None:
-    """`write(tmp)` into a temporary sibling, then rename it onto `path`: never half-written."""
+def write_via_temporary(path, write) -> None:
+    """`write(tmp)` into a temporary sibling, then rename it onto `path`: never half-written, and on error
+    the temporary is removed and `path` left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path, data: str | bytes) -> None:
-    _write_via_temporary(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
+    write_via_temporary(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
 
 
 def atomic_torch_save(obj, path) -> None:
     import torch
 
-    _write_via_temporary(path, lambda tmp: torch.save(obj, tmp))
+    write_via_temporary(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(model, tokenizer, out, overwrite: bool = False, inputs: dict | None = None, log=None) -> Path:

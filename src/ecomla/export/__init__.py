@@ -8,7 +8,8 @@ GGUF_MARK = "ecomla.version"  # a GGUF key: what `--overwrite` may replace
 
 
 def export_checkpoint(options: ExportOptions, log=print):
-    """`ecomla export`: refuse from the config (before loading weights), then write `options.out` atomically."""
+    """`ecomla export`: refuse from the config (and, for a GGUF, the tokenizer) before loading weights,
+    then write `options.out` atomically."""
     from ..io import check_output, check_output_file
     from ..sources import load_config, load_model, load_tokenizer
     from .deepseek_v3 import check_exportable, export_deepseek_v3
@@ -19,26 +20,25 @@ def export_checkpoint(options: ExportOptions, log=print):
     inputs = {"model": options.model}
     if options.format == "gguf":
         check_output_file(options.out, inputs, options.overwrite, gguf_written_by_ecomla, ".gguf")
-        check = check_gguf_exportable
-    else:
-        check_output(options.out, inputs, options.overwrite)
-        check = check_exportable
-    check(load_config(options.model))
-    if options.format == "gguf":
-        tokenizer_json(load_tokenizer(options.model))  # a tokenizer the GGUF can carry, before the weights load
-    model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
-    if options.format == "gguf":
-        out = export_gguf(model, tok, options.out, options.outtype or "f16")
-        log(f"saved {out} (gguf, {options.outtype or 'f16'}: llama.cpp architecture deepseek2 with its latent cache, "
+        check_gguf_exportable(load_config(options.model))
+        tok = load_tokenizer(options.model)
+        tokenizer_json(tok)  # a tokenizer the GGUF can carry
+        model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
+        outtype = options.outtype or "f16"
+        out = export_gguf(model, tok, options.out, outtype)
+        log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
-    else:
-        out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs,
-                                 query_lora=options.query_lora)
-        log(f"saved {out} ({options.format}: loads with transformers' DeepseekV3ForCausalLM, no custom code)")
-        config = model.config
-        if config.q_lora_rank is None and options.query_lora is None and config.num_hidden_layers not in (26, 27):
-            log("llama.cpp: use `ecomla export --format gguf` (exact). llama.cpp's own convert_hf_to_gguf.py cannot "
-                "load this checkpoint (no query LoRA); export with --query-lora identity for that")
+        return out
+    check_output(options.out, inputs, options.overwrite)
+    check_exportable(load_config(options.model))
+    model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
+    out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs,
+                             query_lora=options.query_lora)
+    log(f"saved {out} ({options.format}: loads with transformers' DeepseekV3ForCausalLM, no custom code)")
+    config = model.config
+    if config.q_lora_rank is None and options.query_lora is None and config.num_hidden_layers not in (26, 27):
+        log("llama.cpp: use `ecomla export --format gguf` (exact). llama.cpp's own convert_hf_to_gguf.py cannot "
+            "load this checkpoint (no query LoRA); export with --query-lora identity for that")
     return out
 
 
@@ -46,13 +46,12 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16"):
     """Write the GGUF into a temporary sibling and rename it onto `out` when complete."""
     from pathlib import Path
 
-    from ..io import atomic_output_file
+    from ..io import write_via_temporary
     from ..version import __version__
     from .gguf import write_gguf
 
     out = Path(out).expanduser().resolve()
-    with atomic_output_file(out) as tmp:
-        write_gguf(model, tokenizer, tmp, outtype, extra={GGUF_MARK: __version__})
+    write_via_temporary(out, lambda tmp: write_gguf(model, tokenizer, tmp, outtype, extra={GGUF_MARK: __version__}))
     return out
 
 

@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from ..model.mla_attention import LATENT_NORM_EPS
-from .deepseek_v3 import ExportError, check_exportable, deepseek_v3_problems, deepseek_v3_state_dict
+from ..options import GGUF_OUTTYPES
+from .deepseek_v3 import ROPE_TYPES, ExportError, check_exportable, deepseek_v3_problems, deepseek_v3_state_dict
 
 ARCH = "deepseek2"
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 LLAMA_CPP_ROPE_TYPES = ("default", "linear")
 
 
@@ -48,7 +48,7 @@ def gguf_problems(config, rope_freqs: str | None = None, rank_alloc: str | None 
     problems = [p.replace("--target deepseek-v3", "--target llama.cpp").replace("DeepSeek-V3", "llama.cpp's deepseek2")
                 for p in deepseek_v3_problems(config, rope_freqs, rank_alloc)]
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in LLAMA_CPP_ROPE_TYPES and not any("rope scaling" in p for p in problems):
+    if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
         problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
                         f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})")
     if config.qk_nope_head_dim < 1:
@@ -72,7 +72,8 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 
 
 def _pre_tokenizer_signature(tok_json: dict) -> tuple[str, bool]:
-    """(split regex or 'bytelevel', digits split individually) of a tokenizer.json pre-tokenizer."""
+    """(split regex, digits split individually) of a tokenizer.json pre-tokenizer; a ByteLevel step that
+    splits by itself counts as GPT-2's regex."""
     pre = tok_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     pattern, digits = None, False
@@ -115,11 +116,11 @@ def tokenizer_json(tokenizer) -> dict:
     return tok_json
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Write a byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) to `writer`."""
+def add_tokenizer(writer, tokenizer, tok_json: dict, vocab_size: int) -> None:
+    """Write a byte-level BPE tokenizer (tokens, types, merges, special ids, chat template; `tok_json` its
+    `tokenizer_json`) to `writer`."""
     import gguf
 
-    tok_json = tokenizer_json(tokenizer)
     model = tok_json["model"]
     pre = llama_cpp_pre_tokenizer(tok_json)
     by_id = {i: t for t, i in model["vocab"].items()}
@@ -216,7 +217,7 @@ def _score_scale(config) -> float:
     return (1 + 0.1 * math.log(factor)) ** 2
 
 
-def _as_type(name: str, w: torch.Tensor, outtype: str):
+def _as_type(w: torch.Tensor, outtype: str):
     """(array, ggml type) for one tensor: 1-D tensors (norms) stay f32 as llama.cpp's converter keeps them."""
     import gguf
 
@@ -243,9 +244,9 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[s
 
     config = model.config
     check_gguf_exportable(config)
-    tokenizer_json(tokenizer)  # refused before the file is opened
-    if outtype not in OUTTYPES:
-        raise ExportError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    tok_json = tokenizer_json(tokenizer)  # refused before the file is opened
+    if outtype not in GGUF_OUTTYPES:
+        raise ExportError(f"--outtype {outtype!r} is not one of {', '.join(GGUF_OUTTYPES)}")
     writer = gguf.GGUFWriter(str(path), ARCH)
     writer.add_name(str((config.conversion or {}).get("source") or "ecomla model"))
     writer.add_file_type(FILE_TYPES[outtype])
@@ -272,11 +273,11 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[s
     writer.add_expert_feed_forward_length(config.intermediate_size)
     writer.add_expert_shared_count(0)
     writer.add_vocab_size(config.vocab_size)
-    add_tokenizer(writer, tokenizer, config.vocab_size)
+    add_tokenizer(writer, tokenizer, tok_json, config.vocab_size)
     for key, value in (extra or {}).items():
         writer.add_string(key, str(value))
     for name, w in gguf_tensors(model).items():
-        data, dtype = _as_type(name, w, outtype)
+        data, dtype = _as_type(w, outtype)
         writer.add_tensor(name, data, raw_dtype=dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

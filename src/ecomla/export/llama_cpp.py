@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import time
 
@@ -24,7 +25,6 @@ def load(path, n_ctx: int = 512, cache_type: str = "f16", flash_attn: bool = Fal
         from llama_cpp import Llama
     except ImportError as err:
         raise ImportError("running a GGUF needs llama-cpp-python: pip install 'ecomla[llama-cpp]'") from err
-    import os
 
     # llama.cpp quantizes the V cache only with flash attention. MLA keeps no separate V cache (its values
     # are the latent, a view of K) but llama.cpp still wants both types equal there, so an MLA model's
