@@ -29,6 +29,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 MEASURED_ROPE_FREQS = ("contribution", "cost")  # chosen per layer from calibration statistics
 ROPE_FREQ_CHOICES = ("uniform", "high", "low", *MEASURED_ROPE_FREQS)
 ROPE_KEY_CHOICES = ("mean", "pca")
+ROPE_RESIDUAL_CHOICES = ("drop", "latent")  # what a shared RoPE key misses of each group's key
+ROPE_DROP_CHOICES = ("unrotated", "average")  # what replaces the rotation of a pair that loses it
 RANK_CHOICES = ("uniform", "spectrum")
 SVD_CHOICES = ("weights", "activations")
 LAYER_CHOICES = ("sensitivity", "alternate")
@@ -40,9 +42,9 @@ CALIB_SEQ_LEN = 256  # tokens per calibration sequence
 # best combination measured by benchmarks/init_fidelity.py (the default).
 INIT_PRESETS = {
     "xecomla": dict(svd="weights", rope_freqs="uniform", rope_key_init="mean", rope_key_heads="shared",
-                    rank_alloc="uniform"),
+                    rope_residual="drop", rope_drop="unrotated", rope_context=4096, rank_alloc="uniform"),
     "ecomla": dict(svd="activations", rope_freqs="cost", rope_key_init="pca", rope_key_heads="shared",
-                   rank_alloc="uniform"),
+                   rope_residual="drop", rope_drop="average", rope_context=128, rank_alloc="uniform"),
 }
 # ---- training vocabulary
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -267,6 +269,12 @@ class ConvertOptions(Options):
     rope_freqs: str | None = opt(None, "which frequency pairs keep RoPE (default: the preset's)", choices=ROPE_FREQ_CHOICES)
     rope_key_init: str | None = opt(None, "how KV groups sharing a RoPE key merge: mean (X-EcoMLA) or pca",
                                     choices=ROPE_KEY_CHOICES)
+    rope_residual: str | None = opt(None, "what a shared RoPE key misses of each KV group's key: drop, or keep it "
+                                    "unrotated in the latent (latent, as TransMLA's RoRoPE)", choices=ROPE_RESIDUAL_CHOICES)
+    rope_drop: str | None = opt(None, "a score term that loses its rotation is kept unrotated (as at distance 0) or "
+                                "as its average over distances < --rope-context", choices=ROPE_DROP_CHOICES)
+    rope_context: int | None = opt(None, "relative distances the cost frequency choice and --rope-drop average "
+                                   "consider (capped at the model's maximum; default: the preset's)", min=1)
     svd: str | None = opt(None, "weights: X-EcoMLA's plain SVD; activations: whitened by the layers' inputs",
                           choices=SVD_CHOICES)
     rank_alloc: str | None = opt(None, "uniform: one rank in every layer; spectrum: the same total split by the "

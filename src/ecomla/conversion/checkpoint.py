@@ -16,6 +16,7 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     from ..io import check_output, save_checkpoint
     from ..sources import check_supported, load_config, load_model, load_tokenizer
     from .calibration import cached_covariance, calibration_ids
+    from .families import NEEDS_TEXT
     from .kv import conversion_table
     from .plan import build_config, resolve
     from .upcycle import convert
@@ -29,7 +30,8 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     src_config = load_config(options.source)
     check_supported(src_config)
     resolved = resolve(options, src_config)  # every setting error surfaces here, before loading weights
-    if options.calib and not resolved.needs_calibration:
+    reads_text = resolved.needs_calibration or src_config.model_type in NEEDS_TEXT  # Qwen3's QK-norm scales read it too
+    if options.calib and not reads_text:
         raise ValueError(f"--calib {options.calib} would never be read: this initialization (--init {options.init}"
                          f"{', --svd ' + resolved.svd if options.svd else ''}) measures nothing; drop --calib, or use "
                          "--init ecomla / --svd activations, which read it")
@@ -44,10 +46,10 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
                                                             rank_alloc=resolved.rank_alloc))
 
     model, _ = load_model(options.source, dtype=getattr(torch, DTYPES[options.dtype]), tokenizer=False)
-    if resolved.needs_calibration:
-        if ids is None:
-            ids, extra["calibration"] = calibration_ids(model, options, tok)
-        cov = None if options.calib_cache == "none" else cached_covariance(model, ids, options.calib_cache)
+    if reads_text and ids is None:
+        ids, extra["calibration"] = calibration_ids(model, options, tok)
+    if resolved.needs_calibration and options.calib_cache != "none" and src_config.model_type not in NEEDS_TEXT:
+        cov = cached_covariance(model, ids, options.calib_cache)  # (Qwen3: of its Llama re-layout, inside convert)
     converted = convert(model, options.replace(extra=extra), progress=True, calibration_ids=ids, covariance=cov)
     out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log)
     log(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "

@@ -14,11 +14,12 @@ from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.rope import select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, ConvertOptions
 from ..version import __version__
+from .families import llama_config
 from .kv import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 
 # What config.conversion records of the request (the workflow's paths and switches are not the model's).
 RECORDED = ("kv_lora_rank", "kv_ratio", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-            "rope_key_heads", "rope_freqs", "rope_key_init", "num_mla_layers", "layer_choice", "svd", "rank_alloc",
+            "rope_key_heads", "rope_freqs", "rope_key_init", "rope_residual", "rope_drop", "rope_context", "num_mla_layers", "layer_choice", "svd", "rank_alloc",
             "init", "target")
 
 
@@ -85,7 +86,8 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
         raise ValueError(f"rope_key_heads={out.rope_key_heads!r} must be 'shared', 'per-group' or divide the number of "
                          f"KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)")
     out.rope_key_heads = n_r
-    out.qk_nope_head_dim = head_dim - d_rope if options.qk_nope_head_dim is None else options.qk_nope_head_dim
+    residual_dims = d_rope if out.rope_residual == "latent" and n_r < kv_heads else 0  # the residual joins the latent
+    out.qk_nope_head_dim = head_dim - d_rope + residual_dims if options.qk_nope_head_dim is None else options.qk_nope_head_dim
     out.v_head_dim = head_dim if options.v_head_dim is None else options.v_head_dim
 
     if options.target == "vllm":
@@ -95,13 +97,13 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     if options.kv_ratio is not None:
         out.extra = {**out.extra, "kv_ratio": options.kv_ratio}
         out.kv_ratio = None  # the rank is the setting now; the request is kept in extra (provenance)
-    max_rank = max_kv_lora_rank(model_config, d_rope)
+    max_rank = max_kv_lora_rank(model_config, d_rope - residual_dims)  # the residual's rows join the latent's target
     if not 1 <= out.kv_lora_rank <= max_rank:
         raise ValueError(
             f"kv_lora_rank={out.kv_lora_rank} is impossible: the stacked key/value matrix of each layer has rank "
             f"at most {max_rank} (= min(hidden {hidden}{' + 1 for the biases' if has_attention_bias(model_config) else ''}, "
-            f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope "
-            f"dim {d_rope}))); choose 1..{max_rank}")
+            f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope dim {d_rope}"
+            f"{' + the shared key residual ' + str(residual_dims) if residual_dims else ''}))); choose 1..{max_rank}")
     if options.q_lora_rank is not None:
         q_max = min(hidden, heads * (out.qk_nope_head_dim + d_rope))
         if not options.q_lora_rank <= q_max:
@@ -143,6 +145,7 @@ def check_target(resolved: ConvertOptions, model_config) -> None:
 def build_config(model_config, conv: ConvertOptions, layer_pairs: dict | None = None,
                  layer_ranks: dict | None = None, choices: dict | None = None) -> EcoMLAConfig:
     """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices)."""
+    model_config = llama_config(model_config)  # Phi-3: the Llama config of the same model
     base = model_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window",
                 "use_sliding_window", "max_window_layers", "layer_types"):

@@ -19,6 +19,18 @@ RoPE key: rows R of each group's W_k (one key per group), or, for the m groups s
     and each query pair is multiplied by conj(u_g / w_g), so q . k_g ~= q' . k exactly where the
     groups' pairs are complex multiples of one another (and at m = 1). Minimizes the expected
     squared error of the attention scores for queries independent of keys.
+Dropped rotation: a pair that loses RoPE turns its score term Re(q conj(z) e^{i theta Delta}) (Delta =
+  t - s >= 0) into a fixed bilinear form of q and z. `rotation_mean` c_j sets which one:
+    Re(q c_j conj(z)),   c_j = 1/L sum_{Delta < L} e^{i theta_j Delta}   ("average" over distances < L)
+  the least-squares choice over distances uniform in [0, L); c_j = 1 ("unrotated", X-EcoMLA,
+  MHA2MLA, TransMLA) is the score at distance 0. A pair that rotates many times within L keeps its
+  mean (near 0) instead of a distance-independent bias; a slow pair keeps c_j ~ 1. Folded into the
+  query rows (a complex multiple of a pair commutes with nothing else), so the cache is unchanged.
+Residual of a shared key (`rope_residual`): z_g - coef_g k is what the shared key misses; dropped,
+  or ("latent", TransMLA's RoRoPE idea with this key) appended to group g's non-RoPE key rows, so the
+  latent SVD keeps it without rotation (scored with c_j like any pair that loses rotation). At full
+  rank with rotation_mean 1 that is exact for Delta = 0 and, in general, exact in content but not
+  in position.
 Queries: W_q,h[R] and W_q,h[N], scaled by sqrt(d_nope + d_rope) / sqrt(D) so that MLA's softmax
   scale 1/sqrt(d_nope + d_rope) equals the original 1/sqrt(D). With q_lora_rank, the stacked
   query rows get the same balanced truncated SVD.
@@ -38,7 +50,6 @@ from __future__ import annotations
 
 import torch
 
-from ..model.rope import nope_columns
 from ..options import SVD_CHOICES
 
 
@@ -145,18 +156,29 @@ def shared_rope_key(k_pairs: torch.Tensor, q_energy: torch.Tensor, cov: torch.Te
     return key, coef
 
 
-def kv_target(w_k: torch.Tensor, w_v: torch.Tensor, nope_rows: list[list[int]], *, head_dim: int,
-              input_cov: torch.Tensor | None = None):
+def rotation_mean(inv_freq: torch.Tensor, context: int) -> torch.Tensor:
+    """c_j = 1/L sum_{Delta < L} e^{i theta_j Delta} (D/2,) complex: the mean rotation of each pair
+    over relative distances 0..L-1 (1 for a pair that does not rotate)."""
+    delta = torch.arange(context, dtype=torch.float64)  # (L,)
+    phase = inv_freq.detach().to("cpu", torch.float64)[:, None] * delta  # (D/2, L)
+    return torch.polar(torch.ones_like(phase), phase).mean(1)  # (D/2,)
+
+
+def real_rows(z: torch.Tensor) -> torch.Tensor:
+    """Complex pair functionals (P, d) as real rows (2P, d): [Re; Im] (a pair's half-split rows)."""
+    return torch.cat([z.real, z.imag])
+
+
+def kv_target(k_nope: torch.Tensor, w_v: torch.Tensor, *, head_dim: int, input_cov: torch.Tensor | None = None):
     """The matrix the joint K/V SVD factors, with what undoes its scalings: (target, whiten, row_scale).
 
-    Rows: each group's non-RoPE key rows (nope_rows[g]) then every group's value rows. With
-    `input_cov`, keys and values are scaled to equal energy on the inputs and the target is
+    Rows: each group's non-RoPE key functionals (k_nope (G, n, d)) then every group's value rows.
+    With `input_cov`, keys and values are scaled to equal energy on the inputs and the target is
     multiplied by the whitening factor L (see `balanced_factors`)."""
-    G, D = len(nope_rows), head_dim
-    d = w_k.shape[1]
-    wk = w_k.detach().to("cpu", torch.float64).view(G, D, d)  # (G, D, d)
+    G, D = k_nope.shape[0], head_dim
+    d = w_v.shape[1]
     wv = w_v.detach().to("cpu", torch.float64).view(G, D, d)  # (G, D, d)
-    k_nope = torch.stack([wk[g, rows] for g, rows in enumerate(nope_rows)])  # (G, D - d_r, d)
+    k_nope = k_nope.detach().to("cpu", torch.float64)  # (G, n, d)
     stacked = torch.cat([k_nope.reshape(-1, d), wv.reshape(-1, d)])  # (G(2D - d_r), d)
     whiten = None if input_cov is None else whitening_factor(input_cov.detach().to("cpu", torch.float64))  # (d, d)
     row_scale = torch.ones(stacked.shape[0], dtype=torch.float64)  # (G(2D - d_r),)
@@ -170,8 +192,11 @@ def kv_target(w_k: torch.Tensor, w_v: torch.Tensor, nope_rows: list[list[int]], 
 
 
 def kv_spectrum(w_k, w_v, nope_rows, *, head_dim: int, input_cov=None) -> torch.Tensor:
-    """Singular values of the joint K/V target (whitened when `input_cov` is given), descending."""
-    target, whiten, _ = kv_target(w_k, w_v, nope_rows, head_dim=head_dim, input_cov=input_cov)
+    """Singular values of the joint K/V target (whitened when `input_cov` is given), descending;
+    keys: each group's rows nope_rows[g] of w_k."""
+    wk = w_k.detach().to("cpu", torch.float64).view(len(nope_rows), head_dim, -1)  # (G, D, d)
+    k_nope = torch.stack([wk[g, rows] for g, rows in enumerate(nope_rows)])  # (G, D - d_r, d)
+    target, whiten, _ = kv_target(k_nope, w_v, head_dim=head_dim, input_cov=input_cov)
     return torch.linalg.svdvals(target if whiten is None else target @ whiten)
 
 
@@ -193,6 +218,8 @@ def init_mla_layer(
     input_cov: torch.Tensor | None = None,
     svd: str = "weights",
     rope_key_init: str = "mean",
+    rope_residual: bool = False,
+    rotation_mean: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """MLA weights (float64, DeepSeek-V3 names, keys relative to the attention module).
 
@@ -200,7 +227,9 @@ def init_mla_layer(
     input_cov (d, d): covariance of the layer's (normalized) inputs on calibration text; used by
         svd="activations" (the latent keeps what matters on real inputs, keys and values scaled
         to equal energy before the joint SVD and back after) and rope_key_init="pca".
-    Exact at full rank either way."""
+    rope_residual: keep what a shared RoPE key misses in the latent (module docstring).
+    rotation_mean (D/2,) complex: c_j for the pairs that lose rotation (None: 1, unrotated).
+    Exact at full rank with per-group keys and every pair kept, whatever the other options."""
     H, G, D, n_r = num_heads, num_kv_heads, head_dim, rope_key_heads
     d = w_q.shape[1]
     if svd not in SVD_CHOICES:
@@ -216,45 +245,62 @@ def init_mla_layer(
         raise ValueError(f"got {len(pairs)} lists of RoPE pairs for {n_r} RoPE key heads")
     key_head = [g // (G // n_r) for g in range(G)]  # RoPE key head of KV group g
     group = [h // (H // G) for h in range(H)]  # KV group of query head h
-    nope_rows = [nope_columns(p, D) for p in pairs]  # per key head, D - d_r rows each
-    d_rope, d_nope0 = 2 * len(pairs[0]), D - 2 * len(pairs[0])
+    half, d_rope = D // 2, 2 * len(pairs[0])
+    dropped = [[j for j in range(half) if j not in set(p)] for p in pairs]  # per key head, pairs that lose RoPE
+    c = torch.ones(half, dtype=torch.complex128) if rotation_mean is None else rotation_mean.to("cpu", torch.complex128)
     wq = w_q.view(H, D, d)  # (H, D, d)
     wk = w_k.view(G, D, d)  # (G, D, d)
     wo = w_o.view(w_o.shape[0], H, D).permute(1, 2, 0)  # (H, D, d_out): head h's rows of W_o^T (d_out = d: no bias column)
 
-    # Joint SVD of keys (non-RoPE rows) and values into the latent.
-    target, whiten, row_scale = kv_target(w_k, w_v, [nope_rows[key_head[g]] for g in range(G)], head_dim=D,
-                                          input_cov=cov if svd == "activations" else None)
-    w_ukv, w_dkv = balanced_factors(target, kv_lora_rank, whiten)  # (G(2D-d_r), r), (r, d)
-    w_ukv = w_ukv / row_scale[:, None]
-    w_uk = w_ukv[: G * d_nope0].view(G, d_nope0, kv_lora_rank)  # (G, D - d_r, r)
-    w_uv = w_ukv[G * d_nope0 :].view(G, D, kv_lora_rank)  # (G, D, r)
-
     # Decoupled RoPE key(s), as complex pair functionals; coef[g] maps the shared key back to group g.
     stats = torch.eye(d, dtype=torch.float64) if cov is None else cov
-    k_rope, q_coef = [], torch.ones(G, d_rope // 2, dtype=torch.complex128)
+    k_rope, q_coef, residual = [], torch.ones(G, d_rope // 2, dtype=torch.complex128), {}
     for kh in range(n_r):
         groups = [g for g in range(G) if key_head[g] == kh]
         k_pairs = _complex_pairs(wk[groups], pairs[kh], D)  # (m, P, d)
         q_pairs = _complex_pairs(wq[[h for h in range(H) if key_head[group[h]] == kh]], pairs[kh], D)  # (m H/G, P, d)
         q_energy = _energy(q_pairs, stats).view(len(groups), H // G, -1).sum(1)  # (m, P)
         key, coef = shared_rope_key(k_pairs, q_energy, stats, rope_key_init)  # (P, d), (m, P)
-        k_rope.append(torch.cat([key.real, key.imag]))  # (d_r, d) in half-split layout
+        k_rope.append(real_rows(key))  # (d_r, d) in half-split layout
         q_coef[groups] = coef
+        if rope_residual and len(groups) > 1:
+            for i, g in enumerate(groups):
+                residual[g] = k_pairs[i] - coef[i][:, None] * key  # (P, d): what the shared key misses
+
+    # Non-RoPE key functionals of group g: its dropped pairs, then the shared key's residual (if kept);
+    # a query head reads the same pairs of its own rows (times c_j), so row i of q_nope meets row i of k_nope.
+    def key_nope(g):  # complex (n / 2, d)
+        own = _complex_pairs(wk[g], dropped[key_head[g]], D)
+        return torch.cat([own, residual[g]]) if g in residual else own
+
+    def query_nope(h):  # complex (n / 2, d), times the mean rotation of each pair
+        kh, g = key_head[group[h]], group[h]
+        kept = pairs[kh] if g in residual else []
+        return _complex_pairs(wq[h], dropped[kh] + kept, D) * c[dropped[kh] + kept][:, None]
+
+    k_nope = torch.stack([real_rows(key_nope(g)) for g in range(G)])  # (G, n, d)
+    d_nope0 = k_nope.shape[1]
+
+    # Joint SVD of keys (non-RoPE functionals) and values into the latent.
+    target, whiten, row_scale = kv_target(k_nope, w_v, head_dim=D, input_cov=cov if svd == "activations" else None)
+    w_ukv, w_dkv = balanced_factors(target, kv_lora_rank, whiten)  # (G(n + D), r), (r, d)
+    w_ukv = w_ukv / row_scale[:, None]
+    w_uk = w_ukv[: G * d_nope0].view(G, d_nope0, kv_lora_rank)  # (G, n, r)
+    w_uv = w_ukv[G * d_nope0 :].view(G, D, kv_lora_rank)  # (G, D, r)
 
     scale = ((qk_nope_head_dim + d_rope) / D) ** 0.5  # keeps the original softmax temperature
     q_rows, kv_b_rows, o_cols = [], [], []
     for h in range(H):
         g = group[h]
         kh = key_head[g]
-        q_nope_h, k_up_h = wq[h, nope_rows[kh]] * scale, w_uk[g]  # (D - d_r, d), (D - d_r, r)
+        q_nope_h, k_up_h = real_rows(query_nope(h)) * scale, w_uk[g]  # (n, d), (n, r): scores Re(q c conj(z))
         if qk_nope_head_dim != d_nope0:
             q_nope_h, k_up_h = bilinear_factor(q_nope_h, k_up_h, qk_nope_head_dim)  # (d_n, d), (d_n, r)
         o_h, v_up_h = wo[h], w_uv[g]  # (D, d), (D, r)
         if v_head_dim != D:
             o_h, v_up_h = bilinear_factor(o_h, v_up_h, v_head_dim)  # (d_v, d), (d_v, r)
         q_pe = _complex_pairs(wq[h], pairs[kh], D) * q_coef[g].conj()[:, None]  # (P, d): q . k_g ~= q' . k
-        q_rows += [q_nope_h, torch.cat([q_pe.real, q_pe.imag]) * scale]
+        q_rows += [q_nope_h, real_rows(q_pe) * scale]
         kv_b_rows += [k_up_h, v_up_h]
         o_cols.append(o_h)
 

@@ -21,10 +21,11 @@ from ..model.rope import nope_columns, select_rope_pairs
 from ..options import MEASURED_ROPE_FREQS, ConvertOptions
 from ..sources import check_supported
 from ..training.losses import forward_kl
+from .families import NEEDS_TEXT, as_llama
 from .calibration import attention_input_covariance, calibration_ids as calibration_ids_for
 from .kv import max_kv_lora_rank, model_dims
 from .plan import build_config, resolve
-from .svd_init import init_mla_layer, kv_spectrum, pair_contributions
+from .svd_init import init_mla_layer, kv_spectrum, pair_contributions, rotation_mean
 
 
 
@@ -33,9 +34,6 @@ def norm_scale(down: torch.Tensor, cov: torch.Tensor) -> float:
     latents' average scale."""
     down = down.double()
     return (torch.einsum("rd,de,re->", down, cov, down) / down.shape[0]).sqrt().item()
-
-
-ROPE_CONTEXT = 4096  # relative distances the "cost" frequency choice protects (or the model's maximum, if smaller)
 
 
 def rotary_inv_freq(model_config) -> torch.Tensor:
@@ -59,6 +57,11 @@ def projections(attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(out)
 
 
+def rope_context(conv: ConvertOptions, model_config) -> int:
+    """Relative distances the cost criterion and the rotation average consider: --rope-context, capped."""
+    return min(conv.rope_context, model_config.max_position_embeddings)
+
+
 def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:
     """Kept frequency pairs of one layer, one list per RoPE key head."""
     heads, kv_heads, head_dim = model_dims(model_config)
@@ -69,7 +72,7 @@ def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tenso
     w_q, w_k, _ = projections(attn)
     score = pair_contributions(w_q, w_k, num_heads=heads, num_kv_heads=kv_heads,
                                head_dim=head_dim, input_cov=cov, inv_freq=inv_freq,
-                               context=min(ROPE_CONTEXT, model_config.max_position_embeddings))  # (G, D/2)
+                               context=rope_context(conv, model_config))  # (G, D/2)
     score = score.view(conv.rope_key_heads, kv_heads // conv.rope_key_heads, -1).sum(1)  # (n_r, D/2)
     return [sorted(s.topk(keep).indices.tolist()) for s in score]
 
@@ -105,6 +108,8 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int,
         input_cov=cov,
         svd=conv.svd,
         rope_key_init=conv.rope_key_init,
+        rope_residual=conv.rope_residual == "latent",
+        rotation_mean=rotation_mean(rotary_inv_freq(config), rope_context(conv, config)) if conv.rope_drop == "average" else None,
     )
     if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
         down = weights["kv_a_proj_with_mqa.weight"][: config.layer_kv_lora_rank(layer)]
@@ -152,7 +157,7 @@ def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor],
 @torch.no_grad()
 def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids: torch.Tensor | None = None,
             covariance: dict[int, torch.Tensor] | None = None, tokenizer=None) -> EcoMLAForCausalLM:
-    """Return `model` (a Llama/Mistral causal LM) upcycled into MLA as `conv` asks.
+    """Return `model` (a Llama, Mistral, Qwen2, Qwen3 or Phi-3 causal LM) upcycled into MLA as `conv` asks.
 
     The original model is left untouched; weights keep its dtype, SVDs run in float64.
     `calibration_ids` (B, T): text whose attention inputs calibrate everything activation-aware
@@ -163,13 +168,18 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
     them once.
     """
     check_supported(model.config, type(model).__name__)
+    source_type = model.config.model_type
     conv = resolve(conv, model.config)
+    conv.extra = {**conv.extra, "source_model_type": source_type}
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     cov, choices = None, {}
+    if (conv.needs_calibration or source_type in NEEDS_TEXT) and calibration_ids is None:
+        calibration_ids, source = calibration_ids_for(model, conv, tokenizer, progress)
+        conv.extra = {**conv.extra, "calibration": source}
+    model = as_llama(model, calibration_ids)  # Phi-3: fused projections split (exact); Qwen3: QK-norms folded (not exact)
+    if source_type in NEEDS_TEXT:
+        choices["qk_norm"] = "folded into q_proj/k_proj as calibrated per-head scales (approximate)"
     if conv.needs_calibration:
-        if calibration_ids is None:
-            calibration_ids, source = calibration_ids_for(model, conv, tokenizer, progress)
-            conv.extra = {**conv.extra, "calibration": source}
         cov = covariance if covariance is not None else attention_input_covariance(model, calibration_ids, progress=progress)
 
     n_layers = model.config.num_hidden_layers
