@@ -1,7 +1,6 @@
 """`ecomla convert` / `ecomla kv` on a tiny local model: outputs, and refusals that write nothing."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import tiny_llama, tiny_model_dir

@@ -63,7 +63,7 @@ def test_masked_tokens_never_count():
 
 
 def test_chat_documents_weight_only_assistant_tokens():
-    from ecomla.training.data import chat_document, read_documents
+    from ecomla.training.data import chat_document
 
     tok = tiny_tokenizer()
     doc = chat_document(tok, [{"role": "user", "content": "what is the sky?"}, {"role": "assistant", "content": "blue."}])
@@ -170,7 +170,7 @@ def test_interrupted_run_resumes_to_the_same_end(models, tmp_path):
 def test_vocabulary_mismatch_is_refused(models, tmp_path):
     from transformers import LlamaConfig
 
-    from ecomla.training.distill import check_vocab, distill
+    from ecomla.training.distill import distill
 
     other = tmp_path / "other"
     tiny_model_dir(other)

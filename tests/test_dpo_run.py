@@ -96,3 +96,26 @@ def test_bad_recipes(tmp_path):
         run_recipe(tmp_path / "b.yaml")
     with pytest.raises(FileNotFoundError):
         run_recipe(tmp_path / "missing.yaml")
+
+
+def test_run_recipe_with_an_alignment_stage(tmp_path):
+    from ecomla.pipeline import run_recipe
+
+    teacher = tiny_model_dir(tmp_path / "teacher")
+    (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
+    shared = {"data": [str(tmp_path / "train.txt")], "seq_len": 32, "batch_size": 2, "eval_every": 0, "save_every": 0}
+    recipe = {"model": str(teacher), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+              "align": {**shared, "tokens": 12 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    report = run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    rows = {r["model"]: r for r in json.loads((report / "report.json").read_text())["rows"]}
+    assert list(rows) == ["original", "converted", "aligned", "distilled"]
+    assert rows["aligned"]["heldout_kl"] < rows["converted"]["heldout_kl"]
+    assert json.loads((tmp_path / "out" / "aligned" / "training" / "args.json").read_text())["teacher"] == str(teacher)
+    lines = []
+    run_recipe(tmp_path / "r.yaml", log=lines.append)
+    assert sum("already done" in str(x) for x in lines) == 3
+    recipe["align"]["teacher"] = str(teacher)  # the original is always this stage's teacher
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="recipe section 'align': 'teacher' is set by the recipe itself"):
+        run_recipe(tmp_path / "bad.yaml")

@@ -13,7 +13,7 @@ from conftest import tiny_model_dir
 pytest.importorskip("lm_eval")
 
 from ecomla.evaluation.tasks import LOCAL_TASKS, hellaswag_item, local_task_config, winogrande_row  # noqa: E402
-from ecomla.evaluation.evaluate import check_tasks, continuation_logprobs, perplexity, run_eval  # noqa: E402
+from ecomla.evaluation.evaluate import check_tasks, perplexity, run_eval  # noqa: E402
 from ecomla.options import EvalOptions  # noqa: E402
 
 ARC = [

@@ -7,10 +7,10 @@ options once (API, CLI and recipes), `pipeline` runs a recipe, `cli` is the comm
 
 from .conversion import convert, convert_checkpoint
 from .model import EcoMLAConfig, EcoMLAForCausalLM, EcoMLAModel
-from .options import ConvertOptions, DistillOptions, DPOOptions, EvalOptions, ExportOptions, GenerateOptions, MLAConversionConfig
+from .options import AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, ExportOptions, GenerateOptions, MLAConversionConfig
 from .sources import load_model
 from .version import __version__
 
-__all__ = ["EcoMLAConfig", "EcoMLAForCausalLM", "EcoMLAModel", "ConvertOptions", "DistillOptions", "DPOOptions",
+__all__ = ["EcoMLAConfig", "EcoMLAForCausalLM", "EcoMLAModel", "AlignOptions", "ConvertOptions", "DistillOptions", "DPOOptions",
            "EvalOptions", "ExportOptions", "GenerateOptions", "MLAConversionConfig", "convert", "convert_checkpoint",
            "load_model", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: `ecomla convert | eval | distill | dpo | run | generate | export | kv`.
+"""Command line: `ecomla convert | eval | align | distill | dpo | run | generate | export | kv`.
 
 Every subcommand is generated from its options dataclass (ecomla.options): one field, one option,
 one default. Errors a user can fix print one line naming the problem and exit with status 2.
@@ -12,7 +12,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from .options import (
-    JOBS, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, ExportOptions, GenerateOptions, KVOptions, RunOptions,
+    JOBS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, ExportOptions, GenerateOptions, KVOptions, RunOptions,
     flag_of,
 )
 
@@ -75,6 +75,12 @@ def _distill(o: DistillOptions) -> None:
     distill(o)
 
 
+def _align(o: AlignOptions) -> None:
+    from .training.align import align
+
+    align(o)
+
+
 def _dpo(o: DPOOptions) -> None:
     from .training.dpo import dpo
 
@@ -106,7 +112,7 @@ def _kv(o: KVOptions) -> None:
     print(kv_report(o.source))
 
 
-COMMANDS = {ConvertOptions: _convert, EvalOptions: _eval, DistillOptions: _distill, DPOOptions: _dpo, RunOptions: _run,
+COMMANDS = {ConvertOptions: _convert, EvalOptions: _eval, DistillOptions: _distill, AlignOptions: _align, DPOOptions: _dpo, RunOptions: _run,
             GenerateOptions: _generate, ExportOptions: _export, KVOptions: _kv}
 
 

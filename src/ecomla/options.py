@@ -367,6 +367,29 @@ class DistillOptions(Options):
             raise ValueError("give --resume (continue --out) or --overwrite (start it again), not both")
 
 
+
+@dataclass
+class AlignOptions(DistillOptions):
+    """Align each MLA layer with the original attention on the original's own inputs (run before distill).
+
+    Teacher-forced and layer-local: the original model runs once per batch; every MLA layer gets the
+    original's input to that layer and learns to reproduce the original attention block's output
+    (see training/align.py). Only MLA parameters train; the student's LM head never runs. Data,
+    budget, schedule, checkpoints and --resume work as in `ecomla distill`."""
+
+    command: typing.ClassVar[str] = "align"
+    teacher: str | None = opt(None, "the original model the student was converted from", required=True,
+                              resume_must_match=True)
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", gt=0, resume_must_match=True)
+    align_loss: str = opt("normalized", "normalized: each layer's squared error over its target's energy (every "
+                          "layer counts alike); mse: the plain mean squared error", choices=("normalized", "mse"),
+                          resume_must_match=True)
+    # distillation's loss settings mean nothing here: hidden from the command line
+    loss: str = opt("forward_kl", cli=False, choices=LOSSES)
+    temperature: float = opt(1.0, cli=False, gt=0)
+    ce_weight: float = opt(0.0, cli=False, min=0)
+    train: str = opt("mla", cli=False, choices=("mla",))
+
 @dataclass
 class DPOOptions(Options):
     """DPO (TRL) with an explicit frozen reference model.
@@ -508,7 +531,7 @@ class RunOptions(Options):
     recipe: str | None = opt(None, "YAML recipe (see recipes/)", positional=True)
 
 
-JOBS = [ConvertOptions, EvalOptions, DistillOptions, DPOOptions, RunOptions, GenerateOptions, ExportOptions, KVOptions]
+JOBS = [ConvertOptions, EvalOptions, DistillOptions, AlignOptions, DPOOptions, RunOptions, GenerateOptions, ExportOptions, KVOptions]
 
 
 def check_device(device: str | None) -> None:

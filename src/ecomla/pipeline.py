@@ -1,9 +1,9 @@
-"""`ecomla run RECIPE.yaml`: the main job — convert, distill, optional DPO, evaluate, report.
+"""`ecomla run RECIPE.yaml`: the main job — convert, optional align, distill, optional DPO, evaluate, report.
 
-A recipe (see recipes/) has `model`, `out`, a `convert` section and optional `distill`, `dpo` and
-`eval` sections; each section holds the fields of that job's options (ecomla.options; the
+A recipe (see recipes/) has `model`, `out`, a `convert` section and optional `align` (its teacher is
+always `model`, the original), `distill`, `dpo` and `eval` sections; each section holds the fields of that job's options (ecomla.options; the
 command-line spellings without dashes work too, e.g. `kv_rank`). Every section is checked before
-step one. Steps write OUT/converted, OUT/distilled, OUT/dpo and OUT/report/. Re-running a recipe
+step one. Steps write OUT/converted, OUT/aligned, OUT/distilled, OUT/dpo and OUT/report/. Re-running a recipe
 continues where it stopped: a step whose output is complete and whose section is unchanged is
 skipped, an interrupted distillation resumes, and a changed section reruns its step and every
 step after it (OUT/steps.json records the options each output was made with).
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from .options import ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options
+from .options import AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options
 
-SECTIONS = {"name", "model", "out", "convert", "distill", "dpo", "eval"}
+SECTIONS = {"name", "model", "out", "convert", "align", "distill", "dpo", "eval"}
 PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib")  # relative to the recipe file when not to the cwd
 RUN_SWITCHES = ("resume", "overwrite", "progress", "stop_after")  # how a step runs, not what it makes
 
@@ -46,7 +46,7 @@ def load_recipe(path: str | Path) -> dict:
     def fix(v):
         return str(v) if Path(str(v)).is_absolute() or (Path.cwd() / str(v)).exists() else str(base / str(v))
 
-    for section in ("convert", "distill", "dpo", "eval"):
+    for section in ("convert", "align", "distill", "dpo", "eval"):
         sec = recipe.get(section)
         if isinstance(sec, dict):
             for key in PATH_KEYS:
@@ -70,6 +70,9 @@ def plan(recipe: dict) -> tuple[list[Step], EvalOptions | None]:
     out, model = Path(str(recipe["out"])), str(recipe["model"])
     steps = [Step("convert", ConvertOptions.from_dict(recipe["convert"], "recipe section 'convert'", source=model,
                                                       out=str(out / "converted"), overwrite=True), out / "converted")]
+    if recipe.get("align") is not None:  # the original model is this stage's teacher, whatever distill's is
+        steps.append(Step("align", AlignOptions.from_dict(recipe["align"], "recipe section 'align'", student=str(steps[-1].out),
+                                                          teacher=model, out=str(out / "aligned"), resume=True), out / "aligned"))
     if recipe.get("distill") is not None:
         sec = dict(recipe["distill"]) if isinstance(recipe["distill"], dict) else recipe["distill"]
         if isinstance(sec, dict):
@@ -96,6 +99,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
     from .conversion.kv import cache_values_per_token
     from .io import atomic_write, check_output, mark, run_lock
     from .sources import load_config
+    from .training.align import align
     from .training.distill import distill
     from .training.dpo import dpo
 
@@ -127,7 +131,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
             rerun = rerun or changed or step.name not in made or not _complete(step.out)
             log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
             t0 = time.time()
-            {"convert": convert_checkpoint, "distill": distill, "dpo": dpo}[step.name](step.options)
+            {"convert": convert_checkpoint, "align": align, "distill": distill, "dpo": dpo}[step.name](step.options)
             timings[step.name] = time.time() - t0
             made = {**{k: v for k, v in made.items() if k != step.name}, step.name: step.recorded()}
             atomic_write(record_path, json.dumps(made, indent=1))
@@ -152,14 +156,22 @@ def run_recipe(path: str | Path, log=print) -> Path:
 def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:
     out = Path(str(recipe["out"]))
     rows = [{"model": "original", "path": recipe["model"], "kv_values_per_token": kv_orig, "kv_cache": 1.0}]
-    summary_path = out / "distilled" / "training" / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() and len(steps) > 1 else {}
-    if summary:
-        rows[0].update(heldout_kl=0.0, heldout_ppl=(summary.get("before") or {}).get("teacher_ppl"))
+    read = lambda stage: json.loads(p.read_text()) if (p := out / stage / "training" / "summary.json").is_file() else {}  # noqa: E731
+    names = {s.name for s in steps}
+    summary = read("distilled") if "distill" in names else {}
+    aligned = read("aligned") if "align" in names else {}
+    if summary or aligned:
+        rows[0].update(heldout_kl=0.0, heldout_ppl=((summary or aligned).get("before") or {}).get("teacher_ppl"))
     conv_row = {"model": "converted", "path": str(out / "converted"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig}
-    if summary.get("before"):
-        conv_row.update(heldout_kl=summary["before"]["heldout_kl"], heldout_ppl=summary["before"]["heldout_ppl"])
+    first = (aligned or summary).get("before")  # the converted model, before any training
+    if first:
+        conv_row.update(heldout_kl=first["heldout_kl"], heldout_ppl=first["heldout_ppl"])
     rows.append(conv_row)
+    if aligned:  # measured by distill before it trains (its held-out text), else by the alignment run itself
+        after = summary.get("before") or aligned.get("after")
+        rows.append({"model": "aligned", "path": str(out / "aligned"), "kv_values_per_token": kv_final,
+                     "kv_cache": kv_final / kv_orig, **({"heldout_kl": after["heldout_kl"], "heldout_ppl": after["heldout_ppl"]}
+                                                         if after else {})})
     if summary.get("after"):
         rows.append({"model": "distilled", "path": str(out / "distilled"), "kv_values_per_token": kv_final,
                      "kv_cache": kv_final / kv_orig, "heldout_kl": summary["after"]["heldout_kl"],
@@ -179,7 +191,8 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
           "", f"KV cache per token: {rows[0]['kv_values_per_token']} -> {rows[-1]['kv_values_per_token']} values "
           f"({rows[0]['kv_values_per_token'] / rows[-1]['kv_values_per_token']:.2f}x smaller).",
           "held-out KL = mean KL(teacher || model) per token on the held-out split of the distillation data; "
-          "ppl on the same tokens.", ""]
+          "ppl on the same tokens." + (" The converted row is measured on the alignment run's held-out split (its "
+                                       "own text)." if any(r["model"] == "aligned" for r in rows) else ""), ""]
     if summary:
         md.append(f"Distillation: {summary['steps']} steps, {summary['tokens']} tokens, "
                   f"{summary.get('train_tokens_per_s') or 0:.0f} tokens/s.")

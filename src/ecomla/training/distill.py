@@ -59,6 +59,18 @@ class DistillStudent(nn.Module):
         )
 
 
+def objective(cfg: DistillOptions, lm: nn.Module, teacher: nn.Module):
+    """(student module whose forward returns (loss, metric, tokens), trainable parameters, teacher function
+    input_ids -> the student's extra forward arguments); `ecomla align` brings its own (training/align.py)."""
+    if cfg.command == "align":
+        from .align import objective as align_objective
+
+        return align_objective(cfg, lm, teacher)
+    t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
+    params = trainable_parameters(lm, cfg.train)
+    return DistillStudent(lm, cfg), params, lambda x: (t_body(input_ids=x, use_cache=False).last_hidden_state, t_head)
+
+
 def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg) -> None:
     """Distillation compares distributions token by token: the vocabularies must be identical."""
     if student_cfg.vocab_size != teacher_cfg.vocab_size:
@@ -186,15 +198,15 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
             accelerator.load_state(str(ckpt))
             step = int(json.loads((ckpt / "state.json").read_text())["step"])
         except Exception as err:  # truncated or tampered files: fall back to the previous checkpoint
-            log(f"[ecomla distill] warning: checkpoint {ckpt} cannot be read ({type(err).__name__}: "
+            log(f"[ecomla] warning: checkpoint {ckpt} cannot be read ({type(err).__name__}: "
                 f"{str(err)[:200]}); falling back to the previous one")
             continue
-        log(f"[ecomla distill] resuming from {ckpt} (step {step})")
+        log(f"[ecomla] resuming from {ckpt} (step {step})")
         return step
     if ckpts:
         raise ValueError(f"no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in ckpts)}): "
                          "start the run again with --overwrite")
-    log(f"[ecomla distill] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    log(f"[ecomla] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
     return 0
 
 
@@ -230,6 +242,10 @@ def _preflight(cfg: DistillOptions, world: int) -> dict:
     if tokenizer is None:
         raise ValueError("neither the student nor the teacher ships a tokenizer")
     check_vocab(s_tok, t_tok, s_cfg, t_cfg)
+    if cfg.command == "align":
+        from .align import check_teacher
+
+        check_teacher(s_cfg, t_cfg)
     max_pos = min(getattr(s_cfg, "max_position_embeddings", 1 << 30), getattr(t_cfg, "max_position_embeddings", 1 << 30))
     if cfg.seq_len > max_pos:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the models' maximum length {max_pos}")
@@ -248,10 +264,10 @@ def _prepare_run_dir(cfg: DistillOptions, out: Path, log) -> dict | None:
     if cfg.resume:
         cfg.check_resume(train_dir / "args.json")
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
-            log(f"[ecomla distill] {out} is already complete; nothing to resume")
+            log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
             return json.loads((train_dir / "summary.json").read_text())
     elif cfg.overwrite and any(p.name != LOCK for p in out.iterdir()):
-        log(f"[ecomla distill] --overwrite: replacing the earlier ecomla run in {out}")
+        log(f"[ecomla {cfg.command}] --overwrite: replacing the earlier ecomla run in {out}")
         clear_run_dir(out)
     mark(out)
     return None
@@ -337,8 +353,7 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
     lm.train()
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
-    params = trainable_parameters(lm, cfg.train)
-    student = DistillStudent(lm, cfg)
+    student, params, teacher_step = objective(cfg, lm, teacher)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -348,7 +363,7 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
     # the scheduler is stepped once per step here; accelerate's wrapper would step it once per process
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
+    metric = "kl" if cfg.command == "distill" else "align_loss"  # what the objective's second output is
 
     start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
     if main:
@@ -373,8 +388,8 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
 
     before = evaluate(0) if start_step == 0 and held_ids.shape[0] else None
     if before:
-        log(f"[ecomla distill] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
-    bar = tqdm(total=steps, initial=start_step, desc="distill", disable=not (main and cfg.progress))
+        log(f"[ecomla {cfg.command}] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
+    bar = tqdm(total=steps, initial=start_step, desc=cfg.command, disable=not (main and cfg.progress))
     train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
     for step in range(start_step, steps):
         t_step = time.time()
@@ -384,10 +399,10 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
             x = train_ids[rows].to(device)  # (B, T)
             w = train_w[rows].to(device)  # (B, T)
             with torch.no_grad(), accelerator.autocast():
-                t_hidden = t_body(input_ids=x, use_cache=False).last_hidden_state  # (B, T, C_t)
+                targets = teacher_step(x)  # distill: the teacher's final hidden states; align: each layer's in/out
             sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 else _null()
             with sync, accelerator.autocast():
-                loss, kl, _ = student(x, w, t_hidden, t_head)
+                loss, kl, _ = student(x, w, *targets)
                 accelerator.backward(loss / cfg.grad_accum)
             loss_acc += float(loss.detach()) / cfg.grad_accum
             kl_acc += float(kl) / cfg.grad_accum
@@ -401,9 +416,9 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         tok_s = trained / max(train_seconds, 1e-9)
         loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
         kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
-        write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, "kl": kl_avg,
+        write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, metric: kl_avg,
                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s})
-        bar.set_postfix(loss=f"{loss_avg:.3f}", kl=f"{kl_avg:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < steps and held_ids.shape[0]:
@@ -412,7 +427,7 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
             _save_checkpoint(accelerator, ckpt_dir, done, cfg.keep_checkpoints)
         if done == cfg.stop_after:
             bar.close()
-            log(f"[ecomla distill] stopped after step {done} (checkpoint saved); continue with --resume")
+            log(f"[ecomla {cfg.command}] stopped after step {done} (checkpoint saved); continue with --resume")
             return {"stopped_at": done}
     bar.close()
     after = evaluate(steps) if held_ids.shape[0] else None
@@ -435,7 +450,7 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         atomic_write(train_dir / "summary.json", json.dumps(summary, indent=1))
         if summary["after"]:
             b, a = summary["before"] or {}, summary["after"]
-            log(f"[ecomla distill] after {steps} steps: held-out KL {b.get('heldout_kl', float('nan')):.4f} -> "
+            log(f"[ecomla {cfg.command}] after {steps} steps: held-out KL {b.get('heldout_kl', float('nan')):.4f} -> "
                 f"{a['heldout_kl']:.4f}, ppl {b.get('heldout_ppl', float('nan')):.2f} -> {a['heldout_ppl']:.2f}")
     accelerator.wait_for_everyone()
     return summary

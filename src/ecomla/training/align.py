@@ -1,0 +1,99 @@
+"""Layer-wise attention alignment (`ecomla align`): each MLA layer learns the original attention block.
+
+Teacher-forced and layer-local. The original model runs once per batch; for every converted layer i
+hooks record the input of its attention block, x_i (after input_layernorm, in the original's own
+forward), and that block's output y_i = Attn_i(x_i) (after o_proj). The student's MLA layer i maps
+the same x_i (same positions, causal mask) to y^_i, and
+
+    L = 1/|M| sum_{i in M} sum_t w_t ||y^_i,t - y_i,t||^2 / sum_t w_t ||y_i,t||^2     (normalized, default)
+    L = 1/|M| sum_{i in M} sum_t w_t ||y^_i,t - y_i,t||^2 / (d sum_t w_t)           (mse)
+
+over the MLA layers M (w: the data's token weights). Normalized, every layer counts alike whatever
+its output's scale: SmolLM2-135M's attention outputs have mean ||y||^2 from 6.9 (layer 0) to 43,579
+(layer 24) on 512 WikiText-2 tokens, so the plain MSE would train a few loud layers only. No gradient crosses layers (each layer's input is the
+teacher's), the student's other layers and its LM head never run, and only MLA parameters train: a
+token costs one teacher forward plus the MLA layers' forward and backward. The rest (data, budget,
+schedule, checkpoints, --resume, held-out KL/perplexity of the whole student) is `distill`'s loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.mla_attention import MLAAttention
+
+
+class AlignStudent(nn.Module):
+    """The student whose forward returns (alignment loss, the same loss detached, weighted token count)."""
+
+    def __init__(self, lm: nn.Module, normalize: bool):
+        super().__init__()
+        self.lm = lm
+        self.normalize = normalize
+        self.layers = [i for i, layer in enumerate(lm.model.layers) if isinstance(layer.self_attn, MLAAttention)]
+
+    def forward(self, input_ids, weights, captured: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        B, T = input_ids.shape
+        body = self.lm.model
+        x0 = captured[self.layers[0]][0]  # (B, T, C)
+        positions = torch.arange(T, device=x0.device)[None].expand(B, -1)  # (B, T)
+        rope = body.rotary_emb(x0, positions)  # (cos, sin), each (B, T, head_dim)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x0.device).tril()[None, None]  # (1, 1, T, T)
+        w = weights.to(torch.float32)  # (B, T)
+        total = 0.0
+        for i in self.layers:
+            x, y = captured[i]  # (B, T, C) each
+            out = body.layers[i].self_attn(hidden_states=x, position_embeddings=rope, attention_mask=causal)[0]
+            err = ((out.float() - y.float()) ** 2).sum(-1)  # (B, T)
+            scale = (y.float() ** 2).sum(-1) if self.normalize else torch.full_like(err, y.shape[-1])  # (B, T)
+            total = total + (err * w).sum() / (scale * w).sum().clamp_min(1e-12)
+        loss = total / len(self.layers)
+        return loss, loss.detach(), w.sum()
+
+
+@torch.no_grad()
+def teacher_targets(teacher, input_ids, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{i: (input to layer i's attention block, its output)} from one forward of the original model."""
+    captured, hooks = {}, []
+    for i in layers:
+        def hook(module, args, kwargs, output, i=i):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[i] = (x.detach(), output[0].detach())
+        hooks.append(teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        teacher.model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def check_teacher(student_config, teacher_config) -> None:
+    """The teacher of alignment must be the model the student was converted from (same layers, same width)."""
+    s = (student_config.num_hidden_layers, student_config.hidden_size)
+    t = (teacher_config.num_hidden_layers, teacher_config.hidden_size)
+    if s != t:
+        raise ValueError(f"ecomla align needs the original model the student was converted from as --teacher: the "
+                         f"student has {s[0]} layers of width {s[1]}, the teacher {t[0]} of width {t[1]} (a larger "
+                         "teacher belongs to `ecomla distill`)")
+    if getattr(student_config, "model_type", None) != "ecomla":
+        raise ValueError("ecomla align trains the MLA layers of a converted model: give an `ecomla convert` output "
+                         "as STUDENT")
+
+
+def align(cfg, log=print) -> dict:
+    """Run (or resume) an alignment (`AlignOptions`); returns the summary, as `distill` does."""
+    from .distill import distill
+
+    return distill(cfg, log)
+
+
+def objective(cfg, lm, teacher):
+    """(student module, trainable parameters, teacher function input_ids -> extra forward arguments)."""
+    from .distill import trainable_parameters
+
+    params = trainable_parameters(lm, "mla")
+    student = AlignStudent(lm, normalize=cfg.align_loss == "normalized")
+    layers = student.layers
+    return student, params, lambda x: (teacher_targets(teacher, x, layers),)
