@@ -18,7 +18,8 @@ of next-token distributions on the same tokens, for
   (one RoPE key per KV group, 16 dims each so the latent keeps most of the budget), +spectrum
   (per-layer ranks);
 - aware+cost, aware+pca (at 4x): each RoPE improvement given the whitened latent;
-- best: the new default (`init="ecomla"`, every option at its default);
+- best: the default of that time (`init="ecomla"`, every option at its default, with dropped RoPE pairs
+  unrotated as then: `PINNED`);
 - a hybrid with half the layers converted at rank 64: layers chosen by sensitivity vs every other one.
 The study (`--only split,rope`): at 4x, other splits of the cache between latent and RoPE keys
 (split:NxD, otherwise the default); and the RoPE change alone at full latent rank (rope:FREQS+KEY).
@@ -45,6 +46,9 @@ from ecomla.io import atomic_write
 from common import DATA, RESULTS, pyplot, save_figure, write_json
 
 XECOMLA = dict(init="xecomla")
+# Every row keeps the RoPE handling these numbers were measured with (before benchmarks/rope_position.py
+# made `rope_drop="average", rope_context=128` the default; that study has its own rows).
+PINNED = dict(rope_drop="unrotated", rope_context=4096)
 METHODS = {  # name -> conversion options (added to kv_ratio)
     "xecomla": XECOMLA,
     "+aware": dict(XECOMLA, svd="activations"),
@@ -147,7 +151,7 @@ def main() -> int:
             return
         t = time.time()
         try:
-            mla = convert(model, MLAConversionConfig(**kw), progress=False, calibration_ids=calib, covariance=cov)
+            mla = convert(model, MLAConversionConfig(**{**PINNED, **kw}), progress=False, calibration_ids=calib, covariance=cov)
         except ValueError as e:  # e.g. a split that leaves no room for the latent at this ratio
             print(f"{name}: skipped ({e})", flush=True)
             return
