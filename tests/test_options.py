@@ -27,7 +27,7 @@ def test_every_cli_option_is_one_field_with_the_same_default(cls):
         if a.dest != "help" and a.option_strings:
             assert a.default is argparse.SUPPRESS  # so the dataclass default is the only default
     # parsing only what is required gives exactly the dataclass defaults (the same objects for immutables)
-    required = {"convert": ["SRC", "--kv-rank", "8", "--out", "o"], "eval": ["M"], "distill": ["S", "--teacher", "T", "--out", "o"],
+    required = {"convert": ["SRC", "--kv-rank", "8", "--out", "o"], "eval": ["M"], "distill": ["S", "--teacher", "T", "--out", "o"], "align": ["S", "--teacher", "T", "--out", "o"],
                 "dpo": ["M", "--data", "d.json", "--out", "o"], "run": ["r.yaml"], "generate": ["M", "--prompt", "hi"],
                 "export": ["M", "--out", "o"], "kv": ["M"]}[cls.command]
     args = build_parser().parse_args([cls.command, *required])
