@@ -2,7 +2,7 @@
 
 Run (from the repository root; CPU; reads ../shared/data, not shipped in the repo; resumable):
 
-    .venv/bin/python benchmarks/rope_position.py --resume        # every row (~3 min each on 2 cores)
+    .venv/bin/python benchmarks/rope_position.py --resume        # every row (2.5-8 min each on 2 cores)
     .venv/bin/python benchmarks/rope_position.py --resume --only 4x,full
 
 SmolLM2-135M-Instruct, no training. Each conversion is scored with
@@ -13,16 +13,16 @@ SmolLM2-135M-Instruct, no training. Each conversion is scored with
 Choices, on top of the initialization before this study (whitened SVD, cost frequencies, one
 32-dim head-PCA RoPE key shared by the 3 KV groups, dropped pairs unrotated):
 - unrotated: that initialization (`--rope-drop unrotated --rope-context 4096`);
-- avg@L (avg@128 is the new default): `--rope-drop average --rope-context L`: a pair that loses its rotation keeps the mean of its
-  rotation over distances < L instead of its value at distance 0;
-- res: `--rope-residual latent`: what the shared key misses of each group's key joins the latent
-  without rotation (TransMLA's RoRoPE, with the head-PCA key);
-- 3x16 / 3x32: one RoPE key per KV group (16 or 32 dims) instead of one shared key;
-- xecomla: the paper's initialization.
-Row groups: `full` (the RoPE change alone: the latent at full rank, so only position loses anything),
-`2x`, `4x`, `6.4x` (whole-model cache that many times smaller), `rank` (the opposite: the RoPE side
-exact, one 64-dim key per KV group, and the latent at rank 64 or 128, so only the rank loses). Models run in float32 (on this CPU
-three times faster than bfloat16 for the converted models).
+- avg@L (avg@128 is the new default): `--rope-drop average --rope-context L`: a pair that loses its
+  rotation keeps the mean of its rotation over distances < L instead of its value at distance 0;
+- res+avg@128: and `--rope-residual latent`: what the shared key misses of each group's key joins
+  the latent without rotation (TransMLA's RoRoPE, with the head-PCA key);
+- 3x16+avg@128 / 3x32: one RoPE key per KV group (16 or 32 dims) instead of one shared key.
+Row groups: `full` (the RoPE change alone: the latent at full rank, so only position loses
+anything), `2x`, `4x`, `6.4x` (whole-model cache that many times smaller), `rank` (the opposite:
+the RoPE side exact, one 64-dim key per KV group, and the latent at rank 64 or 128, so only the
+rank loses). Models run in float32 (on this CPU three times faster than bfloat16 for the
+converted models).
 Writes benchmarks/results/rope_position.{json,md,png}; each row is written as soon as it is measured.
 """
 
@@ -50,18 +50,16 @@ AVG = dict(rope_drop="average", rope_context=128)
 CHOICES = {  # name -> conversion options added to the row group's size
     "unrotated": dict(rope_drop="unrotated", rope_context=4096),  # the initialization before this study
     "avg@128": AVG,
-    "avg@256": dict(AVG, rope_context=256),
     "avg@512": dict(AVG, rope_context=512),
     "res+avg@128": dict(AVG, rope_residual="latent"),
     "3x16+avg@128": dict(AVG, qk_rope_head_dim=16, rope_key_heads="per-group"),
-    "xecomla": dict(init="xecomla"),
 }
 GROUPS = {  # row group -> (size options, choices measured there)
-    "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32", "avg@256"]),
-    "4x": (dict(kv_ratio=4), ["unrotated", "avg@128", "res+avg@128", "3x16+avg@128", "xecomla"]),
-    "2x": (dict(kv_ratio=2), ["unrotated", "avg@128", "res+avg@128"]),
-    "6.4x": (dict(kv_ratio=6.4), ["unrotated", "avg@128"]),
+    "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32"]),
+    "4x": (dict(kv_ratio=4), ["unrotated", "avg@128", "3x16+avg@128"]),
     "rank": (None, ["exact-rope r64", "exact-rope r128"]),  # the RoPE side exact (3 x 64), the latent at rank r
+    "2x": (dict(kv_ratio=2), ["unrotated", "avg@128"]),
+    "6.4x": (dict(kv_ratio=6.4), ["unrotated", "avg@128"]),
 }
 CONTEXTS = [1024, 2048, 4096]
 
