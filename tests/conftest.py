@@ -87,3 +87,25 @@ def tiny_model_dir(path, seed: int = 0, layers: int = 2, hidden: int = 64, heads
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_training_inputs(root, **conv):
+    """(original dir, converted student dir, text file) under `root`: a tiny Llama with a real (tiny)
+    tokenizer, converted with `conv` (ConvertOptions fields), for distill/align runs."""
+    from ecomla import MLAConversionConfig, convert, load_model
+    from ecomla.io import save_checkpoint
+
+    teacher = tiny_model_dir(root / "teacher")
+    model, tok = load_model(str(teacher))
+    student = save_checkpoint(convert(model, MLAConversionConfig(**conv), progress=False), tok, root / "student")
+    text = root / "train.txt"
+    text.write_text(TINY_TEXT * 3)
+    return str(teacher), str(student), str(text)
+
+
+def tiny_run_options(cls, inputs, out, **kw):
+    """`cls` (DistillOptions, AlignOptions) for a short run on `tiny_training_inputs`; `kw` overrides."""
+    teacher, student, text = inputs
+    base = dict(student=student, teacher=teacher, out=str(out), data=[text], tokens=6 * 2 * 32, seq_len=32,
+                batch_size=2, lr=3e-3, eval_every=2, save_every=2, progress=False, warmup=0.2)
+    return cls(**{**base, **kw})

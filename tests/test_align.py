@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_TEXT, tiny_llama, tiny_model_dir
+from conftest import TINY_TEXT, tiny_llama, tiny_model_dir, tiny_run_options, tiny_training_inputs
 from ecomla import AlignOptions, MLAConversionConfig, convert
 from ecomla.conversion.kv import max_kv_lora_rank
 from ecomla.training.align import AlignStudent, align, teacher_targets
@@ -51,24 +51,11 @@ def test_gradients_reach_only_that_layers_attention():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(original dir, converted dir, text file) on a tiny Llama with a real (tiny) tokenizer."""
-    from ecomla import load_model
-    from ecomla.io import save_checkpoint
-
-    root = tmp_path_factory.mktemp("align")
-    teacher = tiny_model_dir(root / "teacher")
-    model, tok = load_model(str(teacher))
-    student = save_checkpoint(convert(model, MLAConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8), progress=False),
-                              tok, root / "student")
-    text = root / "train.txt"
-    text.write_text(TINY_TEXT * 3)
-    return str(teacher), str(student), str(text)
+    return tiny_training_inputs(tmp_path_factory.mktemp("align"), kv_lora_rank=8, qk_rope_head_dim=8)
 
 
 def _cfg(models, out, **kw):
-    teacher, student, text = models
-    base = dict(student=student, teacher=teacher, out=str(out), data=[text], tokens=6 * 2 * 32, seq_len=32,
-                batch_size=2, lr=3e-3, eval_every=2, save_every=2, progress=False, warmup=0.2)
-    return AlignOptions(**{**base, **kw})
+    return tiny_run_options(AlignOptions, models, out, **kw)
 
 
 def _layer_error(student_dir, teacher_dir, ids):

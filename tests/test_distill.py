@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model_dir, tiny_tokenizer, TINY_TEXT
+from conftest import TINY_TEXT, tiny_model_dir, tiny_run_options, tiny_tokenizer, tiny_training_inputs
 from ecomla.training.losses import chunked_distill_loss, token_kd
 
 
@@ -104,25 +104,13 @@ def test_data_formats(tmp_path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(teacher dir, MLA student dir, text file) on a tiny Llama with a real (tiny) tokenizer."""
-    from ecomla import MLAConversionConfig, convert, load_model
-    from ecomla.io import save_checkpoint
-
-    root = tmp_path_factory.mktemp("distill")
-    teacher = tiny_model_dir(root / "teacher")
-    model, tok = load_model(str(teacher))
-    student = save_checkpoint(convert(model, MLAConversionConfig(kv_lora_rank=8), progress=False), tok, root / "student")
-    text = root / "train.txt"
-    text.write_text(TINY_TEXT * 3)
-    return str(teacher), str(student), str(text)
+    return tiny_training_inputs(tmp_path_factory.mktemp("distill"), kv_lora_rank=8)
 
 
 def _cfg(models, out, **kw):
     from ecomla.training.distill import DistillOptions
 
-    teacher, student, text = models
-    base = dict(student=student, teacher=teacher, out=str(out), data=[text], tokens=6 * 2 * 32, seq_len=32,
-                batch_size=2, lr=3e-3, eval_every=2, save_every=2, progress=False, warmup=0.2)
-    return DistillOptions(**{**base, **kw})
+    return tiny_run_options(DistillOptions, models, out, **kw)
 
 
 def _weights(path):

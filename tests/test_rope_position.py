@@ -18,13 +18,23 @@ def weights(seed=0):
     return w(H * D, d), w(G * D, d), w(G * D, d), w(d, H * D)
 
 
-def original_scores(wq, wk, xq, xk, inv_freq, delta):
-    """score_h(t, s) / sqrt(D) of the original GQA layer at relative distance delta (N,): (N, H)."""
+def gqa_scores(wq, wk, xq, xk, rot):
+    """score_h(t, s) / sqrt(D) of the original GQA layer with pair j's rotation replaced by rot[:, j]
+    (N, D/2) complex: (N, H)."""
     q = (xq @ wq.T).view(-1, H, D)  # (N, H, D)
     k = (xk @ wk.T).view(-1, G, D).repeat_interleave(H // G, dim=1)  # (N, H, D)
     zq, zk = torch.complex(q[..., : D // 2], q[..., D // 2 :]), torch.complex(k[..., : D // 2], k[..., D // 2 :])
-    rot = torch.polar(torch.ones(len(delta), D // 2, dtype=torch.float64), delta[:, None] * inv_freq)  # (N, D/2)
     return (zq * zk.conj() * rot[:, None]).real.sum(-1) / D**0.5
+
+
+def rotations(inv_freq, delta):
+    """e^{i theta_j delta} (N, D/2) at relative distances delta (N,)."""
+    return torch.polar(torch.ones(len(delta), D // 2, dtype=torch.float64), delta[:, None] * inv_freq)
+
+
+def original_scores(wq, wk, xq, xk, inv_freq, delta):
+    """score_h(t, s) / sqrt(D) of the original GQA layer at relative distance delta (N,): (N, H)."""
+    return gqa_scores(wq, wk, xq, xk, rotations(inv_freq, delta))
 
 
 def mla_scores(w, xq, xk, inv_freq, delta, *, pairs, rank, d_nope, rope_key_heads=1):
@@ -38,7 +48,7 @@ def mla_scores(w, xq, xk, inv_freq, delta, *, pairs, rank, d_nope, rope_key_head
     k_pe = k_pe.repeat_interleave(H // rope_key_heads, dim=1)  # (N, H, 2P)
     zq = torch.complex(q[..., d_nope : d_nope + P], q[..., d_nope + P :])
     zk = torch.complex(k_pe[..., :P], k_pe[..., P:])
-    rot = torch.polar(torch.ones(len(delta), P, dtype=torch.float64), delta[:, None] * inv_freq[pairs])
+    rot = rotations(inv_freq, delta)[:, pairs]  # (N, P)
     return (nope + (zq * zk.conj() * rot[:, None]).real.sum(-1)) / (d_nope + 2 * P) ** 0.5
 
 
@@ -68,12 +78,9 @@ def test_dropped_pairs_score_as_the_fold_says_at_full_rank(drop):
     got = mla_scores(w, xq, xk, inv_freq, delta, pairs=pairs, rank=kw["kv_lora_rank"], d_nope=D - 8, rope_key_heads=G)
     fold = torch.ones(D // 2, dtype=torch.complex128) if drop == "unrotated" else c
     # reference: kept pairs rotate, dropped pairs contribute Re(q fold conj(k)) (built from the original weights)
-    q, k = (xq @ wq.T).view(-1, H, D), (xk @ wk.T).view(-1, G, D).repeat_interleave(H // G, dim=1)
-    zq, zk = torch.complex(q[..., : D // 2], q[..., D // 2 :]), torch.complex(k[..., : D // 2], k[..., D // 2 :])
     kept = torch.zeros(D // 2, dtype=torch.bool)
     kept[pairs] = True
-    rot = torch.where(kept, torch.polar(torch.ones(4000, D // 2, dtype=torch.float64), delta[:, None] * inv_freq), fold)
-    want = (zq * zk.conj() * rot[:, None]).real.sum(-1) / D**0.5
+    want = gqa_scores(wq, wk, xq, xk, torch.where(kept, rotations(inv_freq, delta), fold))
     assert rel_err(got, want) < 1e-10
     exact = original_scores(wq, wk, xq, xk, inv_freq, delta)
     other = init_mla_layer(wq, wk, wv, wo, rotation_mean=None if drop == "average" else c, **kw)

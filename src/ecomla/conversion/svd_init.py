@@ -246,7 +246,7 @@ def init_mla_layer(
     key_head = [g // (G // n_r) for g in range(G)]  # RoPE key head of KV group g
     group = [h // (H // G) for h in range(H)]  # KV group of query head h
     half, d_rope = D // 2, 2 * len(pairs[0])
-    dropped = [[j for j in range(half) if j not in set(p)] for p in pairs]  # per key head, pairs that lose RoPE
+    dropped = [sorted(set(range(half)) - set(p)) for p in pairs]  # per key head, pairs that lose RoPE
     c = torch.ones(half, dtype=torch.complex128) if rotation_mean is None else rotation_mean.to("cpu", torch.complex128)
     wq = w_q.view(H, D, d)  # (H, D, d)
     wk = w_k.view(G, D, d)  # (G, D, d)

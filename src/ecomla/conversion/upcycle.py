@@ -92,8 +92,18 @@ def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) 
     return ranks
 
 
-def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int, cov: torch.Tensor | None):
-    """MLA weights (float64) of one layer, latent norm scales (and biases) included when the config has them."""
+def dropped_rotation(conv: ConvertOptions, model_config) -> torch.Tensor | None:
+    """What a pair that loses its rotation keeps (`init_mla_layer`'s rotation_mean): the mean rotation over
+    --rope-context for --rope-drop average, None (unrotated) otherwise. The same for every layer."""
+    if conv.rope_drop != "average":
+        return None
+    return rotation_mean(rotary_inv_freq(model_config), rope_context(conv, model_config))
+
+
+def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int, cov: torch.Tensor | None,
+                   rotation: torch.Tensor | None):
+    """MLA weights (float64) of one layer, latent norm scales (and biases) included when the config has them;
+    `rotation`: `dropped_rotation(conv, config)`, computed once per conversion."""
     weights = init_mla_layer(
         *projections(attn), attn.o_proj.weight,
         num_heads=config.num_attention_heads,
@@ -109,7 +119,7 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int,
         svd=conv.svd,
         rope_key_init=conv.rope_key_init,
         rope_residual=conv.rope_residual == "latent",
-        rotation_mean=rotation_mean(rotary_inv_freq(config), rope_context(conv, config)) if conv.rope_drop == "average" else None,
+        rotation_mean=rotation,
     )
     if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
         down = weights["kv_a_proj_with_mqa.weight"][: config.layer_kv_lora_rank(layer)]
@@ -135,6 +145,7 @@ def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor],
     candidates = list(range(model.config.num_hidden_layers)) if candidates is None else candidates
     ref = [model(x[None]).logits[0].float().log_softmax(-1) for x in ids]  # N x (T, V)
     dtype = next(model.parameters()).dtype
+    rotation = dropped_rotation(conv, model.config)
     out = {}
     for i in tqdm(candidates, desc="layer sensitivity", unit="layer", disable=not progress):
         single = dataclasses.replace(conv, layers=[i], num_mla_layers=None)
@@ -143,7 +154,7 @@ def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor],
         config = build_config(model.config, single, layer_pairs=pairs)
         config._attn_implementation = model.config._attn_implementation
         mla = MLAAttention(config, i)
-        mla.load_state_dict({k: v.to(dtype) for k, v in _layer_weights(attn, config, single, i, cov.get(i)).items()})
+        mla.load_state_dict({k: v.to(dtype) for k, v in _layer_weights(attn, config, single, i, cov.get(i), rotation).items()})
         mla.to(device=ids.device, dtype=dtype)
         model.model.layers[i].self_attn = mla
         try:
@@ -215,8 +226,9 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
     # Copies, not references: training the converted model must never touch the original (often its teacher).
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
+    rotation = dropped_rotation(conv, config)
     for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
-        weights = _layer_weights(layers[i].self_attn, config, conv, i, None if cov is None else cov[i])
+        weights = _layer_weights(layers[i].self_attn, config, conv, i, None if cov is None else cov[i], rotation)
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
 
