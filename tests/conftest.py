@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random Llama models (most tests) and the real SmolLM2-135M (once)."""
 
+import bz2
+import json
 import os
 
 # Triton kernels run in Triton's CPU interpreter here, which must be chosen before triton is first
@@ -109,3 +111,26 @@ def tiny_run_options(cls, inputs, out, **kw):
     base = dict(student=student, teacher=teacher, out=str(out), data=[text], tokens=6 * 2 * 32, seq_len=32,
                 batch_size=2, lr=3e-3, eval_every=2, save_every=2, progress=False, warmup=0.2)
     return cls(**{**base, **kw})
+
+
+ARC = [
+    {"query": "Question: the cat sat on the?", "choices": ["mat", "park", "song"], "gold": 0},
+    {"query": "Question: what is the sky?", "choices": ["blue", "a bird sang", "the dog"], "gold": 0},
+    {"query": "Question: a bird sang a?", "choices": ["song", "mat"], "gold": 0},
+]
+
+
+def write_local_files(d):
+    """One item per task in the formats of ../shared/data/eval (see its README)."""
+    (d / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
+    (d / "arc_challenge.jsonl").write_text(json.dumps(ARC[0]) + "\n")
+    (d / "piqa.jsonl").write_text(json.dumps({"query": "Question: How do I open a jar?\n", "choices": ["Twist the lid.", "Eat the lid."], "gold": 0}) + "\n")
+    (d / "openbook_qa.jsonl").write_text(json.dumps({"query": "Predators eat", "choices": ["lions", "humans", "bunnies", "grass"], "gold": 2}) + "\n")
+    (d / "winogrande.jsonl").write_text(json.dumps({
+        "context_options": ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"],
+        "continuation": "always got the harder cases.", "gold": 0}) + "\n")
+    (d / "lambada_openai.jsonl").write_text(json.dumps({"context": "the cat sat on the", "continuation": "mat"}) + "\n")
+    with bz2.open(d / "hellaswag_val_full.txt.bz2", "wt") as f:
+        f.write("Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap to wrap a pair of skis.\n"
+                "is ripping level tiles off.\nis holding a rubik's cube.\nstarts pulling up roofing on a roof.\n")
+    (d / "wikitext-2-raw-test.txt").write_text(" = Title = \n\n the cat sat on the mat . the dog ran in the park . \n" * 6)

@@ -149,6 +149,11 @@ def test_interrupted_run_resumes_to_the_same_end(models, tmp_path):
     held = lambda out: [(r["step"], r["heldout_kl"]) for r in map(json.loads, open(out / "training" / "log.jsonl")) if "heldout_kl" in r]
     assert [s for s, _ in held(tmp_path / "cut")] == [s for s, _ in held(tmp_path / "full")] == [0, 2, 4, 6]
     assert [k for _, k in held(tmp_path / "cut")] == pytest.approx([k for _, k in held(tmp_path / "full")], rel=1e-5)
+    # the training time counts both parts: it keeps growing across the resume, and the summary has it all
+    secs = [r["train_seconds"] for r in map(json.loads, open(tmp_path / "cut" / "training" / "log.jsonl")) if "loss" in r]
+    assert all(b > a for a, b in zip(secs, secs[1:]))
+    summary = json.loads((tmp_path / "cut" / "training" / "summary.json").read_text())
+    assert summary["train_seconds"] == pytest.approx(secs[-1])
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:

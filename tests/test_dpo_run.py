@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_TEXT, tiny_model_dir
+from conftest import TINY_TEXT, tiny_model_dir, write_local_files
 
 pytest.importorskip("trl")
 
@@ -104,13 +104,24 @@ def test_run_recipe_with_an_alignment_stage(tmp_path):
     teacher = tiny_model_dir(tmp_path / "teacher")
     (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
     shared = {"data": [str(tmp_path / "train.txt")], "seq_len": 32, "batch_size": 2, "eval_every": 0, "save_every": 0}
+    (tmp_path / "eval").mkdir()
+    write_local_files(tmp_path / "eval")
     recipe = {"model": str(teacher), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
-              "align": {**shared, "tokens": 12 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003}}
+              "align": {**shared, "tokens": 12 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003},
+              "eval": {"tasks": ["arc_easy", "piqa", "lambada_openai"], "data_dir": str(tmp_path / "eval"), "dtype": "float32"}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     report = run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
     rows = {r["model"]: r for r in json.loads((report / "report.json").read_text())["rows"]}
     assert list(rows) == ["original", "converted", "aligned", "distilled"]
     assert rows["aligned"]["heldout_kl"] < rows["converted"]["heldout_kl"]
+    # every model's scores beside its training compute: tokens and seconds add up over the stages
+    assert rows["original"]["margin kept"] == pytest.approx(1.0) or rows["original"]["margin kept"] is None
+    for name in rows:
+        assert {"arc_easy (acc)", "piqa (acc)", "lambada_openai (acc)", "average", "margin kept"} <= set(rows[name])
+    assert rows["converted"]["train_tokens"] == 0 and rows["aligned"]["train_tokens"] == 12 * 2 * 32
+    assert rows["distilled"]["train_tokens"] == (12 + 4) * 2 * 32
+    assert 0 < rows["aligned"]["train_seconds"] < rows["distilled"]["train_seconds"]
+    assert "margin kept" in (report / "report.md").read_text() and (report / "report.png").is_file()
     assert json.loads((tmp_path / "out" / "aligned" / "training" / "args.json").read_text())["teacher"] == str(teacher)
     lines = []
     run_recipe(tmp_path / "r.yaml", log=lines.append)

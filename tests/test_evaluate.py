@@ -1,6 +1,5 @@
 """ecomla eval: the real harness over local files, checked against a hand computation."""
 
-import bz2
 import json
 import math
 
@@ -8,36 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model_dir
+from conftest import ARC, tiny_model_dir, write_local_files
 
 pytest.importorskip("lm_eval")
 
 from ecomla.evaluation.tasks import LOCAL_TASKS, hellaswag_item, local_task_config, winogrande_row  # noqa: E402
 from ecomla.evaluation.evaluate import check_tasks, perplexity, run_eval  # noqa: E402
 from ecomla.options import EvalOptions  # noqa: E402
-
-ARC = [
-    {"query": "Question: the cat sat on the?", "choices": ["mat", "park", "song"], "gold": 0},
-    {"query": "Question: what is the sky?", "choices": ["blue", "a bird sang", "the dog"], "gold": 0},
-    {"query": "Question: a bird sang a?", "choices": ["song", "mat"], "gold": 0},
-]
-
-
-def write_local_files(d):
-    """One item per task in the formats of ../shared/data/eval (see its README)."""
-    (d / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
-    (d / "arc_challenge.jsonl").write_text(json.dumps(ARC[0]) + "\n")
-    (d / "piqa.jsonl").write_text(json.dumps({"query": "Question: How do I open a jar?\n", "choices": ["Twist the lid.", "Eat the lid."], "gold": 0}) + "\n")
-    (d / "openbook_qa.jsonl").write_text(json.dumps({"query": "Predators eat", "choices": ["lions", "humans", "bunnies", "grass"], "gold": 2}) + "\n")
-    (d / "winogrande.jsonl").write_text(json.dumps({
-        "context_options": ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"],
-        "continuation": "always got the harder cases.", "gold": 0}) + "\n")
-    (d / "lambada_openai.jsonl").write_text(json.dumps({"context": "the cat sat on the", "continuation": "mat"}) + "\n")
-    with bz2.open(d / "hellaswag_val_full.txt.bz2", "wt") as f:
-        f.write("Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap to wrap a pair of skis.\n"
-                "is ripping level tiles off.\nis holding a rubik's cube.\nstarts pulling up roofing on a roof.\n")
-    (d / "wikitext-2-raw-test.txt").write_text(" = Title = \n\n the cat sat on the mat . the dog ran in the park . \n" * 6)
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -181,3 +157,24 @@ def test_cli_eval(tiny_dir, data_dir, tmp_path, capsys):
     assert "| model |" in capsys.readouterr().out
     assert main(["eval", str(tiny_dir), "--tasks", "nope", "--data-dir", str(data_dir)]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_margin_kept_is_the_share_of_the_margin_above_chance():
+    from ecomla.evaluation.evaluate import summary_table
+    from ecomla.evaluation.tasks import margin_kept
+
+    ref = {"arc_easy": 0.55, "piqa": 0.70, "lambada_openai": 0.30}  # chance 0.25, 0.5, 0 -> mean 0.25
+    assert margin_kept(ref, ref) == pytest.approx(1.0)
+    assert margin_kept({"arc_easy": 0.25, "piqa": 0.5, "lambada_openai": 0.0}, ref) == pytest.approx(0.0)
+    half = {"arc_easy": 0.40, "piqa": 0.60, "lambada_openai": 0.15}  # every margin halved
+    assert margin_kept(half, ref) == pytest.approx(0.5)
+    # the raw average flatters a model at chance: 0.25 / 0.5167 = 48% of the average, 0% of the margin
+    assert margin_kept({"arc_easy": 0.3, "piqa": 0.45, "lambada_openai": 0.0}, ref) == pytest.approx((0.25 - 0.25) / (0.5167 - 0.25), abs=1e-3)
+    assert margin_kept({"mmlu": 0.3}, {"mmlu": 0.4}) is None  # no known chance level
+    rows = [{"model": m, "task": t, "metric": "acc", "value": v} for m, d in (("orig", ref), ("half", half)) for t, v in d.items()]
+    rows += [{"model": m, "task": "wikitext", "metric": "ppl", "value": 20.0} for m in ("orig", "half")]
+    rows += [{"model": m, "task": "passkey", "metric": "acc", "value": 1.0} for m in ("orig", "half")]
+    _, table = summary_table(rows, {"orig": 384, "half": 96})
+    assert [r["margin kept"] for r in table] == [pytest.approx(1.0), pytest.approx(0.5)]
+    assert table[1]["average"] == pytest.approx(sum(half.values()) / 3)  # perplexity and passkey stay out
+    assert table[1]["kv_cache"] == 0.25

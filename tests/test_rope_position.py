@@ -150,3 +150,27 @@ def test_shared_key_residual_widens_the_default_nope_dims_and_decodes_like_a_ful
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, mla(ids).logits)
+
+
+def test_rank_allocation_sees_the_residual_rows_of_the_latent():
+    """rank_alloc="spectrum" ranks the same target the initialization factors: with the shared key's residual
+    in the latent, the full rank of every layer is available to it, and at the total of those full ranks it
+    gives each layer its full rank (the same model as the uniform allocation)."""
+    from ecomla.conversion.svd_init import kv_spectrum
+
+    model = tiny_llama(num_kv_heads=2, layers=2)
+    full = max_kv_lora_rank(model.config, 0)  # 8 RoPE dims of the shared key come back as residual rows
+    kw = dict(kv_lora_rank=full, qk_rope_head_dim=8, rope_residual="latent")
+    uniform = convert(model, MLAConversionConfig(**kw), progress=False)
+    spectrum = convert(model, MLAConversionConfig(**kw, rank_alloc="spectrum"), progress=False)
+    assert [spectrum.config.layer_kv_lora_rank(i) for i in range(2)] == [full, full]
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert rel_err(spectrum(ids).logits, uniform(ids).logits) <= 1e-5
+    # the spectrum counts the residual's rows: more singular values than without it
+    a = model.model.layers[0].self_attn
+    wq, wk, wv = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+    pairs = [[0, 1, 2, 3]]
+    with_res = kv_spectrum(wq, wk, wv, pairs, num_kv_heads=2, head_dim=16, rope_residual=True)
+    without = kv_spectrum(wq, wk, wv, pairs, num_kv_heads=2, head_dim=16)
+    assert (len(with_res), len(without)) == (min(2 * (16 + 16), 64), min(2 * (8 + 16), 64))

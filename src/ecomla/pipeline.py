@@ -11,6 +11,7 @@ step after it (OUT/steps.json records the options each output was made with).
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
             t0 = time.time()
             eval_md, _ = run_eval(evaluation, log=log)
             timings["eval"] = time.time() - t0
+            _add_scores(rows, json.loads((Path(evaluation.out) / "results.json").read_text())["summary"])
         write_report(report, recipe, rows, summary, eval_md, timings, out)
     log((report / "report.md").read_text())
     return report
@@ -178,17 +180,44 @@ def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -
                      "heldout_ppl": summary["after"]["heldout_ppl"]})
     if any(s.name == "dpo" for s in steps):
         rows.append({"model": "dpo", "path": str(out / "dpo"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig})
+    spent = {"tokens": 0, "seconds": 0.0}  # training compute behind each model: its stage and every one before
+    for r in rows[1:]:
+        stage = {"aligned": aligned, "distilled": summary}.get(r["model"], {})
+        spent = {"tokens": spent["tokens"] + stage.get("tokens", 0), "seconds": spent["seconds"] + stage.get("train_seconds", 0.0)}
+        r.update(train_tokens=spent["tokens"], train_seconds=spent["seconds"])
     return rows, summary
+
+
+def _add_scores(rows: list[dict], table: list[dict]) -> None:
+    """Each report row gains its model's evaluation scores (the eval summary row of the same path)."""
+    by_path = {r["model"]: r for r in table}
+    for row in rows:
+        scores = by_path.get(row["path"], {})
+        row.update({k: v for k, v in scores.items() if k not in ("model", "kv_cache", "average vs first")})
 
 
 def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, eval_md: str, timings: dict, out: Path) -> None:
     from .io import atomic_write
     from .report import markdown_table
 
-    cols = ["model", "kv_values_per_token", "kv_cache", "heldout_kl", "heldout_ppl"]
+    cols = ["model", "kv_values_per_token", "kv_cache", "train_tokens", "train_seconds", "heldout_kl", "heldout_ppl"]
+    scores = [c for c in rows[0] if c not in cols and c != "path"]  # from the evaluation: tasks, average, margin kept
+
+    def fmt(c, v):
+        if not isinstance(v, float):
+            return v
+        if c in scores and "ppl" not in c:
+            return f"{100 * v:.1f}" + ("%" if c == "margin kept" else "")
+        return f"{v:.0f}" if c == "train_seconds" else f"{v:.4g}"
+
     md = [f"# ecomla run: {recipe.get('name', recipe['model'])}", "",
-          markdown_table(cols, [[r.get(c) for c in cols] for r in rows], lambda v: f"{v:.4g}" if isinstance(v, float) else v),
-          "", f"KV cache per token: {rows[0]['kv_values_per_token']} -> {rows[-1]['kv_values_per_token']} values "
+          markdown_table(cols, [[r.get(c) for c in cols] for r in rows], fmt), ""]
+    if scores:
+        md += ["Scores (%; lm-eval 0-shot; average over the harness tasks; margin kept = (average - chance) / "
+               "(original's average - chance), chance 25% for 4-way choices, 50% for PIQA/Winogrande, 0 for LAMBADA):",
+               "", markdown_table(["model", *scores], [[r["model"], *[r.get(c) for c in scores]] for r in rows], fmt), ""]
+    md += [
+          f"KV cache per token: {rows[0]['kv_values_per_token']} -> {rows[-1]['kv_values_per_token']} values "
           f"({rows[0]['kv_values_per_token'] / rows[-1]['kv_values_per_token']:.2f}x smaller).",
           "held-out KL = mean KL(teacher || model) per token on the held-out split of the distillation data; "
           "ppl on the same tokens." + (" The converted row is measured on the alignment run's held-out split (its "
@@ -203,21 +232,55 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     atomic_write(report / "report.md", "\n".join(md))
     atomic_write(report / "report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings}, indent=1))
     atomic_write(report / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-    log_path = out / "distilled" / "training" / "log.jsonl"
-    curve = [json.loads(r) for r in log_path.read_text().splitlines() if "heldout_kl" in r] if log_path.is_file() else []
-    if curve:
-        import matplotlib
+    _plot(report / "report.png", rows, out)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["tokens"] for r in curve], [r["heldout_kl"] for r in curve], marker="o")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("held-out KL(teacher || student)")
-        ax.set_yscale("log")
-        ax.set_title(f"distillation, KV cache {rows[-1]['kv_cache']:.3f}x of the original")
+def _plot(path: Path, rows: list[dict], out: Path) -> None:
+    """Quality against training compute: held-out KL along the training logs (align, then distill), and
+    the margin kept on the benchmarks by each model of the run, both over training seconds."""
+    from .io import atomic_write
+
+    curve, offset = [], 0.0
+    for stage in ("aligned", "distilled"):
+        log_path = out / stage / "training" / "log.jsonl"
+        logged = [json.loads(r) for r in log_path.read_text().splitlines() if r] if log_path.is_file() else []
+        seconds = 0.0  # a held-out row follows the training step it measured
+        for r in logged:
+            seconds = r.get("train_seconds", seconds)
+            if "heldout_kl" in r:
+                curve.append((offset + seconds, r["heldout_kl"], stage))
+        offset += seconds
+    points = [(r["train_seconds"], r["margin kept"], r["model"]) for r in rows[1:] if r.get("margin kept") is not None]
+    if not curve and not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(11 if points else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    for stage in ("aligned", "distilled"):
+        xs = [(x, y) for x, y, s in curve if s == stage]
+        if xs:
+            ax.plot(*zip(*xs), marker="o", label={"aligned": "align", "distilled": "distill"}[stage])
+    ax.set_xlabel("training seconds (all stages so far)")
+    ax.set_ylabel("held-out KL(teacher || model)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title(f"KV cache {rows[-1]['kv_cache']:.3f}x of the original")
+    if points:
+        ax = axes[0, 1]
+        ax.plot([x for x, _, _ in points], [100 * y for _, y, _ in points], marker="o")
+        for x, y, name in points:
+            ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(100, color="gray", ls="--", lw=1)
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel("original's above-chance margin kept (%)")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(report / "report.png", dpi=120)
-        plt.close(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

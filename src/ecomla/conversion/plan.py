@@ -47,6 +47,12 @@ def parse_layers(spec, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def residual_dims(conv, kv_heads: int) -> int:
+    """Dims per key head that join the latent's target as the shared RoPE key's residual (what the
+    shared key misses of each group's key, with rope_residual="latent"); 0 with one key per group."""
+    return conv.qk_rope_head_dim if conv.rope_residual == "latent" and conv.rope_key_heads < kv_heads else 0
+
+
 def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     """Validate `options` against `model_config` (a Llama-family HF config); return a filled copy."""
     n_layers = model_config.num_hidden_layers
@@ -86,8 +92,8 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
         raise ValueError(f"rope_key_heads={out.rope_key_heads!r} must be 'shared', 'per-group' or divide the number of "
                          f"KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)")
     out.rope_key_heads = n_r
-    residual_dims = d_rope if out.rope_residual == "latent" and n_r < kv_heads else 0  # the residual joins the latent
-    out.qk_nope_head_dim = head_dim - d_rope + residual_dims if options.qk_nope_head_dim is None else options.qk_nope_head_dim
+    residual = residual_dims(out, kv_heads)  # the shared key's residual joins the latent
+    out.qk_nope_head_dim = head_dim - d_rope + residual if options.qk_nope_head_dim is None else options.qk_nope_head_dim
     out.v_head_dim = head_dim if options.v_head_dim is None else options.v_head_dim
 
     if options.target == "vllm":
@@ -97,13 +103,13 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     if options.kv_ratio is not None:
         out.extra = {**out.extra, "kv_ratio": options.kv_ratio}
         out.kv_ratio = None  # the rank is the setting now; the request is kept in extra (provenance)
-    max_rank = max_kv_lora_rank(model_config, d_rope - residual_dims)  # the residual's rows join the latent's target
+    max_rank = max_kv_lora_rank(model_config, d_rope - residual)  # the residual's rows join the latent's target
     if not 1 <= out.kv_lora_rank <= max_rank:
         raise ValueError(
             f"kv_lora_rank={out.kv_lora_rank} is impossible: the stacked key/value matrix of each layer has rank "
             f"at most {max_rank} (= min(hidden {hidden}{' + 1 for the biases' if has_attention_bias(model_config) else ''}, "
             f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope dim {d_rope}"
-            f"{' + the shared key residual ' + str(residual_dims) if residual_dims else ''}))); choose 1..{max_rank}")
+            f"{' + the shared key residual ' + str(residual) if residual else ''}))); choose 1..{max_rank}")
     if options.q_lora_rank is not None:
         q_max = min(hidden, heads * (out.qk_nope_head_dim + d_rope))
         if not options.q_lora_rank <= q_max:

@@ -191,12 +191,49 @@ def kv_target(k_nope: torch.Tensor, w_v: torch.Tensor, *, head_dim: int, input_c
     return stacked * row_scale[:, None], whiten, row_scale
 
 
-def kv_spectrum(w_k, w_v, nope_rows, *, head_dim: int, input_cov=None) -> torch.Tensor:
-    """Singular values of the joint K/V target (whitened when `input_cov` is given), descending;
-    keys: each group's rows nope_rows[g] of w_k."""
-    wk = w_k.detach().to("cpu", torch.float64).view(len(nope_rows), head_dim, -1)  # (G, D, d)
-    k_nope = torch.stack([wk[g, rows] for g, rows in enumerate(nope_rows)])  # (G, D - d_r, d)
-    target, whiten, _ = kv_target(k_nope, w_v, head_dim=head_dim, input_cov=input_cov)
+def rope_keys(wq, wk, pairs, stats, rope_key_init: str, rope_residual: bool):
+    """The decoupled RoPE key(s) and every group's non-RoPE key functionals, from a layer's query and
+    key weights wq (H, D, d), wk (G, D, d) and the kept pairs of each RoPE key head.
+
+    Returns (k_rope: per key head (d_r, d) real rows, q_coef (G, P) complex: coef[g] maps the shared
+    key back to group g, residual {g: (P, d)}: what the shared key misses (kept only with
+    rope_residual), k_nope (G, n, d): group g's dropped pairs, then its residual, as real rows)."""
+    H, G, D, d = wq.shape[0], wk.shape[0], wk.shape[1], wk.shape[2]
+    n_r, half = len(pairs), D // 2
+    key_head = [g // (G // n_r) for g in range(G)]  # RoPE key head of KV group g
+    group = [h // (H // G) for h in range(H)]  # KV group of query head h
+    dropped = [sorted(set(range(half)) - set(p)) for p in pairs]
+    k_rope, q_coef, residual = [], torch.ones(G, len(pairs[0]), dtype=torch.complex128), {}
+    for kh in range(n_r):
+        groups = [g for g in range(G) if key_head[g] == kh]
+        k_pairs = _complex_pairs(wk[groups], pairs[kh], D)  # (m, P, d)
+        q_pairs = _complex_pairs(wq[[h for h in range(H) if key_head[group[h]] == kh]], pairs[kh], D)  # (m H/G, P, d)
+        q_energy = _energy(q_pairs, stats).view(len(groups), H // G, -1).sum(1)  # (m, P)
+        key, coef = shared_rope_key(k_pairs, q_energy, stats, rope_key_init)  # (P, d), (m, P)
+        k_rope.append(real_rows(key))  # (d_r, d) in half-split layout
+        q_coef[groups] = coef
+        if rope_residual and len(groups) > 1:
+            for i, g in enumerate(groups):
+                residual[g] = k_pairs[i] - coef[i][:, None] * key  # (P, d): what the shared key misses
+
+    def key_nope(g):  # complex (n / 2, d)
+        own = _complex_pairs(wk[g], dropped[key_head[g]], D)
+        return torch.cat([own, residual[g]]) if g in residual else own
+
+    return k_rope, q_coef, residual, torch.stack([real_rows(key_nope(g)) for g in range(G)])  # k_nope (G, n, d)
+
+
+def kv_spectrum(w_q, w_k, w_v, rope_pair_indices, *, num_kv_heads: int, head_dim: int, input_cov=None,
+                svd: str = "weights", rope_key_init: str = "mean", rope_residual: bool = False) -> torch.Tensor:
+    """Singular values of the joint K/V target that `init_mla_layer` with the same arguments factors
+    (whitened with svd="activations"), descending; rope_pair_indices: the kept pairs of each RoPE key head."""
+    wq, wk = (w.detach().to("cpu", torch.float64) for w in (w_q, w_k))
+    d = wk.shape[1]
+    wq, wk = wq.view(-1, head_dim, d), wk.view(num_kv_heads, head_dim, d)  # (H, D, d), (G, D, d)
+    cov = None if input_cov is None else input_cov.detach().to("cpu", torch.float64)
+    stats = torch.eye(d, dtype=torch.float64) if cov is None else cov
+    k_nope = rope_keys(wq, wk, rope_pair_indices, stats, rope_key_init, rope_residual)[3]
+    target, whiten, _ = kv_target(k_nope, w_v, head_dim=head_dim, input_cov=cov if svd == "activations" else None)
     return torch.linalg.svdvals(target if whiten is None else target @ whiten)
 
 
@@ -252,33 +289,15 @@ def init_mla_layer(
     wk = w_k.view(G, D, d)  # (G, D, d)
     wo = w_o.view(w_o.shape[0], H, D).permute(1, 2, 0)  # (H, D, d_out): head h's rows of W_o^T (d_out = d: no bias column)
 
-    # Decoupled RoPE key(s), as complex pair functionals; coef[g] maps the shared key back to group g.
     stats = torch.eye(d, dtype=torch.float64) if cov is None else cov
-    k_rope, q_coef, residual = [], torch.ones(G, d_rope // 2, dtype=torch.complex128), {}
-    for kh in range(n_r):
-        groups = [g for g in range(G) if key_head[g] == kh]
-        k_pairs = _complex_pairs(wk[groups], pairs[kh], D)  # (m, P, d)
-        q_pairs = _complex_pairs(wq[[h for h in range(H) if key_head[group[h]] == kh]], pairs[kh], D)  # (m H/G, P, d)
-        q_energy = _energy(q_pairs, stats).view(len(groups), H // G, -1).sum(1)  # (m, P)
-        key, coef = shared_rope_key(k_pairs, q_energy, stats, rope_key_init)  # (P, d), (m, P)
-        k_rope.append(real_rows(key))  # (d_r, d) in half-split layout
-        q_coef[groups] = coef
-        if rope_residual and len(groups) > 1:
-            for i, g in enumerate(groups):
-                residual[g] = k_pairs[i] - coef[i][:, None] * key  # (P, d): what the shared key misses
+    k_rope, q_coef, residual, k_nope = rope_keys(wq, wk, pairs, stats, rope_key_init, rope_residual)  # k_nope (G, n, d)
 
-    # Non-RoPE key functionals of group g: its dropped pairs, then the shared key's residual (if kept);
-    # a query head reads the same pairs of its own rows (times c_j), so row i of q_nope meets row i of k_nope.
-    def key_nope(g):  # complex (n / 2, d)
-        own = _complex_pairs(wk[g], dropped[key_head[g]], D)
-        return torch.cat([own, residual[g]]) if g in residual else own
-
+    # a query head reads the same pairs as its group's k_nope rows (times c_j): row i of q_nope meets row i of k_nope
     def query_nope(h):  # complex (n / 2, d), times the mean rotation of each pair
         kh, g = key_head[group[h]], group[h]
         kept = pairs[kh] if g in residual else []
         return _complex_pairs(wq[h], dropped[kh] + kept, D) * c[dropped[kh] + kept][:, None]
 
-    k_nope = torch.stack([real_rows(key_nope(g)) for g in range(G)])  # (G, n, d)
     d_nope0 = k_nope.shape[1]
 
     # Joint SVD of keys (non-RoPE functionals) and values into the latent.

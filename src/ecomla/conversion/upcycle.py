@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.mla_attention import MLAAttention
 from ..model.modeling_ecomla import EcoMLAForCausalLM
-from ..model.rope import nope_columns, select_rope_pairs
+from ..model.rope import select_rope_pairs
 from ..options import MEASURED_ROPE_FREQS, ConvertOptions
 from ..sources import check_supported
 from ..training.losses import forward_kl
 from .families import NEEDS_TEXT, as_llama
 from .calibration import attention_input_covariance, calibration_ids as calibration_ids_for
 from .kv import max_kv_lora_rank, model_dims
-from .plan import build_config, resolve
+from .plan import build_config, residual_dims, resolve
 from .svd_init import init_mla_layer, kv_spectrum, pair_contributions, rotation_mean
 
 
@@ -212,12 +212,10 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
         spectra = {}
         for i in conv.layers:
             pairs = (layer_pairs or {}).get(i) or choose_rope_pairs(layers[i].self_attn, conv, model.config, None)
-            nope = [nope_columns(pairs[g // (kv_heads // conv.rope_key_heads)], head_dim) for g in range(kv_heads)]
-            attn = layers[i].self_attn
-            _, w_k, w_v = projections(attn)
-            spectra[i] = kv_spectrum(w_k, w_v, nope, head_dim=head_dim,
-                                     input_cov=cov[i] if conv.svd == "activations" else None)
-        max_rank = max_kv_lora_rank(model.config, conv.qk_rope_head_dim)
+            spectra[i] = kv_spectrum(*projections(layers[i].self_attn), pairs, num_kv_heads=kv_heads, head_dim=head_dim,
+                                     input_cov=None if cov is None else cov[i], svd=conv.svd,
+                                     rope_key_init=conv.rope_key_init, rope_residual=conv.rope_residual == "latent")
+        max_rank = max_kv_lora_rank(model.config, conv.qk_rope_head_dim - residual_dims(conv, kv_heads))
         layer_ranks = allocate_ranks({i: s[:max_rank] for i, s in spectra.items()}, conv.kv_lora_rank * len(conv.layers),
                                      min_rank=max(1, conv.kv_lora_rank // 4))
     config = build_config(model.config, conv, layer_pairs, layer_ranks, choices)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..options import DEFAULT_TASKS, DTYPES, EvalOptions
 from ..report import markdown_table
-from .tasks import HEADLINE, LOCAL_TASKS, OWN_TASKS, PPL_TASKS, local_file, local_task_config
+from .tasks import HEADLINE, LOCAL_TASKS, OWN_TASKS, PPL_TASKS, local_file, local_task_config, margin_kept
 
 
 def _hflm():
@@ -268,26 +268,35 @@ def evaluate_model(
     return rows
 
 
+def headline_scores(rows: list[dict], model: str) -> dict[str, float]:
+    """{task: headline score} of one model over the harness tasks it was scored on (no perplexity, no passkey)."""
+    out = {}
+    for r in rows:
+        t = r["task"]
+        if r["model"] == model and t not in OWN_TASKS and r["metric"] == HEADLINE.get(t, "acc"):
+            out[t] = r["value"]
+    return out
+
+
 def summary_table(rows: list[dict], kv: dict[str, int]) -> tuple[list[str], list[dict]]:
     """One summary row per model: KV size relative to the first model, headline score per task,
-    the average of the harness tasks, and that average relative to the first model's."""
+    the average of the harness tasks, that average relative to the first model's, and the fraction
+    of the first model's above-chance margin kept (`tasks.margin_kept`)."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     first_kv = kv[models[0]]
-    table, first_avg = [], None
+    table, first = [], headline_scores(rows, models[0])
+    first_avg = sum(first.values()) / len(first) if first else None
     for m in models:
         row = {"model": m, "kv_cache": kv[m] / first_kv}
-        scores = []
         for t in tasks:
             metric = HEADLINE.get(t, "ppl" if any(r["task"] == t and r["metric"] == "ppl" for r in rows) else "acc")
             hit = [r["value"] for r in rows if r["model"] == m and r["task"] == t and r["metric"] == metric]
             row[f"{t} ({metric})"] = hit[0] if hit else None
-            if hit and metric != "ppl" and "perplexity" not in metric and t != "passkey":  # the harness average
-                scores.append(hit[0])
-        row["average"] = sum(scores) / len(scores) if scores else None
-        if first_avg is None:
-            first_avg = row["average"]
+        scores = headline_scores(rows, m)
+        row["average"] = sum(scores.values()) / len(scores) if scores else None
         row["average vs first"] = row["average"] / first_avg if row["average"] is not None and first_avg else None
+        row["margin kept"] = margin_kept(scores, first) if scores else None
         table.append(row)
     return list(table[0].keys()), table
 
@@ -299,6 +308,8 @@ def markdown(columns: list[str], table: list[dict]) -> str:
                 return f"{v:.3f}"
             if c == "average vs first":
                 return f"{v:.3f}x"
+            if c == "margin kept":
+                return f"{100 * v:.1f}%"
             return f"{v:.2f}" if "ppl" in c else f"{100 * v:.2f}"
         return v
 

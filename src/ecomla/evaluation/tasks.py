@@ -43,6 +43,26 @@ HEADLINE = {
     "passkey": "acc",  # over every context and depth (per context: acc@N); not in the harness average
 }
 
+# What guessing scores on each task's headline metric: 1/choices for multiple choice, 0 for LAMBADA
+# (the whole word must come out). The margin a model keeps above it is what `margin_kept` compares:
+# a broken model still scores ~70% of a good one's raw average on these seven tasks.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "openbookqa": 0.25,
+          "piqa": 0.5, "winogrande": 0.5, "lambada_openai": 0.0}
+
+
+def margin_kept(scores: dict[str, float], reference: dict[str, float]) -> float | None:
+    """Fraction of the reference's above-chance margin a model keeps, over the tasks both have:
+
+        (avg - chance_avg) / (ref_avg - chance_avg),   avg, ref_avg, chance_avg: means over those tasks
+
+    None when a task has no known chance level (CHANCE) or the reference is not above chance."""
+    tasks = [t for t in scores if t in reference]
+    if not tasks or any(t not in CHANCE for t in tasks):
+        return None
+    mean = lambda d: sum(d[t] for t in tasks) / len(tasks)  # noqa: E731
+    chance = mean(CHANCE)
+    return (mean(scores) - chance) / (mean(reference) - chance) if mean(reference) > chance else None
+
 
 def _strip_question(query: str) -> str:
     return query.removeprefix("Question: ").removeprefix("Question:")

@@ -391,6 +391,8 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         log(f"[ecomla {cfg.command}] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
     bar = tqdm(total=steps, initial=start_step, desc=cfg.command, disable=not (main and cfg.progress))
     train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
+    # wall-clock training time of the whole run, parts before a resume included (the compute a result cost)
+    earlier_seconds = _logged_seconds(log_path, start_step) if main else 0.0
     for step in range(start_step, steps):
         t_step = time.time()
         loss_acc, kl_acc = 0.0, 0.0
@@ -417,7 +419,7 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
         kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
         write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, metric: kl_avg,
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s})
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "train_seconds": earlier_seconds + train_seconds})
         bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         done = step + 1
@@ -437,6 +439,7 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
     checksums = [float(c) for c in accelerator.gather(own.reshape(1).to(device)).cpu()]
     summary = {"steps": steps, "tokens": steps * per_step_tokens, "world_size": world,
                "train_tokens_per_s": trained / max(train_seconds, 1e-9) if trained else None,
+               "train_seconds": earlier_seconds + train_seconds,
                "before": before, "after": after, "train_sequences": int(train_ids.shape[0]),
                "heldout_sequences": int(held_ids.shape[0]), "rank_param_checksums": checksums}
     state = accelerator.get_state_dict(student)  # a collective under FSDP: every rank calls it
@@ -454,6 +457,12 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
                 f"{a['heldout_kl']:.4f}, ppl {b.get('heldout_ppl', float('nan')):.2f} -> {a['heldout_ppl']:.2f}")
     accelerator.wait_for_everyone()
     return summary
+
+
+def _logged_seconds(log_path: Path, step: int) -> float:
+    """Training seconds the log records up to `step` (0 for a fresh run or a log from before they were logged)."""
+    rows = [json.loads(r) for r in log_path.read_text().splitlines() if r] if log_path.is_file() else []
+    return max([r["train_seconds"] for r in rows if r["step"] <= step and "train_seconds" in r], default=0.0)
 
 
 def _first_eval(log_path: Path) -> dict | None:

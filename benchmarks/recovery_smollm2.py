@@ -1,0 +1,233 @@
+"""Recovery on a CPU budget: what training buys back of SmolLM2-135M-Instruct's benchmark scores.
+
+Run (from the repository root; CPU; reads ../shared/data, not shipped in the repo; resumable: an
+interrupted run continues where it stopped, a long arm can run in parts):
+
+    .venv/bin/python benchmarks/recovery_smollm2.py --arms 4x:900                    # the 15-minute arms at 4x
+    .venv/bin/python benchmarks/recovery_smollm2.py --arms 4x:900,4x:3600,6.4x:3600  # every arm (hours)
+
+SmolLM2-135M-Instruct converted to full MLA at 4x (kv_lora_rank 64 + one 32-dim RoPE key) or 6.4x smaller
+KV cache with `ecomla convert --kv-ratio R` (the default initialization, calibrated as the CLI does), then
+for each wall-clock budget B (seconds of training on this machine), three arms:
+- init: the conversion, no training;
+- kd: `ecomla distill` (forward KL to the original, all parameters) for B seconds;
+- align+kd: `ecomla align` (each MLA layer reproduces the original attention on the original's inputs)
+  for `--align-share` of B, then `ecomla distill` for the rest.
+A budget becomes a token count through the throughput each stage measured on this machine in a short
+pilot (kept in the results, so every part of a run uses the same numbers); each row reports the training
+seconds the arm really took. Training data: c4_demo.jsonl + wiki_demo.txt + alpaca_en_demo.json, packed to
+`--seq-len` tokens; cosine schedule, fp32 (on this CPU bf16 autocast is slower).
+Scores: lm-eval 0-shot on the seven tasks (first `--limit` items each), their average and the fraction of
+the original's above-chance margin kept; passkey retrieval at 1K, 2K, 4K (5 depths); KL(original ||
+model) and perplexity on 8,192 WikiText-2 test tokens (text no arm trains on). float32.
+Writes benchmarks/results/recovery_smollm2.{json,md,png}; each row as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ecomla import load_model
+from ecomla.conversion import convert_checkpoint
+from ecomla.conversion.kv import cache_values_per_token
+from ecomla.evaluation.evaluate import evaluate_model, headline_scores
+from ecomla.evaluation.tasks import margin_kept
+from ecomla.io import atomic_write
+from ecomla.options import DEFAULT_TASKS, AlignOptions, ConvertOptions, DistillOptions, EvalOptions
+from ecomla.training.align import align
+from ecomla.training.distill import distill
+
+from common import DATA, RESULTS, ROOT, pyplot, save_figure, write_json
+from init_fidelity import Evaluator
+
+CONTEXTS = [1024, 2048, 4096]
+TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
+METHODS = ("init", "kd", "align+kd")
+
+
+def training_options(args, stage: str, student: str, out: Path, tokens: int, **kw):
+    cls = AlignOptions if stage == "align" else DistillOptions
+    lr = args.align_lr if stage == "align" else args.kd_lr
+    return cls(student=student, teacher="smollm2-135m", data=[str(DATA / "train" / f) for f in TRAIN_FILES],
+               out=str(out), tokens=tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr,
+               precision="fp32", eval_fraction=0.0, save_every=args.save_every, progress=False, **kw)  # scored here, not held out
+
+
+def pilot(args, stage: str, student: str, work: Path) -> float:
+    """Training tokens/s of one stage on this machine (a few steps, the arms' settings)."""
+    tokens = 4 * args.seq_len * args.batch_size
+    s = (align if stage == "align" else distill)(training_options(args, stage, student, work / f"pilot-{stage}", tokens,
+                                                                  overwrite=True), log=lambda *a: None)
+    return s["train_tokens_per_s"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms", default="4x:900", help="comma list of COMPRESSION:SECONDS (e.g. 4x:900,4x:3600,6.4x:3600)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--align-share", type=float, default=0.25, help="share of an align+kd budget spent aligning")
+    p.add_argument("--kd-lr", type=float, default=5e-4)
+    p.add_argument("--align-lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (what an interruption loses)")
+    p.add_argument("--throughput", default="", help="skip the pilots: STAGE=TOKENS_PER_S,... (e.g. distill=52,align=150), "
+                   "measured on this machine beforehand")
+    p.add_argument("--limit", type=int, default=200, help="items per harness task")
+    p.add_argument("--kl-tokens", type=int, default=8192)
+    p.add_argument("--work", default=str(ROOT / "out" / "recovery"))
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args()
+    wiki, eval_dir = DATA / "eval" / "wikitext-2-raw-test.txt", DATA / "eval"
+    missing = [f for f in [wiki, *(DATA / "train" / f for f in TRAIN_FILES)] if not f.is_file()]
+    if missing:
+        print(f"needs {', '.join(map(str, missing))} (the shared data beside the repository)", file=sys.stderr)
+        return 2
+    arms = []
+    for a in args.arms.split(","):
+        comp, _, secs = a.partition(":")
+        if not comp.endswith("x") or not secs.isdigit():
+            print(f"--arms: {a!r} is not COMPRESSION:SECONDS like 4x:900", file=sys.stderr)
+            return 2
+        arms.append((comp, int(secs)))
+    methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        print(f"--methods: choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    work, out_dir = Path(args.work), Path(args.out_dir)
+    result = out_dir / "recovery_smollm2.json"
+    state = json.loads(result.read_text()) if result.is_file() else {"rows": [], "throughput": {}}
+    rows, throughput = state["rows"], state["throughput"]
+    settings = {k: getattr(args, k) for k in ("align_share", "kd_lr", "align_lr", "seq_len", "batch_size", "limit", "kl_tokens")}
+    if rows and state.get("settings", settings) != settings:
+        print(f"{result} was measured with other settings ({state['settings']}); move it away to start again", file=sys.stderr)
+        return 2
+    state["settings"] = settings
+    for item in filter(None, args.throughput.split(",")):  # applies to every compression not yet piloted
+        stage, _, value = item.partition("=")
+        for comp, _ in arms:
+            throughput.setdefault(f"{comp} {stage}", float(value))
+    state["command"] = "python benchmarks/recovery_smollm2.py " + " ".join(sys.argv[1:])
+    done = {(r["compression"], r["method"], r["budget_seconds"]) for r in rows}
+
+    torch.manual_seed(0)
+    original, tok = load_model("smollm2-135m", dtype=torch.float32)
+    ids = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: args.kl_tokens]
+    evaluate_kl = Evaluator(original, ids[: len(ids) // 1024 * 1024].view(-1, 1024))  # (N, 1024) windows
+    eval_opts = EvalOptions(models=["-"], limit=args.limit, passkey_contexts=CONTEXTS, passkey_trials=1)
+    gqa = cache_values_per_token(original.config)
+    tasks = [*DEFAULT_TASKS, "passkey"]
+
+    def save():
+        write_json(result, state)  # partial results survive an interrupted run
+
+    def measure(compression, method, budget, model_dir, spent: dict) -> None:
+        t = time.time()
+        model = original if model_dir is None else load_model(str(model_dir), dtype=torch.float32)[0]
+        scored = evaluate_model(model, tok, method, tasks, eval_opts, data_dir=str(eval_dir), progress=False)
+        ppl, kl = evaluate_kl(model)
+        scores = headline_scores(scored, method)
+        value = {(r["task"], r["metric"]): r["value"] for r in scored}
+        reference = next((r["scores"] for r in rows if r["method"] == "original"), scores)
+        rows.append(dict(compression=compression, method=method, budget_seconds=budget,
+                         kv_fraction=round(cache_values_per_token(model.config) / gqa, 4), **spent,
+                         heldout_kl=round(kl, 4), ppl=round(ppl, 3), scores={t: round(v, 4) for t, v in scores.items()},
+                         avg=round(sum(scores.values()) / len(scores), 4), margin_kept=round(margin_kept(scores, reference), 4),
+                         **{f"passkey@{n}": value.get(("passkey", f"acc@{n}")) for n in CONTEXTS},
+                         eval_seconds=round(time.time() - t, 1)))
+        save()
+        r = rows[-1]
+        print(f"{compression:5s} {method:9s} {budget:5d}s trained {r['train_seconds']:6.0f}s {r['train_tokens']:8d} tok  "
+              f"avg {100 * r['avg']:.1f}  margin kept {100 * r['margin_kept']:.1f}%  LAMBADA "
+              f"{100 * scores['lambada_openai']:.1f}  passkey " + " ".join(str(r[f"passkey@{n}"]) for n in CONTEXTS)
+              + f"  KL {r['heldout_kl']:.3f}", flush=True)
+
+    if ("1x", "original", 0) not in done:
+        measure("1x", "original", 0, None, dict(train_tokens=0, train_seconds=0.0))
+    for comp, budget in arms:
+        conv = work / comp / "converted"
+        if not (conv / "config.json").is_file():
+            convert_checkpoint(ConvertOptions(source="smollm2-135m", kv_ratio=float(comp[:-1]), out=str(conv), overwrite=True))
+        for method in methods:
+            key = (comp, method, 0 if method == "init" else budget)
+            if key in done:
+                continue
+            if method == "init":
+                measure(comp, "init", 0, conv, dict(train_tokens=0, train_seconds=0.0))
+                done.add(key)
+                continue
+            stages = [("align", args.align_share), ("distill", 1 - args.align_share)] if method == "align+kd" else [("distill", 1.0)]
+            student, spent = str(conv), dict(train_tokens=0, train_seconds=0.0)
+            for stage, share in stages:
+                tp_key = f"{comp} {stage}"
+                if tp_key not in throughput:
+                    throughput[tp_key] = round(pilot(args, stage, str(conv), work / comp), 1)
+                    save()
+                step_tokens = args.seq_len * args.batch_size
+                tokens = max(1, round(share * budget * throughput[tp_key] / step_tokens)) * step_tokens
+                run_dir = work / comp / f"{method}-{budget}" / stage
+                cfg = training_options(args, stage, student, run_dir, tokens, resume=(run_dir / "training").is_dir())
+                summary = (align if stage == "align" else distill)(cfg)
+                spent = dict(train_tokens=spent["train_tokens"] + summary["tokens"],
+                             train_seconds=round(spent["train_seconds"] + summary["train_seconds"], 1))
+                spent[f"{stage}_tokens"] = summary["tokens"]
+                student = str(run_dir)
+            measure(comp, method, budget, student, spent)
+            done.add(key)
+    write(state, out_dir)
+    return 0
+
+
+def table(rows) -> str:
+    head = ["KV cache", "method", "budget (min)", "trained (min)", "train tokens", "held-out KL", "ppl",
+            *DEFAULT_TASKS, "avg", "margin kept"] + [f"passkey {n // 1024}K" for n in CONTEXTS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for r in rows:
+        lines.append("| " + " | ".join([f"{r['kv_fraction']:.3f}", r["method"], f"{r['budget_seconds'] / 60:.0f}",
+                                        f"{r['train_seconds'] / 60:.1f}", f"{r['train_tokens']:,}", f"{r['heldout_kl']:.3f}",
+                                        f"{r['ppl']:.1f}", *[pct(r["scores"].get(t)) for t in DEFAULT_TASKS],
+                                        pct(r["avg"]), f"{pct(r['margin_kept'])}%"]
+                                       + [pct(r[f"passkey@{n}"]) for n in CONTEXTS]) + " |")
+    return "\n".join(lines)
+
+
+def write(state, out: Path) -> None:
+    rows, s = state["rows"], state["settings"]
+    md = table(rows)
+    print("\n" + md)
+    tp = ", ".join(f"{k} {v:.0f} tokens/s" for k, v in state["throughput"].items())
+    atomic_write(out / "recovery_smollm2.md",
+                 f"SmolLM2-135M-Instruct on 2 CPU cores; lm-eval 0-shot, first {s['limit']} items per task (%); margin kept = "
+                 "(avg - chance) / (original avg - chance); passkey at 5 depths per context; held-out KL and ppl on "
+                 f"{s['kl_tokens']:,} WikiText-2 test tokens. Training: seq_len {s['seq_len']}, batch {s['batch_size']}, fp32, "
+                 f"cosine; KD lr {s['kd_lr']}, align lr {s['align_lr']}, align share {s['align_share']}. Throughput: {tp}.\n\n"
+                 f"`{state['command']}`\n\n{md}\n")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for comp in dict.fromkeys(r["compression"] for r in rows if r["method"] != "original"):
+        init = [r for r in rows if r["compression"] == comp and r["method"] == "init"]
+        for method in ("kd", "align+kd"):
+            pts = sorted((r["train_seconds"] / 60, 100 * r["margin_kept"]) for r in rows if r["compression"] == comp
+                         and r["method"] == method)
+            if pts:
+                pts = [(0.0, 100 * init[0]["margin_kept"])] * bool(init) + pts
+                ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
+    ax.axhline(100, color="k", ls="--", lw=1, label="original")
+    ax.axhline(90, color="gray", ls=":", lw=1, label="goal: 90%")
+    ax.set(xlabel="training wall-clock minutes (2 CPU cores)", ylabel="above-chance margin kept (%)",
+           title="SmolLM2-135M-Instruct: recovery against CPU time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "recovery_smollm2.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
