@@ -40,8 +40,9 @@ $(LLAMA_STAMP): $(STAMP)
 DEMO_RECIPE ?= recipes/smollm2-135m-demo.yaml
 DEMO_PROMPT ?= The capital of France is
 
-# The main job on the built-in model: convert SmolLM2-135M to full MLA (4x smaller KV cache), distill it
-# from the original on text the original writes, report held-out KL/perplexity before and after.
+# The main job on the built-in model: convert SmolLM2-135M to full MLA (4x smaller KV cache), align each
+# layer with the original attention, distill it from the original, both on text the original writes;
+# report held-out KL/perplexity before and after.
 # Re-running continues where it stopped (finished steps are skipped); `make clean` starts over.
 demo: venv
 	$(VENV)/bin/ecomla run $(DEMO_RECIPE)

@@ -130,3 +130,30 @@ def test_run_recipe_with_an_alignment_stage(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="recipe section 'align': 'teacher' is set by the recipe itself"):
         run_recipe(tmp_path / "bad.yaml")
+
+
+def test_data_free_distillation_reuses_the_text_the_alignment_sampled(tmp_path, monkeypatch):
+    from ecomla.pipeline import run_recipe
+    from ecomla.sources import load_model
+    from ecomla.training import distill as distill_module
+
+    teacher = tiny_model_dir(tmp_path / "teacher")
+    model, tok = load_model(str(teacher))
+    twice = [distill_module.sample_data_free(model, tok, 64, 32, seed=3, device="cpu") for _ in range(2)]
+    assert twice[0] == twice[1]  # seeded: sampling again would give the same text
+    calls = []
+    real = distill_module.sample_data_free
+    monkeypatch.setattr(distill_module, "sample_data_free", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = {"data_free_tokens": 256, "seq_len": 32, "batch_size": 2, "eval_every": 0, "save_every": 0}
+    recipe = {"model": str(teacher), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+              "align": {**shared, "tokens": 2 * 2 * 32}, "distill": {**shared, "tokens": 2 * 2 * 32}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    assert len(calls) == 1  # the alignment sampled; the distillation read that text
+    sampled = lambda stage: (tmp_path / "out" / stage / "training" / "sampled.jsonl").read_text()  # noqa: E731
+    assert sampled("aligned") == sampled("distilled")
+    # sampling differently (another seed) samples again
+    recipe["distill"]["seed"] = 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    assert len(calls) == 2 and sampled("aligned") != sampled("distilled")

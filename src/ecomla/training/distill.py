@@ -158,11 +158,16 @@ def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, w
             "heldout_tokens": int(count)}
 
 
+def sample_length(seq_len: int) -> int:
+    """New tokens per data-free sample."""
+    return max(16, min(seq_len, 256))
+
+
 def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 64) -> list[str]:
     """Texts sampled from the teacher (temperature 1, top-p 0.95) from generic prompts."""
     torch.manual_seed(seed)
     texts: list[str] = []
-    new = max(16, min(seq_len, 256))  # new tokens per sample
+    new = sample_length(seq_len)
     batch = max(1, min(batch, -(-tokens // new)))  # no more rows than the budget needs
     total = 0
     bar = tqdm(total=tokens, desc="sampling data-free text from the teacher", unit="tok")
