@@ -371,12 +371,15 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
     metric = "kl" if cfg.command == "distill" else "align_loss"  # what the objective's second output is
 
     start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
+    earlier_seconds = 0.0
     if main:
         atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world}, indent=1))
         kept = []
         if log_path.is_file():  # drop rows past the checkpoint: they are re-run
             kept = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
         atomic_write(log_path, "".join(r + "\n" for r in kept))
+        # wall-clock training time of the whole run, parts before a resume included (the compute a result cost)
+        earlier_seconds = max([json.loads(r).get("train_seconds", 0.0) for r in kept], default=0.0)
 
     def write_log(row: dict) -> None:
         if main:
@@ -396,8 +399,6 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         log(f"[ecomla {cfg.command}] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
     bar = tqdm(total=steps, initial=start_step, desc=cfg.command, disable=not (main and cfg.progress))
     train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
-    # wall-clock training time of the whole run, parts before a resume included (the compute a result cost)
-    earlier_seconds = _logged_seconds(log_path, start_step) if main else 0.0
     for step in range(start_step, steps):
         t_step = time.time()
         loss_acc, kl_acc = 0.0, 0.0
@@ -462,12 +463,6 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
                 f"{a['heldout_kl']:.4f}, ppl {b.get('heldout_ppl', float('nan')):.2f} -> {a['heldout_ppl']:.2f}")
     accelerator.wait_for_everyone()
     return summary
-
-
-def _logged_seconds(log_path: Path, step: int) -> float:
-    """Training seconds the log records up to `step` (0 for a fresh run or a log from before they were logged)."""
-    rows = [json.loads(r) for r in log_path.read_text().splitlines() if r] if log_path.is_file() else []
-    return max([r["train_seconds"] for r in rows if r["step"] <= step and "train_seconds" in r], default=0.0)
 
 
 def _first_eval(log_path: Path) -> dict | None:
