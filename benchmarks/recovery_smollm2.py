@@ -113,7 +113,10 @@ def main() -> int:
         stage, _, value = item.partition("=")
         for comp, _ in arms:
             throughput.setdefault(f"{comp} {stage}", float(value))
-    state["command"] = "python benchmarks/recovery_smollm2.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/recovery_smollm2.py " + " ".join(sys.argv[1:])
+    commands = state.setdefault("commands", [state.pop("command")] if "command" in state else [])
+    if command not in commands:  # every part of the run, in order
+        commands.append(command)
     done = {(r["compression"], r["method"], r["budget_seconds"]) for r in rows}
 
     torch.manual_seed(0)
@@ -174,9 +177,8 @@ def main() -> int:
                 run_dir = work / comp / f"{method}-{budget}" / stage
                 cfg = training_options(args, stage, student, run_dir, tokens, resume=(run_dir / "training").is_dir())
                 summary = (align if stage == "align" else distill)(cfg)
-                spent = dict(train_tokens=spent["train_tokens"] + summary["tokens"],
-                             train_seconds=round(spent["train_seconds"] + summary["train_seconds"], 1))
-                spent[f"{stage}_tokens"] = summary["tokens"]
+                spent.update({"train_tokens": spent["train_tokens"] + summary["tokens"], f"{stage}_tokens": summary["tokens"],
+                              "train_seconds": round(spent["train_seconds"] + summary["train_seconds"], 1)})
                 student = str(run_dir)
             measure(comp, method, budget, student, spent)
             done.add(key)
@@ -207,21 +209,22 @@ def write(state, out: Path) -> None:
                  f"SmolLM2-135M-Instruct on 2 CPU cores; lm-eval 0-shot, first {s['limit']} items per task (%); margin kept = "
                  "(avg - chance) / (original avg - chance); passkey at 5 depths per context; held-out KL and ppl on "
                  f"{s['kl_tokens']:,} WikiText-2 test tokens. Training: seq_len {s['seq_len']}, batch {s['batch_size']}, fp32, "
-                 f"cosine; KD lr {s['kd_lr']}, align lr {s['align_lr']}, align share {s['align_share']}. Throughput: {tp}.\n\n"
-                 f"`{state['command']}`\n\n{md}\n")
+                 f"cosine; KD lr {s['kd_lr']}, align lr {s['align_lr']}, align share {s['align_share']}. A budget is a "
+                 f"token count: its seconds at the throughput of the first pilot ({tp}); 'trained' is the time it took "
+                 f"on the day it ran.\n\n```\n" + "".join(f"{c}\n" for c in state["commands"]) + f"```\n\n{md}\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for comp in dict.fromkeys(r["compression"] for r in rows if r["method"] != "original"):
         init = [r for r in rows if r["compression"] == comp and r["method"] == "init"]
         for method in ("kd", "align+kd"):
-            pts = sorted((r["train_seconds"] / 60, 100 * r["margin_kept"]) for r in rows if r["compression"] == comp
+            pts = sorted((r["budget_seconds"] / 60, 100 * r["margin_kept"]) for r in rows if r["compression"] == comp
                          and r["method"] == method)
             if pts:
                 pts = [(0.0, 100 * init[0]["margin_kept"])] * bool(init) + pts
                 ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
     ax.axhline(100, color="k", ls="--", lw=1, label="original")
     ax.axhline(90, color="gray", ls=":", lw=1, label="goal: 90%")
-    ax.set(xlabel="training wall-clock minutes (2 CPU cores)", ylabel="above-chance margin kept (%)",
+    ax.set(xlabel="training budget (minutes on 2 CPU cores at the pilot's tokens/s)", ylabel="above-chance margin kept (%)",
            title="SmolLM2-135M-Instruct: recovery against CPU time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

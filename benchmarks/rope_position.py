@@ -17,7 +17,14 @@ Choices, on top of the initialization before this study (whitened SVD, cost freq
   rotation keeps the mean of its rotation over distances < L instead of its value at distance 0;
 - res+avg@128: and `--rope-residual latent`: what the shared key misses of each group's key joins
   the latent without rotation (TransMLA's RoRoPE, with the head-PCA key);
-- 3x16+avg@128 / 3x32: one RoPE key per KV group (16 or 32 dims) instead of one shared key.
+- 3x16+avg@128 / 3x32: one RoPE key per KV group (16 or 32 dims) instead of one shared key;
+- 1xN+avg@128: one shared key of N dims (8-64) instead of 32, the latent's rank taking the rest;
+- freqfold+avg@128: `--rope-key-init freqfold` (TransMLA's FreqFold: the shared key from the leading
+  components of 2 neighbouring kept frequencies at a time, instead of one head-PCA per frequency);
+- hybK sensitivity / hybK long-range (+avg@128): K layers converted, the others keep the original
+  attention, at the same whole-model cache (so the converted layers get a lower rank); the kept layers
+  are those whose conversion costs most KL on calibration text (`--layer-choice sensitivity`), or most
+  KL on the predictions that gain from context more than 32 tokens back (`--layer-choice long-range`).
 Row groups: `full` (the RoPE change alone: the latent at full rank, so only position loses
 anything), `2x`, `4x`, `6.4x` (whole-model cache that many times smaller), `rank` (the opposite:
 the RoPE side exact, one 64-dim key per KV group, and the latent at rank 64 or 128, so only the
@@ -53,12 +60,20 @@ CHOICES = {  # name -> conversion options added to the row group's size
     "avg@512": dict(AVG, rope_context=512),
     "res+avg@128": dict(AVG, rope_residual="latent"),
     "3x16+avg@128": dict(AVG, qk_rope_head_dim=16, rope_key_heads="per-group"),
+    "avg@256": dict(AVG, rope_context=256),
+    "freqfold+avg@128": dict(AVG, rope_key_init="freqfold"),
+    **{f"1x{n}+avg@128": dict(AVG, qk_rope_head_dim=n) for n in (8, 16, 48, 64)},  # the key's share of the cache
+    # hybrids at the same whole-model cache: the original attention kept in the layers whose conversion costs most
+    **{f"hyb{k} {how}+avg@128": dict(AVG, num_mla_layers=k, layer_choice=how)
+       for k in (26, 28) for how in ("sensitivity", "long-range")},
 }
 GROUPS = {  # row group -> (size options, choices measured there)
-    "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32"]),
-    "4x": (dict(kv_ratio=4), ["unrotated", "avg@128", "3x16+avg@128"]),
+    "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32", "freqfold+avg@128"]),
+    "4x": (dict(kv_ratio=4), ["unrotated", "avg@128", "3x16+avg@128", "freqfold+avg@128", "hyb28 sensitivity+avg@128",
+                              "hyb28 long-range+avg@128", "avg@256", "1x16+avg@128", "1x48+avg@128"]),
     "rank": (None, ["exact-rope r64", "exact-rope r128"]),  # the RoPE side exact (3 x 64), the latent at rank r
-    "2x": (dict(kv_ratio=2), ["unrotated", "avg@128"]),
+    "2x": (dict(kv_ratio=2), ["unrotated", "avg@128", "hyb26 sensitivity+avg@128", "hyb26 long-range+avg@128",
+                              "1x8+avg@128", "1x64+avg@128"]),
     "6.4x": (dict(kv_ratio=6.4), ["unrotated", "avg@128"]),
 }
 CONTEXTS = [1024, 2048, 4096]

@@ -233,6 +233,49 @@ def test_sensitivity_chooses_the_layers_whose_conversion_costs_least():
     assert alt.config.mla_layers == [0, 2]
 
 
+def test_long_range_weights_are_the_gain_of_distant_context_computed_by_hand():
+    from ecomla.conversion.upcycle import long_range_weights
+
+    model = tiny_llama(num_kv_heads=2, layers=2).eval()
+    torch.manual_seed(0)
+    ids, W = torch.randint(0, 128, (2, 40)), 8
+    w = long_range_weights(model, ids, window=W)
+    assert w[:, : 2 * W].abs().sum() == 0 and w[:, -1].abs().sum() == 0 and (w >= 0).all() and w.sum() > 0
+    nll = lambda ctx, nxt: -model(ctx[None]).logits[0, -1].log_softmax(-1)[nxt].item()  # noqa: E731
+    with torch.no_grad():
+        for n, t in [(0, 16), (0, 23), (1, 30), (1, 38)]:
+            s = W * (t // W) - W  # the chunk whose second half holds position t: context x[s..t]
+            want = max(0.0, nll(ids[n, s : t + 1], ids[n, t + 1]) - nll(ids[n, : t + 1], ids[n, t + 1]))
+            assert abs(w[n, t].item() - want) < 1e-5, (n, t)
+
+
+def test_long_range_sensitivity_is_the_kl_weighted_by_distant_context_gain():
+    """layer_choice="long-range" ranks layers by KL(original || one layer converted) weighted by each
+    token's gain from distant context, not the plain mean (which the weights change)."""
+    from ecomla.conversion.upcycle import layer_sensitivity, long_range_weights
+    from ecomla.training.losses import forward_kl
+
+    model = tiny_llama(num_kv_heads=2, layers=3).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (2, 96))
+    conv = resolve(MLAConversionConfig(kv_lora_rank=4, qk_rope_head_dim=4, layers=[0], init="xecomla"), model.config)
+    weighted = layer_sensitivity(model, conv, {}, ids, progress=False, long_range=True)
+    plain = layer_sensitivity(model, conv, {}, ids, progress=False)
+    w = long_range_weights(model, ids)
+    with torch.no_grad():
+        for i in range(3):
+            one = convert(model, MLAConversionConfig(kv_lora_rank=4, qk_rope_head_dim=4, layers=[i], init="xecomla"),
+                          progress=False)
+            kl = forward_kl(model(ids).logits.log_softmax(-1), one(ids).logits.log_softmax(-1))  # (N, T)
+            assert abs(weighted[i] - (kl * w).sum().item() / w.sum().item()) < 1e-5 * max(1.0, weighted[i])
+            assert abs(plain[i] - kl.mean().item()) < 1e-5 * max(1.0, plain[i])
+    assert any(abs(weighted[i] - plain[i]) > 1e-3 * plain[i] for i in range(3))
+    hybrid = convert(model, MLAConversionConfig(kv_lora_rank=4, qk_rope_head_dim=4, num_mla_layers=1, init="xecomla",
+                                                layer_choice="long-range"), progress=False, calibration_ids=ids)
+    assert hybrid.config.mla_layers == [min(weighted, key=weighted.get)]
+    assert hybrid.config.conversion["layer_choice"] == "long-range"
+
+
 def test_covariance_cache_is_reused_and_keyed_by_weights(tmp_path, monkeypatch):
     import ecomla.conversion.calibration as cal
 

@@ -174,3 +174,52 @@ def test_rank_allocation_sees_the_residual_rows_of_the_latent():
     with_res = kv_spectrum(wq, wk, wv, pairs, num_kv_heads=2, head_dim=16, rope_residual=True)
     without = kv_spectrum(wq, wk, wv, pairs, num_kv_heads=2, head_dim=16)
     assert (len(with_res), len(without)) == (min(2 * (16 + 16), 64), min(2 * (8 + 16), 64))
+
+
+def test_freqfold_key_is_exact_where_a_fold_shares_its_frequency_and_spans_its_size():
+    """TransMLA's FreqFold: the 3 groups' key pairs of a fold (2 neighbouring kept pairs) are built from
+    2 complex functionals and the fold's two frequencies are equal, so the fold's 2 shared key pairs
+    carry every group's keys at every distance; the per-pair PCA key (one component per pair, from 3
+    groups spanning 2 dimensions) cannot. With the true, unequal frequencies FreqFold is no longer exact."""
+    wq, wk, wv, wo = weights(4)
+    g = torch.Generator().manual_seed(5)
+    half, wk2 = D // 2, wk.clone().view(G, D, d)
+    for fold in range(0, half, 2):
+        base = torch.randn(2, d, generator=g, dtype=torch.complex128)  # (2, d): the fold's two functionals
+        for grp in range(G):
+            z = torch.randn(2, 2, generator=g, dtype=torch.complex128) @ base  # (2 pairs, d)
+            wk2[grp, fold : fold + 2], wk2[grp, half + fold : half + fold + 2] = z.real, z.imag
+    wk2 = wk2.view(G * D, d)
+    true_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    folded_freq = true_freq[::2].repeat_interleave(2)  # each fold's pairs turn alike
+    pairs = list(range(half))
+    x = torch.randn(3000, d, generator=g, dtype=torch.float64)
+    kw = dict(num_heads=H, num_kv_heads=G, head_dim=D, qk_nope_head_dim=0, v_head_dim=D, rope_key_heads=1,
+              rope_pair_indices=pairs, kv_lora_rank=G * D, input_cov=x.T @ x / len(x))
+    xq, xk = x[:1500], x[1500:]
+    far = torch.randint(0, 4096, (1500,), generator=g).double()
+    err = {}
+    for how in ("freqfold", "pca"):
+        w = init_mla_layer(wq, wk2, wv, wo, rope_key_init=how, **kw)
+        for name, freq in (("folded", folded_freq), ("true", true_freq)):
+            err[how, name] = rel_err(mla_scores(w, xq, xk, freq, far, pairs=pairs, rank=G * D, d_nope=0),
+                                     original_scores(wq, wk2, xq, xk, freq, far))
+    assert err["freqfold", "folded"] < 1e-9, err
+    assert err["pca", "folded"] > 1e-2 and err["freqfold", "true"] > 1e-2, err
+
+
+def test_freqfold_conversion_records_the_choice_decodes_with_its_cache_and_reloads(tmp_path):
+    model = tiny_llama(num_kv_heads=2, layers=2)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=24, qk_rope_head_dim=8, rope_key_heads="shared",
+                                             rope_key_init="freqfold"), progress=False)
+    assert mla.config.conversion["rope_key_init"] == "freqfold"
+    ids = torch.randint(1, 128, (2, 6))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        assert torch.equal(mla.generate(ids, use_cache=True, **kw), mla.generate(ids, use_cache=False, **kw))
+    mla.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, mla(ids).logits)

@@ -28,12 +28,12 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 # ---- conversion vocabulary
 MEASURED_ROPE_FREQS = ("contribution", "cost")  # chosen per layer from calibration statistics
 ROPE_FREQ_CHOICES = ("uniform", "high", "low", *MEASURED_ROPE_FREQS)
-ROPE_KEY_CHOICES = ("mean", "pca")
+ROPE_KEY_CHOICES = ("mean", "pca", "freqfold")
 ROPE_RESIDUAL_CHOICES = ("drop", "latent")  # what a shared RoPE key misses of each group's key
 ROPE_DROP_CHOICES = ("unrotated", "average")  # what replaces the rotation of a pair that loses it
 RANK_CHOICES = ("uniform", "spectrum")
 SVD_CHOICES = ("weights", "activations")
-LAYER_CHOICES = ("sensitivity", "alternate")
+LAYER_CHOICES = ("sensitivity", "long-range", "alternate")
 TARGETS = ("deepseek-v3", "llama.cpp", "vllm")  # conversion restricted to what the engine runs
 EXPORT_FORMATS = ("deepseek-v3", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -267,7 +267,8 @@ class ConvertOptions(Options):
     rope_key_heads: int | str | None = opt(None, "'shared' (one RoPE key, DeepSeek layout), 'per-group' (one per KV "
                                            "head), or a count dividing the KV heads", flag="--rope-key", parse=int_or_name)
     rope_freqs: str | None = opt(None, "which frequency pairs keep RoPE (default: the preset's)", choices=ROPE_FREQ_CHOICES)
-    rope_key_init: str | None = opt(None, "how KV groups sharing a RoPE key merge: mean (X-EcoMLA) or pca",
+    rope_key_init: str | None = opt(None, "how KV groups sharing a RoPE key merge: mean (X-EcoMLA), pca "
+                                    "(per pair), or freqfold (TransMLA's FreqFold: per 2 neighbouring kept pairs)",
                                     choices=ROPE_KEY_CHOICES)
     rope_residual: str | None = opt(None, "what a shared RoPE key misses of each KV group's key: drop, or keep it "
                                     "unrotated in the latent (latent, as TransMLA's RoRoPE)", choices=ROPE_RESIDUAL_CHOICES)
@@ -310,8 +311,8 @@ class ConvertOptions(Options):
     @property
     def needs_calibration(self) -> bool:
         """True when the (resolved) conversion reads statistics of the model's inputs."""
-        return (self.svd == "activations" or self.rope_freqs in MEASURED_ROPE_FREQS or self.rope_key_init == "pca"
-                or self.target is not None or (self.num_mla_layers is not None and self.layer_choice == "sensitivity"))
+        return (self.svd == "activations" or self.rope_freqs in MEASURED_ROPE_FREQS or self.rope_key_init in ("pca", "freqfold")
+                or self.target is not None or (self.num_mla_layers is not None and self.layer_choice != "alternate"))
 
 
 MLAConversionConfig = ConvertOptions  # the name of earlier versions

@@ -19,6 +19,12 @@ RoPE key: rows R of each group's W_k (one key per group), or, for the m groups s
     and each query pair is multiplied by conj(u_g / w_g), so q . k_g ~= q' . k exactly where the
     groups' pairs are complex multiples of one another (and at m = 1). Minimizes the expected
     squared error of the attention scores for queries independent of keys.
+  freqfold (TransMLA's FreqFold): neighbouring kept pairs (folds of M = 2, ascending index) are taken
+    as one frequency, and the leading M components of the m M functionals w_g,p z_g,p of a fold become
+    its M shared key pairs, z_g,p ~= sum_c coef_g,p,c k_c, each rotating at the fold frequency it draws
+    most energy from; query pair c becomes q'_c = sum_p conj(coef_g,p,c) q_p. Exact where the
+    frequencies of a fold are equal and its m M functionals span M complex dimensions; otherwise a
+    component keeps the rotation of one frequency for what it takes from its neighbour.
 Dropped rotation: a pair that loses RoPE turns its score term Re(q conj(z) e^{i theta Delta}) (Delta =
   t - s >= 0) into a fixed bilinear form of q and z. `rotation_mean` c_j sets which one:
     Re(q c_j conj(z)),   c_j = 1/L sum_{Delta < L} e^{i theta_j Delta}   ("average" over distances < L)
@@ -51,6 +57,9 @@ from __future__ import annotations
 import torch
 
 from ..options import SVD_CHOICES
+
+# kept pairs per fold of each RoPE key initialization (mean merges each pair alone, by averaging)
+ROPE_KEY_FOLD = {"mean": 1, "pca": 1, "freqfold": 2}
 
 
 def balanced_factors(matrix: torch.Tensor, rank: int, whiten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,30 +138,42 @@ def pair_contributions(w_q: torch.Tensor, w_k: torch.Tensor, *, num_heads: int, 
 
 
 def shared_rope_key(k_pairs: torch.Tensor, q_energy: torch.Tensor, cov: torch.Tensor, how: str):
-    """One complex key functional per pair for m groups: (key (P, d), coef (m, P)) with z_g ~= coef_g k.
+    """One complex key functional per pair for m groups: (key (P, d), coef (m, P, P)) with
+    z_g,p ~= sum_c coef[g, p, c] k_c (diagonal for mean and pca: z_g,p ~= coef[g, p, p] k_p).
 
-    k_pairs (m, P, d) complex: each group's key pairs; q_energy (m, P): sum over the heads
-    reading group g of E|q_h,p|^2; cov (d, d). See the module docstring for `pca`."""
+    k_pairs (m, P, d) complex: each group's key pairs, P kept pairs in ascending frequency index;
+    q_energy (m, P): sum over the heads reading group g of E|q_h,p|^2; cov (d, d). See the module
+    docstring for `pca` and `freqfold`."""
     m, P, d = k_pairs.shape
-    if how == "mean" or m == 1:
-        return k_pairs.mean(0), torch.ones(m, P, dtype=k_pairs.dtype)
-    if how != "pca":
-        raise ValueError(f"unknown RoPE key initialization {how!r}: use mean or pca")
+    if how not in ROPE_KEY_FOLD:
+        raise ValueError(f"unknown RoPE key initialization {how!r}: use {', '.join(ROPE_KEY_FOLD)}")
+    coef = torch.eye(P, dtype=k_pairs.dtype).repeat(m, 1, 1)  # (m, P, P)
+    if how == "mean" or m == 1:  # one group: its own pairs, nothing to merge
+        return k_pairs.mean(0), coef
+    coef.zero_()
     w = q_energy.sqrt().clamp_min(1e-12 * q_energy.sqrt().max().clamp_min(1e-300))  # (m, P)
-    key, coef = torch.empty(P, d, dtype=k_pairs.dtype), torch.empty(m, P, dtype=k_pairs.dtype)
+    key = torch.empty(P, d, dtype=k_pairs.dtype)
     c = cov.to(k_pairs.dtype)
-    for p in range(P):
-        a = w[:, p, None] * k_pairs[:, p]  # (m, d) weighted key functionals
-        gram = a @ c @ a.conj().T  # (m, m) Hermitian: E[y y^H], y_g = w_g z_g
-        _, vecs = torch.linalg.eigh(gram)
-        u = vecs[:, -1]  # (m,) leading component, unit norm
-        top = u.abs().argmax()
-        u = u * (u[top].conj() / u[top].abs())  # fix the free phase: largest entry real positive
-        k = (u.conj()[:, None] * a).sum(0)  # (d,)
-        g = u / w[:, p]  # (m,) z_g ~= g_g k
-        # free scale: give the shared key the groups' mean energy (keeps weights well scaled for training)
-        scale = (_energy(k_pairs[:, p], cov).mean() / _energy(k, cov).clamp_min(1e-300)).sqrt()
-        key[p], coef[:, p] = k * scale, g / scale
+    size = ROPE_KEY_FOLD[how]
+    for start in range(0, P, size):
+        fold = list(range(start, min(start + size, P)))  # neighbouring kept pairs, taken as one frequency
+        M = len(fold)
+        a = (w[:, fold, None] * k_pairs[:, fold]).reshape(m * M, d)  # (m M, d) weighted key functionals, (g, p) rows
+        gram = a @ c @ a.conj().T  # (m M, m M) Hermitian: E[y y^H], y_(g,p) = w_g,p z_g,p
+        vecs = torch.linalg.eigh(gram)[1][:, -M:].flip(-1)  # (m M, M) leading components first, unit norm
+        share = (vecs.abs() ** 2).view(m, M, M).sum(0)  # (p, c): component c's weight on pair p
+        free = list(range(M))
+        for comp in range(M):
+            u = vecs[:, comp]
+            top = u.abs().argmax()
+            u = u * (u[top].conj() / u[top].abs())  # fix the free phase: largest entry real positive
+            slot = fold[max(free, key=lambda i: share[i, comp].item())]  # rotates at the frequency it draws most from
+            free.remove(slot - start)
+            k = (u.conj()[:, None] * a).sum(0)  # (d,)
+            g = u.view(m, M) / w[:, fold]  # (m, M): z_g,p ~= g_g,p k
+            # free scale: give the key the groups' mean energy at its pair (keeps weights well scaled for training)
+            scale = (_energy(k_pairs[:, slot], cov).mean() / _energy(k, cov).clamp_min(1e-300)).sqrt()
+            key[slot], coef[:, fold, slot] = k * scale, g / scale
     return key, coef
 
 
@@ -195,26 +216,27 @@ def rope_keys(wq, wk, pairs, stats, rope_key_init: str, rope_residual: bool):
     """The decoupled RoPE key(s) and every group's non-RoPE key functionals, from a layer's query and
     key weights wq (H, D, d), wk (G, D, d) and the kept pairs of each RoPE key head.
 
-    Returns (k_rope: per key head (d_r, d) real rows, q_coef (G, P) complex: coef[g] maps the shared
-    key back to group g, residual {g: (P, d)}: what the shared key misses (kept only with
+    Returns (k_rope: per key head (d_r, d) real rows, q_coef (G, P, P) complex: coef[g] maps the shared
+    key back to group g (z_g ~= coef[g] k), residual {g: (P, d)}: what the shared key misses (kept only with
     rope_residual), k_nope (G, n, d): group g's dropped pairs, then its residual, as real rows)."""
     H, G, D, d = wq.shape[0], wk.shape[0], wk.shape[1], wk.shape[2]
     n_r, half = len(pairs), D // 2
     key_head = [g // (G // n_r) for g in range(G)]  # RoPE key head of KV group g
     group = [h // (H // G) for h in range(H)]  # KV group of query head h
     dropped = [sorted(set(range(half)) - set(p)) for p in pairs]
-    k_rope, q_coef, residual = [], torch.ones(G, len(pairs[0]), dtype=torch.complex128), {}
+    P = len(pairs[0])
+    k_rope, q_coef, residual = [], torch.eye(P, dtype=torch.complex128).repeat(G, 1, 1), {}
     for kh in range(n_r):
         groups = [g for g in range(G) if key_head[g] == kh]
         k_pairs = _complex_pairs(wk[groups], pairs[kh], D)  # (m, P, d)
         q_pairs = _complex_pairs(wq[[h for h in range(H) if key_head[group[h]] == kh]], pairs[kh], D)  # (m H/G, P, d)
         q_energy = _energy(q_pairs, stats).view(len(groups), H // G, -1).sum(1)  # (m, P)
-        key, coef = shared_rope_key(k_pairs, q_energy, stats, rope_key_init)  # (P, d), (m, P)
+        key, coef = shared_rope_key(k_pairs, q_energy, stats, rope_key_init)  # (P, d), (m, P, P)
         k_rope.append(real_rows(key))  # (d_r, d) in half-split layout
         q_coef[groups] = coef
         if rope_residual and len(groups) > 1:
             for i, g in enumerate(groups):
-                residual[g] = k_pairs[i] - coef[i][:, None] * key  # (P, d): what the shared key misses
+                residual[g] = k_pairs[i] - coef[i] @ key  # (P, d): what the shared key misses
 
     def key_nope(g):  # complex (n / 2, d)
         own = _complex_pairs(wk[g], dropped[key_head[g]], D)
@@ -318,7 +340,7 @@ def init_mla_layer(
         o_h, v_up_h = wo[h], w_uv[g]  # (D, d), (D, r)
         if v_head_dim != D:
             o_h, v_up_h = bilinear_factor(o_h, v_up_h, v_head_dim)  # (d_v, d), (d_v, r)
-        q_pe = _complex_pairs(wq[h], pairs[kh], D) * q_coef[g].conj()[:, None]  # (P, d): q . k_g ~= q' . k
+        q_pe = q_coef[g].mH @ _complex_pairs(wq[h], pairs[kh], D)  # (P, d): q' = coef^H q, so q . k_g ~= q' . k
         q_rows += [q_nope_h, real_rows(q_pe) * scale]
         kv_b_rows += [k_up_h, v_up_h]
         o_cols.append(o_h)

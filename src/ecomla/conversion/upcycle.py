@@ -136,12 +136,49 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int,
     return weights
 
 
+# layer_choice="long-range": a token's context is "near" within this many tokens (calibration sequences are 256)
+LONG_RANGE_WINDOW = 32
+
+
+@torch.no_grad()
+def long_range_weights(model, input_ids: torch.Tensor, window: int = LONG_RANGE_WINDOW) -> torch.Tensor:
+    """(N, T) how much each prediction of the original gains from context farther back than `window`:
+        w_t = max(0, NLL_near(t) - NLL_full(t)),   NLL(t) = -log p(x_{t+1} | context),
+    where the near context is the last W+1..2W tokens (W = window; chunks of 2W tokens, stride W,
+    the second half of each chunk scored). LAMBADA-like: a token that needs distant text.
+    w_t = 0 where the full context is no longer than the near one (t < 2 window) and at the last
+    position (no next token)."""
+    N, T = input_ids.shape
+    w = torch.zeros(N, T)
+    if T <= 2 * window:
+        return w
+    for n, x in enumerate(input_ids):
+        target = x[1:]  # (T-1,) next tokens
+        full = -model(x[None]).logits[0, :-1].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]  # (T-1,)
+        starts = list(range(0, T - 2 * window + 1, window))
+        chunks = torch.stack([x[s : s + 2 * window] for s in starts])  # (C, 2W)
+        logp = model(chunks).logits[:, window:].float().log_softmax(-1)  # (C, W, V): positions s+W..s+2W-1
+        for c, s in enumerate(starts):
+            pos = torch.arange(s + window, min(s + 2 * window, T - 1))  # positions t, each predicting x[t + 1]
+            near = -logp[c, pos - s - window].gather(-1, target[pos, None])[:, 0]  # context x[s..t]: W+1..2W tokens
+            w[n, pos] = (near.cpu() - full[pos].cpu()).clamp_min(0)
+    return w
+
+
 @torch.no_grad()
 def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor], input_ids: torch.Tensor,
-                      candidates: list[int] | None = None, max_tokens: int = 2048, progress: bool = True) -> dict[int, float]:
-    """{layer: mean KL(original || model with only that layer converted)} on calibration ids, in nats/token."""
+                      candidates: list[int] | None = None, max_tokens: int = 2048, progress: bool = True,
+                      long_range: bool = False) -> dict[int, float]:
+    """{layer: KL(original || model with only that layer converted)} on calibration ids, in nats/token:
+    the mean over tokens, or with `long_range` the mean weighted by `long_range_weights` (the KL on
+    the predictions that use distant context, the ones LAMBADA and retrieval test)."""
     n_seq = max(1, max_tokens // input_ids.shape[1])
     ids = input_ids[:n_seq].to(next(model.parameters()).device)  # (N, T)
+    weights = long_range_weights(model, ids) if long_range else torch.ones(ids.shape)  # (N, T)
+    if weights.sum() == 0:
+        raise ValueError(f"layer_choice='long-range' needs calibration sequences longer than {2 * LONG_RANGE_WINDOW} "
+                         "tokens whose predictions use distant context; use layer_choice='sensitivity'")
+    weights = weights / weights.sum()
     candidates = list(range(model.config.num_hidden_layers)) if candidates is None else candidates
     ref = [model(x[None]).logits[0].float().log_softmax(-1) for x in ids]  # N x (T, V)
     dtype = next(model.parameters()).dtype
@@ -158,10 +195,10 @@ def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor],
         mla.to(device=ids.device, dtype=dtype)
         model.model.layers[i].self_attn = mla
         try:
-            kl = sum(forward_kl(r, model(x[None]).logits[0].float().log_softmax(-1)).sum().item() for r, x in zip(ref, ids))
+            out[i] = sum((forward_kl(r, model(x[None]).logits[0].float().log_softmax(-1)).cpu() * wt).sum().item()
+                         for r, x, wt in zip(ref, ids, weights))  # (T,) KL per token, weighted
         finally:
             model.model.layers[i].self_attn = attn
-        out[i] = kl / ids.numel()
     return out
 
 
@@ -198,7 +235,8 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
         if conv.layer_choice == "alternate":
             conv.layers = sorted({round(k * n_layers / conv.num_mla_layers) for k in range(conv.num_mla_layers)})
         else:
-            sens = layer_sensitivity(model, conv, cov, calibration_ids, progress=progress)
+            sens = layer_sensitivity(model, conv, cov, calibration_ids, progress=progress,
+                                     long_range=conv.layer_choice == "long-range")
             conv.layers = sorted(sorted(sens, key=sens.get)[: conv.num_mla_layers])
             choices["layer_sensitivity_kl"] = {str(i): round(v, 6) for i, v in sens.items()}
 
