@@ -49,6 +49,9 @@ from init_fidelity import Evaluator
 CONTEXTS = [1024, 2048, 4096]
 TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
 METHODS = ("init", "kd", "align+kd")
+# training settings: an arm run with other values is a row of its own (a sweep), named by what it changes
+TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4)
+EVAL_KEYS = ("limit", "kl_tokens")  # every row of one result file is scored alike
 
 
 def training_options(args, stage: str, student: str, out: Path, tokens: int, **kw):
@@ -71,11 +74,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arms", default="4x:900", help="comma list of COMPRESSION:SECONDS (e.g. 4x:900,4x:3600,6.4x:3600)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--align-share", type=float, default=0.25, help="share of an align+kd budget spent aligning")
-    p.add_argument("--kd-lr", type=float, default=5e-4)
-    p.add_argument("--align-lr", type=float, default=1e-3)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    d = TRAIN_DEFAULTS
+    p.add_argument("--align-share", type=float, default=d["align_share"], help="share of an align+kd budget spent aligning")
+    p.add_argument("--kd-lr", type=float, default=d["kd_lr"])
+    p.add_argument("--align-lr", type=float, default=d["align_lr"])
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (what an interruption loses)")
     p.add_argument("--throughput", default="", help="skip the pilots: STAGE=TOKENS_PER_S,... (e.g. distill=52,align=150), "
                    "measured on this machine beforehand")
@@ -104,20 +108,25 @@ def main() -> int:
     result = out_dir / "recovery_smollm2.json"
     state = json.loads(result.read_text()) if result.is_file() else {"rows": [], "throughput": {}}
     rows, throughput = state["rows"], state["throughput"]
-    settings = {k: getattr(args, k) for k in ("align_share", "kd_lr", "align_lr", "seq_len", "batch_size", "limit", "kl_tokens")}
-    if rows and state.get("settings", settings) != settings:
-        print(f"{result} was measured with other settings ({state['settings']}); move it away to start again", file=sys.stderr)
+    for r in rows:  # files written before sweeps kept the training settings once, for every row
+        if r["method"] in ("kd", "align+kd"):
+            r.setdefault("train_settings", {k: state["settings"][k] for k in TRAIN_DEFAULTS})
+    settings = {k: getattr(args, k) for k in EVAL_KEYS}
+    if rows and {k: state["settings"][k] for k in EVAL_KEYS} != settings:
+        print(f"{result} was scored with other settings ({state['settings']}); move it away to start again", file=sys.stderr)
         return 2
     state["settings"] = settings
+    train_settings = {k: getattr(args, k) for k in TRAIN_DEFAULTS}
+    tag = changed(train_settings)
     for item in filter(None, args.throughput.split(",")):  # applies to every compression not yet piloted
         stage, _, value = item.partition("=")
         for comp, _ in arms:
-            throughput.setdefault(f"{comp} {stage}", float(value))
+            throughput.setdefault(f"{comp} {stage}{throughput_tag(train_settings)}", float(value))
     command = "python benchmarks/recovery_smollm2.py " + " ".join(sys.argv[1:])
     commands = state.setdefault("commands", [state.pop("command")] if "command" in state else [])
     if command not in commands:  # every part of the run, in order
         commands.append(command)
-    done = {(r["compression"], r["method"], r["budget_seconds"]) for r in rows}
+    done = {(r["compression"], r["method"], r["budget_seconds"], changed(r.get("train_settings"))) for r in rows}
 
     torch.manual_seed(0)
     original, tok = load_model("smollm2-135m", dtype=torch.float32)
@@ -130,7 +139,7 @@ def main() -> int:
     def save():
         write_json(result, state)  # partial results survive an interrupted run
 
-    def measure(compression, method, budget, model_dir, spent: dict) -> None:
+    def measure(compression, method, budget, model_dir, spent: dict, train_settings=None) -> None:
         t = time.time()
         model = original if model_dir is None else load_model(str(model_dir), dtype=torch.float32)[0]
         scored = evaluate_model(model, tok, method, tasks, eval_opts, data_dir=str(eval_dir), progress=False)
@@ -138,7 +147,7 @@ def main() -> int:
         scores = headline_scores(scored, method)
         value = {(r["task"], r["metric"]): r["value"] for r in scored}
         reference = next((r["scores"] for r in rows if r["method"] == "original"), scores)
-        rows.append(dict(compression=compression, method=method, budget_seconds=budget,
+        rows.append(dict(compression=compression, method=method, budget_seconds=budget, train_settings=train_settings,
                          kv_fraction=round(cache_values_per_token(model.config) / gqa, 4), **spent,
                          heldout_kl=round(kl, 4), ppl=round(ppl, 3), scores={t: round(v, 4) for t, v in scores.items()},
                          avg=round(sum(scores.values()) / len(scores), 4), margin_kept=round(margin_kept(scores, reference), 4),
@@ -151,14 +160,14 @@ def main() -> int:
               f"{100 * scores['lambada_openai']:.1f}  passkey " + " ".join(str(r[f"passkey@{n}"]) for n in CONTEXTS)
               + f"  KL {r['heldout_kl']:.3f}", flush=True)
 
-    if ("1x", "original", 0) not in done:
+    if ("1x", "original", 0, "") not in done:
         measure("1x", "original", 0, None, dict(train_tokens=0, train_seconds=0.0))
     for comp, budget in arms:
         conv = work / comp / "converted"
         if not (conv / "config.json").is_file():
             convert_checkpoint(ConvertOptions(source="smollm2-135m", kv_ratio=float(comp[:-1]), out=str(conv), overwrite=True))
         for method in methods:
-            key = (comp, method, 0 if method == "init" else budget)
+            key = (comp, method, 0, "") if method == "init" else (comp, method, budget, tag)
             if key in done:
                 continue
             if method == "init":
@@ -168,31 +177,41 @@ def main() -> int:
             stages = [("align", args.align_share), ("distill", 1 - args.align_share)] if method == "align+kd" else [("distill", 1.0)]
             student, spent = str(conv), dict(train_tokens=0, train_seconds=0.0)
             for stage, share in stages:
-                tp_key = f"{comp} {stage}"
+                tp_key = f"{comp} {stage}{throughput_tag(train_settings)}"  # tokens/s depend on the batch shape
                 if tp_key not in throughput:
                     throughput[tp_key] = round(pilot(args, stage, str(conv), work / comp), 1)
                     save()
                 step_tokens = args.seq_len * args.batch_size
                 tokens = max(1, round(share * budget * throughput[tp_key] / step_tokens)) * step_tokens
-                run_dir = work / comp / f"{method}-{budget}" / stage
+                run_dir = work / comp / f"{method}-{budget}{tag.replace(' ', '_')}" / stage
                 cfg = training_options(args, stage, student, run_dir, tokens, resume=(run_dir / "training").is_dir())
                 summary = (align if stage == "align" else distill)(cfg)
                 spent.update({"train_tokens": spent["train_tokens"] + summary["tokens"], f"{stage}_tokens": summary["tokens"],
                               "train_seconds": round(spent["train_seconds"] + summary["train_seconds"], 1)})
                 student = str(run_dir)
-            measure(comp, method, budget, student, spent)
+            measure(comp, method, budget, student, spent, train_settings)
             done.add(key)
     write(state, out_dir)
     return 0
 
 
+def changed(train_settings: dict | None) -> str:
+    """The training settings that differ from TRAIN_DEFAULTS, as ' key=value ...' ('' for the defaults)."""
+    return "".join(f" {k}={v}" for k, v in (train_settings or {}).items() if v != TRAIN_DEFAULTS[k])
+
+
+def throughput_tag(train_settings: dict) -> str:
+    return changed({k: train_settings[k] for k in ("seq_len", "batch_size")})
+
+
 def table(rows) -> str:
-    head = ["KV cache", "method", "budget (min)", "trained (min)", "train tokens", "held-out KL", "ppl",
+    head = ["KV cache", "method", "changed", "budget (min)", "trained (min)", "train tokens", "held-out KL", "ppl",
             *DEFAULT_TASKS, "avg", "margin kept"] + [f"passkey {n // 1024}K" for n in CONTEXTS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in rows:
-        lines.append("| " + " | ".join([f"{r['kv_fraction']:.3f}", r["method"], f"{r['budget_seconds'] / 60:.0f}",
+        lines.append("| " + " | ".join([f"{r['kv_fraction']:.3f}", r["method"], changed(r.get("train_settings")).strip() or "-",
+                                        f"{r['budget_seconds'] / 60:.0f}",
                                         f"{r['train_seconds'] / 60:.1f}", f"{r['train_tokens']:,}", f"{r['heldout_kl']:.3f}",
                                         f"{r['ppl']:.1f}", *[pct(r["scores"].get(t)) for t in DEFAULT_TASKS],
                                         pct(r["avg"]), f"{pct(r['margin_kept'])}%"]
@@ -201,15 +220,16 @@ def table(rows) -> str:
 
 
 def write(state, out: Path) -> None:
-    rows, s = state["rows"], state["settings"]
+    rows, s, d = state["rows"], state["settings"], TRAIN_DEFAULTS
     md = table(rows)
     print("\n" + md)
     tp = ", ".join(f"{k} {v:.0f} tokens/s" for k, v in state["throughput"].items())
     atomic_write(out / "recovery_smollm2.md",
                  f"SmolLM2-135M-Instruct on 2 CPU cores; lm-eval 0-shot, first {s['limit']} items per task (%); margin kept = "
                  "(avg - chance) / (original avg - chance); passkey at 5 depths per context; held-out KL and ppl on "
-                 f"{s['kl_tokens']:,} WikiText-2 test tokens. Training: seq_len {s['seq_len']}, batch {s['batch_size']}, fp32, "
-                 f"cosine; KD lr {s['kd_lr']}, align lr {s['align_lr']}, align share {s['align_share']}. A budget is a "
+                 f"{s['kl_tokens']:,} WikiText-2 test tokens. Training: fp32, cosine; seq_len {d['seq_len']}, batch "
+                 f"{d['batch_size']}, KD lr {d['kd_lr']}, align lr {d['align_lr']}, align share {d['align_share']} unless the "
+                 "'changed' column says otherwise. A budget is a "
                  f"token count: its seconds at the throughput of the first pilot ({tp}); 'trained' is the time it took "
                  f"on the day it ran.\n\n```\n" + "".join(f"{c}\n" for c in state["commands"]) + f"```\n\n{md}\n")
     plt = pyplot()
@@ -217,11 +237,16 @@ def write(state, out: Path) -> None:
     for comp in dict.fromkeys(r["compression"] for r in rows if r["method"] != "original"):
         init = [r for r in rows if r["compression"] == comp and r["method"] == "init"]
         for method in ("kd", "align+kd"):
-            pts = sorted((r["budget_seconds"] / 60, 100 * r["margin_kept"]) for r in rows if r["compression"] == comp
-                         and r["method"] == method)
+            arm = [r for r in rows if r["compression"] == comp and r["method"] == method]
+            pts = sorted((r["budget_seconds"] / 60, 100 * r["margin_kept"]) for r in arm if not changed(r["train_settings"]))
             if pts:
                 pts = [(0.0, 100 * init[0]["margin_kept"])] * bool(init) + pts
-                ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
+                line, = ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
+                for r in arm:  # sweeps: a point beside the line, named by what it changes
+                    if changed(r["train_settings"]):
+                        xy = (r["budget_seconds"] / 60, 100 * r["margin_kept"])
+                        ax.scatter(*xy, marker="x", color=line.get_color())
+                        ax.annotate(changed(r["train_settings"]).strip(), xy, fontsize=6)
     ax.axhline(100, color="k", ls="--", lw=1, label="original")
     ax.axhline(90, color="gray", ls=":", lw=1, label="goal: 90%")
     ax.set(xlabel="training budget (minutes on 2 CPU cores at the pilot's tokens/s)", ylabel="above-chance margin kept (%)",
