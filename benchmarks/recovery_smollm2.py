@@ -16,7 +16,7 @@ for each wall-clock budget B (seconds of training on this machine), three arms:
 A budget becomes a token count through the throughput each stage measured on this machine in a short
 pilot (kept in the results, so every part of a run uses the same numbers); each row reports the training
 seconds the arm really took. Training data: c4_demo.jsonl + wiki_demo.txt + alpaca_en_demo.json, packed to
-`--seq-len` tokens; cosine schedule, fp32 (on this CPU bf16 autocast is slower).
+`--seq-len` tokens (`--data text|chat`: only the first two or only the last); cosine schedule, fp32 (on this CPU bf16 autocast is slower).
 Scores: lm-eval 0-shot on the seven tasks (first `--limit` items each), their average and the fraction of
 the original's above-chance margin kept; passkey retrieval at 1K, 2K, 4K (5 depths); KL(original ||
 model) and perplexity on 8,192 WikiText-2 test tokens (text no arm trains on). float32.
@@ -48,16 +48,19 @@ from init_fidelity import Evaluator
 
 CONTEXTS = [1024, 2048, 4096]
 TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
+TRAIN_DATA = {"mix": TRAIN_FILES, "text": TRAIN_FILES[:2], "chat": TRAIN_FILES[2:]}  # --data: which of them
 METHODS = ("init", "kd", "align+kd")
 # training settings: an arm run with other values is a row of its own (a sweep), named by what it changes
-TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4)
+TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4, data="mix", kd_train="all")
 EVAL_KEYS = ("limit", "kl_tokens")  # every row of one result file is scored alike
 
 
 def training_options(args, stage: str, student: str, out: Path, tokens: int, **kw):
     cls = AlignOptions if stage == "align" else DistillOptions
     lr = args.align_lr if stage == "align" else args.kd_lr
-    return cls(student=student, teacher="smollm2-135m", data=[str(DATA / "train" / f) for f in TRAIN_FILES],
+    if stage == "distill":
+        kw.setdefault("train", args.kd_train)
+    return cls(student=student, teacher="smollm2-135m", data=[str(DATA / "train" / f) for f in TRAIN_DATA[args.data]],
                out=str(out), tokens=tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=lr,
                precision="fp32", eval_fraction=0.0, save_every=args.save_every, progress=False, **kw)  # scored here, not held out
 
@@ -80,6 +83,9 @@ def main() -> int:
     p.add_argument("--align-lr", type=float, default=d["align_lr"])
     p.add_argument("--seq-len", type=int, default=d["seq_len"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--data", choices=list(TRAIN_DATA), default=d["data"], help="training text: " + "; ".join(
+        f"{k}: {' + '.join(v)}" for k, v in TRAIN_DATA.items()))
+    p.add_argument("--kd-train", choices=("all", "mla"), default=d["kd_train"], help="parameters KD trains")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (what an interruption loses)")
     p.add_argument("--throughput", default="", help="skip the pilots: STAGE=TOKENS_PER_S,... (e.g. distill=52,align=150), "
                    "measured on this machine beforehand")
@@ -108,9 +114,11 @@ def main() -> int:
     result = out_dir / "recovery_smollm2.json"
     state = json.loads(result.read_text()) if result.is_file() else {"rows": [], "throughput": {}}
     rows, throughput = state["rows"], state["throughput"]
-    for r in rows:  # files written before sweeps kept the training settings once, for every row
+    # files written before sweeps kept the training settings once, for every row; settings added since had their default
+    shared = {k: v for k, v in state.get("settings", {}).items() if k in TRAIN_DEFAULTS}
+    for r in rows:
         if r["method"] in ("kd", "align+kd"):
-            r.setdefault("train_settings", {k: state["settings"][k] for k in TRAIN_DEFAULTS})
+            r["train_settings"] = {**TRAIN_DEFAULTS, **shared, **(r.get("train_settings") or {})}
     settings = {k: getattr(args, k) for k in EVAL_KEYS}
     if rows and {k: state["settings"][k] for k in EVAL_KEYS} != settings:
         print(f"{result} was scored with other settings ({state['settings']}); move it away to start again", file=sys.stderr)
@@ -209,7 +217,9 @@ def table(rows) -> str:
             *DEFAULT_TASKS, "avg", "margin kept"] + [f"passkey {n // 1024}K" for n in CONTEXTS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    for r in rows:
+    order = lambda r: (-r["kv_fraction"], r["budget_seconds"], METHODS.index(r["method"]) if r["method"] in METHODS else -1,  # noqa: E731
+                       changed(r.get("train_settings")))
+    for r in sorted(rows, key=order):
         lines.append("| " + " | ".join([f"{r['kv_fraction']:.3f}", r["method"], changed(r.get("train_settings")).strip() or "-",
                                         f"{r['budget_seconds'] / 60:.0f}",
                                         f"{r['train_seconds'] / 60:.1f}", f"{r['train_tokens']:,}", f"{r['heldout_kl']:.3f}",
@@ -228,7 +238,8 @@ def write(state, out: Path) -> None:
                  f"SmolLM2-135M-Instruct on 2 CPU cores; lm-eval 0-shot, first {s['limit']} items per task (%); margin kept = "
                  "(avg - chance) / (original avg - chance); passkey at 5 depths per context; held-out KL and ppl on "
                  f"{s['kl_tokens']:,} WikiText-2 test tokens. Training: fp32, cosine; seq_len {d['seq_len']}, batch "
-                 f"{d['batch_size']}, KD lr {d['kd_lr']}, align lr {d['align_lr']}, align share {d['align_share']} unless the "
+                 f"{d['batch_size']}, KD lr {d['kd_lr']}, align lr {d['align_lr']}, align share {d['align_share']}, data "
+                 f"{d['data']} ({' + '.join(TRAIN_DATA[d['data']])}), KD trains {d['kd_train']} parameters unless the "
                  "'changed' column says otherwise. A budget is a "
                  f"token count: its seconds at the throughput of the first pilot ({tp}); 'trained' is the time it took "
                  f"on the day it ran.\n\n```\n" + "".join(f"{c}\n" for c in state["commands"]) + f"```\n\n{md}\n")

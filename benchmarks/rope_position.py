@@ -21,6 +21,9 @@ Choices, on top of the initialization before this study (whitened SVD, cost freq
 - 1xN+avg@128: one shared key of N dims (8-64) instead of 32, the latent's rank taking the rest;
 - freqfold+avg@128: `--rope-key-init freqfold` (TransMLA's FreqFold: the shared key from the leading
   components of 2 neighbouring kept frequencies at a time, instead of one head-PCA per frequency);
+- uniform / contribution / high / low freqs+avg@128: `--rope-freqs` (which 16 of the 32 frequency pairs
+  keep rotation) instead of the default `cost` (per layer and key, a pair's query-key norm product times
+  how much losing its rotation changes its scores within --rope-context tokens);
 - hybK sensitivity / hybK long-range (+avg@128): K layers converted, the others keep the original
   attention, at the same whole-model cache (so the converted layers get a lower rank); the kept layers
   are those whose conversion costs most KL on calibration text (`--layer-choice sensitivity`), or most
@@ -63,12 +66,15 @@ CHOICES = {  # name -> conversion options added to the row group's size
     "avg@256": dict(AVG, rope_context=256),
     "freqfold+avg@128": dict(AVG, rope_key_init="freqfold"),
     **{f"1x{n}+avg@128": dict(AVG, qk_rope_head_dim=n) for n in (8, 16, 48, 64)},  # the key's share of the cache
+    # which frequency pairs keep rotation (the default, cost, weighs each pair by what losing its rotation costs)
+    **{f"{how} freqs+avg@128": dict(AVG, rope_freqs=how) for how in ("uniform", "contribution", "high", "low")},
     # hybrids at the same whole-model cache: the original attention kept in the layers whose conversion costs most
     **{f"hyb{k} {how}+avg@128": dict(AVG, num_mla_layers=k, layer_choice=how)
        for k in (26, 28, 29) for how in ("sensitivity", "long-range")},
 }
 GROUPS = {  # row group -> (size options, choices measured there)
-    "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32", "freqfold+avg@128"]),
+    "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32", "freqfold+avg@128",
+                   "uniform freqs+avg@128", "contribution freqs+avg@128", "high freqs+avg@128", "low freqs+avg@128"]),
     "4x": (dict(kv_ratio=4), ["unrotated", "avg@128", "3x16+avg@128", "freqfold+avg@128", "hyb28 sensitivity+avg@128",
                               "hyb28 long-range+avg@128", "avg@256", "1x16+avg@128", "1x48+avg@128"]),
     "rank": (None, ["exact-rope r64", "exact-rope r128"]),  # the RoPE side exact (3 x 64), the latent at rank r
