@@ -16,7 +16,8 @@ for each wall-clock budget B (seconds of training on this machine), three arms:
 A budget becomes a token count through the throughput each stage measured on this machine in a short
 pilot (kept in the results, so every part of a run uses the same numbers); each row reports the training
 seconds the arm really took. Training data: c4_demo.jsonl + wiki_demo.txt + alpaca_en_demo.json, packed to
-`--seq-len` tokens (`--data text|chat`: only the first two or only the last); cosine schedule, fp32 (on this CPU bf16 autocast is slower).
+`--seq-len` tokens (`--data text|chat`: only the first two or only the last; `--data sampled`: 65,536 tokens
+the original writes, sampled once by the first stage, outside the budget); cosine schedule, fp32 (on this CPU bf16 autocast is slower).
 Scores: lm-eval 0-shot on the seven tasks (first `--limit` items each), their average and the fraction of
 the original's above-chance margin kept; passkey retrieval at 1K, 2K, 4K (5 depths); KL(original ||
 model) and perplexity on 8,192 WikiText-2 test tokens (text no arm trains on). float32.
@@ -38,7 +39,7 @@ from ecomla.conversion import convert_checkpoint
 from ecomla.conversion.kv import cache_values_per_token
 from ecomla.evaluation.evaluate import evaluate_model, headline_scores
 from ecomla.evaluation.tasks import margin_kept
-from ecomla.io import atomic_write
+from ecomla.io import atomic_write, mark
 from ecomla.options import DEFAULT_TASKS, AlignOptions, ConvertOptions, DistillOptions, EvalOptions
 from ecomla.training.align import align
 from ecomla.training.distill import distill
@@ -48,7 +49,8 @@ from init_fidelity import Evaluator
 
 CONTEXTS = [1024, 2048, 4096]
 TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
-TRAIN_DATA = {"mix": TRAIN_FILES, "text": TRAIN_FILES[:2], "chat": TRAIN_FILES[2:]}  # --data: which of them
+# --data: which of them, or none ("sampled": text the original writes, 65,536 tokens, as `make demo` trains on)
+TRAIN_DATA = {"mix": TRAIN_FILES, "text": TRAIN_FILES[:2], "chat": TRAIN_FILES[2:], "sampled": []}
 METHODS = ("init", "kd", "align+kd")
 # training settings: an arm run with other values is a row of its own (a sweep), named by what it changes
 TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4, data="mix", kd_train="all")
@@ -84,7 +86,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=d["seq_len"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--data", choices=list(TRAIN_DATA), default=d["data"], help="training text: " + "; ".join(
-        f"{k}: {' + '.join(v)}" for k, v in TRAIN_DATA.items()))
+        f"{k}: {' + '.join(v) or 'the original samples it'}" for k, v in TRAIN_DATA.items()))
     p.add_argument("--kd-train", choices=("all", "mla"), default=d["kd_train"], help="parameters KD trains")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (what an interruption loses)")
     p.add_argument("--throughput", default="", help="skip the pilots: STAGE=TOKENS_PER_S,... (e.g. distill=52,align=150), "
@@ -192,10 +194,17 @@ def main() -> int:
                 step_tokens = args.seq_len * args.batch_size
                 tokens = max(1, round(share * budget * throughput[tp_key] / step_tokens)) * step_tokens
                 run_dir = work / comp / f"{method}-{budget}{tag.replace(' ', '_')}" / stage
+                sampled = Path(student) / "training" / "sampled.jsonl"
+                if stage == "distill" and sampled.is_file() and not (run_dir / "training").exists():
+                    (run_dir / "training").mkdir(parents=True)  # the align stage's sampled text, not sampled again
+                    mark(run_dir)
+                    atomic_write(run_dir / "training" / "sampled.jsonl", sampled.read_bytes())
                 cfg = training_options(args, stage, student, run_dir, tokens, resume=(run_dir / "training").is_dir())
+                t = time.time()
                 summary = (align if stage == "align" else distill)(cfg)
                 spent.update({"train_tokens": spent["train_tokens"] + summary["tokens"], f"{stage}_tokens": summary["tokens"],
-                              "train_seconds": round(spent["train_seconds"] + summary["train_seconds"], 1)})
+                              "train_seconds": round(spent["train_seconds"] + summary["train_seconds"], 1),
+                              f"{stage}_wall_seconds": round(time.time() - t, 1)})  # with sampling, loading, checkpoints
                 student = str(run_dir)
             measure(comp, method, budget, student, spent, train_settings)
             done.add(key)
@@ -253,11 +262,15 @@ def write(state, out: Path) -> None:
             if pts:
                 pts = [(0.0, 100 * init[0]["margin_kept"])] * bool(init) + pts
                 line, = ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
-                for r in arm:  # sweeps: a point beside the line, named by what it changes
-                    if changed(r["train_settings"]):
-                        xy = (r["budget_seconds"] / 60, 100 * r["margin_kept"])
-                        ax.scatter(*xy, marker="x", color=line.get_color())
-                        ax.annotate(changed(r["train_settings"]).strip(), xy, fontsize=6)
+                sweeps = sorted((r["budget_seconds"] / 60, 100 * r["margin_kept"], changed(r["train_settings"]).strip())
+                                for r in arm if changed(r["train_settings"]))
+                label_y = {}  # sweeps: a point beside the line, named by what it changes; labels kept apart
+                for x, y, name in sweeps:
+                    label_y[x] = ly = max(y, label_y.get(x, -1e9) + 2.8)
+                    ax.scatter(x, y, marker="x", color=line.get_color())
+                    ax.annotate(name, (x, y), xytext=(x + 3, ly), fontsize=6, va="center",
+                                arrowprops=dict(arrowstyle="-", lw=0.4, color="gray"))
+    ax.set_xlim(-3, 1.35 * max(r["budget_seconds"] / 60 for r in rows) + 3)  # room for the sweeps' labels
     ax.axhline(100, color="k", ls="--", lw=1, label="original")
     ax.axhline(90, color="gray", ls=":", lw=1, label="goal: 90%")
     ax.set(xlabel="training budget (minutes on 2 CPU cores at the pilot's tokens/s)", ylabel="above-chance margin kept (%)",

@@ -79,7 +79,7 @@ GROUPS = {  # row group -> (size options, choices measured there)
                               "hyb28 long-range+avg@128", "avg@256", "1x16+avg@128", "1x48+avg@128"]),
     "rank": (None, ["exact-rope r64", "exact-rope r128"]),  # the RoPE side exact (3 x 64), the latent at rank r
     "2x": (dict(kv_ratio=2), ["unrotated", "avg@128", "hyb26 sensitivity+avg@128", "hyb26 long-range+avg@128",
-                              "1x8+avg@128", "1x64+avg@128"]),
+                              "1x8+avg@128", "1x64+avg@128", "high freqs+avg@128"]),
     # at 6.4x one original layer (1/30 of the original cache) already cuts the other layers' rank from 28 to 16
     "6.4x": (dict(kv_ratio=6.4), ["unrotated", "avg@128", "freqfold+avg@128", "1x16+avg@128", "hyb29 sensitivity+avg@128"]),
 }
