@@ -262,10 +262,18 @@ def write(state, out: Path) -> None:
             if pts:
                 pts = [(0.0, 100 * init[0]["margin_kept"])] * bool(init) + pts
                 line, = ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
-                sweeps = sorted((r["budget_seconds"] / 60, 100 * r["margin_kept"], changed(r["train_settings"]).strip())
-                                for r in arm if changed(r["train_settings"]))
-                label_y = {}  # sweeps: a point beside the line, named by what it changes; labels kept apart
-                for x, y, name in sweeps:
+                sweeps = {}  # changed settings -> [(minutes, margin kept)]
+                for r in arm:
+                    if changed(r["train_settings"]):
+                        sweeps.setdefault(changed(r["train_settings"]).strip(), []).append(
+                            (r["budget_seconds"] / 60, 100 * r["margin_kept"]))
+                label_y = {}  # a sweep run at one budget: a point beside the line, named; labels kept apart
+                for name, sweep in sorted(sweeps.items(), key=lambda kv: min(kv[1])):
+                    if len(sweep) > 1:  # run at several budgets: a line of its own
+                        ax.plot(*zip(*(pts[:1] * bool(init) + sorted(sweep))), ls="--", marker="x",
+                                color=line.get_color(), label=f"{comp} {method}, {name}")
+                        continue
+                    (x, y), = sweep
                     label_y[x] = ly = max(y, label_y.get(x, -1e9) + 2.8)
                     ax.scatter(x, y, marker="x", color=line.get_color())
                     ax.annotate(name, (x, y), xytext=(x + 3, ly), fontsize=6, va="center",
@@ -276,7 +284,7 @@ def write(state, out: Path) -> None:
     ax.set(xlabel="training budget (minutes on 2 CPU cores at the pilot's tokens/s)", ylabel="above-chance margin kept (%)",
            title="SmolLM2-135M-Instruct: recovery against CPU time")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     save_figure(fig, out / "recovery_smollm2.png")
 

@@ -189,22 +189,26 @@ def write(rows, out: Path) -> None:
                  f"{rows[0]['lambada_items']} items), passkey retrieval (5 depths per context), KL on 8,192 WikiText-2 "
                  f"tokens; float32\n\n{md}\n")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     orig = next(r for r in rows if r["method"] == "original")
     ax.axhline(100 * orig["lambada_acc"], color="k", ls="--", lw=1, label="original")
-    for name in CHOICES:
+    markers = "osD^vP*X"  # colours repeat after ten methods; the marker tells them apart
+    for i, name in enumerate(m for m in CHOICES if any(r["method"] == m and "x" in r["group"] for r in rows)):
         pts = sorted((1 / r["kv_fraction"], 100 * r["lambada_acc"]) for r in rows if r["method"] == name and "x" in r["group"])
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    for r in rows:
-        if r["group"] in ("full", "rank"):
-            ax.scatter(1 / r["kv_fraction"], 100 * r["lambada_acc"], marker="x", color="gray")
-            label = f"full rank {r['method']}" if r["group"] == "full" else r["method"]
-            ax.annotate(label, (1 / r["kv_fraction"], 100 * r["lambada_acc"]), fontsize=6)
+        ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=name)
+    labelled = sorted((r for r in rows if r["group"] in ("full", "rank")), key=lambda r: r["lambada_acc"])
+    y_text = -1e9
+    for r in labelled:  # no-training rows at full or exact rank: grey crosses, labels spread apart vertically
+        x, y = 1 / r["kv_fraction"], 100 * r["lambada_acc"]
+        y_text = max(y, y_text + 1.3)
+        ax.scatter(x, y, marker="x", color="gray")
+        label = f"full rank {r['method']}" if r["group"] == "full" else r["method"]
+        ax.annotate(label, (x, y), xytext=(x + 0.12, y_text), fontsize=6, va="center",
+                    arrowprops=dict(arrowstyle="-", color="gray", lw=0.4))
     ax.set(xlabel="KV cache compression (x smaller than the original)", ylabel="LAMBADA accuracy (%)",
            title="SmolLM2-135M, conversion only (no training)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     save_figure(fig, out / "rope_position.png")
 
