@@ -178,3 +178,11 @@ def test_margin_kept_is_the_share_of_the_margin_above_chance():
     assert [r["margin kept"] for r in table] == [pytest.approx(1.0), pytest.approx(0.5)]
     assert table[1]["average"] == pytest.approx(sum(half.values()) / 3)  # perplexity and passkey stay out
     assert table[1]["kv_cache"] == 0.25
+
+
+def test_plot_labels_are_the_shortest_path_tails_that_tell_models_apart():
+    from ecomla.evaluation.evaluate import short_names
+
+    names = ["smollm2-135m", "out/run-a/distill", "out/run-b/distill", "x/out/converted", "y/out/converted"]
+    assert short_names(names) == ["smollm2-135m", "run-a/distill", "run-b/distill", "x/out/converted", "y/out/converted"]
+    assert short_names(["a/m", "a/m"]) == ["a/m", "a/m"]  # the same model twice: its whole path, no endless loop

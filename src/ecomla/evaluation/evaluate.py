@@ -316,8 +316,22 @@ def markdown(columns: list[str], table: list[dict]) -> str:
     return markdown_table(columns, [[r[c] for c in columns] for r in table], fmt) + "\n"
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Each model's shortest trailing path that no other model shares ('run-a/distill' and 'run-b/distill',
+    not 'distill' twice), for plot labels."""
+    parts = [Path(n).parts or (n,) for n in names]
+    out = []
+    for i, p in enumerate(parts):
+        k = 1
+        while k < len(p) and any(q[-k:] == p[-k:] for j, q in enumerate(parts) if j != i):
+            k += 1
+        out.append("/".join(p[-k:]))
+    return out
+
+
 def plot(table: list[dict], path: Path, title: str = "") -> bool:
-    points = [(r["kv_cache"], r["average"], r["model"]) for r in table if r["average"] is not None]
+    rows = [r for r in table if r["average"] is not None]
+    points = list(zip([r["kv_cache"] for r in rows], [r["average"] for r in rows], short_names([r["model"] for r in rows])))
     if not points:
         return False
     import matplotlib
@@ -326,9 +340,13 @@ def plot(table: list[dict], path: Path, title: str = "") -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for x, y, name in points:
+    ys = [100 * y for _, y, _ in points]
+    gap = 0.05 * (max(ys) - min(ys) or 1)  # labels of points at one cache size kept this far apart
+    label_y = {}
+    for x, y, name in sorted(points):
         ax.scatter([x], [100 * y])
-        ax.annotate(Path(name).name, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ly = label_y[x] = max(100 * y, label_y.get(x, -math.inf) + gap)
+        ax.annotate(name, (x, 100 * y), xytext=(x + 0.01, ly + gap / 4), fontsize=8)
     ax.set_xlabel("KV cache size (relative to first model)")
     ax.set_ylabel("average score (%)")
     ax.set_xlim(0, max(1.05, max(p[0] for p in points) * 1.05))
