@@ -39,10 +39,10 @@ from ecomla.conversion import convert_checkpoint
 from ecomla.conversion.kv import cache_values_per_token
 from ecomla.evaluation.evaluate import evaluate_model, headline_scores
 from ecomla.evaluation.tasks import margin_kept
-from ecomla.io import atomic_write, mark
+from ecomla.io import atomic_write
 from ecomla.options import DEFAULT_TASKS, AlignOptions, ConvertOptions, DistillOptions, EvalOptions
 from ecomla.training.align import align
-from ecomla.training.distill import distill
+from ecomla.training.distill import distill, reuse_sampled_text
 
 from common import DATA, RESULTS, ROOT, pyplot, save_figure, write_json
 from init_fidelity import Evaluator
@@ -185,7 +185,7 @@ def main() -> int:
                 done.add(key)
                 continue
             stages = [("align", args.align_share), ("distill", 1 - args.align_share)] if method == "align+kd" else [("distill", 1.0)]
-            student, spent = str(conv), dict(train_tokens=0, train_seconds=0.0)
+            student, spent, cfg = str(conv), dict(train_tokens=0, train_seconds=0.0), None
             for stage, share in stages:
                 tp_key = f"{comp} {stage}{throughput_tag(train_settings)}"  # tokens/s depend on the batch shape
                 if tp_key not in throughput:
@@ -194,12 +194,9 @@ def main() -> int:
                 step_tokens = args.seq_len * args.batch_size
                 tokens = max(1, round(share * budget * throughput[tp_key] / step_tokens)) * step_tokens
                 run_dir = work / comp / f"{method}-{budget}{tag.replace(' ', '_')}" / stage
-                sampled = Path(student) / "training" / "sampled.jsonl"
-                if stage == "distill" and sampled.is_file() and not (run_dir / "training").exists():
-                    (run_dir / "training").mkdir(parents=True)  # the align stage's sampled text, not sampled again
-                    mark(run_dir)
-                    atomic_write(run_dir / "training" / "sampled.jsonl", sampled.read_bytes())
-                cfg = training_options(args, stage, student, run_dir, tokens, resume=(run_dir / "training").is_dir())
+                previous, cfg = cfg, training_options(args, stage, student, run_dir, tokens, resume=True)
+                if stage == "distill" and isinstance(previous, AlignOptions):
+                    reuse_sampled_text(previous, cfg)  # the align stage's sampled text (--data sampled), not sampled again
                 t = time.time()
                 summary = (align if stage == "align" else distill)(cfg)
                 spent.update({"train_tokens": spent["train_tokens"] + summary["tokens"], f"{stage}_tokens": summary["tokens"],

@@ -101,7 +101,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
     from .io import atomic_write, check_output, mark, run_lock
     from .sources import load_config
     from .training.align import align
-    from .training.distill import distill
+    from .training.distill import distill, reuse_sampled_text
     from .training.dpo import dpo
 
     recipe = load_recipe(path)
@@ -132,7 +132,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
             rerun = rerun or changed or step.name not in made or not _complete(step.out)
             log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
             if step.name == "distill" and steps[1].name == "align":
-                _reuse_sampled_text(steps[1], step)
+                reuse_sampled_text(steps[1].options, step.options)
             t0 = time.time()
             {"convert": convert_checkpoint, "align": align, "distill": distill, "dpo": dpo}[step.name](step.options)
             timings[step.name] = time.time() - t0
@@ -155,23 +155,6 @@ def run_recipe(path: str | Path, log=print) -> Path:
         write_report(report, recipe, rows, summary, eval_md, timings, out)
     log((report / "report.md").read_text())
     return report
-
-
-def _reuse_sampled_text(align: Step, distill: Step) -> None:
-    """A data-free distillation that samples exactly as the alignment did (same teacher and dtype, token
-    count, sample length, seed) starts from the text the alignment sampled: the same text (sampling is
-    seeded), minutes of generation on a CPU saved."""
-    from .io import atomic_write, mark
-    from .training.distill import sample_length
-
-    a, d = align.options, distill.options
-    source, target = align.out / "training" / "sampled.jsonl", distill.out / "training" / "sampled.jsonl"
-    sampling = lambda o: (o.data, o.teacher, o.teacher_dtype, o.data_free_tokens, sample_length(o.seq_len), o.seed)  # noqa: E731
-    if a.data or sampling(a) != sampling(d) or not source.is_file() or target.exists() or not d.resume:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mark(distill.out)
-    atomic_write(target, source.read_bytes())
 
 
 def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:
