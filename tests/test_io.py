@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from ecomla.io import MARKER, OutputError, atomic_output_dir, check_output, mark, run_lock
+from ecomla.io import MARKER, OutputError, atomic_output_dir, check_output, claim, mark, record
 
 
 def test_failure_keeps_old_output_and_leaves_no_temporary(tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
-    mark(out)
     (out / "old.txt").write_text("old")
+    record(out, "convert")
     with pytest.raises(RuntimeError):
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "half.bin").write_text("half")
@@ -74,23 +74,29 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_replace_rolled_back(tm
     (tmp_path / f".ckpt.tmp-{dead}-abc").mkdir()
     (tmp_path / f".ckpt.old-{dead}").mkdir()  # killed between the two renames: `out` is missing
     (tmp_path / f".ckpt.old-{dead}" / "model.safetensors").write_text("the previous output")
-    mark(tmp_path / f".ckpt.old-{dead}")
+    record(tmp_path / f".ckpt.old-{dead}", "convert")
     check_output(out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert (out / "model.safetensors").read_text() == "the previous output"
 
 
-def test_a_second_process_cannot_take_the_run_lock(tmp_path):
-    code = ("import sys, time; from ecomla.io import run_lock\n"
-            "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(30)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+def test_a_second_process_cannot_take_the_lock(tmp_path):
+    code = ("import sys, time; from ecomla.io import claim\n"
+            "with claim(sys.argv[1], what='ecomla test'):\n    print('locked', flush=True); time.sleep(30)\n")
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputError, match=f"another ecomla run \\(pid {holder.pid}\\) is writing"):
-            with run_lock(tmp_path):
+        with pytest.raises(OutputError, match=f"another ecomla process \\(pid {holder.pid}, ecomla test\\) is writing"):
+            with claim(out):
                 pass
+        for near in (tmp_path, out / "sub"):  # the folder above and a folder inside are refused too
+            with pytest.raises(OutputError, match=f"pid {holder.pid}"):
+                with claim(near):
+                    pass
     finally:
         holder.kill()
         holder.wait()
-    with run_lock(tmp_path):  # the OS released the dead holder's lock
+    with claim(out):  # the OS released the dead holder's lock
         pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock file, no folder made for the lock

@@ -89,12 +89,12 @@ def test_distill_refuses_a_run_folder_another_process_holds(world, tmp_path):
                           out=str(tmp_path / "run"), tokens=2 * 2 * 32, seq_len=32, batch_size=2, progress=False,
                           eval_every=0, save_every=0, stop_after=1)
     distill(opts, log=lambda *a: None)
-    code = "import sys, time; from ecomla.io import run_lock\nwith run_lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)\n"
+    code = "import sys, time; from ecomla.io import claim\nwith claim(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)\n"
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         log = (tmp_path / "run" / "training" / "log.jsonl").read_text()
-        with pytest.raises(ValueError, match=f"another ecomla run \\(pid {holder.pid}\\) is writing"):
+        with pytest.raises(ValueError, match=f"another ecomla process \\(pid {holder.pid}, "):
             distill(opts.replace(resume=True, stop_after=None), log=lambda *a: None)
         assert (tmp_path / "run" / "training" / "log.jsonl").read_text() == log  # nothing written meanwhile
     finally:

@@ -15,8 +15,11 @@ def test_builtin_resolves_to_packaged_gguf():
 def test_local_dir_gguf_and_hub_id(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert resolve_source(str(tmp_path)) == (str(tmp_path), None)
-    (tmp_path / "m.gguf").write_bytes(b"")
+    (tmp_path / "m.gguf").symlink_to(builtin_gguf("smollm2-135m"))
     assert resolve_source(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")  # read before any model is built from it
+    with pytest.raises(ValueError, match="empty.gguf cannot be read .*damaged or not a GGUF file"):
+        resolve_source(str(tmp_path / "empty.gguf"))
     assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
 
 

@@ -1,10 +1,18 @@
-"""Files ecomla writes: atomic outputs, the output policy, run locks, and readable load errors.
+"""Files ecomla writes: the output policy, one lock per output, atomic outputs, readable load errors.
 
-The policy (every command goes through `check_output`, before any slow work):
+The policy (every command that writes goes through `claim` and `check_output`, before any slow work):
 - `--out` must not be, contain or sit inside any input (model, teacher, reference, data,
   calibration file): a failed or finished run can never delete or overwrite what it reads.
-- An existing `--out` is replaced only with `--overwrite`, and only if ecomla wrote it (it holds
-  the marker file MARKER); a folder of other files is never removed.
+- One writer per output: `claim(out)` holds an exclusive lock (a hidden sibling `.NAME.ecomla-lock`,
+  released by the OS if the process dies) from the first check to the final rename. A second
+  writer into the same output, or into a folder above or below one being written, is refused and
+  told who holds it; two creators of one new output cannot both succeed.
+- An output knows what it is: its marker file MARKER records its kind (the command that wrote it,
+  options.OUTPUT_KINDS) and the files ecomla wrote there (size and, for files up to HASH_LIMIT,
+  sha256). `--overwrite` replaces only an output of the same kind (another kind needs
+  `--overwrite-kind KIND`, as the refusal says) whose files are all ecomla's and unchanged: any
+  other file is listed and nothing is touched. `--resume` continues only a run of its own kind.
+  An empty folder holds nothing to lose and is used as if absent.
 - Outputs appear atomically: written into a hidden sibling `.NAME.tmp-*`, renamed into place when
   complete. Leftovers of a killed run (`.NAME.tmp-*`, `.NAME.old-*`) are cleaned by the next run
   into the same place; an interrupted replacement is rolled back first.
@@ -13,20 +21,43 @@ The policy (every command goes through `check_output`, before any slow work):
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-MARKER = ".ecomla-output"  # in every output directory ecomla writes: what --overwrite may replace
-LOCK = ".ecomla.lock"
+from .options import OUTPUT_KINDS
+
+MARKER = ".ecomla-output"  # in every output folder ecomla writes: its kind and the files ecomla wrote there
+LOCK_SUFFIX = ".ecomla-lock"  # `.NAME.ecomla-lock` beside output NAME while a process writes it
+LEGACY_LOCK = ".ecomla.lock"  # inside run folders of ecomla <= 0.x: still honoured when held
+HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by sha256, larger ones (weights) by size
+# Files a kind of output writes as it goes, not recorded one by one (paths relative to the output).
+GROWING = {
+    "align": r"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/.+)",
+    "distill": r"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/.+)",
+    "dpo-state": r"args\.json|log_history\.json|checkpoint-\d+/.+",  # TRL writes checkpoint-N/
+    "run": r"steps\.json",
+    "report": r"report\.(md|json|png)|recipe\.yaml",
+}
+# Names ecomla gives its temporaries and locks (cleaned or ignored, never a user's file)
+OWN_TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+.*|\..+" + re.escape(LOCK_SUFFIX) + "|" + re.escape(LEGACY_LOCK)
+                           + r"|\.step-\d+\.tmp|\.final\.tmp|\..+\.tmp-\d+")
+COMMAND_OF_KIND = {"dpo-state": "dpo", "report": "run"}
 
 
 class OutputError(ValueError):
     """An output path that would lose a user's file, or that cannot be written."""
+
+
+class RunLockedError(OutputError):
+    """Another process is writing this output."""
 
 
 def local_path(source) -> Path | None:
@@ -37,7 +68,8 @@ def local_path(source) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
-def _relation(out: Path, inp: Path) -> str | None:
+def relation(out: Path, inp: Path) -> str | None:
+    """How path `out` lies against `inp`: 'is', 'sits inside', 'contains', or None."""
     if out == inp:
         return "is"
     if inp in out.parents:
@@ -47,27 +79,190 @@ def _relation(out: Path, inp: Path) -> str | None:
     return None
 
 
-def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool = False, resume: bool = False) -> Path:
+# ----------------------------------------------------------------------------- what an output is
+
+
+@dataclass
+class Marker:
+    kind: str | None  # None: written by an ecomla that recorded neither kind nor files
+    files: dict  # {relative path: [size, sha256 or None]}
+
+
+def read_marker(directory) -> Marker | None:
+    """The marker of an output folder; None when ecomla did not write it."""
+    path = Path(directory) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):  # the plain-text marker of earlier versions
+        return Marker(None, {})
+    if not isinstance(data, dict) or data.get("kind") not in OUTPUT_KINDS or not isinstance(data.get("files", {}), dict):
+        return Marker(None, {})
+    return Marker(data["kind"], dict(data.get("files") or {}))
+
+
+def _fingerprint(path: Path) -> list:
+    size = path.stat().st_size
+    if size > HASH_LIMIT:
+        return [size, None]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return [size, h.hexdigest()]
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def record(directory, kind: str, files=None, read_from=None) -> None:
+    """Mark `directory` as an output of `kind` and add `files` to the files ecomla wrote there.
+
+    files: paths under `directory` (default: every file now under it, for a fresh temporary folder);
+    read_from: a folder holding those files now (fingerprinted there, recorded under `directory`),
+    so the record is written before the files move in and a kill in between leaves no unlisted file."""
+    from .version import __version__
+
+    directory = Path(directory)
+    source = Path(read_from) if read_from is not None else directory
+    old = read_marker(directory)
+    listed = dict(old.files) if old is not None and old.kind == kind else {}
+    for p in _files_under(source) if files is None else [Path(f) for f in files]:
+        p = p if p.is_absolute() else source / p
+        listed[str(p.relative_to(source))] = _fingerprint(p)
+    listed = {k: v for k, v in listed.items() if (directory / k).exists() or (source / k).exists()}
+    atomic_write(directory / MARKER, json.dumps({"kind": kind, "ecomla_version": __version__, "files": listed}, indent=0))
+
+
+def fingerprint_sources(sources) -> dict:
+    """{source: fingerprint} of what a step reads. A local file or folder: each file's size and sha256 (over
+    HASH_LIMIT: size and modification time, so rewritten weights count as changed); a hub id or built-in name: itself."""
+    found = {}
+    for source in sources:
+        path = local_path(source)
+        if path is None:
+            found[str(source)] = None
+            continue
+        files = [path] if path.is_file() else [p for p in _files_under(path) if not OWN_TEMPORARY.fullmatch(p.name)]
+        found[str(path)] = {str(p.relative_to(path)) if p != path else "": (
+            _fingerprint(p) if p.stat().st_size <= HASH_LIMIT else [p.stat().st_size, p.stat().st_mtime_ns]) for p in files}
+    return found
+
+
+def mark(directory, kind: str) -> None:
+    """Mark `directory` as an output of `kind` (keeping the files already recorded for that kind)."""
+    record(directory, kind, files=[])
+
+
+def foreign_files(directory) -> list[str]:
+    """Files under an ecomla output that ecomla did not write, or that changed since it wrote them."""
+    directory = Path(directory)
+    marker = read_marker(directory)
+    if marker is None or marker.kind is None:
+        return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+    grows = re.compile(GROWING.get(marker.kind, r"(?!)"))
+    found = []
+    for top, dirs, names in os.walk(directory):
+        top = Path(top)
+        for d in list(dirs):
+            sub = top / d
+            if OWN_TEMPORARY.fullmatch(d):
+                dirs.remove(d)
+            elif (sub / MARKER).is_file() and not sub.is_symlink():  # a nested output (a recipe's steps)
+                dirs.remove(d)
+                found += [f"{sub.relative_to(directory)}/{f}" for f in foreign_files(sub)]
+            elif sub.is_symlink():
+                found.append(str(sub.relative_to(directory)))
+        for name in names:
+            path = top / name
+            rel = str(path.relative_to(directory))
+            if name == MARKER and top == directory or OWN_TEMPORARY.fullmatch(name):
+                continue
+            if path.is_symlink():
+                found.append(rel)
+            elif rel in marker.files:
+                size, digest = marker.files[rel]
+                if path.stat().st_size != size or (digest is not None and _fingerprint(path)[1] != digest):
+                    found.append(f"{rel} (changed since ecomla wrote it)")
+            elif not grows.fullmatch(rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def describe(directory, marker: Marker) -> str:
+    """What a user would lose with this output, in words."""
+    directory = Path(directory)
+    what = OUTPUT_KINDS.get(marker.kind, "an ecomla output")
+    if marker.kind in ("align", "distill"):
+        steps = sorted(directory.glob("training/checkpoints/step-*"))
+        parts = ["a finished model" if (directory / "config.json").is_file() else "no finished model yet"]
+        if steps:
+            parts.append(f"{len(steps)} checkpoint(s), the last at step {int(steps[-1].name.split('-')[-1])}")
+        return f"{what}: {', '.join(parts)}"
+    if marker.kind == "run":
+        held = [p.name for p in sorted(directory.iterdir()) if p.is_dir() and (p / MARKER).is_file()]
+        return f"{what}: {', '.join(held) or 'no step finished yet'}"
+    return what
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def _nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(p for p in path.iterdir() if not OWN_TEMPORARY.fullmatch(p.name))
+
+
+def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool = False, resume: bool = False,
+                 kind: str | None = None, overwrite_kind: str | None = None, clean: bool = True) -> Path:
     """Refuse an output that would touch an input or a user's files; return it resolved.
 
     inputs: {description: path or source or list of them}; hub ids and missing paths are ignored.
-    resume: an existing `out` is the run being resumed (it must have been written by ecomla).
-    """
+    kind: what this command writes (options.OUTPUT_KINDS); an existing `out` must be an ecomla output of
+    that kind (or of `overwrite_kind`, with overwrite) holding only ecomla's unchanged files.
+    resume: an existing `out` is the run being resumed (of the same kind); clean: remove a killed run's leftovers."""
     out_path = _outside_inputs(out, inputs)
-    clean_leftovers(out_path)
-    if out_path.exists():
-        if out_path.is_file():
-            raise OutputError(f"--out {out} is a file; give a directory path")
+    if clean:
+        clean_leftovers(out_path)
+    if out_path.is_file():
+        raise OutputError(f"--out {out} is a file; give a directory path")
+    if _nonempty_dir(out_path):
         if not (overwrite or resume):
             raise OutputError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it"
                               " (--resume continues a run)")
-        if not written_by_ecomla(out_path):
+        marker = read_marker(out_path)
+        if marker is None:
             names = sorted(p.name for p in out_path.iterdir())[:5]
-            what = f"it holds {', '.join(names)}{', ...' if len(names) == 5 else ''}" if names else "it is empty"
-            raise OutputError(f"--out {out} was not written by ecomla ({what}): --overwrite and --resume only "
+            raise OutputError(f"--out {out} was not written by ecomla (it holds {', '.join(names)}"
+                              f"{', ...' if len(names) == 5 else ''}): --overwrite and --resume only "
                               f"touch ecomla's own outputs; choose another --out, or move it away yourself")
+        if marker.kind is None:
+            raise OutputError(f"--out {out} was written by an earlier ecomla that recorded neither its kind nor its "
+                              "files, so ecomla cannot tell your files from its own there: choose another --out, or "
+                              "move it away yourself")
+        _check_kind(out, out_path, marker, kind, resume, overwrite_kind if overwrite else None)
+        if overwrite:
+            foreign = foreign_files(out_path)
+            if foreign:
+                shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+                raise OutputError(f"--out {out} holds files ecomla did not write: {shown}. --overwrite would delete "
+                                  "them: move them out of it first, or choose another --out")
     _check_writable(out_path, str(out))
     return out_path
+
+
+def _check_kind(out, out_path: Path, marker: Marker, kind: str | None, resume: bool, also: str | None) -> None:
+    if kind is None or marker.kind == kind or marker.kind == also:
+        return
+    command = COMMAND_OF_KIND.get(kind, kind)
+    held = describe(out_path, marker)
+    if resume:
+        raise OutputError(f"--out {out} holds {held}, not a run of `ecomla {command}`: --resume continues only its "
+                          "own kind of run; choose another --out")
+    raise OutputError(f"--out {out} holds {held}. `ecomla {command} --overwrite` replaces only an earlier output of "
+                      f"`ecomla {command}`; to replace this one and lose what it holds, add --overwrite-kind "
+                      f"{marker.kind}, or choose another --out")
 
 
 def _outside_inputs(out, inputs: dict | None) -> Path:
@@ -77,7 +272,7 @@ def _outside_inputs(out, inputs: dict | None) -> Path:
     for name, values in (inputs or {}).items():
         for value in values if isinstance(values, (list, tuple)) else [values]:
             inp = local_path(value)
-            rel = inp and _relation(out_path, inp)
+            rel = inp and relation(out_path, inp)
             if rel:
                 raise OutputError(f"--out {out} {rel} the {name} {value}: writing there could destroy it; "
                                   "choose an --out outside every input")
@@ -103,19 +298,6 @@ def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecom
     return out_path
 
 
-def written_by_ecomla(directory: Path) -> bool:
-    """The marker, or (folders written before the marker existed) a run's args or a converted config."""
-    if (directory / MARKER).is_file() or (directory / "training" / "args.json").is_file():
-        return True
-    for config in (directory / "config.json", directory / "converted" / "config.json"):  # a model, a recipe's out
-        try:
-            if config.is_file() and '"ecomla_version"' in config.read_text(errors="replace"):
-                return True
-        except OSError:
-            pass
-    return False
-
-
 def _check_writable(path: Path, shown: str) -> None:
     """The first existing ancestor (or `path` itself) must be a writable directory."""
     probe = path if path.exists() else path.parent
@@ -132,14 +314,18 @@ def clean_leftovers(out: Path) -> None:
     parent = out.parent
     if not parent.is_dir():
         return
-    olds = sorted(parent.glob(f".{out.name}.old-*"))
+    olds = sorted(parent.glob(f".{glob_escape(out.name)}.old-*"))
     if olds and not out.exists():  # killed between the two renames of a replacement: put the old one back
         olds[-1].rename(out)
         olds = olds[:-1]
-    for p in [*parent.glob(f".{out.name}.tmp-*"), *olds]:
+    for p in [*parent.glob(f".{glob_escape(out.name)}.tmp-*"), *olds]:
         if _owner_alive(p):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _owner_alive(p: Path) -> bool:
@@ -153,42 +339,169 @@ def _owner_alive(p: Path) -> bool:
     return True
 
 
-def mark(directory: Path) -> None:
-    (Path(directory) / MARKER).write_text("written by ecomla; `--overwrite` may replace this folder\n")
-
-
 def clear_run_dir(directory: Path) -> None:
-    """Empty a run folder that --overwrite restarts, keeping only the lock its run holds."""
+    """Empty a run folder that --overwrite restarts (check_output has made sure every file in it is ecomla's)."""
     for p in Path(directory).iterdir():
-        if p.name != LOCK:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.name != LEGACY_LOCK:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+# ----------------------------------------------------------------------------- one writer per output
+
+_HELD: dict[Path, int] = {}  # lock file -> descriptor, for the outputs this process is writing
+
+
+def lock_file(out) -> Path:
+    out = Path(out).expanduser().resolve()
+    return out.parent / f".{out.name}{LOCK_SUFFIX}"
+
+
+def _holder(path: Path) -> str | None:
+    """'pid N, WHAT' of the process holding lock file `path`, or None when nobody holds it."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        return text or "pid ?"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return None
+
+
+def _refuse_writers_around(out: Path) -> None:
+    """Refuse while another process writes an output above `out` (a recipe run) or inside it."""
+    nearby = [lock_file(a) for a in out.parents if a != a.parent]
+    if out.is_dir() and not out.is_symlink():
+        nearby += [p for p in out.rglob(f"*{LOCK_SUFFIX}")] + [p for p in out.rglob(LEGACY_LOCK)]
+    for path in nearby:
+        if path in _HELD or not path.exists():
+            continue
+        holder = _holder(path)
+        if holder:
+            where = path.parent / path.name.removeprefix(".").removesuffix(LOCK_SUFFIX) if path.name != LEGACY_LOCK else path.parent
+            raise RunLockedError(f"another ecomla process ({holder}) is writing {where}, which "
+                                 f"{'contains' if where in out.parents else 'sits inside'} --out {out}: wait for it to "
+                                 "end, or choose another --out")
+
+
+def _acquire(path: Path, what: str) -> int:
+    import fcntl
+
+    for _ in range(20):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "pid ?"
+            os.close(fd)
+            target = path.parent / path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)
+            raise RunLockedError(f"another ecomla process ({holder}) is writing {target}: wait for it to end, "
+                                 "or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # (else the holder removed the file as we opened it: take the new one)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}, {what}".encode())
+            return fd
+        os.close(fd)
+    raise OutputError(f"could not lock {path}: it keeps changing")
 
 
 @contextmanager
-def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, log=None):
-    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it is removed.
-    A reader never sees a half-written `out`, and a failed run leaves the old one in place."""
-    out = check_output(out, inputs, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
+def claim(out, inputs: dict | None = None, what: str | None = None):
+    """Hold the write lock of output `out` (a folder or a file, existing or not) for the block: the only
+    writer of `out`, of the folders above it and of everything inside it. Re-entrant in one process.
+    `out` is first checked against `inputs` (nothing is created inside an input); folders made for the
+    lock are removed again if nothing was written into them."""
+    import fcntl
+
+    out = _outside_inputs(out, inputs)
+    path = lock_file(out)
+    if path in _HELD:
+        yield out
+        return
+    made = []
+    for parent in reversed([out.parent, *out.parent.parents]):
+        if not parent.exists():
+            try:
+                parent.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as err:
+                _remove_empty(made)
+                raise OutputError(f"--out {out}: cannot create {parent} ({err.strerror})") from None
+            made.append(parent)
     try:
-        yield tmp
-        mark(tmp)
-        if out.exists():
-            if log:
-                log(f"replacing {out} (an earlier ecomla output, --overwrite)")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        _refuse_writers_around(out)
+        fd = _acquire(path, what or "ecomla " + " ".join(sys.argv[1:2]))
+    except BaseException:
+        _remove_empty(made)
+        raise
+    _HELD[path] = fd
+    try:
+        yield out
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        del _HELD[path]
+        path.unlink(missing_ok=True)  # removed while still held: a process that opened it meanwhile retries
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+run_lock = claim  # the name of earlier versions
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, log=None, *, kind: str = "convert",
+                      overwrite_kind: str | None = None):
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it is removed.
+    A reader never sees a half-written `out`, and a failed run leaves the old one in place. The whole
+    block holds `out`'s lock; the checks run again just before the rename (a user may have added a file)."""
+    with claim(out, inputs):
+        out = check_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
+        try:
+            yield tmp
+            record(tmp, kind)
+            check_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind, clean=False)
+            if _nonempty_dir(out):
+                if log:
+                    log(f"replacing {out} (an earlier ecomla output, --overwrite)")
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old)
+            else:
+                if out.is_dir():
+                    shutil.rmtree(out)  # empty but for ecomla's own temporaries
+                tmp.rename(out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_via_temporary(path, write) -> None:
@@ -214,13 +527,42 @@ def atomic_torch_save(obj, path) -> None:
     write_via_temporary(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_checkpoint(model, tokenizer, out, overwrite: bool = False, inputs: dict | None = None, log=None) -> Path:
-    """`save_pretrained` of a model (and its tokenizer, if any) into `out`, atomically."""
-    with atomic_output_dir(out, overwrite, inputs, log) as tmp:
+def save_checkpoint(model, tokenizer, out, overwrite: bool = False, inputs: dict | None = None, log=None, *,
+                    kind: str = "convert", overwrite_kind: str | None = None) -> Path:
+    """`save_pretrained` of a model (and its tokenizer, if any) into `out`, atomically, as an output of `kind`."""
+    with atomic_output_dir(out, overwrite, inputs, log, kind=kind, overwrite_kind=overwrite_kind) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def read_json(path, what: str, fix: str):
+    """A JSON file ecomla wrote (a run's options, log, record); a damaged one is named with `fix`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is damaged ({str(err)[:120]}): {fix}") from None
+
+
+def read_log(path, fix: str) -> list[dict]:
+    """The rows of a JSON-lines log ecomla appends to. A damaged last line (a process killed mid-write) is
+    dropped; a damaged line before it is an error naming the file, the line and `fix`."""
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as err:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"training log {path}, line {n} is damaged ({str(err)[:80]}): {fix}") from None
+        rows.append(row)
+    return rows
 
 
 def read_rows(path, what: str = "data file") -> list:
@@ -253,29 +595,3 @@ def read_rows(path, what: str = "data file") -> list:
             raise ValueError(f"{what} {path}: expected a JSON list of rows")
         return data
     return [raw]
-
-
-class RunLockedError(OutputError):
-    pass
-
-
-@contextmanager
-def run_lock(directory):
-    """Hold an exclusive lock on a run directory (released by the OS if the process dies)."""
-    import fcntl
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            raise RunLockedError(f"another ecomla run (pid {holder}) is writing {directory}: wait for it to end, "
-                                 "or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(fd)

@@ -37,6 +37,18 @@ LAYER_CHOICES = ("sensitivity", "long-range", "alternate")
 TARGETS = ("deepseek-v3", "llama.cpp", "vllm")  # conversion restricted to what the engine runs
 EXPORT_FORMATS = ("deepseek-v3", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# ---- outputs: what each kind of output folder holds (a folder's marker records its kind; io.py's policy)
+OUTPUT_KINDS = {
+    "convert": "a converted model (ecomla convert)",
+    "export": "an exported DeepSeek-V3 checkpoint (ecomla export)",
+    "eval": "evaluation results (ecomla eval)",
+    "align": "an alignment run (ecomla align: a trained model, its checkpoints and log)",
+    "distill": "a distillation run (ecomla distill: a trained model, its checkpoints and log)",
+    "dpo": "a DPO-trained model (ecomla dpo)",
+    "dpo-state": "a DPO run's trainer state (ecomla dpo: its checkpoints)",
+    "run": "a recipe run (ecomla run: every step's output and the report)",
+    "report": "a recipe run's report (ecomla run)",
+}
 CALIB_SEQ_LEN = 256  # tokens per calibration sequence
 # Named initializations: what each unset option means. "xecomla" is the paper's; "ecomla" is the
 # best combination measured by benchmarks/init_fidelity.py (the default).
@@ -134,6 +146,8 @@ class Options:
                         f"> {gt}" if gt is not None else None, f">= {lo}" if lo is not None else None,
                         f"<= {hi}" if hi is not None else None) if s)
                     raise ValueError(f"{name} must be {rng}, got {value}")
+        if getattr(self, "overwrite_kind", None) and not getattr(self, "overwrite", False):
+            raise ValueError("overwrite_kind (--overwrite-kind) applies only with --overwrite")
         self.validate()
 
     def validate(self) -> None:
@@ -165,11 +179,14 @@ class Options:
 
     def check_resume(self, recorded_file) -> None:
         """Refuse to resume the run recorded in `recorded_file` (JSON of `recorded()`) with options that change it."""
-        import json
         from pathlib import Path
 
+        from .io import read_json
+
         path = Path(recorded_file)
-        diffs = self.resume_differences(json.loads(path.read_text())) if path.is_file() else []
+        recorded = read_json(path, "the run's recorded options", "this run cannot be resumed; start it again with "
+                             "--overwrite, or choose another --out") if path.is_file() else {}
+        diffs = self.resume_differences(recorded) if isinstance(recorded, dict) else []
         if diffs:
             raise ValueError(f"--resume with options other than those the run in {self.out} started with "
                              f"({'; '.join(diffs)}): resume with the same options, or start a new run with another "
@@ -295,7 +312,9 @@ class ConvertOptions(Options):
     seed: int = opt(0, "seed of the sampled calibration text", min=0)
     dtype: str = opt("float32", "dtype of the saved weights", choices=tuple(DTYPES))
     out: str | None = opt(None, "output directory (written atomically)", required=True)
-    overwrite: bool = opt(False, "replace --out if it is an earlier ecomla output")
+    overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
+    overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
+                                     "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
     extra: dict = opt({}, cli=False)  # provenance added by the workflow (e.g. where calibration came from)
 
     def validate(self) -> None:
@@ -334,7 +353,7 @@ class DistillOptions(Options):
     seq_len: int = opt(512, "tokens per training sequence", min=2, resume_must_match=True)
     batch_size: int = opt(8, "sequences per process per micro-step", min=1, resume_must_match=True)
     grad_accum: int = opt(1, "micro-steps per optimizer step", min=1, resume_must_match=True)
-    lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0, resume_must_match=True)
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0, max=1, resume_must_match=True)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES, resume_must_match=True)
     warmup: float = opt(0.03, "warm-up as a fraction of the steps", min=0, max=1, resume_must_match=True)
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)", min=0, max=1,
@@ -342,7 +361,7 @@ class DistillOptions(Options):
     weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0, resume_must_match=True)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0, resume_must_match=True)
     loss: str = opt("forward_kl", "distillation loss", choices=LOSSES, resume_must_match=True)
-    temperature: float = opt(1.0, "softmax temperature of the KD loss", gt=0, resume_must_match=True)
+    temperature: float = opt(1.0, "softmax temperature of the KD loss", min=0.05, max=100, resume_must_match=True)
     ce_weight: float = opt(0.0, "mix in cross-entropy on the data with this weight", min=0, resume_must_match=True)
     train: str = opt("all", "all parameters (paper) or only the MLA layers", choices=("all", "mla"),
                      resume_must_match=True)
@@ -359,7 +378,9 @@ class DistillOptions(Options):
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
     seed: int = opt(0, "seed of data order, sampling and initialization", min=0, resume_must_match=True)
     resume: bool = opt(False, "continue the run in --out from its last good checkpoint")
-    overwrite: bool = opt(False, "replace --out if it is an earlier ecomla output")
+    overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
+    overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
+                                     "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
     stop_after: int | None = opt(None, "==SUPPRESS==", min=1)  # stop after this step's checkpoint (tests)
     progress: bool = opt(True, cli=False)
 
@@ -381,13 +402,13 @@ class AlignOptions(DistillOptions):
     command: typing.ClassVar[str] = "align"
     teacher: str | None = opt(None, "the original model the student was converted from", required=True,
                               resume_must_match=True)
-    lr: float = opt(1e-3, "peak learning rate (AdamW)", gt=0, resume_must_match=True)
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", gt=0, max=1, resume_must_match=True)
     align_loss: str = opt("normalized", "normalized: each layer's squared error over its target's energy (every "
                           "layer counts alike); mse: the plain mean squared error", choices=("normalized", "mse"),
                           resume_must_match=True)
     # distillation's loss settings mean nothing here: hidden from the command line
     loss: str = opt("forward_kl", cli=False, choices=LOSSES)
-    temperature: float = opt(1.0, cli=False, gt=0)
+    temperature: float = opt(1.0, cli=False, min=0.05, max=100)
     ce_weight: float = opt(0.0, cli=False, min=0)
     train: str = opt("mla", cli=False, choices=("mla",))
 
@@ -404,7 +425,7 @@ class DPOOptions(Options):
     out: str | None = opt(None, "output directory (the model; TRL's state in OUT.dpo-state/)", required=True)
     ref_model: str | None = opt(None, "reference model (default: MODEL itself, frozen)", resume_must_match=True)
     beta: float = opt(0.1, "DPO temperature", gt=0, resume_must_match=True)
-    lr: float = opt(5e-7, "learning rate", gt=0, resume_must_match=True)
+    lr: float = opt(5e-7, "learning rate", gt=0, max=1, resume_must_match=True)
     epochs: float = opt(1.0, "passes over the data (unless --max-steps)", gt=0, resume_must_match=True)
     max_steps: int = opt(-1, "stop after N optimizer steps (-1: by --epochs)", min=-1, resume_must_match=True)
     batch_size: int = opt(2, "pairs per device per step", min=1, resume_must_match=True)
@@ -414,7 +435,9 @@ class DPOOptions(Options):
     save_every: int = opt(100, "checkpoint every N steps", min=1)
     seed: int = opt(0, "seed", min=0, resume_must_match=True)
     resume: bool = opt(False, "continue from the last checkpoint in OUT.dpo-state/")
-    overwrite: bool = opt(False, "replace --out if it is an earlier ecomla output")
+    overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
+    overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
+                                     "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
 
     def validate(self) -> None:
         if self.max_steps == 0:
@@ -439,7 +462,9 @@ class EvalOptions(Options):
     ppl_files: list[str] = opt([], "also report the perplexity of this text file (repeatable)", flag="--ppl-file",
                                append=True)
     out: str | None = opt(None, "write results.md/.json/.png here (atomically)")
-    overwrite: bool = opt(False, "replace --out if it is an earlier ecomla output")
+    overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
+    overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
+                                     "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
     dtype: str = opt("bfloat16", "bfloat16 is 2.2x faster than float32 on CPU", choices=tuple(DTYPES))
     device: str | None = opt(None, "cpu, cuda, cuda:N (default: cuda when available)")
     batch_size: int = opt(64, "requests per forward (at most)", min=1)
@@ -483,7 +508,9 @@ class ExportOptions(Options):
     query_lora: str | None = opt(None, "deepseek-v3 without a query LoRA: 'identity' writes q_proj as an equivalent "
                                  "query LoRA (logits within ~2e-4), which llama.cpp's own converter needs",
                                  choices=("identity",))
-    overwrite: bool = opt(False, "replace --out if it is an earlier ecomla output")
+    overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
+    overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
+                                     "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
 
     def validate(self) -> None:
         if self.outtype is not None and self.format != "gguf":

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from .io import read_json, read_log
 from .options import AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options
 
 SECTIONS = {"name", "model", "out", "convert", "align", "distill", "dpo", "eval"}
 PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib")  # relative to the recipe file when not to the cwd
-RUN_SWITCHES = ("resume", "overwrite", "progress", "stop_after")  # how a step runs, not what it makes
+RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -42,6 +43,11 @@ def load_recipe(path: str | Path) -> dict:
     for key in ("model", "out", "convert"):
         if key not in recipe:
             raise ValueError(f"recipe {path}: missing '{key}'")
+    for key, what in (("model", "a hub id, local directory, .gguf file or built-in name"), ("out", "a folder path"),
+                      ("name", "a name")):
+        value = recipe.get(key, "" if key == "name" else None)
+        if not isinstance(value, str) or (key != "name" and not value.strip()):
+            raise ValueError(f"recipe {path}: '{key}' must be {what} written as text, got {value!r}")
     base = path.parent
 
     def fix(v):
@@ -61,34 +67,90 @@ class Step:
     name: str
     options: Options
     out: Path
+    reads: list  # what the step reads besides the previous step's output: a changed file reruns it
 
     def recorded(self) -> dict:
-        return {k: v for k, v in self.options.recorded().items() if k not in RUN_SWITCHES}
+        from .io import fingerprint_sources
+
+        made = {k: v for k, v in self.options.recorded().items() if k not in RUN_SWITCHES}
+        return {**made, "inputs": fingerprint_sources([r for r in self.reads if r])}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for each recorded option that changed; changed input files by name."""
+    diffs = []
+    for k, v in new.items():
+        if k == "inputs":
+            before = old.get(k) or {}
+            changed = sorted(p for p in {*before, *v} if before.get(p) != v.get(p))
+            diffs += [f"input {p} changed" for p in changed[:3]] + ([f"{len(changed) - 3} more inputs"] if len(changed) > 3 else [])
+        elif old.get(k) != v:
+            diffs.append(f"{k}: {old.get(k)!r} -> {v!r}")
+    return diffs
 
 
 def plan(recipe: dict) -> tuple[list[Step], EvalOptions | None]:
     """Every section as its options object (all checked now, before any work), in run order."""
     out, model = Path(str(recipe["out"])), str(recipe["model"])
-    steps = [Step("convert", ConvertOptions.from_dict(recipe["convert"], "recipe section 'convert'", source=model,
-                                                      out=str(out / "converted"), overwrite=True), out / "converted")]
+    convert = ConvertOptions.from_dict(recipe["convert"], "recipe section 'convert'", source=model,
+                                       out=str(out / "converted"), overwrite=True)
+    steps = [Step("convert", convert, out / "converted", [model, convert.calib])]
     if recipe.get("align") is not None:  # the original model is this stage's teacher, whatever distill's is
-        steps.append(Step("align", AlignOptions.from_dict(recipe["align"], "recipe section 'align'", student=str(steps[-1].out),
-                                                          teacher=model, out=str(out / "aligned"), resume=True), out / "aligned"))
+        o = AlignOptions.from_dict(recipe["align"], "recipe section 'align'", student=str(steps[-1].out),
+                                   teacher=model, out=str(out / "aligned"), resume=True)
+        steps.append(Step("align", o, out / "aligned", [o.teacher, *o.data]))
     if recipe.get("distill") is not None:
         sec = dict(recipe["distill"]) if isinstance(recipe["distill"], dict) else recipe["distill"]
         if isinstance(sec, dict):
             sec.setdefault("teacher", model)
-        steps.append(Step("distill", DistillOptions.from_dict(sec, "recipe section 'distill'", student=str(steps[-1].out),
-                                                              out=str(out / "distilled"), resume=True), out / "distilled"))
+        o = DistillOptions.from_dict(sec, "recipe section 'distill'", student=str(steps[-1].out),
+                                     out=str(out / "distilled"), resume=True)
+        steps.append(Step("distill", o, out / "distilled", [o.teacher, *o.data]))
     if recipe.get("dpo") is not None:
-        steps.append(Step("dpo", DPOOptions.from_dict(recipe["dpo"], "recipe section 'dpo'", model=str(steps[-1].out),
-                                                      out=str(out / "dpo"), resume=True), out / "dpo"))
+        o = DPOOptions.from_dict(recipe["dpo"], "recipe section 'dpo'", model=str(steps[-1].out), out=str(out / "dpo"),
+                                 resume=True)
+        steps.append(Step("dpo", o, out / "dpo", [o.data, o.ref_model]))
     evaluation = None
     if recipe.get("eval") is not None:
         models = [model, *[str(s.out) for s in steps]]
         evaluation = EvalOptions.from_dict(recipe["eval"], "recipe section 'eval'", models=models,
                                            out=str(out / "report" / "eval"), overwrite=True)
     return steps, evaluation
+
+
+def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) -> None:
+    """What every section reads, checked before step one: files, tasks, lengths, teachers."""
+    from .evaluation.evaluate import task_data
+    from .sources import load_config
+    from .training.distill import check_vocab
+    from .training.dpo import read_preferences
+
+    config = load_config(model)
+    max_len = getattr(config, "max_position_embeddings", None)
+    for step in steps:
+        o, where = step.options, f"recipe section '{step.name}'"
+        try:
+            if step.name == "convert" and o.calib and not Path(o.calib).is_file():
+                raise FileNotFoundError(f"calib {o.calib}: no such file")
+            if step.name in ("align", "distill"):
+                for f in o.data:
+                    if not Path(f).is_file():
+                        raise FileNotFoundError(f"data file {f}: no such file")
+                if max_len and o.seq_len > max_len:
+                    raise ValueError(f"seq_len {o.seq_len} is beyond the model's maximum length {max_len}")
+                if o.teacher != model:
+                    check_vocab(None, None, config, load_config(o.teacher))
+            if step.name == "dpo":
+                read_preferences(o.data)
+                if o.ref_model:
+                    check_vocab(None, None, config, load_config(o.ref_model))
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{where}: {err}") from None
+    if evaluation is not None:
+        try:
+            task_data(evaluation)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"recipe section 'eval': {err}") from None
 
 
 def _complete(model_dir: Path) -> bool:
@@ -98,7 +160,7 @@ def _complete(model_dir: Path) -> bool:
 def run_recipe(path: str | Path, log=print) -> Path:
     from .conversion import convert_checkpoint
     from .conversion.kv import cache_values_per_token
-    from .io import atomic_write, check_output, mark, run_lock
+    from .io import atomic_write, check_output, claim, mark
     from .sources import load_config
     from .training.align import align
     from .training.distill import distill, reuse_sampled_text
@@ -106,16 +168,20 @@ def run_recipe(path: str | Path, log=print) -> Path:
 
     recipe = load_recipe(path)
     steps, evaluation = plan(recipe)
+    check_inputs(str(recipe["model"]), steps, evaluation)
     out = Path(str(recipe["out"]))
     inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
               "calibration file": steps[0].options.calib}
-    check_output(out, inputs, resume=True)
-    out.mkdir(parents=True, exist_ok=True)
-    mark(out)
     record_path = out / "steps.json"
     timings: dict[str, float] = {}
-    with run_lock(out):
-        made = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    with claim(out, inputs):  # the only writer of the run folder (and of every step's output inside it)
+        check_output(out, inputs, resume=True, kind="run")
+        out.mkdir(parents=True, exist_ok=True)
+        mark(out, "run")
+        made = read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
+            if record_path.is_file() else {}
+        if not isinstance(made, dict):
+            raise ValueError(f"the run's record of its steps {record_path} is damaged: remove it, and every step is made again")
         rerun = False  # once a step reruns, every later step reruns too (its input changed)
         for step in steps:
             changed = step.name in made and made[step.name] != step.recorded()
@@ -123,9 +189,8 @@ def run_recipe(path: str | Path, log=print) -> Path:
                 log(f"[ecomla run] {step.name}: already done, skipped")
                 continue
             if changed or (rerun and step.out.exists()):
-                diffs = [f"{k}: {made[step.name].get(k)!r} -> {v!r}" for k, v in step.recorded().items()
-                         if step.name in made and made[step.name].get(k) != v]
-                why = f"its section changed ({'; '.join(diffs)})" if changed else "an earlier step was redone"
+                why = (f"its section or inputs changed ({'; '.join(differences(made[step.name], step.recorded()))})"
+                       if changed else "an earlier step was redone")
                 log(f"[ecomla run] {step.name}: {step.out} was made with other options; {why}: making it again")
                 if hasattr(step.options, "resume"):
                     step.options = step.options.replace(resume=False, overwrite=True)
@@ -141,7 +206,7 @@ def run_recipe(path: str | Path, log=print) -> Path:
         last = steps[-1].out
         report = out / "report"
         report.mkdir(exist_ok=True)
-        mark(report)
+        mark(report, "report")
         rows, summary = _report_rows(recipe, steps, cache_values_per_token(load_config(recipe["model"])),
                                      cache_values_per_token(load_config(str(last))))
         eval_md = ""
@@ -160,7 +225,8 @@ def run_recipe(path: str | Path, log=print) -> Path:
 def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:
     out = Path(str(recipe["out"]))
     rows = [{"model": "original", "path": recipe["model"], "kv_values_per_token": kv_orig, "kv_cache": 1.0}]
-    read = lambda stage: json.loads(p.read_text()) if (p := out / stage / "training" / "summary.json").is_file() else {}  # noqa: E731
+    read = lambda stage: read_json(p, "the run's summary", f"make the {stage} step again (remove {out / stage})") \
+        if (p := out / stage / "training" / "summary.json").is_file() else {}  # noqa: E731
     names = {s.name for s in steps}
     summary = read("distilled") if "distill" in names else {}
     aligned = read("aligned") if "align" in names else {}
@@ -245,7 +311,7 @@ def _plot(path: Path, rows: list[dict], out: Path) -> None:
     curve, offset = [], 0.0
     for stage in ("aligned", "distilled"):
         log_path = out / stage / "training" / "log.jsonl"
-        logged = [json.loads(r) for r in log_path.read_text().splitlines() if r] if log_path.is_file() else []
+        logged = read_log(log_path, f"make the {stage} step again (remove {out / stage})") if log_path.is_file() else []
         seconds = 0.0  # a held-out row follows the training step it measured
         for r in logged:
             seconds = r.get("train_seconds", seconds)

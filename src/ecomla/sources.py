@@ -6,7 +6,9 @@ Built-in: `smollm2-135m` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -47,6 +49,8 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     if source.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {source}")
+        stat = path.stat()
+        check_gguf(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         return str(path.parent), path.name
     if path.exists():
         if not path.is_dir():
@@ -55,12 +59,40 @@ def resolve_source(source: str) -> tuple[str, str | None]:
             raise FileNotFoundError(f"{source} has no config.json: is it a Hugging Face model directory?")
         return str(path), None
     # Not on disk: only "owner/name" or a bare "name" can be a hub id.
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip()
+    if looks_local or (source.count("/") == 1 and path.parent.is_dir()):  # `models/llamaa`: a local typo, not a hub id
+        near = sorted(p.name for p in path.parent.iterdir())[:8] if path.parent.is_dir() else []
         raise FileNotFoundError(
-            f"model source {source!r} not found: give a local directory, a .gguf file, a hub id "
-            f"(owner/name), or a built-in name ({', '.join(BUILTIN)})"
-        )
+            f"model source {source!r} not found: no such local file or folder"
+            + (f" ({path.parent} holds {', '.join(near)})" if near else "")
+            + f"; give a local directory, a .gguf file, a hub id (owner/name), or a built-in name ({', '.join(BUILTIN)})")
     return source, None  # a hub id
+
+
+def _not_loaded(source: str, what: str, err: Exception) -> FileNotFoundError:
+    """A load that failed: for a hub id, say that it was tried as one (the hub may be out of reach)."""
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if not Path(source).expanduser().exists() and str(source).lower() not in BUILTIN:
+        return FileNotFoundError(f"could not load {what} {source!r}: it is no local path, and as a hub id it could not "
+                                 f"be fetched ({first}); give a local directory or .gguf file, or connect to the hub")
+    return FileNotFoundError(f"could not load {what} {source!r}: {first}")
+
+
+@functools.lru_cache(maxsize=16)
+def check_gguf(path: str, size: int, mtime_ns: int) -> None:
+    """Refuse a GGUF file that cannot be read or holds no weights, before transformers builds a model from it
+    (a header without tensors would become a default-sized random Llama). Cached per file version."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # truncated or not a GGUF: struct.error, ValueError, IndexError, ...
+        raise ValueError(f"GGUF file {path} cannot be read ({type(err).__name__}: {str(err)[:200] or 'truncated?'}): "
+                         "it is damaged or not a GGUF file; save or download it again") from None
+    if not reader.tensors:
+        raise ValueError(f"GGUF file {path} holds no tensors (metadata only): give a GGUF with the model's weights")
+    if "general.architecture" not in reader.fields:
+        raise ValueError(f"GGUF file {path} names no architecture (general.architecture): it is not a model file")
 
 
 # Families people ask for that the converter does not take yet, and why (named in the refusal).
@@ -113,7 +145,7 @@ def load_config(source: str):
     try:
         return AutoConfig.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise FileNotFoundError(f"could not load a config from {source!r}: {err}") from err
+        raise _not_loaded(source, "a config from", err) from None
     except (TypeError, ValueError, StrictDataclassError) as err:  # malformed JSON or field types (strict configs)
         where = f"{path}/config.json" if gguf is None else f"{path}/{gguf}"
         raise ValueError(f"{where} is not a valid model config: {' '.join(str(err).split())}") from None
@@ -138,7 +170,35 @@ def resolve_device(requested: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple's MPS is not available on this machine; use --device cpu")
     return requested
+
+
+def _names(keys, shown: int = 4) -> str:
+    """A few tensor names and the count: layers' tensors collapse to `model.layers.N.*` when many are missing."""
+    keys = sorted(keys)
+    layers = sorted({m.group(1) for k in keys if (m := re.match(r"(?:\w+\.)*?layers\.(\d+)\.", k))}, key=int)
+    if len(keys) > shown and layers:
+        head = ", ".join(f"layer {n}" for n in layers[:shown]) + (f" and {len(layers) - shown} more layers" if len(layers) > shown else "")
+        return f"{len(keys)} tensors ({head}; e.g. {keys[0]})"
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def weight_problems(info: dict) -> str:
+    """What transformers' loading report says is wrong: missing, unexpected or mis-shaped tensors ('' when none)."""
+    parts = []
+    if info.get("missing_keys"):
+        parts.append(f"missing {_names(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        parts.append(f"unexpected {_names(info['unexpected_keys'])}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        shown = [f"{k} {tuple(a)} in the file, {tuple(b)} in the config" for k, a, b in list(mismatched)[:3]]
+        parts.append("mis-shaped " + "; ".join(shown) + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""))
+    if info.get("error_msgs"):
+        parts.append("; ".join(str(e) for e in info["error_msgs"])[:300])
+    return "; ".join(parts)
 
 
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
@@ -148,16 +208,22 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
 
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    try:  # mismatched shapes are reported (below) with every other weight problem, not raised one by one
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
     except OSError as err:
-        raise FileNotFoundError(f"could not load model {source!r}: {err}") from err
+        raise _not_loaded(source, "model", err) from None
     except Exception as err:  # a truncated, empty or garbage weights file
         if type(err).__name__ != "SafetensorError":
             raise
         files = ", ".join(str(p) for p in sorted(Path(path).glob("*.safetensors"))) or path
         raise ValueError(f"could not load model {source!r}: its weights ({files}) are damaged ({err}); "
                          "save or download them again") from None
+    problems = weight_problems(info)
+    if problems:
+        where = Path(path) / gguf if gguf else path
+        raise ValueError(f"model {source!r}: its weights ({where}) do not match its config: {problems}. Nothing was "
+                         "filled in at random: give the model's complete weights, with the config they were saved with")
     if gguf:  # GGUF weights are dequantized on load: drop the quantizer so the model saves as plain float
         model.hf_quantizer = None
         model.config.quantization_config = None

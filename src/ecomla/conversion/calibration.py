@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import json
 from pathlib import Path
 
 import torch
@@ -28,7 +29,16 @@ def read_text(path: str) -> str:
     """Plain text, or the "text" fields of a .jsonl / .json file's rows (read as training data is)."""
     from ..io import read_rows
 
-    return "\n\n".join(r if isinstance(r, str) else r.get("text", "") for r in read_rows(Path(path)))
+    texts = []
+    for n, row in enumerate(read_rows(Path(path), "calibration file"), 1):
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            row = row["text"]
+        if not isinstance(row, str):
+            where = f"{'line' if Path(path).suffix == '.jsonl' else 'row'} {n}"
+            raise ValueError(f"calibration file {path}, {where}: expected a row with a 'text' string, got "
+                             f"{json.dumps(row)[:80]}; give plain text, or .jsonl/.json rows like {{\"text\": \"...\"}}")
+        texts.append(row)
+    return "\n\n".join(texts)
 
 
 def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:

@@ -10,10 +10,20 @@ from ..options import DTYPES, ConvertOptions
 def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     """Convert `options.source` and save it to `options.out` (with its tokenizer); the CLI and
     `ecomla run` call this. Every check runs before any weight loads; nothing is written on error."""
+    from ..io import claim
+
+    if options.source is None:
+        raise ValueError("give the SOURCE model to convert")
+    inputs = {"source model": options.source, "calibration file": options.calib}
+    with claim(options.out, inputs):  # the only writer of --out, from this check to the final rename
+        return _convert_checkpoint(options, inputs, log)
+
+
+def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
     from ..export.engines import engine_table
-    from ..io import check_output, save_checkpoint
+    from ..io import OutputError, check_output, local_path, relation, save_checkpoint
     from ..sources import check_supported, load_config, load_model, load_tokenizer
     from .calibration import cached_covariance, calibration_ids
     from .families import NEEDS_TEXT
@@ -21,10 +31,15 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     from .plan import build_config, resolve
     from .upcycle import convert
 
-    if options.source is None:
-        raise ValueError("give the SOURCE model to convert")
-    inputs = {"source model": options.source, "calibration file": options.calib}
-    check_output(options.out, inputs, options.overwrite)  # refuse before any slow work
+    check_output(options.out, inputs, options.overwrite, kind="convert", overwrite_kind=options.overwrite_kind)
+    if options.calib_cache not in (None, "none"):  # the cache is written as the conversion runs: not into --out or an input
+        cache = Path(options.calib_cache).expanduser().resolve()
+        for name, path in {"--out": options.out, **inputs}.items():
+            rel = path and local_path(path) and relation(cache, local_path(path))
+            rel = rel or (name == "--out" and relation(cache, Path(options.out).expanduser().resolve()))
+            if rel:
+                raise OutputError(f"--calib-cache {options.calib_cache} {rel} {'the ' if name != '--out' else ''}{name} "
+                                  f"{path}: the cache would write there; choose another --calib-cache (or 'none')")
     if options.calib and not Path(options.calib).is_file():
         raise FileNotFoundError(f"--calib {options.calib}: no such file")
     src_config = load_config(options.source)
@@ -51,7 +66,8 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     if resolved.needs_calibration and options.calib_cache != "none" and src_config.model_type not in NEEDS_TEXT:
         cov = cached_covariance(model, ids, options.calib_cache)  # (Qwen3: of its Llama re-layout, inside convert)
     converted = convert(model, options.replace(extra=extra), progress=True, calibration_ids=ids, covariance=cov)
-    out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log)
+    out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log, kind="convert",
+                          overwrite_kind=options.overwrite_kind)
     log(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
         "or with trust_remote_code=True)")
     return out

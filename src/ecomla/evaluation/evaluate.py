@@ -368,28 +368,52 @@ def write_report(rows: list[dict], kv: dict[str, int], out_dir: Path, meta: dict
     return md
 
 
-def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
-    """Evaluate several models on the same tasks; returns (markdown table, rows); writes options.out if given."""
-    from ..conversion.kv import cache_values_per_token
-    from ..io import atomic_output_dir, check_output
-    from ..sources import load_config, load_model, resolve_device
-
-    o = options
-    models, tasks, data_dir = list(o.models), o.task_list, o.data_dir
-    if not models:
-        raise ValueError("give at least one MODEL")
-    if data_dir is None and [t for t in tasks if t not in OWN_TASKS] and not hub_reachable():
+def task_data(o: EvalOptions) -> str | None:
+    """Where the tasks' files come from (--data-dir, $ECOMLA_EVAL_DATA, or the hub), after checking every task
+    and file (check_tasks): fails fast, before any model loads."""
+    data_dir = o.data_dir
+    if data_dir is None and [t for t in o.task_list if t not in OWN_TASKS] and not hub_reachable():
         env = os.environ.get("ECOMLA_EVAL_DATA")
         if not env:
             raise ValueError("the dataset hub is out of reach: give --data-dir DIR with the tasks' local files "
                              "(e.g. ../shared/data/eval) or set ECOMLA_EVAL_DATA")
         data_dir = env
-    check_tasks(tasks, data_dir, o.ppl_files, o.passkey_filler)
+    check_tasks(o.task_list, data_dir, o.ppl_files, o.passkey_filler)
+    return data_dir
+
+
+def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
+    """Evaluate several models on the same tasks; returns (markdown table, rows); writes options.out if given."""
+    from ..io import check_output, claim
+
+    o = options
+    models, tasks = list(o.models), o.task_list
+    if not models:
+        raise ValueError("give at least one MODEL")
+    data_dir = task_data(o)
     inputs = {"model": models, "task data directory": data_dir, "perplexity file": list(o.ppl_files),
               "passkey filler": o.passkey_filler}
     if o.out is not None:
-        check_output(o.out, inputs, o.overwrite)
+        with claim(o.out, inputs):  # the only writer of --out, from this check to the final rename
+            check_output(o.out, inputs, o.overwrite, kind="eval", overwrite_kind=o.overwrite_kind)
+            return _run_eval(o, models, tasks, data_dir, inputs, log)
+    return _run_eval(o, models, tasks, data_dir, inputs, log)
+
+
+def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inputs: dict, log) -> tuple[str, list[dict]]:
+    from ..conversion.kv import cache_values_per_token
+    from ..io import atomic_output_dir
+    from ..sources import load_config, load_model, resolve_device
+
     configs = {m: load_config(m) for m in models}  # every model must resolve before any long work
+    if "passkey" in tasks:
+        from .passkey import ANSWER_TOKENS, fitting_contexts
+
+        for m, c in configs.items():
+            limit = getattr(c, "max_position_embeddings", None)
+            if not fitting_contexts(o.passkey_contexts, limit):
+                raise ValueError(f"--passkey-contexts {','.join(map(str, o.passkey_contexts))}: every prompt is beyond "
+                                 f"the {limit} positions of {m}; give contexts up to {limit - ANSWER_TOKENS}")
     device = resolve_device(o.device)
     dtype = DTYPES[o.dtype]
     rows: list[dict] = []
@@ -410,6 +434,6 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
             "kv_values_per_token": kv, "torch_threads": torch.get_num_threads()}
     if o.out is None:
         return markdown(*summary_table(rows, kv)), rows
-    with atomic_output_dir(o.out, o.overwrite, inputs) as tmp:
+    with atomic_output_dir(o.out, o.overwrite, inputs, kind="eval", overwrite_kind=o.overwrite_kind) as tmp:
         md = write_report(rows, kv, tmp, meta)
     return md, rows

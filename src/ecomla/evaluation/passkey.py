@@ -56,9 +56,17 @@ def read_key(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
+ANSWER_TOKENS = 8  # tokens generated after the question (the key is 5 digits)
+
+
+def fitting_contexts(contexts: list[int], max_len: int | None, max_new_tokens: int = ANSWER_TOKENS) -> list[int]:
+    """The prompt lengths a model with `max_len` positions can be tested at (prompt + answer inside them)."""
+    return [c for c in contexts if max_len is None or c + max_new_tokens <= max_len]
+
+
 @torch.inference_mode()
 def passkey_accuracy(model, tokenizer, filler_text: str, contexts: list[int], depths: list[float], trials: int = 1,
-                     seed: int = 0, max_new_tokens: int = 8) -> list[dict]:
+                     seed: int = 0, max_new_tokens: int = ANSWER_TOKENS) -> list[dict]:
     """Rows {context, accuracy, n} per context that fits the model, then one overall row (context None)."""
     filler = tokenizer(filler_text, add_special_tokens=False)["input_ids"]
     if not filler:
@@ -67,9 +75,7 @@ def passkey_accuracy(model, tokenizer, filler_text: str, contexts: list[int], de
     max_len = getattr(model.config, "max_position_embeddings", None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, hits, total = [], 0, 0
-    for context in contexts:
-        if max_len is not None and context + max_new_tokens > max_len:
-            continue  # beyond the model's positions: not a retrieval test
+    for context in fitting_contexts(contexts, max_len, max_new_tokens):  # beyond the positions: no retrieval test
         right = 0
         for depth in depths:
             for _ in range(trials):

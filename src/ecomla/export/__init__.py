@@ -10,14 +10,21 @@ GGUF_MARK = "ecomla.version"  # a GGUF key: what `--overwrite` may replace
 def export_checkpoint(options: ExportOptions, log=print):
     """`ecomla export`: refuse from the config (and, for a GGUF, the tokenizer) before loading weights,
     then write `options.out` atomically."""
+    from ..io import claim
+
+    if options.model is None:
+        raise ValueError("give the MODEL to export")
+    inputs = {"model": options.model}
+    with claim(options.out, inputs):  # the only writer of --out, from this check to the final rename
+        return _export(options, inputs, log)
+
+
+def _export(options: ExportOptions, inputs: dict, log):
     from ..io import check_output, check_output_file
     from ..sources import load_config, load_model, load_tokenizer
     from .deepseek_v3 import check_exportable, export_deepseek_v3
     from .gguf import check_gguf_exportable, tokenizer_json
 
-    if options.model is None:
-        raise ValueError("give the MODEL to export")
-    inputs = {"model": options.model}
     if options.format == "gguf":
         check_output_file(options.out, inputs, options.overwrite, gguf_written_by_ecomla, ".gguf")
         check_gguf_exportable(load_config(options.model))
@@ -29,11 +36,11 @@ def export_checkpoint(options: ExportOptions, log=print):
         log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
         return out
-    check_output(options.out, inputs, options.overwrite)
+    check_output(options.out, inputs, options.overwrite, kind="export", overwrite_kind=options.overwrite_kind)
     check_exportable(load_config(options.model))
     model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
     out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs,
-                             query_lora=options.query_lora)
+                             query_lora=options.query_lora, overwrite_kind=options.overwrite_kind)
     log(f"saved {out} ({options.format}: loads with transformers' DeepseekV3ForCausalLM, no custom code)")
     config = model.config
     if config.q_lora_rank is None and options.query_lora is None and config.num_hidden_layers not in (26, 27):

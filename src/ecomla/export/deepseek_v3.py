@@ -167,7 +167,7 @@ def check_exportable(config, problems_of=deepseek_v3_problems, what: str = "Deep
 
 @torch.no_grad()
 def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool = False, inputs: dict | None = None,
-                       query_lora: str | None = None) -> Path:
+                       query_lora: str | None = None, overwrite_kind: str | None = None) -> Path:
     """Write `model` (EcoMLAForCausalLM, full MLA) to `out` as a DeepSeek-V3 checkpoint
     (`query_lora="identity"`: a full-rank query written as a query LoRA, see `identity_query_lora`)."""
     from transformers import DeepseekV3ForCausalLM
@@ -186,4 +186,4 @@ def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool =
         raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
     ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)
     ds.config.architectures = ["DeepseekV3ForCausalLM"]
-    return save_checkpoint(ds, tokenizer, out, overwrite, inputs)
+    return save_checkpoint(ds, tokenizer, out, overwrite, inputs, kind="export", overwrite_kind=overwrite_kind)

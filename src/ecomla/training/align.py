@@ -70,7 +70,14 @@ def teacher_targets(teacher, input_ids, layers: list[int]) -> dict[int, tuple[to
 
 
 def check_teacher(student_config, teacher_config) -> None:
-    """The teacher of alignment must be the model the student was converted from (same layers, same width)."""
+    """The teacher of alignment must be the model the student was converted from (same family, layers, width)."""
+    from ..sources import SUPPORTED_MODEL_TYPES
+
+    kind = getattr(teacher_config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"ecomla align needs the original model the student was converted from as --teacher; this "
+                         f"teacher is a {kind!r} model, which ecomla does not convert ({', '.join(SUPPORTED_MODEL_TYPES)}): "
+                         "a teacher of another family belongs to `ecomla distill`")
     s = (student_config.num_hidden_layers, student_config.hidden_size)
     t = (teacher_config.num_hidden_layers, teacher_config.hidden_size)
     if s != t:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import LOCK, atomic_write, check_output, clear_run_dir, mark, run_lock
+from ..io import atomic_write, check_output, claim, clear_run_dir, mark, read_json, read_log, record
 from ..options import DTYPES, DistillOptions
 from .losses import chunked_distill_loss, forward_kl
 
@@ -154,7 +154,8 @@ def heldout_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, w
             t_nll_sum += float((-lt.gather(-1, labels[s:e, None])[:, 0] * w[s:e]).sum())
         count += float(w.sum())
     n = max(count, 1)
-    return {"heldout_kl": kl_sum / n, "heldout_ppl": math.exp(nll_sum / n), "teacher_ppl": math.exp(t_nll_sum / n),
+    exp = lambda x: math.exp(x) if x < 700 else math.inf  # noqa: E731  (a diverged model: no OverflowError)
+    return {"heldout_kl": kl_sum / n, "heldout_ppl": exp(nll_sum / n), "teacher_ppl": exp(t_nll_sum / n),
             "heldout_tokens": int(count)}
 
 
@@ -173,7 +174,7 @@ def reuse_sampled_text(source: DistillOptions, cfg: DistillOptions) -> bool:
     if source.data or sampling(source) != sampling(cfg) or not src.is_file() or target.exists() or not cfg.resume:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    mark(Path(cfg.out))
+    mark(Path(cfg.out), cfg.command)
     atomic_write(target, src.read_bytes())
     return True
 
@@ -230,14 +231,16 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
     return 0
 
 
-def _publish_model(lm, tokenizer, out: Path) -> None:
-    """save_pretrained into a temporary folder, then move files into `out`, config.json last."""
+def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
+    """save_pretrained into a temporary folder, then move files into `out`, config.json last (recorded as
+    ecomla's before they move in)."""
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+    record(out, kind, files, read_from=tmp)
     for f in files:
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -248,10 +251,8 @@ def _preflight(cfg: DistillOptions, world: int) -> dict:
     from ..sources import load_config, load_tokenizer
     from .data import read_documents
 
-    if cfg.student is None:
-        raise ValueError("give the STUDENT model to distill")
-    inputs = {"student": cfg.student, "teacher": cfg.teacher, "training data": list(cfg.data)}
-    out = check_output(cfg.out, inputs, cfg.overwrite, resume=cfg.resume)
+    out = check_output(cfg.out, _inputs(cfg), cfg.overwrite, resume=cfg.resume, kind=cfg.command,
+                       overwrite_kind=cfg.overwrite_kind)
     s_cfg = load_config(cfg.student)
     try:
         t_cfg = load_config(cfg.teacher)
@@ -278,18 +279,26 @@ def _preflight(cfg: DistillOptions, world: int) -> dict:
     return dict(out=out, tokenizer=tokenizer, docs=docs, steps=steps, per_step_tokens=per_step_tokens)
 
 
+def _inputs(cfg: DistillOptions) -> dict:
+    if cfg.student is None:
+        raise ValueError(f"give the STUDENT model to {cfg.command}")
+    return {"student": cfg.student, "teacher": cfg.teacher, "training data": list(cfg.data)}
+
+
 def _prepare_run_dir(cfg: DistillOptions, out: Path, log) -> dict | None:
     """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
     train_dir = out / "training"
     if cfg.resume:
         cfg.check_resume(train_dir / "args.json")
+        if (train_dir / "log.jsonl").is_file():  # a damaged log is named now, before anything is written
+            read_log(train_dir / "log.jsonl", "start the run again with --overwrite")
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
             log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
-            return json.loads((train_dir / "summary.json").read_text())
-    elif cfg.overwrite and any(p.name != LOCK for p in out.iterdir()):
+            return read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite")
+    elif cfg.overwrite and any(out.iterdir()):
         log(f"[ecomla {cfg.command}] --overwrite: replacing the earlier ecomla run in {out}")
         clear_run_dir(out)
-    mark(out)
+    mark(out, cfg.command)
     return None
 
 
@@ -300,24 +309,27 @@ def distill(cfg: DistillOptions, log=print) -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
-    plan = _preflight(cfg, accelerator.num_processes)
-    out, main = plan["out"], accelerator.is_main_process
-    created = not out.exists()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
-        with run_lock(out) if main else nullcontext():
+    main = accelerator.is_main_process
+    # the main process holds --out's lock from the first check to the end: the only writer there
+    with claim(cfg.out, _inputs(cfg)) if main else nullcontext():
+        plan = _preflight(cfg, accelerator.num_processes)
+        out = plan["out"]
+        created = not out.exists()
+        accelerator.wait_for_everyone()  # every process checked --out before the main one creates it
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        try:
             done = _prepare_run_dir(cfg, out, log) if main else None
             done = accelerate_broadcast(accelerator, done)
             if done is not None:
                 return done
             return _train(cfg, plan, accelerator, log)
-    except BaseException:
-        # a run that failed before its first checkpoint leaves nothing to resume: leave no folder behind
-        if main and created and not _checkpoints(out / "training" / "checkpoints") and not (out / "config.json").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:
+            # a run that failed before its first checkpoint leaves nothing to resume: leave no folder behind
+            if main and created and not _checkpoints(out / "training" / "checkpoints") and not (out / "config.json").exists():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def accelerate_broadcast(accelerator, obj):
@@ -391,10 +403,11 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world}, indent=1))
         kept = []
         if log_path.is_file():  # drop rows past the checkpoint: they are re-run
-            kept = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
-        atomic_write(log_path, "".join(r + "\n" for r in kept))
+            fix = "start the run again with --overwrite"
+            kept = [r for r in read_log(log_path, fix) if r.get("step", math.inf) <= start_step]
+        atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in kept))
         # wall-clock training time of the whole run, parts before a resume included (the compute a result cost)
-        earlier_seconds = max([json.loads(r).get("train_seconds", 0.0) for r in kept], default=0.0)
+        earlier_seconds = max([r.get("train_seconds", 0.0) for r in kept], default=0.0)
 
     def write_log(row: dict) -> None:
         if main:
@@ -406,6 +419,8 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
         unwrapped.eval()
         m = heldout_metrics(unwrapped, teacher, held_ids, held_w, cfg, device, autocast=accelerator.autocast)
         unwrapped.train()
+        if not math.isfinite(m["heldout_kl"]):
+            raise TrainingDiverged(diverged_message(cfg, step, "held-out KL", m["heldout_kl"], ckpt_dir))
         write_log({"step": step, "tokens": step * per_step_tokens, **m})
         return m
 
@@ -429,16 +444,24 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
                 accelerator.backward(loss / cfg.grad_accum)
             loss_acc += float(loss.detach()) / cfg.grad_accum
             kl_acc += float(kl) / cfg.grad_accum
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        # the global gradient norm (clipped when --max-grad-norm is set): checked before the weights change
+        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
+        loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
+        kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
+        for what, value in (("training loss", loss_avg), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise TrainingDiverged(diverged_message(cfg, step + 1, what, value, ckpt_dir))
+        if step == start_step and grad_norm == 0.0:
+            raise TrainingDiverged(f"[ecomla {cfg.command}] nothing trains: every gradient is zero at step {step + 1} "
+                                   f"(loss {loss_avg:.4g}); the loss does not depend on the trained weights"
+                                   + (f" at --temperature {cfg.temperature}" if cfg.command == "distill" else "")
+                                   + ". Check the options (temperature, --train) and the student")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         trained += per_step_tokens
         train_seconds += time.time() - t_step
         tok_s = trained / max(train_seconds, 1e-9)
-        loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
-        kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
         write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, metric: kl_avg,
                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "train_seconds": earlier_seconds + train_seconds})
         bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}")
@@ -467,8 +490,9 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
     if main:
         lm_final = accelerator.unwrap_model(student).lm
         lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False)
-        _publish_model(lm_final, tokenizer, out)
-        prev = json.loads((train_dir / "summary.json").read_text()) if (train_dir / "summary.json").is_file() else {}
+        _publish_model(lm_final, tokenizer, out, cfg.command)
+        prev = read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite") \
+            if (train_dir / "summary.json").is_file() else {}
         if summary["before"] is None:
             summary["before"] = prev.get("before") or _first_eval(log_path)
         atomic_write(train_dir / "summary.json", json.dumps(summary, indent=1))
@@ -480,10 +504,27 @@ def _train(cfg: DistillOptions, plan: dict, accelerator, log) -> dict:
     return summary
 
 
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite number (or nothing to train): the run stops, nothing is published."""
+
+
+def diverged_message(cfg: DistillOptions, step: int, what: str, value: float, ckpt_dir: Path) -> str:
+    """Where and why a run stopped, what is kept, and what to change."""
+    kept = _checkpoints(ckpt_dir)
+    where = (f"the last good checkpoint ({kept[-1]}) is kept" if kept else "no checkpoint was written before it")
+    causes = [f"the learning rate (--lr {cfg.lr:g}) is too high for this model"]
+    if cfg.command == "distill" and cfg.temperature != 1.0:
+        causes.append(f"the temperature (--temperature {cfg.temperature:g})")
+    if cfg.precision == "bf16":
+        causes.append("bf16 overflow (--precision fp32)")
+    return (f"[ecomla {cfg.command}] step {step}: the {what} is {value} (not a finite number): training diverged and "
+            f"stopped; no model was published, {where}. Likely cause: {'; or '.join(causes)}. Start again with a "
+            "lower --lr (--overwrite)")
+
+
 def _first_eval(log_path: Path) -> dict | None:
-    for line in log_path.read_text().splitlines():
-        row = json.loads(line)
-        if "heldout_kl" in row and row["step"] == 0:
+    for row in read_log(log_path, "start the run again with --overwrite"):
+        if "heldout_kl" in row and row.get("step") == 0:
             return {k: row.get(k) for k in ("heldout_kl", "heldout_ppl", "teacher_ppl", "heldout_tokens")}
     return None
 

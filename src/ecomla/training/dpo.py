@@ -28,13 +28,20 @@ def preference_row(row: dict) -> dict:
     if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
         raise ValueError("preference rows need 'chosen' and 'rejected' (and 'prompt' or 'conversations')")
     if "conversations" in row:
+        if not isinstance(row["conversations"], list):
+            raise ValueError(f"'conversations' must be a list of chat turns, got {row['conversations']!r}")
         prompt = [_turn(m) for m in row["conversations"]]
         return {"prompt": prompt, "chosen": [_turn(row["chosen"])], "rejected": [_turn(row["rejected"])]}
-    if "prompt" in row and all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected")):
+    keys = ("prompt", "chosen", "rejected")
+    if "prompt" in row and all(isinstance(row[k], str) for k in keys):
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-    if "prompt" in row:  # already conversational
+    if "prompt" in row and all(isinstance(row[k], list) for k in keys):  # already conversational
         return {"prompt": [_turn(m) for m in row["prompt"]], "chosen": [_turn(m) for m in row["chosen"]],
                 "rejected": [_turn(m) for m in row["rejected"]]}
+    if "prompt" in row:
+        got = ", ".join(f"{k} {type(row[k]).__name__}" for k in keys)
+        raise ValueError(f"'prompt', 'chosen' and 'rejected' must all be strings (plain text) or all lists of chat "
+                         f"turns; got {got}")
     raise ValueError("preference rows need 'prompt' or 'conversations' beside 'chosen' and 'rejected'")
 
 
@@ -44,7 +51,7 @@ def read_preferences(path: str | Path) -> list[dict]:
     if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"preference file {path}: expected .json (a list of rows) or .jsonl (one row per line)")
     rows = []
-    for n, r in enumerate(read_rows(path), 1):
+    for n, r in enumerate(read_rows(path, "preference file"), 1):
         try:
             rows.append(preference_row(r))
         except ValueError as err:
@@ -56,6 +63,18 @@ def read_preferences(path: str | Path) -> list[dict]:
 
 def dpo(args: DPOOptions, log=print) -> Path:
     """Train with DPO; the final model is written atomically to args.out (TRL state in out.dpo-state/)."""
+    from ..io import claim
+
+    if args.model is None:
+        raise ValueError("give the MODEL to train")
+    inputs = {"model": args.model, "reference model": args.ref_model, "preference data": args.data}
+    state = Path(str(args.out)).expanduser().resolve()
+    state = state.with_name(state.name + ".dpo-state")
+    with claim(args.out, inputs), claim(state, inputs):  # the only writer of both, from these checks to the end
+        return _dpo(args, inputs, state, log)
+
+
+def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     import shutil
 
     import torch
@@ -64,12 +83,9 @@ def dpo(args: DPOOptions, log=print) -> Path:
     from ..sources import load_config, load_model, load_tokenizer
     from .distill import check_vocab
 
-    if args.model is None:
-        raise ValueError("give the MODEL to train")
-    inputs = {"model": args.model, "reference model": args.ref_model, "preference data": args.data}
-    out = check_output(args.out, inputs, args.overwrite, resume=args.resume)
-    state = out.with_name(out.name + ".dpo-state")
-    check_output(state, inputs, overwrite=args.overwrite, resume=args.resume)
+    out = check_output(args.out, inputs, args.overwrite, resume=args.resume, kind="dpo", overwrite_kind=args.overwrite_kind)
+    check_output(state, inputs, overwrite=args.overwrite, resume=args.resume, kind="dpo-state",
+                 overwrite_kind=args.overwrite_kind)
     rows = read_preferences(args.data)
     if args.ref_model:
         check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
@@ -100,26 +116,32 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from ..io import atomic_write, clear_run_dir, mark, run_lock, save_checkpoint
+    from ..io import atomic_write, clear_run_dir, mark, save_checkpoint
 
-    with run_lock(state):
-        if args.overwrite and not args.resume:
-            clear_run_dir(state)
-        mark(state)
-        atomic_write(state / "args.json", json.dumps(args.recorded(), indent=1))
-        config = DPOConfig(
-            output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
-            max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-            max_length=args.max_length, bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
-            logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
-        )
-        trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok)
-        last = None
-        if args.resume:
-            ckpts = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            last = str(ckpts[-1]) if ckpts else None
-            log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
-        trainer.train(resume_from_checkpoint=last)
-        atomic_write(state / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-        save_checkpoint(trainer.model, tok, out, overwrite=True, inputs=inputs)
+    state.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and not args.resume:
+        clear_run_dir(state)
+    mark(state, "dpo-state")
+    atomic_write(state / "args.json", json.dumps(args.recorded(), indent=1))
+    config = DPOConfig(
+        output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        max_length=args.max_length, bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
+        logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
+    )
+    trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok)
+    last = None
+    if args.resume:
+        ckpts = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        last = str(ckpts[-1]) if ckpts else None
+        log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
+    trainer.train(resume_from_checkpoint=last)
+    atomic_write(state / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+    bad = [n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        raise ValueError(f"[ecomla dpo] training diverged: {len(bad)} weight tensors hold non-finite values (e.g. "
+                         f"{bad[0]}; logged losses {losses[-3:]}); nothing was published to {out}. Likely cause: "
+                         f"the learning rate (--lr {args.lr:g}) or --beta {args.beta:g}; start again with a lower --lr")
+    save_checkpoint(trainer.model, tok, out, overwrite=True, inputs=inputs, kind="dpo", overwrite_kind=args.overwrite_kind)

@@ -1,0 +1,403 @@
+"""Nothing lost, nothing wrong: one lock for every writer, outputs that know their kind, `--resume` only
+into its own run, weights checked before use, no non-finite model published, recipes checked whole and
+rerun when what they read changes. Every data-loss case hashes the user's files before and after."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_TEXT, tiny_model_dir
+from ecomla.cli import main as cli_main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def main(argv) -> int:
+    """`ecomla ARGV` in this process (paths welcome)."""
+    return cli_main([str(a) for a in argv])
+
+
+def snapshot(root: Path) -> dict:
+    """{relative path: bytes} of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ecomla.cli", *map(str, argv)], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A teacher, its converted student (and one llama.cpp runs), a finished distillation run, a text file."""
+    root = tmp_path_factory.mktemp("lab")
+    tiny_model_dir(root / "teacher")
+    (root / "text.txt").write_text(TINY_TEXT * 3)
+    assert main(["convert", root / "teacher", "--kv-rank", "8", "--init", "xecomla", "--out", root / "student"]) == 0
+    assert main(["convert", root / "teacher", "--kv-rank", "8", "--target", "llama.cpp", "--out", root / "cpp"]) == 0  # GGUF-able
+    assert main(["distill", root / "student", "--teacher", root / "teacher", "--data", root / "text.txt", "--tokens", "256",
+                 "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--save-every", "2",
+                 "--out", root / "trained"]) == 0
+    return root
+
+
+def refused(capsys, argv, message, *roots):
+    """`ecomla argv` exits 2 naming `message`, and no file under `roots` changed."""
+    before = [snapshot(r) for r in roots]
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert [snapshot(r) for r in roots] == before, "a file changed"
+    return err
+
+
+# ---------------------------------------------------------------------------- one writer per output
+
+
+def test_overwrite_while_a_training_run_writes_is_refused_and_the_run_finishes(lab, tmp_path, capsys):
+    run = tmp_path / "R"
+    proc = subprocess.Popen([sys.executable, "-m", "ecomla.cli", "distill", lab / "student", "--teacher", lab / "teacher",
+                             "--data", lab / "text.txt", "--tokens", str(1200 * 2 * 32), "--seq-len", "32", "--batch-size",
+                             "2", "--eval-every", "0", "--save-every", "200", "--out", run],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "training" / "log.jsonl").is_file():  # training has started
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        for argv in (["convert", lab / "teacher", "--kv-rank", "8", "--init", "xecomla", "--out", run, "--overwrite"],
+                     ["eval", lab / "teacher", "--ppl-file", lab / "text.txt", "--out", run, "--overwrite",
+                      "--overwrite-kind", "distill"],
+                     ["export", lab / "student", "--out", run, "--overwrite"],
+                     ["distill", lab / "student", "--teacher", lab / "teacher", "--out", run, "--resume"]):
+            code = main([str(a) for a in argv])
+            err = capsys.readouterr().err
+            assert code == 2 and f"pid {proc.pid}, ecomla distill) is writing {run}" in err, err
+        assert proc.poll() is None, "the run ended before every writer was tried: lengthen it"
+    finally:
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads((run / "training" / "summary.json").read_text())
+    assert summary["steps"] == 1200 and (run / "config.json").is_file()
+    assert not list(tmp_path.glob(".*")), "a lock or temporary was left behind"
+
+
+def test_two_creators_of_one_output_cannot_both_succeed(lab, tmp_path):
+    def start(argv):
+        return subprocess.Popen([sys.executable, "-m", "ecomla.cli", *map(str, argv)], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    for argv in (["convert", lab / "teacher", "--kv-rank", "8", "--init", "xecomla", "--out", tmp_path / "o"],
+                 ["export", lab / "cpp", "--format", "gguf", "--outtype", "f32", "--out", tmp_path / "o.gguf"]):
+        procs = [start(argv) for _ in range(2)]
+        results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+        assert sorted(code for code, _ in results) == [0, 2], results
+        loser = next(err for code, err in results if code == 2)
+        assert "is writing" in loser or "exists: choose another --out" in loser, loser
+        assert "replacing" not in "".join(err for _, err in results)
+
+
+# ---------------------------------------------------------------------------- outputs know their kind
+
+
+def test_resume_continues_only_its_own_kind_of_run(lab, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["convert", lab / "teacher", "--kv-rank", "8", "--init", "xecomla", "--out", other]) == 0
+    refused(capsys, ["distill", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt", "--seq-len", "32",
+                     "--out", other, "--resume"], "holds a converted model (ecomla convert), not a run of `ecomla distill`",
+            tmp_path, lab)
+    refused(capsys, ["dpo", lab / "student", "--data", lab / "text.txt", "--out", other, "--resume"],
+            "not a run of `ecomla dpo`", tmp_path, lab)
+    refused(capsys, ["align", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt", "--seq-len", "32",
+                     "--out", lab / "trained", "--resume"], "holds a distillation run", tmp_path, lab)
+
+
+def test_a_user_folder_that_looks_like_a_run_is_not_ecomlas(lab, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / "training").mkdir(parents=True)
+    (proj / "training" / "args.json").write_text("{}")
+    (proj / "train.py").write_text("code")
+    refused(capsys, ["convert", lab / "teacher", "--kv-rank", "8", "--out", proj, "--overwrite"],
+            "was not written by ecomla", tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"note": "\\"ecomla_version\\" appears in my text"}')
+    refused(capsys, ["convert", lab / "teacher", "--kv-rank", "8", "--out", mine, "--overwrite"],
+            "was not written by ecomla", tmp_path)
+
+
+def test_overwrite_replaces_only_its_own_kind_and_never_a_users_file(lab, tmp_path, capsys):
+    trained = tmp_path / "trained"
+    subprocess.run(["cp", "-r", lab / "trained", trained], check=True)
+    err = refused(capsys, ["eval", lab / "teacher", "--ppl-file", lab / "text.txt", "--out", trained, "--overwrite"],
+                  "holds a distillation run (ecomla distill: a trained model, its checkpoints and log): a finished "
+                  "model, 1 checkpoint(s), the last at step 2", tmp_path)
+    assert "add --overwrite-kind distill" in err
+    (trained / "training" / "notes.md").write_text("my notes")  # a user's file inside an ecomla output
+    (trained / "generation_config.json").write_text("{}")  # an ecomla file the user edited
+    err = refused(capsys, ["distill", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt",
+                           "--seq-len", "32", "--out", trained, "--overwrite"], "holds files ecomla did not write", tmp_path)
+    assert "generation_config.json (changed since ecomla wrote it), training/notes.md" in err
+    (trained / "training" / "notes.md").unlink()
+    (trained / "generation_config.json").write_bytes((lab / "trained" / "generation_config.json").read_bytes())
+    # asked for exactly: the run is replaced by the evaluation
+    assert main(["eval", lab / "teacher", "--ppl-file", lab / "text.txt", "--out", trained, "--overwrite",
+                 "--overwrite-kind", "distill"]) == 0
+    assert {p.name for p in trained.iterdir()} <= {".ecomla-output", "results.json", "results.md", "results.png"}
+    assert json.loads((trained / ".ecomla-output").read_text())["kind"] == "eval"
+
+
+def test_an_empty_folder_is_used_and_a_legacy_output_is_refused(lab, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", lab / "teacher", "--kv-rank", "8", "--init", "xecomla", "--out", empty]) == 0
+    assert (empty / "config.json").is_file()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".ecomla-output").write_text("written by ecomla; `--overwrite` may replace this folder\n")
+    (old / "config.json").write_text("{}")
+    refused(capsys, ["convert", lab / "teacher", "--kv-rank", "8", "--out", old, "--overwrite"],
+            "recorded neither its kind nor its files", tmp_path)
+
+
+# ---------------------------------------------------------------------------- weights checked, never invented
+
+
+@pytest.fixture(scope="module")
+def broken(lab, tmp_path_factory):
+    """A source missing layer 1, a Llama config over Qwen2 weights, a GGUF without tensors, a truncated GGUF."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("broken")
+    subprocess.run(["cp", "-r", lab / "teacher", root / "missing"], check=True)
+    weights = load_file(root / "missing" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")},
+              root / "missing" / "model.safetensors", metadata={"format": "pt"})
+    subprocess.run(["cp", "-r", lab / "cpp", root / "student-missing"], check=True)
+    weights = load_file(root / "student-missing" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0.self_attn" not in k},
+              root / "student-missing" / "model.safetensors", metadata={"format": "pt"})
+    llama = json.loads((lab / "teacher" / "config.json").read_text())
+    qwen = Qwen2Config(**{k: llama[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                                "num_key_value_heads", "vocab_size", "max_position_embeddings")})
+    Qwen2ForCausalLM(qwen).save_pretrained(root / "qwen-as-llama")
+    (root / "qwen-as-llama" / "config.json").write_text(json.dumps(llama))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "qwen-as-llama" / f).write_bytes((lab / "teacher" / f).read_bytes())
+    writer = gguf.GGUFWriter(str(root / "empty.gguf"), "llama")
+    writer.add_block_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert main(["export", lab / "cpp", "--format", "gguf", "--outtype", "f32", "--out", root / "whole.gguf"]) == 0
+    data = (root / "whole.gguf").read_bytes()
+    (root / "truncated.gguf").write_bytes(data[: len(data) // 2])
+    return root
+
+
+WEIGHT_CASES = [  # (argv with {b} the broken models, {l} the lab, {t} a scratch folder; the message)
+    ("convert {b}/missing --kv-rank 8 --out {t}/o", "missing 9 tensors (layer 1; e.g. model.layers.1."),
+    ("generate {b}/missing --prompt hi", "missing 9 tensors (layer 1"),
+    ("distill {b}/student-missing --teacher {l}/teacher --data {l}/text.txt --seq-len 32 --out {t}/o", "missing"),
+    ("distill {l}/student --teacher {b}/missing --data {l}/text.txt --seq-len 32 --out {t}/o", "missing 9 tensors"),
+    ("export {b}/student-missing --format gguf --out {t}/o.gguf", "self_attn"),
+    ("convert {b}/qwen-as-llama --kv-rank 8 --out {t}/o", "unexpected"),
+    ("convert {b}/empty.gguf --kv-rank 8 --out {t}/o", "holds no tensors"),
+    ("kv {b}/truncated.gguf", "truncated.gguf cannot be read"),
+    ("convert {b}/truncated.gguf --kv-rank 8 --out {t}/o", "truncated.gguf cannot be read"),
+]
+
+
+def test_missing_or_mismatched_weights_are_refused_by_every_loader(lab, broken, tmp_path):
+    failures = run_table(WEIGHT_CASES, dict(b=broken, l=lab, t=tmp_path), [broken, lab])
+    assert not failures, "\n".join(failures)
+    assert not list(tmp_path.iterdir())
+
+
+def run_table(cases, fmt: dict, roots: list[Path]) -> list[str]:
+    """Each (argv, message) in its own process, two at a time: exit 2, the message, no traceback, no file
+    under `roots` changed. Returns the failures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = [snapshot(r) for r in roots]
+
+    def one(case):
+        argv, message = case
+        return argv, cli(*argv.format(**fmt).split()), message.format(**fmt)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, cases))
+    failures = [f"{argv}: exit {p.returncode}: {p.stderr[-800:]}" for argv, p, message in results
+                if p.returncode != 2 or "Traceback" in p.stderr or message not in p.stderr]
+    if [snapshot(r) for r in roots] != before:
+        failures.append("a file changed")
+    return failures
+
+
+# ---------------------------------------------------------------------------- no broken model published
+
+
+def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_publishes_nothing(lab, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    subprocess.run(["cp", "-r", lab / "teacher", teacher], check=True)
+    run = tmp_path / "run"
+    argv = ["distill", lab / "student", "--teacher", teacher, "--data", lab / "text.txt", "--tokens", "256", "--seq-len",
+            "32", "--batch-size", "2", "--eval-fraction", "0", "--save-every", "2", "--out", run]
+    assert main([str(a) for a in [*argv, "--stop-after", "2"]]) == 0
+    weights = load_file(teacher / "model.safetensors")  # the teacher breaks: its logits become NaN
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = snapshot(run / "training" / "checkpoints")
+    err = refused(capsys, [*argv, "--resume"], "step 3: the training loss is nan (not a finite number): training "
+                  "diverged and stopped; no model was published, the last good checkpoint", lab)
+    assert "step-000002" in err and "--lr" in err
+    assert not (run / "config.json").exists() and snapshot(run / "training" / "checkpoints") == checkpoint
+    fresh = tmp_path / "fresh"  # nothing to keep: no folder is left
+    refused(capsys, [*argv[:-1], fresh], "step 1: the training loss is nan", lab)
+    assert not fresh.exists()
+
+
+def test_training_options_that_cannot_train_are_refused_before_work(lab, tmp_path, capsys):
+    base = ["distill", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt", "--seq-len", "32",
+            "--out", tmp_path / "o"]
+    refused(capsys, [*base, "--lr", "1e6"], "lr (--lr) must be > 0 and <= 1, got 1000000.0", lab)
+    refused(capsys, [*base, "--temperature", "1e-30"], "temperature (--temperature) must be >= 0.05 and <= 100", lab)
+    refused(capsys, [*base, "--overwrite-kind", "convert"], "applies only with --overwrite", lab)
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"out": ""}, "'out' must be a folder path written as text, got ''"),
+    ({"out": ["a", "b"]}, "'out' must be a folder path written as text, got ['a', 'b']"),
+    ({"out": None}, "'out' must be a folder path written as text, got None"),
+    ({"model": None}, "'model' must be a hub id, local directory, .gguf file or built-in name written as text"),
+    ({"distill": {"data": ["{t}/nowhere.txt"]}}, "recipe section 'distill': data file {t}/nowhere.txt: no such file"),
+    ({"distill": {"seq_len": 100000}}, "recipe section 'distill': seq_len 100000 is beyond the model's maximum length 256"),
+    ({"eval": {"tasks": ["arc_eazy"], "data_dir": "{t}"}}, "recipe section 'eval': unknown task(s) arc_eazy"),
+    ({"dpo": {"data": "{t}/nowhere.json"}}, "recipe section 'dpo': preference file"),
+])
+def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, message):
+    from ecomla.pipeline import run_recipe
+
+    recipe = {"model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+              "distill": {"data": [str(lab / "text.txt")], "tokens": 128, "seq_len": 32, "batch_size": 2}}
+    for key, value in change.items():
+        value = json.loads(json.dumps(value).replace("{t}", str(tmp_path)))
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and key in recipe else value
+    with pytest.raises((ValueError, OSError)) as err:
+        run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
+    assert message.replace("{t}", str(tmp_path)) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_recipe_reruns_a_step_whose_input_files_changed(lab, tmp_path):
+    from ecomla.pipeline import run_recipe
+
+    model = tmp_path / "model"
+    subprocess.run(["cp", "-r", lab / "teacher", model], check=True)
+    data = tmp_path / "data.txt"
+    data.write_text(TINY_TEXT * 3)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": str(model), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+        "distill": {"data": [str(data)], "tokens": 128, "seq_len": 32, "batch_size": 2, "eval_every": 0}})
+    run_recipe(recipe, log=lambda *a: None)
+    lines = []
+    run_recipe(recipe, log=lines.append)
+    assert sum("already done" in str(x) for x in lines) == 2
+    data.write_text(TINY_TEXT.upper() * 3)  # the data changes, the recipe does not
+    lines = []
+    run_recipe(recipe, log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "convert: already done" in text and f"input {data} changed" in text
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")  # the model's weights change in place, same size
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    lines = []
+    run_recipe(recipe, log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert f"convert: {tmp_path / 'out' / 'converted'} was made with other options" in text
+    assert f"input {model} changed" in text
+    assert f"distill: {tmp_path / 'out' / 'distilled'} was made with other options" in text  # its teacher is the model
+
+
+# ---------------------------------------------------------------------------- clear messages, no tracebacks
+
+
+@pytest.fixture(scope="module")
+def scraps(lab, tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    s = tmp_path_factory.mktemp("scraps")
+    (s / "lists.jsonl").write_text('["a", "b"]\n[1, 2]\n')
+    (s / "numbers.json").write_text("[1, 2, 3]")
+    (s / "dpo-numbers.json").write_text(json.dumps([{"prompt": 1, "chosen": 2, "rejected": 3}]))
+    llama = json.loads((lab / "teacher" / "config.json").read_text())
+    GPT2LMHeadModel(GPT2Config(n_embd=llama["hidden_size"], n_layer=llama["num_hidden_layers"], n_head=4,
+                               vocab_size=llama["vocab_size"], n_positions=256)).save_pretrained(s / "gpt2")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (s / "gpt2" / f).write_bytes((lab / "teacher" / f).read_bytes())
+    for name in ("args", "log"):  # runs whose own records are damaged
+        run = s / f"bad-{name}"
+        subprocess.run(["cp", "-r", lab / "trained", run], check=True)
+        (run / "config.json").unlink()
+        path = run / "training" / ("args.json" if name == "args" else "log.jsonl")
+        path.write_text('{"step": 1,' + ("\n{}\n" if name == "log" else ""))
+    return s
+
+
+CASES = [  # (argv with {l} the lab, {s} scraps, {t} a scratch folder; what the message must name)
+    ("convert {l}/teacher --kv-rank 8 --calib {s}/lists.jsonl --out {t}/o", "lists.jsonl, line 1: expected a row with a 'text' string"),
+    ("convert {l}/teacher --kv-rank 8 --calib {s}/numbers.json --out {t}/o", "numbers.json, row 1: expected a row with a 'text'"),
+    ("convert {l}/teacher --kv-rank 8 --calib-cache {t}/o --out {t}/o", "--calib-cache {t}/o is --out {t}/o"),
+    ("convert {l}/teacher --kv-rank 8 --calib-cache {l}/teacher/cache --out {t}/o", "sits inside the source model"),
+    ("eval {l}/teacher --tasks passkey --passkey-filler {l}/text.txt --passkey-contexts 100000",
+     "every prompt is beyond the 256 positions"),
+    ("align {l}/student --teacher {s}/gpt2 --data {l}/text.txt --seq-len 32 --out {t}/o", "this teacher is a 'gpt2' model"),
+    ("generate {l}/teacher --prompt hi --device mps", "--device mps: Apple's MPS is not available"),
+    ("dpo {l}/student --data {s}/dpo-numbers.json --out {t}/o", "dpo-numbers.json, row 1: 'prompt', 'chosen' and 'rejected'"),
+    ("distill {l}/student --teacher {l}/teacher --data {l}/text.txt --tokens 256 --seq-len 32 --batch-size 2 --eval-every 0 "
+     "--save-every 2 --out {s}/bad-args --resume", "the run's recorded options {s}/bad-args/training/args.json is damaged"),
+    ("distill {l}/student --teacher {l}/teacher --data {l}/text.txt --tokens 256 --seq-len 32 --batch-size 2 --eval-every 0 "
+     "--save-every 2 --out {s}/bad-log --resume", "training log {s}/bad-log/training/log.jsonl, line 1 is damaged"),
+    ("generate {l}/teachr --prompt hi", "model source '{l}/teachr' not found: no such local file or folder"),
+    ("generate lab/teachr --prompt hi", "as a hub id it could not be fetched"),
+]
+
+
+def test_clear_messages_each_in_a_subprocess(lab, scraps, tmp_path):
+    failures = run_table(CASES, dict(l=lab, s=scraps, t=tmp_path), [lab, scraps])
+    assert not failures, "\n".join(failures)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_steps_record_is_named(lab, tmp_path):
+    from ecomla.pipeline import run_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": str(lab / "teacher"), "out": str(tmp_path / "out"),
+                                                "convert": {"kv_rank": 8, "init": "xecomla"}})
+    run_recipe(recipe, log=lambda *a: None)
+    (tmp_path / "out" / "steps.json").write_text("{oops")
+    with pytest.raises(ValueError, match="the run's record of its steps .*steps.json is damaged"):
+        run_recipe(recipe, log=lambda *a: None)
