@@ -95,8 +95,9 @@ def test_convert_chooses_layers_ranks_and_frequencies_and_caches_statistics(tiny
     """Data-free calibration (the model's own samples; this source has no tokenizer), cached for the next run."""
     cache = tmp_path / "cache"
     args = ["convert", str(tiny_dir), "--kv-rank", "8", "--rope-dim", "4", "--num-mla-layers", "2", "--rank-alloc",
-            "spectrum", "--calib-tokens", "512", "--calib-cache", str(cache)]
+            "spectrum", "--rope-freqs", "cost", "--calib-tokens", "512", "--calib-cache", str(cache)]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "warning: no serving engine runs this shape" in capsys.readouterr().out  # per-layer choices, a hybrid
     assert len(list(cache.glob("cov-*.pt"))) == 1
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "a").config
     conv = config.conversion
@@ -106,7 +107,20 @@ def test_convert_chooses_layers_ranks_and_frequencies_and_caches_statistics(tiny
     assert sum(config.layer_kv_lora_rank(i) for i in config.mla_layers) == 16
     assert main([*args, "--init", "xecomla", "--out", str(tmp_path / "b")]) == 0
     conv = AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.conversion
-    assert (conv["init"], conv["svd"], conv["rope_freqs"], conv["rope_key_init"]) == ("xecomla", "weights", "uniform", "mean")
+    assert (conv["init"], conv["svd"], conv["rope_freqs"], conv["rope_key_init"]) == ("xecomla", "weights", "cost", "mean")
+
+
+def test_the_default_conversion_is_engine_native_and_options_turn_it_off(tiny_dir, tmp_path, capsys):
+    args = ["convert", str(tiny_dir), "--kv-rank", "8", "--rope-dim", "4", "--calib-tokens", "512"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "| transformers DeepseekV3 | yes |" in out and "| llama.cpp (CPU; CUDA without flash attention) | yes |" in out
+    assert "warning" not in out
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "a").config
+    assert config.use_kv_a_layernorm and config.conversion["rope_freqs"] == "progression" and config.conversion["latent_norm"]
+    assert main([*args, "--no-latent-norm", "--out", str(tmp_path / "b")]) == 0
+    assert "warning: no serving engine runs this shape" in capsys.readouterr().out
+    assert not AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.use_kv_a_layernorm
 
 
 def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys):

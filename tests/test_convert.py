@@ -50,7 +50,7 @@ def test_full_rank_equals_rope_change_reference(kv_heads, freqs):
 
 def test_per_group_rope_keys_all_frequencies_full_rank_reproduce_original():
     model = tiny_llama(num_kv_heads=2)
-    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2)
+    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2, latent_norm=False)
     mla = convert(model, conv, progress=False)
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():
@@ -76,7 +76,8 @@ def test_other_head_dims_fold_softmax_scale_and_stay_exact_when_rank_allows(nope
 
 def test_full_rank_query_lora_is_exact():
     model = tiny_llama(num_kv_heads=2)
-    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2, q_lora_rank=64)
+    conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2, q_lora_rank=64,
+                               latent_norm=False)
     mla = convert(model, conv, progress=False)
     assert hasattr(mla.model.layers[0].self_attn, "q_a_proj")
     ids = torch.randint(0, 128, (1, 16))
@@ -120,7 +121,8 @@ def test_mistral_converts_and_full_rank_per_group_is_exact():
     cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=None)
     model = randomized(MistralForCausalLM, cfg)
-    mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2),
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2,
+                                             latent_norm=False),
                   progress=False)
     assert mla.config.conversion["source_model_type"] == "mistral"
     ids = torch.randint(0, 128, (2, 20))
@@ -166,3 +168,27 @@ def test_converted_model_shares_no_storage_with_the_original():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert mla.lm_head.weight.data_ptr() == mla.model.embed_tokens.weight.data_ptr()  # the tie survives
     assert all(p.requires_grad for p in mla.parameters())
+
+
+def test_the_latent_norm_engines_apply_is_nearly_linear_at_init():
+    """--target adds the RMS norm every engine applies to the latent. Initialized in its near-linear regime
+    (latents of unit mean square on calibration text, eps 100, gain sqrt(101)), the model stays the same
+    conversion without the norm to within 1%; DeepSeek's eps 1e-6 with the average gain (the
+    initialization before) divides each token's latent by its own RMS and is far off."""
+    from ecomla.conversion.plan import LINEAR_LATENT_NORM_EPS
+
+    model = tiny_llama(num_kv_heads=2, head_dim=16)
+    kw = dict(kv_lora_rank=12, qk_rope_head_dim=8, calib_tokens=512)
+    normed = convert(model, MLAConversionConfig(target="llama.cpp", **kw), progress=False)
+    plain = convert(model, MLAConversionConfig(rope_freqs="progression", **kw), progress=False)
+    assert normed.config.rope_pair_indices == plain.config.rope_pair_indices
+    assert normed.config.use_kv_a_layernorm and normed.config.kv_a_layernorm_eps == LINEAR_LATENT_NORM_EPS
+    x = torch.randint(0, 128, (2, 48))
+    with torch.no_grad():
+        want = plain(x).logits
+        err = rel_err(normed(x).logits, want)
+        for layer in normed.model.layers:  # the same weights under DeepSeek's eps and the average gain
+            layer.self_attn.kv_a_layernorm.variance_epsilon = 1e-6
+            layer.self_attn.kv_a_layernorm.weight.fill_(1.0)
+        before = rel_err(normed(x).logits, want)
+    assert err < 1e-2 and before > 50 * err, (err, before)  # measured: 0.0058 and 0.65

@@ -92,8 +92,7 @@ def test_interleave_permutation():
 @pytest.mark.parametrize("conv, message", [
     (dict(layers=[0, 2]), r"layers \[1\] keep grouped-query attention.*--layers all"),
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
-    (dict(rope_freqs="high"), "not those of a standard rotary.*--rope-freqs uniform"),
-    (dict(rope_freqs="cost"), "keep different RoPE frequencies.*--rope-freqs uniform"),
+    (dict(rope_freqs="cost"), "keep different RoPE frequencies.*--rope-freqs progression"),
     (dict(), "latent has no RMS norm.*--target deepseek-v3"),
     (dict(rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 64}), "rope scaling 'yarn' depends on the rotary"),
@@ -157,3 +156,48 @@ def test_cli_convert_target_then_export(tmp_path, capsys):
     ids = torch.randint(1, 128, (1, 12))
     with torch.no_grad():
         assert type(ds).__name__ == "DeepseekV3ForCausalLM" and rel_err(ds(ids).logits, mla(ids).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 10000.0},
+                                  {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}], ids=["default", "linear"])
+def test_every_rope_progression_is_the_standard_rotary_its_export_writes(rope):
+    """Pairs a, a + s, ... of a 64-dim head, written as a 16-dim rotary with base theta^(s d / D) and linear
+    factor theta^(2a/D): the engine's frequencies equal the original's for those pairs (all 58 progressions)."""
+    from types import SimpleNamespace
+
+    from transformers import DeepseekV3Config, LlamaConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from ecomla.export.deepseek_v3 import engine_rope
+    from ecomla.model.rope import rotary_progression, rotary_progressions
+
+    D, d = 64, 16
+    original = LlamaRotaryEmbedding(config=LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=D,
+                                                       rope_parameters=dict(rope))).inv_freq  # (D/2,)
+    progressions = rotary_progressions(D, d)
+    assert len(progressions) == 58 and {rotary_progression(p)[1] for p in progressions} == {1, 2, 3, 4}
+    for pairs in progressions:
+        params = engine_rope(SimpleNamespace(rope_parameters=dict(rope), rope_pair_indices=pairs, head_dim=D,
+                                             qk_rope_head_dim=d))
+        engine = DeepseekV3RotaryEmbedding(config=DeepseekV3Config(qk_rope_head_dim=d, rope_parameters=params))
+        assert engine.inv_freq.shape == (d // 2,) and engine.attention_scaling == 1.0
+        torch.testing.assert_close(engine.inv_freq, original[pairs], rtol=2e-6, atol=0)
+    assert engine_rope(SimpleNamespace(rope_parameters=dict(rope), rope_pair_indices=[0, 1, 3, 4, 5, 6, 7, 8],
+                                       head_dim=D, qk_rope_head_dim=d)) is None  # no progression: no rotary
+
+
+@pytest.mark.parametrize("rope_freqs", ["progression", "high", "low"])
+def test_a_progression_exports_to_stock_transformers_with_same_logits(tmp_path, rope_freqs):
+    model = convert(tiny_llama(num_kv_heads=2, head_dim=16),
+                    MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, rope_freqs=rope_freqs, target="deepseek-v3"),
+                    progress=False)
+    first, step = __import__("ecomla.model.rope", fromlist=["x"]).rotary_progression(model.config.rope_pair_indices)
+    ids = torch.randint(1, 128, (2, 40))
+    got = run_fresh(model, ids, tmp_path)
+    check_same_model(model, ids, got)
+    written = got["cfg"]["rope_parameters"]
+    assert written["rope_theta"] == pytest.approx(10000.0 ** (step * 8 / 16))
+    assert written.get("factor", 1.0) == pytest.approx(10000.0 ** (2 * first / 16))
+    if rope_freqs == "low":
+        assert first == 4 and written["rope_type"] == "linear"

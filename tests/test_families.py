@@ -53,10 +53,10 @@ TINY = {"qwen2": tiny_qwen2, "phi3": tiny_phi3, "qwen3": tiny_qwen3}
 
 
 def exact(model, **kw) -> ConvertOptions:
-    """Full rank, every frequency, one RoPE key per KV group: the conversion that must be exact."""
+    """Full rank, every frequency, one RoPE key per KV group, no latent norm: the conversion that must be exact."""
     head_dim = model_dims(model.config)[2]
     return ConvertOptions(kv_lora_rank=max_kv_lora_rank(model.config, head_dim), qk_rope_head_dim=head_dim,
-                          rope_key_heads="per-group", **kw)
+                          rope_key_heads="per-group", latent_norm=False, **kw)
 
 
 @pytest.mark.parametrize("init", ["xecomla", "ecomla"])

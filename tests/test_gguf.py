@@ -77,6 +77,7 @@ def check_in_llama_cpp(model, tok, path, outtype, n_ctx=256):
 
 @pytest.mark.parametrize("case, conv, outtype", [
     ("full-q", {}, "f32"),
+    ("low-pairs", {"rope_freqs": "low"}, "f32"),  # a progression from pair 4: base and linear factor both change
     ("q-lora", {"q_lora_rank": 24}, "f32"),
     ("f16", {}, "f16"),
     ("bf16", {}, "bf16"),

@@ -140,7 +140,7 @@ def test_shared_key_residual_in_the_latent_is_exact_at_distance_zero_and_commute
 def test_conversion_with_both_folds_is_exact_where_nothing_is_dropped_and_records_them():
     model = tiny_llama(num_kv_heads=2)
     conv = MLAConversionConfig(kv_lora_rank=max_kv_lora_rank(model.config, 16), qk_rope_head_dim=16, rope_key_heads=2,
-                               rope_residual="latent", rope_drop="average", rope_context=512)
+                               rope_residual="latent", rope_drop="average", rope_context=512, latent_norm=False)
     mla = convert(model, conv, progress=False)
     rec = mla.config.conversion
     assert (rec["rope_residual"], rec["rope_drop"], rec["rope_context"]) == ("latent", "average", 512)

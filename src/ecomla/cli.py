@@ -39,8 +39,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f.name, metavar=f.name.upper(), nargs=m.get("nargs"), help=m["help"])
             continue
         kw["dest"] = f.name
-        if base is bool:
-            kw["action"] = "store_true"
+        if base is bool:  # a flag; one whose default is None (a preset decides) has a --no- form too
+            kw["action"] = argparse.BooleanOptionalAction if type(None) in typing.get_args(tp) else "store_true"
         elif typing.get_origin(base) is list and not m.get("parse"):
             kw["type"] = typing.get_args(base)[0]
             kw["action"] = "append" if m.get("append") else "store"

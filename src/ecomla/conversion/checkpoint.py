@@ -22,7 +22,7 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..export.engines import engine_table
+    from ..export.engines import engine_table, target_problems
     from ..io import OutputError, check_output, local_path, relation, save_checkpoint
     from ..sources import check_supported, load_config, load_model, load_tokenizer
     from .calibration import cached_covariance, calibration_ids
@@ -59,6 +59,10 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     log(conversion_table(src_config, planned))
     log("engines that serve this shape:\n" + engine_table(planned, rope_freqs=resolved.rope_freqs,
                                                             rank_alloc=resolved.rank_alloc))
+    if target_problems("llama.cpp", planned, rope_freqs=resolved.rope_freqs, rank_alloc=resolved.rank_alloc) and \
+            target_problems("deepseek-v3", planned, rope_freqs=resolved.rope_freqs, rank_alloc=resolved.rank_alloc):
+        log("warning: no serving engine runs this shape, only ecomla's own code (transformers with ecomla imported or "
+            "trust_remote_code): the table says which options to drop for a model llama.cpp and DeepSeek-V3 engines run")
 
     model, _ = load_model(options.source, dtype=getattr(torch, DTYPES[options.dtype]), tokenizer=False)
     if reads_text and ids is None:

@@ -12,15 +12,19 @@ from __future__ import annotations
 from ..export.engines import VLLM_ROPE_DIM, VLLM_SHAPES, target_problems
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.rope import select_rope_pairs
-from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, ConvertOptions
+from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
 from ..version import __version__
 from .families import llama_config
 from .kv import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 
+# Epsilon of the latent RMS norms a target engine applies, for latents of unit mean square (upcycle.py): the
+# norm g c / sqrt(mean(c^2) + eps) is then nearly linear, so it keeps what the SVD initialization made.
+LINEAR_LATENT_NORM_EPS = 100.0
+
 # What config.conversion records of the request (the workflow's paths and switches are not the model's).
 RECORDED = ("kv_lora_rank", "kv_ratio", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
             "rope_key_heads", "rope_freqs", "rope_key_init", "rope_residual", "rope_drop", "rope_context", "num_mla_layers", "layer_choice", "svd", "rank_alloc",
-            "init", "target")
+            "latent_norm", "init", "target")
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -62,7 +66,9 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
     explicit = {k for k, v in options.to_dict().items() if v is not None}
     preset = dict(INIT_PRESETS[options.init])
     if options.target is not None:  # what DeepSeek-V3 expresses, unless the user asked otherwise (refused below)
-        preset.update(rope_freqs="uniform", rope_key_heads="shared", rank_alloc="uniform")
+        preset.update(rope_key_heads="shared", rank_alloc="uniform", latent_norm=True)
+        if preset["rope_freqs"] in PER_LAYER_ROPE_FREQS:  # one progression for every layer: a standard rotary
+            preset["rope_freqs"] = "progression"
         if options.target == "vllm":
             preset.update(qk_rope_head_dim=VLLM_ROPE_DIM)
     for key, value in preset.items():
@@ -149,8 +155,10 @@ def check_target(resolved: ConvertOptions, model_config) -> None:
 
 
 def build_config(model_config, conv: ConvertOptions, layer_pairs: dict | None = None,
-                 layer_ranks: dict | None = None, choices: dict | None = None) -> EcoMLAConfig:
-    """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices)."""
+                 layer_ranks: dict | None = None, choices: dict | None = None,
+                 rope_pairs: list[int] | None = None) -> EcoMLAConfig:
+    """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices;
+    `rope_pairs`: the kept pairs chosen for every layer, e.g. a measured progression)."""
     model_config = llama_config(model_config)  # Phi-3: the Llama config of the same model
     base = model_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window",
@@ -168,12 +176,14 @@ def build_config(model_config, conv: ConvertOptions, layer_pairs: dict | None = 
         qk_nope_head_dim=conv.qk_nope_head_dim,
         v_head_dim=conv.v_head_dim,
         rope_key_heads=conv.rope_key_heads,
-        rope_pair_indices=select_rope_pairs(head_dim, conv.qk_rope_head_dim,
-                                            "uniform" if conv.rope_freqs in MEASURED_ROPE_FREQS else conv.rope_freqs),
+        rope_pair_indices=rope_pairs or select_rope_pairs(  # measured choices: a uniform placeholder until made
+            head_dim, conv.qk_rope_head_dim, "uniform" if conv.rope_freqs in MEASURED_ROPE_FREQS else conv.rope_freqs),
         layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
         layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
-        use_kv_a_layernorm=conv.target is not None,  # every target engine normalizes the latents
-        use_q_a_layernorm=conv.target is not None and conv.q_lora_rank is not None,
+        use_kv_a_layernorm=bool(conv.latent_norm),  # every engine normalizes the latents
+        use_q_a_layernorm=bool(conv.latent_norm) and conv.q_lora_rank is not None,
+        kv_a_layernorm_eps=LINEAR_LATENT_NORM_EPS,
+        q_a_layernorm_eps=LINEAR_LATENT_NORM_EPS,
         conversion={
             "method": "x-ecomla-svd" if conv.svd == "weights" else "activation-aware-svd",
             "ecomla_version": __version__,

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.mla_attention import MLAAttention
 from ..model.modeling_ecomla import EcoMLAForCausalLM
-from ..model.rope import select_rope_pairs
-from ..options import MEASURED_ROPE_FREQS, ConvertOptions
+from ..model.rope import rotary_progression, rotary_progressions, select_rope_pairs
+from ..options import MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
 from ..sources import check_supported
 from ..training.losses import forward_kl
 from .families import NEEDS_TEXT, as_llama
@@ -30,10 +30,27 @@ from .svd_init import init_mla_layer, kv_spectrum, pair_contributions, rotation_
 
 
 def norm_scale(down: torch.Tensor, cov: torch.Tensor) -> float:
-    """RMS of the projected inputs, sqrt(tr(W C W^T) / r): an RMSNorm with this weight keeps the
-    latents' average scale."""
+    """RMS of the projected inputs, sqrt(tr(W C W^T) / r) (C = E[x x^T]): the latents' average scale."""
     down = down.double()
     return (torch.einsum("rd,de,re->", down, cov, down) / down.shape[0]).sqrt().item()
+
+
+def latent_norm_init(weights: dict, down: str, up: str, gain: str, rank: int, cov: torch.Tensor, eps: float) -> None:
+    """Give a latent c = W_down x (its first `rank` rows) unit mean square on calibration text, moving the scale
+    s = sqrt(E mean(c^2)) into W_up's columns (W_up W_down unchanged), and the norm the gain g = sqrt(1 + eps):
+
+        RMSNorm(c) = g c / sqrt(mean(c^2) + eps),   = c where mean(c^2) = 1.
+
+    With eps >> 1 (LINEAR_LATENT_NORM_EPS = 100) a token whose latent has mean square 1 + d is scaled by
+    sqrt(1 + eps) / sqrt(1 + d + eps) ~ 1 - d / 200: nearly linear, so the norm every engine applies keeps
+    the SVD initialization. With DeepSeek's eps = 1e-6 and one average gain it divides each latent by its own
+    RMS: SmolLM2-135M's first token (the attention sink) has a latent 3-6x below the typical RMS in layers
+    12-27, scaled up that much, and the 4x conversion's held-out KL went from 1.94 (no norm) to 5.16; this
+    init gives 1.94. Training keeps normal-scale weights (an engine's eps is reached by rescaling at export)."""
+    scale = norm_scale(weights[down][:rank], cov)
+    weights[down][:rank] /= scale
+    weights[up] *= scale
+    weights[gain] = torch.full((rank,), (1.0 + eps) ** 0.5, dtype=torch.float64)
 
 
 def rotary_inv_freq(model_config) -> torch.Tensor:
@@ -62,18 +79,39 @@ def rope_context(conv: ConvertOptions, model_config) -> int:
     return min(conv.rope_context, model_config.max_position_embeddings)
 
 
-def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:
-    """Kept frequency pairs of one layer, one list per RoPE key head."""
+def rope_pair_scores(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> torch.Tensor:
+    """(n_r, D/2) what keeping each frequency pair's rotation is worth in one layer, per RoPE key head:
+    `pair_contributions` (query-key product; times the rotation's cost over --rope-context for cost and
+    progression)."""
     heads, kv_heads, head_dim = model_dims(model_config)
-    keep = conv.qk_rope_head_dim // 2
-    if conv.rope_freqs not in MEASURED_ROPE_FREQS:
-        return [select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs)] * conv.rope_key_heads
-    inv_freq = rotary_inv_freq(model_config) if conv.rope_freqs == "cost" else None
+    inv_freq = rotary_inv_freq(model_config) if conv.rope_freqs in ("cost", "progression") else None
     w_q, w_k, _ = projections(attn)
     score = pair_contributions(w_q, w_k, num_heads=heads, num_kv_heads=kv_heads,
                                head_dim=head_dim, input_cov=cov, inv_freq=inv_freq,
                                context=rope_context(conv, model_config))  # (G, D/2)
-    score = score.view(conv.rope_key_heads, kv_heads // conv.rope_key_heads, -1).sum(1)  # (n_r, D/2)
+    return score.view(conv.rope_key_heads, kv_heads // conv.rope_key_heads, -1).sum(1)  # (n_r, D/2)
+
+
+def best_progression(score: torch.Tensor, conv: ConvertOptions, model_config) -> list[int]:
+    """The arithmetic progression of pairs (`rotary_progressions`) whose summed `score` (D/2,) is largest.
+    A rotary scaling other than default/linear (e.g. llama3) rescales each frequency by its wavelength,
+    so only the pairs of a standard rotary of the original base (uniform) stay exact in engines."""
+    _, _, head_dim = model_dims(model_config)
+    rope_type = (getattr(model_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in ("default", "linear"):
+        return select_rope_pairs(head_dim, conv.qk_rope_head_dim, "uniform")
+    return max(rotary_progressions(head_dim, conv.qk_rope_head_dim), key=lambda p: float(score[p].sum()))
+
+
+def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:
+    """Kept frequency pairs of one layer, one list per RoPE key head (progression: this layer's best one)."""
+    _, _, head_dim = model_dims(model_config)
+    keep = conv.qk_rope_head_dim // 2
+    if conv.rope_freqs not in MEASURED_ROPE_FREQS:
+        return [select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs)] * conv.rope_key_heads
+    score = rope_pair_scores(attn, conv, model_config, cov)  # (n_r, D/2)
+    if conv.rope_freqs == "progression":
+        return [best_progression(score.sum(0), conv, model_config)] * conv.rope_key_heads
     return [sorted(s.topk(keep).indices.tolist()) for s in score]
 
 
@@ -121,11 +159,13 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int,
         rope_residual=conv.rope_residual == "latent",
         rotation_mean=rotation,
     )
-    if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout): keep the latents' average scale
-        down = weights["kv_a_proj_with_mqa.weight"][: config.layer_kv_lora_rank(layer)]
-        weights["kv_a_layernorm.weight"] = torch.full((down.shape[0],), norm_scale(down, cov))
+    if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout), made nearly linear: latent_norm_init
+        r = config.layer_kv_lora_rank(layer)
+        latent_norm_init(weights, "kv_a_proj_with_mqa.weight", "kv_b_proj.weight", "kv_a_layernorm.weight", r, cov,
+                         config.kv_a_layernorm_eps)
         if config.use_q_a_layernorm:
-            weights["q_a_layernorm.weight"] = torch.full((config.q_lora_rank,), norm_scale(weights["q_a_proj.weight"], cov))
+            latent_norm_init(weights, "q_a_proj.weight", "q_b_proj.weight", "q_a_layernorm.weight", config.q_lora_rank,
+                             cov, config.q_a_layernorm_eps)
     if config.attention_bias:  # the last input column (the one x~ = [x; 1] sets to 1) is each projection's bias
         for name in ("q_proj", "q_a_proj", "kv_a_proj_with_mqa"):
             if f"{name}.weight" in weights:
@@ -241,22 +281,29 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
             choices["layer_sensitivity_kl"] = {str(i): round(v, 6) for i, v in sens.items()}
 
     layers = model.model.layers
-    layer_pairs = None
-    if conv.rope_freqs in MEASURED_ROPE_FREQS:
+    layer_pairs = rope_pairs = None
+    if conv.rope_freqs in PER_LAYER_ROPE_FREQS:
         layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, conv, model.config, cov[i]) for i in conv.layers}
+    elif conv.rope_freqs == "progression":  # one for the whole model: the least summed cost over its MLA layers
+        score = sum(rope_pair_scores(layers[i].self_attn, conv, model.config, cov[i]).sum(0) for i in conv.layers)
+        rope_pairs = best_progression(score, conv, model.config)
+        first, step = rotary_progression(rope_pairs)
+        choices["rope_progression"] = {"first_pair": first, "step": step,
+                                       "cost_kept": round(float(score[rope_pairs].sum() / score.sum()), 6)}
     layer_ranks = None
     if conv.rank_alloc == "spectrum":
         _, kv_heads, head_dim = model_dims(model.config)
         spectra = {}
         for i in conv.layers:
-            pairs = (layer_pairs or {}).get(i) or choose_rope_pairs(layers[i].self_attn, conv, model.config, None)
+            pairs = (layer_pairs or {}).get(i) or ([rope_pairs] * conv.rope_key_heads if rope_pairs else
+                                                    choose_rope_pairs(layers[i].self_attn, conv, model.config, None))
             spectra[i] = kv_spectrum(*projections(layers[i].self_attn), pairs, num_kv_heads=kv_heads, head_dim=head_dim,
                                      input_cov=None if cov is None else cov[i], svd=conv.svd,
                                      rope_key_init=conv.rope_key_init, rope_residual=conv.rope_residual == "latent")
         max_rank = max_kv_lora_rank(model.config, conv.qk_rope_head_dim - residual_dims(conv, kv_heads))
         layer_ranks = allocate_ranks({i: s[:max_rank] for i, s in spectra.items()}, conv.kv_lora_rank * len(conv.layers),
                                      min_rank=max(1, conv.kv_lora_rank // 4))
-    config = build_config(model.config, conv, layer_pairs, layer_ranks, choices)
+    config = build_config(model.config, conv, layer_pairs, layer_ranks, choices, rope_pairs=rope_pairs)
     config._attn_implementation = model.config._attn_implementation
 
     # Copies, not references: training the converted model must never touch the original (often its teacher).

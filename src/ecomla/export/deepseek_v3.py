@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from ..io import save_checkpoint
-from ..model.rope import is_standard_rotary
+from ..model.mla_attention import LATENT_NORM_EPS
+from ..model.rope import rotary_progression
+from ..options import PER_LAYER_ROPE_FREQS
 
 # Scalings that act on each frequency alone, so a standard rotary of dimension d_rope with the same
 # parameters gives exactly the kept frequencies. yarn, dynamic and longrope depend on the rotary
@@ -31,6 +33,31 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 class ExportError(ValueError):
     pass
+
+
+def engine_rope(config) -> dict | None:
+    """rope_parameters of a standard rotary of dimension qk_rope_head_dim whose frequencies are exactly those
+    of the kept pairs (`rotary_progression`): pairs a, a + s, ... of a D-dim head rotating at theta^(-2j/D)
+    (times 1/f0 under linear scaling f0) are base theta^(s d / D) with linear factor f0 * theta^(2a/D).
+    The original's parameters when the kept pairs are its uniform ones (every scaling keeps its meaning
+    there, llama3's included); None when no standard rotary expresses them."""
+    rope = dict(config.rope_parameters or {})
+    progression = rotary_progression(config.rope_pair_indices)
+    D, d = config.head_dim, config.qk_rope_head_dim
+    if progression is None or 2 * len(config.rope_pair_indices) != d:
+        return None
+    first, step = progression
+    if first == 0 and step * d == D:
+        return rope
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear"):
+        return None
+    theta = float(rope["rope_theta"])
+    factor = (float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0) * theta ** (2 * first / D)
+    rope.update(rope_theta=theta ** (step * d / D))
+    if factor != 1.0:
+        rope.update(rope_type="linear", factor=factor)
+    return rope
 
 
 def deepseek_v3_problems(config, rope_freqs: str | None = None, rank_alloc: str | None = None) -> list[str]:
@@ -53,15 +80,18 @@ def deepseek_v3_problems(config, rope_freqs: str | None = None, rank_alloc: str 
                         "(convert with --rank-alloc uniform)")
     elif rank_alloc not in (None, "uniform"):
         problems.append("DeepSeek-V3 has one latent rank in every layer (convert with --rank-alloc uniform)")
-    per_layer = rope_freqs is not None and rope_freqs != "uniform"
-    if per_layer or any(pairs != list(config.rope_pair_indices) for i in config.mla_layers
-                        for pairs in config.layer_rope_pairs(i)):
+    if rope_freqs in PER_LAYER_ROPE_FREQS or any(pairs != list(config.rope_pair_indices) for i in config.mla_layers
+                                                 for pairs in config.layer_rope_pairs(i)):
         problems.append("its layers keep different RoPE frequencies (chosen per layer), DeepSeek-V3 one standard "
-                        "rotary (convert with --rope-freqs uniform)")
-    elif not is_standard_rotary(config.rope_pair_indices, config.head_dim):
-        problems.append(f"its kept RoPE frequencies {config.rope_pair_indices} are not those of a standard rotary of "
-                        f"dimension {config.qk_rope_head_dim} (convert with --rope-freqs uniform and a RoPE dim that "
-                        f"divides head_dim {config.head_dim})")
+                        "rotary (convert with --rope-freqs progression)")
+    elif rotary_progression(config.rope_pair_indices) is None:
+        problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} are no arithmetic progression, so no "
+                        f"standard rotary of dimension {config.qk_rope_head_dim} has their frequencies (convert with "
+                        "--rope-freqs progression)")
+    elif engine_rope(config) is None:
+        problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} under rope scaling "
+                        f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only when they are "
+                        "the original's uniform ones (convert with --rope-freqs uniform)")
     if not config.use_kv_a_layernorm:
         problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert with --target deepseek-v3)")
     if config.q_lora_rank is not None and not config.use_q_a_layernorm:
@@ -108,7 +138,7 @@ def deepseek_v3_config(config):
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=dict(config.rope_parameters),
+        rope_parameters=engine_rope(config),
         rope_interleave=True,
         attention_bias=False,
         num_mtp_layers=0,
@@ -150,6 +180,10 @@ def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
             w = w.reshape(heads * (d_nope + d_rope), -1)
         elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
             w[config.kv_lora_rank :] = w[config.kv_lora_rank :][perm]
+            if config.use_kv_a_layernorm:  # DeepSeek-V3's latent eps: RMSNorm_eps(a c) = RMSNorm_{eps / a^2}(c)
+                w[: config.kv_lora_rank] *= (LATENT_NORM_EPS / getattr(config, "kv_a_layernorm_eps", LATENT_NORM_EPS)) ** 0.5
+        elif name.endswith("self_attn.q_a_proj.weight") and config.use_q_a_layernorm:
+            w *= (LATENT_NORM_EPS / getattr(config, "q_a_layernorm_eps", LATENT_NORM_EPS)) ** 0.5
         state[name] = w.contiguous()
     state["lm_head.weight"] = model.lm_head.weight.detach().clone().contiguous()  # written even when tied
     return state

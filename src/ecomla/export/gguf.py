@@ -36,7 +36,7 @@ import torch
 
 from ..model.mla_attention import LATENT_NORM_EPS
 from ..options import GGUF_OUTTYPES
-from .deepseek_v3 import ROPE_TYPES, ExportError, check_exportable, deepseek_v3_problems, deepseek_v3_state_dict
+from .deepseek_v3 import ROPE_TYPES, ExportError, check_exportable, deepseek_v3_problems, deepseek_v3_state_dict, engine_rope
 
 ARCH = "deepseek2"
 LLAMA_CPP_ROPE_TYPES = ("default", "linear")
@@ -47,7 +47,7 @@ def gguf_problems(config, rope_freqs: str | None = None, rank_alloc: str | None 
     (`rope_freqs`, `rank_alloc`: a planned conversion's choices, as for `deepseek_v3_problems`)."""
     problems = [p.replace("--target deepseek-v3", "--target llama.cpp").replace("DeepSeek-V3", "llama.cpp's deepseek2")
                 for p in deepseek_v3_problems(config, rope_freqs, rank_alloc)]
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    rope_type = (engine_rope(config) or config.rope_parameters or {}).get("rope_type", "default")
     if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
         problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
                         f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})")
@@ -212,7 +212,7 @@ def _score_scale(config) -> float:
     mscale^2 with mscale = 1 + 0.1 ln(1 / freq_scale) (no yarn_log_mul written, so its second factor is 1)."""
     import math
 
-    rope = config.rope_parameters or {}
+    rope = engine_rope(config) or {}
     factor = float(rope.get("factor", 1.0)) if rope.get("rope_type", "default") == "linear" else 1.0
     return (1 + 0.1 * math.log(factor)) ** 2
 
@@ -234,6 +234,9 @@ def _as_type(w: torch.Tensor, outtype: str):
     return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
 
+# The latent down-projections: rows rescaled to DeepSeek's eps (~1e-4, see latent_norm_init) would get q8_0
+# block scales below f16's normal range (~1e-6), so they stay f16 (small tensors) under --outtype q8_0.
+LATENT_DOWN = ("attn_kv_a_mqa.weight", "attn_q_a.weight")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_* of the bulk of the weights
 
 
@@ -264,7 +267,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[s
     writer.add_q_lora_rank(config.q_lora_rank or 0)
     writer.add_kv_lora_rank(config.kv_lora_rank)
     writer.add_rope_dimension_count(config.qk_rope_head_dim)
-    rope = config.rope_parameters or {}
+    rope = engine_rope(config)  # the kept pairs as a standard rotary (gguf_problems refused any other)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     if rope.get("rope_type", "default") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -277,7 +280,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[s
     for key, value in (extra or {}).items():
         writer.add_string(key, str(value))
     for name, w in gguf_tensors(model).items():
-        data, dtype = _as_type(w, outtype)
+        data, dtype = _as_type(w, "f16" if outtype == "q8_0" and name.endswith(LATENT_DOWN) else outtype)
         writer.add_tensor(name, data, raw_dtype=dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -44,6 +44,10 @@ class EcoMLAConfig(LlamaConfig):
     layer_rope_pair_indices: dict | None = None
     use_kv_a_layernorm: bool = False
     use_q_a_layernorm: bool = False
+    # epsilon of those RMS norms: DeepSeek's 1e-6 in checkpoints before it was a setting; the converter sets it
+    # far above the latents' mean square, where the norm is nearly linear (see conversion/upcycle.py)
+    kv_a_layernorm_eps: float = 1e-6
+    q_a_layernorm_eps: float = 1e-6
     conversion: dict | None = None  # how the checkpoint was made (method, source, options)
 
     def __post_init__(self, **kwargs):

@@ -57,7 +57,9 @@ def _decode_kernel():
 _KERNEL = False
 
 
-# Latent norms use this eps whatever the model's rms_norm_eps, as DeepSeek-V3 does (exact export).
+# DeepSeek-V3's latent norm eps (transformers' DeepseekV3RMSNorm default), whatever the model's rms_norm_eps.
+# A checkpoint's own is in its config (kv_a_layernorm_eps, q_a_layernorm_eps); exporters rescale the latent
+# rows to this one (RMSNorm_eps(a c) = RMSNorm_{eps / a^2}(c)).
 LATENT_NORM_EPS = 1e-6
 
 
@@ -87,12 +89,14 @@ class MLAAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=bias)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = LlamaRMSNorm(self.q_lora_rank, eps=LATENT_NORM_EPS) if config.use_q_a_layernorm else nn.Identity()
+            self.q_a_layernorm = (LlamaRMSNorm(self.q_lora_rank, eps=getattr(config, "q_a_layernorm_eps", LATENT_NORM_EPS))
+                                  if config.use_q_a_layernorm else nn.Identity())
             self.q_b_proj = nn.Linear(self.q_lora_rank, heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             hidden, self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim, bias=bias
         )
-        self.kv_a_layernorm = LlamaRMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS) if config.use_kv_a_layernorm else nn.Identity()
+        self.kv_a_layernorm = (LlamaRMSNorm(self.kv_lora_rank, eps=getattr(config, "kv_a_layernorm_eps", LATENT_NORM_EPS))
+                               if config.use_kv_a_layernorm else nn.Identity())
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=bias)
 

@@ -47,4 +47,30 @@ def is_standard_rotary(pair_indices, head_dim: int) -> bool:
     return list(pair_indices) == [stride * i for i in range(keep)]
 
 
-__all__ = ["select_rope_pairs", "rope_columns", "nope_columns", "is_standard_rotary"]
+def rotary_progression(pair_indices) -> tuple[int, int] | None:
+    """(a, s) when the kept pairs are the arithmetic progression a, a + s, a + 2s, ... (s >= 1), else None.
+
+    Such pairs are exactly a standard rotary of dimension d = 2 * len(pairs): pair a + s i of a head of
+    dimension D rotates at theta^(-2(a + s i)/D) = theta'^(-2i/d) / f with base theta' = theta^(s d / D)
+    and linear scaling factor f = theta^(2a/D) (positions divided by f), which every engine applies."""
+    p = [int(j) for j in pair_indices]
+    if not p:
+        return None
+    s = p[1] - p[0] if len(p) > 1 else 1
+    if s < 1 or any(b - a != s for a, b in zip(p, p[1:])):
+        return None
+    return p[0], s
+
+
+def rotary_progressions(head_dim: int, qk_rope_head_dim: int) -> list[list[int]]:
+    """Every arithmetic progression of d_rope/2 pairs among a head's D/2 pairs (a, a + s, ...; s >= 1)."""
+    half, keep = head_dim // 2, qk_rope_head_dim // 2
+    out = []
+    for s in range(1, max(1, (half - 1) // max(1, keep - 1)) + 1 if keep > 1 else 2):
+        for a in range(0, half - s * (keep - 1)):
+            out.append([a + s * i for i in range(keep)])
+    return out
+
+
+__all__ = ["select_rope_pairs", "rope_columns", "nope_columns", "is_standard_rotary", "rotary_progression",
+           "rotary_progressions"]
