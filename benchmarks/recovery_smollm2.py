@@ -5,9 +5,13 @@ interrupted run continues where it stopped, a long arm can run in parts):
 
     .venv/bin/python benchmarks/recovery_smollm2.py --arms 4x:900                    # the 15-minute arms at 4x
     .venv/bin/python benchmarks/recovery_smollm2.py --arms 4x:900,4x:3600,6.4x:3600  # every arm (hours)
+    .venv/bin/python benchmarks/recovery_smollm2.py --arms 4x+native:900 --limit 500 # the engine-native default
 
 SmolLM2-135M-Instruct converted to full MLA at 4x (kv_lora_rank 64 + one 32-dim RoPE key) or 6.4x smaller
-KV cache with `ecomla convert --kv-ratio R` (the default initialization, calibrated as the CLI does), then
+KV cache with `ecomla convert --kv-ratio R`, calibrated as the CLI does: `4x` is the default initialization
+before 2026-12-03 (per-layer `cost` frequencies, no latent norm: served by ecomla's code only; the rows
+measured then), `4x+native` the engine-native default since (one progression of frequencies, a latent RMS
+norm: DeepSeek-V3 and llama.cpp run it), then
 for each wall-clock budget B (seconds of training on this machine), three arms:
 - init: the conversion, no training;
 - kd: `ecomla distill` (forward KL to the original, all parameters) for B seconds;
@@ -51,6 +55,8 @@ CONTEXTS = [1024, 2048, 4096]
 TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
 # --data: which of them, or none ("sampled": text the original writes, 65,536 tokens, as `make demo` trains on)
 TRAIN_DATA = {"mix": TRAIN_FILES, "text": TRAIN_FILES[:2], "chat": TRAIN_FILES[2:], "sampled": []}
+# conversion shapes: an arm's compression is "4x" (per-layer, the rows before 2026-12-03) or "4x+native"
+SHAPES = {"": dict(rope_freqs="cost", latent_norm=False), "+native": {}}
 METHODS = ("init", "kd", "align+kd")
 # training settings: an arm run with other values is a row of its own (a sweep), named by what it changes
 TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4, data="mix", kd_train="all")
@@ -104,8 +110,9 @@ def main() -> int:
     arms = []
     for a in args.arms.split(","):
         comp, _, secs = a.partition(":")
-        if not comp.endswith("x") or not secs.isdigit():
-            print(f"--arms: {a!r} is not COMPRESSION:SECONDS like 4x:900", file=sys.stderr)
+        ratio, plus, shape = comp.partition("+")
+        if not ratio.endswith("x") or not secs.isdigit() or plus + shape not in SHAPES:
+            print(f"--arms: {a!r} is not COMPRESSION:SECONDS like 4x:900 or 4x+native:900", file=sys.stderr)
             return 2
         arms.append((comp, int(secs)))
     methods = args.methods.split(",")
@@ -175,7 +182,9 @@ def main() -> int:
     for comp, budget in arms:
         conv = work / comp / "converted"
         if not (conv / "config.json").is_file():
-            convert_checkpoint(ConvertOptions(source="smollm2-135m", kv_ratio=float(comp[:-1]), out=str(conv), overwrite=True))
+            ratio, plus, shape = comp.partition("+")
+            convert_checkpoint(ConvertOptions(source="smollm2-135m", kv_ratio=float(ratio[:-1]), out=str(conv), overwrite=True,
+                                              **SHAPES[plus + shape]))
         for method in methods:
             key = (comp, method, 0, "") if method == "init" else (comp, method, budget, tag)
             if key in done:
@@ -214,6 +223,11 @@ def changed(train_settings: dict | None) -> str:
     return "".join(f" {k}={v}" for k, v in (train_settings or {}).items() if v != TRAIN_DEFAULTS[k])
 
 
+def variant(r: dict) -> str:
+    """What sets a row apart from the per-layer conversion with default training settings ('' for none)."""
+    return ("engine-native" if r["compression"].endswith("+native") else "") + changed(r.get("train_settings"))
+
+
 def throughput_tag(train_settings: dict) -> str:
     return changed({k: train_settings[k] for k in ("seq_len", "batch_size")})
 
@@ -224,9 +238,9 @@ def table(rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     order = lambda r: (-r["kv_fraction"], r["budget_seconds"], METHODS.index(r["method"]) if r["method"] in METHODS else -1,  # noqa: E731
-                       changed(r.get("train_settings")))
+                       variant(r))
     for r in sorted(rows, key=order):
-        lines.append("| " + " | ".join([f"{r['kv_fraction']:.3f}", r["method"], changed(r.get("train_settings")).strip() or "-",
+        lines.append("| " + " | ".join([f"{r['kv_fraction']:.3f}", r["method"], variant(r).strip() or "-",
                                         f"{r['budget_seconds'] / 60:.0f}",
                                         f"{r['train_seconds'] / 60:.1f}", f"{r['train_tokens']:,}", f"{r['heldout_kl']:.3f}",
                                         f"{r['ppl']:.1f}", *[pct(r["scores"].get(t)) for t in DEFAULT_TASKS],

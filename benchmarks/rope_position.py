@@ -56,9 +56,15 @@ from ecomla.options import EvalOptions
 from common import DATA, RESULTS, pyplot, save_figure, write_json
 from init_fidelity import Evaluator
 
-AVG = dict(rope_drop="average", rope_context=128)
+# The rows before 2026-12-03 were measured with the default of their day: per-layer `cost` frequencies and
+# no latent norm; they keep those (PER_LAYER), and the engine-native default of today is a row of its own.
+PER_LAYER = dict(rope_freqs="cost", latent_norm=False)
+AVG = dict(PER_LAYER, rope_drop="average", rope_context=128)
+NATIVE = dict(rope_drop="average", rope_context=128, rope_freqs="progression", latent_norm=True)
 CHOICES = {  # name -> conversion options added to the row group's size
-    "unrotated": dict(rope_drop="unrotated", rope_context=4096),  # the initialization before this study
+    "unrotated": dict(PER_LAYER, rope_drop="unrotated", rope_context=4096),  # the initialization before this study
+    "engine-native (default)": NATIVE,  # one progression of pairs, the latent RMS-normalized (nearly linear)
+    "progression freqs+avg@128": dict(AVG, rope_freqs="progression"),  # the same without the latent norm
     "avg@128": AVG,
     "avg@512": dict(AVG, rope_context=512),
     "res+avg@128": dict(AVG, rope_residual="latent"),
@@ -74,12 +80,14 @@ CHOICES = {  # name -> conversion options added to the row group's size
 }
 GROUPS = {  # row group -> (size options, choices measured there)
     "full": (None, ["unrotated", "avg@128", "avg@512", "res+avg@128", "3x32", "freqfold+avg@128",
-                   "uniform freqs+avg@128", "contribution freqs+avg@128", "high freqs+avg@128", "low freqs+avg@128"]),
+                   "uniform freqs+avg@128", "contribution freqs+avg@128", "high freqs+avg@128", "low freqs+avg@128",
+                   "engine-native (default)"]),
     "4x": (dict(kv_ratio=4), ["unrotated", "avg@128", "3x16+avg@128", "freqfold+avg@128", "hyb28 sensitivity+avg@128",
-                              "hyb28 long-range+avg@128", "avg@256", "1x16+avg@128", "1x48+avg@128"]),
+                              "hyb28 long-range+avg@128", "avg@256", "1x16+avg@128", "1x48+avg@128",
+                              "engine-native (default)", "progression freqs+avg@128"]),
     "rank": (None, ["exact-rope r64", "exact-rope r128"]),  # the RoPE side exact (3 x 64), the latent at rank r
     "2x": (dict(kv_ratio=2), ["unrotated", "avg@128", "hyb26 sensitivity+avg@128", "hyb26 long-range+avg@128",
-                              "1x8+avg@128", "1x64+avg@128", "high freqs+avg@128"]),
+                              "1x8+avg@128", "1x64+avg@128", "high freqs+avg@128", "engine-native (default)"]),
     # at 6.4x one original layer (1/30 of the original cache) already cuts the other layers' rank from 28 to 16
     "6.4x": (dict(kv_ratio=6.4), ["unrotated", "avg@128", "freqfold+avg@128", "1x16+avg@128", "hyb29 sensitivity+avg@128"]),
 }
@@ -89,9 +97,9 @@ CONTEXTS = [1024, 2048, 4096]
 def full_rank_options(model_config, choice: str) -> dict:
     """The latent at full rank for this choice's RoPE layout (the residual's rows need more)."""
     if choice.startswith("exact-rope"):  # nothing positional lost: one 64-dim key per KV group, every pair
-        return dict(qk_rope_head_dim=64, rope_key_heads="per-group", kv_lora_rank=int(choice.split(" r")[1]))
+        return dict(PER_LAYER, qk_rope_head_dim=64, rope_key_heads="per-group", kv_lora_rank=int(choice.split(" r")[1]))
     if choice == "3x32":
-        return dict(qk_rope_head_dim=32, rope_key_heads="per-group", rope_drop="unrotated", rope_context=4096,
+        return dict(PER_LAYER, qk_rope_head_dim=32, rope_key_heads="per-group", rope_drop="unrotated", rope_context=4096,
                     kv_lora_rank=max_kv_lora_rank(model_config, 32))
     kw = CHOICES[choice]
     d_rope = kw.get("qk_rope_head_dim", 32)

@@ -77,7 +77,7 @@ def test_tiny_export_loads_in_stock_transformers_with_same_logits(tmp_path, q_lo
 @pytest.mark.slow
 def test_smollm2_export_loads_in_stock_transformers_with_same_logits(smollm2, tmp_path):
     original, tok = smollm2
-    model = convert(original, MLAConversionConfig(kv_ratio=4, target="deepseek-v3"), progress=False,
+    model = convert(original, MLAConversionConfig(kv_ratio=4), progress=False,  # the default: DeepSeek-V3 exports it
                     calibration_ids=tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     got = run_fresh(model, ids, tmp_path, tokenizer=tok)
@@ -93,7 +93,7 @@ def test_interleave_permutation():
     (dict(layers=[0, 2]), r"layers \[1\] keep grouped-query attention.*--layers all"),
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
     (dict(rope_freqs="cost"), "keep different RoPE frequencies.*--rope-freqs progression"),
-    (dict(), "latent has no RMS norm.*--target deepseek-v3"),
+    (dict(latent_norm=False), "latent has no RMS norm.*--no-latent-norm"),
     (dict(rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                        "original_max_position_embeddings": 64}), "rope scaling 'yarn' depends on the rotary"),
 ])
@@ -129,8 +129,8 @@ def test_target_refuses_a_rope_scaling_the_format_cannot_express_before_converti
 
 
 def test_query_latent_without_norm_is_refused(tmp_path):
-    model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, q_lora_rank=32),
-                    progress=False)
+    model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, q_lora_rank=32,
+                                                                    latent_norm=False), progress=False)
     model.config.use_kv_a_layernorm = True  # only the query norm is missing
     with pytest.raises(ExportError, match="query latent has no RMS norm"):
         export_deepseek_v3(model, tmp_path / "ds")

@@ -75,6 +75,14 @@ def check_in_llama_cpp(model, tok, path, outtype, n_ctx=256):
     return err
 
 
+def test_the_default_conversion_runs_in_llama_cpp(tmp_path):
+    """No --target: the default conversion (a progression of RoPE pairs, a latent RMS norm) is llama.cpp's."""
+    model, tok = load_model(str(tiny_model_dir(tmp_path / "llama")))
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8), progress=False)
+    assert mla.config.use_kv_a_layernorm and not gguf_problems(mla.config)
+    check_in_llama_cpp(mla, tok, export_gguf(mla, tok, tmp_path / "m.gguf", "f32"), "f32")
+
+
 @pytest.mark.parametrize("case, conv, outtype", [
     ("full-q", {}, "f32"),
     ("low-pairs", {"rope_freqs": "low"}, "f32"),  # a progression from pair 4: base and linear factor both change
@@ -182,7 +190,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("conv, message", [
-    (dict(), "latent has no RMS norm.*--target llama.cpp"),
+    (dict(latent_norm=False), "latent has no RMS norm.*--no-latent-norm"),
     (dict(layers=[0]), r"layers \[1\] keep grouped-query attention.*--layers all"),
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
     (dict(qk_rope_head_dim=16, target="llama.cpp"), "at least one query/key dim without RoPE"),
@@ -236,8 +244,8 @@ def test_engine_table_says_who_serves_a_shape(tmp_path):
     table = engine_table(model.config)
     assert "| llama.cpp (CPU; CUDA without flash attention) | yes |" in table
     assert "| vLLM / SGLang | no | its latent + RoPE key is 20 + 8" in table
-    plain = convert(load_model(str(tiny_model_dir(tmp_path / "l2")))[0], MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8),
-                    progress=False)
+    plain = convert(load_model(str(tiny_model_dir(tmp_path / "l2")))[0],
+                    MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, latent_norm=False), progress=False)
     assert re.search(r"\| llama.cpp \(CPU; CUDA without flash attention\) \| no \| [^|]*its latent has no RMS norm",
                      engine_table(plain.config))
     assert "| transformers (ecomla code) | yes |" in engine_table(plain.config)
@@ -253,9 +261,10 @@ def llama_cpp_converter() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_4x(smollm2):
-    """SmolLM2-135M converted at 4x for llama.cpp (calibrated on one sentence: the tests check engines, not quality)."""
+    """SmolLM2-135M converted at 4x with the default options, which llama.cpp runs (calibrated on one sentence: the
+    tests check engines, not quality)."""
     original, tok = smollm2
-    model = convert(original, MLAConversionConfig(kv_ratio=4, target="llama.cpp"), progress=False,
+    model = convert(original, MLAConversionConfig(kv_ratio=4), progress=False,
                     calibration_ids=tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids)
     return model, tok
 
@@ -275,8 +284,9 @@ def test_deepseek_v3_export_loads_through_llama_cpps_own_converter(smollm2_4x, t
     llm, log = lc.load(tmp_path / "ds.gguf", n_ctx=4096, cache_type="f16", logits_all=True)
     try:
         err = np.linalg.norm(lc.prompt_logits(llm, ids) - want) / np.linalg.norm(want)
-        # llama.cpp applies the model's rms_norm_eps to the latent norms (DeepSeek-V3: 1e-6) and the identity
-        # query LoRA is exact only up to eps terms: close (measured 2e-3), not equal; the GGUF export corrects both.
+        # llama.cpp applies the config's rms_norm_eps to every norm: this export writes DeepSeek's latent 1e-6, so
+        # the input norms and the identity query LoRA are exact only up to eps terms: close, not equal; the GGUF
+        # export corrects both.
         assert err <= 1e-2, err
         assert lc.greedy(llm, ids, 16) == want_tokens
         assert lc.kv_cache_mib(log) == 22.5  # the latent cache survives llama.cpp's own conversion

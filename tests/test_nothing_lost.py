@@ -205,16 +205,17 @@ def broken(lab, tmp_path_factory):
     return root
 
 
-WEIGHT_CASES = [  # (argv with {b} the broken models, {l} the lab, {t} a scratch folder; the message)
+WEIGHT_CASES = [  # (argv with {b} the broken models, {l} the lab, {t} a scratch folder; the message; two run at once,
+    # so each writer has its own --out: two into one would be refused by the lock)
     ("convert {b}/missing --kv-rank 8 --out {t}/o", "missing 9 tensors (layer 1; e.g. model.layers.1."),
     ("generate {b}/missing --prompt hi", "missing 9 tensors (layer 1"),
-    ("distill {b}/student-missing --teacher {l}/teacher --data {l}/text.txt --seq-len 32 --out {t}/o", "missing"),
-    ("distill {l}/student --teacher {b}/missing --data {l}/text.txt --seq-len 32 --out {t}/o", "missing 9 tensors"),
+    ("distill {b}/student-missing --teacher {l}/teacher --data {l}/text.txt --seq-len 32 --out {t}/o1", "missing"),
+    ("distill {l}/student --teacher {b}/missing --data {l}/text.txt --seq-len 32 --out {t}/o2", "missing 9 tensors"),
     ("export {b}/student-missing --format gguf --out {t}/o.gguf", "self_attn"),
-    ("convert {b}/qwen-as-llama --kv-rank 8 --out {t}/o", "unexpected"),
-    ("convert {b}/empty.gguf --kv-rank 8 --out {t}/o", "holds no tensors"),
+    ("convert {b}/qwen-as-llama --kv-rank 8 --out {t}/o3", "unexpected"),
+    ("convert {b}/empty.gguf --kv-rank 8 --out {t}/o4", "holds no tensors"),
     ("kv {b}/truncated.gguf", "truncated.gguf cannot be read"),
-    ("convert {b}/truncated.gguf --kv-rank 8 --out {t}/o", "truncated.gguf cannot be read"),
+    ("convert {b}/truncated.gguf --kv-rank 8 --out {t}/o5", "truncated.gguf cannot be read"),
 ]
 
 
@@ -367,16 +368,16 @@ def scraps(lab, tmp_path_factory):
     return s
 
 
-CASES = [  # (argv with {l} the lab, {s} scraps, {t} a scratch folder; what the message must name)
-    ("convert {l}/teacher --kv-rank 8 --calib {s}/lists.jsonl --out {t}/o", "lists.jsonl, line 1: expected a row with a 'text' string"),
-    ("convert {l}/teacher --kv-rank 8 --calib {s}/numbers.json --out {t}/o", "numbers.json, row 1: expected a row with a 'text'"),
-    ("convert {l}/teacher --kv-rank 8 --calib-cache {t}/o --out {t}/o", "--calib-cache {t}/o is --out {t}/o"),
-    ("convert {l}/teacher --kv-rank 8 --calib-cache {l}/teacher/cache --out {t}/o", "sits inside the source model"),
+CASES = [  # (argv with {l} the lab, {s} scraps, {t} a scratch folder; what the message must name; one --out each)
+    ("convert {l}/teacher --kv-rank 8 --calib {s}/lists.jsonl --out {t}/c1", "lists.jsonl, line 1: expected a row with a 'text' string"),
+    ("convert {l}/teacher --kv-rank 8 --calib {s}/numbers.json --out {t}/c2", "numbers.json, row 1: expected a row with a 'text'"),
+    ("convert {l}/teacher --kv-rank 8 --calib-cache {t}/c3 --out {t}/c3", "--calib-cache {t}/c3 is --out {t}/c3"),
+    ("convert {l}/teacher --kv-rank 8 --calib-cache {l}/teacher/cache --out {t}/c5", "sits inside the source model"),
     ("eval {l}/teacher --tasks passkey --passkey-filler {l}/text.txt --passkey-contexts 100000",
      "every prompt is beyond the 256 positions"),
-    ("align {l}/student --teacher {s}/gpt2 --data {l}/text.txt --seq-len 32 --out {t}/o", "this teacher is a 'gpt2' model"),
+    ("align {l}/student --teacher {s}/gpt2 --data {l}/text.txt --seq-len 32 --out {t}/c6", "this teacher is a 'gpt2' model"),
     ("generate {l}/teacher --prompt hi --device mps", "--device mps: Apple's MPS is not available"),
-    ("dpo {l}/student --data {s}/dpo-numbers.json --out {t}/o", "dpo-numbers.json, row 1: 'prompt', 'chosen' and 'rejected'"),
+    ("dpo {l}/student --data {s}/dpo-numbers.json --out {t}/c7", "dpo-numbers.json, row 1: 'prompt', 'chosen' and 'rejected'"),
     ("distill {l}/student --teacher {l}/teacher --data {l}/text.txt --tokens 256 --seq-len 32 --batch-size 2 --eval-every 0 "
      "--save-every 2 --out {s}/bad-args --resume", "the run's recorded options {s}/bad-args/training/args.json is damaged"),
     ("distill {l}/student --teacher {l}/teacher --data {l}/text.txt --tokens 256 --seq-len 32 --batch-size 2 --eval-every 0 "

@@ -93,9 +93,9 @@ def deepseek_v3_problems(config, rope_freqs: str | None = None, rank_alloc: str 
                         f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only when they are "
                         "the original's uniform ones (convert with --rope-freqs uniform)")
     if not config.use_kv_a_layernorm:
-        problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert with --target deepseek-v3)")
+        problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert without --no-latent-norm)")
     if config.q_lora_rank is not None and not config.use_q_a_layernorm:
-        problems.append("its query latent has no RMS norm (convert with --target deepseek-v3)")
+        problems.append("its query latent has no RMS norm (convert without --no-latent-norm)")
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         problems.append(f"rope scaling {rope_type!r} depends on the rotary dimension, so DeepSeek-V3's "
@@ -213,6 +213,8 @@ def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool =
     if query_lora == "identity" and config.q_lora_rank is None:
         identity_query_lora(state, config.num_hidden_layers)
         ds_config.q_lora_rank = config.hidden_size
+    if query_lora == "identity":  # for llama.cpp's own converter, which applies the config's eps to the latent norms
+        ds_config.rms_norm_eps = LATENT_NORM_EPS  # (the input norms then differ from the model's by eps terms)
     with torch.device("meta"):
         ds = DeepseekV3ForCausalLM(ds_config)
     missing, unexpected = ds.load_state_dict(state, strict=False, assign=True)
