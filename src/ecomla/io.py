@@ -378,8 +378,9 @@ def _holder(path: Path) -> str | None:
 def _refuse_writers_around(out: Path) -> None:
     """Refuse while another process writes an output above `out` (a recipe run) or inside it."""
     nearby = [lock_file(a) for a in out.parents if a != a.parent]
-    if out.is_dir() and not out.is_symlink():
-        nearby += [p for p in out.rglob(f"*{LOCK_SUFFIX}")] + [p for p in out.rglob(LEGACY_LOCK)]
+    if out.is_dir() and not out.is_symlink():  # the whole tree of an ecomla output; of any other folder, its top
+        walk = out.rglob if (out / MARKER).is_file() else out.glob  # (which check_output refuses unless it is empty)
+        nearby += [*walk(f"*{LOCK_SUFFIX}"), *walk(LEGACY_LOCK)]
     for path in nearby:
         if path in _HELD or not path.exists():
             continue
