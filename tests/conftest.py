@@ -39,6 +39,11 @@ def randomized(model_class, config, seed: int = 0):
     return model.eval()
 
 
+def snapshot(root) -> dict:
+    """{relative path: bytes} of every file under root: compared before and after, it shows any file changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error ||a - b|| / ||b||."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

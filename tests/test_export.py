@@ -159,7 +159,10 @@ def test_cli_convert_target_then_export(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 10000.0},
-                                  {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}], ids=["default", "linear"])
+                                  {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0},
+                                  {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}],
+                         ids=["default", "linear", "llama3"])
 def test_every_rope_progression_is_the_standard_rotary_its_export_writes(rope):
     """Pairs a, a + s, ... of a 64-dim head, written as a 16-dim rotary with base theta^(s d / D) and linear
     factor theta^(2a/D): the engine's frequencies equal the original's for those pairs (all 58 progressions)."""
@@ -180,6 +183,9 @@ def test_every_rope_progression_is_the_standard_rotary_its_export_writes(rope):
     for pairs in progressions:
         params = engine_rope(SimpleNamespace(rope_parameters=dict(rope), rope_pair_indices=pairs, head_dim=D,
                                              qk_rope_head_dim=d))
+        if rope["rope_type"] == "llama3" and pairs[0] != 0:  # a linear factor cannot join llama3's scaling
+            assert params is None
+            continue
         engine = DeepseekV3RotaryEmbedding(config=DeepseekV3Config(qk_rope_head_dim=d, rope_parameters=params))
         assert engine.inv_freq.shape == (d // 2,) and engine.attention_scaling == 1.0
         torch.testing.assert_close(engine.inv_freq, original[pairs], rtol=2e-6, atol=0)

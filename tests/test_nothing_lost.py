@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_TEXT, tiny_model_dir
+from conftest import TINY_TEXT, snapshot, tiny_model_dir
 from ecomla.cli import main as cli_main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -22,11 +22,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 def main(argv) -> int:
     """`ecomla ARGV` in this process (paths welcome)."""
     return cli_main([str(a) for a in argv])
-
-
-def snapshot(root: Path) -> dict:
-    """{relative path: bytes} of every file under root."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def cli(*argv) -> subprocess.CompletedProcess:

@@ -6,18 +6,12 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import TINY_TEXT, tiny_model_dir
+from conftest import TINY_TEXT, snapshot, tiny_model_dir
 from ecomla.cli import main
-
-
-def snapshot(root: Path) -> dict:
-    """{relative path: bytes} of every file under root."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -93,14 +93,17 @@ def rope_pair_scores(attn, conv: ConvertOptions, model_config, cov: torch.Tensor
 
 
 def best_progression(score: torch.Tensor, conv: ConvertOptions, model_config) -> list[int]:
-    """The arithmetic progression of pairs (`rotary_progressions`) whose summed `score` (D/2,) is largest.
-    A rotary scaling other than default/linear (e.g. llama3) rescales each frequency by its wavelength,
-    so only the pairs of a standard rotary of the original base (uniform) stay exact in engines."""
+    """The arithmetic progression of pairs (`rotary_progressions`) whose summed `score` (D/2,) is largest, among
+    those an engine's rotary expresses (`export.deepseek_v3.engine_rope`): any under default and linear
+    scaling; from pair 0 under llama3 (a new base, no linear factor); only the uniform ones otherwise."""
     _, _, head_dim = model_dims(model_config)
     rope_type = (getattr(model_config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in ("default", "linear"):
-        return select_rope_pairs(head_dim, conv.qk_rope_head_dim, "uniform")
-    return max(rotary_progressions(head_dim, conv.qk_rope_head_dim), key=lambda p: float(score[p].sum()))
+    candidates = rotary_progressions(head_dim, conv.qk_rope_head_dim)
+    if rope_type == "llama3":
+        candidates = [p for p in candidates if p[0] == 0]
+    elif rope_type not in ("default", "linear"):
+        candidates = [select_rope_pairs(head_dim, conv.qk_rope_head_dim, "uniform")]
+    return max(candidates, key=lambda p: float(score[p].sum()))
 
 
 def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:

@@ -40,7 +40,8 @@ def engine_rope(config) -> dict | None:
     of the kept pairs (`rotary_progression`): pairs a, a + s, ... of a D-dim head rotating at theta^(-2j/D)
     (times 1/f0 under linear scaling f0) are base theta^(s d / D) with linear factor f0 * theta^(2a/D).
     The original's parameters when the kept pairs are its uniform ones (every scaling keeps its meaning
-    there, llama3's included); None when no standard rotary expresses them."""
+    there, llama3's included); under llama3 scaling, which rescales each frequency by its own wavelength,
+    a progression from pair 0 (base alone); None when no standard rotary expresses them."""
     rope = dict(config.rope_parameters or {})
     progression = rotary_progression(config.rope_pair_indices)
     D, d = config.head_dim, config.qk_rope_head_dim
@@ -50,6 +51,8 @@ def engine_rope(config) -> dict | None:
     if first == 0 and step * d == D:
         return rope
     rope_type = rope.get("rope_type", "default")
+    if rope_type == "llama3" and first == 0:  # llama3 rescales each frequency by its own wavelength: a new base
+        return {**rope, "rope_theta": float(rope["rope_theta"]) ** (step * d / D)}  # alone keeps them exact
     if rope_type not in ("default", "linear"):
         return None
     theta = float(rope["rope_theta"])
@@ -90,8 +93,8 @@ def deepseek_v3_problems(config, rope_freqs: str | None = None, rank_alloc: str 
                         "--rope-freqs progression)")
     elif engine_rope(config) is None:
         problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} under rope scaling "
-                        f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only when they are "
-                        "the original's uniform ones (convert with --rope-freqs uniform)")
+                        f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only as a progression "
+                        "from pair 0 (convert with --rope-freqs progression)")
     if not config.use_kv_a_layernorm:
         problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert without --no-latent-norm)")
     if config.q_lora_rank is not None and not config.use_q_a_layernorm:
