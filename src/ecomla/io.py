@@ -356,6 +356,11 @@ def lock_file(out) -> Path:
     return out.parent / f".{out.name}{LOCK_SUFFIX}"
 
 
+def locked_output(path: Path) -> Path:
+    """The output a lock file guards (`lock_file`'s inverse; a legacy lock guards its own folder)."""
+    return path.parent if path.name == LEGACY_LOCK else path.parent / path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)
+
+
 def _holder(path: Path) -> str | None:
     """'pid N, WHAT' of the process holding lock file `path`, or None when nobody holds it."""
     import fcntl
@@ -386,7 +391,7 @@ def _refuse_writers_around(out: Path) -> None:
             continue
         holder = _holder(path)
         if holder:
-            where = path.parent / path.name.removeprefix(".").removesuffix(LOCK_SUFFIX) if path.name != LEGACY_LOCK else path.parent
+            where = locked_output(path)
             raise RunLockedError(f"another ecomla process ({holder}) is writing {where}, which "
                                  f"{'contains' if where in out.parents else 'sits inside'} --out {out}: wait for it to "
                                  "end, or choose another --out")
@@ -402,8 +407,7 @@ def _acquire(path: Path, what: str) -> int:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "pid ?"
             os.close(fd)
-            target = path.parent / path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)
-            raise RunLockedError(f"another ecomla process ({holder}) is writing {target}: wait for it to end, "
+            raise RunLockedError(f"another ecomla process ({holder}) is writing {locked_output(path)}: wait for it to end, "
                                  "or choose another --out") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino

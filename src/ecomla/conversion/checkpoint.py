@@ -34,9 +34,10 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     check_output(options.out, inputs, options.overwrite, kind="convert", overwrite_kind=options.overwrite_kind)
     if options.calib_cache not in (None, "none"):  # the cache is written as the conversion runs: not into --out or an input
         cache = Path(options.calib_cache).expanduser().resolve()
-        for name, path in {"--out": options.out, **inputs}.items():
-            rel = path and local_path(path) and relation(cache, local_path(path))
-            rel = rel or (name == "--out" and relation(cache, Path(options.out).expanduser().resolve()))
+        places = {"--out": (options.out, Path(options.out).expanduser().resolve()),
+                  **{name: (path, local_path(path)) for name, path in inputs.items()}}
+        for name, (path, place) in places.items():
+            rel = place and relation(cache, place)
             if rel:
                 raise OutputError(f"--calib-cache {options.calib_cache} {rel} {'the ' if name != '--out' else ''}{name} "
                                   f"{path}: the cache would write there; choose another --calib-cache (or 'none')")
