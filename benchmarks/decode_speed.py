@@ -53,14 +53,14 @@ DTYPE = torch.bfloat16
 
 
 def variants(num_layers: int) -> dict:
-    from ecomla import MLAConversionConfig
+    from ecomla import ConvertOptions
 
     return {
         "original": None,
         # init="xecomla": speed does not depend on the initialization, and it needs no calibration pass
-        "MLA 4x (r=64)": MLAConversionConfig(kv_ratio=4, init="xecomla"),
-        "MLA 8x (r=16)": MLAConversionConfig(kv_ratio=8, init="xecomla"),
-        "hybrid even layers (r=64)": MLAConversionConfig(kv_lora_rank=64, layers=list(range(0, num_layers, 2)), init="xecomla"),
+        "MLA 4x (r=64)": ConvertOptions(kv_ratio=4, init="xecomla"),
+        "MLA 8x (r=16)": ConvertOptions(kv_ratio=8, init="xecomla"),
+        "hybrid even layers (r=64)": ConvertOptions(kv_lora_rank=64, layers=list(range(0, num_layers, 2)), init="xecomla"),
     }
 
 

@@ -38,10 +38,11 @@ from pathlib import Path
 
 import torch
 
-from ecomla import MLAConversionConfig, convert, load_model
+from ecomla import ConvertOptions, convert, load_model
 from ecomla.conversion.calibration import attention_input_covariance, file_calibration_ids
-from ecomla.conversion.kv import cache_values_per_token, max_kv_lora_rank
+from ecomla.model.cache import cache_values_per_token, max_kv_lora_rank
 from ecomla.io import atomic_write
+from ecomla.metrics import ReferenceKL
 
 from common import DATA, RESULTS, pyplot, save_figure, write_json
 
@@ -82,30 +83,6 @@ def bf16(model):
     return out
 
 
-class Evaluator:
-    """Perplexity and KL to the original over fixed windows; the original's log-probs are rebuilt per
-    window from its cached final hidden states (a full (tokens, vocab) table would not fit in memory)."""
-
-    def __init__(self, model, windows: torch.Tensor):
-        self.windows = windows  # (N, T)
-        self.head = model.lm_head
-        self.hidden = []  # N x (T, d) final normalized hidden states of the original
-        with torch.no_grad():
-            for w in windows:
-                self.hidden.append(model.model(w[None]).last_hidden_state[0])
-
-    @torch.no_grad()
-    def __call__(self, model) -> tuple[float, float]:
-        nll, kl, count = 0.0, 0.0, 0
-        for w, h in zip(self.windows, self.hidden):
-            lp = model(w[None]).logits[0, :-1].float().log_softmax(-1)  # (T-1, V)
-            ref = self.head(h[:-1]).float().log_softmax(-1)  # (T-1, V)
-            nll -= lp.gather(-1, w[1:, None]).sum().item()
-            kl += (ref.exp() * (ref - lp)).sum().item()
-            count += len(w) - 1
-        return float(torch.tensor(nll / count).exp()), kl / count
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratios", default="4,2,6.4,8")
@@ -135,13 +112,13 @@ def main() -> int:
 
     out_dir = Path(args.out_dir)
     original = bf16(model)
-    evaluate = Evaluator(original, windows)
+    evaluate = ReferenceKL(original, windows)
     gqa = cache_values_per_token(model.config)
     result = out_dir / f"{args.name}.json"
     rows = json.loads(result.read_text()) if args.resume and result.is_file() else []
     done = {(r["method"], r.get("kv_ratio")) for r in rows}
     if ("original", 1.0) not in done:
-        ppl0, _ = evaluate(original)
+        ppl0 = evaluate(original)["ppl"]
         rows = [dict(method="original", kv_fraction=1.0, kv_ratio=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0)]
         print(f"original: ppl {ppl0:.2f} on {windows.numel()} WikiText-2 tokens (bf16)", flush=True)
     del original
@@ -151,11 +128,12 @@ def main() -> int:
             return
         t = time.time()
         try:
-            mla = convert(model, MLAConversionConfig(**{**PINNED, **kw}), progress=False, calibration_ids=calib, covariance=cov)
+            mla = convert(model, ConvertOptions(**{**PINNED, **kw}), progress=False, calibration_ids=calib, covariance=cov)
         except ValueError as e:  # e.g. a split that leaves no room for the latent at this ratio
             print(f"{name}: skipped ({e})", flush=True)
             return
-        ppl, kl = evaluate(bf16(mla))
+        m = evaluate(bf16(mla))
+        ppl, kl = m["ppl"], m["kl"]
         c, conv = mla.config, mla.config.conversion
         ranks = sorted({c.layer_kv_lora_rank(i) for i in c.mla_layers})
         rows.append(dict(method=name, kv_fraction=round(cache_values_per_token(c) / gqa, 4), kv_ratio=kw.get("kv_ratio"),

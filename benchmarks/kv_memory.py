@@ -7,7 +7,7 @@ Run (from the repository root; CPU, about 3 minutes with the default contexts):
 For each model (the original; full MLA at kv_ratio 4 and 8; a hybrid with the even layers at
 kv_lora_rank 64) and each context length, prefill random token ids (batch 1) through the base
 model and sum the bytes of every tensor the returned cache holds. Beside it the prediction of
-`ecomla.conversion.kv.cache_bytes`. Exits 1 if any measurement differs from its prediction.
+`ecomla.model.cache.cache_bytes`. Exits 1 if any measurement differs from its prediction.
 
 Default dtype bfloat16 (2 bytes per cached value, the usual inference dtype; on this CPU it is
 also faster than float32). Default contexts 1K..8K: 8K is SmolLM2's max_position_embeddings, and
@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from ecomla import MLAConversionConfig, convert, load_model
-from ecomla.conversion.kv import cache_bytes, cache_values_per_token
+from ecomla import ConvertOptions, convert, load_model
+from ecomla.model.cache import cache_bytes, cache_values_per_token
 
 from common import RESULTS, pyplot, save_figure, write_json
 
@@ -39,9 +39,9 @@ def variants(num_layers: int) -> dict:
     """label -> conversion (None = the original model); default RoPE dim 32, one shared RoPE key."""
     return {
         "original": None,
-        "MLA kv_ratio=4": MLAConversionConfig(kv_ratio=4),
-        "MLA kv_ratio=8": MLAConversionConfig(kv_ratio=8),
-        "hybrid even layers, r=64": MLAConversionConfig(kv_lora_rank=64, layers=list(range(0, num_layers, 2))),
+        "MLA kv_ratio=4": ConvertOptions(kv_ratio=4),
+        "MLA kv_ratio=8": ConvertOptions(kv_ratio=8),
+        "hybrid even layers, r=64": ConvertOptions(kv_lora_rank=64, layers=list(range(0, num_layers, 2))),
     }
 
 

@@ -36,7 +36,7 @@ def build_ggufs() -> dict[str, Path]:
     """original / mla-4x / mla-8x GGUFs with f16 weights (made once, reused)."""
     import torch
 
-    from ecomla import MLAConversionConfig, convert
+    from ecomla import ConvertOptions, convert
     from ecomla.export import export_gguf
     from ecomla.sources import builtin_gguf, load_model
 
@@ -51,7 +51,7 @@ def build_ggufs() -> dict[str, Path]:
     calib = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     for name, ratio in (("mla-4x", 4), ("mla-6x", 6), ("mla-8x", 8)):
         if not paths[name].exists():
-            mla = convert(model, MLAConversionConfig(kv_ratio=ratio, target="llama.cpp"), progress=False,
+            mla = convert(model, ConvertOptions(kv_ratio=ratio, target="llama.cpp"), progress=False,
                           calibration_ids=calib)
             export_gguf(mla, tok, paths[name], "f16")
     return paths
@@ -155,13 +155,13 @@ def knob_gguf(name: str, conv, outtype: str) -> Path:
     if not path.exists():
         import torch
 
-        from ecomla import MLAConversionConfig, convert
+        from ecomla import ConvertOptions, convert
         from ecomla.export import export_gguf
         from ecomla.sources import load_model
 
         model, tok = load_model("smollm2-135m", dtype=torch.float32)
         calib = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
-        mla = convert(model, MLAConversionConfig(target="llama.cpp", **conv), progress=False, calibration_ids=calib)
+        mla = convert(model, ConvertOptions(target="llama.cpp", **conv), progress=False, calibration_ids=calib)
         export_gguf(mla, tok, path, outtype)
     return path
 

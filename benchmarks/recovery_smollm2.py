@@ -40,16 +40,18 @@ import torch
 
 from ecomla import load_model
 from ecomla.conversion import convert_checkpoint
-from ecomla.conversion.kv import cache_values_per_token
+from ecomla.model.cache import cache_values_per_token
 from ecomla.evaluation.evaluate import evaluate_model, headline_scores
 from ecomla.evaluation.tasks import margin_kept
 from ecomla.io import atomic_write
+from ecomla.metrics import ReferenceKL
 from ecomla.options import DEFAULT_TASKS, AlignOptions, ConvertOptions, DistillOptions, EvalOptions
+from ecomla.pipeline import Step, run_steps
 from ecomla.training.align import align
-from ecomla.training.distill import distill, reuse_sampled_text
+from ecomla.training.distill import distill
+from ecomla.training.loop import TrainResult
 
 from common import DATA, RESULTS, ROOT, pyplot, save_figure, write_json
-from init_fidelity import Evaluator
 
 CONTEXTS = [1024, 2048, 4096]
 TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
@@ -148,7 +150,7 @@ def main() -> int:
     torch.manual_seed(0)
     original, tok = load_model("smollm2-135m", dtype=torch.float32)
     ids = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: args.kl_tokens]
-    evaluate_kl = Evaluator(original, ids[: len(ids) // 1024 * 1024].view(-1, 1024))  # (N, 1024) windows
+    evaluate_kl = ReferenceKL(original, ids[: len(ids) // 1024 * 1024].view(-1, 1024))  # (N, 1024) windows
     eval_opts = EvalOptions(models=["-"], limit=args.limit, passkey_contexts=CONTEXTS, passkey_trials=1)
     gqa = cache_values_per_token(original.config)
     tasks = [*DEFAULT_TASKS, "passkey"]
@@ -160,7 +162,8 @@ def main() -> int:
         t = time.time()
         model = original if model_dir is None else load_model(str(model_dir), dtype=torch.float32)[0]
         scored = evaluate_model(model, tok, method, tasks, eval_opts, data_dir=str(eval_dir), progress=False)
-        ppl, kl = evaluate_kl(model)
+        m = evaluate_kl(model)
+        ppl, kl = m["ppl"], m["kl"]
         scores = headline_scores(scored, method)
         value = {(r["task"], r["metric"]): r["value"] for r in scored}
         reference = next((r["scores"] for r in rows if r["method"] == "original"), scores)
@@ -194,7 +197,8 @@ def main() -> int:
                 done.add(key)
                 continue
             stages = [("align", args.align_share), ("distill", 1 - args.align_share)] if method == "align+kd" else [("distill", 1.0)]
-            student, spent, cfg = str(conv), dict(train_tokens=0, train_seconds=0.0), None
+            student, steps = str(conv), []
+            run_root = work / comp / f"{method}-{budget}{tag.replace(' ', '_')}"
             for stage, share in stages:
                 tp_key = f"{comp} {stage}{throughput_tag(train_settings)}"  # tokens/s depend on the batch shape
                 if tp_key not in throughput:
@@ -202,16 +206,19 @@ def main() -> int:
                     save()
                 step_tokens = args.seq_len * args.batch_size
                 tokens = max(1, round(share * budget * throughput[tp_key] / step_tokens)) * step_tokens
-                run_dir = work / comp / f"{method}-{budget}{tag.replace(' ', '_')}" / stage
-                previous, cfg = cfg, training_options(args, stage, student, run_dir, tokens, resume=True)
-                if stage == "distill" and isinstance(previous, AlignOptions):
-                    reuse_sampled_text(previous, cfg)  # the align stage's sampled text (--data sampled), not sampled again
-                t = time.time()
-                summary = (align if stage == "align" else distill)(cfg)
-                spent.update({"train_tokens": spent["train_tokens"] + summary["tokens"], f"{stage}_tokens": summary["tokens"],
-                              "train_seconds": round(spent["train_seconds"] + summary["train_seconds"], 1),
-                              f"{stage}_wall_seconds": round(time.time() - t, 1)})  # with sampling, loading, checkpoints
-                student = str(run_dir)
+                cfg = training_options(args, stage, student, run_root / stage, tokens, resume=True)
+                steps.append(Step(stage, cfg, run_root / stage, [cfg.teacher, *cfg.data]))
+                student = str(run_root / stage)
+            # the pipeline's stages: a finished stage is kept, an interrupted one resumes, and a distillation after a
+            # data-free alignment reads the text the alignment sampled
+            wall = run_steps(steps, run_root / "steps.json")
+            spent = dict(train_tokens=0, train_seconds=0.0)
+            for step in steps:
+                result = TrainResult.read(step.out)
+                spent.update({"train_tokens": spent["train_tokens"] + result.tokens, f"{step.name}_tokens": result.tokens,
+                              "train_seconds": round(spent["train_seconds"] + result.train_seconds, 1)})
+                if step.name in wall:  # with sampling, loading, checkpoints (a stage run now, not an earlier one)
+                    spent[f"{step.name}_wall_seconds"] = round(wall[step.name], 1)
             measure(comp, method, budget, student, spent, train_settings)
             done.add(key)
     write(state, out_dir)

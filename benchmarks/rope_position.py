@@ -46,15 +46,15 @@ from pathlib import Path
 
 import torch
 
-from ecomla import MLAConversionConfig, convert, load_model
+from ecomla import ConvertOptions, convert, load_model
 from ecomla.conversion.calibration import attention_input_covariance, file_calibration_ids
-from ecomla.conversion.kv import cache_values_per_token, max_kv_lora_rank
+from ecomla.model.cache import cache_values_per_token, max_kv_lora_rank
 from ecomla.evaluation.evaluate import evaluate_model
 from ecomla.io import atomic_write
+from ecomla.metrics import ReferenceKL
 from ecomla.options import EvalOptions
 
 from common import DATA, RESULTS, pyplot, save_figure, write_json
-from init_fidelity import Evaluator
 
 # The rows before 2026-12-03 were measured with the default of their day: per-layer `cost` frequencies and
 # no latent norm; they keep those (PER_LAYER), and the engine-native default of today is a row of its own.
@@ -137,14 +137,15 @@ def main() -> int:
     result = out_dir / "rope_position.json"
     rows = json.loads(result.read_text()) if args.resume and result.is_file() else []
     done = {(r["group"], r["method"]) for r in rows}
-    evaluate_kl = Evaluator(model, windows)
+    evaluate_kl = ReferenceKL(model, windows)
     gqa = cache_values_per_token(model.config)
 
     def measure(group: str, name: str, m, extra: dict) -> None:
         t = time.time()
         scores = evaluate_model(m, tok, name, ["lambada_openai", "passkey"], eval_opts, data_dir=str(eval_dir), progress=False)
         value = {(r["task"], r["metric"]): r["value"] for r in scores}
-        ppl, kl = evaluate_kl(m)
+        fidelity = evaluate_kl(m)
+        ppl, kl = fidelity["ppl"], fidelity["kl"]
         c = m.config
         rows.append(dict(group=group, method=name, kv_fraction=round(cache_values_per_token(c) / gqa, 4),
                          kv_lora_rank=getattr(c, "kv_lora_rank", None), rope=f"{c.rope_key_heads}x{c.qk_rope_head_dim}"
@@ -167,7 +168,7 @@ def main() -> int:
             if (group, name) in done:
                 continue
             kw = full_rank_options(model.config, name) if size is None else dict(CHOICES[name], **size)  # (full, rank)
-            mla = convert(model, MLAConversionConfig(**kw), progress=False, calibration_ids=calib, covariance=cov)
+            mla = convert(model, ConvertOptions(**kw), progress=False, calibration_ids=calib, covariance=cov)
             kept = sorted(set(range(model.config.num_hidden_layers)) - set(mla.config.mla_layers))  # hybrids: original attention
             measure(group, name, mla, dict(options={k: v for k, v in kw.items() if k != "kv_lora_rank"},
                                            **({"original_layers": kept} if kept else {})))

@@ -26,11 +26,12 @@ import torch
 
 from ecomla import ConvertOptions, convert, load_model
 from ecomla.conversion.calibration import attention_input_covariance, file_calibration_ids
-from ecomla.export.engines import engine_table
 from ecomla.io import atomic_write
+from ecomla.metrics import ReferenceKL
+from ecomla.model.engines import engine_table
+from ecomla.options import PER_LAYER_ROPE_FREQS
 
 from common import DATA, RESULTS, pyplot, save_figure, write_json
-from init_fidelity import Evaluator
 
 ROWS = {  # name -> conversion options (at --kv-ratio 4)
     "per-layer cost, no norm": dict(rope_freqs="cost", latent_norm=False),
@@ -52,7 +53,7 @@ def main() -> int:
     windows = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: 16 * 512].view(16, 512)  # (16, 512)
     calib = file_calibration_ids(tok, str(calib_file), 8192)
     cov = attention_input_covariance(model, calib, progress=False)
-    evaluate = Evaluator(model, windows)
+    evaluate = ReferenceKL(model, windows)
     rows = []
     for name, kw in ROWS.items():
         t = time.time()
@@ -64,9 +65,10 @@ def main() -> int:
                     layer.self_attn.kv_a_layernorm.weight.fill_(1.0)
             engines = "(as the row above)"
         else:
-            table = engine_table(mla.config, rope_freqs=mla.config.conversion["rope_freqs"])
+            table = engine_table(mla.config, per_layer_rope=mla.config.conversion["rope_freqs"] in PER_LAYER_ROPE_FREQS)
             engines = ", ".join(line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:] if " | yes | " in line)
-        ppl, kl = evaluate(mla)
+        m = evaluate(mla)
+        ppl, kl = m["ppl"], m["kl"]
         progression = mla.config.conversion.get("rope_progression")
         rows.append(dict(name=name, options=kw, heldout_kl=round(kl, 4), ppl=round(ppl, 1), engines=engines,
                          rope_pairs=mla.config.rope_pair_indices if mla.config.layer_rope_pair_indices is None else "per layer",

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_TEXT, tiny_llama, tiny_model_dir, tiny_run_options, tiny_training_inputs
 from ecomla import AlignOptions, MLAConversionConfig, convert
-from ecomla.conversion.kv import max_kv_lora_rank
+from ecomla.model.cache import max_kv_lora_rank
 from ecomla.training.align import AlignStudent, align, teacher_targets
 
 

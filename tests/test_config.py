@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig
 
 from ecomla import MLAConversionConfig
-from ecomla.conversion.kv import cache_values_per_token, max_kv_lora_rank, rank_for_ratio
+from ecomla.model.cache import cache_values_per_token, max_kv_lora_rank, rank_for_ratio
 from ecomla.conversion.plan import build_config, resolve
 
 
@@ -17,7 +17,7 @@ def kv_fraction(config, layers, rank, rope_keys, rope_dim):
     """Cache size relative to the original, from the converted config the converter would write."""
     conv = resolve(MLAConversionConfig(kv_lora_rank=rank, layers=layers, rope_key_heads=rope_keys, qk_rope_head_dim=rope_dim,
                                init="xecomla"), config)
-    return cache_values_per_token(build_config(config, conv)) / cache_values_per_token(config)
+    return cache_values_per_token(build_config(conv)) / cache_values_per_token(config)
 
 
 LLAMA_1B = llama32(16, 8, 64, 32, 2048)
@@ -52,7 +52,7 @@ def test_rank_for_ratio_picks_largest_rank_meeting_ratio():
 
 def test_resolve_defaults():
     conv = resolve(MLAConversionConfig(kv_ratio=4), SMOLLM2)
-    assert (conv.kv_lora_rank, conv.qk_nope_head_dim, conv.v_head_dim, conv.layers) == (64, 32, 64, list(range(30)))
+    assert (conv.kv_lora_rank, conv.qk_nope_head_dim, conv.v_head_dim, conv.layers) == (64, 32, 64, tuple(range(30)))
     assert max_kv_lora_rank(SMOLLM2, 32) == 288  # 3 groups x (64 + 64 - 32)
 
 

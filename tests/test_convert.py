@@ -7,7 +7,7 @@ import torch
 
 from conftest import randomized, rel_err, tiny_llama
 from ecomla import MLAConversionConfig, convert
-from ecomla.conversion.kv import max_kv_lora_rank
+from ecomla.model.cache import max_kv_lora_rank
 from ecomla.model.rope import select_rope_pairs
 from ecomla.sources import UnsupportedModelError
 

@@ -135,7 +135,7 @@ def test_run_recipe_with_an_alignment_stage(tmp_path):
 def test_data_free_distillation_reuses_the_text_the_alignment_sampled(tmp_path, monkeypatch):
     from ecomla.pipeline import run_recipe
     from ecomla.sources import load_model
-    from ecomla.training import distill as distill_module
+    from ecomla.training import data as distill_module
 
     teacher = tiny_model_dir(tmp_path / "teacher")
     model, tok = load_model(str(teacher))

@@ -186,3 +186,21 @@ def test_plot_labels_are_the_shortest_path_tails_that_tell_models_apart():
     names = ["smollm2-135m", "out/run-a/distill", "out/run-b/distill", "x/out/converted", "y/out/converted"]
     assert short_names(names) == ["smollm2-135m", "run-a/distill", "run-b/distill", "x/out/converted", "y/out/converted"]
     assert short_names(["a/m", "a/m"]) == ["a/m", "a/m"]  # the same model twice: its whole path, no endless loop
+
+
+def test_eval_reports_each_models_kl_to_the_first_over_the_perplexity_text(tiny_dir, data_dir, tmp_path):
+    from ecomla.sources import load_model
+
+    other = tiny_model_dir(tmp_path / "other", seed=1)
+    md, rows = run_eval(EvalOptions(models=[str(tiny_dir), str(other), str(tiny_dir)], tasks=["wikitext"],
+                                    data_dir=str(data_dir), dtype="float32", ppl_window=32, ppl_stride=16, kl_tokens=80),
+                        log=lambda *a: None)
+    kl = [r["value"] for r in rows if r["metric"] == "kl_to_first"]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[2] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0.01
+    (a, tok), (b, _) = load_model(str(tiny_dir)), load_model(str(other))
+    ids = tok((data_dir / "wikitext-2-raw-test.txt").read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0][:80]
+    windows = ids[:64].view(2, 32)  # the first 80 tokens in whole windows of 32
+    with torch.no_grad():
+        lp, lq = (m(windows).logits[:, :-1].double().log_softmax(-1) for m in (a, b))
+    assert kl[1] == pytest.approx(float((lp.exp() * (lp - lq)).sum(-1).mean()), rel=1e-5)
+    assert "wikitext (KL to first)" in md

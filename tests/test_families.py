@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen
 
 from conftest import randomized, rel_err, tiny_llama, tiny_tokenizer
 from ecomla import ConvertOptions, convert
-from ecomla.conversion.kv import max_kv_lora_rank, model_dims
+from ecomla.model.cache import max_kv_lora_rank, model_dims
 from ecomla.sources import UnsupportedModelError, check_supported
 
 

@@ -22,7 +22,7 @@ from ecomla.conversion.plan import resolve
 from ecomla.export import export_gguf
 from ecomla.export import llama_cpp as lc
 from ecomla.export.deepseek_v3 import ExportError, export_deepseek_v3
-from ecomla.export.engines import engine_table
+from ecomla.model.engines import engine_table
 from ecomla.export.gguf import LLAMA3_PATTERN, QWEN2_PATTERN, gguf_problems
 from ecomla.sources import load_model
 
@@ -227,7 +227,7 @@ def test_vllm_target_picks_a_shape_vllm_runs():
                            num_key_value_heads=8, head_dim=64, vocab_size=128)  # Llama-3.2-1B's attention: 1024 values
     for ratio, rank in ((3.0, 256), (1.5, 512)):
         r = resolve(MLAConversionConfig(kv_ratio=ratio, target="vllm"), llama_1b)
-        assert (r.kv_lora_rank, r.qk_rope_head_dim, r.kv_ratio, r.extra["kv_ratio"]) == (rank, 64, None, ratio)
+        assert (r.kv_lora_rank, r.qk_rope_head_dim, r.kv_ratio, r.request.kv_ratio) == (rank, 64, ratio, ratio)
         r.replace()  # the resolved options are valid options (one of rank and ratio)
     with pytest.raises(ValueError, match="--target vllm cannot make this cache 4.0x smaller: the original caches 1024"):
         resolve(MLAConversionConfig(kv_ratio=4.0, target="vllm"), llama_1b)

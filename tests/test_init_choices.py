@@ -198,7 +198,7 @@ def test_contribution_and_spectrum_record_their_choices_and_keep_the_cache_budge
                                              rank_alloc="spectrum"), progress=False, calibration_ids=calib)
     ranks = [low.config.layer_kv_lora_rank(i) for i in range(3)]
     assert sum(ranks) == 30 and min(ranks) >= 2 and len(set(ranks)) > 1
-    from ecomla.conversion.kv import cache_values_per_token
+    from ecomla.model.cache import cache_values_per_token
 
     assert cache_values_per_token(low.config) == 30 + 3 * 8  # the same cache as rank 10 everywhere
 
@@ -253,7 +253,7 @@ def test_long_range_sensitivity_is_the_kl_weighted_by_distant_context_gain():
     """layer_choice="long-range" ranks layers by KL(original || one layer converted) weighted by each
     token's gain from distant context, not the plain mean (which the weights change)."""
     from ecomla.conversion.upcycle import layer_sensitivity, long_range_weights
-    from ecomla.training.losses import forward_kl
+    from ecomla.metrics import forward_kl
 
     model = tiny_llama(num_kv_heads=2, layers=3).eval()
     torch.manual_seed(1)
@@ -261,12 +261,12 @@ def test_long_range_sensitivity_is_the_kl_weighted_by_distant_context_gain():
     conv = resolve(MLAConversionConfig(kv_lora_rank=4, qk_rope_head_dim=4, layers=[0], init="xecomla"), model.config)
     weighted = layer_sensitivity(model, conv, {}, ids, progress=False, long_range=True)
     plain = layer_sensitivity(model, conv, {}, ids, progress=False)
-    w = long_range_weights(model, ids)
+    w = long_range_weights(model, ids)[:, :-1]  # (N, T-1): positions with a next token, as every KL in ecomla
     with torch.no_grad():
         for i in range(3):
             one = convert(model, MLAConversionConfig(kv_lora_rank=4, qk_rope_head_dim=4, layers=[i], init="xecomla"),
                           progress=False)
-            kl = forward_kl(model(ids).logits.log_softmax(-1), one(ids).logits.log_softmax(-1))  # (N, T)
+            kl = forward_kl(model(ids).logits[:, :-1].log_softmax(-1), one(ids).logits[:, :-1].log_softmax(-1))  # (N, T-1)
             assert abs(weighted[i] - (kl * w).sum().item() / w.sum().item()) < 1e-5 * max(1.0, weighted[i])
             assert abs(plain[i] - kl.mean().item()) < 1e-5 * max(1.0, plain[i])
     assert any(abs(weighted[i] - plain[i]) > 1e-3 * plain[i] for i in range(3))

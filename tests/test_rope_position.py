@@ -6,7 +6,7 @@ import torch
 
 from conftest import rel_err, tiny_llama
 from ecomla import MLAConversionConfig, convert
-from ecomla.conversion.kv import max_kv_lora_rank
+from ecomla.model.cache import max_kv_lora_rank
 from ecomla.conversion.svd_init import init_mla_layer, rotation_mean
 
 H, G, D, d = 6, 3, 16, 40

@@ -11,10 +11,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
-from .options import (
-    JOBS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, ExportOptions, GenerateOptions, KVOptions, RunOptions,
-    flag_of,
-)
+from .options import JOBS, flag_of
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
@@ -54,66 +51,17 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(flag_of(f), **kw)
 
 
-def _convert(o: ConvertOptions) -> None:
-    from .conversion import convert_checkpoint
+def kv(options, log=print) -> str:
+    """`ecomla kv SOURCE` (`KVOptions`): log and return `kv_report` of the source's config (no weights load)."""
+    from .model.cache import kv_report
+    from .sources import SUPPORTED_MODEL_TYPES, load_config
 
-    convert_checkpoint(o)
-
-
-def _eval(o: EvalOptions) -> None:
-    from .evaluation.evaluate import run_eval
-
-    md, _ = run_eval(o)
-    print(md)
-    if o.out:
-        print(f"wrote {o.out}/results.md, results.json, results.png")
-
-
-def _distill(o: DistillOptions) -> None:
-    from .training.distill import distill
-
-    distill(o)
-
-
-def _align(o: AlignOptions) -> None:
-    from .training.align import align
-
-    align(o)
-
-
-def _dpo(o: DPOOptions) -> None:
-    from .training.dpo import dpo
-
-    print(f"saved {dpo(o)}")
-
-
-def _run(o: RunOptions) -> None:
-    from .pipeline import run_recipe
-
-    report = run_recipe(o.recipe)
-    print(f"report: {report}/report.md, report.json, report.png")
-
-
-def _generate(o: GenerateOptions) -> None:
-    from .generation import generate
-
-    generate(o)
-
-
-def _export(o: ExportOptions) -> None:
-    from .export import export_checkpoint
-
-    export_checkpoint(o)
-
-
-def _kv(o: KVOptions) -> None:
-    from .conversion.kv import kv_report
-
-    print(kv_report(o.source))
-
-
-COMMANDS = {ConvertOptions: _convert, EvalOptions: _eval, DistillOptions: _distill, AlignOptions: _align, DPOOptions: _dpo, RunOptions: _run,
-            GenerateOptions: _generate, ExportOptions: _export, KVOptions: _kv}
+    config = load_config(options.source)
+    if config.model_type not in (*SUPPORTED_MODEL_TYPES, "ecomla"):
+        raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)} and ecomla models, not {config.model_type!r}")
+    text = kv_report(config)
+    log(text)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = args.options_class
     try:
         options = cls.from_args(args)
-        COMMANDS[cls](options)
+        options.run()
     except user_errors() as err:
         print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
         return 2

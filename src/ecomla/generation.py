@@ -5,7 +5,7 @@ from __future__ import annotations
 from .options import DTYPES, GenerateOptions
 
 
-def generate(options: GenerateOptions) -> str:
+def generate(options: GenerateOptions, log=print) -> str:
     """Greedy (or sampled) continuation of `options.prompt`, streamed to stdout; returns the new text."""
     import torch
     from transformers import TextStreamer

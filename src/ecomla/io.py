@@ -32,7 +32,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import OUTPUT_KINDS
+# What each kind of output folder holds (a folder's marker records its kind: the policy below)
+OUTPUT_KINDS = {
+    "convert": "a converted model (ecomla convert)",
+    "export": "an exported DeepSeek-V3 checkpoint (ecomla export)",
+    "eval": "evaluation results (ecomla eval)",
+    "align": "an alignment run (ecomla align: a trained model, its checkpoints and log)",
+    "distill": "a distillation run (ecomla distill: a trained model, its checkpoints and log)",
+    "dpo": "a DPO-trained model (ecomla dpo)",
+    "dpo-state": "a DPO run's trainer state (ecomla dpo: its checkpoints)",
+    "run": "a recipe run (ecomla run: every step's output and the report)",
+    "report": "a recipe run's report (ecomla run)",
+}
 
 MARKER = ".ecomla-output"  # in every output folder ecomla writes: its kind and the files ecomla wrote there
 LOCK_SUFFIX = ".ecomla-lock"  # `.NAME.ecomla-lock` beside output NAME while a process writes it
@@ -477,13 +488,33 @@ run_lock = claim  # the name of earlier versions
 
 
 @contextmanager
+def claimed_output(out, inputs: dict | None = None, overwrite: bool = False, kind: str | None = None,
+                   overwrite_kind: str | None = None, resume: bool = False):
+    """`claim` `out`, then `check_output` it under the lock; yields the checked path (the pattern of every
+    command that writes one output: the only writer from the first check to the final rename)."""
+    with claim(out, inputs):
+        yield check_output(out, inputs, overwrite, resume=resume, kind=kind, overwrite_kind=overwrite_kind)
+
+
+def check_side_output(path, flag: str, out, inputs: dict | None = None) -> None:
+    """Refuse a path a command writes beside its output as it runs (a cache) inside or above `out` or an input."""
+    target = Path(path).expanduser().resolve()
+    places = {"--out": (out, Path(out).expanduser().resolve()),
+              **{name: (p, local_path(p)) for name, p in (inputs or {}).items() if isinstance(p, (str, Path))}}
+    for name, (shown, place) in places.items():
+        rel = place and relation(target, place)
+        if rel:
+            raise OutputError(f"{flag} {path} {rel} {'the ' if name != '--out' else ''}{name} {shown}: it would be "
+                              f"written there; choose another {flag}")
+
+
+@contextmanager
 def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, log=None, *, kind: str = "convert",
                       overwrite_kind: str | None = None):
     """Yield a temporary directory beside `out`; on success it replaces `out`, on error it is removed.
     A reader never sees a half-written `out`, and a failed run leaves the old one in place. The whole
     block holds `out`'s lock; the checks run again just before the rename (a user may have added a file)."""
-    with claim(out, inputs):
-        out = check_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind)
+    with claimed_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind) as out:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         umask = os.umask(0)

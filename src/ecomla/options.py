@@ -22,6 +22,8 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from .io import OUTPUT_KINDS, local_path, read_json
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -39,18 +41,7 @@ LAYER_CHOICES = ("sensitivity", "long-range", "alternate")
 TARGETS = ("deepseek-v3", "llama.cpp", "vllm")  # conversion restricted to what the engine runs
 EXPORT_FORMATS = ("deepseek-v3", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# ---- outputs: what each kind of output folder holds (a folder's marker records its kind; io.py's policy)
-OUTPUT_KINDS = {
-    "convert": "a converted model (ecomla convert)",
-    "export": "an exported DeepSeek-V3 checkpoint (ecomla export)",
-    "eval": "evaluation results (ecomla eval)",
-    "align": "an alignment run (ecomla align: a trained model, its checkpoints and log)",
-    "distill": "a distillation run (ecomla distill: a trained model, its checkpoints and log)",
-    "dpo": "a DPO-trained model (ecomla dpo)",
-    "dpo-state": "a DPO run's trainer state (ecomla dpo: its checkpoints)",
-    "run": "a recipe run (ecomla run: every step's output and the report)",
-    "report": "a recipe run's report (ecomla run)",
-}
+GGUF_DEFAULT_OUTTYPE = "f16"  # type of the GGUF weight matrices unless --outtype says otherwise
 CALIB_SEQ_LEN = 256  # tokens per calibration sequence
 # Named initializations: what each unset option means. "xecomla" is the paper's; "ecomla" is the
 # best combination measured by benchmarks/init_fidelity.py (the default).
@@ -128,7 +119,17 @@ def _type_name(tp) -> str:
 
 
 class Options:
-    """Base of the job options: checks on construction, conversion from CLI and recipe input."""
+    """Base of the job options: checks on construction, conversion from CLI and recipe input, and `run`."""
+
+    command: typing.ClassVar[str] = ""  # the subcommand
+    runner: typing.ClassVar[str] = ""  # "module:function" that runs the job, called as function(options, log=log)
+
+    def run(self, log=print):
+        """Run this job (the CLI and `ecomla run` both call this: one lookup, no wrappers)."""
+        import importlib
+
+        module, name = self.runner.split(":")
+        return getattr(importlib.import_module(module), name)(self, log=log)
 
     def __post_init__(self):
         self.check()
@@ -168,8 +169,6 @@ class Options:
 
     def recorded(self) -> dict:
         """The options as a run records them: local paths made absolute (a resume from elsewhere compares equal)."""
-        from .io import local_path
-
         def norm(v):
             if isinstance(v, list):
                 return [norm(x) for x in v]
@@ -187,8 +186,6 @@ class Options:
     def check_resume(self, recorded_file) -> None:
         """Refuse to resume the run recorded in `recorded_file` (JSON of `recorded()`) with options that change it."""
         from pathlib import Path
-
-        from .io import read_json
 
         path = Path(recorded_file)
         recorded = read_json(path, "the run's recorded options", "this run cannot be resumed; start it again with "
@@ -281,6 +278,7 @@ class ConvertOptions(Options):
     """
 
     command: typing.ClassVar[str] = "convert"
+    runner: typing.ClassVar[str] = "ecomla.conversion.checkpoint:convert_checkpoint"
     source: str | None = opt(None, "hub id, local directory, .gguf file, or 'smollm2-135m'", positional=True)
     kv_lora_rank: int | None = opt(None, "latent size per token and layer (give this or --kv-ratio)", flag="--kv-rank", min=1)
     kv_ratio: float | None = opt(None, "the largest rank whose whole-model cache is at least X times smaller", gt=1)
@@ -338,99 +336,113 @@ class ConvertOptions(Options):
         if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
             raise ValueError(f"RoPE dimension {self.qk_rope_head_dim} is invalid: it must be even (--rope-dim)")
 
-    @property
-    def needs_calibration(self) -> bool:
-        """True when the (resolved) conversion reads statistics of the model's inputs."""
-        return (self.svd == "activations" or self.rope_freqs in MEASURED_ROPE_FREQS or self.rope_key_init in ("pca", "freqfold")
-                or self.target is not None or bool(self.latent_norm)
-                or (self.num_mla_layers is not None and self.layer_choice != "alternate"))
-
 
 MLAConversionConfig = ConvertOptions  # the name of earlier versions
 
 
 @dataclass
-class DistillOptions(Options):
-    """Distill a (converted) student from a frozen teacher with the same tokenizer (KD on logits)."""
+class RunOutputOptions(Options):
+    """What every training job has: its output, the optimizer's step size and batch, precision, checkpoints,
+    seed, and what to do with an earlier output (--resume, --overwrite)."""
 
-    command: typing.ClassVar[str] = "distill"
-    student: str | None = opt(None, "the model to train (usually an `ecomla convert` output)", positional=True,
-                              resume_must_match=True)
-    teacher: str | None = opt(None, "the original model or a larger one with the same tokenizer", required=True,
-                              resume_must_match=True)
-    data: list[str] = opt([], ".txt, .jsonl/.json (text, messages, conversations, alpaca, question/answer); "
-                          "none: data-free (the teacher samples the text)", nargs="*", resume_must_match=True)
-    out: str | None = opt(None, "run directory: the final model, training/ (log, checkpoints)", required=True)
-    tokens: int = opt(1_000_000, "training token budget (all processes together)", min=1, resume_must_match=True)
-    seq_len: int = opt(512, "tokens per training sequence", min=2, resume_must_match=True)
+    out: str | None = opt(None, "output directory: the final model (and the run's training state)", required=True)
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0, max=1, resume_must_match=True)
     batch_size: int = opt(8, "sequences per process per micro-step", min=1, resume_must_match=True)
     grad_accum: int = opt(1, "micro-steps per optimizer step", min=1, resume_must_match=True)
-    lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0, max=1, resume_must_match=True)
-    schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES, resume_must_match=True)
-    warmup: float = opt(0.03, "warm-up as a fraction of the steps", min=0, max=1, resume_must_match=True)
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)", min=0, max=1,
-                              resume_must_match=True)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0, resume_must_match=True)
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0, resume_must_match=True)
-    loss: str = opt("forward_kl", "distillation loss", choices=LOSSES, resume_must_match=True)
-    temperature: float = opt(1.0, "softmax temperature of the KD loss", min=0.05, max=100, resume_must_match=True)
-    ce_weight: float = opt(0.0, "mix in cross-entropy on the data with this weight", min=0, resume_must_match=True)
-    train: str = opt("all", "all parameters (paper) or only the MLA layers", choices=("all", "mla"),
-                     resume_must_match=True)
     precision: str = opt("fp32", "bf16: autocast, fp32 master weights", choices=PRECISIONS, resume_must_match=True)
-    teacher_dtype: str = opt("float32", "dtype of the frozen teacher", choices=tuple(DTYPES), resume_must_match=True)
-    prompt_loss: bool = opt(False, "chat data: prompt tokens count in the loss too", resume_must_match=True)
-    chunk_size: int = opt(1024, "tokens per loss chunk (memory, not math)", min=1)
-    eval_fraction: float = opt(0.05, "share of the packed sequences held out (at most 64)", min=0, max=0.5,
-                               resume_must_match=True)
-    eval_every: int = opt(50, "held-out KL/perplexity every N steps (0: only before and after)", min=0)
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)", min=0)
-    keep_checkpoints: int = opt(2, "checkpoints kept (the newest)", min=1)
-    data_free_tokens: int = opt(65536, "tokens the teacher samples when no --data", min=1, resume_must_match=True)
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
     seed: int = opt(0, "seed of data order, sampling and initialization", min=0, resume_must_match=True)
     resume: bool = opt(False, "continue the run in --out from its last good checkpoint")
     overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
     overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
                                      "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
-    stop_after: int | None = opt(None, "==SUPPRESS==", min=1)  # stop after this step's checkpoint (tests)
-    progress: bool = opt(True, cli=False)
 
     def validate(self) -> None:
         if self.resume and self.overwrite:
             raise ValueError("give --resume (continue --out) or --overwrite (start it again), not both")
 
 
+@dataclass
+class TrainOptions(RunOutputOptions):
+    """What ecomla's training loop takes (training/loop.py), whatever the objective: the models, the data, the
+    budget, the schedule, held-out evaluation and checkpoints. A recipe's `train:` section sets these once for
+    all its training stages."""
+
+    student: str | None = opt(None, "the model to train (usually an `ecomla convert` output)", positional=True,
+                              resume_must_match=True)
+    teacher: str | None = opt(None, "the original model or a larger one with the same tokenizer", required=True,
+                              resume_must_match=True)
+    data: list[str] = opt([], ".txt, .jsonl/.json (text, messages, conversations, alpaca, question/answer); "
+                          "none: data-free (the teacher samples the text)", nargs="*", resume_must_match=True)
+    tokens: int = opt(1_000_000, "training token budget (all processes together)", min=1, resume_must_match=True)
+    seq_len: int = opt(512, "tokens per training sequence", min=2, resume_must_match=True)
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES, resume_must_match=True)
+    warmup: float = opt(0.03, "warm-up as a fraction of the steps", min=0, max=1, resume_must_match=True)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)", min=0, max=1,
+                              resume_must_match=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0, resume_must_match=True)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0, resume_must_match=True)
+    teacher_dtype: str = opt("float32", "dtype of the frozen teacher", choices=tuple(DTYPES), resume_must_match=True)
+    prompt_loss: bool = opt(False, "chat data: prompt tokens count in the loss too", resume_must_match=True)
+    chunk_size: int = opt(1024, "tokens per loss chunk (memory, not math)", min=1)
+    eval_fraction: float = opt(0.05, "share of the packed sequences held out (at most 64)", min=0, max=0.5,
+                               resume_must_match=True)
+    eval_every: int = opt(50, "held-out KL/perplexity every N steps (0: only before and after)", min=0)
+    keep_checkpoints: int = opt(2, "checkpoints kept (the newest)", min=1)
+    data_free_tokens: int = opt(65536, "tokens the teacher samples when no --data", min=1, resume_must_match=True)
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
+    stop_after: int | None = opt(None, "==SUPPRESS==", min=1)  # stop after this step's checkpoint (tests)
+    progress: bool = opt(True, cli=False)
+
+
+# the fields of a recipe's `train:` section: what the training loop takes, but not the models or the output
+SHARED_TRAIN_KEYS = tuple(f.name for f in fields(TrainOptions) if f.name not in ("student", "teacher", "out", "resume",
+                                                                                 "overwrite", "overwrite_kind", "stop_after", "progress"))
+
 
 @dataclass
-class AlignOptions(DistillOptions):
+class DistillOptions(TrainOptions):
+    """Distill a (converted) student from a frozen teacher with the same tokenizer (KD on logits:
+    training/distill.py's objective in the training loop)."""
+
+    command: typing.ClassVar[str] = "distill"
+    runner: typing.ClassVar[str] = "ecomla.training.distill:distill"
+    out: str | None = opt(None, "run directory: the final model, training/ (log, checkpoints)", required=True)
+    loss: str = opt("forward_kl", "distillation loss", choices=LOSSES, resume_must_match=True)
+    temperature: float = opt(1.0, "softmax temperature of the KD loss", min=0.05, max=100, resume_must_match=True)
+    ce_weight: float = opt(0.0, "mix in cross-entropy on the data with this weight", min=0, resume_must_match=True)
+    train: str = opt("all", "all parameters (paper) or only the MLA layers", choices=("all", "mla"),
+                     resume_must_match=True)
+
+
+@dataclass
+class AlignOptions(TrainOptions):
     """Align each MLA layer with the original attention on the original's own inputs (run before distill).
 
     Teacher-forced and layer-local: the original model runs once per batch; every MLA layer gets the
     original's input to that layer and learns to reproduce the original attention block's output
-    (see training/align.py). Only MLA parameters train; the student's LM head never runs. Data,
-    budget, schedule, checkpoints and --resume work as in `ecomla distill`."""
+    (training/align.py's objective in the training loop). Only MLA parameters train; the student's LM
+    head never runs. Data, budget, schedule, checkpoints and --resume work as in `ecomla distill`."""
 
     command: typing.ClassVar[str] = "align"
+    runner: typing.ClassVar[str] = "ecomla.training.align:align"
+    out: str | None = opt(None, "run directory: the aligned model, training/ (log, checkpoints)", required=True)
     teacher: str | None = opt(None, "the original model the student was converted from", required=True,
                               resume_must_match=True)
     lr: float = opt(1e-3, "peak learning rate (AdamW)", gt=0, max=1, resume_must_match=True)
     align_loss: str = opt("normalized", "normalized: each layer's squared error over its target's energy (every "
                           "layer counts alike); mse: the plain mean squared error", choices=("normalized", "mse"),
                           resume_must_match=True)
-    # distillation's loss settings mean nothing here: hidden from the command line
-    loss: str = opt("forward_kl", cli=False, choices=LOSSES)
-    temperature: float = opt(1.0, cli=False, min=0.05, max=100)
-    ce_weight: float = opt(0.0, cli=False, min=0)
-    train: str = opt("mla", cli=False, choices=("mla",))
+
 
 @dataclass
-class DPOOptions(Options):
+class DPOOptions(RunOutputOptions):
     """DPO (TRL) with an explicit frozen reference model.
 
     L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])"""
 
     command: typing.ClassVar[str] = "dpo"
+    runner: typing.ClassVar[str] = "ecomla.training.dpo:dpo"
     model: str | None = opt(None, "the model to train", positional=True, resume_must_match=True)
     data: str | None = opt(None, "preferences (.json/.jsonl): {prompt, chosen, rejected} or {conversations, chosen, "
                            "rejected}", required=True, resume_must_match=True)
@@ -441,21 +453,14 @@ class DPOOptions(Options):
     epochs: float = opt(1.0, "passes over the data (unless --max-steps)", gt=0, resume_must_match=True)
     max_steps: int = opt(-1, "stop after N optimizer steps (-1: by --epochs)", min=-1, resume_must_match=True)
     batch_size: int = opt(2, "pairs per device per step", min=1, resume_must_match=True)
-    grad_accum: int = opt(1, "micro-steps per optimizer step", min=1, resume_must_match=True)
     max_length: int = opt(512, "tokens per prompt + answer", min=2, resume_must_match=True)
-    precision: str = opt("fp32", "bf16: mixed precision", choices=PRECISIONS, resume_must_match=True)
     save_every: int = opt(100, "checkpoint every N steps", min=1)
-    seed: int = opt(0, "seed", min=0, resume_must_match=True)
     resume: bool = opt(False, "continue from the last checkpoint in OUT.dpo-state/")
-    overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
-    overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
-                                     "refusal names it; what it holds is lost)", choices=tuple(OUTPUT_KINDS))
 
     def validate(self) -> None:
+        super().validate()
         if self.max_steps == 0:
             raise ValueError("max_steps (--max-steps) must be -1 (train by --epochs) or at least 1, got 0")
-        if self.resume and self.overwrite:
-            raise ValueError("give --resume or --overwrite, not both")
 
 
 DEFAULT_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "lambada_openai"]
@@ -466,6 +471,7 @@ class EvalOptions(Options):
     """lm-evaluation-harness scores and perplexity of one or more models, as one table."""
 
     command: typing.ClassVar[str] = "eval"
+    runner: typing.ClassVar[str] = "ecomla.evaluation.evaluate:run_eval"
     models: list[str] = opt([], "anything ecomla loads; the first is the reference", positional=True, nargs="+")
     tasks: list[str] | None = opt(None, "comma-separated harness tasks and/or 'wikitext' (default: "
                                   + ",".join(DEFAULT_TASKS) + "; none when only --ppl-file is given)", parse=comma_list)
@@ -483,6 +489,8 @@ class EvalOptions(Options):
     max_batch_tokens: int = opt(8192, "padded tokens per forward (at most)", min=1)
     ppl_window: int = opt(2048, "perplexity window (tokens; at most the model's maximum length)", min=2)
     ppl_stride: int = opt(1024, "perplexity stride (< window: each window scores its last `stride` tokens)", min=1)
+    kl_tokens: int = opt(65536, "with several models: each one's KL to the first (the reference) over the first N "
+                         "tokens of every perplexity text, in windows of --ppl-window (0: off)", min=0)
     passkey_contexts: list[int] = opt([1024, 2048, 4096, 8192], "task passkey: prompt lengths in tokens (those beyond "
                                       "the model's positions are skipped)", parse=int_list)
     passkey_depths: list[float] = opt([0.0, 0.25, 0.5, 0.75, 1.0], "task passkey: where the key sits (0: start, 1: end)",
@@ -511,11 +519,12 @@ class ExportOptions(Options):
     transformers, vLLM, SGLang) or gguf (one llama.cpp file, architecture deepseek2, latent cache)."""
 
     command: typing.ClassVar[str] = "export"
+    runner: typing.ClassVar[str] = "ecomla.export:export_checkpoint"
     model: str | None = opt(None, "a model converted by ecomla", positional=True)
     format: str = opt("deepseek-v3", "output format", choices=EXPORT_FORMATS)
     out: str | None = opt(None, "output directory (deepseek-v3) or .gguf file (gguf), written atomically",
                           required=True)
-    outtype: str | None = opt(None, "gguf: type of the weight matrices (default f16; norms stay f32)",
+    outtype: str | None = opt(None, f"gguf: type of the weight matrices (default {GGUF_DEFAULT_OUTTYPE}; norms stay f32)",
                               choices=GGUF_OUTTYPES)
     query_lora: str | None = opt(None, "deepseek-v3 without a query LoRA: 'identity' writes q_proj as an equivalent "
                                  "query LoRA (logits within ~2e-4), which llama.cpp's own converter needs",
@@ -536,6 +545,7 @@ class GenerateOptions(Options):
     """Stream a continuation from any model ecomla can load."""
 
     command: typing.ClassVar[str] = "generate"
+    runner: typing.ClassVar[str] = "ecomla.generation:generate"
     model: str | None = opt(None, "any model ecomla loads", positional=True)
     prompt: str | None = opt(None, "the text to continue", required=True)
     max_new_tokens: int = opt(64, "tokens to generate", min=1)
@@ -560,6 +570,7 @@ class KVOptions(Options):
     """Print a model's KV-cache sizes from its config (no weights are loaded)."""
 
     command: typing.ClassVar[str] = "kv"
+    runner: typing.ClassVar[str] = "ecomla.cli:kv"
     source: str | None = opt(None, "an original (Llama/Mistral) or converted model", positional=True)
 
 
@@ -568,6 +579,7 @@ class RunOptions(Options):
     """The main job from a recipe: convert, distill, optional DPO, evaluate, report."""
 
     command: typing.ClassVar[str] = "run"
+    runner: typing.ClassVar[str] = "ecomla.pipeline:run"
     recipe: str | None = opt(None, "YAML recipe (see recipes/)", positional=True)
 
 

@@ -1,8 +1,10 @@
 """`ecomla run RECIPE.yaml`: the main job — convert, optional align, distill, optional DPO, evaluate, report.
 
-A recipe (see recipes/) has `model`, `out`, a `convert` section and optional `align` (its teacher is
-always `model`, the original), `distill`, `dpo` and `eval` sections; each section holds the fields of that job's options (ecomla.options; the
-command-line spellings without dashes work too, e.g. `kv_rank`). Every section is checked before
+A recipe (see recipes/) has `model`, `out`, a `convert` section and optional `train` (the training loop's
+settings for every training stage: data, seq_len, batch_size, ...; a stage's own section overrides them),
+`align` (its teacher is always `model`, the original), `distill`, `dpo` and `eval` sections; each section
+holds the fields of that job's options (ecomla.options; the command-line spellings without dashes work too,
+e.g. `kv_rank`). Every section is checked before
 step one. Steps write OUT/converted, OUT/aligned, OUT/distilled, OUT/dpo and OUT/report/. Re-running a recipe
 continues where it stopped: a step whose output is complete and whose section is unchanged is
 skipped, an interrupted distillation resumes, and a changed section reruns its step and every
@@ -20,9 +22,9 @@ from pathlib import Path
 import yaml
 
 from .io import read_json, read_log
-from .options import AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options
+from .options import SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options, TrainOptions
 
-SECTIONS = {"name", "model", "out", "convert", "align", "distill", "dpo", "eval"}
+SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
 PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib")  # relative to the recipe file when not to the cwd
 RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
 
@@ -53,7 +55,7 @@ def load_recipe(path: str | Path) -> dict:
     def fix(v):
         return str(v) if Path(str(v)).is_absolute() or (Path.cwd() / str(v)).exists() else str(base / str(v))
 
-    for section in ("convert", "align", "distill", "dpo", "eval"):
+    for section in ("convert", "train", "align", "distill", "dpo", "eval"):
         sec = recipe.get(section)
         if isinstance(sec, dict):
             for key in PATH_KEYS:
@@ -89,18 +91,46 @@ def differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def shared_training(recipe: dict) -> dict:
+    """The recipe's `train:` section as {field: value}: only the training loop's settings that every stage shares."""
+    sec = recipe.get("train")
+    if sec is None:
+        return {}
+    if not isinstance(sec, dict):
+        raise ValueError(f"recipe section 'train' must be a mapping of training options, got {sec!r}")
+    keys, shared = TrainOptions.keys(), {}
+    for key, value in sec.items():
+        name = keys.get(str(key).replace("-", "_"))
+        if name not in SHARED_TRAIN_KEYS:
+            raise ValueError(f"recipe section 'train': {key!r} is not a setting every training stage shares (those are "
+                             f"{', '.join(SHARED_TRAIN_KEYS)}); put it in the 'align' or 'distill' section")
+        shared[name] = value
+    return shared
+
+
+def _stage(recipe: dict, name: str, shared: dict):
+    """A training stage's section with the `train:` settings it does not set itself."""
+    sec = recipe[name]
+    if not isinstance(sec, dict):
+        return sec
+    keys = TrainOptions.keys()
+    own = {keys.get(str(k).replace("-", "_"), k) for k in sec}
+    return {**{k: v for k, v in shared.items() if k not in own}, **sec}
+
+
 def plan(recipe: dict) -> tuple[list[Step], EvalOptions | None]:
     """Every section as its options object (all checked now, before any work), in run order."""
     out, model = Path(str(recipe["out"])), str(recipe["model"])
+    shared = shared_training(recipe)
     convert = ConvertOptions.from_dict(recipe["convert"], "recipe section 'convert'", source=model,
                                        out=str(out / "converted"), overwrite=True)
     steps = [Step("convert", convert, out / "converted", [model, convert.calib])]
     if recipe.get("align") is not None:  # the original model is this stage's teacher, whatever distill's is
-        o = AlignOptions.from_dict(recipe["align"], "recipe section 'align'", student=str(steps[-1].out),
+        o = AlignOptions.from_dict(_stage(recipe, "align", shared), "recipe section 'align'", student=str(steps[-1].out),
                                    teacher=model, out=str(out / "aligned"), resume=True)
         steps.append(Step("align", o, out / "aligned", [o.teacher, *o.data]))
     if recipe.get("distill") is not None:
-        sec = dict(recipe["distill"]) if isinstance(recipe["distill"], dict) else recipe["distill"]
+        sec = _stage(recipe, "distill", shared)
         if isinstance(sec, dict):
             sec.setdefault("teacher", model)
         o = DistillOptions.from_dict(sec, "recipe section 'distill'", student=str(steps[-1].out),
@@ -122,7 +152,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     """What every section reads, checked before step one: files, tasks, lengths, teachers."""
     from .evaluation.evaluate import task_data
     from .sources import load_config
-    from .training.distill import check_vocab
+    from .training.data import check_vocab
     from .training.dpo import read_preferences
 
     config = load_config(model)
@@ -157,14 +187,55 @@ def _complete(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
 
 
+def run_steps(steps: list[Step], record_path: Path, log=print) -> dict[str, float]:
+    """Run each step in order, unless its output is complete and was made with the same options and inputs
+    (`record_path`, JSON: what each output was made with); a step that reruns makes every later one rerun.
+    A distillation after a data-free alignment that samples alike reads the alignment's text. Returns the
+    seconds of each step run. `ecomla run` and benchmarks/recovery_smollm2.py run their stages with this."""
+    from .io import atomic_write
+    from .training.data import reuse_sampled_text
+
+    timings: dict[str, float] = {}
+    made = read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
+        if record_path.is_file() else {}
+    if not isinstance(made, dict):
+        raise ValueError(f"the run's record of its steps {record_path} is damaged: remove it, and every step is made again")
+    rerun = False  # once a step reruns, every later step reruns too (its input changed)
+    stages = {s.name: s for s in steps}
+    for step in steps:
+        changed = step.name in made and made[step.name] != step.recorded()
+        if _complete(step.out) and not changed and not rerun and (step.name in made or not record_path.is_file()):
+            log(f"[ecomla run] {step.name}: already done, skipped")
+            continue
+        if changed or (rerun and step.out.exists()):
+            why = (f"its section or inputs changed ({'; '.join(differences(made[step.name], step.recorded()))})"
+                   if changed else "an earlier step was redone")
+            log(f"[ecomla run] {step.name}: {step.out} was made with other options; {why}: making it again")
+            if hasattr(step.options, "resume"):
+                step.options = step.options.replace(resume=False, overwrite=True)
+        rerun = rerun or changed or step.name not in made or not _complete(step.out)
+        log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
+        if step.name == "distill" and "align" in stages:
+            reuse_sampled_text(stages["align"].options, step.options)
+        t0 = time.time()
+        step.options.run(log=log)
+        timings[step.name] = time.time() - t0
+        made = {**{k: v for k, v in made.items() if k != step.name}, step.name: step.recorded()}
+        atomic_write(record_path, json.dumps(made, indent=1))
+    return timings
+
+
+def run(options, log=print) -> Path:
+    """`ecomla run RECIPE` (`RunOptions`): run the recipe; returns the report folder."""
+    report = run_recipe(options.recipe, log)
+    log(f"report: {report}/report.md, report.json, report.png")
+    return report
+
+
 def run_recipe(path: str | Path, log=print) -> Path:
-    from .conversion import convert_checkpoint
-    from .conversion.kv import cache_values_per_token
-    from .io import atomic_write, check_output, claim, mark
+    from .io import check_output, claim, mark
+    from .model.cache import cache_values_per_token
     from .sources import load_config
-    from .training.align import align
-    from .training.distill import distill, reuse_sampled_text
-    from .training.dpo import dpo
 
     recipe = load_recipe(path)
     steps, evaluation = plan(recipe)
@@ -173,36 +244,11 @@ def run_recipe(path: str | Path, log=print) -> Path:
     inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
               "calibration file": steps[0].options.calib}
     record_path = out / "steps.json"
-    timings: dict[str, float] = {}
     with claim(out, inputs):  # the only writer of the run folder (and of every step's output inside it)
         check_output(out, inputs, resume=True, kind="run")
         out.mkdir(parents=True, exist_ok=True)
         mark(out, "run")
-        made = read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
-            if record_path.is_file() else {}
-        if not isinstance(made, dict):
-            raise ValueError(f"the run's record of its steps {record_path} is damaged: remove it, and every step is made again")
-        rerun = False  # once a step reruns, every later step reruns too (its input changed)
-        for step in steps:
-            changed = step.name in made and made[step.name] != step.recorded()
-            if _complete(step.out) and not changed and not rerun and (step.name in made or not record_path.is_file()):
-                log(f"[ecomla run] {step.name}: already done, skipped")
-                continue
-            if changed or (rerun and step.out.exists()):
-                why = (f"its section or inputs changed ({'; '.join(differences(made[step.name], step.recorded()))})"
-                       if changed else "an earlier step was redone")
-                log(f"[ecomla run] {step.name}: {step.out} was made with other options; {why}: making it again")
-                if hasattr(step.options, "resume"):
-                    step.options = step.options.replace(resume=False, overwrite=True)
-            rerun = rerun or changed or step.name not in made or not _complete(step.out)
-            log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
-            if step.name == "distill" and steps[1].name == "align":
-                reuse_sampled_text(steps[1].options, step.options)
-            t0 = time.time()
-            {"convert": convert_checkpoint, "align": align, "distill": distill, "dpo": dpo}[step.name](step.options)
-            timings[step.name] = time.time() - t0
-            made = {**{k: v for k, v in made.items() if k != step.name}, step.name: step.recorded()}
-            atomic_write(record_path, json.dumps(made, indent=1))
+        timings = run_steps(steps, record_path, log)
         last = steps[-1].out
         report = out / "report"
         report.mkdir(exist_ok=True)
@@ -225,8 +271,12 @@ def run_recipe(path: str | Path, log=print) -> Path:
 def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:
     out = Path(str(recipe["out"]))
     rows = [{"model": "original", "path": recipe["model"], "kv_values_per_token": kv_orig, "kv_cache": 1.0}]
-    read = lambda stage: read_json(p, "the run's summary", f"make the {stage} step again (remove {out / stage})") \
-        if (p := out / stage / "training" / "summary.json").is_file() else {}  # noqa: E731
+    from .training.loop import TrainResult
+
+    def read(stage: str) -> dict:  # the stage's own result (TrainResult), as the training loop wrote it
+        result = TrainResult.read(out / stage)
+        return result.to_dict() if result else {}
+
     names = {s.name for s in steps}
     summary = read("distilled") if "distill" in names else {}
     aligned = read("aligned") if "align" in names else {}

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_torch_save
 from ..options import CALIB_SEQ_LEN
-from .kv import has_attention_bias
+from ..model.cache import has_attention_bias
 
 
 def read_text(path: str) -> str:

@@ -78,10 +78,8 @@ def as_llama(model, calibration_ids: torch.Tensor | None = None):
         scales = qk_norm_scales(model, calibration_ids)
     from transformers import LlamaForCausalLM
 
-    from .kv import model_dims
-
     config = llama_config(model.config)
-    heads, kv_heads, head_dim = model_dims(config)
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     state = {}
     for name, w in model.state_dict().items():
         if name.endswith("self_attn.qkv_proj.weight"):

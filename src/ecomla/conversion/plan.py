@@ -1,30 +1,114 @@
-"""A conversion request checked against a model's config, its defaults filled (before any weight loads),
-and the converted model's config it plans (`build_config`).
+"""A conversion request made concrete for one model, once, before any weight loads: `resolve(options,
+model_config)` returns a frozen `ConversionPlan`, and `build_config` the converted model's config it plans.
 
-`resolve(options, model_config)` applies the init preset to the options left unset, parses the
-layer selection, picks the rank for a `kv_ratio`, and refuses what the model cannot take (an
-impossible rank, a RoPE dim beyond head_dim, a layer out of range, a RoPE key count that does not
-divide the KV heads, what `--target deepseek-v3` cannot express), each with the fix in the message.
+`resolve` applies the init preset to the options left unset, parses the layer selection, picks the rank for a
+`kv_ratio`, names the engines the result must run in, and refuses what the model cannot take (an impossible
+rank, a RoPE dim beyond head_dim, a layer out of range, a RoPE key count that does not divide the KV heads,
+what `--target` cannot express), each with the fix in the message. `convert` takes the plan and never resolves
+again; the user's request stays in `plan.request` as given, and the saved config records both.
 """
 
 from __future__ import annotations
 
-from ..export.engines import VLLM_ROPE_DIM, VLLM_SHAPES, target_problems
+import dataclasses
+from dataclasses import dataclass
+
+from ..model.cache import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 from ..model.configuration_ecomla import EcoMLAConfig
+from ..model.engines import ENGINES, TARGET_ENGINES, VLLM_ROPE_DIM, VLLM_SHAPES
 from ..model.rope import select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
 from ..version import __version__
-from .families import llama_config
-from .kv import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
+from .families import NEEDS_TEXT, llama_config
 
 # Epsilon of the latent RMS norms a target engine applies, for latents of unit mean square (upcycle.py): the
 # norm g c / sqrt(mean(c^2) + eps) is then nearly linear, so it keeps what the SVD initialization made.
 LINEAR_LATENT_NORM_EPS = 100.0
 
-# What config.conversion records of the request (the workflow's paths and switches are not the model's).
+# What config.conversion records of the plan (the workflow's paths and switches are not the model's).
 RECORDED = ("kv_lora_rank", "kv_ratio", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-            "rope_key_heads", "rope_freqs", "rope_key_init", "rope_residual", "rope_drop", "rope_context", "num_mla_layers", "layer_choice", "svd", "rank_alloc",
-            "latent_norm", "init", "target")
+            "rope_key_heads", "rope_freqs", "rope_key_init", "rope_residual", "rope_drop", "rope_context", "num_mla_layers",
+            "layer_choice", "svd", "rank_alloc", "latent_norm", "init", "target")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversionPlan:
+    """Every setting of one conversion of one model, concrete: what `convert` does, decided before it runs.
+    Choices made by measurement (a hybrid's layers, per-layer RoPE pairs and ranks, the RoPE progression)
+    are taken at conversion from calibration statistics; the plan says how (`layer_choice`, `rope_freqs`,
+    `rank_alloc`)."""
+
+    request: ConvertOptions  # the options as the user gave them
+    source_config: object = dataclasses.field(repr=False, compare=False)  # the model's config (transformers)
+    llama_config: object = dataclasses.field(repr=False, compare=False)  # the same as a Llama config (Phi-3, Qwen3)
+    source_model_type: str
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layers: tuple[int, ...] | None  # the MLA layers; None: `num_mla_layers` of them, chosen by `layer_choice`
+    num_mla_layers: int | None  # as requested (hybrids chosen by measurement)
+    layer_choice: str
+    kv_lora_rank: int
+    max_kv_lora_rank: int  # the rank of each layer's stacked key/value matrix (per-layer ranks stay below it)
+    kv_ratio: float | None  # the request's, when the rank was chosen from it
+    q_lora_rank: int | None
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    rope_key_heads: int
+    rope_freqs: str
+    rope_pairs: tuple[int, ...] | None  # the kept frequency pairs of every layer; None: measured at conversion
+    rope_key_init: str
+    rope_residual: str
+    rope_drop: str
+    rope_context: int
+    rope_distances: int  # relative distances the cost criterion and the rotation average consider (capped)
+    svd: str
+    rank_alloc: str
+    latent_norm: bool
+    init: str
+    target: str | None
+    engines: tuple[str, ...]  # engines (model.engines.ENGINES) that must run the result: refused otherwise
+    needs_calibration: bool  # the initialization reads statistics of the model's inputs
+    reads_text: bool  # calibration text is read (needs_calibration, or a family calibrated on text: Qwen3)
+
+    @property
+    def planned_layers(self) -> tuple[int, ...]:
+        """The MLA layers, or a placeholder of the right count until a hybrid's are chosen (for shape checks)."""
+        return self.layers if self.layers is not None else tuple(range(self.num_mla_layers))
+
+    @property
+    def calibration(self) -> str | None:
+        """Where calibration text comes from: the --calib file, text the model samples, or None (none is read)."""
+        if not self.reads_text:
+            return None
+        r = self.request
+        return f"{r.calib_tokens} tokens of {r.calib}" if r.calib else f"{r.calib_tokens} tokens sampled from the model (seed {r.seed})"
+
+    @property
+    def per_layer_rope(self) -> bool:
+        return self.rope_freqs in PER_LAYER_ROPE_FREQS
+
+    @property
+    def per_layer_ranks(self) -> bool:
+        return self.rank_alloc != "uniform"
+
+    @property
+    def shared_rope_residual_dims(self) -> int:
+        """Dims per key head that join the latent's target as the shared RoPE key's residual (what the shared
+        key misses of each group's key, with rope_residual="latent"); 0 with one key per group."""
+        shared = self.rope_residual == "latent" and self.rope_key_heads < self.num_key_value_heads
+        return self.qk_rope_head_dim if shared else 0
+
+    def replace(self, **changes) -> "ConversionPlan":
+        return dataclasses.replace(self, **changes)
+
+    def engine_problems(self, engine: str, config: EcoMLAConfig) -> list[str]:
+        """Why `engine` (a key of model.engines.ENGINES) cannot run the planned model (`config`: its
+        `build_config`); empty if it can."""
+        return ENGINES[engine][0](config, per_layer_rope=self.per_layer_rope,
+                                  per_layer_ranks=self.per_layer_ranks)
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -51,19 +135,10 @@ def parse_layers(spec, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def residual_dims(conv, kv_heads: int) -> int:
-    """Dims per key head that join the latent's target as the shared RoPE key's residual (what the
-    shared key misses of each group's key, with rope_residual="latent"); 0 with one key per group."""
-    return conv.qk_rope_head_dim if conv.rope_residual == "latent" and conv.rope_key_heads < kv_heads else 0
-
-
-def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
-    """Validate `options` against `model_config` (a Llama-family HF config); return a filled copy."""
+def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
+    """Validate `options` against `model_config` (a Llama-family HF config); return the frozen plan."""
     n_layers = model_config.num_hidden_layers
-    heads, kv_heads, head_dim = model_dims(model_config)
-    hidden = model_config.hidden_size
-    out = options.replace()
-    explicit = {k for k, v in options.to_dict().items() if v is not None}
+    explicit = {k: v for k, v in options.to_dict().items() if v is not None}
     preset = dict(INIT_PRESETS[options.init])
     if options.target is not None:  # what DeepSeek-V3 expresses, unless the user asked otherwise (refused below)
         preset.update(rope_key_heads="shared", rank_alloc="uniform", latent_norm=True)
@@ -71,64 +146,80 @@ def resolve(options: ConvertOptions, model_config) -> ConvertOptions:
             preset["rope_freqs"] = "progression"
         if options.target == "vllm":
             preset.update(qk_rope_head_dim=VLLM_ROPE_DIM)
-    for key, value in preset.items():
-        if key not in explicit:
-            setattr(out, key, value)
+    s = {**preset, **explicit}  # the preset, then what the user set
 
+    layers = None
     if options.num_mla_layers is not None:
         if not options.num_mla_layers <= n_layers:
             raise ValueError(f"num_mla_layers={options.num_mla_layers} must be between 1 and the model's {n_layers} layers")
-        layers = list(range(options.num_mla_layers))  # placeholder of the right count: convert() chooses
+        count = options.num_mla_layers
     else:
-        layers = parse_layers(options.layers, n_layers)
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layer index {bad or layers} out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
-                         "pass --layers all or indices in that range")
-    out.layers = layers
+        layers = tuple(parse_layers(options.layers, n_layers))
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad or not layers:
+            raise ValueError(f"layer index {bad or list(layers)} out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
+                             "pass --layers all or indices in that range")
+        count = len(layers)
 
-    d_rope = out.qk_rope_head_dim = min(32, head_dim // 2) if out.qk_rope_head_dim is None else out.qk_rope_head_dim
+    heads, kv_heads, head_dim = model_dims(model_config)
+    hidden = model_config.hidden_size
+    d_rope = s.get("qk_rope_head_dim") or min(32, head_dim // 2)
     if not 0 < d_rope <= head_dim or d_rope % 2:
         raise ValueError(f"RoPE dimension {d_rope} is invalid: it must be even and between 2 and head_dim={head_dim} "
                          f"(e.g. --rope-dim {head_dim // 2})")
-    n_r = {"shared": 1, "per-group": kv_heads}.get(out.rope_key_heads, out.rope_key_heads)
+    n_r = {"shared": 1, "per-group": kv_heads}.get(s["rope_key_heads"], s["rope_key_heads"])
     if isinstance(n_r, str) and n_r.isdigit():
         n_r = int(n_r)
     if not isinstance(n_r, int) or n_r < 1 or kv_heads % n_r:
-        raise ValueError(f"rope_key_heads={out.rope_key_heads!r} must be 'shared', 'per-group' or divide the number of "
+        raise ValueError(f"rope_key_heads={s['rope_key_heads']!r} must be 'shared', 'per-group' or divide the number of "
                          f"KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)")
-    out.rope_key_heads = n_r
-    residual = residual_dims(out, kv_heads)  # the shared key's residual joins the latent
-    out.qk_nope_head_dim = head_dim - d_rope + residual if options.qk_nope_head_dim is None else options.qk_nope_head_dim
-    out.v_head_dim = head_dim if options.v_head_dim is None else options.v_head_dim
-
-    if options.target == "vllm":
-        out.kv_lora_rank = vllm_rank(model_config, options)
-    elif options.kv_ratio is not None:
-        out.kv_lora_rank = rank_for_ratio(model_config, options.kv_ratio, d_rope, n_r, layers)
-    if options.kv_ratio is not None:
-        out.extra = {**out.extra, "kv_ratio": options.kv_ratio}
-        out.kv_ratio = None  # the rank is the setting now; the request is kept in extra (provenance)
+    residual = d_rope if s["rope_residual"] == "latent" and n_r < kv_heads else 0  # the shared key's residual joins the latent
     max_rank = max_kv_lora_rank(model_config, d_rope - residual)  # the residual's rows join the latent's target
-    if not 1 <= out.kv_lora_rank <= max_rank:
+    if options.target == "vllm":
+        rank = vllm_rank(kv_heads, head_dim, options)
+    elif options.kv_ratio is not None:
+        rank = rank_for_ratio(model_config, options.kv_ratio, d_rope, n_r, list(range(count)))
+    else:
+        rank = options.kv_lora_rank
+    if not 1 <= rank <= max_rank:
         raise ValueError(
-            f"kv_lora_rank={out.kv_lora_rank} is impossible: the stacked key/value matrix of each layer has rank "
+            f"kv_lora_rank={rank} is impossible: the stacked key/value matrix of each layer has rank "
             f"at most {max_rank} (= min(hidden {hidden}{' + 1 for the biases' if has_attention_bias(model_config) else ''}, "
             f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope dim {d_rope}"
             f"{' + the shared key residual ' + str(residual) if residual else ''}))); choose 1..{max_rank}")
+    nope = head_dim - d_rope + residual if options.qk_nope_head_dim is None else options.qk_nope_head_dim
     if options.q_lora_rank is not None:
-        q_max = min(hidden, heads * (out.qk_nope_head_dim + d_rope))
+        q_max = min(hidden, heads * (nope + d_rope))
         if not options.q_lora_rank <= q_max:
             raise ValueError(f"q_lora_rank={options.q_lora_rank} is impossible: choose 1..{q_max} or leave it unset")
-    if options.target is not None:
-        check_target(out, model_config)
-    return out
+    needs_calibration = (s["svd"] == "activations" or s["rope_freqs"] in MEASURED_ROPE_FREQS
+                         or s["rope_key_init"] in ("pca", "freqfold") or options.target is not None or bool(s["latent_norm"])
+                         or (options.num_mla_layers is not None and options.layer_choice != "alternate"))
+    plan = ConversionPlan(
+        request=options, source_config=model_config, llama_config=llama_config(model_config),
+        source_model_type=model_config.model_type, num_hidden_layers=n_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        layers=layers, num_mla_layers=options.num_mla_layers, layer_choice=options.layer_choice,
+        kv_lora_rank=rank, max_kv_lora_rank=max_rank, kv_ratio=options.kv_ratio, q_lora_rank=options.q_lora_rank,
+        qk_rope_head_dim=d_rope, qk_nope_head_dim=nope,
+        v_head_dim=head_dim if options.v_head_dim is None else options.v_head_dim, rope_key_heads=n_r,
+        rope_freqs=s["rope_freqs"], rope_pairs=None if s["rope_freqs"] in MEASURED_ROPE_FREQS else
+        tuple(select_rope_pairs(head_dim, d_rope, s["rope_freqs"])), rope_key_init=s["rope_key_init"], rope_residual=s["rope_residual"],
+        rope_drop=s["rope_drop"], rope_context=s["rope_context"],
+        rope_distances=min(s["rope_context"], model_config.max_position_embeddings),
+        svd=s["svd"], rank_alloc=s["rank_alloc"], latent_norm=bool(s["latent_norm"]), init=options.init,
+        target=options.target, engines=(TARGET_ENGINES[options.target],) if options.target else (),
+        needs_calibration=needs_calibration,
+        reads_text=needs_calibration or model_config.model_type in NEEDS_TEXT,
+    )
+    if plan.engines:
+        check_target(plan)
+    return plan
 
 
-def vllm_rank(model_config, options: ConvertOptions) -> int:
+def vllm_rank(kv_heads: int, head_dim: int, options: ConvertOptions) -> int:
     """The latent rank for --target vllm: 512 or 256 (with a 64-dim RoPE key); with --kv-ratio X the larger
     one whose cache is X times smaller; refused when neither makes the cache smaller than the original's."""
-    _, kv_heads, head_dim = model_dims(model_config)
     original = 2 * kv_heads * head_dim  # values per token and layer
     ranks = [r for r, d in VLLM_SHAPES]
     if options.kv_lora_rank is not None:
@@ -146,52 +237,55 @@ def vllm_rank(model_config, options: ConvertOptions) -> int:
     return fits[0]
 
 
-def check_target(resolved: ConvertOptions, model_config) -> None:
-    """Refuse, before any work, a conversion the target cannot express exactly (the exporter's own rules)."""
-    problems = target_problems(resolved.target, build_config(model_config, resolved), rope_freqs=resolved.rope_freqs,
-                               rank_alloc=resolved.rank_alloc)
+def check_target(plan: ConversionPlan) -> None:
+    """Refuse, before any work, a conversion its target cannot express exactly (the exporters' own rules)."""
+    config = build_config(plan)
+    problems = [p for engine in plan.engines for p in plan.engine_problems(engine, config)]
     if problems:
-        raise ValueError(f"--target {resolved.target} cannot be met: " + "; ".join(problems))
+        raise ValueError(f"--target {plan.target} cannot be met: " + "; ".join(problems))
 
 
-def build_config(model_config, conv: ConvertOptions, layer_pairs: dict | None = None,
+def build_config(plan: ConversionPlan, layers: list[int] | None = None, layer_pairs: dict | None = None,
                  layer_ranks: dict | None = None, choices: dict | None = None,
                  rope_pairs: list[int] | None = None) -> EcoMLAConfig:
-    """EcoMLAConfig for `model_config` converted with the resolved `conv` (and the per-layer choices;
-    `rope_pairs`: the kept pairs chosen for every layer, e.g. a measured progression)."""
-    model_config = llama_config(model_config)  # Phi-3: the Llama config of the same model
+    """EcoMLAConfig of the model `plan` converts, with the choices made at conversion (`layers`: a
+    hybrid's chosen layers; per-layer pairs and ranks; `rope_pairs`: the kept pairs of every layer, e.g. a
+    measured progression; `choices`: what config.conversion records of them and of the calibration)."""
+    model_config = plan.llama_config  # Phi-3: the Llama config of the same model
     base = model_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version", "sliding_window",
                 "use_sliding_window", "max_window_layers", "layer_types"):
         base.pop(key, None)
-    _, kv_heads, head_dim = model_dims(model_config)
+    request = plan.request
     base.update(
         attention_bias=has_attention_bias(model_config),
-        head_dim=head_dim,
-        num_key_value_heads=kv_heads,
-        mla_layers=conv.layers,
-        kv_lora_rank=conv.kv_lora_rank,
-        q_lora_rank=conv.q_lora_rank,
-        qk_rope_head_dim=conv.qk_rope_head_dim,
-        qk_nope_head_dim=conv.qk_nope_head_dim,
-        v_head_dim=conv.v_head_dim,
-        rope_key_heads=conv.rope_key_heads,
-        rope_pair_indices=rope_pairs or select_rope_pairs(  # measured choices: a uniform placeholder until made
-            head_dim, conv.qk_rope_head_dim, "uniform" if conv.rope_freqs in MEASURED_ROPE_FREQS else conv.rope_freqs),
+        head_dim=plan.head_dim,
+        num_key_value_heads=plan.num_key_value_heads,
+        mla_layers=list(layers or plan.planned_layers),
+        kv_lora_rank=plan.kv_lora_rank,
+        q_lora_rank=plan.q_lora_rank,
+        qk_rope_head_dim=plan.qk_rope_head_dim,
+        qk_nope_head_dim=plan.qk_nope_head_dim,
+        v_head_dim=plan.v_head_dim,
+        rope_key_heads=plan.rope_key_heads,
+        rope_pair_indices=list(rope_pairs or plan.rope_pairs or  # measured choices: a uniform placeholder until made
+                               select_rope_pairs(plan.head_dim, plan.qk_rope_head_dim, "uniform")),
         layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
         layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
-        use_kv_a_layernorm=bool(conv.latent_norm),  # every engine normalizes the latents
-        use_q_a_layernorm=bool(conv.latent_norm) and conv.q_lora_rank is not None,
+        use_kv_a_layernorm=plan.latent_norm,  # every engine normalizes the latents
+        use_q_a_layernorm=plan.latent_norm and plan.q_lora_rank is not None,
         kv_a_layernorm_eps=LINEAR_LATENT_NORM_EPS,
         q_a_layernorm_eps=LINEAR_LATENT_NORM_EPS,
         conversion={
-            "method": "x-ecomla-svd" if conv.svd == "weights" else "activation-aware-svd",
+            "method": "x-ecomla-svd" if plan.svd == "weights" else "activation-aware-svd",
             "ecomla_version": __version__,
             "source": getattr(model_config, "name_or_path", None) or getattr(model_config, "_name_or_path", None),
-            "source_model_type": model_config.model_type,
-            **{k: getattr(conv, k) for k in RECORDED},
-            **conv.extra,
+            "source_model_type": plan.source_model_type,
+            **{k: getattr(plan, k) for k in RECORDED},
+            **request.extra,
             **(choices or {}),
+            "request": {k: v for k, v in request.to_dict().items()
+                        if k in (*RECORDED, "layers") and v is not None and k != "init"},
         },
     )
     config = EcoMLAConfig(**base)

@@ -9,22 +9,19 @@ here, from the calibration statistics, and recorded in the result's config. The 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from tqdm.auto import tqdm
 
+from ..metrics import ReferenceKL
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.mla_attention import MLAAttention
 from ..model.modeling_ecomla import EcoMLAForCausalLM
 from ..model.rope import rotary_progression, rotary_progressions, select_rope_pairs
-from ..options import MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
+from ..options import ConvertOptions
 from ..sources import check_supported
-from ..training.losses import forward_kl
 from .families import NEEDS_TEXT, as_llama
 from .calibration import attention_input_covariance, calibration_ids as calibration_ids_for
-from .kv import max_kv_lora_rank, model_dims
-from .plan import build_config, residual_dims, resolve
+from .plan import ConversionPlan, build_config, resolve
 from .svd_init import init_mla_layer, kv_spectrum, pair_contributions, rotation_mean
 
 
@@ -74,48 +71,40 @@ def projections(attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(out)
 
 
-def rope_context(conv: ConvertOptions, model_config) -> int:
-    """Relative distances the cost criterion and the rotation average consider: --rope-context, capped."""
-    return min(conv.rope_context, model_config.max_position_embeddings)
-
-
-def rope_pair_scores(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> torch.Tensor:
+def rope_pair_scores(attn, plan: ConversionPlan, model_config, cov: torch.Tensor | None) -> torch.Tensor:
     """(n_r, D/2) what keeping each frequency pair's rotation is worth in one layer, per RoPE key head:
     `pair_contributions` (query-key product; times the rotation's cost over --rope-context for cost and
     progression)."""
-    heads, kv_heads, head_dim = model_dims(model_config)
-    inv_freq = rotary_inv_freq(model_config) if conv.rope_freqs in ("cost", "progression") else None
+    inv_freq = rotary_inv_freq(model_config) if plan.rope_freqs in ("cost", "progression") else None
     w_q, w_k, _ = projections(attn)
-    score = pair_contributions(w_q, w_k, num_heads=heads, num_kv_heads=kv_heads,
-                               head_dim=head_dim, input_cov=cov, inv_freq=inv_freq,
-                               context=rope_context(conv, model_config))  # (G, D/2)
-    return score.view(conv.rope_key_heads, kv_heads // conv.rope_key_heads, -1).sum(1)  # (n_r, D/2)
+    kv_heads = plan.num_key_value_heads
+    score = pair_contributions(w_q, w_k, num_heads=plan.num_attention_heads, num_kv_heads=kv_heads,
+                               head_dim=plan.head_dim, input_cov=cov, inv_freq=inv_freq,
+                               context=plan.rope_distances)  # (G, D/2)
+    return score.view(plan.rope_key_heads, kv_heads // plan.rope_key_heads, -1).sum(1)  # (n_r, D/2)
 
 
-def best_progression(score: torch.Tensor, conv: ConvertOptions, model_config) -> list[int]:
+def best_progression(score: torch.Tensor, plan: ConversionPlan, model_config) -> list[int]:
     """The arithmetic progression of pairs (`rotary_progressions`) whose summed `score` (D/2,) is largest, among
     those an engine's rotary expresses (`export.deepseek_v3.engine_rope`): any under default and linear
     scaling; from pair 0 under llama3 (a new base, no linear factor); only the uniform ones otherwise."""
-    _, _, head_dim = model_dims(model_config)
     rope_type = (getattr(model_config, "rope_parameters", None) or {}).get("rope_type", "default")
-    candidates = rotary_progressions(head_dim, conv.qk_rope_head_dim)
+    candidates = rotary_progressions(plan.head_dim, plan.qk_rope_head_dim)
     if rope_type == "llama3":
         candidates = [p for p in candidates if p[0] == 0]
     elif rope_type not in ("default", "linear"):
-        candidates = [select_rope_pairs(head_dim, conv.qk_rope_head_dim, "uniform")]
+        candidates = [select_rope_pairs(plan.head_dim, plan.qk_rope_head_dim, "uniform")]
     return max(candidates, key=lambda p: float(score[p].sum()))
 
 
-def choose_rope_pairs(attn, conv: ConvertOptions, model_config, cov: torch.Tensor | None) -> list[list[int]]:
+def choose_rope_pairs(attn, plan: ConversionPlan, model_config, cov: torch.Tensor | None) -> list[list[int]]:
     """Kept frequency pairs of one layer, one list per RoPE key head (progression: this layer's best one)."""
-    _, _, head_dim = model_dims(model_config)
-    keep = conv.qk_rope_head_dim // 2
-    if conv.rope_freqs not in MEASURED_ROPE_FREQS:
-        return [select_rope_pairs(head_dim, conv.qk_rope_head_dim, conv.rope_freqs)] * conv.rope_key_heads
-    score = rope_pair_scores(attn, conv, model_config, cov)  # (n_r, D/2)
-    if conv.rope_freqs == "progression":
-        return [best_progression(score.sum(0), conv, model_config)] * conv.rope_key_heads
-    return [sorted(s.topk(keep).indices.tolist()) for s in score]
+    if plan.rope_pairs is not None:
+        return [list(plan.rope_pairs)] * plan.rope_key_heads
+    score = rope_pair_scores(attn, plan, model_config, cov)  # (n_r, D/2)
+    if plan.rope_freqs == "progression":
+        return [best_progression(score.sum(0), plan, model_config)] * plan.rope_key_heads
+    return [sorted(s.topk(plan.qk_rope_head_dim // 2).indices.tolist()) for s in score]
 
 
 def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) -> dict[int, int]:
@@ -133,18 +122,18 @@ def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) 
     return ranks
 
 
-def dropped_rotation(conv: ConvertOptions, model_config) -> torch.Tensor | None:
+def dropped_rotation(plan: ConversionPlan, model_config) -> torch.Tensor | None:
     """What a pair that loses its rotation keeps (`init_mla_layer`'s rotation_mean): the mean rotation over
     --rope-context for --rope-drop average, None (unrotated) otherwise. The same for every layer."""
-    if conv.rope_drop != "average":
+    if plan.rope_drop != "average":
         return None
-    return rotation_mean(rotary_inv_freq(model_config), rope_context(conv, model_config))
+    return rotation_mean(rotary_inv_freq(model_config), plan.rope_distances)
 
 
-def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int, cov: torch.Tensor | None,
+def _layer_weights(attn, config: EcoMLAConfig, plan: ConversionPlan, layer: int, cov: torch.Tensor | None,
                    rotation: torch.Tensor | None):
     """MLA weights (float64) of one layer, latent norm scales (and biases) included when the config has them;
-    `rotation`: `dropped_rotation(conv, config)`, computed once per conversion."""
+    `rotation`: `dropped_rotation(plan, config)`, computed once per conversion."""
     weights = init_mla_layer(
         *projections(attn), attn.o_proj.weight,
         num_heads=config.num_attention_heads,
@@ -157,9 +146,9 @@ def _layer_weights(attn, config: EcoMLAConfig, conv: ConvertOptions, layer: int,
         rope_key_heads=config.rope_key_heads,
         q_lora_rank=config.q_lora_rank,
         input_cov=cov,
-        svd=conv.svd,
-        rope_key_init=conv.rope_key_init,
-        rope_residual=conv.rope_residual == "latent",
+        svd=plan.svd,
+        rope_key_init=plan.rope_key_init,
+        rope_residual=plan.rope_residual == "latent",
         rotation_mean=rotation,
     )
     if config.use_kv_a_layernorm:  # latent norms (DeepSeek-V3 layout), made nearly linear: latent_norm_init
@@ -209,11 +198,11 @@ def long_range_weights(model, input_ids: torch.Tensor, window: int = LONG_RANGE_
 
 
 @torch.no_grad()
-def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor], input_ids: torch.Tensor,
+def layer_sensitivity(model, plan: ConversionPlan, cov: dict[int, torch.Tensor], input_ids: torch.Tensor,
                       candidates: list[int] | None = None, max_tokens: int = 2048, progress: bool = True,
-                      long_range: bool = False) -> dict[int, float]:
-    """{layer: KL(original || model with only that layer converted)} on calibration ids, in nats/token:
-    the mean over tokens, or with `long_range` the mean weighted by `long_range_weights` (the KL on
+                      long_range: bool = False, rotation: torch.Tensor | None = None) -> dict[int, float]:
+    """{layer: KL(original || model with only that layer converted)} on calibration ids, in nats/token
+    (`metrics.ReferenceKL`, over the positions that have a next token): the mean over tokens, or with `long_range` the mean weighted by `long_range_weights` (the KL on
     the predictions that use distant context, the ones LAMBADA and retrieval test)."""
     n_seq = max(1, max_tokens // input_ids.shape[1])
     ids = input_ids[:n_seq].to(next(model.parameters()).device)  # (N, T)
@@ -221,100 +210,102 @@ def layer_sensitivity(model, conv: ConvertOptions, cov: dict[int, torch.Tensor],
     if weights.sum() == 0:
         raise ValueError(f"layer_choice='long-range' needs calibration sequences longer than {2 * LONG_RANGE_WINDOW} "
                          "tokens whose predictions use distant context; use layer_choice='sensitivity'")
-    weights = weights / weights.sum()
     candidates = list(range(model.config.num_hidden_layers)) if candidates is None else candidates
-    ref = [model(x[None]).logits[0].float().log_softmax(-1) for x in ids]  # N x (T, V)
+    kl_to_original = ReferenceKL(model, ids, weights[:, :-1], batch_size=1)  # position t predicts token t+1
     dtype = next(model.parameters()).dtype
-    rotation = dropped_rotation(conv, model.config)
+    if rotation is None:
+        rotation = dropped_rotation(plan, model.config)
     out = {}
     for i in tqdm(candidates, desc="layer sensitivity", unit="layer", disable=not progress):
-        single = dataclasses.replace(conv, layers=[i], num_mla_layers=None)
         attn = model.model.layers[i].self_attn
-        pairs = {i: choose_rope_pairs(attn, single, model.config, cov.get(i))}
-        config = build_config(model.config, single, layer_pairs=pairs)
+        pairs = {i: choose_rope_pairs(attn, plan, model.config, cov.get(i))}
+        config = build_config(plan, layers=[i], layer_pairs=pairs)
         config._attn_implementation = model.config._attn_implementation
         mla = MLAAttention(config, i)
-        mla.load_state_dict({k: v.to(dtype) for k, v in _layer_weights(attn, config, single, i, cov.get(i), rotation).items()})
+        mla.load_state_dict({k: v.to(dtype) for k, v in _layer_weights(attn, config, plan, i, cov.get(i), rotation).items()})
         mla.to(device=ids.device, dtype=dtype)
         model.model.layers[i].self_attn = mla
         try:
-            out[i] = sum((forward_kl(r, model(x[None]).logits[0].float().log_softmax(-1)).cpu() * wt).sum().item()
-                         for r, x, wt in zip(ref, ids, weights))  # (T,) KL per token, weighted
+            out[i] = kl_to_original(model)["kl"]
         finally:
             model.model.layers[i].self_attn = attn
     return out
 
 
-@torch.no_grad()
 def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids: torch.Tensor | None = None,
             covariance: dict[int, torch.Tensor] | None = None, tokenizer=None) -> EcoMLAForCausalLM:
-    """Return `model` (a Llama, Mistral, Qwen2, Qwen3 or Phi-3 causal LM) upcycled into MLA as `conv` asks.
+    """Return `model` (a Llama, Mistral, Qwen2, Qwen3 or Phi-3 causal LM) upcycled into MLA as the options
+    `conv` ask: the plan is resolved against the model's config, then `upcycle` converts it.
 
     The original model is left untouched; weights keep its dtype, SVDs run in float64.
     `calibration_ids` (B, T): text whose attention inputs calibrate everything activation-aware
-    (`conv.needs_calibration`) and the latent norms that target "deepseek-v3" adds. When none is
-    given, `conv.calib` is read (with `tokenizer`) or `conv.calib_tokens` tokens are sampled from the model with `conv.seed`, as `ecomla
-    convert` does without --calib (so both give the same model). `covariance`: precomputed
-    per-layer input covariances of these ids (`calibration.cached_covariance`), so a sweep computes
-    them once.
+    (`plan.needs_calibration`). When none is given, `conv.calib` is read (with `tokenizer`) or
+    `conv.calib_tokens` tokens are sampled from the model with `conv.seed`, as `ecomla convert` does without
+    --calib (so both give the same model). `covariance`: precomputed per-layer input covariances of these ids
+    (`calibration.cached_covariance`), so a sweep computes them once.
     """
     check_supported(model.config, type(model).__name__)
-    source_type = model.config.model_type
-    conv = resolve(conv, model.config)
-    conv.extra = {**conv.extra, "source_model_type": source_type}
+    return upcycle(model, resolve(conv, model.config), progress, calibration_ids, covariance, tokenizer)
+
+
+@torch.no_grad()
+def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids: torch.Tensor | None = None,
+            covariance: dict[int, torch.Tensor] | None = None, tokenizer=None,
+            calibration_source: str | None = None) -> EcoMLAForCausalLM:
+    """`model` converted as `plan` (made by `resolve` for this model) says; `convert`'s arguments, and
+    `calibration_source`: where `calibration_ids` came from (recorded in the config)."""
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     cov, choices = None, {}
-    if (conv.needs_calibration or source_type in NEEDS_TEXT) and calibration_ids is None:
-        calibration_ids, source = calibration_ids_for(model, conv, tokenizer, progress)
-        conv.extra = {**conv.extra, "calibration": source}
+    if plan.reads_text and calibration_ids is None:
+        calibration_ids, calibration_source = calibration_ids_for(model, plan.request, tokenizer, progress)
+    if calibration_source:
+        choices["calibration"] = calibration_source
     model = as_llama(model, calibration_ids)  # Phi-3: fused projections split (exact); Qwen3: QK-norms folded (not exact)
-    if source_type in NEEDS_TEXT:
+    if plan.source_model_type in NEEDS_TEXT:
         choices["qk_norm"] = "folded into q_proj/k_proj as calibrated per-head scales (approximate)"
-    if conv.needs_calibration:
+    if plan.needs_calibration:
         cov = covariance if covariance is not None else attention_input_covariance(model, calibration_ids, progress=progress)
 
-    n_layers = model.config.num_hidden_layers
-    if conv.num_mla_layers is not None:  # hybrid: which layers, chosen here
-        if conv.layer_choice == "alternate":
-            conv.layers = sorted({round(k * n_layers / conv.num_mla_layers) for k in range(conv.num_mla_layers)})
+    rotation = dropped_rotation(plan, model.config)  # what a pair that loses its rotation keeps: every layer's
+    n_layers, mla_layers = plan.num_hidden_layers, plan.layers
+    if mla_layers is None:  # hybrid: which layers, chosen here
+        if plan.layer_choice == "alternate":
+            mla_layers = sorted({round(k * n_layers / plan.num_mla_layers) for k in range(plan.num_mla_layers)})
         else:
-            sens = layer_sensitivity(model, conv, cov, calibration_ids, progress=progress,
-                                     long_range=conv.layer_choice == "long-range")
-            conv.layers = sorted(sorted(sens, key=sens.get)[: conv.num_mla_layers])
+            sens = layer_sensitivity(model, plan, cov, calibration_ids, progress=progress,
+                                     long_range=plan.layer_choice == "long-range", rotation=rotation)
+            mla_layers = sorted(sorted(sens, key=sens.get)[: plan.num_mla_layers])
             choices["layer_sensitivity_kl"] = {str(i): round(v, 6) for i, v in sens.items()}
 
     layers = model.model.layers
     layer_pairs = rope_pairs = None
-    if conv.rope_freqs in PER_LAYER_ROPE_FREQS:
-        layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, conv, model.config, cov[i]) for i in conv.layers}
-    elif conv.rope_freqs == "progression":  # one for the whole model: the least summed cost over its MLA layers
-        score = sum(rope_pair_scores(layers[i].self_attn, conv, model.config, cov[i]).sum(0) for i in conv.layers)
-        rope_pairs = best_progression(score, conv, model.config)
+    if plan.per_layer_rope:
+        layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, plan, model.config, cov[i]) for i in mla_layers}
+    elif plan.rope_freqs == "progression":  # one for the whole model: the least summed cost over its MLA layers
+        score = sum(rope_pair_scores(layers[i].self_attn, plan, model.config, cov[i]).sum(0) for i in mla_layers)
+        rope_pairs = best_progression(score, plan, model.config)
         first, step = rotary_progression(rope_pairs)
         choices["rope_progression"] = {"first_pair": first, "step": step,
                                        "cost_kept": round(float(score[rope_pairs].sum() / score.sum()), 6)}
     layer_ranks = None
-    if conv.rank_alloc == "spectrum":
-        _, kv_heads, head_dim = model_dims(model.config)
+    if plan.rank_alloc == "spectrum":
         spectra = {}
-        for i in conv.layers:
-            pairs = (layer_pairs or {}).get(i) or ([rope_pairs] * conv.rope_key_heads if rope_pairs else
-                                                    choose_rope_pairs(layers[i].self_attn, conv, model.config, None))
-            spectra[i] = kv_spectrum(*projections(layers[i].self_attn), pairs, num_kv_heads=kv_heads, head_dim=head_dim,
-                                     input_cov=None if cov is None else cov[i], svd=conv.svd,
-                                     rope_key_init=conv.rope_key_init, rope_residual=conv.rope_residual == "latent")
-        max_rank = max_kv_lora_rank(model.config, conv.qk_rope_head_dim - residual_dims(conv, kv_heads))
-        layer_ranks = allocate_ranks({i: s[:max_rank] for i, s in spectra.items()}, conv.kv_lora_rank * len(conv.layers),
-                                     min_rank=max(1, conv.kv_lora_rank // 4))
-    config = build_config(model.config, conv, layer_pairs, layer_ranks, choices, rope_pairs=rope_pairs)
+        for i in mla_layers:
+            pairs = (layer_pairs or {}).get(i) or ([rope_pairs] * plan.rope_key_heads if rope_pairs else
+                                                    choose_rope_pairs(layers[i].self_attn, plan, model.config, None))
+            spectra[i] = kv_spectrum(*projections(layers[i].self_attn), pairs, num_kv_heads=plan.num_key_value_heads,
+                                     head_dim=plan.head_dim, input_cov=None if cov is None else cov[i], svd=plan.svd,
+                                     rope_key_init=plan.rope_key_init, rope_residual=plan.rope_residual == "latent")
+        layer_ranks = allocate_ranks({i: s[: plan.max_kv_lora_rank] for i, s in spectra.items()}, plan.kv_lora_rank * len(mla_layers),
+                                     min_rank=max(1, plan.kv_lora_rank // 4))
+    config = build_config(plan, mla_layers, layer_pairs, layer_ranks, choices, rope_pairs=rope_pairs)
     config._attn_implementation = model.config._attn_implementation
 
     # Copies, not references: training the converted model must never touch the original (often its teacher).
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if not any(f"layers.{i}.self_attn." in k for i in conv.layers)}
-    rotation = dropped_rotation(conv, config)
-    for i in tqdm(conv.layers, desc="SVD init", disable=not progress, unit="layer"):
-        weights = _layer_weights(layers[i].self_attn, config, conv, i, None if cov is None else cov[i], rotation)
+             if not any(f"layers.{i}.self_attn." in k for i in mla_layers)}
+    for i in tqdm(mla_layers, desc="SVD init", disable=not progress, unit="layer"):
+        weights = _layer_weights(layers[i].self_attn, config, plan, i, None if cov is None else cov[i], rotation)
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
 

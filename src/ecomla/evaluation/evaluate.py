@@ -246,12 +246,8 @@ def evaluate_model(
                 stderr = metrics.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
                 rows.append({"model": name, "task": task, "metric": metric, "value": float(value),
                              "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
-    texts = [(t, local_file(t, data_dir)) for t in tasks if t in PPL_TASKS] + [(Path(f).name, Path(f)) for f in ppl_files]
-    for task, path in texts:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"perplexity file {path}: cannot read it as UTF-8 text ({err})") from None
+    for task, path in perplexity_texts(tasks, options, data_dir):
+        text = read_perplexity_text(path)
         window = min(ppl_window, getattr(model.config, "max_position_embeddings", ppl_window))
         stride = ppl_stride if ppl_stride < window else window // 2  # the window shrank to the model's maximum
         r = text_perplexity(model, tokenizer, text, window, stride, progress=progress)
@@ -266,6 +262,45 @@ def evaluate_model(
             metric = "acc" if r["context"] is None else f"acc@{r['context']}"
             rows.append({"model": name, "task": "passkey", "metric": metric, "value": r["accuracy"], "stderr": None, "n": r["n"]})
     return rows
+
+
+def perplexity_texts(tasks: list[str], options: EvalOptions, data_dir) -> list[tuple[str, Path]]:
+    """(task name, file) of every perplexity text: the `wikitext` task's and each --ppl-file."""
+    return [(t, local_file(t, data_dir)) for t in tasks if t in PPL_TASKS] + [(Path(f).name, Path(f)) for f in options.ppl_files]
+
+
+def read_perplexity_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"perplexity file {path}: cannot read it as UTF-8 text ({err})") from None
+
+
+class KLToFirst:
+    """Each model's KL to the first model (the reference) over the first `options.kl_tokens` tokens of every
+    perplexity text, in windows of `ppl_window` tokens (`metrics.ReferenceKL`: the one held-out evaluator).
+    Made from the first model; models with another vocabulary get no value."""
+
+    def __init__(self, model, tokenizer, tasks: list[str], options: EvalOptions, data_dir):
+        from ..metrics import ReferenceKL
+
+        self.vocab = tokenizer.get_vocab()
+        self.references = {}
+        window = min(options.ppl_window, getattr(model.config, "max_position_embeddings", options.ppl_window))
+        for task, path in perplexity_texts(tasks, options, data_dir):
+            ids = tokenizer(read_perplexity_text(path), add_special_tokens=False, return_tensors="pt").input_ids[0]
+            ids = ids[: options.kl_tokens]  # (n,)
+            size = min(window, len(ids))
+            if size < 2:
+                continue
+            windows = ids[: len(ids) // size * size].view(-1, size)  # (N, size)
+            self.references[task] = ReferenceKL(model, windows.to(model.device))
+
+    def rows(self, model, tokenizer, name: str) -> list[dict]:
+        if tokenizer.get_vocab() != self.vocab:
+            return []
+        return [{"model": name, "task": task, "metric": "kl_to_first", "value": (m := ref(model))["kl"], "stderr": None,
+                 "n": int(m["tokens"])} for task, ref in self.references.items()]
 
 
 def headline_scores(rows: list[dict], model: str) -> dict[str, float]:
@@ -293,6 +328,9 @@ def summary_table(rows: list[dict], kv: dict[str, int]) -> tuple[list[str], list
             metric = HEADLINE.get(t, "ppl" if any(r["task"] == t and r["metric"] == "ppl" for r in rows) else "acc")
             hit = [r["value"] for r in rows if r["model"] == m and r["task"] == t and r["metric"] == metric]
             row[f"{t} ({metric})"] = hit[0] if hit else None
+            if any(r["task"] == t and r["metric"] == "kl_to_first" for r in rows):  # `KLToFirst`
+                kl = [r["value"] for r in rows if r["model"] == m and r["task"] == t and r["metric"] == "kl_to_first"]
+                row[f"{t} (KL to first)"] = kl[0] if kl else None
         scores = headline_scores(rows, m)
         row["average"] = sum(scores.values()) / len(scores) if scores else None
         row["average vs first"] = row["average"] / first_avg if row["average"] is not None and first_avg else None
@@ -310,6 +348,8 @@ def markdown(columns: list[str], table: list[dict]) -> str:
                 return f"{v:.3f}x"
             if c == "margin kept":
                 return f"{100 * v:.1f}%"
+            if "KL to first" in c:
+                return f"{v:.4f}"
             return f"{v:.2f}" if "ppl" in c else f"{100 * v:.2f}"
         return v
 
@@ -393,15 +433,18 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
     data_dir = task_data(o)
     inputs = {"model": models, "task data directory": data_dir, "perplexity file": list(o.ppl_files),
               "passkey filler": o.passkey_filler}
-    if o.out is not None:
+    if o.out is None:
+        md, rows = _run_eval(o, models, tasks, data_dir, inputs, log)
+    else:
         with claim(o.out, inputs):  # the only writer of --out, from this check to the final rename
             check_output(o.out, inputs, o.overwrite, kind="eval", overwrite_kind=o.overwrite_kind)
-            return _run_eval(o, models, tasks, data_dir, inputs, log)
-    return _run_eval(o, models, tasks, data_dir, inputs, log)
+            md, rows = _run_eval(o, models, tasks, data_dir, inputs, log)
+    log(md + (f"\nwrote {o.out}/results.md, results.json, results.png" if o.out else ""))
+    return md, rows
 
 
 def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inputs: dict, log) -> tuple[str, list[dict]]:
-    from ..conversion.kv import cache_values_per_token
+    from ..model.cache import cache_values_per_token
     from ..io import atomic_output_dir
     from ..sources import load_config, load_model, resolve_device
 
@@ -418,6 +461,7 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
     dtype = DTYPES[o.dtype]
     rows: list[dict] = []
     timings = {}
+    kl_to_first = None
     for m in models:
         log(f"[ecomla eval] {m}: loading ({dtype}, {device})")
         model, tok = load_model(m, dtype=getattr(torch, dtype), device=device)
@@ -425,6 +469,9 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
             raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
         t0 = time.time()
         rows += evaluate_model(model, tok, m, tasks, o, data_dir)
+        if len(models) > 1 and o.kl_tokens:
+            kl_to_first = kl_to_first or KLToFirst(model, tok, tasks, o, data_dir)
+            rows += kl_to_first.rows(model, tok, m)
         timings[m] = time.time() - t0
         log(f"[ecomla eval] {m}: done in {timings[m]:.0f} s")
         del model

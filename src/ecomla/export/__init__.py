@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..options import ExportOptions
+from ..model.engines import LLAMA_CPP_Q_LORA_OPTIONAL_LAYERS
+from ..options import GGUF_DEFAULT_OUTTYPE, ExportOptions
 
 GGUF_MARK = "ecomla.version"  # a GGUF key: what `--overwrite` may replace
 
@@ -31,7 +32,7 @@ def _export(options: ExportOptions, inputs: dict, log):
         tok = load_tokenizer(options.model)
         tokenizer_json(tok)  # a tokenizer the GGUF can carry
         model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
-        outtype = options.outtype or "f16"
+        outtype = options.outtype or GGUF_DEFAULT_OUTTYPE
         out = export_gguf(model, tok, options.out, outtype)
         log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
@@ -43,13 +44,13 @@ def _export(options: ExportOptions, inputs: dict, log):
                              query_lora=options.query_lora, overwrite_kind=options.overwrite_kind)
     log(f"saved {out} ({options.format}: loads with transformers' DeepseekV3ForCausalLM, no custom code)")
     config = model.config
-    if config.q_lora_rank is None and options.query_lora is None and config.num_hidden_layers not in (26, 27):
+    if config.q_lora_rank is None and options.query_lora is None and config.num_hidden_layers not in LLAMA_CPP_Q_LORA_OPTIONAL_LAYERS:
         log("llama.cpp: use `ecomla export --format gguf` (exact). llama.cpp's own convert_hf_to_gguf.py cannot "
             "load this checkpoint (no query LoRA); export with --query-lora identity for that")
     return out
 
 
-def export_gguf(model, tokenizer, out, outtype: str = "f16"):
+def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE):
     """Write the GGUF into a temporary sibling and rename it onto `out` when complete."""
     from pathlib import Path
 

@@ -22,90 +22,10 @@ import torch
 
 from ..io import save_checkpoint
 from ..model.mla_attention import LATENT_NORM_EPS
-from ..model.rope import rotary_progression
-from ..options import PER_LAYER_ROPE_FREQS
-
-# Scalings that act on each frequency alone, so a standard rotary of dimension d_rope with the same
-# parameters gives exactly the kept frequencies. yarn, dynamic and longrope depend on the rotary
-# dimension itself and would silently change the model.
-ROPE_TYPES = ("default", "linear", "llama3")
-
+from ..model.engines import deepseek_v3_problems, engine_rope
 
 class ExportError(ValueError):
     pass
-
-
-def engine_rope(config) -> dict | None:
-    """rope_parameters of a standard rotary of dimension qk_rope_head_dim whose frequencies are exactly those
-    of the kept pairs (`rotary_progression`): pairs a, a + s, ... of a D-dim head rotating at theta^(-2j/D)
-    (times 1/f0 under linear scaling f0) are base theta^(s d / D) with linear factor f0 * theta^(2a/D).
-    The original's parameters when the kept pairs are its uniform ones (every scaling keeps its meaning
-    there, llama3's included); under llama3 scaling, which rescales each frequency by its own wavelength,
-    a progression from pair 0 (base alone); None when no standard rotary expresses them."""
-    rope = dict(config.rope_parameters or {})
-    progression = rotary_progression(config.rope_pair_indices)
-    D, d = config.head_dim, config.qk_rope_head_dim
-    if progression is None or 2 * len(config.rope_pair_indices) != d:
-        return None
-    first, step = progression
-    if first == 0 and step * d == D:
-        return rope
-    rope_type = rope.get("rope_type", "default")
-    if rope_type == "llama3" and first == 0:  # llama3 rescales each frequency by its own wavelength: a new base
-        return {**rope, "rope_theta": float(rope["rope_theta"]) ** (step * d / D)}  # alone keeps them exact
-    if rope_type not in ("default", "linear"):
-        return None
-    theta = float(rope["rope_theta"])
-    factor = (float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0) * theta ** (2 * first / D)
-    rope.update(rope_theta=theta ** (step * d / D))
-    if factor != 1.0:
-        rope.update(rope_type="linear", factor=factor)
-    return rope
-
-
-def deepseek_v3_problems(config, rope_freqs: str | None = None, rank_alloc: str | None = None) -> list[str]:
-    """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can.
-    The one set of DeepSeek-V3 rules: `ecomla export` reads it, and `--target deepseek-v3` checks a
-    conversion's planned config against it before converting (`rope_freqs`: the frequency choice
-    and `rank_alloc`: the choices the conversion will make, since per-layer choices are not in a
-    planned config yet)."""
-    problems = []
-    missing = sorted(set(range(config.num_hidden_layers)) - set(config.mla_layers))
-    if missing:
-        problems.append(f"layers {missing} keep grouped-query attention, but DeepSeek-V3 has MLA in every layer "
-                        "(convert with --layers all)")
-    if config.rope_key_heads != 1:
-        problems.append(f"it has {config.rope_key_heads} RoPE keys per token, DeepSeek-V3 one shared key "
-                        "(convert with --rope-key shared)")
-    ranks = sorted({config.layer_kv_lora_rank(i) for i in config.mla_layers})
-    if len(ranks) > 1:
-        problems.append(f"its layers have different latent ranks ({ranks[0]}..{ranks[-1]}), DeepSeek-V3 one "
-                        "(convert with --rank-alloc uniform)")
-    elif rank_alloc not in (None, "uniform"):
-        problems.append("DeepSeek-V3 has one latent rank in every layer (convert with --rank-alloc uniform)")
-    if rope_freqs in PER_LAYER_ROPE_FREQS or any(pairs != list(config.rope_pair_indices) for i in config.mla_layers
-                                                 for pairs in config.layer_rope_pairs(i)):
-        problems.append("its layers keep different RoPE frequencies (chosen per layer), DeepSeek-V3 one standard "
-                        "rotary (convert with --rope-freqs progression)")
-    elif rotary_progression(config.rope_pair_indices) is None:
-        problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} are no arithmetic progression, so no "
-                        f"standard rotary of dimension {config.qk_rope_head_dim} has their frequencies (convert with "
-                        "--rope-freqs progression)")
-    elif engine_rope(config) is None:
-        problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} under rope scaling "
-                        f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only as a progression "
-                        "from pair 0 (convert with --rope-freqs progression)")
-    if not config.use_kv_a_layernorm:
-        problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert without --no-latent-norm)")
-    if config.q_lora_rank is not None and not config.use_q_a_layernorm:
-        problems.append("its query latent has no RMS norm (convert without --no-latent-norm)")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        problems.append(f"rope scaling {rope_type!r} depends on the rotary dimension, so DeepSeek-V3's "
-                        f"{config.qk_rope_head_dim}-dim rotary would use other frequencies (exportable: {', '.join(ROPE_TYPES)})")
-    if config.attention_bias or getattr(config, "mlp_bias", False):
-        problems.append("it has biases, which DeepSeek-V3 layers do not")
-    return problems
 
 
 def interleave_permutation(d_rope: int) -> list[int]:

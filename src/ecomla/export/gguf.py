@@ -34,26 +34,12 @@ from pathlib import Path
 
 import torch
 
+from ..model.engines import engine_rope, gguf_problems
 from ..model.mla_attention import LATENT_NORM_EPS
-from ..options import GGUF_OUTTYPES
-from .deepseek_v3 import ROPE_TYPES, ExportError, check_exportable, deepseek_v3_problems, deepseek_v3_state_dict, engine_rope
+from ..options import GGUF_DEFAULT_OUTTYPE, GGUF_OUTTYPES
+from .deepseek_v3 import ExportError, check_exportable, deepseek_v3_state_dict
 
 ARCH = "deepseek2"
-LLAMA_CPP_ROPE_TYPES = ("default", "linear")
-
-
-def gguf_problems(config, rope_freqs: str | None = None, rank_alloc: str | None = None) -> list[str]:
-    """Why `config` (an EcoMLAConfig) cannot be written exactly as a llama.cpp `deepseek2` GGUF
-    (`rope_freqs`, `rank_alloc`: a planned conversion's choices, as for `deepseek_v3_problems`)."""
-    problems = [p.replace("--target deepseek-v3", "--target llama.cpp").replace("DeepSeek-V3", "llama.cpp's deepseek2")
-                for p in deepseek_v3_problems(config, rope_freqs, rank_alloc)]
-    rope_type = (engine_rope(config) or config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
-        problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
-                        f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})")
-    if config.qk_nope_head_dim < 1:
-        problems.append("llama.cpp's deepseek2 needs at least one query/key dim without RoPE (convert with a smaller --rope-dim)")
-    return problems
 
 
 def check_gguf_exportable(config) -> None:
@@ -240,7 +226,7 @@ LATENT_DOWN = ("attn_kv_a_mqa.weight", "attn_q_a.weight")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_* of the bulk of the weights
 
 
-def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", extra: dict[str, str] | None = None) -> None:
+def write_gguf(model, tokenizer, path: Path, outtype: str = GGUF_DEFAULT_OUTTYPE, extra: dict[str, str] | None = None) -> None:
     """Write `model` (EcoMLAForCausalLM, exportable) and its tokenizer to the GGUF file `path`
     (`extra`: string keys added to the metadata, e.g. the writer's version)."""
     import gguf

@@ -1,6 +1,7 @@
 """Run a GGUF in the real llama.cpp (through llama-cpp-python): logits, greedy tokens, cache bytes, timing.
 
-What the tests and `benchmarks/llamacpp_speed.py` measure an exported model with. Needs the optional
+A public helper (docs/export.md): what the tests and `benchmarks/llamacpp_speed.py` measure an exported
+model with, and what a user checks a GGUF with. Needs the optional
 extra: `pip install 'ecomla[llama-cpp]'` (builds llama.cpp with cmake and a C++ compiler).
 """
 

@@ -12,8 +12,9 @@ over the MLA layers M (w: the data's token weights). Normalized, every layer cou
 its output's scale: SmolLM2-135M's attention outputs have mean ||y||^2 from 6.9 (layer 0) to 43,579
 (layer 24) on 512 WikiText-2 tokens, so the plain MSE would train a few loud layers only. No gradient crosses layers (each layer's input is the
 teacher's), the student's other layers and its LM head never run, and only MLA parameters train: a
-token costs one teacher forward plus the MLA layers' forward and backward. The rest (data, budget,
-schedule, checkpoints, --resume, held-out KL/perplexity of the whole student) is `distill`'s loop.
+token costs one teacher forward plus the MLA layers' forward and backward. An objective of the training
+loop (training/loop.py), which does the rest: data, budget, schedule, checkpoints, --resume, held-out
+KL/perplexity of the whole student.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from ..model.mla_attention import MLAAttention
+from ..options import AlignOptions
+from .loop import Objective, train, trainable_parameters
 
 
 class AlignStudent(nn.Module):
@@ -89,18 +92,22 @@ def check_teacher(student_config, teacher_config) -> None:
                          "as STUDENT")
 
 
-def align(cfg, log=print) -> dict:
-    """Run (or resume) an alignment (`AlignOptions`); returns the summary, as `distill` does."""
-    from .distill import distill
+class Alignment(Objective):
+    """Layer alignment: the targets are each MLA layer's input and output in the original's forward; only
+    MLA parameters train; the log's metric is the alignment loss itself."""
 
-    return distill(cfg, log)
+    metric = "align_loss"
+
+    def check(self, student_config, teacher_config) -> None:
+        check_teacher(student_config, teacher_config)
+
+    def build(self, lm: nn.Module, teacher: nn.Module):
+        params = trainable_parameters(lm, "mla")
+        student = AlignStudent(lm, normalize=self.cfg.align_loss == "normalized")
+        layers = student.layers
+        return student, params, lambda x: (teacher_targets(teacher, x, layers),)
 
 
-def objective(cfg, lm, teacher):
-    """(student module, trainable parameters, teacher function input_ids -> extra forward arguments)."""
-    from .distill import trainable_parameters
-
-    params = trainable_parameters(lm, "mla")
-    student = AlignStudent(lm, normalize=cfg.align_loss == "normalized")
-    layers = student.layers
-    return student, params, lambda x: (teacher_targets(teacher, x, layers),)
+def align(cfg: AlignOptions, log=print) -> dict:
+    """Run (or resume) an alignment; returns the summary, as `distill` does."""
+    return train(cfg, Alignment(cfg), log)

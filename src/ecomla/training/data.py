@@ -1,4 +1,4 @@
-"""Training text for distillation: read files of several formats, tokenize, pack to a fixed length.
+"""Training text: read files of several formats (or sample it from the teacher), tokenize, pack to a fixed length.
 
 Formats (by extension and fields):
     .txt                         plain text (one document per file; blank-line paragraphs kept)
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from ..io import read_rows
+from ..io import atomic_write, mark, read_rows
 
 
 @dataclass
@@ -150,3 +151,68 @@ def split_heldout(ids: torch.Tensor, weights: torch.Tensor, fraction: float, max
     n = ids.shape[0]
     k = min(max(1, round(n * fraction)), max_sequences) if n >= 2 and fraction > 0 else 0
     return (ids[: n - k], weights[: n - k]), (ids[n - k :], weights[n - k :])
+
+
+def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg) -> None:
+    """Distillation compares distributions token by token: the vocabularies must be identical."""
+    if student_cfg.vocab_size != teacher_cfg.vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({teacher_cfg.vocab_size} tokens) differs from the student's "
+                         f"({student_cfg.vocab_size}): distillation needs a teacher with the same tokenizer")
+    if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError("the teacher's tokenizer maps tokens differently from the student's: "
+                         "distillation needs a teacher with the same tokenizer")
+
+
+DATA_FREE_PROMPTS = [
+    "Once upon a time", "The history of", "In this article, we explain", "Here is a recipe for",
+    "The main causes of", "Scientists have discovered", "def main():", "Dear", "The best way to learn",
+    "Question: Why is the sky blue?\nAnswer:", "Chapter 1", "A short guide to", "The city of",
+    "In mathematics,", "My favourite book", "Breaking news:",
+]
+
+
+def sample_length(seq_len: int) -> int:
+    """New tokens per data-free sample."""
+    return max(16, min(seq_len, 256))
+
+
+def reuse_sampled_text(source, cfg) -> bool:
+    """Start a data-free run `cfg` (to be resumed into its --out) from the text the finished run `source`
+    (e.g. the alignment before it) sampled, when both sample alike (same teacher and dtype, token count,
+    sample length, seed): the same text, since sampling is seeded, minutes of generation on a CPU saved.
+    Returns whether it copied."""
+    src, target = Path(source.out) / "training" / "sampled.jsonl", Path(cfg.out) / "training" / "sampled.jsonl"
+    sampling = lambda o: (o.data, o.teacher, o.teacher_dtype, o.data_free_tokens, sample_length(o.seq_len), o.seed)  # noqa: E731
+    if source.data or sampling(source) != sampling(cfg) or not src.is_file() or target.exists() or not cfg.resume:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mark(Path(cfg.out), cfg.command)
+    atomic_write(target, src.read_bytes())
+    return True
+
+
+def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 64) -> list[str]:
+    """Texts sampled from the teacher (temperature 1, top-p 0.95) from generic prompts."""
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    new = sample_length(seq_len)
+    batch = max(1, min(batch, -(-tokens // new)))  # no more rows than the budget needs
+    total = 0
+    bar = tqdm(total=tokens, desc="sampling data-free text from the teacher", unit="tok")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    k = 0
+    while total < tokens:
+        prompts = [DATA_FREE_PROMPTS[(k + j) % len(DATA_FREE_PROMPTS)] for j in range(batch)]
+        k += batch
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        out = teacher.generate(**enc, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=new,
+                               pad_token_id=tokenizer.pad_token_id)
+        for row in out:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            texts.append(text)
+        total += out.shape[0] * new
+        bar.update(out.shape[0] * new)
+    bar.close()
+    return texts

@@ -71,7 +71,9 @@ def dpo(args: DPOOptions, log=print) -> Path:
     state = Path(str(args.out)).expanduser().resolve()
     state = state.with_name(state.name + ".dpo-state")
     with claim(args.out, inputs), claim(state, inputs):  # the only writer of both, from these checks to the end
-        return _dpo(args, inputs, state, log)
+        out = _dpo(args, inputs, state, log)
+    log(f"saved {out}")
+    return out
 
 
 def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
@@ -81,7 +83,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
 
     from ..io import check_output
     from ..sources import load_config, load_model, load_tokenizer
-    from .distill import check_vocab
+    from .data import check_vocab
 
     out = check_output(args.out, inputs, args.overwrite, resume=args.resume, kind="dpo", overwrite_kind=args.overwrite_kind)
     check_output(state, inputs, overwrite=args.overwrite, resume=args.resume, kind="dpo-state",

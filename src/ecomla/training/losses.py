@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..metrics import forward_kl
 from ..options import LOSSES
-
-
-def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """(N, V), (N, V) log-probabilities -> (N,) KL(p || q) = sum_v p_v (log p_v - log q_v)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def token_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", temperature: float = 1.0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""KV-cache and parameter arithmetic of original and converted models (from configs alone).
+"""KV-cache and parameter arithmetic of original and converted models: facts of a config, read by
+conversion, training, evaluation, export and the benchmarks (no weights needed).
 
 Per layer and token, grouped-query attention caches keys and values:
     gqa_values = 2 * num_key_value_heads * head_dim
@@ -119,15 +120,11 @@ def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), byt
     return text
 
 
-def kv_report(source: str) -> str:
-    """`ecomla kv`: the KV table of an original or converted model, from its config (no weights)."""
-    from ..sources import SUPPORTED_MODEL_TYPES, load_config
+def kv_report(config) -> str:
+    """`ecomla kv`: the KV table of an original or converted model's config (and the engines that serve a converted one)."""
+    from .engines import engine_table
 
-    cfg = load_config(source)
-    if cfg.model_type in SUPPORTED_MODEL_TYPES:
-        return conversion_table(cfg)
-    if cfg.model_type == "ecomla":
-        from ..export.engines import engine_table
+    if getattr(config, "model_type", None) != "ecomla":
+        return conversion_table(config)
+    return conversion_table(original_config(config), config) + "\n\nengines that serve it:\n" + engine_table(config)
 
-        return conversion_table(original_config(cfg), cfg) + "\n\nengines that serve it:\n" + engine_table(cfg)
-    raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)} and ecomla models, not {cfg.model_type!r}")

@@ -1,0 +1,171 @@
+"""Which serving engines run a converted model's shape, and what to change when one cannot: facts of a config,
+read by conversion (a plan names the engines it serves), `ecomla kv`, and the exporters.
+
+One table of rules, read by `ecomla convert` / `ecomla kv` (printed for the chosen shape), by
+`--target` (a conversion is refused before any work if its target cannot run it) and by the exporters.
+
+- transformers + ecomla's code (`trust_remote_code`): every shape, hybrid included.
+- transformers' DeepseekV3 (`export --format deepseek-v3`): `deepseek_v3_problems`.
+- llama.cpp, CPU and CUDA without flash attention (`export --format gguf`): `gguf_problems`; tested here.
+- llama.cpp CUDA flash attention: its MLA kernels take a (latent + RoPE, latent) head of (576, 512),
+  (320, 256) with heads a multiple of 32, or (192, 128) with heads a multiple of 8 (ggml-cuda/fattn.cu);
+  read from the source, not run here.
+- vLLM / SGLang MLA backends: DeepSeek-V3 checkpoints with kv_lora_rank + qk_rope_head_dim of 512 + 64
+  or 256 + 64; read from their documentation, not run here.
+"""
+
+from __future__ import annotations
+
+from .rope import rotary_progression
+
+# Scalings that act on each frequency alone, so a standard rotary of dimension d_rope with the same
+# parameters gives exactly the kept frequencies. yarn, dynamic and longrope depend on the rotary
+# dimension itself and would silently change the model.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+LLAMA_CPP_ROPE_TYPES = ("default", "linear")  # llama.cpp's deepseek2 reads no per-frequency factors
+# llama.cpp's loader reads attention.q_lora_rank for every deepseek2 model except these layer counts (DeepSeek-V2-Lite's
+# shapes), so its own converter (convert_hf_to_gguf.py) cannot load a checkpoint without a query LoRA otherwise.
+LLAMA_CPP_Q_LORA_OPTIONAL_LAYERS = (26, 27)
+
+
+def engine_rope(config) -> dict | None:
+    """rope_parameters of a standard rotary of dimension qk_rope_head_dim whose frequencies are exactly those
+    of the kept pairs (`rotary_progression`): pairs a, a + s, ... of a D-dim head rotating at theta^(-2j/D)
+    (times 1/f0 under linear scaling f0) are base theta^(s d / D) with linear factor f0 * theta^(2a/D).
+    The original's parameters when the kept pairs are its uniform ones (every scaling keeps its meaning
+    there, llama3's included); under llama3 scaling, which rescales each frequency by its own wavelength,
+    a progression from pair 0 (base alone); None when no standard rotary expresses them."""
+    rope = dict(config.rope_parameters or {})
+    progression = rotary_progression(config.rope_pair_indices)
+    D, d = config.head_dim, config.qk_rope_head_dim
+    if progression is None or 2 * len(config.rope_pair_indices) != d:
+        return None
+    first, step = progression
+    if first == 0 and step * d == D:
+        return rope
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "llama3" and first == 0:  # llama3 rescales each frequency by its own wavelength: a new base
+        return {**rope, "rope_theta": float(rope["rope_theta"]) ** (step * d / D)}  # alone keeps them exact
+    if rope_type not in ("default", "linear"):
+        return None
+    theta = float(rope["rope_theta"])
+    factor = (float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0) * theta ** (2 * first / D)
+    rope.update(rope_theta=theta ** (step * d / D))
+    if factor != 1.0:
+        rope.update(rope_type="linear", factor=factor)
+    return rope
+
+
+def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False) -> list[str]:
+    """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can.
+    The one set of DeepSeek-V3 rules: `ecomla export` reads it, and a conversion plan checks its planned
+    config against it before converting (`per_layer_rope`, `per_layer_ranks`: choices the conversion will
+    make per layer, which a planned config does not hold yet)."""
+    problems = []
+    missing = sorted(set(range(config.num_hidden_layers)) - set(config.mla_layers))
+    if missing:
+        problems.append(f"layers {missing} keep grouped-query attention, but DeepSeek-V3 has MLA in every layer "
+                        "(convert with --layers all)")
+    if config.rope_key_heads != 1:
+        problems.append(f"it has {config.rope_key_heads} RoPE keys per token, DeepSeek-V3 one shared key "
+                        "(convert with --rope-key shared)")
+    ranks = sorted({config.layer_kv_lora_rank(i) for i in config.mla_layers})
+    if len(ranks) > 1:
+        problems.append(f"its layers have different latent ranks ({ranks[0]}..{ranks[-1]}), DeepSeek-V3 one "
+                        "(convert with --rank-alloc uniform)")
+    elif per_layer_ranks:
+        problems.append("DeepSeek-V3 has one latent rank in every layer (convert with --rank-alloc uniform)")
+    if per_layer_rope or any(pairs != list(config.rope_pair_indices) for i in config.mla_layers
+                                                 for pairs in config.layer_rope_pairs(i)):
+        problems.append("its layers keep different RoPE frequencies (chosen per layer), DeepSeek-V3 one standard "
+                        "rotary (convert with --rope-freqs progression)")
+    elif rotary_progression(config.rope_pair_indices) is None:
+        problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} are no arithmetic progression, so no "
+                        f"standard rotary of dimension {config.qk_rope_head_dim} has their frequencies (convert with "
+                        "--rope-freqs progression)")
+    elif engine_rope(config) is None:
+        problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} under rope scaling "
+                        f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only as a progression "
+                        "from pair 0 (convert with --rope-freqs progression)")
+    if not config.use_kv_a_layernorm:
+        problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert without --no-latent-norm)")
+    if config.q_lora_rank is not None and not config.use_q_a_layernorm:
+        problems.append("its query latent has no RMS norm (convert without --no-latent-norm)")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        problems.append(f"rope scaling {rope_type!r} depends on the rotary dimension, so DeepSeek-V3's "
+                        f"{config.qk_rope_head_dim}-dim rotary would use other frequencies (exportable: {', '.join(ROPE_TYPES)})")
+    if config.attention_bias or getattr(config, "mlp_bias", False):
+        problems.append("it has biases, which DeepSeek-V3 layers do not")
+    return problems
+
+
+def gguf_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False) -> list[str]:
+    """Why `config` (an EcoMLAConfig) cannot be written exactly as a llama.cpp `deepseek2` GGUF
+    (`per_layer_rope`, `per_layer_ranks`: as for `deepseek_v3_problems`)."""
+    problems = [p.replace("--target deepseek-v3", "--target llama.cpp").replace("DeepSeek-V3", "llama.cpp's deepseek2")
+                for p in deepseek_v3_problems(config, per_layer_rope, per_layer_ranks)]
+    rope_type = (engine_rope(config) or config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
+        problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
+                        f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})")
+    if config.qk_nope_head_dim < 1:
+        problems.append("llama.cpp's deepseek2 needs at least one query/key dim without RoPE (convert with a smaller --rope-dim)")
+    return problems
+
+
+VLLM_ROPE_DIM = 64
+VLLM_SHAPES = ((512, VLLM_ROPE_DIM), (256, VLLM_ROPE_DIM))  # vLLM's MLA backends: (kv_lora_rank, qk_rope_head_dim)
+CUDA_FA_SHAPES = {(512, 64): 1, (256, 64): 32, (128, 64): 8}  # (latent, rope dim) -> heads must be a multiple of
+
+
+def llama_cpp_cuda_fa_problems(config, **kw) -> list[str]:
+    problems = gguf_problems(config, **kw)
+    shape = (config.kv_lora_rank, config.qk_rope_head_dim)
+    multiple = CUDA_FA_SHAPES.get(shape)
+    if multiple is None:
+        problems.append(f"its latent + RoPE key is {shape[0]} + {shape[1]}; llama.cpp's CUDA flash attention takes 512 + 64, "
+                        "256 + 64 (heads a multiple of 32) or 128 + 64 (heads a multiple of 8) (convert with --kv-rank "
+                        "and --rope-dim 64); without flash attention llama.cpp's CUDA path still runs it")
+    elif config.num_attention_heads % multiple:
+        problems.append(f"{shape[0]} + {shape[1]} needs a multiple of {multiple} heads in llama.cpp's CUDA flash "
+                        f"attention, the model has {config.num_attention_heads}")
+    return problems
+
+
+def vllm_problems(config, **kw) -> list[str]:
+    problems = deepseek_v3_problems(config, **kw)
+    shape = (config.kv_lora_rank, config.qk_rope_head_dim)
+    if shape not in VLLM_SHAPES:
+        problems.append(f"its latent + RoPE key is {shape[0]} + {shape[1]}; vLLM's MLA backends take 512 + 64 or 256 + 64 "
+                        "(convert with --target vllm)")
+    return problems
+
+
+ENGINES = {  # name -> (problems(config, per_layer_rope=, per_layer_ranks=), how it was checked)
+    "transformers (ecomla code)": (lambda config, **kw: [], "tested"),
+    "transformers DeepseekV3": (deepseek_v3_problems, "tested"),
+    "llama.cpp (CPU; CUDA without flash attention)": (gguf_problems, "tested on CPU"),
+    "llama.cpp CUDA flash attention": (llama_cpp_cuda_fa_problems, "from llama.cpp's source, not run here"),
+    "vLLM / SGLang": (vllm_problems, "from their documentation, not run here"),
+}
+SERVING_ENGINES = ("transformers DeepseekV3", "llama.cpp (CPU; CUDA without flash attention)")  # stock, tested here
+TARGET_ENGINES = {"deepseek-v3": "transformers DeepseekV3", "llama.cpp": "llama.cpp (CPU; CUDA without flash attention)",
+                  "vllm": "vLLM / SGLang"}
+
+
+def target_problems(target: str, config, **kw) -> list[str]:
+    return ENGINES[TARGET_ENGINES[target]][0](config, **kw)
+
+
+def engine_table(config, **kw) -> str:
+    """Markdown: for each engine, whether it serves `config` and what to change when it cannot."""
+    from ..report import markdown_table
+
+    rows = []
+    for name, (problems_of, checked) in ENGINES.items():
+        problems = problems_of(config, **kw)
+        rows.append([name, "yes" if not problems else "no", "; ".join(problems) or "-", checked])
+    return markdown_table(["engine", "serves it", "what to change", "checked"], rows)

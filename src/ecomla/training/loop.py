@@ -1,0 +1,492 @@
+"""ecomla's training loop: one student trained toward a frozen teacher by an objective, on one CPU or many GPUs.
+
+The loop owns what every training job has (data, budget, schedule, precision, checkpoints, resume, the
+output's lock, logging, accelerate); an `Objective` owns what differs: what trains, what the teacher computes
+for a batch, the loss, and the checks before work. Knowledge distillation (training/distill.py) and layer
+alignment (training/align.py) are objectives.
+
+One step = `batch_size` sequences of `seq_len` tokens on every process, times `grad_accum` micro-steps.
+Data order is a seeded function of the step alone (no sampler state), so a run resumed from a checkpoint
+sees the same batches as one that never stopped. The loss is computed inside the objective's student
+module, so DDP/FSDP see one module. Held-out KL/perplexity to the teacher: `metrics.ReferenceKL`.
+
+Output layout (OUT is locked while a run writes it; `--resume` refuses changed training options):
+    OUT/                  the final student (config.json written last: a reader never sees half a model)
+    OUT/training/         args.json (the options, paths absolute), log.jsonl (one row per step and per
+                          held-out evaluation), sampled.jsonl (data-free runs), summary.json (the result),
+                          checkpoints/step-NNNNNN/ (atomic; a corrupt newest one falls back to the previous)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..io import atomic_write, check_output, claim, clear_run_dir, mark, read_json, read_log, record
+from ..options import DTYPES, TrainOptions
+
+
+class Objective:
+    """What a training job optimizes. Subclasses set `metric` (the log's name for the objective's second
+    output) and implement `build`; `check` refuses models the objective cannot train before any weight loads."""
+
+    metric = "loss"
+
+    def __init__(self, cfg: TrainOptions):
+        self.cfg = cfg
+
+    def check(self, student_config, teacher_config) -> None:
+        """Raise ValueError when these models cannot be trained by this objective (configs only)."""
+
+    def build(self, lm: nn.Module, teacher: nn.Module):
+        """(student module whose forward(input_ids, weights, *targets) returns (loss, metric, token count),
+        trainable parameters, teacher function input_ids -> targets) for the loaded models."""
+        raise NotImplementedError
+
+    def divergence_causes(self) -> list[str]:
+        """The objective's own settings that can make training diverge, named for the user."""
+        return []
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run reports (OUT/training/summary.json): held-out metrics before and after
+    (KL and perplexity to the teacher), tokens, steps and the wall-clock training time."""
+
+    steps: int
+    tokens: int
+    world_size: int
+    train_tokens_per_s: float | None
+    train_seconds: float
+    before: dict | None
+    after: dict | None
+    train_sequences: int
+    heldout_sequences: int
+    rank_param_checksums: list[float] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, out) -> "TrainResult | None":
+        """The result of the finished run in `out`; None if there is none."""
+        path = Path(out) / "training" / "summary.json"
+        if not path.is_file():
+            return None
+        data = read_json(path, "the run's summary", f"make the run again (remove {out})")
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def lr_lambda(cfg: TrainOptions, steps: int):
+    warm = int(round(cfg.warmup * steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, steps - warm)
+        if cfg.schedule == "linear":
+            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def batch_rows(step: int, micro: int, rank: int, world: int, cfg: TrainOptions, n_train: int) -> torch.Tensor:
+    """Indices of the training sequences for (step, micro-step, process): a seeded permutation per epoch."""
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    start = step * per_step + (micro * world + rank) * cfg.batch_size
+    idx = []
+    for k in range(start, start + cfg.batch_size):
+        epoch, pos = divmod(k, n_train)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        idx.append(int(torch.randperm(n_train, generator=g)[pos]))
+    return torch.tensor(idx)
+
+
+def trainable_parameters(lm: nn.Module, which: str) -> list[nn.Parameter]:
+    from ..model.mla_attention import MLAAttention
+
+    if which == "all":
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        return [p for p in lm.parameters()]
+    mla = [m for m in lm.modules() if isinstance(m, MLAAttention)]
+    if not mla:
+        raise ValueError("--train mla: the student has no MLA layers (convert it first)")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    params = [p for m in mla for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def heldout_metrics(evaluate, model: nn.Module) -> dict:
+    """The student's held-out KL to the teacher and perplexities, under the names the log uses."""
+    m = evaluate(model)
+    return {"heldout_kl": m["kl"], "heldout_ppl": m["ppl"], "teacher_ppl": m["reference_ppl"], "heldout_tokens": int(m["tokens"])}
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+
+
+def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
+    """Restore the newest readable checkpoint; a corrupt one is skipped with a warning. Returns its step (0: none).
+    Checkpoints hold pickled optimizer state (accelerate's format): resume only run folders you trust."""
+    ckpts = _checkpoints(ckpt_dir)
+    for ckpt in reversed(ckpts):
+        try:
+            accelerator.load_state(str(ckpt))
+            step = int(json.loads((ckpt / "state.json").read_text())["step"])
+        except Exception as err:  # truncated or tampered files: fall back to the previous checkpoint
+            log(f"[ecomla] warning: checkpoint {ckpt} cannot be read ({type(err).__name__}: "
+                f"{str(err)[:200]}); falling back to the previous one")
+            continue
+        log(f"[ecomla] resuming from {ckpt} (step {step})")
+        return step
+    if ckpts:
+        raise ValueError(f"no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in ckpts)}): "
+                         "start the run again with --overwrite")
+    log(f"[ecomla] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    return 0
+
+
+def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
+    """save_pretrained into a temporary folder, then move files into `out`, config.json last (recorded as
+    ecomla's before they move in)."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+    record(out, kind, files, read_from=tmp)
+    for f in files:
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
+    """Everything that can fail fast, before any weights load or anything is written."""
+    from ..sources import load_config, load_tokenizer
+    from .data import check_vocab, read_documents
+
+    out = check_output(cfg.out, _inputs(cfg), cfg.overwrite, resume=cfg.resume, kind=cfg.command,
+                       overwrite_kind=cfg.overwrite_kind)
+    s_cfg = load_config(cfg.student)
+    try:
+        t_cfg = load_config(cfg.teacher)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ValueError(f"teacher {cfg.teacher!r} cannot load: {err}") from err
+    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    tokenizer = s_tok or t_tok
+    if tokenizer is None:
+        raise ValueError("neither the student nor the teacher ships a tokenizer")
+    check_vocab(s_tok, t_tok, s_cfg, t_cfg)
+    objective.check(s_cfg, t_cfg)
+    max_pos = min(getattr(s_cfg, "max_position_embeddings", 1 << 30), getattr(t_cfg, "max_position_embeddings", 1 << 30))
+    if cfg.seq_len > max_pos:
+        raise ValueError(f"--seq-len {cfg.seq_len} is beyond the models' maximum length {max_pos}")
+    docs = read_documents(cfg.data, tokenizer, prompt_counts=cfg.prompt_loss) if cfg.data else None
+    per_step_tokens = cfg.batch_size * world * cfg.grad_accum * cfg.seq_len
+    steps = cfg.tokens // per_step_tokens
+    if steps < 1:
+        raise ValueError(f"--tokens {cfg.tokens} is smaller than one step ({cfg.batch_size} sequences x {cfg.seq_len} tokens "
+                         f"x {world} processes x {cfg.grad_accum} accumulation = {per_step_tokens} tokens)")
+    return dict(out=out, tokenizer=tokenizer, docs=docs, steps=steps, per_step_tokens=per_step_tokens)
+
+
+def _inputs(cfg: TrainOptions) -> dict:
+    if cfg.student is None:
+        raise ValueError(f"give the STUDENT model to {cfg.command}")
+    return {"student": cfg.student, "teacher": cfg.teacher, "training data": list(cfg.data)}
+
+
+def _prepare_run_dir(cfg: TrainOptions, out: Path, log) -> dict | None:
+    """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
+    train_dir = out / "training"
+    if cfg.resume:
+        cfg.check_resume(train_dir / "args.json")
+        if (train_dir / "log.jsonl").is_file():  # a damaged log is named now, before anything is written
+            read_log(train_dir / "log.jsonl", "start the run again with --overwrite")
+        if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
+            log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
+            return read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite")
+    elif cfg.overwrite and any(out.iterdir()):
+        log(f"[ecomla {cfg.command}] --overwrite: replacing the earlier ecomla run in {out}")
+        clear_run_dir(out)
+    mark(out, cfg.command)
+    return None
+
+
+def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
+    """Run (or resume) a training run of `objective`; returns the summary (`TrainResult` as a dict: held-out
+    metrics before/after, tokens, speed), or {"stopped_at": step} after --stop-after."""
+    from contextlib import nullcontext
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    # the main process holds --out's lock from the first check to the end: the only writer there
+    with claim(cfg.out, _inputs(cfg)) if main else nullcontext():
+        plan = _preflight(cfg, objective, accelerator.num_processes)
+        out = plan["out"]
+        created = not out.exists()
+        accelerator.wait_for_everyone()  # every process checked --out before the main one creates it
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        try:
+            done = _prepare_run_dir(cfg, out, log) if main else None
+            done = accelerate_broadcast(accelerator, done)
+            if done is not None:
+                return done
+            return _train(cfg, objective, plan, accelerator, log)
+        except BaseException:
+            # a run that failed before its first checkpoint leaves nothing to resume: leave no folder behind
+            if main and created and not _checkpoints(out / "training" / "checkpoints") and not (out / "config.json").exists():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def accelerate_broadcast(accelerator, obj):
+    """The main process's `obj` on every process."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _training_sequences(cfg, plan, teacher, device, accelerator):
+    """Packed (train, held-out) sequences; data-free runs sample the text from the teacher once (kept for resumes)."""
+    from .data import pack, read_documents, sample_data_free, split_heldout
+
+    tokenizer, docs = plan["tokenizer"], plan["docs"]
+    if docs is None:
+        sampled = plan["out"] / "training" / "sampled.jsonl"
+        if not sampled.is_file():
+            if accelerator.is_main_process:
+                texts = [t for t in sample_data_free(teacher, tokenizer, cfg.data_free_tokens, cfg.seq_len, cfg.seed, device)
+                         if t.strip()]
+                if not texts:
+                    raise ValueError("the teacher sampled no text: check its tokenizer and generation config")
+                atomic_write(sampled, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+            accelerator.wait_for_everyone()
+        docs = read_documents([sampled], tokenizer)
+    ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed)
+    (train_ids, train_w), (held_ids, held_w) = split_heldout(ids, weights, cfg.eval_fraction)
+    if train_ids.shape[0] < cfg.batch_size:
+        raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
+                         f"fewer than --batch-size {cfg.batch_size}: add data or lower --seq-len/--batch-size")
+    return train_ids, train_w, held_ids, held_w
+
+
+def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log) -> dict:
+    from accelerate.utils import set_seed
+
+    from ..metrics import ReferenceKL
+    from ..sources import load_model
+
+    out, tokenizer, steps, per_step_tokens = plan["out"], plan["tokenizer"], plan["steps"], plan["per_step_tokens"]
+    train_dir, main, world = out / "training", accelerator.is_main_process, accelerator.num_processes
+    ckpt_dir, log_path = train_dir / "checkpoints", train_dir / "log.jsonl"
+    set_seed(cfg.seed)
+    device = accelerator.device
+    teacher, _ = load_model(cfg.teacher, dtype=getattr(torch, DTYPES[cfg.teacher_dtype]), device=str(device), tokenizer=False)
+    teacher.requires_grad_(False)
+    train_ids, train_w, held_ids, held_w = _training_sequences(cfg, plan, teacher, device, accelerator)
+
+    lm, _ = load_model(cfg.student, dtype=torch.float32, device=str(device), tokenizer=False)
+    lm.train()
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    student, params, teacher_step = objective.build(lm, teacher)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    # the scheduler is stepped once per step here; accelerate's wrapper would step it once per process
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
+    earlier_seconds = 0.0
+    if main:
+        atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world}, indent=1))
+        kept = []
+        if log_path.is_file():  # drop rows past the checkpoint: they are re-run
+            fix = "start the run again with --overwrite"
+            kept = [r for r in read_log(log_path, fix) if r.get("step", math.inf) <= start_step]
+        atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        # wall-clock training time of the whole run, parts before a resume included (the compute a result cost)
+        earlier_seconds = max([r.get("train_seconds", 0.0) for r in kept], default=0.0)
+
+    def write_log(row: dict) -> None:
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    to_teacher = []  # the held-out evaluator, made at the first evaluation (it runs the teacher once)
+
+    def evaluate(step: int) -> dict:
+        if not to_teacher:
+            to_teacher.append(ReferenceKL(teacher, held_ids, held_w[:, 1:], chunk_size=cfg.chunk_size,
+                                          autocast=accelerator.autocast))
+        unwrapped = accelerator.unwrap_model(student).lm
+        unwrapped.eval()
+        m = heldout_metrics(to_teacher[0], unwrapped)
+        unwrapped.train()
+        if not math.isfinite(m["heldout_kl"]):
+            raise TrainingDiverged(diverged_message(cfg, objective, step, "held-out KL", m["heldout_kl"], ckpt_dir))
+        write_log({"step": step, "tokens": step * per_step_tokens, **m})
+        return m
+
+    before = evaluate(0) if start_step == 0 and held_ids.shape[0] else None
+    if before:
+        log(f"[ecomla {cfg.command}] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
+    bar = tqdm(total=steps, initial=start_step, desc=cfg.command, disable=not (main and cfg.progress))
+    train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
+    for step in range(start_step, steps):
+        t_step = time.time()
+        loss_acc, kl_acc = 0.0, 0.0
+        for micro in range(cfg.grad_accum):
+            rows = batch_rows(step, micro, accelerator.process_index, world, cfg, train_ids.shape[0])
+            x = train_ids[rows].to(device)  # (B, T)
+            w = train_w[rows].to(device)  # (B, T)
+            with torch.no_grad(), accelerator.autocast():
+                targets = teacher_step(x)  # distill: the teacher's final hidden states; align: each layer's in/out
+            sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 else _null()
+            with sync, accelerator.autocast():
+                loss, kl, _ = student(x, w, *targets)
+                accelerator.backward(loss / cfg.grad_accum)
+            loss_acc += float(loss.detach()) / cfg.grad_accum
+            kl_acc += float(kl) / cfg.grad_accum
+        # the global gradient norm (clipped when --max-grad-norm is set): checked before the weights change
+        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
+        loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
+        kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
+        for what, value in (("training loss", loss_avg), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise TrainingDiverged(diverged_message(cfg, objective, step + 1, what, value, ckpt_dir))
+        if step == start_step and grad_norm == 0.0:
+            raise TrainingDiverged(f"[ecomla {cfg.command}] nothing trains: every gradient is zero at step {step + 1} "
+                                   f"(loss {loss_avg:.4g}); the loss does not depend on the trained weights"
+                                   + ". Check the options" + "".join(f" ({c})" for c in objective.divergence_causes())
+                                   + " and the student")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        trained += per_step_tokens
+        train_seconds += time.time() - t_step
+        tok_s = trained / max(train_seconds, 1e-9)
+        write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, objective.metric: kl_avg,
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "train_seconds": earlier_seconds + train_seconds})
+        bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.update(1)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < steps and held_ids.shape[0]:
+            evaluate(done)
+        if (cfg.save_every and done % cfg.save_every == 0 and done < steps) or done == cfg.stop_after:
+            _save_checkpoint(accelerator, ckpt_dir, done, cfg.keep_checkpoints)
+        if done == cfg.stop_after:
+            bar.close()
+            log(f"[ecomla {cfg.command}] stopped after step {done} (checkpoint saved); continue with --resume")
+            return {"stopped_at": done}
+    bar.close()
+    after = evaluate(steps) if held_ids.shape[0] else None
+    accelerator.wait_for_everyone()
+    # every process's own weights, summed: equal on all ranks when data parallelism kept them in sync
+    own = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(student).parameters()]).sum()
+    checksums = [float(c) for c in accelerator.gather(own.reshape(1).to(device)).cpu()]
+    summary = TrainResult(steps=steps, tokens=steps * per_step_tokens, world_size=world,
+                          train_tokens_per_s=trained / max(train_seconds, 1e-9) if trained else None,
+                          train_seconds=earlier_seconds + train_seconds, before=before, after=after,
+                          train_sequences=int(train_ids.shape[0]), heldout_sequences=int(held_ids.shape[0]),
+                          rank_param_checksums=checksums).to_dict()
+    state = accelerator.get_state_dict(student)  # a collective under FSDP: every rank calls it
+    if main:
+        lm_final = accelerator.unwrap_model(student).lm
+        lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False)
+        _publish_model(lm_final, tokenizer, out, cfg.command)
+        prev = read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite") \
+            if (train_dir / "summary.json").is_file() else {}
+        if summary["before"] is None:
+            summary["before"] = prev.get("before") or _first_eval(log_path)
+        atomic_write(train_dir / "summary.json", json.dumps(summary, indent=1))
+        if summary["after"]:
+            b, a = summary["before"] or {}, summary["after"]
+            log(f"[ecomla {cfg.command}] after {steps} steps: held-out KL {b.get('heldout_kl', float('nan')):.4f} -> "
+                f"{a['heldout_kl']:.4f}, ppl {b.get('heldout_ppl', float('nan')):.2f} -> {a['heldout_ppl']:.2f}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite number (or nothing to train): the run stops, nothing is published."""
+
+
+def diverged_message(cfg: TrainOptions, objective: Objective, step: int, what: str, value: float, ckpt_dir: Path) -> str:
+    """Where and why a run stopped, what is kept, and what to change."""
+    kept = _checkpoints(ckpt_dir)
+    where = (f"the last good checkpoint ({kept[-1]}) is kept" if kept else "no checkpoint was written before it")
+    causes = [f"the learning rate (--lr {cfg.lr:g}) is too high for this model"]
+    causes += objective.divergence_causes()
+    if cfg.precision == "bf16":
+        causes.append("bf16 overflow (--precision fp32)")
+    return (f"[ecomla {cfg.command}] step {step}: the {what} is {value} (not a finite number): training diverged and "
+            f"stopped; no model was published, {where}. Likely cause: {'; or '.join(causes)}. Start again with a "
+            "lower --lr (--overwrite)")
+
+
+def _first_eval(log_path: Path) -> dict | None:
+    for row in read_log(log_path, "start the run again with --overwrite"):
+        if "heldout_kl" in row and row.get("step") == 0:
+            return {k: row.get(k) for k in ("heldout_kl", "heldout_ppl", "teacher_ppl", "heldout_tokens")}
+    return None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
+    """accelerate's full state (weights, optimizer, scheduler, RNG) into a temp dir, renamed when complete."""
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in ckpt_dir.glob("step-*") if p != final)[: max(0, len(list(ckpt_dir.glob("step-*"))) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
