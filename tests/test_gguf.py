@@ -141,6 +141,66 @@ def test_llama3_and_qwen2_pre_tokenizers_tokenize_as_in_transformers(tmp_path, p
         llm.close()
 
 
+SPM_TEXTS = ["the cat sat on the mat.", "Größe der Straße: 12 € — naïve café. 東京は大きい。 Привет,  мир!",
+             "year 2024:  1234567 apples,\n\n\tand  12 pears!\r\n", "x  \t  y   ", "日本語のテキスト and ünïcödé ☃ 🤖"]
+
+
+def sentencepiece_tokenizer():
+    """A SentencePiece-style BPE tokenizer as transformers builds Llama 2's and Mistral's: a vocabulary with byte
+    pieces <0x00>..<0xFF> and scores, merges made from it (`generate_merges`), byte fallback, spaces as U+2581."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from conftest import TINY_TEXT
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    bpe.train_from_iterator([TINY_TEXT, " ".join(SPM_TEXTS[1:]) * 3],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = generate_merges(vocab, {piece: -float(i) for piece, i in vocab.items() if i >= 259})
+    return LlamaTokenizer(vocab=vocab, merges=merges)
+
+
+@pytest.mark.parametrize("form", ["metaspace", "normalizer"])
+def test_sentencepiece_tokenizers_tokenize_as_in_transformers(tmp_path, form):
+    """Llama 2 / Mistral / TinyLlama tokenizers go to llama.cpp's "llama" (SentencePiece) vocabulary: its token
+    ids equal transformers' on multilingual, byte-fallback and whitespace-heavy text, in both spellings
+    transformers writes (a Metaspace pre-tokenizer; the older Prepend + Replace normalizer of hub files)."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    tok = sentencepiece_tokenizer()
+    texts = SPM_TEXTS
+    if form == "normalizer":
+        legacy = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        legacy.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        legacy.pre_tokenizer = None
+        tok = PreTrainedTokenizerFast(tokenizer_object=legacy, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        texts = texts + [" a text that begins with a space"]  # transformers' Metaspace adds no second U+2581 there
+    model = tiny_llama(num_kv_heads=2, vocab_size=len(tok))
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="llama.cpp"), progress=False)
+    path = export_gguf(mla, tok, tmp_path / "m.gguf", "f32")
+    llm, _ = lc.load(path, n_ctx=128, cache_type="f32", logits_all=True)
+    try:
+        assert llm.metadata["tokenizer.ggml.model"] == "llama"
+        for text in texts:
+            ids = tok(text).input_ids
+            assert any(t < 259 and t >= 3 for t in ids) or text.isascii()  # byte fallback exercised
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
+        ids = tok(SPM_TEXTS[0] + " " + SPM_TEXTS[1]).input_ids
+        want, _ = ecomla_logits_and_greedy(mla, ids, 1)
+        got = lc.prompt_logits(llm, ids)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) <= LOGIT_TOL["f32"]
+    finally:
+        llm.close()
+
+
 def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     model, tok = tiny_converted(tmp_path)
     model.save_pretrained(tmp_path / "mla")

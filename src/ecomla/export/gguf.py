@@ -30,6 +30,7 @@ key, one rank, a standard rotary, RMS-normalized latents, no biases) plus llama.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -95,25 +96,67 @@ def tokenizer_json(tokenizer) -> dict:
         raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer")
     tok_json = json.loads(backend.to_str())
     kind = tok_json["model"].get("type")
+    if kind == "BPE" and _sentencepiece_prefix(tok_json) is not None:
+        return tok_json  # SentencePiece's BPE (Llama 2, Mistral, TinyLlama): llama.cpp's "llama" vocabulary
     if kind != "BPE" or not _is_byte_level(tok_json):
-        raise ExportError(f"GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM); this one is "
-                          f"{kind} without byte-level encoding (SentencePiece tokenizers are not written yet)")
+        raise ExportError(f"GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece "
+                          f"BPE ones with byte fallback (Llama 2, Mistral); this one is {kind} "
+                          f"{'without byte fallback or the SentencePiece space marker' if kind == 'BPE' else ''}".rstrip())
     llama_cpp_pre_tokenizer(tok_json)  # one llama.cpp knows
     return tok_json
 
 
+SPM_SPACE = "\u2581"  # SentencePiece's space marker
+
+
+def _sentencepiece_prefix(tok_json: dict) -> bool | None:
+    """Whether a SentencePiece-style BPE tokenizer (byte fallback, spaces as U+2581, no byte-level map) adds
+    the marker before the text; None when `tok_json` is no such tokenizer. Both spellings Hugging Face
+    writes: a Metaspace pre-tokenizer (prepend_scheme first/always/never, no splitting) or the older
+    normalizer Prepend(U+2581) + Replace(" ", U+2581)."""
+    if not tok_json["model"].get("byte_fallback") or _is_byte_level(tok_json):
+        return None
+    pre, norm = tok_json.get("pre_tokenizer") or {}, tok_json.get("normalizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == SPM_SPACE and not pre.get("split", False) \
+            and not norm:
+        return pre.get("prepend_scheme", "always") != "never"
+    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    kinds = [s.get("type") for s in steps]
+    replace = any(s.get("type") == "Replace" and (s.get("pattern") or {}).get("String") == " " and s.get("content") == SPM_SPACE
+                  for s in steps)
+    if not pre and replace and set(kinds) <= {"Prepend", "Replace"}:
+        return any(s.get("type") == "Prepend" and s.get("prepend") == SPM_SPACE for s in steps)
+    return None
+
+
+def merge_scores(tok_json: dict) -> dict[str, float]:
+    """SentencePiece scores for llama.cpp's "llama" tokenizer from a BPE's merges: score(t) = -(rank of the
+    first merge that makes t). llama.cpp merges the adjacent pair whose concatenation has the highest score,
+    Hugging Face's BPE the pair of lowest merge rank; with merges made from a SentencePiece vocabulary (every
+    split of a piece into two pieces, ranked by the piece's score: how transformers converts Llama 2 and
+    Mistral) the two pick the same merges. Tokens no merge makes (characters, bytes, specials) score 0."""
+    scores: dict[str, float] = {}
+    for rank, m in enumerate(tok_json["model"].get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        scores.setdefault(a + b, -float(rank + 1))
+    return scores
+
+
 def add_tokenizer(writer, tokenizer, tok_json: dict, vocab_size: int) -> None:
-    """Write a byte-level BPE tokenizer (tokens, types, merges, special ids, chat template; `tok_json` its
-    `tokenizer_json`) to `writer`."""
+    """Write the tokenizer (`tok_json`: its `tokenizer_json`) to `writer`: tokens and their types, merges (byte-level
+    BPE: llama.cpp's "gpt2" model with the pre-tokenizer it names) or scores (SentencePiece BPE: its "llama" model,
+    `merge_scores`), special ids, whether BOS is added, the chat template."""
     import gguf
 
     model = tok_json["model"]
-    pre = llama_cpp_pre_tokenizer(tok_json)
+    spm_prefix = _sentencepiece_prefix(tok_json)
+    pre = None if spm_prefix is not None else llama_cpp_pre_tokenizer(tok_json)
     by_id = {i: t for t, i in model["vocab"].items()}
     special, added = set(), set()
     for a in tok_json.get("added_tokens", []):
         by_id[a["id"]] = a["content"]
         (special if a.get("special") else added).add(a["id"])
+    unk = model.get("unk_token")
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:
@@ -121,14 +164,21 @@ def add_tokenizer(writer, tokenizer, tok_json: dict, vocab_size: int) -> None:
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if i in special else
+            types.append(gguf.TokenType.CONTROL if i in special and by_id[i] != unk else
+                         gguf.TokenType.UNKNOWN if spm_prefix is not None and by_id[i] == unk else
+                         gguf.TokenType.BYTE if spm_prefix is not None and re.fullmatch(r"<0x[0-9A-F]{2}>", by_id[i]) else
                          gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if spm_prefix is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    else:
+        scores = merge_scores(tok_json)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores([scores.get(t, 0.0) for t in tokens])
     for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
@@ -136,7 +186,7 @@ def add_tokenizer(writer, tokenizer, tok_json: dict, vocab_size: int) -> None:
             add(int(token_id))
     probe = tokenizer("a").input_ids
     writer.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id))
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(bool(spm_prefix))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 
