@@ -173,9 +173,9 @@ def test_every_rope_progression_is_the_standard_rotary_its_export_writes(rope):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from ecomla.export.deepseek_v3 import engine_rope
-    from ecomla.model.rope import rotary_progression, rotary_progressions
+    from ecomla.model.rope import llama3_bands, rotary_progression, rotary_progressions
 
-    D, d = 64, 16
+    D, d, one_band = 64, 16, 0
     original = LlamaRotaryEmbedding(config=LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=D,
                                                        rope_parameters=dict(rope))).inv_freq  # (D/2,)
     progressions = rotary_progressions(D, d)
@@ -183,14 +183,20 @@ def test_every_rope_progression_is_the_standard_rotary_its_export_writes(rope):
     for pairs in progressions:
         params = engine_rope(SimpleNamespace(rope_parameters=dict(rope), rope_pair_indices=pairs, head_dim=D,
                                              qk_rope_head_dim=d))
-        if rope["rope_type"] == "llama3" and pairs[0] != 0:  # a linear factor cannot join llama3's scaling
-            assert params is None
-            continue
+        if rope["rope_type"] == "llama3":  # inside one band: no scaling or linear; else only from pair 0 (a new base)
+            bands = {llama3_bands(rope, D)[j] for j in pairs}
+            if pairs[0] != 0 and len(bands) > 1:
+                assert params is None
+                continue
+            assert (params["rope_type"] in ("default", "linear")) == (len(bands) == 1)  # llama.cpp runs those
+            one_band += len(bands) == 1
         engine = DeepseekV3RotaryEmbedding(config=DeepseekV3Config(qk_rope_head_dim=d, rope_parameters=params))
         assert engine.inv_freq.shape == (d // 2,) and engine.attention_scaling == 1.0
         torch.testing.assert_close(engine.inv_freq, original[pairs], rtol=2e-6, atol=0)
     assert engine_rope(SimpleNamespace(rope_parameters=dict(rope), rope_pair_indices=[0, 1, 3, 4, 5, 6, 7, 8],
                                        head_dim=D, qk_rope_head_dim=d)) is None  # no progression: no rotary
+    if rope["rope_type"] == "llama3":  # Llama 3.2's scaling on a 64-dim head: pairs 0-14 unchanged, 18-31 divided by 32
+        assert llama3_bands(rope, D) == ["high"] * 15 + ["mid"] * 3 + ["low"] * 14 and one_band == 16
 
 
 @pytest.mark.parametrize("rope_freqs", ["progression", "high", "low"])

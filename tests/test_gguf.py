@@ -269,15 +269,27 @@ def test_gguf_refusals_name_the_reason_and_the_fix(tmp_path, conv, message):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_llama3_rope_scaling_is_refused_for_llama_cpp_before_converting(tmp_path):
+def test_llama3_rope_scaling_runs_in_llama_cpp_with_pairs_inside_one_band(tmp_path):
+    """Under llama3 scaling llama.cpp's deepseek2 takes no per-frequency factors, but inside one band of the
+    scaling the kept pairs are a standard rotary (unchanged: a new base; divided by the factor: linear), so the
+    default conversion picks its progression there and llama.cpp runs it exactly; a RoPE dim no band holds is
+    refused for --target llama.cpp, naming one that fits (DeepSeek-V3, which keeps llama3 scaling, takes it)."""
     from conftest import tiny_llama
+    from ecomla.model.rope import llama3_bands
 
     llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-    config = tiny_llama(num_kv_heads=2, rope_parameters=llama3).config
-    with pytest.raises(ValueError, match="--target llama.cpp cannot be met: rope scaling 'llama3' needs per-frequency"):
-        resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="llama.cpp"), config)
-    resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="deepseek-v3"), config)  # DS-V3 takes it
+    model, tok = load_model(str(tiny_model_dir(tmp_path / "llama")))
+    model = tiny_llama(num_kv_heads=2, rope_parameters=llama3, vocab_size=len(tok))
+    assert llama3_bands(llama3, 16) == ["high", "mid"] + ["low"] * 6
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8), progress=False)  # the default
+    pairs = mla.config.rope_pair_indices
+    assert {llama3_bands(llama3, 16)[j] for j in pairs} == {"low"} and gguf_problems(mla.config) == []
+    path = export_gguf(mla, tok, tmp_path / "m.gguf", "f32")
+    check_in_llama_cpp(mla, tok, path, "f32")
+    with pytest.raises(ValueError, match="no 7 pairs in arithmetic progression lie inside one band.*--rope-dim 12 fits"):
+        resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=14, target="llama.cpp"), model.config)
+    resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=14, target="deepseek-v3"), model.config)  # DS-V3 takes it
 
 
 def test_vllm_target_picks_a_shape_vllm_runs():

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from ..model.cache import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 from ..model.configuration_ecomla import EcoMLAConfig
-from ..model.engines import ENGINES, TARGET_ENGINES, VLLM_ROPE_DIM, VLLM_SHAPES
-from ..model.rope import select_rope_pairs
+from ..model.engines import ENGINES, TARGET_ENGINES, VLLM_ROPE_DIM, VLLM_SHAPES, progression_engines
+from ..model.rope import rotary_progressions, select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
 from ..version import __version__
 from .families import NEEDS_TEXT, llama_config
@@ -59,6 +59,7 @@ class ConversionPlan:
     rope_key_heads: int
     rope_freqs: str
     rope_pairs: tuple[int, ...] | None  # the kept frequency pairs of every layer; None: measured at conversion
+    rope_candidates: tuple[tuple[int, ...], ...] | None  # rope_freqs="progression": those it measures and picks among
     rope_key_init: str
     rope_residual: str
     rope_drop: str
@@ -163,7 +164,7 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
 
     heads, kv_heads, head_dim = model_dims(model_config)
     hidden = model_config.hidden_size
-    d_rope = s.get("qk_rope_head_dim") or min(32, head_dim // 2)
+    d_rope = s.get("qk_rope_head_dim") or default_rope_dim(model_config, head_dim, s["rope_freqs"], options.target)
     if not 0 < d_rope <= head_dim or d_rope % 2:
         raise ValueError(f"RoPE dimension {d_rope} is invalid: it must be even and between 2 and head_dim={head_dim} "
                          f"(e.g. --rope-dim {head_dim // 2})")
@@ -204,7 +205,9 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
         qk_rope_head_dim=d_rope, qk_nope_head_dim=nope,
         v_head_dim=head_dim if options.v_head_dim is None else options.v_head_dim, rope_key_heads=n_r,
         rope_freqs=s["rope_freqs"], rope_pairs=None if s["rope_freqs"] in MEASURED_ROPE_FREQS else
-        tuple(select_rope_pairs(head_dim, d_rope, s["rope_freqs"])), rope_key_init=s["rope_key_init"], rope_residual=s["rope_residual"],
+        tuple(select_rope_pairs(head_dim, d_rope, s["rope_freqs"])),
+        rope_candidates=progression_candidates(model_config, head_dim, d_rope, options.target)
+        if s["rope_freqs"] == "progression" else None, rope_key_init=s["rope_key_init"], rope_residual=s["rope_residual"],
         rope_drop=s["rope_drop"], rope_context=s["rope_context"],
         rope_distances=min(s["rope_context"], model_config.max_position_embeddings),
         svd=s["svd"], rank_alloc=s["rank_alloc"], latent_norm=bool(s["latent_norm"]), init=options.init,
@@ -215,6 +218,43 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     if plan.engines:
         check_target(plan)
     return plan
+
+
+def default_rope_dim(model_config, head_dim: int, rope_freqs: str, target: str | None) -> int:
+    """RoPE dims when --rope-dim is not given: min(32, head_dim / 2), or under llama3 scaling with a progression for
+    llama.cpp (the default's engines, or --target llama.cpp) the largest below it whose pairs fit inside one band of
+    the scaling (Llama-3.2-1B: 30, its unchanged band holding pairs 0-14 of 32), so llama.cpp runs it exactly."""
+    start = min(32, head_dim // 2)
+    rope = getattr(model_config, "rope_parameters", None) or {}
+    if rope_freqs != "progression" or rope.get("rope_type") != "llama3" or target not in (None, "llama.cpp"):
+        return start
+    for d in range(start, 0, -2):
+        if any(progression_engines(rope, head_dim, d, p) >= {"llama.cpp"} for p in rotary_progressions(head_dim, d)):
+            return d
+    return start
+
+
+def progression_candidates(model_config, head_dim: int, d_rope: int, target: str | None) -> tuple[tuple[int, ...], ...]:
+    """The arithmetic progressions of d_rope/2 pairs that `--rope-freqs progression` measures and picks among: those
+    the engines run exactly as a standard rotary (`model.engines.progression_engines`). Without a target, those both
+    DeepSeek-V3 and llama.cpp run, else those DeepSeek-V3 runs (under llama3 scaling llama.cpp takes only pairs
+    inside one band of it); with --target, those the target runs. Every progression under default and linear
+    scaling; only the uniform pairs under a scaling no engine re-expresses (yarn, longrope: refused by --target)."""
+    rope = getattr(model_config, "rope_parameters", None)
+    every = rotary_progressions(head_dim, d_rope)
+    runs = {tuple(p): progression_engines(rope, head_dim, d_rope, p) for p in every}
+    both = [p for p, engines in runs.items() if engines >= {"deepseek-v3", "llama.cpp"}]
+    deepseek = [p for p, engines in runs.items() if "deepseek-v3" in engines]
+    chosen = both if target == "llama.cpp" else deepseek if target else (both or deepseek)
+    if not chosen and target == "llama.cpp" and (rope or {}).get("rope_type") == "llama3":
+        fits = [d for d in range(d_rope - 2, 0, -2)
+                if any(progression_engines(rope, head_dim, d, p) >= {"llama.cpp"} for p in rotary_progressions(head_dim, d))]
+        raise ValueError(f"--target llama.cpp cannot be met: under llama3 rope scaling llama.cpp's deepseek2 runs only "
+                         f"kept pairs inside one band of the scaling, and no {d_rope // 2} pairs in arithmetic progression lie "
+                         f"inside one band of this model's {head_dim // 2}; "
+                         + (f"--rope-dim {fits[0]} fits" if fits else "no RoPE dim fits")
+                         + " (or export to DeepSeek-V3: --target deepseek-v3, which keeps llama3 scaling)")
+    return tuple(chosen) or (tuple(select_rope_pairs(head_dim, d_rope, "uniform")),)
 
 
 def vllm_rank(kv_heads: int, head_dim: int, options: ConvertOptions) -> int:
@@ -268,8 +308,8 @@ def build_config(plan: ConversionPlan, layers: list[int] | None = None, layer_pa
         qk_nope_head_dim=plan.qk_nope_head_dim,
         v_head_dim=plan.v_head_dim,
         rope_key_heads=plan.rope_key_heads,
-        rope_pair_indices=list(rope_pairs or plan.rope_pairs or  # measured choices: a uniform placeholder until made
-                               select_rope_pairs(plan.head_dim, plan.qk_rope_head_dim, "uniform")),
+        rope_pair_indices=list(rope_pairs or plan.rope_pairs or  # measured: a placeholder until made (a candidate)
+                               (plan.rope_candidates or [None])[0] or select_rope_pairs(plan.head_dim, plan.qk_rope_head_dim, "uniform")),
         layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
         layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
         use_kv_a_layernorm=plan.latent_norm,  # every engine normalizes the latents

@@ -16,7 +16,7 @@ from ..metrics import ReferenceKL
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.mla_attention import MLAAttention
 from ..model.modeling_ecomla import EcoMLAForCausalLM
-from ..model.rope import rotary_progression, rotary_progressions, select_rope_pairs
+from ..model.rope import rotary_progression
 from ..options import ConvertOptions
 from ..sources import check_supported
 from .families import NEEDS_TEXT, as_llama
@@ -84,17 +84,10 @@ def rope_pair_scores(attn, plan: ConversionPlan, model_config, cov: torch.Tensor
     return score.view(plan.rope_key_heads, kv_heads // plan.rope_key_heads, -1).sum(1)  # (n_r, D/2)
 
 
-def best_progression(score: torch.Tensor, plan: ConversionPlan, model_config) -> list[int]:
-    """The arithmetic progression of pairs (`rotary_progressions`) whose summed `score` (D/2,) is largest, among
-    those an engine's rotary expresses (`export.deepseek_v3.engine_rope`): any under default and linear
-    scaling; from pair 0 under llama3 (a new base, no linear factor); only the uniform ones otherwise."""
-    rope_type = (getattr(model_config, "rope_parameters", None) or {}).get("rope_type", "default")
-    candidates = rotary_progressions(plan.head_dim, plan.qk_rope_head_dim)
-    if rope_type == "llama3":
-        candidates = [p for p in candidates if p[0] == 0]
-    elif rope_type not in ("default", "linear"):
-        candidates = [select_rope_pairs(plan.head_dim, plan.qk_rope_head_dim, "uniform")]
-    return max(candidates, key=lambda p: float(score[p].sum()))
+def best_progression(score: torch.Tensor, plan: ConversionPlan) -> list[int]:
+    """The progression among `plan.rope_candidates` (those its engines express exactly: `progression_candidates` in plan.py)
+    whose summed `score` (D/2,) is largest."""
+    return list(max(plan.rope_candidates, key=lambda p: float(score[list(p)].sum())))
 
 
 def choose_rope_pairs(attn, plan: ConversionPlan, model_config, cov: torch.Tensor | None) -> list[list[int]]:
@@ -103,7 +96,7 @@ def choose_rope_pairs(attn, plan: ConversionPlan, model_config, cov: torch.Tenso
         return [list(plan.rope_pairs)] * plan.rope_key_heads
     score = rope_pair_scores(attn, plan, model_config, cov)  # (n_r, D/2)
     if plan.rope_freqs == "progression":
-        return [best_progression(score.sum(0), plan, model_config)] * plan.rope_key_heads
+        return [best_progression(score.sum(0), plan)] * plan.rope_key_heads
     return [sorted(s.topk(plan.qk_rope_head_dim // 2).indices.tolist()) for s in score]
 
 
@@ -283,7 +276,7 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
         layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, plan, model.config, cov[i]) for i in mla_layers}
     elif plan.rope_freqs == "progression":  # one for the whole model: the least summed cost over its MLA layers
         score = sum(rope_pair_scores(layers[i].self_attn, plan, model.config, cov[i]).sum(0) for i in mla_layers)
-        rope_pairs = best_progression(score, plan, model.config)
+        rope_pairs = best_progression(score, plan)
         first, step = rotary_progression(rope_pairs)
         choices["rope_progression"] = {"first_pair": first, "step": step,
                                        "cost_kept": round(float(score[rope_pairs].sum() / score.sum()), 6)}

@@ -16,7 +16,7 @@ One table of rules, read by `ecomla convert` / `ecomla kv` (printed for the chos
 
 from __future__ import annotations
 
-from .rope import rotary_progression
+from .rope import llama3_bands, rotary_progression, rotary_progressions
 
 # Scalings that act on each frequency alone, so a standard rotary of dimension d_rope with the same
 # parameters gives exactly the kept frequencies. yarn, dynamic and longrope depend on the rotary
@@ -32,22 +32,36 @@ LLAMA_CPP_Q_LORA_OPTIONAL_LAYERS = (26, 27)
 
 def engine_rope(config) -> dict | None:
     """rope_parameters of a standard rotary of dimension qk_rope_head_dim whose frequencies are exactly those
-    of the kept pairs (`rotary_progression`): pairs a, a + s, ... of a D-dim head rotating at theta^(-2j/D)
-    (times 1/f0 under linear scaling f0) are base theta^(s d / D) with linear factor f0 * theta^(2a/D).
-    The original's parameters when the kept pairs are its uniform ones (every scaling keeps its meaning
-    there, llama3's included); under llama3 scaling, which rescales each frequency by its own wavelength,
-    a progression from pair 0 (base alone); None when no standard rotary expresses them."""
-    rope = dict(config.rope_parameters or {})
-    progression = rotary_progression(config.rope_pair_indices)
-    D, d = config.head_dim, config.qk_rope_head_dim
-    if progression is None or 2 * len(config.rope_pair_indices) != d:
+    of the kept pairs of `config` (an EcoMLAConfig): `progression_rope` of its pairs."""
+    return progression_rope(config.rope_parameters, config.head_dim, config.qk_rope_head_dim, config.rope_pair_indices)
+
+
+def progression_rope(rope_parameters: dict | None, head_dim: int, qk_rope_head_dim: int, pairs) -> dict | None:
+    """rope_parameters of a standard rotary of dimension d = qk_rope_head_dim whose frequencies are exactly those of
+    `pairs` of a D-dim head under `rope_parameters`, or None when none is (`rotary_progression`): pairs a, a + s, ...
+    rotating at theta^(-2j/D) (times 1/f0 under linear scaling f0) are base theta^(s d / D) with linear factor
+    f0 * theta^(2a/D). The original's parameters when the pairs are its uniform ones (every scaling keeps its
+    meaning there). llama3 scaling rescales each frequency by its own wavelength: inside one of its bands
+    (`llama3_bands`) it is no scaling (high) or linear by its factor (low), so a progression there is written as
+    those; a progression from pair 0 elsewhere keeps llama3 with a new base (DeepSeek-V3 reads it; llama.cpp
+    does not)."""
+    rope = dict(rope_parameters or {})
+    progression = rotary_progression(pairs)
+    D, d = head_dim, qk_rope_head_dim
+    if progression is None or 2 * len(pairs) != d:
         return None
     first, step = progression
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "llama3":
+        bands = {llama3_bands(rope, D)[j] for j in pairs}
+        if bands == {"high"}:
+            rope, rope_type = {"rope_type": "default", "rope_theta": rope["rope_theta"]}, "default"
+        elif bands == {"low"}:
+            rope, rope_type = {"rope_type": "linear", "rope_theta": rope["rope_theta"], "factor": rope["factor"]}, "linear"
     if first == 0 and step * d == D:
         return rope
-    rope_type = rope.get("rope_type", "default")
-    if rope_type == "llama3" and first == 0:  # llama3 rescales each frequency by its own wavelength: a new base
-        return {**rope, "rope_theta": float(rope["rope_theta"]) ** (step * d / D)}  # alone keeps them exact
+    if rope_type == "llama3" and first == 0:  # a new base alone keeps each kept pair's own wavelength, so its scaling
+        return {**rope, "rope_theta": float(rope["rope_theta"]) ** (step * d / D)}
     if rope_type not in ("default", "linear"):
         return None
     theta = float(rope["rope_theta"])
@@ -56,6 +70,13 @@ def engine_rope(config) -> dict | None:
     if factor != 1.0:
         rope.update(rope_type="linear", factor=factor)
     return rope
+
+
+def progression_engines(rope_parameters: dict | None, head_dim: int, qk_rope_head_dim: int, pairs) -> set[str]:
+    """Which of DeepSeek-V3 ("deepseek-v3", vLLM's too) and llama.cpp ("llama.cpp") run `pairs` as a standard rotary."""
+    rope = progression_rope(rope_parameters, head_dim, qk_rope_head_dim, pairs)
+    kind = None if rope is None else rope.get("rope_type", "default")
+    return ({"deepseek-v3"} if kind in ROPE_TYPES else set()) | ({"llama.cpp"} if kind in LLAMA_CPP_ROPE_TYPES else set())
 
 
 def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False) -> list[str]:
@@ -88,7 +109,7 @@ def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: 
     elif engine_rope(config) is None:
         problems.append(f"its kept RoPE frequency pairs {config.rope_pair_indices} under rope scaling "
                         f"{config.rope_parameters.get('rope_type')!r} are exactly a standard rotary only as a progression "
-                        "from pair 0 (convert with --rope-freqs progression)")
+                        "from pair 0 or inside one band of the scaling (convert with --rope-freqs progression)")
     if not config.use_kv_a_layernorm:
         problems.append("its latent has no RMS norm, which DeepSeek-V3 always applies (convert without --no-latent-norm)")
     if config.q_lora_rank is not None and not config.use_q_a_layernorm:
@@ -109,8 +130,13 @@ def gguf_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = 
                 for p in deepseek_v3_problems(config, per_layer_rope, per_layer_ranks)]
     rope_type = (engine_rope(config) or config.rope_parameters or {}).get("rope_type", "default")
     if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
+        fits = [d for d in range(config.qk_rope_head_dim - 2, 0, -2) if any(
+            "llama.cpp" in progression_engines(config.rope_parameters, config.head_dim, d, pairs)
+            for pairs in rotary_progressions(config.head_dim, d))] if rope_type == "llama3" else []
         problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
-                        f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})")
+                        f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})"
+                        + (f"; kept pairs inside one band of the llama3 scaling need none: convert with --rope-dim "
+                           f"{fits[0]} (the default does this for llama.cpp)" if fits else ""))
     if config.qk_nope_head_dim < 1:
         problems.append("llama.cpp's deepseek2 needs at least one query/key dim without RoPE (convert with a smaller --rope-dim)")
     return problems

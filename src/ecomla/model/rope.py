@@ -72,5 +72,23 @@ def rotary_progressions(head_dim: int, qk_rope_head_dim: int) -> list[list[int]]
     return out
 
 
+def llama3_bands(rope_parameters: dict, head_dim: int) -> list[str]:
+    """What llama3 rope scaling does to each frequency pair of a D-dim head (as transformers computes it, in
+    float32): "high" (wavelength below original_max_position_embeddings / high_freq_factor: unchanged),
+    "low" (beyond original / low_freq_factor: divided by `factor`), "mid" (interpolated between the two).
+    Inside one band the scaled frequencies of a progression are again a standard rotary's."""
+    import math
+
+    import torch
+
+    base = rope_parameters["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim))  # (D/2,)
+    old = rope_parameters["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    high = wavelen < old / rope_parameters["high_freq_factor"]
+    low = wavelen > old / rope_parameters["low_freq_factor"]
+    return ["high" if h else "low" if lo else "mid" for h, lo in zip(high.tolist(), low.tolist())]
+
+
 __all__ = ["select_rope_pairs", "rope_columns", "nope_columns", "is_standard_rotary", "rotary_progression",
-           "rotary_progressions"]
+           "rotary_progressions", "llama3_bands"]
