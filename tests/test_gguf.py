@@ -287,9 +287,32 @@ def test_llama3_rope_scaling_runs_in_llama_cpp_with_pairs_inside_one_band(tmp_pa
     assert {llama3_bands(llama3, 16)[j] for j in pairs} == {"low"} and gguf_problems(mla.config) == []
     path = export_gguf(mla, tok, tmp_path / "m.gguf", "f32")
     check_in_llama_cpp(mla, tok, path, "f32")
+    ids = tok(" ".join(TEXTS[:2]) * 6).input_ids[:160]  # positions far past original_max_position_embeddings (32)
+    assert len(ids) == 160
+    want, _ = ecomla_logits_and_greedy(mla, ids, 1)
+    llm, _ = lc.load(path, n_ctx=256, cache_type="f32", logits_all=True)
+    try:
+        got = lc.prompt_logits(llm, ids)
+    finally:
+        llm.close()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= LOGIT_TOL["f32"]
     with pytest.raises(ValueError, match="no 7 pairs in arithmetic progression lie inside one band.*--rope-dim 12 fits"):
         resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=14, target="llama.cpp"), model.config)
     resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=14, target="deepseek-v3"), model.config)  # DS-V3 takes it
+
+
+def test_phi3_default_conversion_runs_in_llama_cpp(tmp_path):
+    """Phi-3 goes to llama.cpp as it goes to DeepSeek-V3: its fused projections split onto Llama's, the default
+    conversion exported as GGUF computes ecomla's logits (f32, 1e-4)."""
+    from test_families import tiny_phi3
+
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_phi3(vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    mla = convert(model, MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8), progress=False, tokenizer=tok)
+    assert mla.config.conversion["source_model_type"] == "phi3" and gguf_problems(mla.config) == []
+    check_in_llama_cpp(mla, tok, export_gguf(mla, tok, tmp_path / "phi3.gguf", "f32"), "f32")
 
 
 def test_vllm_target_picks_a_shape_vllm_runs():
