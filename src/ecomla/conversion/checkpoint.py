@@ -59,7 +59,9 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
         ids, source = calibration_ids(model, options, tok)
     if plan.needs_calibration and options.calib_cache != "none" and plan.source_model_type not in NEEDS_TEXT:
         cov = cached_covariance(model, ids, options.calib_cache)  # (Qwen3: of its Llama re-layout, inside upcycle)
-    converted = upcycle(model, plan, progress=True, calibration_ids=ids, covariance=cov, calibration_source=source)
+    converted = upcycle(model, plan, progress=True, calibration_ids=ids, covariance=cov, calibration_source=source,
+                        copy_weights=False)  # the original is dropped: its unchanged weights are shared, not copied
+    del model
     out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log, kind="convert",
                           overwrite_kind=options.overwrite_kind)
     log(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "

@@ -244,9 +244,10 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
 @torch.no_grad()
 def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids: torch.Tensor | None = None,
             covariance: dict[int, torch.Tensor] | None = None, tokenizer=None,
-            calibration_source: str | None = None) -> EcoMLAForCausalLM:
+            calibration_source: str | None = None, copy_weights: bool = True) -> EcoMLAForCausalLM:
     """`model` converted as `plan` (made by `resolve` for this model) says; `convert`'s arguments, and
-    `calibration_source`: where `calibration_ids` came from (recorded in the config)."""
+    `calibration_source`: where `calibration_ids` came from (recorded in the config); `copy_weights=False`: the
+    result shares the weights it keeps unchanged with `model` (for a caller that drops `model` afterwards)."""
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     cov, choices = None, {}
     if plan.reads_text and calibration_ids is None:
@@ -295,7 +296,8 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
     config._attn_implementation = model.config._attn_implementation
 
     # Copies, not references: training the converted model must never touch the original (often its teacher).
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+    # `ecomla convert` drops the original once converted, so it shares them (the model's size in memory saved).
+    state = {k: v.detach().clone() if copy_weights else v.detach() for k, v in model.state_dict().items()
              if not any(f"layers.{i}.self_attn." in k for i in mla_layers)}
     for i in tqdm(mla_layers, desc="SVD init", disable=not progress, unit="layer"):
         weights = _layer_weights(layers[i].self_attn, config, plan, i, None if cov is None else cov[i], rotation)
