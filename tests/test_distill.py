@@ -251,3 +251,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(models, tmp_path):
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_fsdp_config_on_cpu_processes_is_said_to_run_as_ddp(models, tmp_path):
+    """accelerate (1.16) shards with FSDP only on GPU-like devices: launched on CPU processes with an FSDP config it
+    runs DDP. The run still trains alike on both ranks, and the user is told, not left to believe it sharded."""
+    import yaml
+
+    teacher, student, text = models
+    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "recipes", "accelerate", "fsdp.yaml")))
+    config.update(num_processes=2, mixed_precision="no", use_cpu=True)
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m",
+           "ecomla.cli", "distill", student, "--teacher", teacher, "--data", text, "--tokens", str(2 * 4 * 32),
+           "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accelerate shards only on GPUs" in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "training" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["rank_param_checksums"][0] == summary["rank_param_checksums"][1]

@@ -242,6 +242,10 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if main and fsdp_ran_as_ddp(accelerator):
+        log(f"[ecomla {cfg.command}] warning: FSDP was asked for (accelerate config), but accelerate shards only on GPUs "
+            "and other accelerators: on CPU processes it runs plain data parallelism (DDP), every process holding the "
+            "whole student, teacher and optimizer state (docs/training.md)")
     # the main process holds --out's lock from the first check to the end: the only writer there
     with claim(cfg.out, _inputs(cfg)) if main else nullcontext():
         plan = _preflight(cfg, objective, accelerator.num_processes)
@@ -262,6 +266,13 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
             if main and created and not _checkpoints(out / "training" / "checkpoints") and not (out / "config.json").exists():
                 shutil.rmtree(out, ignore_errors=True)
             raise
+
+
+def fsdp_ran_as_ddp(accelerator) -> bool:
+    """True when an accelerate FSDP config was launched on CPU processes: accelerate (1.16) sets its FSDP mode only
+    for GPU-like devices and silently runs MULTI_CPU (DDP) instead. (torch's own FSDP2, `fully_shard`, does shard on
+    CPU with gloo; accelerate does not dispatch to it there.)"""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.name == "MULTI_CPU"
 
 
 def accelerate_broadcast(accelerator, obj):
@@ -362,7 +373,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         return m
 
     before = evaluate(0) if start_step == 0 and held_ids.shape[0] else None
-    if before:
+    if before and main:
         log(f"[ecomla {cfg.command}] before: held-out KL {before['heldout_kl']:.4f}, ppl {before['heldout_ppl']:.2f}")
     bar = tqdm(total=steps, initial=start_step, desc=cfg.command, disable=not (main and cfg.progress))
     train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
