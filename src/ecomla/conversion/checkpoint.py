@@ -31,11 +31,13 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_model, load_tokenizer
+    from ..stages import StageLog
     from .calibration import cached_covariance, calibration_ids
     from .families import NEEDS_TEXT
     from .plan import build_config, resolve
     from .upcycle import upcycle
 
+    stages = StageLog(log, "convert")  # time and peak memory per stage (benchmarks/convert_scale.py)
     src_config, tok = load_config(options.source), load_tokenizer(options.source)
     check_supported(src_config)
     plan = resolve(options, src_config)  # every setting error surfaces here, before loading weights; made once
@@ -54,16 +56,21 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     if options.calib:  # read (and refuse) the file, or a source without a tokenizer, before the weights load
         ids, source = calibration_ids(None, options, tok)
 
+    stages("checks")
     model, _ = load_model(options.source, dtype=getattr(torch, DTYPES[options.dtype]), tokenizer=False)
+    stages("loading")
     if plan.reads_text and ids is None:
         ids, source = calibration_ids(model, options, tok)
+        stages("calibration sampling")
     if plan.needs_calibration and options.calib_cache != "none" and plan.source_model_type not in NEEDS_TEXT:
         cov = cached_covariance(model, ids, options.calib_cache)  # (Qwen3: of its Llama re-layout, inside upcycle)
+        stages("calibration forward")
     converted = upcycle(model, plan, progress=True, calibration_ids=ids, covariance=cov, calibration_source=source,
-                        copy_weights=False)  # the original is dropped: its unchanged weights are shared, not copied
+                        copy_weights=False, stages=stages)  # the original is dropped: its unchanged weights are shared
     del model
     out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log, kind="convert",
                           overwrite_kind=options.overwrite_kind)
+    stages("writing")
     log(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
         "or with trust_remote_code=True)")
     return out

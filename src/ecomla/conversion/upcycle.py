@@ -244,10 +244,12 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
 @torch.no_grad()
 def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids: torch.Tensor | None = None,
             covariance: dict[int, torch.Tensor] | None = None, tokenizer=None,
-            calibration_source: str | None = None, copy_weights: bool = True) -> EcoMLAForCausalLM:
+            calibration_source: str | None = None, copy_weights: bool = True, stages=None) -> EcoMLAForCausalLM:
     """`model` converted as `plan` (made by `resolve` for this model) says; `convert`'s arguments, and
     `calibration_source`: where `calibration_ids` came from (recorded in the config); `copy_weights=False`: the
-    result shares the weights it keeps unchanged with `model` (for a caller that drops `model` afterwards)."""
+    result shares the weights it keeps unchanged with `model` (for a caller that drops `model` afterwards);
+    `stages`: called with each stage's name as it ends (`stages.StageLog`)."""
+    stages = stages or (lambda stage: None)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     cov, choices = None, {}
     if plan.reads_text and calibration_ids is None:
@@ -258,7 +260,10 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
     if plan.source_model_type in NEEDS_TEXT:
         choices["qk_norm"] = "folded into q_proj/k_proj as calibrated per-head scales (approximate)"
     if plan.needs_calibration:
-        cov = covariance if covariance is not None else attention_input_covariance(model, calibration_ids, progress=progress)
+        if covariance is None:
+            covariance = attention_input_covariance(model, calibration_ids, progress=progress)
+            stages("calibration forward")
+        cov = covariance
 
     rotation = dropped_rotation(plan, model.config)  # what a pair that loses its rotation keeps: every layer's
     n_layers, mla_layers = plan.num_hidden_layers, plan.layers
@@ -293,6 +298,7 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
         layer_ranks = allocate_ranks({i: s[: plan.max_kv_lora_rank] for i, s in spectra.items()}, plan.kv_lora_rank * len(mla_layers),
                                      min_rank=max(1, plan.kv_lora_rank // 4))
     config = build_config(plan, mla_layers, layer_pairs, layer_ranks, choices, rope_pairs=rope_pairs)
+    stages("measured choices")
     config._attn_implementation = model.config._attn_implementation
 
     # Copies, not references: training the converted model must never touch the original (often its teacher).
@@ -304,6 +310,7 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
 
+    stages("SVD init")
     with torch.device("meta"):  # no throw-away random init of a full-size model
         new = EcoMLAForCausalLM(config)
     if config.attention_bias:  # Qwen2 has no o_proj bias; the Llama layers it keeps get a zero one (exact)

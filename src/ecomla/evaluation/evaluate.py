@@ -225,7 +225,7 @@ def evaluate_model(
     progress: bool = True,
 ) -> list[dict]:
     """Flat result rows {model, task, metric, value, stderr, n} for one loaded model (settings from `options`)."""
-    limit, ppl_files, batch_size, max_batch_tokens = options.limit, options.ppl_files, options.batch_size, options.max_batch_tokens
+    limit, batch_size, max_batch_tokens = options.limit, options.batch_size, options.max_batch_tokens
     ppl_window, ppl_stride = options.ppl_window, options.ppl_stride
     from lm_eval import simple_evaluate
 
