@@ -214,9 +214,9 @@ def main() -> int:
             wall = run_steps(steps, run_root / "steps.json")
             spent = dict(train_tokens=0, train_seconds=0.0)
             for step in steps:
-                result = TrainResult.read(step.out)
-                spent.update({"train_tokens": spent["train_tokens"] + result.tokens, f"{step.name}_tokens": result.tokens,
-                              "train_seconds": round(spent["train_seconds"] + result.train_seconds, 1)})
+                trained = TrainResult.read(step.out)
+                spent.update({"train_tokens": spent["train_tokens"] + trained.tokens, f"{step.name}_tokens": trained.tokens,
+                              "train_seconds": round(spent["train_seconds"] + trained.train_seconds, 1)})
                 if step.name in wall:  # with sampling, loading, checkpoints (a stage run now, not an earlier one)
                     spent[f"{step.name}_wall_seconds"] = round(wall[step.name], 1)
             measure(comp, method, budget, student, spent, train_settings)
