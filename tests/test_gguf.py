@@ -6,6 +6,7 @@ weight and cached value (2^-8 relative for bf16, 2^-11 for f16), q8_0 to 8 bits 
 bounds below are a few times the measured error, and greedy tokens must still agree.
 """
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -323,7 +324,7 @@ def test_vllm_target_picks_a_shape_vllm_runs():
     for ratio, rank in ((3.0, 256), (1.5, 512)):
         r = resolve(MLAConversionConfig(kv_ratio=ratio, target="vllm"), llama_1b)
         assert (r.kv_lora_rank, r.qk_rope_head_dim, r.kv_ratio, r.request.kv_ratio) == (rank, 64, ratio, ratio)
-        r.replace()  # the resolved options are valid options (one of rank and ratio)
+        dataclasses.replace(r)  # the plan is a complete, valid plan (one of rank and ratio)
     with pytest.raises(ValueError, match="--target vllm cannot make this cache 4.0x smaller: the original caches 1024"):
         resolve(MLAConversionConfig(kv_ratio=4.0, target="vllm"), llama_1b)
     with pytest.raises(ValueError, match="--target vllm takes --kv-rank 512 or 256"):

@@ -24,8 +24,13 @@ def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def _body_and_head(model):
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+def body_and_head(model):
+    """(body, lm_head) of a causal LM whose logits are lm_head(body(x)) with nothing in between."""
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: cannot split into body and LM head")
+    return body, head
 
 
 def _device(model):
@@ -43,7 +48,7 @@ class ReferenceKL:
         self.ids = ids  # (N, T)
         self.weights = torch.ones(ids.shape[0], ids.shape[1] - 1) if weights is None else weights  # (N, T-1)
         self.batch_size, self.chunk_size, self.autocast = batch_size, chunk_size, autocast
-        body, self.head = _body_and_head(reference)
+        body, self.head = body_and_head(reference)
         self.hidden = [self._hidden(body, x) for x in self._batches()]  # per batch (B*(T-1), C) of the reference
 
     def _batches(self):
@@ -57,7 +62,7 @@ class ReferenceKL:
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
-        body, head = _body_and_head(model)
+        body, head = body_and_head(model)
         kl = nll = ref_nll = count = 0.0
         for k, (x, ref_h) in enumerate(zip(self._batches(), self.hidden)):
             h = self._hidden(body, x)  # (B*(T-1), C)

@@ -233,7 +233,7 @@ def run(options, log=print) -> Path:
 
 
 def run_recipe(path: str | Path, log=print) -> Path:
-    from .io import check_output, claim, mark
+    from .io import claimed_output, mark
     from .model.cache import cache_values_per_token
     from .sources import load_config
 
@@ -244,8 +244,8 @@ def run_recipe(path: str | Path, log=print) -> Path:
     inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
               "calibration file": steps[0].options.calib}
     record_path = out / "steps.json"
-    with claim(out, inputs):  # the only writer of the run folder (and of every step's output inside it)
-        check_output(out, inputs, resume=True, kind="run")
+    # the only writer of the run folder (and of every step's output inside it)
+    with claimed_output(out, inputs, resume=True, kind="run"):
         out.mkdir(parents=True, exist_ok=True)
         mark(out, "run")
         timings = run_steps(steps, record_path, log)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ..model.cache import has_attention_bias, max_kv_lora_rank, model_dims, rank_for_ratio
 from ..model.configuration_ecomla import EcoMLAConfig
-from ..model.engines import ENGINES, TARGET_ENGINES, VLLM_ROPE_DIM, VLLM_SHAPES, progression_engines
+from ..model.engines import (ENGINES, TARGET_ENGINES, VLLM_ROPE_DIM, VLLM_SHAPES, largest_llama_cpp_rope_dim,
+                             progression_engines)
 from ..model.rope import rotary_progressions, select_rope_pairs
 from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
 from ..version import __version__
@@ -80,30 +81,12 @@ class ConversionPlan:
         return self.layers if self.layers is not None else tuple(range(self.num_mla_layers))
 
     @property
-    def calibration(self) -> str | None:
-        """Where calibration text comes from: the --calib file, text the model samples, or None (none is read)."""
-        if not self.reads_text:
-            return None
-        r = self.request
-        return f"{r.calib_tokens} tokens of {r.calib}" if r.calib else f"{r.calib_tokens} tokens sampled from the model (seed {r.seed})"
-
-    @property
     def per_layer_rope(self) -> bool:
         return self.rope_freqs in PER_LAYER_ROPE_FREQS
 
     @property
     def per_layer_ranks(self) -> bool:
         return self.rank_alloc != "uniform"
-
-    @property
-    def shared_rope_residual_dims(self) -> int:
-        """Dims per key head that join the latent's target as the shared RoPE key's residual (what the shared
-        key misses of each group's key, with rope_residual="latent"); 0 with one key per group."""
-        shared = self.rope_residual == "latent" and self.rope_key_heads < self.num_key_value_heads
-        return self.qk_rope_head_dim if shared else 0
-
-    def replace(self, **changes) -> "ConversionPlan":
-        return dataclasses.replace(self, **changes)
 
     def engine_problems(self, engine: str, config: EcoMLAConfig) -> list[str]:
         """Why `engine` (a key of model.engines.ENGINES) cannot run the planned model (`config`: its
@@ -228,10 +211,7 @@ def default_rope_dim(model_config, head_dim: int, rope_freqs: str, target: str |
     rope = getattr(model_config, "rope_parameters", None) or {}
     if rope_freqs != "progression" or rope.get("rope_type") != "llama3" or target not in (None, "llama.cpp"):
         return start
-    for d in range(start, 0, -2):
-        if any(progression_engines(rope, head_dim, d, p) >= {"llama.cpp"} for p in rotary_progressions(head_dim, d)):
-            return d
-    return start
+    return largest_llama_cpp_rope_dim(rope, head_dim, start) or start
 
 
 def progression_candidates(model_config, head_dim: int, d_rope: int, target: str | None) -> tuple[tuple[int, ...], ...]:
@@ -247,12 +227,11 @@ def progression_candidates(model_config, head_dim: int, d_rope: int, target: str
     deepseek = [p for p, engines in runs.items() if "deepseek-v3" in engines]
     chosen = both if target == "llama.cpp" else deepseek if target else (both or deepseek)
     if not chosen and target == "llama.cpp" and (rope or {}).get("rope_type") == "llama3":
-        fits = [d for d in range(d_rope - 2, 0, -2)
-                if any(progression_engines(rope, head_dim, d, p) >= {"llama.cpp"} for p in rotary_progressions(head_dim, d))]
+        fits = largest_llama_cpp_rope_dim(rope, head_dim, d_rope - 2)
         raise ValueError(f"--target llama.cpp cannot be met: under llama3 rope scaling llama.cpp's deepseek2 runs only "
                          f"kept pairs inside one band of the scaling, and no {d_rope // 2} pairs in arithmetic progression lie "
                          f"inside one band of this model's {head_dim // 2}; "
-                         + (f"--rope-dim {fits[0]} fits" if fits else "no RoPE dim fits")
+                         + (f"--rope-dim {fits} fits" if fits else "no RoPE dim fits")
                          + " (or export to DeepSeek-V3: --target deepseek-v3, which keeps llama3 scaling)")
     return tuple(chosen) or (tuple(select_rope_pairs(head_dim, d_rope, "uniform")),)
 

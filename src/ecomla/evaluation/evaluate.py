@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..metrics import body_and_head
 from ..options import DEFAULT_TASKS, DTYPES, EvalOptions
 from ..report import markdown_table
 from .tasks import HEADLINE, LOCAL_TASKS, OWN_TASKS, PPL_TASKS, local_file, local_task_config, margin_kept
@@ -37,21 +38,12 @@ def _hflm():
     return HFLM
 
 
-def _split_model(model):
-    """(body, lm_head) of a causal LM whose logits are lm_head(body(x)) with nothing in between."""
-    body = getattr(model, model.base_model_prefix, None)
-    head = model.get_output_embeddings()
-    if body is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__}: cannot split into body and LM head")
-    return body, head
-
-
 @torch.inference_mode()
 def continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int = 0, max_length: int | None = None):
     """Sum of log p(continuation | context) and whether it is the greedy continuation, for each
     (context, continuation) pair, in one right-padded batch; the head runs on continuation positions only.
     Truncates from the left to `max_length` + 1 tokens like the harness."""
-    body, head = _split_model(model)
+    body, head = body_and_head(model)
     inputs, spans = [], []
     for ctx, cont in sequences:
         full = ctx + cont
@@ -118,7 +110,7 @@ def perplexity(model, token_ids: list[int], window: int, stride: int, batch_size
         raise ValueError(f"perplexity needs 0 < stride < window, got stride {stride}, window {window}")
     if len(token_ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
-    body, head = _split_model(model)
+    body, head = body_and_head(model)
     ids = torch.tensor(token_ids)
     jobs, prev_end = [], 0  # (begin, end, first scored position inside the window)
     for begin in range(0, len(ids), stride):
@@ -424,7 +416,7 @@ def task_data(o: EvalOptions) -> str | None:
 
 def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
     """Evaluate several models on the same tasks; returns (markdown table, rows); writes options.out if given."""
-    from ..io import check_output, claim
+    from ..io import claimed_output
 
     o = options
     models, tasks = list(o.models), o.task_list
@@ -436,8 +428,8 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
     if o.out is None:
         md, rows = _run_eval(o, models, tasks, data_dir, inputs, log)
     else:
-        with claim(o.out, inputs):  # the only writer of --out, from this check to the final rename
-            check_output(o.out, inputs, o.overwrite, kind="eval", overwrite_kind=o.overwrite_kind)
+        # the only writer of --out, from this check to the final rename
+        with claimed_output(o.out, inputs, o.overwrite, kind="eval", overwrite_kind=o.overwrite_kind):
             md, rows = _run_eval(o, models, tasks, data_dir, inputs, log)
     log(md + (f"\nwrote {o.out}/results.md, results.json, results.png" if o.out else ""))
     return md, rows

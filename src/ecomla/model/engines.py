@@ -79,6 +79,15 @@ def progression_engines(rope_parameters: dict | None, head_dim: int, qk_rope_hea
     return ({"deepseek-v3"} if kind in ROPE_TYPES else set()) | ({"llama.cpp"} if kind in LLAMA_CPP_ROPE_TYPES else set())
 
 
+def largest_llama_cpp_rope_dim(rope_parameters: dict | None, head_dim: int, at_most: int) -> int | None:
+    """The largest even RoPE dim <= `at_most` for which some progression of kept pairs is a rotary llama.cpp runs
+    (`progression_engines`; under llama3 scaling: pairs inside one band of it); None if there is none."""
+    for d in range(at_most, 0, -2):
+        if any("llama.cpp" in progression_engines(rope_parameters, head_dim, d, p) for p in rotary_progressions(head_dim, d)):
+            return d
+    return None
+
+
 def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False) -> list[str]:
     """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can.
     The one set of DeepSeek-V3 rules: `ecomla export` reads it, and a conversion plan checks its planned
@@ -134,13 +143,12 @@ def gguf_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = 
                 for p in deepseek_v3_problems(config, per_layer_rope, per_layer_ranks)]
     rope_type = (engine_rope(config) or config.rope_parameters or {}).get("rope_type", "default")
     if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
-        fits = [d for d in range(config.qk_rope_head_dim - 2, 0, -2) if any(
-            "llama.cpp" in progression_engines(config.rope_parameters, config.head_dim, d, pairs)
-            for pairs in rotary_progressions(config.head_dim, d))] if rope_type == "llama3" else []
+        fits = largest_llama_cpp_rope_dim(config.rope_parameters, config.head_dim, config.qk_rope_head_dim - 2) \
+            if rope_type == "llama3" else None
         problems.append(f"rope scaling {rope_type!r} needs per-frequency factors, which llama.cpp's deepseek2 does not "
                         f"read (exportable: {', '.join(LLAMA_CPP_ROPE_TYPES)})"
                         + (f"; kept pairs inside one band of the llama3 scaling need none: convert with --rope-dim "
-                           f"{fits[0]} (the default does this for llama.cpp)" if fits else ""))
+                           f"{fits} (the default does this for llama.cpp)" if fits else ""))
     if config.qk_nope_head_dim < 1:
         problems.append("llama.cpp's deepseek2 needs at least one query/key dim without RoPE (convert with a smaller --rope-dim)")
     return problems
