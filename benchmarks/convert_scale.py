@@ -47,8 +47,9 @@ SHARD_BYTES = 2 * 2**30
 STAGE = re.compile(r"\[ecomla convert\] stage (.+?): ([\d.]+) s, peak RSS ([\d.]+) GiB")
 
 
-def make_model(name: str, path: Path, calib: Path) -> int:
-    """Write the random-weight model `name` (config, bf16 shards, tokenizer) to `path`; returns its parameter count."""
+def make_model(name: str, path: Path, calib: Path) -> tuple[int, bool]:
+    """Write the random-weight model `name` (config, bf16 shards, tokenizer) to `path` unless a finished one is there
+    (kept by --keep-models); returns its parameter count and whether this call wrote it."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -58,7 +59,8 @@ def make_model(name: str, path: Path, calib: Path) -> int:
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    if not (path / "config.json").is_file():
+    created = not (path / "config.json").is_file()
+    if created:
         path.mkdir(parents=True, exist_ok=True)
         gen, shard, size, index, n = torch.Generator().manual_seed(0), {}, 0, {}, 0
         names = list(shapes)
@@ -78,7 +80,7 @@ def make_model(name: str, path: Path, calib: Path) -> int:
                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(path)
         config.save_pretrained(path)  # last: a folder with config.json is complete
-    return sum(torch.Size(s).numel() for s in shapes.values())
+    return sum(torch.Size(s).numel() for s in shapes.values()), created
 
 
 def convert(src: Path, out: Path, calib: Path, tokens: int, timeout: int) -> dict:
@@ -155,15 +157,16 @@ def main() -> int:
             print(f"{name}: measured at {code} already, kept")
             continue
         src = work / f"llama-{name}"
-        params = make_model(name, src, calib)
+        params, created = make_model(name, src, calib)
         print(f"{name}: {params / 1e9:.2f}B parameters in {src}; converting", flush=True)
         r = dict(shape=name, parameters=params, code=code, calib_tokens=args.calib_tokens,
                  **convert(src, work / f"llama-{name}-mla", calib, args.calib_tokens, args.timeout))
         rows = [x for x in rows if not (x["shape"] == name and x["code"] == code)] + [r]
         write_json(result, {"command": "python benchmarks/convert_scale.py " + " ".join(sys.argv[1:]), "rows": rows})
         print(table([r]), flush=True)
-        shutil.rmtree(work / f"llama-{name}-mla", ignore_errors=True)
-        if not args.keep_models:
+        if r["ok"]:  # the converted model this run wrote (a refused conversion wrote nothing: leave what is there)
+            shutil.rmtree(work / f"llama-{name}-mla", ignore_errors=True)
+        if created and not args.keep_models:  # only the source this run made, never a folder found there
             shutil.rmtree(src, ignore_errors=True)
     md = table(rows)
     result.with_suffix(".md").write_text(md + "\n")
