@@ -9,8 +9,8 @@ Random-weight models with the real shapes of Llama-3.2-1B, Llama-3.2-3B and Llam
 128,256-token vocabulary, bf16 safetensors in shards of at most 2 GB, a small BPE tokenizer trained on the
 calibration text), converted by `ecomla convert SRC --kv-ratio 4 --calib FILE --calib-tokens N --calib-cache none`
 in a child process: its peak RSS (`/usr/bin/time -v`), wall time, and each stage's time and peak RSS so far as
-`ecomla convert` logs them (`ecomla.stages`: checks, loading, calibration forward, measured choices, SVD init,
-writing). A conversion that runs out of memory or past --timeout is a row with its reason. Each row records the
+`ecomla convert` logs them (`ecomla.stages`: checks, loading (in memory only), calibration sampling, calibration
+forward, measured choices, SVD init and writing (one stage when streaming)). A conversion that runs out of memory or past --timeout is a row with its reason. Each row records the
 code it measured (git revision), so rows before and after a change sit side by side. Writes
 benchmarks/results/convert_scale.json, .md and .png (peak memory and time against parameter count).
 """
@@ -101,11 +101,13 @@ def convert(src: Path, out: Path, calib: Path, tokens: int, timeout: int) -> dic
 
 
 def table(rows: list[dict]) -> str:
-    names = ["checks", "loading", "calibration sampling", "calibration forward", "measured choices", "SVD init", "writing"]
+    names = ["checks", "loading", "calibration sampling", "calibration forward", "measured choices", "SVD init and writing"]
     head = ["shape", "parameters", "code", "peak RSS GiB", "wall (min)", *[f"{n} (s)" for n in names], "result"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         by = {s["stage"]: s["seconds"] for s in r["stages"]}
+        if "SVD init" in by:  # the in-memory conversion logs the two apart
+            by["SVD init and writing"] = by.pop("SVD init") + by.pop("writing", 0)
         lines.append("| " + " | ".join([r["shape"], f"{r['parameters'] / 1e9:.2f}B", r["code"], str(r["peak_rss_gib"]),
                                           f"{r['wall_seconds'] / 60:.1f}", *[f"{by[n]:.0f}" if n in by else "-" for n in names],
                                           "ok" if r["ok"] else f"failed: {r['error']}"]) + " |")

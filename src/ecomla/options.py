@@ -319,7 +319,9 @@ class ConvertOptions(Options):
     calib_cache: str | None = opt(None, "where calibration statistics are cached (default $ECOMLA_CACHE or "
                                   "~/.cache/ecomla; 'none': off)")
     seed: int = opt(0, "seed of the sampled calibration text", min=0)
-    dtype: str = opt("float32", "dtype of the saved weights", choices=tuple(DTYPES))
+    dtype: str = opt("float32", "dtype of the saved weights (and of the calibration forward)", choices=tuple(DTYPES))
+    device: str | None = opt(None, "where a layer-by-layer conversion runs its calibration forward: cpu (default), "
+                             "cuda, cuda:N (the SVDs run on the CPU in float64)")
     out: str | None = opt(None, "output directory (written atomically)", required=True)
     overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
     overwrite_kind: str | None = opt(None, "with --overwrite: replace an earlier output of this other kind too (the "
@@ -335,6 +337,7 @@ class ConvertOptions(Options):
             raise ValueError("give layers (--layers, explicit indices) or num_mla_layers (--num-mla-layers), not both")
         if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
             raise ValueError(f"RoPE dimension {self.qk_rope_head_dim} is invalid: it must be even (--rope-dim)")
+        check_device(self.device)
 
 
 MLAConversionConfig = ConvertOptions  # the name of earlier versions

@@ -201,6 +201,14 @@ def weight_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
+def model_skeleton(config):
+    """The model `config` describes, on the meta device (no memory): its parameter names, shapes and modules."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
     """Load (model, tokenizer) from any source; the model is in eval mode."""
     from transformers import AutoModelForCausalLM

@@ -88,44 +88,151 @@ def calibration_ids(model, options, tokenizer=None, progress: bool = True) -> tu
     return ids, f"{ids.numel()} tokens sampled from the model"
 
 
+def causal_mask(config, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """The attention mask the family's own model forward gives layer `layer` (no padding, no cache): a sliding
+    window one where the config says so (Mistral's `sliding_window`, Qwen2's `layer_types`)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    types = getattr(config, "layer_types", None)
+    sliding = types[layer] == "sliding_attention" if types else getattr(config, "sliding_window", None) is not None
+    make = create_sliding_window_causal_mask if sliding else create_causal_mask
+    return make(config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+
+
+class LayerStream:
+    """The calibration text's hidden states carried through the decoder layers one layer at a time, in chunks of
+    `batch_size` sequences, each chunk through each layer exactly as the model's own forward runs it. Only one
+    layer need exist at a time (ecomla.conversion.stream loads each from disk), so memory holds the activations
+    (N, T, d) and one layer."""
+
+    def __init__(self, embeddings: torch.Tensor, config, rotary, batch_size: int = 4):
+        self.hidden = list(embeddings.split(batch_size))  # [(B, T, d)]: the input of the next layer
+        self.config, self.layer = config, 0
+        T = embeddings.shape[1]
+        self.position_ids = torch.arange(T, device=embeddings.device)[None]  # (1, T)
+        self.rotary = rotary(self.hidden[0], position_ids=self.position_ids)  # (cos, sin): the same for every chunk
+
+    @torch.no_grad()
+    def step(self, layer, measure: bool = True) -> torch.Tensor | None:
+        """Run decoder layer number `self.layer` (a module) on the hidden states; return E[x x^T] (float64) of
+        its attention's input x (x~ = [x; 1] with biases: see `has_attention_bias`), or None unless `measure`."""
+        d = self.config.hidden_size
+        aug = int(has_attention_bias(self.config))
+        total, count = torch.zeros(d + aug, d + aug, dtype=torch.float64), 0
+
+        def hook(module, args, kwargs):
+            nonlocal total
+            x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, d).double()  # (N, d)
+            if aug:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (N, d + 1)
+            total += (x.T @ x).cpu()
+
+        handle = layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) if measure else None
+        try:
+            for n, h in enumerate(self.hidden):
+                mask = causal_mask(self.config, self.layer, h, self.position_ids)
+                self.hidden[n] = layer(h, attention_mask=mask, position_embeddings=self.rotary,
+                                       position_ids=self.position_ids, use_cache=False)
+                count += h.shape[0] * h.shape[1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.layer += 1
+        return total / count if measure else None
+
+
+# Sampling the calibration text from the model is refused where it would take longer than this on this machine
+SAMPLING_LIMIT_SECONDS = 3600
+
+
+def check_sampling_affordable(config, tokens: int, dtype: torch.dtype, log=print, seq_len: int = CALIB_SEQ_LEN,
+                              batch_size: int = 16) -> None:
+    """Before any weight loads: refuse sampling `tokens` calibration tokens from a model this machine cannot hold or
+    would take over SAMPLING_LIMIT_SECONDS to sample, naming the time, the memory and the fixes; log the estimate.
+
+    Generation runs (seq_len - 1) steps per batch of `batch_size` sequences, each step a product of every weight
+    matrix with a (batch, d) input: time ~ steps * params * t, where t is this machine's time per weight of such a
+    product, measured here on a (16, 2048) x (2048, 8192) matmul in `dtype` (a lower bound: attention and overhead
+    come on top). Memory: the whole model in `dtype`."""
+    import time
+
+    from ..sources import model_skeleton
+
+    params = sum(p.numel() for p in model_skeleton(config).parameters())
+    steps = (seq_len - 1) * -(-max(1, tokens // seq_len) // batch_size)
+    x, w = torch.randn(batch_size, 2048, dtype=dtype), torch.randn(2048, 8192, dtype=dtype)
+    x @ w  # warm-up
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        x @ w
+    per_weight = (time.perf_counter() - start) / reps / w.numel()
+    seconds = steps * params * per_weight
+    need = params * torch.empty((), dtype=dtype).element_size()
+    available = _available_memory()
+    log(f"sampling {tokens} calibration tokens from the model: at least {seconds / 60:.0f} min here, "
+        f"{need / 2**30:.1f} GiB of weights in memory")
+    problem = None
+    if available is not None and need > 0.8 * available:
+        problem = f"its {params / 1e9:.1f}B weights need {need / 2**30:.1f} GiB in {dtype} and this machine has " \
+                  f"{available / 2**30:.1f} GiB free"
+    elif seconds > SAMPLING_LIMIT_SECONDS:
+        problem = f"it would take at least {seconds / 3600:.1f} hours on this machine"
+    if problem:
+        fits = int(tokens * SAMPLING_LIMIT_SECONDS / seconds) // seq_len * seq_len
+        smaller = f", or a smaller --calib-tokens (about {fits} fit in an hour)" if fits >= seq_len and not \
+            (available is not None and need > 0.8 * available) else ""
+        raise ValueError(f"sampling {tokens} calibration tokens from this model is not affordable here: {problem}. "
+                         f"Give --calib FILE (text like the model's use: .txt, or .jsonl rows with 'text'){smaller}")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None off Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 @torch.no_grad()
 def attention_input_covariance(model, input_ids: torch.Tensor, layers: list[int] | None = None, batch_size: int = 4,
                                progress: bool = True) -> dict[int, torch.Tensor]:
     """{layer: E[x x^T]} (d, d), float64, of the normalized hidden states entering each layer's attention.
     For a model whose attention projections have biases the statistics are of x~ = [x; 1] (d + 1, d + 1):
-    a bias b of W acts as the last column of [W | b] on x~ (see `has_attention_bias`)."""
-    d = model.config.hidden_size
-    aug = int(has_attention_bias(model.config))
+    a bias b of W acts as the last column of [W | b] on x~ (see `has_attention_bias`). Layer by layer
+    (`LayerStream`), as a streaming conversion computes them."""
     layers = list(range(model.config.num_hidden_layers)) if layers is None else layers
-    sums = {i: torch.zeros(d + aug, d + aug, dtype=torch.float64) for i in layers}
-    count, hooks = 0, []
-    for i in layers:
-        def hook(module, args, kwargs, i=i):
-            x = kwargs.get("hidden_states", args[0] if args else None).reshape(-1, d).double()  # (N, d)
-            if aug:
-                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (N, d + 1)
-            sums[i] += (x.T @ x).cpu()
-        hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device
-    try:
-        for chunk in tqdm(input_ids.split(batch_size), desc="calibration", unit="batch", disable=not progress):
-            model(chunk.to(device), use_cache=False, logits_to_keep=1)
-            count += chunk.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    return {i: s / count for i, s in sums.items()}
+    stream = LayerStream(model.model.embed_tokens(input_ids.to(device)), model.config, model.model.rotary_emb, batch_size)
+    out = {}
+    for i in tqdm(range(max(layers) + 1), desc="calibration", unit="layer", disable=not progress):
+        cov = stream.step(model.model.layers[i], measure=i in layers)
+        if cov is not None:
+            out[i] = cov
+    return out
 
 
-def stats_key(model, input_ids: torch.Tensor) -> str:
-    """Cache key: the config, a strided sample (<= ~4096 values) of every non-head weight, and the ids.
-    A fingerprint, not a full hash: weights changed only between sampled entries would collide."""
+# config keys that do not change what a model computes (where it came from, how it was loaded)
+_KEY_VOLATILE = ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures",
+                 "_attn_implementation_autoset")
+
+
+def stats_key(config, named_weights, input_ids: torch.Tensor, dtype: torch.dtype) -> str:
+    """Cache key of a model's calibration statistics: its config (less where it came from), the dtype it runs in,
+    a strided sample (<= ~4096 values) of every non-head weight (`named_weights`: (name, tensor) in the model's
+    `named_parameters` order, in any dtype), and the ids. A fingerprint, not a full hash: weights changed only
+    between sampled entries would collide."""
     h = hashlib.sha256()
-    h.update(model.config.to_json_string(use_diff=False).encode())
-    for name, p in model.named_parameters():
+    described = {k: v for k, v in config.to_dict().items() if k not in _KEY_VOLATILE}
+    h.update(json.dumps(described, sort_keys=True, default=str).encode())
+    h.update(str(dtype).encode())
+    for name, p in named_weights:
         if "lm_head" not in name:
             h.update(name.encode())
-            h.update(p.detach().float().cpu().flatten()[:: max(1, p.numel() // 4096)].numpy().tobytes())
+            flat = p.detach().reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // 4096)].to(dtype).float().cpu().numpy().tobytes())
     h.update(input_ids.cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:32]
 
@@ -134,19 +241,51 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ECOMLA_CACHE") or Path.home() / ".cache" / "ecomla") / "calibration"
 
 
+class CovarianceStore:
+    """Per-layer input covariances in a folder, one file per layer (`layer-{i}.pt`, each written atomically): a
+    sweep's cache, and where a streaming conversion keeps them between its passes."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, layer: int) -> Path:
+        return self.folder / f"layer-{layer}.pt"
+
+    def complete(self, n_layers: int) -> bool:
+        return all(self.path(i).is_file() for i in range(n_layers))
+
+    def save(self, layer: int, cov: torch.Tensor) -> None:
+        atomic_torch_save(cov, self.path(layer))
+
+    def load(self, layer: int) -> torch.Tensor:
+        return torch.load(self.path(layer), weights_only=True)
+
+    def load_all(self, n_layers: int) -> dict[int, torch.Tensor] | None:
+        """Every layer's, or None where one is missing or damaged (recomputed, never trusted)."""
+        try:
+            return {i: self.load(i) for i in range(n_layers)}
+        except Exception:
+            return None
+
+
+def cache_store(cache_dir: str | Path | None, key: str) -> CovarianceStore:
+    return CovarianceStore(Path(cache_dir or default_cache_dir()) / f"cov-{key}")
+
+
 def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | None = None,
                       progress: bool = True) -> dict[int, torch.Tensor]:
-    """`attention_input_covariance` for every layer, read from / written to `cache_dir` (atomically)."""
-    path = Path(cache_dir or default_cache_dir()) / f"cov-{stats_key(model, input_ids)}.pt"
-    if path.is_file():
-        try:
-            return {int(k): v for k, v in torch.load(path, weights_only=True).items()}
-        except Exception:  # a corrupt cache entry is recomputed, never trusted
-            path.unlink(missing_ok=True)
-    cov = attention_input_covariance(model, input_ids, progress=progress)
-    atomic_torch_save({str(k): v for k, v in cov.items()}, path)
+    """`attention_input_covariance` for every layer, read from / written to `cache_dir` (a `CovarianceStore`)."""
+    n = model.config.num_hidden_layers
+    dtype = next(model.parameters()).dtype
+    store = cache_store(cache_dir, stats_key(model.config, model.named_parameters(), input_ids, dtype))
+    cov = store.load_all(n) if store.complete(n) else None
+    if cov is None:
+        cov = attention_input_covariance(model, input_ids, progress=progress)
+        for i, c in cov.items():
+            store.save(i, c)
     return cov
 
 
 __all__ = ["CALIB_SEQ_LEN", "read_text", "file_calibration_ids", "sampled_calibration_ids", "calibration_ids",
-           "attention_input_covariance", "cached_covariance", "stats_key", "default_cache_dir"]
+           "attention_input_covariance", "cached_covariance", "stats_key", "default_cache_dir", "CovarianceStore",
+           "LayerStream", "causal_mask", "cache_store"]

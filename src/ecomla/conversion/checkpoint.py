@@ -27,14 +27,15 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..io import save_checkpoint
+    from ..io import atomic_output_dir, save_checkpoint
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
-    from ..sources import check_supported, load_config, load_model, load_tokenizer
+    from ..sources import check_supported, load_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
-    from .calibration import cached_covariance, calibration_ids
+    from .calibration import cached_covariance, calibration_ids, check_sampling_affordable
     from .families import NEEDS_TEXT
     from .plan import build_config, resolve
+    from .stream import convert_streaming, streaming_source
     from .upcycle import upcycle
 
     stages = StageLog(log, "convert")  # time and peak memory per stage (benchmarks/convert_scale.py)
@@ -55,9 +56,35 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     ids = source = cov = None
     if options.calib:  # read (and refuse) the file, or a source without a tokenizer, before the weights load
         ids, source = calibration_ids(None, options, tok)
-
+    weights, in_memory = streaming_source(options.source, src_config, plan)
+    device = resolve_device(options.device or "cpu")
+    if weights is None and device != "cpu":
+        raise ValueError(f"--device {options.device}: this model converts in memory on the CPU ({in_memory}); only a "
+                         "layer-by-layer conversion of a safetensors checkpoint runs on a GPU; drop --device")
+    log("converting layer by layer from the safetensors files (one layer in memory)" if weights is not None else
+        f"converting in memory (the whole model loaded): {in_memory}")
+    dtype = getattr(torch, DTYPES[options.dtype])
+    if plan.reads_text and ids is None:  # before any weight loads: can this machine afford it?
+        check_sampling_affordable(src_config, options.calib_tokens, dtype, log)
     stages("checks")
-    model, _ = load_model(options.source, dtype=getattr(torch, DTYPES[options.dtype]), tokenizer=False)
+
+    if weights is not None:
+        if plan.reads_text and ids is None:  # sampling needs the whole model, once
+            model, _ = load_model(options.source, dtype=dtype, device=device, tokenizer=False)
+            ids, source = calibration_ids(model, options, tok)
+            del model
+            stages("calibration sampling")
+        with atomic_output_dir(options.out, options.overwrite, inputs, log, kind="convert",
+                               overwrite_kind=options.overwrite_kind) as tmp:
+            convert_streaming(weights, plan, ids, {"calibration": source} if source else {}, tmp, dtype=dtype,
+                              device=device, calib_cache=options.calib_cache, stages=stages)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+        log(f"saved {options.out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
+            "or with trust_remote_code=True)")
+        return Path(options.out)
+
+    model, _ = load_model(options.source, dtype=dtype, tokenizer=False)
     stages("loading")
     if plan.reads_text and ids is None:
         ids, source = calibration_ids(model, options, tok)

@@ -51,6 +51,24 @@ def qk_norm_scales(model, input_ids: torch.Tensor, batch_size: int = 4) -> dict[
     return {i: (ratio[(i, "q")], ratio[(i, "k")]) for i in range(len(model.model.layers))}
 
 
+def llama_tensors(name: str, w: torch.Tensor, config) -> dict[str, torch.Tensor]:
+    """One weight of a re-laid-out family as Llama's (`config`: its `llama_config`): Phi-3's fused qkv_proj and
+    gate_up_proj split into their rows (views), Qwen3's QK-norm weights dropped (`as_llama` folds them); any
+    other weight passes through under its own name."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        stem = name[: -len("qkv_proj.weight")]
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q, k, v = w.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])  # rows of W_q, W_k, W_v
+        return {stem + "q_proj.weight": q, stem + "k_proj.weight": k, stem + "v_proj.weight": v}
+    if name.endswith("mlp.gate_up_proj.weight"):
+        stem = name[: -len("gate_up_proj.weight")]
+        gate, up = w.chunk(2)  # (I, d) each
+        return {stem + "gate_proj.weight": gate, stem + "up_proj.weight": up}
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return {}
+    return {name: w}
+
+
 def llama_config(config):
     """The LlamaConfig of the same model for a re-laid-out family; other configs pass through."""
     if getattr(config, "model_type", None) not in RELAID_OUT:
@@ -79,21 +97,9 @@ def as_llama(model, calibration_ids: torch.Tensor | None = None):
     from transformers import LlamaForCausalLM
 
     config = llama_config(model.config)
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     state = {}
     for name, w in model.state_dict().items():
-        if name.endswith("self_attn.qkv_proj.weight"):
-            stem = name[: -len("qkv_proj.weight")]
-            q, k, v = w.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])  # rows of W_q, W_k, W_v
-            state.update({stem + "q_proj.weight": q, stem + "k_proj.weight": k, stem + "v_proj.weight": v})
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            stem = name[: -len("gate_up_proj.weight")]
-            gate, up = w.chunk(2)  # (I, d) each
-            state.update({stem + "gate_proj.weight": gate, stem + "up_proj.weight": up})
-        elif name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
-            continue  # folded into q_proj / k_proj below
-        else:
-            state[name] = w
+        state.update(llama_tensors(name, w, config))
     for i in range(config.num_hidden_layers) if scales else ():
         stem, attn = f"model.layers.{i}.self_attn.", model.model.layers[i].self_attn
         for kind, norm, alpha in (("q", attn.q_norm, scales[i][0]), ("k", attn.k_norm, scales[i][1])):

@@ -9,6 +9,8 @@ here, from the calibration statistics, and recorded in the result's config. The 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
 
@@ -123,7 +125,7 @@ def dropped_rotation(plan: ConversionPlan, model_config) -> torch.Tensor | None:
     return rotation_mean(rotary_inv_freq(model_config), plan.rope_distances)
 
 
-def _layer_weights(attn, config: EcoMLAConfig, plan: ConversionPlan, layer: int, cov: torch.Tensor | None,
+def layer_weights(attn, config: EcoMLAConfig, plan: ConversionPlan, layer: int, cov: torch.Tensor | None,
                    rotation: torch.Tensor | None):
     """MLA weights (float64) of one layer, latent norm scales (and biases) included when the config has them;
     `rotation`: `dropped_rotation(plan, config)`, computed once per conversion."""
@@ -159,6 +161,51 @@ def _layer_weights(attn, config: EcoMLAConfig, plan: ConversionPlan, layer: int,
         bias = attn.o_proj.bias  # Llama's o bias; Qwen2 has none
         weights["o_proj.bias"] = torch.zeros(attn.o_proj.weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
     return weights
+
+
+@dataclass(frozen=True)
+class MeasuredChoices:
+    """What a conversion chooses from calibration statistics once its layers are known: `build_config`'s
+    per-layer RoPE pairs, the model's RoPE progression, per-layer ranks, and what config.conversion records."""
+
+    layer_pairs: dict[int, list[list[int]]] | None = None
+    rope_pairs: list[int] | None = None
+    layer_ranks: dict[int, int] | None = None
+    record: dict = field(default_factory=dict)
+
+
+def measure_choices(plan: ConversionPlan, mla_layers: list[int], attention, covariance, model_config) -> MeasuredChoices:
+    """The choices `plan` leaves to measurement, for layers `mla_layers`: `attention(i)` gives layer i's original
+    attention module (Llama layout) and `covariance(i)` its input covariance (None without calibration). One
+    layer's weights at a time: the in-memory conversion passes its model's modules, a streaming one loads them."""
+    layer_pairs = rope_pairs = None
+    record = {}
+    if plan.per_layer_rope:
+        layer_pairs = {i: choose_rope_pairs(attention(i), plan, model_config, covariance(i)) for i in mla_layers}
+    elif plan.rope_freqs == "progression":  # one for the whole model: the least summed cost over its MLA layers
+        score = sum(rope_pair_scores(attention(i), plan, model_config, covariance(i)).sum(0) for i in mla_layers)
+        rope_pairs = best_progression(score, plan)
+        first, step = rotary_progression(rope_pairs)
+        record["rope_progression"] = {"first_pair": first, "step": step,
+                                      "cost_kept": round(float(score[rope_pairs].sum() / score.sum()), 6)}
+    layer_ranks = None
+    if plan.rank_alloc == "spectrum":  # the total latent dims split by the layers' key/value spectra
+        spectra = {}
+        for i in mla_layers:
+            attn = attention(i)
+            pairs = layer_pairs[i] if layer_pairs else [rope_pairs or list(plan.rope_pairs)] * plan.rope_key_heads
+            spectra[i] = kv_spectrum(*projections(attn), pairs, num_kv_heads=plan.num_key_value_heads,
+                                     head_dim=plan.head_dim, input_cov=covariance(i), svd=plan.svd,
+                                     rope_key_init=plan.rope_key_init, rope_residual=plan.rope_residual == "latent")
+        layer_ranks = allocate_ranks({i: s[: plan.max_kv_lora_rank] for i, s in spectra.items()},
+                                     plan.kv_lora_rank * len(mla_layers), min_rank=max(1, plan.kv_lora_rank // 4))
+    return MeasuredChoices(layer_pairs, rope_pairs, layer_ranks, record)
+
+
+def alternate_layers(plan: ConversionPlan) -> list[int]:
+    """layer_choice="alternate": `num_mla_layers` evenly spaced layers."""
+    n, count = plan.num_hidden_layers, plan.num_mla_layers
+    return sorted({round(k * n / count) for k in range(count)})
 
 
 # layer_choice="long-range": a token's context is "near" within this many tokens (calibration sequences are 256)
@@ -215,7 +262,7 @@ def layer_sensitivity(model, plan: ConversionPlan, cov: dict[int, torch.Tensor],
         config = build_config(plan, layers=[i], layer_pairs=pairs)
         config._attn_implementation = model.config._attn_implementation
         mla = MLAAttention(config, i)
-        mla.load_state_dict({k: v.to(dtype) for k, v in _layer_weights(attn, config, plan, i, cov.get(i), rotation).items()})
+        mla.load_state_dict({k: v.to(dtype) for k, v in layer_weights(attn, config, plan, i, cov.get(i), rotation).items()})
         mla.to(device=ids.device, dtype=dtype)
         model.model.layers[i].self_attn = mla
         try:
@@ -269,7 +316,7 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
     n_layers, mla_layers = plan.num_hidden_layers, plan.layers
     if mla_layers is None:  # hybrid: which layers, chosen here
         if plan.layer_choice == "alternate":
-            mla_layers = sorted({round(k * n_layers / plan.num_mla_layers) for k in range(plan.num_mla_layers)})
+            mla_layers = alternate_layers(plan)
         else:
             sens = layer_sensitivity(model, plan, cov, calibration_ids, progress=progress,
                                      long_range=plan.layer_choice == "long-range", rotation=rotation)
@@ -277,27 +324,10 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
             choices["layer_sensitivity_kl"] = {str(i): round(v, 6) for i, v in sens.items()}
 
     layers = model.model.layers
-    layer_pairs = rope_pairs = None
-    if plan.per_layer_rope:
-        layer_pairs = {i: choose_rope_pairs(layers[i].self_attn, plan, model.config, cov[i]) for i in mla_layers}
-    elif plan.rope_freqs == "progression":  # one for the whole model: the least summed cost over its MLA layers
-        score = sum(rope_pair_scores(layers[i].self_attn, plan, model.config, cov[i]).sum(0) for i in mla_layers)
-        rope_pairs = best_progression(score, plan)
-        first, step = rotary_progression(rope_pairs)
-        choices["rope_progression"] = {"first_pair": first, "step": step,
-                                       "cost_kept": round(float(score[rope_pairs].sum() / score.sum()), 6)}
-    layer_ranks = None
-    if plan.rank_alloc == "spectrum":
-        spectra = {}
-        for i in mla_layers:
-            pairs = (layer_pairs or {}).get(i) or ([rope_pairs] * plan.rope_key_heads if rope_pairs else
-                                                    choose_rope_pairs(layers[i].self_attn, plan, model.config, None))
-            spectra[i] = kv_spectrum(*projections(layers[i].self_attn), pairs, num_kv_heads=plan.num_key_value_heads,
-                                     head_dim=plan.head_dim, input_cov=None if cov is None else cov[i], svd=plan.svd,
-                                     rope_key_init=plan.rope_key_init, rope_residual=plan.rope_residual == "latent")
-        layer_ranks = allocate_ranks({i: s[: plan.max_kv_lora_rank] for i, s in spectra.items()}, plan.kv_lora_rank * len(mla_layers),
-                                     min_rank=max(1, plan.kv_lora_rank // 4))
-    config = build_config(plan, mla_layers, layer_pairs, layer_ranks, choices, rope_pairs=rope_pairs)
+    measured = measure_choices(plan, mla_layers, lambda i: layers[i].self_attn,
+                               lambda i: None if cov is None else cov[i], model.config)
+    config = build_config(plan, mla_layers, measured.layer_pairs, measured.layer_ranks, {**choices, **measured.record},
+                          rope_pairs=measured.rope_pairs)
     stages("measured choices")
     config._attn_implementation = model.config._attn_implementation
 
@@ -306,7 +336,7 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
     state = {k: v.detach().clone() if copy_weights else v.detach() for k, v in model.state_dict().items()
              if not any(f"layers.{i}.self_attn." in k for i in mla_layers)}
     for i in tqdm(mla_layers, desc="SVD init", disable=not progress, unit="layer"):
-        weights = _layer_weights(layers[i].self_attn, config, plan, i, None if cov is None else cov[i], rotation)
+        weights = layer_weights(layers[i].self_attn, config, plan, i, None if cov is None else cov[i], rotation)
         for name, w in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
 

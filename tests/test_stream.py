@@ -1,0 +1,142 @@
+"""Streaming conversion (ecomla.conversion.stream): `ecomla convert` of a safetensors checkpoint, one decoder layer in
+memory at a time, gives the weights the in-memory conversion of the loaded model gives, for every family and
+option it takes; what it cannot stream converts in memory, saying why; unaffordable calibration sampling is refused
+before any weight loads."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+from conftest import TINY_TEXT, randomized, tiny_llama, tiny_tokenizer
+from ecomla import ConvertOptions, convert, load_model
+from ecomla.conversion import stream
+from ecomla.conversion.checkpoint import convert_checkpoint
+from test_families import tiny_phi3, tiny_qwen2
+
+
+def tiny_mistral(vocab_size: int, **kw):
+    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, max_position_embeddings=256,
+                        sliding_window=None, tie_word_embeddings=False, pad_token_id=0, **kw)
+    return randomized(MistralForCausalLM, cfg)
+
+
+FAMILIES = {
+    "llama": lambda v: tiny_llama(layers=3, vocab_size=v, tie_word_embeddings=True),
+    "mistral": tiny_mistral,
+    "qwen2": lambda v: tiny_qwen2(layers=3, vocab_size=v),
+    "phi3": lambda v: tiny_phi3(layers=3, vocab_size=v),
+}
+CASES = {  # ConvertOptions fields: the default, what reads calibration per layer, no calibration, hybrids, a q LoRA
+    "default": dict(kv_ratio=2),
+    "cost-spectrum-pergroup": dict(kv_lora_rank=12, rope_freqs="cost", rank_alloc="spectrum", rope_key_heads="per-group",
+                                   latent_norm=False, rope_residual="latent"),
+    "xecomla": dict(kv_lora_rank=12, init="xecomla"),
+    "layers-qlora": dict(kv_lora_rank=12, layers="0,2", q_lora_rank=24, rope_key_init="freqfold"),
+    "alternate": dict(kv_lora_rank=12, num_mla_layers=2, layer_choice="alternate", latent_norm=False),
+}
+
+
+def source_dir(root, family: str, **save):
+    tok = tiny_tokenizer()
+    model = FAMILIES[family](len(tok))
+    model.save_pretrained(root / family, **save)
+    tok.save_pretrained(root / family)
+    text = root / "calib.txt"
+    text.write_text(TINY_TEXT * 4)
+    return root / family, text
+
+
+def in_memory(src, options: ConvertOptions) -> dict:
+    model, tok = load_model(str(src), dtype=getattr(torch, options.dtype))
+    return convert(model, options, progress=False, tokenizer=tok).state_dict()
+
+
+def streamed(src, options: ConvertOptions, out, logs: list) -> dict:
+    convert_checkpoint(dataclasses.replace(options, source=str(src), out=str(out)), log=logs.append)
+    return AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, options.dtype)).state_dict()
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_gives_the_in_memory_conversions_weights_for_every_family(tmp_path, family):
+    src, text = source_dir(tmp_path, family)
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache="none")
+    logs = []
+    got = streamed(src, options, tmp_path / "mla", logs)
+    assert any("layer by layer" in line for line in logs)
+    assert_same_weights(got, in_memory(src, options))
+    assert not list((tmp_path / "mla").glob(".calibration*"))  # the staging statistics are gone
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_streaming_gives_the_in_memory_conversions_weights_for_every_option(tmp_path, case):
+    src, text = source_dir(tmp_path, "llama")
+    kw = CASES[case]
+    options = ConvertOptions(calib=None if kw.get("init") == "xecomla" else str(text), calib_tokens=512,
+                             calib_cache="none", qk_rope_head_dim=8, **kw)
+    logs = []
+    got = streamed(src, options, tmp_path / "mla", logs)
+    assert any("layer by layer" in line for line in logs), logs
+    want = in_memory(src, options)
+    assert_same_weights(got, want)
+    config = json.loads((tmp_path / "mla" / "config.json").read_text())
+    assert config["mla_layers"] == [0, 2] if "layers" in kw or "num_mla_layers" in kw else [0, 1, 2]
+
+
+def test_sharded_source_bfloat16_and_sharded_output(tmp_path, monkeypatch):
+    src, text = source_dir(tmp_path, "llama", max_shard_size="60KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    monkeypatch.setattr(stream, "SHARD_BYTES", 40_000)
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache="none", dtype="bfloat16")
+    got = streamed(src, options, tmp_path / "mla", [])
+    index = json.loads((tmp_path / "mla" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    assert_same_weights(got, in_memory(src, options))
+
+
+def test_streaming_shares_the_in_memory_calibration_cache(tmp_path, monkeypatch):
+    """The cache key computed from the files equals the loaded model's: statistics computed in memory are reused."""
+    from ecomla.conversion.calibration import cached_covariance, file_calibration_ids, LayerStream
+
+    src, text = source_dir(tmp_path, "llama")
+    model, tok = load_model(str(src))
+    ids = file_calibration_ids(tok, str(text), 512)
+    cached_covariance(model, ids, tmp_path / "cache", progress=False)
+    monkeypatch.setattr(LayerStream, "step", lambda *a, **k: pytest.fail("recomputed a cached statistic"))
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache=str(tmp_path / "cache"))
+    streamed(src, options, tmp_path / "mla", [])
+
+
+def test_what_cannot_stream_converts_in_memory_and_says_why(tmp_path):
+    src, text = source_dir(tmp_path, "llama")
+    logs = []
+    options = ConvertOptions(kv_lora_rank=12, num_mla_layers=2, calib=str(text), calib_tokens=512, calib_cache="none")
+    streamed(src, options, tmp_path / "mla", logs)
+    assert any("in memory" in line and "sensitivity" in line for line in logs), logs
+
+
+def test_unaffordable_sampling_and_a_missing_gpu_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    from ecomla.conversion import calibration
+    import ecomla.sources as sources
+
+    src, _ = source_dir(tmp_path, "llama")
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr(calibration, "SAMPLING_LIMIT_SECONDS", 0)
+    with pytest.raises(ValueError, match=r"not affordable.*--calib FILE"):
+        convert_checkpoint(ConvertOptions(str(src), kv_ratio=2, out=str(tmp_path / "mla")), log=lambda *a: None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            convert_checkpoint(ConvertOptions(str(src), kv_ratio=2, init="xecomla", device="cuda",
+                                              out=str(tmp_path / "mla")), log=lambda *a: None)
+    assert not (tmp_path / "mla").exists()
