@@ -1,0 +1,122 @@
+"""An MLA student shards with torch's FSDP2 (`fully_shard`, what accelerate's `fsdp_version: 2` applies on GPUs) and
+trains with ecomla's distillation loss on two CPU processes (gloo) to the weights one process reaches on the same
+data and global batch; a sharded checkpoint (torch.distributed.checkpoint, accelerate's SHARDED_STATE_DICT format)
+saved after step 2 and loaded into fresh processes continues to the same weights as the uninterrupted run.
+
+accelerate (1.16) does not dispatch FSDP on CPU processes (it runs DDP there: tests/test_distill.py); this test
+exercises the sharding itself, as torch's own FSDP tests do on gloo, so a GPU run of recipes/accelerate/fsdp.yaml
+meets a model already shown to shard, train and resume."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+STEPS, SEQS, SEQ_LEN, LR = 3, 4, 24, 1e-2
+
+
+def _models(root):
+    from conftest import tiny_llama
+    from ecomla import ConvertOptions, convert
+
+    teacher = tiny_llama(layers=2, vocab_size=96, tie_word_embeddings=False)
+    student = convert(teacher, ConvertOptions(kv_lora_rank=8, qk_rope_head_dim=8, init="xecomla"), progress=False)
+    torch.save({"teacher": teacher.state_dict(), "student": student.state_dict(), "config": student.config.to_dict(),
+                "teacher_config": teacher.config.to_dict()}, root / "models.pt")
+
+
+def _load(root):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ecomla.model.configuration_ecomla import EcoMLAConfig
+    from ecomla.model.modeling_ecomla import EcoMLAForCausalLM
+
+    saved = torch.load(root / "models.pt", weights_only=False)
+    teacher = LlamaForCausalLM(LlamaConfig(**saved["teacher_config"]))
+    teacher.load_state_dict(saved["teacher"])
+    student = EcoMLAForCausalLM(EcoMLAConfig(**saved["config"]))
+    student.load_state_dict(saved["student"])
+    return student.train(), teacher.eval()
+
+
+def _wrapped(student):
+    """The module ecomla's loop hands to accelerate.prepare: the student whose forward is the distillation loss."""
+    from ecomla.options import DistillOptions
+    from ecomla.training.distill import DistillStudent
+
+    cfg = DistillOptions(student="s", teacher="t", out="o", loss="jsd", temperature=2.0, chunk_size=16)
+    return DistillStudent(student, cfg)
+
+
+def _train(wrapped, teacher, ids, steps, optimizer):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with torch.no_grad():
+            t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+        loss, _, _ = wrapped(ids, torch.ones_like(ids, dtype=torch.float32), t_hidden, teacher.lm_head)
+        loss.backward()
+        optimizer.step()
+
+
+def _worker(rank, world, root, mode):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    root = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{mode}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        student, teacher = _load(root)
+        wrapped = _wrapped(student)
+        for layer in student.model.layers:  # what TRANSFORMER_BASED_WRAP on the decoder layer class does
+            fully_shard(layer)
+        fully_shard(wrapped)  # the root: the module accelerate prepares (its forward unshards embeddings and head)
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=LR)
+        ids = torch.load(root / "ids.pt")[rank * SEQS // world:(rank + 1) * SEQS // world]  # this rank's half of the batch
+        if mode == "resume":  # a fresh process group: the sharded checkpoint of step 2, then the last step
+            model_state, optim_state = get_state_dict(student, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=str(root / "dcp"))
+            set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            _train(wrapped, teacher, ids, 1, optimizer)
+        else:
+            _train(wrapped, teacher, ids, STEPS - 1 if mode == "save" else STEPS, optimizer)
+        if mode == "save":
+            model_state, optim_state = get_state_dict(student, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / "dcp"))
+        else:
+            full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save(full, root / f"weights-{mode}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_two_cpu_processes_trains_and_resumes_as_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    _models(tmp_path)
+    torch.manual_seed(1)
+    torch.save(torch.randint(0, 96, (SEQS, SEQ_LEN)), tmp_path / "ids.pt")
+    student, teacher = _load(tmp_path)
+    _train(_wrapped(student), teacher, torch.load(tmp_path / "ids.pt"), STEPS, torch.optim.AdamW(student.parameters(), lr=LR))
+    one = student.state_dict()
+    for mode in ("sharded", "save", "resume"):
+        mp.spawn(_worker, args=(2, str(tmp_path), mode), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "weights-sharded.pt")
+    resumed = torch.load(tmp_path / "weights-resume.pt")
+    initial = torch.load(tmp_path / "models.pt", weights_only=False)["student"]
+    for k, w in one.items():
+        if k == "lm_head.weight" and k not in sharded:
+            continue  # tied
+        assert not torch.equal(w, initial[k]) or "norm" in k or "bias" in k, f"{k} did not train"
+        # float32 sums of two halves of the batch, reduced across processes, against one sum: rounding only
+        torch.testing.assert_close(sharded[k], w, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"sharded {k}: {m}")
+        torch.testing.assert_close(resumed[k], sharded[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"resumed {k}: {m}")
