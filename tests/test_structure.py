@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_llama
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ecomla"
+ROOT = SRC.parents[1]
 
 
 def _imports(path: Path) -> set[str]:
@@ -161,3 +162,19 @@ def test_a_recipe_states_training_settings_once_for_all_its_stages(tmp_path):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, "train": bad}))
         with pytest.raises(ValueError, match="recipe section 'train'.*every training stage shares"):
             plan(load_recipe(tmp_path / "bad.yaml"))
+
+
+def test_every_shipped_recipe_plans_with_its_accelerate_config_named():
+    """recipes/*.yaml parse into stages (every key a known option); the ones that need several processes name
+    a config of recipes/accelerate/ that exists."""
+    import re
+
+    from ecomla.pipeline import load_recipe, plan
+
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        steps, _ = plan(load_recipe(path))
+        assert steps[0].options.command == "convert", path
+        for config in re.findall(r"--config_file (\S+)", path.read_text()):
+            assert (ROOT / config).is_file(), f"{path.name} names {config}"
