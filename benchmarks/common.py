@@ -81,3 +81,21 @@ def graph_seconds(fn, device, repeats: int = 20) -> tuple[float, str]:
         run()
     sync(device)
     return (time.perf_counter() - t0) / repeats, how
+
+
+def measured_child(cmd: list[str], timeout: int) -> dict:
+    """Run `cmd` under `/usr/bin/time -v` in a child process: {ok, exit, wall_seconds, peak_rss_gib, error, text}
+    (a run past `timeout` seconds is exit "timeout"; error is the output's last line)."""
+    import re
+    import subprocess
+
+    t0 = time.time()
+    try:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, timeout=timeout)
+        text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        text, code = (err.stdout or b"").decode() + (err.stderr or b"").decode(), "timeout"
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return dict(ok=code == 0, exit=code, wall_seconds=round(time.time() - t0, 1),
+                peak_rss_gib=round(int(peak.group(1)) / 2**20, 2) if peak else None,
+                error=None if code == 0 else text.strip().splitlines()[-1][-300:] if text.strip() else str(code), text=text)

@@ -23,12 +23,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from common import DATA, RESULTS, ROOT, pyplot, save_figure, write_json
+from common import DATA, RESULTS, ROOT, measured_child, pyplot, save_figure, write_json
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -85,19 +84,11 @@ def make_model(name: str, path: Path, calib: Path) -> tuple[int, bool]:
 
 def convert(src: Path, out: Path, calib: Path, tokens: int, timeout: int) -> dict:
     """Run `ecomla convert` on `src` in a child process; its peak RSS, wall time and stages."""
-    cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "ecomla"), "convert", str(src), "--kv-ratio", "4", "--calib",
-           str(calib), "--calib-tokens", str(tokens), "--calib-cache", "none", "--out", str(out), "--overwrite"]
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        text, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        text, code = (err.stdout or b"").decode() + (err.stderr or b"").decode(), "timeout"
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    stages = [dict(stage=s, seconds=float(sec), peak_rss_gib=float(rss)) for s, sec, rss in STAGE.findall(text)]
-    return dict(ok=code == 0, exit=code, wall_seconds=round(time.time() - t0, 1),
-                peak_rss_gib=round(int(peak.group(1)) / 2**20, 2) if peak else None, stages=stages,
-                error=None if code == 0 else text.strip().splitlines()[-1][-300:] if text.strip() else str(code))
+    cmd = [str(ROOT / ".venv" / "bin" / "ecomla"), "convert", str(src), "--kv-ratio", "4", "--calib", str(calib),
+           "--calib-tokens", str(tokens), "--calib-cache", "none", "--out", str(out), "--overwrite"]
+    r = measured_child(cmd, timeout)
+    r["stages"] = [dict(stage=s, seconds=float(sec), peak_rss_gib=float(rss)) for s, sec, rss in STAGE.findall(r.pop("text"))]
+    return r
 
 
 def table(rows: list[dict]) -> str:
@@ -110,7 +101,7 @@ def table(rows: list[dict]) -> str:
             by["SVD init and writing"] = by.pop("SVD init") + by.pop("writing", 0)
         lines.append("| " + " | ".join([r["shape"], f"{r['parameters'] / 1e9:.2f}B", r["code"], str(r["peak_rss_gib"]),
                                           f"{r['wall_seconds'] / 60:.1f}", *[f"{by[n]:.0f}" if n in by else "-" for n in names],
-                                          "ok" if r["ok"] else f"failed: {r['error']}"]) + " |")
+                                          ("ok" if r["ok"] else f"failed: {r['error']}") + (f" ({r['note']})" if r.get("note") else "")]) + " |")
     return "\n".join(lines)
 
 

@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from common import DATA, RESULTS, ROOT, write_json
+from common import DATA, RESULTS, ROOT, measured_child, write_json
 from convert_scale import make_model
 
 SEQ_LEN, STEPS, CHUNK = 512, 2, 1024
 RUNS = {  # name -> (command, extra flags)
     "distill --train mla": ("distill", ["--train", "mla"]),
-    "distill --train mla, gradient checkpointing": ("distill", ["--train", "mla", "--gradient-checkpointing"]),
-    "distill --train mla --chunk-size 256": ("distill", ["--train", "mla", "--chunk-size", "256"]),
+    "distill --train mla --gradient-checkpointing": ("distill", ["--train", "mla", "--gradient-checkpointing"]),
     "align": ("align", []),
 }
 
@@ -60,20 +57,12 @@ def predicted_gib(student_dir: Path, command: str, flags: list[str]) -> dict:
 
 
 def run(command: str, flags: list[str], student: Path, teacher: Path, data: Path, out: Path, timeout: int) -> dict:
-    ecomla = ROOT / ".venv" / "bin" / "ecomla"
-    cmd = ["/usr/bin/time", "-v", str(ecomla), command, str(student), "--teacher", str(teacher), "--data", str(data),
+    cmd = [str(ROOT / ".venv" / "bin" / "ecomla"), command, str(student), "--teacher", str(teacher), "--data", str(data),
            "--tokens", str(STEPS * SEQ_LEN), "--seq-len", str(SEQ_LEN), "--batch-size", "1", "--teacher-dtype", "bfloat16",
            "--eval-fraction", "0", "--save-every", "0", "--out", str(out), "--overwrite", *flags]
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        text, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        text, code = (err.stdout or b"").decode() + (err.stderr or b"").decode(), "timeout"
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return dict(ok=code == 0, wall_seconds=round(time.time() - t0, 1), command=" ".join(cmd[2:]),
-                peak_rss_gib=round(int(peak.group(1)) / 2**20, 2) if peak else None,
-                error=None if code == 0 else text.strip().splitlines()[-1][-300:] if text.strip() else str(code))
+    r = measured_child(cmd, timeout)
+    del r["text"]
+    return dict(r, command=" ".join(cmd[1:]))
 
 
 def table(rows: list[dict]) -> str:
