@@ -106,7 +106,7 @@ def main() -> int:
         command, flags = RUNS[name]
         print(f"{name}: running", flush=True)
         r = dict(run=name, code=code, predicted=predicted_gib(student, command, flags),
-                 **run(command, flags, student, teacher, data, work / "run", args.timeout))
+                 **run(command, flags, student, teacher, data, work / f"run-{command}", args.timeout))
         rows = [x for x in rows if not (x["run"] == name and x["code"] == code)] + [r]
         write_json(result, {"command": "python benchmarks/train_scale.py " + " ".join(sys.argv[1:]), "rows": rows})
         print(table([r]), flush=True)
