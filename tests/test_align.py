@@ -110,3 +110,9 @@ def test_a_teacher_that_is_not_the_original_or_a_student_that_is_not_converted_i
         align(_cfg(models, tmp_path / "b", student=teacher), log=lambda *a: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main(["align", student, "--teacher", str(other), "--data", text, "--out", str(tmp_path / "c")]) == 2
+
+
+def test_a_bfloat16_teacher_aligns_a_float32_student(models, tmp_path):
+    """--teacher-dtype bfloat16 (what a large teacher needs): its captured inputs meet float32 MLA layers."""
+    summary = align(_cfg(models, tmp_path / "run", tokens=4 * 2 * 32, teacher_dtype="bfloat16"), log=lambda *a: None)
+    assert summary["after"]["heldout_kl"] < summary["before"]["heldout_kl"]

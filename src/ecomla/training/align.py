@@ -47,7 +47,9 @@ class AlignStudent(nn.Module):
         total = 0.0
         for i in self.layers:
             x, y = captured[i]  # (B, T, C) each
-            out = body.layers[i].self_attn(hidden_states=x, position_embeddings=rope, attention_mask=causal)[0]
+            attn = body.layers[i].self_attn
+            x = x.to(next(attn.parameters()).dtype)  # a teacher in another dtype (--teacher-dtype bfloat16)
+            out = attn(hidden_states=x, position_embeddings=rope, attention_mask=causal)[0]
             err = ((out.float() - y.float()) ** 2).sum(-1)  # (B, T)
             scale = (y.float() ** 2).sum(-1) if self.normalize else torch.full_like(err, y.shape[-1])  # (B, T)
             total = total + (err * w).sum() / (scale * w).sum().clamp_min(1e-12)
