@@ -1,6 +1,6 @@
-"""Streaming conversion (ecomla.conversion.stream): `ecomla convert` of a safetensors checkpoint, one decoder layer in
-memory at a time, gives the weights the in-memory conversion of the loaded model gives, for every family and
-option it takes; what it cannot stream converts in memory, saying why; unaffordable calibration sampling is refused
+"""The layer-by-layer conversion (ecomla.conversion.stream): `ecomla convert` of a safetensors checkpoint, one decoder
+layer in memory at a time, gives the weights the library's `convert` of the loaded model gives, for every family and
+option it takes; what it cannot read from the files it reads from the loaded model, saying why; unaffordable calibration sampling is refused
 before any weight loads."""
 
 import dataclasses
@@ -14,7 +14,7 @@ from conftest import TINY_TEXT, randomized, tiny_llama, tiny_tokenizer
 from ecomla import ConvertOptions, convert, load_model
 from ecomla.conversion import stream
 from ecomla.conversion.checkpoint import convert_checkpoint
-from test_families import tiny_phi3, tiny_qwen2
+from test_families import tiny_phi3, tiny_qwen2, tiny_qwen3
 
 
 def tiny_mistral(vocab_size: int, **kw):
@@ -29,6 +29,7 @@ FAMILIES = {
     "mistral": tiny_mistral,
     "qwen2": lambda v: tiny_qwen2(layers=3, vocab_size=v),
     "phi3": lambda v: tiny_phi3(layers=3, vocab_size=v),
+    "qwen3": lambda v: tiny_qwen3(layers=3, vocab_size=v),  # read from the loaded model (its QK-norm fold)
 }
 CASES = {  # ConvertOptions fields: the default, what reads calibration per layer, no calibration, hybrids, a q LoRA
     "default": dict(kv_ratio=2),
@@ -69,7 +70,8 @@ def assert_same_weights(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_gives_the_in_memory_conversions_weights_for_every_family(tmp_path, family):
     src, text = source_dir(tmp_path, family)
-    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache="none")
+    ratio = 4 if family == "qwen3" else 2  # (its head_dim is 64: a 2x latent would exceed the hidden size)
+    options = ConvertOptions(kv_ratio=ratio, calib=str(text), calib_tokens=512, calib_cache="none")
     logs = []
     got = streamed(src, options, tmp_path / "mla", logs)
     assert any("layer by layer" in line for line in logs)
@@ -118,12 +120,18 @@ def test_streaming_shares_the_in_memory_calibration_cache(tmp_path, monkeypatch)
     streamed(src, options, tmp_path / "mla", [])
 
 
-def test_what_cannot_stream_converts_in_memory_and_says_why(tmp_path):
+def test_what_cannot_stream_converts_from_the_loaded_model_says_why_and_gives_the_same_weights(tmp_path, monkeypatch):
+    """A sensitivity hybrid reads its layers from the whole model in memory, through the same conversion, written
+    shard by shard (never collected into a model)."""
     src, text = source_dir(tmp_path, "llama")
     logs = []
     options = ConvertOptions(kv_lora_rank=12, num_mla_layers=2, calib=str(text), calib_tokens=512, calib_cache="none")
-    streamed(src, options, tmp_path / "mla", logs)
+    monkeypatch.setattr(stream, "SHARD_BYTES", 40_000)
+    got = streamed(src, options, tmp_path / "mla", logs)
     assert any("in memory" in line and "sensitivity" in line for line in logs), logs
+    assert (tmp_path / "mla" / "model.safetensors.index.json").is_file()
+    assert "layer_sensitivity_kl" in json.loads((tmp_path / "mla" / "config.json").read_text())["conversion"]
+    assert_same_weights(got, in_memory(src, options))
 
 
 def test_unaffordable_sampling_and_a_missing_gpu_are_refused_before_any_weight_loads(tmp_path, monkeypatch):

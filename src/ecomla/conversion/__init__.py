@@ -2,6 +2,6 @@
 initialization of each layer, the model-level upcycling, and the checkpoint workflow."""
 
 from .checkpoint import convert_checkpoint
-from .upcycle import convert
+from .stream import convert
 
 __all__ = ["convert", "convert_checkpoint"]

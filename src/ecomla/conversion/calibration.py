@@ -268,6 +268,19 @@ class CovarianceStore:
             return None
 
 
+class InMemoryStore(dict):
+    """`CovarianceStore`'s interface over a dict {layer: covariance} (a conversion in memory)."""
+
+    def complete(self, n_layers: int) -> bool:
+        return all(i in self for i in range(n_layers))
+
+    def save(self, layer: int, cov: torch.Tensor) -> None:
+        self[layer] = cov
+
+    def load(self, layer: int) -> torch.Tensor:
+        return self[layer]
+
+
 def cache_store(cache_dir: str | Path | None, key: str) -> CovarianceStore:
     return CovarianceStore(Path(cache_dir or default_cache_dir()) / f"cov-{key}")
 
@@ -288,4 +301,4 @@ def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | No
 
 __all__ = ["CALIB_SEQ_LEN", "read_text", "file_calibration_ids", "sampled_calibration_ids", "calibration_ids",
            "attention_input_covariance", "cached_covariance", "stats_key", "default_cache_dir", "CovarianceStore",
-           "LayerStream", "causal_mask", "cache_store"]
+           "LayerStream", "causal_mask", "cache_store", "InMemoryStore"]

@@ -27,16 +27,14 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..io import atomic_output_dir, save_checkpoint
+    from ..io import atomic_output_dir
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
-    from .calibration import cached_covariance, calibration_ids, check_sampling_affordable
-    from .families import NEEDS_TEXT
+    from .calibration import calibration_ids, check_sampling_affordable
     from .plan import build_config, resolve
-    from .stream import convert_streaming, streaming_source
-    from .upcycle import upcycle
+    from .stream import in_memory_weights, streaming_source, write_conversion
 
     stages = StageLog(log, "convert")  # time and peak memory per stage (benchmarks/convert_scale.py)
     src_config, tok = load_config(options.source), load_tokenizer(options.source)
@@ -53,51 +51,36 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     if all(plan.engine_problems(engine, planned) for engine in SERVING_ENGINES):
         log("warning: no serving engine runs this shape, only ecomla's own code (transformers with ecomla imported or "
             "trust_remote_code): the table says which options to drop for a model llama.cpp and DeepSeek-V3 engines run")
-    ids = source = cov = None
+    ids = source = None
     if options.calib:  # read (and refuse) the file, or a source without a tokenizer, before the weights load
         ids, source = calibration_ids(None, options, tok)
-    weights, in_memory = streaming_source(options.source, src_config, plan)
+    weights, whole = streaming_source(options.source, src_config, plan)
     device = resolve_device(options.device or "cpu")
-    if weights is None and device != "cpu":
-        raise ValueError(f"--device {options.device}: this model converts in memory on the CPU ({in_memory}); only a "
-                         "layer-by-layer conversion of a safetensors checkpoint runs on a GPU; drop --device")
     log("converting layer by layer from the safetensors files (one layer in memory)" if weights is not None else
-        f"converting in memory (the whole model loaded): {in_memory}")
+        f"converting layer by layer from the whole model loaded in memory: {whole}")
     dtype = getattr(torch, DTYPES[options.dtype])
-    if plan.reads_text and ids is None:  # before any weight loads: can this machine afford it?
+    sampling = plan.reads_text and ids is None
+    if sampling:  # before any weight loads: can this machine afford it?
         check_sampling_affordable(src_config, options.calib_tokens, dtype, log)
     stages("checks")
 
-    if weights is not None:
-        if plan.reads_text and ids is None:  # sampling needs the whole model, once
-            model, _ = load_model(options.source, dtype=dtype, device=device, tokenizer=False)
-            ids, source = calibration_ids(model, options, tok)
-            del model
-            stages("calibration sampling")
-        with atomic_output_dir(options.out, options.overwrite, inputs, log, kind="convert",
-                               overwrite_kind=options.overwrite_kind) as tmp:
-            convert_streaming(weights, plan, ids, {"calibration": source} if source else {}, tmp, dtype=dtype,
-                              device=device, calib_cache=options.calib_cache, stages=stages)
-            if tok is not None:
-                tok.save_pretrained(tmp)
-        log(f"saved {options.out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
-            "or with trust_remote_code=True)")
-        return Path(options.out)
-
-    model, _ = load_model(options.source, dtype=dtype, tokenizer=False)
-    stages("loading")
-    if plan.reads_text and ids is None:
+    model, key_config, choices = None, src_config, {}
+    if weights is None or sampling:  # the whole model: sampling needs it once, and what does not stream
+        model, _ = load_model(options.source, dtype=dtype, device=device, tokenizer=False)
+        stages("loading")
+    if sampling:
         ids, source = calibration_ids(model, options, tok)
         stages("calibration sampling")
-    if plan.needs_calibration and options.calib_cache != "none" and plan.source_model_type not in NEEDS_TEXT:
-        cov = cached_covariance(model, ids, options.calib_cache)  # (Qwen3: of its Llama re-layout, inside upcycle)
-        stages("calibration forward")
-    converted = upcycle(model, plan, progress=True, calibration_ids=ids, covariance=cov, calibration_source=source,
-                        copy_weights=False, stages=stages)  # the original is dropped: its unchanged weights are shared
+    if weights is None:
+        weights, choices, key_config = in_memory_weights(model, ids)
     del model
-    out = save_checkpoint(converted, tok, options.out, options.overwrite, inputs, log=log, kind="convert",
-                          overwrite_kind=options.overwrite_kind)
-    stages("writing")
-    log(f"saved {out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
+    with atomic_output_dir(options.out, options.overwrite, inputs, log, kind="convert",
+                           overwrite_kind=options.overwrite_kind) as tmp:
+        write_conversion(weights, plan, ids, {"calibration": source, **choices} if source else choices, tmp,
+                         dtype=dtype, key_config=key_config, device=device, calib_cache=options.calib_cache,
+                         stages=stages)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    log(f"saved {options.out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
         "or with trust_remote_code=True)")
-    return out
+    return Path(options.out)

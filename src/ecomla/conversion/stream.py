@@ -1,20 +1,22 @@
-"""Streaming conversion: a safetensors checkpoint converted one decoder layer at a time, never whole in memory.
+"""The conversion, one decoder layer at a time: every conversion ecomla makes runs `convert_layerwise`.
 
-Three passes over the layers, each holding one layer's weights (read memory-mapped, cast to --dtype):
+Three passes over the layers, each holding one layer's weights (cast to --dtype):
   1. statistics: the calibration text's hidden states (N, T, d) are carried through the original layers
-     (`calibration.LayerStream`: the computation the in-memory forward does), each layer's attention-input
-     covariance kept on disk (`calibration.CovarianceStore`: the cache, or the output's staging folder);
-  2. measured choices (`upcycle.measure_choices`): one layer's attention weights and covariance at a time;
-  3. writing: each layer's MLA weights (`upcycle.layer_weights`) and its unchanged weights, written tensor by
-     tensor into safetensors shards laid out in advance from the converted config (`ShardWriter`).
-Peak memory: one decoder layer, its attention's SVD in float64, the calibration activations, one covariance,
-and the largest single tensor (the embeddings); not the layer count. The weights equal the in-memory
-conversion's (tests/test_stream.py).
+     (`calibration.LayerStream`), each layer's attention-input covariance kept in a store (`CovarianceStore`: the
+     cache, or the output's staging folder; `InMemoryStore` for a model converted in memory);
+  2. choices: a hybrid's layers (`alternate_layers`, or `sensitive_layers` on the whole model), then what is measured
+     per layer (`upcycle.measure_choices`), one layer's attention weights and covariance at a time;
+  3. tensors: each layer's MLA weights (`upcycle.layer_weights`) and its unchanged weights, in state-dict order.
+Two clients: `write_conversion` writes the tensors into safetensors shards laid out in advance (`ShardWriter`;
+`ecomla convert`), `upcycle` collects them into a model in memory (`convert`, the library call).
 
-Converted in memory instead (`streaming_source` says why): GGUF sources (dequantized whole), Qwen3 (its QK-norm
-fold is calibrated on the whole model's outputs), hybrids whose layers are chosen by measured sensitivity (each
-candidate is scored on the whole model's outputs), and checkpoints whose tensor names or shapes differ from
-the model's own (transformers renames or refuses them on load).
+Where the weights come from: `SourceWeights` reads a safetensors checkpoint memory-mapped, tensor by tensor, so
+`ecomla convert` of one holds a layer, not the model: peak memory is one decoder layer, its attention's SVD in
+float64, the calibration activations, one covariance and the largest single tensor (the embeddings), not the
+layer count. `StateDictWeights` serves a loaded model's tensors (`streaming_source` says when `ecomla convert`
+loads the whole model: GGUF sources, dequantized whole; Qwen3, whose QK-norm fold is calibrated on the whole
+model's outputs; hybrids chosen by measured sensitivity; checkpoints whose tensor names or shapes differ from
+the model's own). Both give the same weights (tests/test_stream.py).
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..sources import model_skeleton
-from .calibration import CovarianceStore, LayerStream, cache_store, stats_key
-from .families import NEEDS_TEXT, llama_tensors
-from .plan import ConversionPlan, build_config
-from .upcycle import alternate_layers, dropped_rotation, layer_weights, measure_choices
+from ..model.modeling_ecomla import EcoMLAForCausalLM
+from ..options import ConvertOptions
+from ..sources import check_supported, model_skeleton
+from .calibration import CovarianceStore, InMemoryStore, LayerStream, cache_store, stats_key
+from .calibration import calibration_ids as calibration_ids_for
+from .families import NEEDS_TEXT, as_llama, llama_tensors
+from .plan import ConversionPlan, build_config, resolve
+from .upcycle import alternate_layers, dropped_rotation, layer_weights, measure_choices, sensitive_layers
 
 SHARD_BYTES = 2 * 2**30  # largest safetensors shard written (what transformers' own sharding calls 2GB)
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
@@ -87,9 +92,26 @@ class SourceWeights:
         return t if dtype is None else t.to(dtype)
 
 
+class StateDictWeights:
+    """A loaded model's tensors (`model.state_dict()`) behind `SourceWeights`' interface; `model` kept for what
+    needs the whole model (a hybrid's layers chosen by sensitivity)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], model=None):
+        self.files, self.model = state, model  # tensor name -> tensor
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.files.items()}
+
+    def read(self, names, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+        return {name: self.files[name].to(device=device, dtype=dtype) for name in names}
+
+    def read_one(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.files[name] if dtype is None else self.files[name].to(dtype)
+
+
 def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceWeights | None, str]:
-    """(weights, "") where `source` converts streaming; (None, why it converts in memory) otherwise. Reads only
-    the safetensors headers."""
+    """(weights, "") where `ecomla convert` reads `source`'s safetensors tensor by tensor; (None, why it loads
+    the whole model) otherwise. Reads only the safetensors headers."""
     from ..sources import resolve_source
 
     path, gguf = resolve_source(source)
@@ -225,34 +247,41 @@ class LayerReader:
         return attn
 
 
-def _statistics_key(weights: SourceWeights, source_config, ids: torch.Tensor, dtype: torch.dtype) -> str:
-    """`calibration.stats_key` of the source as the in-memory conversion loads it (one tensor read at a time)."""
-    names = [n for n, _ in model_skeleton(source_config).named_parameters()]
-    return stats_key(source_config, ((n, weights.read_one(n)) for n in names), ids, dtype)
+
+def statistics_key(weights, config, ids: torch.Tensor, dtype: torch.dtype) -> str:
+    """`calibration.stats_key` of the model `config` describes with `weights` (one tensor read at a time): the key
+    the loaded model's `cached_covariance` computes, so either path reuses the other's statistics."""
+    names = [n for n, _ in model_skeleton(config).named_parameters()]
+    return stats_key(config, ((n, weights.read_one(n)) for n in names), ids, dtype)
+
+
+def in_memory_weights(model, ids: torch.Tensor | None) -> tuple[StateDictWeights, dict, object]:
+    """(weights, what config.conversion records, the config its statistics are keyed by) of a loaded model, in the
+    Llama layout the conversion reads (`families.as_llama`: Phi-3 split, Qwen3's QK-norms folded on `ids`)."""
+    llama = as_llama(model, ids)
+    choices = {}
+    if model.config.model_type in NEEDS_TEXT:
+        choices["qk_norm"] = "folded into q_proj/k_proj as calibrated per-head scales (approximate)"
+    return StateDictWeights(llama.state_dict(), llama), choices, llama.config
 
 
 @torch.no_grad()
-def convert_streaming(weights: SourceWeights, plan: ConversionPlan, ids: torch.Tensor | None, choices: dict,
-                      out: Path, *, dtype: torch.dtype, device: str = "cpu", calib_cache: str | None = None,
-                      stages=None, progress: bool = True) -> None:
-    """Write the conversion of `weights` that `plan` describes into folder `out` (config, ecomla's code, weight
-    shards; the caller adds the tokenizer and publishes `out` atomically). `ids` (N, T): calibration tokens
-    (needed when `plan.needs_calibration`); `choices`: what config.conversion records of them; `calib_cache`:
-    as `ecomla convert --calib-cache` (None: the default cache, "none": a staging folder inside `out`)."""
-    from ..model.modeling_ecomla import EcoMLAForCausalLM
-
+def convert_layerwise(weights, plan: ConversionPlan, ids: torch.Tensor | None, store, choices: dict, *,
+                      dtype: torch.dtype, device="cpu", stages=None, progress: bool = True):
+    """(config, tensors) of the conversion `plan` describes: the converted model's EcoMLAConfig, and an iterator of
+    its (name, tensor) in state-dict order (a tied head left out), each layer's made when reached. The one
+    conversion every path runs (module docstring). `weights`: `SourceWeights` or `StateDictWeights`; `ids` (N, T):
+    calibration tokens (when `plan.needs_calibration`); `store`: where the per-layer covariances are, or go
+    (`CovarianceStore`, `InMemoryStore`); `choices`: what config.conversion records besides the measured choices.
+    A hybrid chosen by sensitivity needs the whole model: `weights` must then be a `StateDictWeights` of it."""
     stages = stages or (lambda stage: None)
-    skeleton = model_skeleton(plan.llama_config)  # Phi-3: Llama layers, as `as_llama` makes them in memory
-    reader = LayerReader(weights, skeleton, dtype, device)
+    reader = LayerReader(weights, model_skeleton(plan.llama_config), dtype, device)
     n_layers = plan.num_hidden_layers
-    staging = out / ".calibration-statistics"
-    store = None
+    covariance = lambda i: None  # noqa: E731
     if plan.needs_calibration:
-        store = (CovarianceStore(staging) if calib_cache == "none" else
-                 cache_store(calib_cache, _statistics_key(weights, plan.source_config, ids, dtype)))
-        if not store.complete(n_layers):
+        if not store.complete(n_layers):  # pass 1: the calibration forward, layer by layer
             embed = weights.read_one("model.embed_tokens.weight", dtype).to(device)  # (V, d)
-            rotary = type(skeleton.model.rotary_emb)(config=reader.config).to(device)
+            rotary = type(reader.skeleton.model.rotary_emb)(config=reader.config).to(device)
             stream = LayerStream(torch.nn.functional.embedding(ids.to(device), embed), reader.config, rotary)
             del embed
             for i in tqdm(range(n_layers), desc="calibration", unit="layer", disable=not progress):
@@ -260,40 +289,42 @@ def convert_streaming(weights: SourceWeights, plan: ConversionPlan, ids: torch.T
                 reader.release(i)
             del stream
         stages("calibration forward")
-    covariance = (lambda i: store.load(i)) if store else (lambda i: None)
+        covariance = store.load
 
-    mla_layers = list(plan.layers) if plan.layers is not None else alternate_layers(plan)
-    measured = measure_choices(plan, mla_layers, reader.attention, covariance, reader.config)
+    rotation = dropped_rotation(plan, reader.config)  # what a pair that loses its rotation keeps: every layer's
+    choices = dict(choices)
+    if plan.layers is not None:
+        mla_layers = list(plan.layers)
+    elif plan.layer_choice == "alternate":
+        mla_layers = alternate_layers(plan)
+    else:  # pass 2a: scored on the whole model's outputs
+        mla_layers, choices["layer_sensitivity_kl"] = sensitive_layers(weights.model, plan, covariance, ids, rotation,
+                                                                       progress)
+    measured = measure_choices(plan, mla_layers, reader.attention, covariance, reader.config)  # pass 2
     config = build_config(plan, mla_layers, measured.layer_pairs, measured.layer_ranks, {**choices, **measured.record},
                           rope_pairs=measured.rope_pairs)
     config._attn_implementation = reader.config._attn_implementation
     config.dtype = dtype  # what save_pretrained of a model in this dtype records
     stages("measured choices")
+    return config, _converted_tensors(reader, config, plan, covariance, rotation, mla_layers, progress)
 
+
+def _converted_tensors(reader: LayerReader, config, plan, covariance, rotation, mla_layers, progress):
+    """Pass 3: (name, tensor) of the converted model in state-dict order, one layer's in memory at a time."""
     with torch.device("meta"):
-        new = EcoMLAForCausalLM(config)
-    new.save_pretrained(out, state_dict={})  # config, generation config, ecomla's modeling code: no weights
-    entries = [(k, tuple(v.shape)) for k, v in new.state_dict().items()
-               if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    writer = ShardWriter(out, entries, dtype, SHARD_BYTES)
-    rotation = dropped_rotation(plan, reader.config)
+        names = [k for k in EcoMLAForCausalLM(config).state_dict()
+                 if not (config.tie_word_embeddings and k == "lm_head.weight")]
     current, layer = None, {}
-    for name, shape in tqdm(entries, desc="SVD init and writing", unit="tensor", disable=not progress):
+    for name in tqdm(names, desc="SVD init", unit="tensor", disable=not progress):
         i = _layer_index(name)
         if i is None:
-            writer.write(name, weights.read_one(name, dtype))
+            yield name, reader.weights.read_one(name, reader.dtype)
             continue
         if i != current:
             if layer:
-                raise RuntimeError(f"streaming conversion made tensors the converted model lacks: {sorted(layer)[:4]}")
+                raise RuntimeError(f"conversion made tensors the converted model lacks: {sorted(layer)[:4]}")
             current, layer = i, _converted_layer(reader, config, plan, i, covariance, rotation, mla_layers)
-        writer.write(name, layer.pop(name))
-    writer.close()
-    if staging.exists():
-        import shutil
-
-        shutil.rmtree(staging)
-    stages("SVD init and writing")
+        yield name, layer.pop(name)
 
 
 def _converted_layer(reader: LayerReader, config, plan, i: int, covariance, rotation, mla_layers) -> dict:
@@ -305,6 +336,76 @@ def _converted_layer(reader: LayerReader, config, plan, i: int, covariance, rota
         layer = {k: v for k, v in reader.tensors(i, device="cpu").items() if not k.startswith(prefix + "self_attn.")}
         weights = layer_weights(reader.attention(i), config, plan, i, covariance(i), rotation)
         layer |= {f"{prefix}self_attn.{k}": w for k, w in weights.items()}
-    if config.attention_bias:  # Qwen2 has no o_proj bias; the layers it keeps get a zero one (exact), as in memory
+    if config.attention_bias:  # Qwen2 has no o_proj bias; the layers it keeps get a zero one (exact)
         layer.setdefault(f"{prefix}self_attn.o_proj.bias", torch.zeros(config.hidden_size))
     return layer
+
+
+def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, choices: dict, out: Path, *,
+                     dtype: torch.dtype, key_config, device="cpu", calib_cache: str | None = None, stages=None,
+                     progress: bool = True) -> None:
+    """Write the conversion `plan` describes into folder `out` (config, ecomla's code, weight shards written tensor
+    by tensor; the caller adds the tokenizer and publishes `out` atomically). `calib_cache`: as `ecomla convert
+    --calib-cache` (None: the default cache, keyed by `key_config` and the weights; "none": a staging folder
+    inside `out`, removed before it returns)."""
+    stages = stages or (lambda stage: None)
+    staging = out / ".calibration-statistics"
+    store = None
+    if plan.needs_calibration:
+        store = (CovarianceStore(staging) if calib_cache == "none" else
+                 cache_store(calib_cache, statistics_key(weights, key_config, ids, dtype)))
+    config, tensors = convert_layerwise(weights, plan, ids, store, choices, dtype=dtype, device=device, stages=stages,
+                                        progress=progress)
+    with torch.device("meta"):
+        new = EcoMLAForCausalLM(config)
+    new.save_pretrained(out, state_dict={})  # config, generation config, ecomla's modeling code: no weights
+    entries = [(k, tuple(v.shape)) for k, v in new.state_dict().items()
+               if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    writer = ShardWriter(out, entries, dtype, SHARD_BYTES)
+    for name, tensor in tensors:
+        writer.write(name, tensor)
+    writer.close()
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    stages("SVD init and writing")
+
+
+def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids: torch.Tensor | None = None,
+            covariance: dict[int, torch.Tensor] | None = None, tokenizer=None) -> EcoMLAForCausalLM:
+    """Return `model` (a Llama, Mistral, Qwen2, Qwen3 or Phi-3 causal LM) upcycled into MLA as the options
+    `conv` ask: the plan is resolved against the model's config, then `upcycle` converts it.
+
+    The original model is left untouched; weights keep its dtype, SVDs run in float64.
+    `calibration_ids` (B, T): text whose attention inputs calibrate everything activation-aware
+    (`plan.needs_calibration`). When none is given, `conv.calib` is read (with `tokenizer`) or
+    `conv.calib_tokens` tokens are sampled from the model with `conv.seed`, as `ecomla convert` does without
+    --calib (so both give the same model). `covariance`: precomputed per-layer input covariances of these ids
+    (`calibration.cached_covariance`), so a sweep computes them once.
+    """
+    check_supported(model.config, type(model).__name__)
+    return upcycle(model, resolve(conv, model.config), progress, calibration_ids, covariance, tokenizer)
+
+
+@torch.no_grad()
+def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids: torch.Tensor | None = None,
+            covariance: dict[int, torch.Tensor] | None = None, tokenizer=None) -> EcoMLAForCausalLM:
+    """`model` converted as `plan` (made by `resolve` for this model) says, in memory: `convert_layerwise` over
+    the model's own tensors, collected into an `EcoMLAForCausalLM` on the model's device, in its dtype. The
+    converted model's weights are copies: training it never touches the original (often its teacher)."""
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    choices = {}
+    if plan.reads_text and calibration_ids is None:
+        calibration_ids, choices["calibration"] = calibration_ids_for(model, plan.request, tokenizer, progress)
+    weights, relaid, _ = in_memory_weights(model, calibration_ids)
+    config, tensors = convert_layerwise(weights, plan, calibration_ids, InMemoryStore(covariance or {}),
+                                        {**choices, **relaid}, dtype=dtype, device=device, progress=progress)
+    copy = weights.model is model  # a re-laid-out family's tensors are copies already
+    state = {k: (v.clone() if copy and v.dtype == dtype else v).to(device=device, dtype=dtype) for k, v in tensors}
+    with torch.device("meta"):  # no throw-away random init of a full-size model
+        new = EcoMLAForCausalLM(config)
+    new.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    new.model.rotary_emb = type(weights.model.model.rotary_emb)(config=config).to(device)
+    new.tie_weights()
+    return new.eval()

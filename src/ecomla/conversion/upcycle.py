@@ -1,10 +1,9 @@
-"""Convert a Llama-family model into MLA (full or hybrid), layer by layer, from its weights.
+"""What the conversion of one Llama-family layer computes, and the choices made by measuring the layers.
 
-Non-attention weights (embeddings, MLPs, norms, head) are copied unchanged; each converted
-layer's attention is initialized by `svd_init.init_mla_layer`. Choices made by measurement
-(which layers, which RoPE frequencies per layer and key head, which rank per layer) are taken
-here, from the calibration statistics, and recorded in the result's config. The result is an
-`EcoMLAForCausalLM`.
+Each converted layer's attention is initialized by `svd_init.init_mla_layer` (`layer_weights`); its other
+weights are kept unchanged. Choices made by measurement (which layers, which RoPE frequencies per layer and
+key head, which rank per layer) are taken here, from the calibration statistics, and recorded in the result's
+config. `stream.convert_layerwise` runs these layer by layer for every conversion.
 """
 
 from __future__ import annotations
@@ -17,13 +16,8 @@ from tqdm.auto import tqdm
 from ..metrics import ReferenceKL
 from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.mla_attention import MLAAttention
-from ..model.modeling_ecomla import EcoMLAForCausalLM
 from ..model.rope import rotary_progression
-from ..options import ConvertOptions
-from ..sources import check_supported
-from .families import NEEDS_TEXT, as_llama
-from .calibration import attention_input_covariance, calibration_ids as calibration_ids_for
-from .plan import ConversionPlan, build_config, resolve
+from .plan import ConversionPlan, build_config
 from .svd_init import init_mla_layer, kv_spectrum, pair_contributions, rotation_mean
 
 
@@ -177,7 +171,7 @@ class MeasuredChoices:
 def measure_choices(plan: ConversionPlan, mla_layers: list[int], attention, covariance, model_config) -> MeasuredChoices:
     """The choices `plan` leaves to measurement, for layers `mla_layers`: `attention(i)` gives layer i's original
     attention module (Llama layout) and `covariance(i)` its input covariance (None without calibration). One
-    layer's weights at a time: the in-memory conversion passes its model's modules, a streaming one loads them."""
+    layer's weights at a time (`stream.LayerReader.attention` loads each)."""
     layer_pairs = rope_pairs = None
     record = {}
     if plan.per_layer_rope:
@@ -272,86 +266,12 @@ def layer_sensitivity(model, plan: ConversionPlan, cov: dict[int, torch.Tensor],
     return out
 
 
-def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids: torch.Tensor | None = None,
-            covariance: dict[int, torch.Tensor] | None = None, tokenizer=None) -> EcoMLAForCausalLM:
-    """Return `model` (a Llama, Mistral, Qwen2, Qwen3 or Phi-3 causal LM) upcycled into MLA as the options
-    `conv` ask: the plan is resolved against the model's config, then `upcycle` converts it.
-
-    The original model is left untouched; weights keep its dtype, SVDs run in float64.
-    `calibration_ids` (B, T): text whose attention inputs calibrate everything activation-aware
-    (`plan.needs_calibration`). When none is given, `conv.calib` is read (with `tokenizer`) or
-    `conv.calib_tokens` tokens are sampled from the model with `conv.seed`, as `ecomla convert` does without
-    --calib (so both give the same model). `covariance`: precomputed per-layer input covariances of these ids
-    (`calibration.cached_covariance`), so a sweep computes them once.
-    """
-    check_supported(model.config, type(model).__name__)
-    return upcycle(model, resolve(conv, model.config), progress, calibration_ids, covariance, tokenizer)
-
-
-@torch.no_grad()
-def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids: torch.Tensor | None = None,
-            covariance: dict[int, torch.Tensor] | None = None, tokenizer=None,
-            calibration_source: str | None = None, copy_weights: bool = True, stages=None) -> EcoMLAForCausalLM:
-    """`model` converted as `plan` (made by `resolve` for this model) says; `convert`'s arguments, and
-    `calibration_source`: where `calibration_ids` came from (recorded in the config); `copy_weights=False`: the
-    result shares the weights it keeps unchanged with `model` (for a caller that drops `model` afterwards);
-    `stages`: called with each stage's name as it ends (`stages.StageLog`)."""
-    stages = stages or (lambda stage: None)
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    cov, choices = None, {}
-    if plan.reads_text and calibration_ids is None:
-        calibration_ids, calibration_source = calibration_ids_for(model, plan.request, tokenizer, progress)
-    if calibration_source:
-        choices["calibration"] = calibration_source
-    model = as_llama(model, calibration_ids)  # Phi-3: fused projections split (exact); Qwen3: QK-norms folded (not exact)
-    if plan.source_model_type in NEEDS_TEXT:
-        choices["qk_norm"] = "folded into q_proj/k_proj as calibrated per-head scales (approximate)"
-    if plan.needs_calibration:
-        if covariance is None:
-            covariance = attention_input_covariance(model, calibration_ids, progress=progress)
-            stages("calibration forward")
-        cov = covariance
-
-    rotation = dropped_rotation(plan, model.config)  # what a pair that loses its rotation keeps: every layer's
-    n_layers, mla_layers = plan.num_hidden_layers, plan.layers
-    if mla_layers is None:  # hybrid: which layers, chosen here
-        if plan.layer_choice == "alternate":
-            mla_layers = alternate_layers(plan)
-        else:
-            sens = layer_sensitivity(model, plan, cov, calibration_ids, progress=progress,
-                                     long_range=plan.layer_choice == "long-range", rotation=rotation)
-            mla_layers = sorted(sorted(sens, key=sens.get)[: plan.num_mla_layers])
-            choices["layer_sensitivity_kl"] = {str(i): round(v, 6) for i, v in sens.items()}
-
-    layers = model.model.layers
-    measured = measure_choices(plan, mla_layers, lambda i: layers[i].self_attn,
-                               lambda i: None if cov is None else cov[i], model.config)
-    config = build_config(plan, mla_layers, measured.layer_pairs, measured.layer_ranks, {**choices, **measured.record},
-                          rope_pairs=measured.rope_pairs)
-    stages("measured choices")
-    config._attn_implementation = model.config._attn_implementation
-
-    # Copies, not references: training the converted model must never touch the original (often its teacher).
-    # `ecomla convert` drops the original once converted, so it shares them (the model's size in memory saved).
-    state = {k: v.detach().clone() if copy_weights else v.detach() for k, v in model.state_dict().items()
-             if not any(f"layers.{i}.self_attn." in k for i in mla_layers)}
-    for i in tqdm(mla_layers, desc="SVD init", disable=not progress, unit="layer"):
-        weights = layer_weights(layers[i].self_attn, config, plan, i, None if cov is None else cov[i], rotation)
-        for name, w in weights.items():
-            state[f"model.layers.{i}.self_attn.{name}"] = w.to(device=device, dtype=dtype)
-
-    stages("SVD init")
-    with torch.device("meta"):  # no throw-away random init of a full-size model
-        new = EcoMLAForCausalLM(config)
-    if config.attention_bias:  # Qwen2 has no o_proj bias; the Llama layers it keeps get a zero one (exact)
-        for i in range(n_layers):
-            state.setdefault(f"model.layers.{i}.self_attn.o_proj.bias",
-                             torch.zeros(config.hidden_size, device=device, dtype=dtype))
-    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}")
-    new.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-    new.tie_weights()
-    return new.eval()
+def sensitive_layers(model, plan: ConversionPlan, covariance, ids: torch.Tensor, rotation: torch.Tensor | None,
+                     progress: bool = True) -> tuple[list[int], dict[str, float]]:
+    """(the `plan.num_mla_layers` layers whose conversion alone costs the least `layer_sensitivity`, what
+    config.conversion records of the scores): `model` the whole original (Llama layout), `covariance(i)` layer i's
+    input covariance."""
+    cov = {i: covariance(i) for i in range(plan.num_hidden_layers)}
+    sens = layer_sensitivity(model, plan, cov, ids, progress=progress, long_range=plan.layer_choice == "long-range",
+                             rotation=rotation)
+    return sorted(sorted(sens, key=sens.get)[: plan.num_mla_layers]), {str(i): round(v, 6) for i, v in sens.items()}
