@@ -11,7 +11,8 @@ SmolLM2-135M-Instruct converted to full MLA at 4x (kv_lora_rank 64 + one 32-dim 
 KV cache with `ecomla convert --kv-ratio R`, calibrated as the CLI does: `4x` is the default initialization
 before 2026-12-03 (per-layer `cost` frequencies, no latent norm: served by ecomla's code only; the rows
 measured then), `4x+native` the engine-native default since (one progression of frequencies, a latent RMS
-norm: DeepSeek-V3 and llama.cpp run it), then
+norm: DeepSeek-V3 and llama.cpp run it), `4x+norm` per-layer frequencies with the latent norm (which of
+the engines' two constraints costs quality), then
 for each wall-clock budget B (seconds of training on this machine), three arms:
 - init: the conversion, no training;
 - kd: `ecomla distill` (forward KL to the original, all parameters) for B seconds;
@@ -57,8 +58,11 @@ CONTEXTS = [1024, 2048, 4096]
 TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
 # --data: which of them, or none ("sampled": text the original writes, 65,536 tokens, as `make demo` trains on)
 TRAIN_DATA = {"mix": TRAIN_FILES, "text": TRAIN_FILES[:2], "chat": TRAIN_FILES[2:], "sampled": []}
-# conversion shapes: an arm's compression is "4x" (per-layer, the rows before 2026-12-03) or "4x+native"
-SHAPES = {"": dict(rope_freqs="cost", latent_norm=False), "+native": {}}
+# conversion shapes: an arm's compression is "4x" (per-layer, the rows before 2026-12-03), "4x+native" (the
+# default since), or "4x+norm" (per-layer frequencies with the engines' latent norm: which of the two engine
+# constraints costs the native rows their quality)
+SHAPES = {"": dict(rope_freqs="cost", latent_norm=False), "+native": {}, "+norm": dict(rope_freqs="cost")}
+SHAPE_NAMES = {"": "", "+native": "engine-native", "+norm": "per-layer + latent norm"}
 METHODS = ("init", "kd", "align+kd")
 # training settings: an arm run with other values is a row of its own (a sweep), named by what it changes
 TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4, data="mix", kd_train="all")
@@ -232,7 +236,8 @@ def changed(train_settings: dict | None) -> str:
 
 def variant(r: dict) -> str:
     """What sets a row apart from the per-layer conversion with default training settings ('' for none)."""
-    return ("engine-native" if r["compression"].endswith("+native") else "") + changed(r.get("train_settings"))
+    shape = r["compression"][r["compression"].index("x") + 1:]
+    return SHAPE_NAMES[shape] + changed(r.get("train_settings"))
 
 
 def throughput_tag(train_settings: dict) -> str:
