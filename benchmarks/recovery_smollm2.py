@@ -60,9 +60,9 @@ TRAIN_FILES = ["c4_demo.jsonl", "wiki_demo.txt", "alpaca_en_demo.json"]
 TRAIN_DATA = {"mix": TRAIN_FILES, "text": TRAIN_FILES[:2], "chat": TRAIN_FILES[2:], "sampled": []}
 # conversion shapes: an arm's compression is "4x" (per-layer, the rows before 2026-12-03), "4x+native" (the
 # default since), or "4x+norm" (per-layer frequencies with the engines' latent norm: which of the two engine
-# constraints costs the native rows their quality)
-SHAPES = {"": dict(rope_freqs="cost", latent_norm=False), "+native": {}, "+norm": dict(rope_freqs="cost")}
-SHAPE_NAMES = {"": "", "+native": "engine-native", "+norm": "per-layer + latent norm"}
+# constraints costs the native rows their quality); each: (the row's name, ConvertOptions fields)
+SHAPES = {"": ("", dict(rope_freqs="cost", latent_norm=False)), "+native": ("engine-native", {}),
+          "+norm": ("per-layer + latent norm", dict(rope_freqs="cost"))}
 METHODS = ("init", "kd", "align+kd")
 # training settings: an arm run with other values is a row of its own (a sweep), named by what it changes
 TRAIN_DEFAULTS = dict(align_share=0.25, kd_lr=5e-4, align_lr=1e-3, seq_len=512, batch_size=4, data="mix", kd_train="all")
@@ -191,7 +191,7 @@ def main() -> int:
         if not (conv / "config.json").is_file():
             ratio, plus, shape = comp.partition("+")
             convert_checkpoint(ConvertOptions(source="smollm2-135m", kv_ratio=float(ratio[:-1]), out=str(conv), overwrite=True,
-                                              **SHAPES[plus + shape]))
+                                              **SHAPES[plus + shape][1]))
         for method in methods:
             key = (comp, method, 0, "") if method == "init" else (comp, method, budget, tag)
             if key in done:
@@ -236,8 +236,8 @@ def changed(train_settings: dict | None) -> str:
 
 def variant(r: dict) -> str:
     """What sets a row apart from the per-layer conversion with default training settings ('' for none)."""
-    shape = r["compression"][r["compression"].index("x") + 1:]
-    return SHAPE_NAMES[shape] + changed(r.get("train_settings"))
+    _, plus, shape = r["compression"].partition("+")
+    return SHAPES[plus + shape][0] + changed(r.get("train_settings"))
 
 
 def throughput_tag(train_settings: dict) -> str:
