@@ -8,7 +8,7 @@ Run (from the repository root; CPU; the calibration file is ../shared/data, not 
 Random-weight models with the real shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B (`llama3` rope scaling,
 128,256-token vocabulary, bf16 safetensors in shards of at most 2 GB, a small BPE tokenizer trained on the
 calibration text), converted by `ecomla convert SRC --kv-ratio 4 --calib FILE --calib-tokens N --calib-cache none`
-in a child process: its peak RSS (`/usr/bin/time -v`), wall time, and each stage's time and peak RSS so far as
+in a child process: its peak RSS (`/usr/bin/time -v`), wall time, the converted folder's size on disk ("written"), and each stage's time and peak RSS so far as
 `ecomla convert` logs them (`ecomla.stages`: checks, loading (in memory only), calibration sampling, calibration
 forward, measured choices, SVD init and writing (one stage when streaming)). A conversion that runs out of memory or past --timeout is a row with its reason. Each row records the
 code it measured (git revision), so rows before and after a change sit side by side. Writes
@@ -93,7 +93,8 @@ def convert(src: Path, out: Path, calib: Path, tokens: int, timeout: int) -> dic
 
 def table(rows: list[dict]) -> str:
     names = ["checks", "loading", "calibration sampling", "calibration forward", "measured choices", "SVD init and writing"]
-    head = ["shape", "parameters", "code", "peak RSS GiB", "wall (min)", *[f"{n} (s)" for n in names], "result"]
+    head = ["shape", "parameters", "code", "peak RSS GiB", "wall (min)", *[f"{n} (s)" for n in names], "written GiB",
+            "result"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         by = {s["stage"]: s["seconds"] for s in r["stages"]}
@@ -101,6 +102,7 @@ def table(rows: list[dict]) -> str:
             by["SVD init and writing"] = by.pop("SVD init") + by.pop("writing", 0)
         lines.append("| " + " | ".join([r["shape"], f"{r['parameters'] / 1e9:.2f}B", r["code"], str(r["peak_rss_gib"]),
                                           f"{r['wall_seconds'] / 60:.1f}", *[f"{by[n]:.0f}" if n in by else "-" for n in names],
+                                          str(r.get("output_gib", "-")),
                                           ("ok" if r["ok"] else f"failed: {r['error']}") + (f" ({r['note']})" if r.get("note") else "")]) + " |")
     return "\n".join(lines)
 
@@ -154,11 +156,13 @@ def main() -> int:
         print(f"{name}: {params / 1e9:.2f}B parameters in {src}; converting", flush=True)
         r = dict(shape=name, parameters=params, code=code, calib_tokens=args.calib_tokens,
                  **convert(src, work / f"llama-{name}-mla", calib, args.calib_tokens, args.timeout))
+        if r["ok"]:  # the converted model this run wrote (a refused conversion wrote nothing: leave what is there)
+            r["output_gib"] = round(sum(f.stat().st_size for f in (work / f"llama-{name}-mla").rglob("*")
+                                        if f.is_file()) / 2**30, 2)
+            shutil.rmtree(work / f"llama-{name}-mla", ignore_errors=True)
         rows = [x for x in rows if not (x["shape"] == name and x["code"] == code)] + [r]
         write_json(result, {"command": "python benchmarks/convert_scale.py " + " ".join(sys.argv[1:]), "rows": rows})
         print(table([r]), flush=True)
-        if r["ok"]:  # the converted model this run wrote (a refused conversion wrote nothing: leave what is there)
-            shutil.rmtree(work / f"llama-{name}-mla", ignore_errors=True)
         if created and not args.keep_models:  # only the source this run made, never a folder found there
             shutil.rmtree(src, ignore_errors=True)
     md = table(rows)

@@ -271,3 +271,32 @@ def test_an_fsdp_config_on_cpu_processes_is_said_to_run_as_ddp(models, tmp_path)
     assert "accelerate shards only on GPUs" in proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "run" / "training" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rank_param_checksums"][0] == summary["rank_param_checksums"][1]
+
+
+def test_a_run_the_disk_cannot_hold_is_refused_before_training(models, tmp_path, monkeypatch):
+    """`run_disk_bytes` predicts a checkpoint (weights + AdamW moments) to within accelerate's small files and the
+    final model's weights; with less free space than the run will write, it stops before the first step and leaves
+    no folder."""
+    import shutil
+    from collections import namedtuple
+
+    from ecomla.training import loop
+    from ecomla.training.distill import distill
+
+    predicted = []
+    real = loop.run_disk_bytes
+    monkeypatch.setattr(loop, "run_disk_bytes", lambda *a: predicted.append(real(*a)) or predicted[-1])
+    # 6 steps, checkpoints at 2 and 4, one kept: at most 2 exist at once, then the final model
+    distill(_cfg(models, tmp_path / "run", save_every=2, keep_checkpoints=1), log=lambda *a: None)
+    files = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    ckpt, = (tmp_path / "run" / "training" / "checkpoints").iterdir()
+    final = (tmp_path / "run" / "model.safetensors").stat().st_size
+    # two checkpoints at once and the final model, less what the prediction leaves out: accelerate's RNG state,
+    # pickles and headers (~40 KB a checkpoint, covered by check_free_space's 64 MiB slack)
+    assert 0 <= 2 * files(ckpt) + final - predicted[0] < 120_000
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, predicted[0] // 2))
+    with pytest.raises(ValueError, match=r"this distill run .* needs about .* GiB free: .*--keep-checkpoints 1"):
+        distill(_cfg(models, tmp_path / "small", save_every=2, keep_checkpoints=1), log=lambda *a: None)
+    assert not (tmp_path / "small").exists()

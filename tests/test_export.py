@@ -1,5 +1,6 @@
 """DeepSeek-V3 export: stock transformers loads it without custom code and gives the same model."""
 
+import re
 import subprocess
 import sys
 
@@ -156,6 +157,46 @@ def test_cli_convert_target_then_export(tmp_path, capsys):
     ids = torch.randint(1, 128, (1, 12))
     with torch.no_grad():
         assert type(ds).__name__ == "DeepseekV3ForCausalLM" and rel_err(ds(ids).logits, mla(ids).logits) <= 1e-4
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The DeepSeek-V3 checkpoint's tensor bytes are predicted exactly from the config; with less free space than the
+    export needs, neither format loads the model or writes anything, and the error says how to make it smaller."""
+    import shutil
+    import struct
+    from collections import namedtuple
+
+    import ecomla.sources as sources
+    from conftest import TINY_TEXT, tiny_tokenizer
+    from ecomla.export import GGUF_BYTES, checkpoint_bytes_per_parameter
+    from ecomla.model.modeling_ecomla import EcoMLAForCausalLM
+
+    tok = tiny_tokenizer()
+    tiny_llama(num_kv_heads=2, vocab_size=len(tok)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    (tmp_path / "calib.txt").write_text(TINY_TEXT * 4)
+    assert main(["convert", str(tmp_path / "llama"), "--kv-ratio", "2", "--calib", str(tmp_path / "calib.txt"),
+                 "--calib-cache", "none", "--out", str(tmp_path / "mla")]) == 0
+    assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / "ds")]) == 0
+    config = sources.load_config(str(tmp_path / "mla"))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in EcoMLAForCausalLM(config).parameters())
+    written = 0
+    for f in (tmp_path / "ds").glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            written += f.stat().st_size - 8 - struct.unpack("<Q", fh.read(8))[0]
+    assert written == n * checkpoint_bytes_per_parameter(config) == n * 4
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, int(n * GGUF_BYTES["q8_0"])))
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    capsys.readouterr()
+    for fmt, out, message in [("deepseek-v3", "ds2", r"DeepSeek-V3 checkpoint needs about .* free: free space there, "
+                               r"or choose --out on another disk\n"),
+                              ("gguf", "m.gguf", r"GGUF \(f16\) needs about .* or --outtype q8_0")]:
+        assert main(["export", str(tmp_path / "mla"), "--format", fmt, "--out", str(tmp_path / out)]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not list(tmp_path.glob(f"*{out}*"))
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 10000.0},

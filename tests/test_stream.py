@@ -148,3 +148,39 @@ def test_unaffordable_sampling_and_a_missing_gpu_are_refused_before_any_weight_l
             convert_checkpoint(ConvertOptions(str(src), kv_ratio=2, init="xecomla", device="cuda",
                                               out=str(tmp_path / "mla")), log=lambda *a: None)
     assert not (tmp_path / "mla").exists()
+
+
+def test_the_output_size_is_known_from_the_plan_and_a_disk_too_small_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`written_bytes` predicts the weight shards' tensor bytes exactly (a 4x float32 conversion, tied head); with
+    less free space than that (and the calibration staging) on the disk of --out, nothing loads or is written."""
+    import shutil
+    import struct
+    from collections import namedtuple
+
+    import ecomla.sources as sources
+    from ecomla.conversion.plan import build_config, resolve
+
+    src, text = source_dir(tmp_path, "llama")
+    options = ConvertOptions(str(src), kv_ratio=2, calib=str(text), calib_cache="none", out=str(tmp_path / "mla"))
+    plan = resolve(options, sources.load_config(str(src)))
+    needs = stream.written_bytes(plan, build_config(plan), options.out, torch.float32, "none")
+    d = plan.source_config.hidden_size
+    weights = needs[tmp_path / "mla"] - plan.num_hidden_layers * d * d * 8
+    convert_checkpoint(options, log=lambda *a: None)
+    tensor_bytes = 0
+    for f in (tmp_path / "mla").glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = struct.unpack("<Q", fh.read(8))[0]
+        tensor_bytes += f.stat().st_size - 8 - header
+    assert tensor_bytes == weights
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, needs[tmp_path / "mla"]))
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr(stream, "convert_layerwise", lambda *a, **k: pytest.fail("started converting"))
+    out = tmp_path / "mla2"
+    with pytest.raises(ValueError, match=r"converted model \(float32\) and its calibration statistics needs about .* GiB"
+                                         r".*free: free space there, or choose --out or --calib-cache on another disk, "
+                                         r"or --dtype bfloat16"):
+        convert_checkpoint(dataclasses.replace(options, out=str(out)), log=lambda *a: None)
+    assert not out.exists() and not list(tmp_path.glob(".mla2*"))

@@ -320,6 +320,25 @@ def _check_writable(path: Path, shown: str) -> None:
         raise OutputError(f"--out {shown}: {probe} is not writable; choose another --out")
 
 
+def check_free_space(needs: dict, what: str, fix: str) -> None:
+    """Refuse, before the work starts, to write `needs` ({path: bytes} a run will write there) where the disk
+    holding a path (or its first existing ancestor) has less free (with 2% + 64 MiB slack): a full disk found
+    at the end of an 8B model's conversion costs the whole conversion. `fix`: where else to write, or how less."""
+    disks = {}  # device -> (a folder on it, bytes wanted there)
+    for path, needed in needs.items():
+        probe = Path(path).absolute()
+        while not probe.exists():
+            probe = probe.parent
+        folder, total = disks.get(probe.stat().st_dev, (probe, 0))
+        disks[probe.stat().st_dev] = (folder, total + needed)
+    for folder, needed in disks.values():
+        free = shutil.disk_usage(folder).free
+        want = int(needed * 1.02) + (64 << 20)
+        if free < want:
+            raise OutputError(f"{what} needs about {want / 2**30:.1f} GiB on the disk holding {folder}, which has "
+                              f"{free / 2**30:.1f} GiB free: free space there, or {fix}")
+
+
 def clean_leftovers(out: Path) -> None:
     """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings that a killed run left; roll back a half-done replace."""
     parent = out.parent

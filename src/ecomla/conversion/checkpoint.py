@@ -27,14 +27,14 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..io import atomic_output_dir
+    from ..io import atomic_output_dir, check_free_space
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
     from .calibration import calibration_ids, check_sampling_affordable
     from .plan import build_config, resolve
-    from .stream import in_memory_weights, streaming_source, write_conversion
+    from .stream import in_memory_weights, streaming_source, write_conversion, written_bytes
 
     stages = StageLog(log, "convert")  # time and peak memory per stage (benchmarks/convert_scale.py)
     src_config, tok = load_config(options.source), load_tokenizer(options.source)
@@ -51,6 +51,11 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     if all(plan.engine_problems(engine, planned) for engine in SERVING_ENGINES):
         log("warning: no serving engine runs this shape, only ecomla's own code (transformers with ecomla imported or "
             "trust_remote_code): the table says which options to drop for a model llama.cpp and DeepSeek-V3 engines run")
+    dtype = getattr(torch, DTYPES[options.dtype])
+    check_free_space(written_bytes(plan, planned, options.out, dtype, options.calib_cache),
+                     f"the converted model ({options.dtype})" + (" and its calibration statistics" * plan.needs_calibration),
+                     "choose --out" + (" or --calib-cache" * plan.needs_calibration) + " on another disk"
+                     + (", or --dtype bfloat16 (half of float32's bytes)" if dtype == torch.float32 else ""))
     ids = source = None
     if options.calib:  # read (and refuse) the file, or a source without a tokenizer, before the weights load
         ids, source = calibration_ids(None, options, tok)
@@ -58,7 +63,6 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     device = resolve_device(options.device or "cpu")
     log("converting layer by layer from the safetensors files (one layer in memory)" if weights is not None else
         f"converting layer by layer from the whole model loaded in memory: {whole}")
-    dtype = getattr(torch, DTYPES[options.dtype])
     sampling = plan.reads_text and ids is None
     if sampling:  # before any weight loads: can this machine afford it?
         check_sampling_affordable(src_config, options.calib_tokens, dtype, log)

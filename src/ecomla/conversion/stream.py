@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..model.modeling_ecomla import EcoMLAForCausalLM
 from ..options import ConvertOptions
 from ..sources import check_supported, model_skeleton
-from .calibration import CovarianceStore, InMemoryStore, LayerStream, cache_store, stats_key
+from .calibration import CovarianceStore, InMemoryStore, LayerStream, cache_store, default_cache_dir, stats_key
 from .calibration import calibration_ids as calibration_ids_for
 from .families import NEEDS_TEXT, as_llama, llama_tensors
 from .plan import ConversionPlan, build_config, resolve
@@ -341,6 +341,26 @@ def _converted_layer(reader: LayerReader, config, plan, i: int, covariance, rota
     return layer
 
 
+def saved_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each tensor the converted model's checkpoint holds, in state-dict order (a tied head once)."""
+    with torch.device("meta"):
+        state = EcoMLAForCausalLM(config).state_dict()
+    return [(k, tuple(v.shape)) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")]
+
+
+def written_bytes(plan: ConversionPlan, config, out, dtype: torch.dtype, calib_cache: str | None) -> dict[Path, int]:
+    """{where: bytes} `write_conversion` writes for `plan` (`config`: its `build_config`): the weight shards into
+    `out`, and with calibration one float64 (d, d) covariance per layer (d: hidden size, + 1 with biases) into
+    `out`'s staging folder (`calib_cache` "none") or the statistics cache."""
+    size = torch.empty((), dtype=dtype).element_size()
+    needs = {Path(out): sum(prod(shape) for _, shape in saved_tensors(config)) * size}
+    if plan.needs_calibration:
+        d = config.hidden_size + int(config.attention_bias)
+        where = Path(out) if calib_cache == "none" else Path(calib_cache or default_cache_dir())
+        needs[where] = needs.get(where, 0) + plan.num_hidden_layers * d * d * 8
+    return needs
+
+
 def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, choices: dict, out: Path, *,
                      dtype: torch.dtype, key_config, device="cpu", calib_cache: str | None = None, stages=None,
                      progress: bool = True) -> None:
@@ -357,11 +377,8 @@ def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, ch
     config, tensors = convert_layerwise(weights, plan, ids, store, choices, dtype=dtype, device=device, stages=stages,
                                         progress=progress)
     with torch.device("meta"):
-        new = EcoMLAForCausalLM(config)
-    new.save_pretrained(out, state_dict={})  # config, generation config, ecomla's modeling code: no weights
-    entries = [(k, tuple(v.shape)) for k, v in new.state_dict().items()
-               if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    writer = ShardWriter(out, entries, dtype, SHARD_BYTES)
+        EcoMLAForCausalLM(config).save_pretrained(out, state_dict={})  # config, generation config, code: no weights
+    writer = ShardWriter(out, saved_tensors(config), dtype, SHARD_BYTES)
     for name, tensor in tensors:
         writer.write(name, tensor)
     writer.close()

@@ -31,14 +31,18 @@ def _export(options: ExportOptions, inputs: dict, log):
         check_gguf_exportable(load_config(options.model))
         tok = load_tokenizer(options.model)
         tokenizer_json(tok)  # a tokenizer the GGUF can carry
-        model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
         outtype = options.outtype or GGUF_DEFAULT_OUTTYPE
+        check_export_space(options.out, load_config(options.model), GGUF_BYTES[outtype],
+                           f"the GGUF ({outtype})", "--outtype q8_0 (about half of f16)" if outtype != "q8_0" else "")
+        model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
         out = export_gguf(model, tok, options.out, outtype)
         log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
         return out
     check_output(options.out, inputs, options.overwrite, kind="export", overwrite_kind=options.overwrite_kind)
-    check_exportable(load_config(options.model))
+    config = load_config(options.model)
+    check_exportable(config)
+    check_export_space(options.out, config, checkpoint_bytes_per_parameter(config), "the DeepSeek-V3 checkpoint", "")
     model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
     out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs,
                              query_lora=options.query_lora, overwrite_kind=options.overwrite_kind)
@@ -48,6 +52,33 @@ def _export(options: ExportOptions, inputs: dict, log):
         log("llama.cpp: use `ecomla export --format gguf` (exact). llama.cpp's own convert_hf_to_gguf.py cannot "
             "load this checkpoint (no query LoRA); export with --query-lora identity for that")
     return out
+
+
+# Bytes per parameter of a GGUF's weight matrices by --outtype (q8_0: 32 weights + one f16 scale per 34-byte block)
+GGUF_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
+
+
+def checkpoint_bytes_per_parameter(config) -> int:
+    """Bytes of one weight of a checkpoint saved in `config`'s dtype (what `dtype="auto"` loads; float32 if unset)."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."), torch.float32)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def check_export_space(out, config, bytes_per_parameter: float, what: str, smaller: str) -> None:
+    """Refuse an export the disk holding `out` has no room for (parameters x `bytes_per_parameter`), before the
+    model loads; `smaller`: the option that makes it smaller, if any."""
+    import torch
+
+    from ..io import check_free_space
+    from ..model.modeling_ecomla import EcoMLAForCausalLM
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in EcoMLAForCausalLM(config).parameters())  # a tied head once
+    check_free_space({out: int(n * bytes_per_parameter)}, what,
+                     "choose --out on another disk" + (f", or {smaller}" if smaller else ""))
 
 
 def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_write, check_output, claim, clear_run_dir, mark, read_json, read_log, record
+from ..io import atomic_write, check_free_space, check_output, claim, clear_run_dir, mark, read_json, read_log, record
 from ..options import DTYPES, TrainOptions
 
 
@@ -341,6 +341,19 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     accelerator.register_for_checkpointing(scheduler)
 
     start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
+    refusal = None
+    if main:  # before the long work: the checkpoints and the model it will write must fit on the disk
+        try:
+            check_free_space({ckpt_dir: run_disk_bytes(cfg, student, params, lm, start_step, steps,
+                                                       len(_checkpoints(ckpt_dir)))},
+                             f"this {cfg.command} run (its checkpoints and final model)",
+                             "choose --out on another disk, keep fewer checkpoints (--keep-checkpoints 1), or write "
+                             "none before the end (--save-every 0: an interrupted run then starts again)")
+        except ValueError as err:
+            refusal = str(err)
+    refusal = accelerate_broadcast(accelerator, refusal)  # every process stops, not only the one that checked
+    if refusal:
+        raise ValueError(refusal)
     earlier_seconds = 0.0
     if main:
         atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world}, indent=1))
@@ -482,6 +495,21 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def run_disk_bytes(cfg: TrainOptions, student, params, lm, start_step: int, steps: int, existing: int) -> int:
+    """Bytes the rest of a run adds on disk at most: new checkpoints x (the wrapped student's state dict + AdamW's two
+    float32 moments per trained weight), at most keep + 1 of them at once (the newest is written before the oldest
+    goes), and the final model (the student's weights) unless the run stops early."""
+    def size(module):  # parameters() yields a tied weight once, as the saved files hold it
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    last = min(steps, cfg.stop_after or steps)
+    saves = [s for s in range(start_step + 1, last + 1)
+             if (cfg.save_every and s % cfg.save_every == 0 and s < steps) or s == cfg.stop_after]
+    new = min(len(saves), max(0, cfg.keep_checkpoints + 1 - existing))
+    checkpoint = size(student) + 2 * 4 * sum(p.numel() for p in params)
+    return new * checkpoint + (size(lm) if last == steps else 0)
 
 
 def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
