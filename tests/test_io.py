@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ecomla.io import MARKER, OutputError, atomic_output_dir, check_output, claim, mark, record
+from ecomla.io import MARKER, OutputError, atomic_output_dir, check_output, claim, foreign_files, mark, record
 
 
 def test_failure_keeps_old_output_and_leaves_no_temporary(tmp_path):
@@ -59,6 +59,9 @@ def test_unwritable_or_file_blocked_out(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is a file, so nothing can be written below it"):
         check_output(tmp_path / "file" / "out")
+    with pytest.raises(OutputError, match="is a file, so nothing can be written below it"):
+        with claim(tmp_path / "file" / "out"):  # said before a lock file is made there (no errno)
+            pass
     with pytest.raises(OutputError, match="is a file; give a directory"):
         check_output(tmp_path / "file", overwrite=True)
     if os.geteuid() != 0:  # root writes anywhere
@@ -71,13 +74,45 @@ def test_unwritable_or_file_blocked_out(tmp_path):
 def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_replace_rolled_back(tmp_path):
     out = tmp_path / "ckpt"
     dead = 2**22 + 12345  # no such process
-    (tmp_path / f".ckpt.tmp-{dead}-abc").mkdir()
-    (tmp_path / f".ckpt.old-{dead}").mkdir()  # killed between the two renames: `out` is missing
-    (tmp_path / f".ckpt.old-{dead}" / "model.safetensors").write_text("the previous output")
-    record(tmp_path / f".ckpt.old-{dead}", "convert")
+    (tmp_path / f".ckpt.ecomla-tmp-{dead}-abc").mkdir()
+    (tmp_path / f".ckpt.ecomla-old-{dead}").mkdir()  # killed between the two renames: `out` is missing
+    (tmp_path / f".ckpt.ecomla-old-{dead}" / "model.safetensors").write_text("the previous output")
+    record(tmp_path / f".ckpt.ecomla-old-{dead}", "convert")
     check_output(out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert (out / "model.safetensors").read_text() == "the previous output"
+
+
+def test_files_named_like_temporaries_are_a_users_files(tmp_path):
+    """Only names that say ecomla are taken for its temporaries: a user's `.notes.old-2023.txt` in --out makes it
+    a folder that is not empty (refused, kept, listed under --overwrite), and a user's `.model.tmp-keep/` or
+    `.model.old-notes` beside --out is neither removed nor renamed into place."""
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / ".notes.old-2023.txt").write_text("precious")
+    (user / ".draft.tmp-1").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError):
+            check_output(user, overwrite=overwrite, kind="convert")
+    assert sorted(p.name for p in user.iterdir()) == [".draft.tmp-1", ".notes.old-2023.txt"]
+
+    earlier = tmp_path / "earlier"  # an ecomla output a user added such a file to
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_text("weights")
+    record(earlier, "convert")
+    (earlier / ".config.old-2023.json").write_text("precious")
+    assert foreign_files(earlier) == [".config.old-2023.json"]
+    with pytest.raises(OutputError, match=r"\.config\.old-2023\.json"):
+        check_output(earlier, overwrite=True, kind="convert")
+
+    (tmp_path / ".model.tmp-keep").mkdir()
+    (tmp_path / ".model.tmp-keep" / "a.txt").write_text("precious")
+    (tmp_path / ".model.old-notes").write_text("precious")
+    (tmp_path / ".model.ecomla-old-12").write_text("not a marked output folder")
+    check_output(tmp_path / "model", kind="convert")
+    assert not (tmp_path / "model").exists()
+    assert (tmp_path / ".model.tmp-keep" / "a.txt").read_text() == (tmp_path / ".model.old-notes").read_text() == "precious"
+    assert (tmp_path / ".model.ecomla-old-12").is_file()
 
 
 def test_a_second_process_cannot_take_the_lock(tmp_path):
@@ -100,3 +135,21 @@ def test_a_second_process_cannot_take_the_lock(tmp_path):
     with claim(out):  # the OS released the dead holder's lock
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock file, no folder made for the lock
+
+
+def test_an_existing_output_is_refused_with_the_options_its_command_has(tmp_path):
+    """--resume is offered only to a run of a command that takes it, --overwrite only for ecomla's own output."""
+    for kind, resume in (("convert", False), ("distill", True)):
+        out = tmp_path / kind
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        record(out, kind)
+        with pytest.raises(OutputError) as err:
+            check_output(out, kind=kind)
+        assert "pass --overwrite to replace it" in str(err.value) and ("--resume" in str(err.value)) == resume
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="exists and was not written by ecomla .*choose another --out") as err:
+        check_output(user, kind="convert")
+    assert "pass --overwrite" not in str(err.value)

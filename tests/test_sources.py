@@ -46,3 +46,17 @@ def test_unsupported_architectures_are_named():
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         check_supported(MistralConfig(sliding_window=4096))
     check_supported(MistralConfig(sliding_window=None))  # Mistral v0.2+ converts
+
+
+def test_a_bare_name_close_to_a_local_folder_is_a_typo_not_a_hub_id(tmp_path, monkeypatch):
+    """`llamaa` beside `llama/` is said at once (no hub retries), naming the folder; ecomla's own hidden files are
+    never listed; a bare name like nothing here stays a hub id."""
+    (tmp_path / "llama").mkdir()
+    (tmp_path / ".llama2.ecomla-lock").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'llamaa' not found: .*\(did you mean llama\?\)"):
+        resolve_source("llamaa")
+    with pytest.raises(FileNotFoundError, match=r"holds llama\)") as err:
+        resolve_source("./other")
+    assert "ecomla-lock" not in str(err.value)
+    assert resolve_source("gpt2") == ("gpt2", None)

@@ -184,3 +184,68 @@ def test_the_output_size_is_known_from_the_plan_and_a_disk_too_small_is_refused_
                                          r"or --dtype bfloat16"):
         convert_checkpoint(dataclasses.replace(options, out=str(out)), log=lambda *a: None)
     assert not out.exists() and not list(tmp_path.glob(".mla2*"))
+    dead = 2**22 + 12345  # no such process: a killed conversion's partial output beside --out is named with its size
+    (tmp_path / f".mla3.ecomla-tmp-{dead}-abc").mkdir()
+    (tmp_path / f".mla3.ecomla-tmp-{dead}-abc" / "model.safetensors").write_bytes(bytes(1 << 20))
+    with pytest.raises(ValueError, match=rf"0.0 GiB there is held by what killed ecomla runs left: .*\.mla3\.ecomla-tmp-"
+                                         rf"{dead}-abc \(remove it, or run again into the --out it was for"):
+        convert_checkpoint(dataclasses.replace(options, out=str(out)), log=lambda *a: None)
+
+
+def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refused_up_front(tmp_path, monkeypatch):
+    """A cached covariance cut short (a full disk, a copy interrupted) is not trusted: the statistics are computed
+    again and the weights are those of a fresh cache; a --calib-cache that is a file is refused before any work."""
+    src, text = source_dir(tmp_path, "llama")
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache=str(tmp_path / "cache"))
+    first = streamed(src, options, tmp_path / "a", [])
+    damaged, = (tmp_path / "cache").glob("cov-*/layer-1.pt")
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert_same_weights(streamed(src, options, tmp_path / "b", []), first)
+    assert torch.load(damaged, weights_only=True).shape[0] == torch.load(damaged.with_name("layer-0.pt")).shape[0]
+
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setattr(stream, "convert_layerwise", lambda *a, **k: pytest.fail("started converting"))
+    with pytest.raises(ValueError, match=r"--calib-cache .*afile: .*afile is a file"):
+        streamed(src, dataclasses.replace(options, calib_cache=str(tmp_path / "afile")), tmp_path / "c", [])
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_or_mis_shaped_tensors_are_refused_from_the_headers_before_the_model_loads(tmp_path, monkeypatch):
+    """What no renaming on load could mend (a tensor missing, none extra; a tensor of another shape) is refused from
+    the safetensors headers, naming the tensors, before any weight loads."""
+    from safetensors.torch import load_file, save_file
+
+    import ecomla.sources as sources
+
+    src, text = source_dir(tmp_path, "llama")
+    weights = load_file(src / "model.safetensors")
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("loaded the whole model"))
+    options = ConvertOptions(str(src), kv_ratio=2, calib=str(text), out=str(tmp_path / "mla"))
+    for change, message in [(lambda w: w.pop("model.layers.1.self_attn.k_proj.weight"),
+                             r"missing model\.layers\.1\.self_attn\.k_proj\.weight.*Nothing was filled in at random"),
+                            (lambda w: w.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}),
+                             r"mis-shaped model\.layers\.0\.mlp\.up_proj\.weight \(3, 3\) in the file, \(128, 64\)")]:
+        broken = dict(weights)
+        change(broken)
+        save_file(broken, src / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=message):
+            convert_checkpoint(options, log=lambda *a: None)
+        assert not (tmp_path / "mla").exists()
+
+
+def test_a_missing_shard_or_a_damaged_header_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    import ecomla.sources as sources
+
+    src, text = source_dir(tmp_path, "llama", max_shard_size="100KB")
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("loaded the whole model"))
+    options = ConvertOptions(str(src), kv_ratio=2, calib=str(text), out=str(tmp_path / "mla"))
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].rename(tmp_path / "aside")
+    with pytest.raises(ValueError, match=rf"{shards[1].name} is missing: the checkpoint's index names it"):
+        convert_checkpoint(options, log=lambda *a: None)
+    (tmp_path / "aside").rename(shards[1])
+    shards[0].write_bytes(shards[0].read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"{shards[0].name} cannot be read .*damaged; save or download it again"):
+        convert_checkpoint(options, log=lambda *a: None)
+    assert not (tmp_path / "mla").exists()

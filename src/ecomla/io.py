@@ -13,9 +13,10 @@ The policy (every command that writes goes through `claim` and `check_output`, b
   `--overwrite-kind KIND`, as the refusal says) whose files are all ecomla's and unchanged: any
   other file is listed and nothing is touched. `--resume` continues only a run of its own kind.
   An empty folder holds nothing to lose and is used as if absent.
-- Outputs appear atomically: written into a hidden sibling `.NAME.tmp-*`, renamed into place when
-  complete. Leftovers of a killed run (`.NAME.tmp-*`, `.NAME.old-*`) are cleaned by the next run
-  into the same place; an interrupted replacement is rolled back first.
+- Outputs appear atomically: written into a hidden sibling `.NAME.ecomla-tmp-PID-*`, renamed into place
+  when complete. Leftovers of a killed run (`.NAME.ecomla-tmp-PID*`, `.NAME.ecomla-old-PID`, their process
+  gone) are cleaned by the next run into the same place; an interrupted replacement is rolled back first.
+  Only names that say `ecomla` are taken for ecomla's temporaries: any other file is a user's.
 """
 
 from __future__ import annotations
@@ -57,10 +58,14 @@ GROWING = {
     "run": r"steps\.json",
     "report": r"report\.(md|json|png)|recipe\.yaml",
 }
-# Names ecomla gives its temporaries and locks (cleaned or ignored, never a user's file)
-OWN_TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+.*|\..+" + re.escape(LOCK_SUFFIX) + "|" + re.escape(LEGACY_LOCK)
-                           + r"|\.step-\d+\.tmp|\.final\.tmp|\..+\.tmp-\d+")
+# Names ecomla gives its temporaries: `.NAME.ecomla-tmp-PID[-RANDOM]` (a file or folder being written),
+# `.NAME.ecomla-old-PID` (the output being replaced), `.NAME.ecomla-tmp` (one every process of a run agrees on).
+TMP, OLD = "ecomla-tmp", "ecomla-old"
+# Those and the locks, cleaned or ignored; no other name is taken for ecomla's (a user's `.notes.old-2023` is theirs)
+OWN_TEMPORARY = re.compile(rf"\..+\.({TMP}|{OLD})-\d+(-[A-Za-z0-9_]+)?|\..+\.{TMP}|\..+" + re.escape(LOCK_SUFFIX)
+                           + "|" + re.escape(LEGACY_LOCK))
 COMMAND_OF_KIND = {"dpo-state": "dpo", "report": "run"}
+RESUMABLE = ("align", "distill", "dpo", "dpo-state", "run")  # kinds whose command takes --resume
 
 
 class OutputError(ValueError):
@@ -239,15 +244,16 @@ def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool =
     if out_path.is_file():
         raise OutputError(f"--out {out} is a file; give a directory path")
     if _nonempty_dir(out_path):
-        if not (overwrite or resume):
-            raise OutputError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it"
-                              " (--resume continues a run)")
         marker = read_marker(out_path)
+        if not (overwrite or resume) and marker is not None:
+            raise OutputError(f"--out {out} exists: choose another --out, or pass --overwrite to replace it"
+                              + (" (--resume continues it)" if kind in RESUMABLE and marker.kind == kind else ""))
         if marker is None:
             names = sorted(p.name for p in out_path.iterdir())[:5]
-            raise OutputError(f"--out {out} was not written by ecomla (it holds {', '.join(names)}"
-                              f"{', ...' if len(names) == 5 else ''}): --overwrite and --resume only "
-                              f"touch ecomla's own outputs; choose another --out, or move it away yourself")
+            raise OutputError(f"--out {out} exists and was not written by ecomla (it holds {', '.join(names)}"
+                              f"{', ...' if len(names) == 5 else ''}): ecomla never writes into a folder of yours "
+                              f"(--overwrite and --resume only touch ecomla's own outputs); choose another --out, or "
+                              "move it away yourself")
         if marker.kind is None:
             raise OutputError(f"--out {out} was written by an earlier ecomla that recorded neither its kind nor its "
                               "files, so ecomla cannot tell your files from its own there: choose another --out, or "
@@ -309,15 +315,21 @@ def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecom
     return out_path
 
 
-def _check_writable(path: Path, shown: str) -> None:
+def _check_writable(path: Path, shown: str, flag: str = "--out") -> None:
     """The first existing ancestor (or `path` itself) must be a writable directory."""
     probe = path if path.exists() else path.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise OutputError(f"--out {shown}: {probe} is a file, so nothing can be written below it")
+        raise OutputError(f"{flag} {shown}: {probe} is a file, so nothing can be written below it")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {shown}: {probe} is not writable; choose another --out")
+        raise OutputError(f"{flag} {shown}: {probe} is not writable; choose another {flag}")
+
+
+def check_writable_folder(path, flag: str) -> None:
+    """`path` (given by `flag`) is a folder, or can be made one, that this process can write into."""
+    path = Path(path).expanduser().absolute()
+    _check_writable(path, str(path), flag)
 
 
 def check_free_space(needs: dict, what: str, fix: str) -> None:
@@ -335,23 +347,46 @@ def check_free_space(needs: dict, what: str, fix: str) -> None:
         free = shutil.disk_usage(folder).free
         want = int(needed * 1.02) + (64 << 20)
         if free < want:
+            left = dead_leftovers(folder) + (dead_leftovers(folder.parent) if folder.parent != folder else [])
+            held = sum(n for _, n in left)
             raise OutputError(f"{what} needs about {want / 2**30:.1f} GiB on the disk holding {folder}, which has "
-                              f"{free / 2**30:.1f} GiB free: free space there, or {fix}")
+                              f"{free / 2**30:.1f} GiB free: free space there, or {fix}"
+                              + (f". {held / 2**30:.1f} GiB there is held by what killed ecomla runs left: "
+                                 f"{', '.join(str(p) for p, _ in left[:3])}{' ...' if len(left) > 3 else ''} (remove it, "
+                                 "or run again into the --out it was for, which cleans it)" if left else ""))
+
+
+def dead_leftovers(folder: Path) -> list[tuple[Path, int]]:
+    """(path, bytes) of ecomla's temporaries in `folder` whose process is gone (a killed run's partial output)."""
+    found = []
+    for p in Path(folder).glob(f".*.{TMP}-*"):
+        if OWN_TEMPORARY.fullmatch(p.name) and not _owner_alive(p) and not p.is_symlink():
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+            found.append((p, size))
+    return sorted(found, key=lambda t: -t[1])
+
+
+def temporary_sibling(path: Path, unique: str = "") -> Path:
+    """Where `path` is written before it is renamed into place: `.NAME.ecomla-tmp-PID` (+ `unique`)."""
+    return path.with_name(f".{path.name}.{TMP}-{os.getpid()}{unique}")
 
 
 def clean_leftovers(out: Path) -> None:
-    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings that a killed run left; roll back a half-done replace."""
+    """Remove the `.NAME.ecomla-tmp-PID*` / `.NAME.ecomla-old-PID` siblings a killed run left (their process gone);
+    roll back a half-done replace (an old output that is ecomla's, marked, where `out` is missing). Nothing named
+    otherwise is touched."""
     parent = out.parent
     if not parent.is_dir():
         return
-    olds = sorted(parent.glob(f".{glob_escape(out.name)}.old-*"))
+    name = re.escape(out.name)
+    ours = lambda kind: sorted(p for p in parent.glob(f".{glob_escape(out.name)}.{kind}-*")
+                               if re.fullmatch(rf"\.{name}\.{kind}-\d+(-[A-Za-z0-9_]+)?", p.name) and not _owner_alive(p))
+    olds = [p for p in ours(OLD) if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
     if olds and not out.exists():  # killed between the two renames of a replacement: put the old one back
         olds[-1].rename(out)
         olds = olds[:-1]
-    for p in [*parent.glob(f".{glob_escape(out.name)}.tmp-*"), *olds]:
-        if _owner_alive(p):
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in [*ours(TMP), *olds]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def glob_escape(name: str) -> str:
@@ -359,7 +394,7 @@ def glob_escape(name: str) -> str:
 
 
 def _owner_alive(p: Path) -> bool:
-    m = re.search(r"\.(?:tmp|old)-(\d+)", p.name)
+    m = re.search(rf"\.(?:{TMP}|{OLD})-(\d+)", p.name)
     if not m or int(m.group(1)) == os.getpid():
         return False
     try:
@@ -460,6 +495,7 @@ def claim(out, inputs: dict | None = None, what: str | None = None):
     import fcntl
 
     out = _outside_inputs(out, inputs)
+    _check_writable(out.parent, str(out))  # a file or a read-only folder above it: said before any lock is made
     path = lock_file(out)
     if path in _HELD:
         yield out
@@ -535,7 +571,7 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
     block holds `out`'s lock; the checks run again just before the rename (a user may have added a file)."""
     with claimed_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind) as out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_sibling(out, "-").name, dir=out.parent))
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
@@ -546,7 +582,7 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
             if _nonempty_dir(out):
                 if log:
                     log(f"replacing {out} (an earlier ecomla output, --overwrite)")
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                old = out.with_name(f".{out.name}.{OLD}-{os.getpid()}")
                 out.rename(old)
                 tmp.rename(out)
                 shutil.rmtree(old)
@@ -564,7 +600,7 @@ def write_via_temporary(path, write) -> None:
     the temporary is removed and `path` left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         write(tmp)
         os.replace(tmp, path)

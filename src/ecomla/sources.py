@@ -6,6 +6,7 @@ Built-in: `smollm2-135m` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import re
@@ -60,11 +61,13 @@ def resolve_source(source: str) -> tuple[str, str | None]:
         return str(path), None
     # Not on disk: only "owner/name" or a bare "name" can be a hub id.
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip()
-    if looks_local or (source.count("/") == 1 and path.parent.is_dir()):  # `models/llamaa`: a local typo, not a hub id
-        near = sorted(p.name for p in path.parent.iterdir())[:8] if path.parent.is_dir() else []
+    here = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(".")) if path.parent.is_dir() else []
+    typo = "/" not in source and difflib.get_close_matches(source, here, n=1, cutoff=0.8)  # `llamaa` beside `llama`
+    if looks_local or typo or (source.count("/") == 1 and path.parent.is_dir()):  # `models/llamaa`: a local typo
+        near = typo or here[:8]
         raise FileNotFoundError(
             f"model source {source!r} not found: no such local file or folder"
-            + (f" ({path.parent} holds {', '.join(near)})" if near else "")
+            + (f" (did you mean {near[0]}?)" if typo else f" ({path.parent} holds {', '.join(near)})" if near else "")
             + f"; give a local directory, a .gguf file, a hub id (owner/name), or a built-in name ({', '.join(BUILTIN)})")
     return source, None  # a hub id
 
@@ -201,6 +204,11 @@ def weight_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
+def weights_mismatch(source: str, where, problems: str) -> ValueError:
+    return ValueError(f"model {source!r}: its weights ({where}) do not match its config: {problems}. Nothing was "
+                      "filled in at random: give the model's complete weights, with the config they were saved with")
+
+
 def model_skeleton(config):
     """The model `config` describes, on the meta device (no memory): its parameter names, shapes and modules."""
     from transformers import AutoModelForCausalLM
@@ -229,9 +237,7 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
                          "save or download them again") from None
     problems = weight_problems(info)
     if problems:
-        where = Path(path) / gguf if gguf else path
-        raise ValueError(f"model {source!r}: its weights ({where}) do not match its config: {problems}. Nothing was "
-                         "filled in at random: give the model's complete weights, with the config they were saved with")
+        raise weights_mismatch(source, Path(path) / gguf if gguf else path, problems)
     if gguf:  # GGUF weights are dequantized on load: drop the quantizer so the model saves as plain float
         model.hf_quantizer = None
         model.config.quantization_config = None

@@ -252,7 +252,17 @@ class CovarianceStore:
         return self.folder / f"layer-{layer}.pt"
 
     def complete(self, n_layers: int) -> bool:
-        return all(self.path(i).is_file() for i in range(n_layers))
+        """Every layer's file is there and reads as a square float64 matrix (one at a time): a truncated or damaged
+        one (a full disk, a copy cut short) means the statistics are computed again, never trusted."""
+        for i in range(n_layers):
+            try:
+                cov = self.load(i)
+            except Exception:
+                return False
+            if not (isinstance(cov, torch.Tensor) and cov.dtype == torch.float64 and cov.ndim == 2
+                    and cov.shape[0] == cov.shape[1]):
+                return False
+        return True
 
     def save(self, layer: int, cov: torch.Tensor) -> None:
         atomic_torch_save(cov, self.path(layer))
@@ -291,7 +301,7 @@ def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | No
     n = model.config.num_hidden_layers
     dtype = next(model.parameters()).dtype
     store = cache_store(cache_dir, stats_key(model.config, model.named_parameters(), input_ids, dtype))
-    cov = store.load_all(n) if store.complete(n) else None
+    cov = store.load_all(n) if all(store.path(i).is_file() for i in range(n)) else None
     if cov is None:
         cov = attention_input_covariance(model, input_ids, progress=progress)
         for i, c in cov.items():

@@ -14,25 +14,26 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 
     if options.source is None:
         raise ValueError("give the SOURCE model to convert")
+    if options.calib and not Path(options.calib).is_file():
+        raise FileNotFoundError(f"--calib {options.calib}: " + ("a folder; give a text file (.txt, .jsonl or .json)"
+                                                                  if Path(options.calib).is_dir() else "no such file"))
     inputs = {"source model": options.source, "calibration file": options.calib}
     # the only writer of --out, from this check to the final rename
     with claimed_output(options.out, inputs, options.overwrite, kind="convert", overwrite_kind=options.overwrite_kind):
         if options.calib_cache not in (None, "none"):  # written as the conversion runs: not into --out or an input
             check_side_output(options.calib_cache, "--calib-cache", options.out, inputs)
-        if options.calib and not Path(options.calib).is_file():
-            raise FileNotFoundError(f"--calib {options.calib}: no such file")
         return _convert_checkpoint(options, inputs, log)
 
 
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..io import atomic_output_dir, check_free_space
+    from ..io import atomic_output_dir, check_free_space, check_writable_folder
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
-    from .calibration import calibration_ids, check_sampling_affordable
+    from .calibration import calibration_ids, check_sampling_affordable, default_cache_dir
     from .plan import build_config, resolve
     from .stream import in_memory_weights, streaming_source, write_conversion, written_bytes
 
@@ -44,6 +45,8 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
         raise ValueError(f"--calib {options.calib} would never be read: this initialization (--init {options.init}"
                          f"{', --svd ' + plan.svd if options.svd else ''}) measures nothing; drop --calib, or use "
                          "--init ecomla / --svd activations, which read it")
+    if plan.needs_calibration and options.calib_cache != "none":  # found now, not after the calibration forward
+        check_writable_folder(options.calib_cache or default_cache_dir(), "--calib-cache")  # default: $ECOMLA_CACHE
     planned = build_config(plan)
     log(conversion_table(src_config, planned))
     log("engines that serve this shape:\n" + engine_table(planned, per_layer_rope=plan.per_layer_rope,

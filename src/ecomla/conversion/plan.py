@@ -140,8 +140,10 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     else:
         layers = tuple(parse_layers(options.layers, n_layers))
         bad = [i for i in layers if not 0 <= i < n_layers]
-        if bad or not layers:
-            raise ValueError(f"layer index {bad or list(layers)} out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
+        if not layers:
+            raise ValueError(f"--layers {options.layers!r} selects no layer: give 'all', 'even', 'odd' or indices like 0,2,4")
+        if bad:
+            raise ValueError(f"layer index {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
                              "pass --layers all or indices in that range")
         count = len(layers)
 

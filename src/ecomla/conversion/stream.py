@@ -42,6 +42,18 @@ SHARD_BYTES = 2 * 2**30  # largest safetensors shard written (what transformers'
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
+def _opened(file: Path):
+    """safe_open(file), or a ValueError naming the file and the fix where it is missing or its header is damaged."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise ValueError(f"{file} is missing: the checkpoint's index names it; copy or download the whole checkpoint")
+    try:
+        return safe_open(file, "pt")
+    except Exception as err:  # SafetensorError: a truncated or garbage header
+        raise ValueError(f"{file} cannot be read ({err}): the file is damaged; save or download it again") from None
+
+
 class SourceWeights:
     """A checkpoint's safetensors tensors by name, each read on demand (memory-mapped while read; the file is
     closed again, so no page of it stays mapped) and cast to the dtype and device asked for."""
@@ -58,17 +70,13 @@ class SourceWeights:
         single = folder / "model.safetensors"
         if not single.is_file():
             return None
-        from safetensors import safe_open
-
-        with safe_open(single, "pt") as f:
+        with _opened(single) as f:
             return cls({name: single for name in f.keys()})
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        from safetensors import safe_open
-
         out = {}
         for file in sorted(set(self.files.values())):
-            with safe_open(file, "pt") as f:
+            with _opened(file) as f:
                 out |= {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         return out
 
@@ -112,7 +120,7 @@ class StateDictWeights:
 def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceWeights | None, str]:
     """(weights, "") where `ecomla convert` reads `source`'s safetensors tensor by tensor; (None, why it loads
     the whole model) otherwise. Reads only the safetensors headers."""
-    from ..sources import resolve_source
+    from ..sources import resolve_source, weight_problems, weights_mismatch
 
     path, gguf = resolve_source(source)
     if gguf:
@@ -138,8 +146,12 @@ def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceW
     found = weights.shapes()
     if config.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # a tied head saved anyway: transformers ignores it too
-    if found != expected:
-        return None, "its tensor names or shapes differ from the model's own"
+    missing = sorted(expected.keys() - found.keys())
+    wrong = [(k, found[k], expected[k]) for k in expected.keys() & found.keys() if found[k] != expected[k]]
+    if wrong or (missing and found.keys() <= expected.keys()):  # no renaming on load can mend these: say so now
+        raise weights_mismatch(source, folder, weight_problems({"missing_keys": missing, "mismatched_keys": sorted(wrong)}))
+    if found != expected:  # other names (e.g. an older layout transformers renames on load)
+        return None, "its tensor names differ from the model's own"
     return weights, ""
 
 

@@ -168,7 +168,7 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
 def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
     """save_pretrained into a temporary folder, then move files into `out`, config.json last (recorded as
     ecomla's before they move in)."""
-    tmp = out / ".final.tmp"
+    tmp = out / ".final.ecomla-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp)
     if tokenizer is not None:
@@ -515,7 +515,7 @@ def run_disk_bytes(cfg: TrainOptions, student, params, lm, start_step: int, step
 def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
     """accelerate's full state (weights, optimizer, scheduler, RNG) into a temp dir, renamed when complete."""
     final = ckpt_dir / f"step-{step:06d}"
-    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    tmp = ckpt_dir / f".step-{step:06d}.ecomla-tmp"  # one name every process agrees on
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
