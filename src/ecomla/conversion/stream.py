@@ -393,6 +393,7 @@ def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, ch
     writer = ShardWriter(out, saved_tensors(config), dtype, SHARD_BYTES)
     for name, tensor in tensors:
         writer.write(name, tensor)
+        del tensor  # before the next is made: the 8B's 2 GiB embeddings were held while layer 0 was converted
     writer.close()
     if staging.exists():
         import shutil
