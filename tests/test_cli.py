@@ -1,5 +1,7 @@
 """`ecomla convert` / `ecomla kv` on a tiny local model: outputs, and refusals that write nothing."""
 
+import re
+
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -137,3 +139,9 @@ def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys
                      "--device", "cpu"]) == 0
         texts[cache] = capsys.readouterr().out
     assert texts["dynamic"] == texts["static"] and len(texts["static"]) > len("the cat sat")
+    # past the model's 256 positions: refused before the model loads, or with the prompt counted, naming the most
+    assert main(["generate", str(out), "--prompt", "the cat sat", "--max-new-tokens", "100000"]) == 2
+    assert "--max-new-tokens 100000 runs past the model's 256 positions" in capsys.readouterr().err
+    assert main(["generate", str(out), "--prompt", "the cat sat", "--max-new-tokens", "255"]) == 2
+    assert re.search(r"the prompt's (\d+) tokens and --max-new-tokens 255 run past the model's 256 positions: choose "
+                     r"--max-new-tokens \d+ at most", capsys.readouterr().err)

@@ -59,6 +59,10 @@ def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):
     after, _ = load_model(str(out))
     assert type(after).__name__ == "EcoMLAForCausalLM"
     assert not torch.equal(after.model.layers[0].self_attn.kv_b_proj.weight, before.model.layers[0].self_attn.kv_b_proj.weight)
+    # --overwrite replaces it: TRL's own README.md (and checkpoint files) are known as the run's, not a user's
+    assert (tmp_path / "o.dpo-state" / "README.md").is_file()
+    dpo(DPOOptions(model=student, data=str(tmp_path / "p.json"), out=str(tmp_path / "o"), max_steps=3, lr=1e-3,
+                   overwrite=True), log=lambda *a: None)
 
 
 def test_run_recipe_end_to_end(tmp_path):
@@ -157,3 +161,39 @@ def test_data_free_distillation_reuses_the_text_the_alignment_sampled(tmp_path, 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
     assert len(calls) == 2 and sampled("aligned") != sampled("distilled")
+
+
+def test_a_changed_step_cut_short_continues_on_the_next_run(tmp_path, monkeypatch):
+    """A section changed, its step made again and interrupted after a checkpoint: the next `ecomla run` continues that
+    run from its checkpoint (it was made with these very options) instead of starting it again from step 0."""
+    from ecomla.pipeline import run_recipe
+    from ecomla.training import loop
+
+    teacher = tiny_model_dir(tmp_path / "teacher")
+    (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
+    recipe = {"model": str(teacher), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+              "distill": {"data": [str(tmp_path / "train.txt")], "tokens": 6 * 2 * 32, "seq_len": 32, "batch_size": 2,
+                          "lr": 0.003, "eval_every": 0, "save_every": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    recipe["distill"]["lr"] = 0.002
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    save = loop._save_checkpoint
+
+    def cut_after_step_4(accelerator, ckpt_dir, step, keep):
+        save(accelerator, ckpt_dir, step, keep)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", cut_after_step_4)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tmp_path / "r.yaml", log=lines.append)
+    assert any("making it again" in str(x) for x in lines)
+    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    lines = []
+    run_recipe(tmp_path / "r.yaml", log=lines.append)
+    assert not any("making it again" in str(x) for x in lines) and any("step-000004" in str(x) for x in lines), lines
+    rows = [json.loads(r) for r in open(tmp_path / "out" / "distilled" / "training" / "log.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert "started" not in json.loads((tmp_path / "out" / "steps.json").read_text())

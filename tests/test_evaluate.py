@@ -204,3 +204,19 @@ def test_eval_reports_each_models_kl_to_the_first_over_the_perplexity_text(tiny_
         lp, lq = (m(windows).logits[:, :-1].double().log_softmax(-1) for m in (a, b))
     assert kl[1] == pytest.approx(float((lp.exp() * (lp - lq)).sum(-1).mean()), rel=1e-5)
     assert "wikitext (KL to first)" in md
+
+
+def test_the_run_report_prints_scores_as_ecomla_eval_does(tmp_path):
+    """An accuracy in %, the margin kept in %, a KL to the first model and a perplexity as they are (a KL of 13.12 was
+    once printed as 1312.0)."""
+    from ecomla.pipeline import write_report
+
+    base = dict(kv_values_per_token=8, kv_cache=1.0, train_tokens=0, train_seconds=10.0, heldout_kl=0.5, heldout_ppl=9.0)
+    rows = [dict(model="original", **base, **{"arc_easy (acc)": 0.5, "wikitext (KL to first)": 0.0, "wikitext (ppl)": 9.5,
+                                              "margin kept": 1.0}),
+            dict(model="distilled", **base, **{"arc_easy (acc)": 0.4625, "wikitext (KL to first)": 13.12,
+                                               "wikitext (ppl)": 12.25, "margin kept": 0.85})]
+    (tmp_path / "report").mkdir()
+    write_report(tmp_path / "report", {"model": "m"}, rows, {}, "", {}, tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| distilled | 46.25 | 13.1200 | 12.25 | 85.0% |" in md and "1312" not in md

@@ -153,3 +153,32 @@ def test_an_existing_output_is_refused_with_the_options_its_command_has(tmp_path
     with pytest.raises(OutputError, match="exists and was not written by ecomla .*choose another --out") as err:
         check_output(user, kind="convert")
     assert "pass --overwrite" not in str(err.value)
+
+
+def test_a_users_file_inside_a_checkpoint_is_theirs(tmp_path):
+    """The files a checkpoint holds are named (accelerate's for align/distill, transformers' Trainer's for DPO, TRL's
+    README): --overwrite lists a user's note inside `step-N/` instead of deleting it, and takes TRL's README as ecomla's."""
+    from ecomla.io import ACCELERATE_CHECKPOINT, unknown_files
+
+    run = tmp_path / "run"
+    step = run / "training" / "checkpoints" / "step-000006"
+    step.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "state.json"):
+        (step / name).write_text("x")
+    mark(run, "distill")
+    assert foreign_files(run) == [] and unknown_files(step, ACCELERATE_CHECKPOINT) == []
+    (step / "mynote.txt").write_text("mine")
+    assert foreign_files(run) == ["training/checkpoints/step-000006/mynote.txt"]
+    assert unknown_files(step, ACCELERATE_CHECKPOINT) == ["mynote.txt"]
+    with pytest.raises(OutputError, match="mynote.txt"):
+        check_output(run, overwrite=True, kind="distill")
+
+    state = tmp_path / "a.dpo-state"
+    (state / "checkpoint-2").mkdir(parents=True)
+    for name in ("README.md", "args.json", "log_history.json", "checkpoint-2/model.safetensors", "checkpoint-2/rng_state.pth",
+                 "checkpoint-2/trainer_state.json", "checkpoint-2/modeling_ecomla.py", "checkpoint-2/optimizer.pt"):
+        (state / name).write_text("x")
+    mark(state, "dpo-state")
+    assert foreign_files(state) == []
+    (state / "checkpoint-2" / "analysis.py").write_text("mine")
+    assert foreign_files(state) == ["checkpoint-2/analysis.py"]

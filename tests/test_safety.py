@@ -160,7 +160,7 @@ CASES = [  # (argv with {m} models, {w} the user's folder, {s} scratch; what the
     ("dpo {m}/student --data {w}/prefs.json --epochs 0 --out {s}/o", "epochs (--epochs) must be > 0"),
     ("dpo {m}/student --data {s}/empty.json --out {s}/o", "empty.json holds no rows"),
     ("dpo {m}/student --data {s}/number.json --out {s}/o", "expected a JSON list of rows"),
-    ("dpo {m}/student --data {w}/prefs.json --ref-model {s}/bigvocab --out {s}/o", "same tokenizer"),
+    ("dpo {m}/student --data {w}/prefs.json --ref-model {s}/bigvocab --out {s}/o", "DPO needs a reference model with the same tokenizer"),
     ("generate {m}/teacher --prompt ", "prompt (--prompt) is empty"),
     ("generate {m}/teacher --prompt hi --top-p 2", "top_p (--top-p) must be > 0 and <= 1"),
     ("generate {m}/teacher --prompt hi --device banana", "'banana' is not a device"),

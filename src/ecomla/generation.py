@@ -10,12 +10,15 @@ def generate(options: GenerateOptions, log=print) -> str:
     import torch
     from transformers import TextStreamer
 
-    from .sources import load_model, resolve_device
+    from .sources import load_config, load_model, resolve_device
 
     o = options
     if o.model is None or o.prompt is None:
         raise ValueError("give the MODEL and --prompt")
     device = resolve_device(o.device)
+    positions = getattr(load_config(o.model), "max_position_embeddings", None)
+    if positions and o.max_new_tokens >= positions:  # before the model loads (the prompt is checked below)
+        raise ValueError(f"--max-new-tokens {o.max_new_tokens} runs past the model's {positions} positions; choose fewer")
     model, tok = load_model(o.model, dtype=getattr(torch, DTYPES[o.dtype]), device=device)
     if tok is None:
         raise FileNotFoundError(f"{o.model} has no tokenizer files: save one beside the weights to generate")
@@ -24,6 +27,10 @@ def generate(options: GenerateOptions, log=print) -> str:
     else:
         text = o.prompt
     inputs = tok(text, return_tensors="pt", add_special_tokens=not o.chat).to(device)
+    prompt = inputs["input_ids"].shape[1]
+    if positions and prompt + o.max_new_tokens > positions:
+        raise ValueError(f"the prompt's {prompt} tokens and --max-new-tokens {o.max_new_tokens} run past the model's "
+                         f"{positions} positions: choose --max-new-tokens {max(1, positions - prompt)} at most, or a shorter prompt")
     torch.manual_seed(o.seed)
     streamer = TextStreamer(tok, skip_prompt=o.chat, skip_special_tokens=True)
     gen = dict(max_new_tokens=o.max_new_tokens, do_sample=o.sample, streamer=streamer,

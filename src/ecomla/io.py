@@ -50,11 +50,21 @@ MARKER = ".ecomla-output"  # in every output folder ecomla writes: its kind and 
 LOCK_SUFFIX = ".ecomla-lock"  # `.NAME.ecomla-lock` beside output NAME while a process writes it
 LEGACY_LOCK = ".ecomla.lock"  # inside run folders of ecomla <= 0.x: still honoured when held
 HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by sha256, larger ones (weights) by size
+# The files of one checkpoint, by name: a user's file inside one is theirs, never taken for the library's.
+# accelerate's save_state (ecomla adds state.json; FSDP writes sharded folders):
+ACCELERATE_CHECKPOINT = (r"(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(safetensors|bin)"
+                         r"|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt|state\.json"
+                         r"|(pytorch_model_fsdp|optimizer)_\d+/[^/]+")
+# transformers' Trainer (TRL's DPO): the model as save_pretrained writes it (ecomla's code files included), trainer state
+TRAINER_CHECKPOINT = (r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|(config|generation_config|tokenizer"
+                      r"|tokenizer_config|special_tokens_map|added_tokens|vocab|trainer_state)\.json|merges\.txt"
+                      r"|chat_template\.jinja|tokenizer\.model|training_args\.bin|(optimizer|scheduler|scaler)\.pt"
+                      r"|rng_state(_\d+)?\.pth|(configuration_ecomla|modeling_ecomla|mla_attention|rope)\.py")
 # Files a kind of output writes as it goes, not recorded one by one (paths relative to the output).
 GROWING = {
-    "align": r"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/.+)",
-    "distill": r"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/.+)",
-    "dpo-state": r"args\.json|log_history\.json|checkpoint-\d+/.+",  # TRL writes checkpoint-N/
+    "align": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
+    "distill": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
+    "dpo-state": rf"args\.json|log_history\.json|README\.md|checkpoint-\d+/({TRAINER_CHECKPOINT})",  # TRL's README too
     "run": r"steps\.json",
     "report": r"report\.(md|json|png)|recipe\.yaml",
 }
@@ -205,6 +215,13 @@ def foreign_files(directory) -> list[str]:
             elif not grows.fullmatch(rel):
                 found.append(rel)
     return sorted(found)
+
+
+def unknown_files(folder, known: str) -> list[str]:
+    """Files under `folder` (relative paths) that the regex `known` does not name: a user's, in a folder of ecomla's."""
+    folder = Path(folder)
+    return sorted(rel for rel in (str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+                  if not re.fullmatch(known, rel))
 
 
 def describe(directory, marker: Marker) -> str:

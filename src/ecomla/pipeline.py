@@ -173,7 +173,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
             if step.name == "dpo":
                 read_preferences(o.data)
                 if o.ref_model:
-                    check_vocab(None, None, config, load_config(o.ref_model))
+                    check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:
             raise type(err)(f"{where}: {err}") from None
     if evaluation is not None:
@@ -185,6 +185,9 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
 
 def _complete(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+
+
+STARTED = "started"  # steps.json: {step: recorded options} of the steps begun and not yet finished
 
 
 def run_steps(steps: list[Step], record_path: Path, log=print) -> dict[str, float]:
@@ -203,7 +206,11 @@ def run_steps(steps: list[Step], record_path: Path, log=print) -> dict[str, floa
     rerun = False  # once a step reruns, every later step reruns too (its input changed)
     stages = {s.name: s for s in steps}
     for step in steps:
-        changed = step.name in made and made[step.name] != step.recorded()
+        now = step.recorded()
+        # made with these very options, then cut short (STARTED: recorded before a step runs): continue it, as a
+        # step never changed does, rather than start it again from step 0
+        interrupted = made.get(STARTED, {}).get(step.name) == now and not _complete(step.out)
+        changed = step.name in made and made[step.name] != now and not interrupted
         if _complete(step.out) and not changed and not rerun and (step.name in made or not record_path.is_file()):
             log(f"[ecomla run] {step.name}: already done, skipped")
             continue
@@ -217,10 +224,14 @@ def run_steps(steps: list[Step], record_path: Path, log=print) -> dict[str, floa
         log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
         if step.name == "distill" and "align" in stages:
             reuse_sampled_text(stages["align"].options, step.options)
+        made[STARTED] = {**made.get(STARTED, {}), step.name: now}
+        atomic_write(record_path, json.dumps(made, indent=1))
         t0 = time.time()
         step.options.run(log=log)
         timings[step.name] = time.time() - t0
-        made = {**{k: v for k, v in made.items() if k != step.name}, step.name: step.recorded()}
+        started = {k: v for k, v in made[STARTED].items() if k != step.name}
+        made = {**{k: v for k, v in made.items() if k not in (step.name, STARTED)}, step.name: now,
+                **({STARTED: started} if started else {})}
         atomic_write(record_path, json.dumps(made, indent=1))
     return timings
 
@@ -315,6 +326,7 @@ def _add_scores(rows: list[dict], table: list[dict]) -> None:
 
 
 def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, eval_md: str, timings: dict, out: Path) -> None:
+    from .evaluation.evaluate import format_score
     from .io import atomic_write
     from .report import markdown_table
 
@@ -322,16 +334,16 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     scores = [c for c in rows[0] if c not in cols and c != "path"]  # from the evaluation: tasks, average, margin kept
 
     def fmt(c, v):
+        if c in scores:  # as `ecomla eval` prints them (a KL or a perplexity is no percentage)
+            return format_score(c, v)
         if not isinstance(v, float):
             return v
-        if c in scores and "ppl" not in c:
-            return f"{100 * v:.1f}" + ("%" if c == "margin kept" else "")
         return f"{v:.0f}" if c == "train_seconds" else f"{v:.4g}"
 
     md = [f"# ecomla run: {recipe.get('name', recipe['model'])}", "",
           markdown_table(cols, [[r.get(c) for c in cols] for r in rows], fmt), ""]
     if scores:
-        md += ["Scores (%; lm-eval 0-shot; average over the harness tasks; margin kept = (average - chance) / "
+        md += ["Scores (accuracies in %, a KL or perplexity as it is; lm-eval 0-shot; average over the harness tasks; margin kept = (average - chance) / "
                "(original's average - chance), chance 25% for 4-way choices, 50% for PIQA/Winogrande, 0 for LAMBADA):",
                "", markdown_table(["model", *scores], [[r["model"], *[r.get(c) for c in scores]] for r in rows], fmt), ""]
     md += [

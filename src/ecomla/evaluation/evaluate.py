@@ -331,21 +331,24 @@ def summary_table(rows: list[dict], kv: dict[str, int]) -> tuple[list[str], list
     return list(table[0].keys()), table
 
 
-def markdown(columns: list[str], table: list[dict]) -> str:
-    def fmt(c, v):
-        if isinstance(v, float):
-            if c == "kv_cache":
-                return f"{v:.3f}"
-            if c == "average vs first":
-                return f"{v:.3f}x"
-            if c == "margin kept":
-                return f"{100 * v:.1f}%"
-            if "KL to first" in c:
-                return f"{v:.4f}"
-            return f"{v:.2f}" if "ppl" in c else f"{100 * v:.2f}"
-        return v
+def format_score(column: str, value):
+    """A summary-table cell as the reports print it: accuracies in % (2 decimals), the margin kept in %, ratios,
+    perplexities and KL as they are."""
+    if not isinstance(value, float):
+        return value
+    if column == "kv_cache":
+        return f"{value:.3f}"
+    if column == "average vs first":
+        return f"{value:.3f}x"
+    if column == "margin kept":
+        return f"{100 * value:.1f}%"
+    if "KL to first" in column:
+        return f"{value:.4f}"
+    return f"{value:.2f}" if "ppl" in column else f"{100 * value:.2f}"
 
-    return markdown_table(columns, [[r[c] for c in columns] for r in table], fmt) + "\n"
+
+def markdown(columns: list[str], table: list[dict]) -> str:
+    return markdown_table(columns, [[r[c] for c in columns] for r in table], format_score) + "\n"
 
 
 def short_names(names: list[str]) -> list[str]:

@@ -153,14 +153,16 @@ def split_heldout(ids: torch.Tensor, weights: torch.Tensor, fraction: float, max
     return (ids[: n - k], weights[: n - k]), (ids[n - k :], weights[n - k :])
 
 
-def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg) -> None:
-    """Distillation compares distributions token by token: the vocabularies must be identical."""
+def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg, other: str = "teacher",
+                job: str = "distillation") -> None:
+    """Distillation (and DPO against its reference model) compares distributions token by token: the vocabularies
+    must be identical. `other`, `job`: how the message names the second model and the work."""
     if student_cfg.vocab_size != teacher_cfg.vocab_size:
-        raise ValueError(f"the teacher's vocabulary ({teacher_cfg.vocab_size} tokens) differs from the student's "
-                         f"({student_cfg.vocab_size}): distillation needs a teacher with the same tokenizer")
+        raise ValueError(f"the {other}'s vocabulary ({teacher_cfg.vocab_size} tokens) differs from the student's "
+                         f"({student_cfg.vocab_size}): {job} needs a {other} with the same tokenizer")
     if student_tok is not None and teacher_tok is not None and student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ValueError("the teacher's tokenizer maps tokens differently from the student's: "
-                         "distillation needs a teacher with the same tokenizer")
+        raise ValueError(f"the {other}'s tokenizer maps tokens differently from the student's: "
+                         f"{job} needs a {other} with the same tokenizer")
 
 
 DATA_FREE_PROMPTS = [

@@ -91,7 +91,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     rows = read_preferences(args.data)
     if args.ref_model:
         check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
-                    load_config(args.ref_model))
+                    load_config(args.ref_model), other="reference model", job="DPO")
     if args.resume:
         args.check_resume(state / "args.json")
     model, tok = load_model(args.model, dtype=torch.float32)

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_write, check_free_space, check_output, claim, clear_run_dir, mark, read_json, read_log, record
+from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, claim, clear_run_dir, mark, read_json,
+                  read_log, record, unknown_files)
 from ..options import DTYPES, TrainOptions
 
 
@@ -527,5 +528,6 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(p for p in ckpt_dir.glob("step-*") if p != final)[: max(0, len(list(ckpt_dir.glob("step-*"))) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not unknown_files(old, ACCELERATE_CHECKPOINT):  # one holding a user's file stays (theirs to remove)
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
