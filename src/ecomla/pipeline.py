@@ -343,8 +343,9 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     md = [f"# ecomla run: {recipe.get('name', recipe['model'])}", "",
           markdown_table(cols, [[r.get(c) for c in cols] for r in rows], fmt), ""]
     if scores:
-        md += ["Scores (accuracies in %, a KL or perplexity as it is; lm-eval 0-shot; average over the harness tasks; margin kept = (average - chance) / "
-               "(original's average - chance), chance 25% for 4-way choices, 50% for PIQA/Winogrande, 0 for LAMBADA):",
+        md += ["Scores (accuracies in %, a KL or perplexity as it is; lm-eval 0-shot; average over the harness tasks; "
+               "margin kept = (average - chance) / (original's average - chance), chance 25% for 4-way choices, 50% for "
+               "PIQA/Winogrande, 0 for LAMBADA):",
                "", markdown_table(["model", *scores], [[r["model"], *[r.get(c) for c in scores]] for r in rows], fmt), ""]
     md += [
           f"KV cache per token: {rows[0]['kv_values_per_token']} -> {rows[-1]['kv_values_per_token']} values "
