@@ -188,14 +188,20 @@ def test_bad_input_fails_before_training(models, tmp_path):
         distill(_cfg(models, tmp_path / "c", teacher=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="smaller than one step"):
         distill(_cfg(models, tmp_path / "d", tokens=10))
-    for name in "abcd":
+    (tmp_path / "texts").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder; give its files"):
+        distill(_cfg(models, tmp_path / "e", data=[str(tmp_path / "texts")]))
+    for name in "abcde":
         assert not (tmp_path / name / "config.json").exists()
 
 
 def test_data_free_distillation_runs(models, tmp_path):
     from ecomla.training.distill import distill
 
-    summary = distill(_cfg(models, tmp_path / "free", data=[], data_free_tokens=512, tokens=2 * 2 * 32), log=lambda *a: None)
+    lines = []  # --resume into a folder that is not there yet starts a new run, and says so
+    summary = distill(_cfg(models, tmp_path / "free", data=[], data_free_tokens=512, tokens=2 * 2 * 32, resume=True),
+                      log=lines.append)
+    assert any("--resume" in x and "does not exist yet, so a new run starts there" in x for x in lines)
     assert (tmp_path / "free" / "training" / "sampled.jsonl").is_file() and summary["steps"] == 2
 
 

@@ -178,6 +178,8 @@ def test_an_export_the_disk_cannot_hold_is_refused_before_the_model_loads(tmp_pa
     assert main(["convert", str(tmp_path / "llama"), "--kv-ratio", "2", "--calib", str(tmp_path / "calib.txt"),
                  "--calib-cache", "none", "--out", str(tmp_path / "mla")]) == 0
     assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / "ds")]) == 0
+    assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "names a GGUF file, but --format is deepseek-v3" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
     config = sources.load_config(str(tmp_path / "mla"))
     with torch.device("meta"):
         n = sum(p.numel() for p in EcoMLAForCausalLM(config).parameters())

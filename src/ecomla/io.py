@@ -677,6 +677,8 @@ def read_rows(path, what: str = "data file") -> list:
     """Plain strings (a text file is one document) or the rows of a .json list / .jsonl file; errors name
     the file (and the line)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{what} {path}: a folder; give its files (.txt, .json or .jsonl), one by one")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
     try:

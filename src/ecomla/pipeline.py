@@ -224,6 +224,8 @@ def run_steps(steps: list[Step], record_path: Path, log=print) -> dict[str, floa
         log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
         if step.name == "distill" and "align" in stages:
             reuse_sampled_text(stages["align"].options, step.options)
+        if getattr(step.options, "resume", False) and not step.out.exists():  # a new run, not one continued
+            step.options = step.options.replace(resume=False)
         made[STARTED] = {**made.get(STARTED, {}), step.name: now}
         atomic_write(record_path, json.dumps(made, indent=1))
         t0 = time.time()

@@ -252,6 +252,8 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
         plan = _preflight(cfg, objective, accelerator.num_processes)
         out = plan["out"]
         created = not out.exists()
+        if created and cfg.resume and main:  # a new run: say so, in case --out was meant to name an earlier one
+            log(f"[ecomla {cfg.command}] --resume: {out} does not exist yet, so a new run starts there")
         accelerator.wait_for_everyone()  # every process checked --out before the main one creates it
         if main:
             out.mkdir(parents=True, exist_ok=True)
