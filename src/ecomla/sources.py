@@ -6,9 +6,11 @@ Built-in: `smollm2-135m` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.util
+import logging
 import re
 from pathlib import Path
 
@@ -204,6 +206,20 @@ def weight_problems(info: dict) -> str:
     return "; ".join(parts)
 
 
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Without transformers' own loading report: its "newly initialized" would contradict ecomla's refusal of the
+    same weights (`weight_problems`), which names them once."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = logging.Filter()
+    drop.filter = lambda record: "LOAD REPORT" not in str(record.msg)  # only that report (a level would change more)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def weights_mismatch(source: str, where, problems: str) -> ValueError:
     return ValueError(f"model {source!r}: its weights ({where}) do not match its config: {problems}. Nothing was "
                       "filled in at random: give the model's complete weights, with the config they were saved with")
@@ -225,8 +241,9 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:  # mismatched shapes are reported (below) with every other weight problem, not raised one by one
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **kwargs)
     except OSError as err:
         raise _not_loaded(source, "model", err) from None
     except Exception as err:  # a truncated, empty or garbage weights file
