@@ -3,6 +3,7 @@ refused with a message (no traceback) before any work, honest resumes, locks, re
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -208,15 +209,15 @@ def test_bad_input_table_each_in_a_subprocess(world, scratch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     before = snapshot(world), snapshot(scratch)
 
-    def one(case):
-        argv, message = case
-        args = argv.format(**fmt).split(" ")
+    def one(numbered):  # each row its own --out: rows run three at a time, and two writers of one output are refused
+        i, (argv, message) = numbered
+        args = re.sub(r"--out \{s\}/o\b", f"--out {{s}}/o{i}", argv).format(**fmt).split(" ")
         args = [a for a in args if a] + ([""] if argv.endswith("--prompt ") else [])
         proc = subprocess.run([sys.executable, "-m", "ecomla.cli", *args], capture_output=True, text=True, env=env, timeout=300)
         return argv, proc, message.format(**fmt)
 
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(one, CASES))
+        results = list(pool.map(one, enumerate(CASES)))
     failures = []
     for argv, proc, message in results:
         if proc.returncode != 2 or "Traceback" in proc.stderr or message not in proc.stderr:
