@@ -71,9 +71,9 @@ GROWING = {
 # Names ecomla gives its temporaries: `.NAME.ecomla-tmp-PID[-RANDOM]` (a file or folder being written),
 # `.NAME.ecomla-old-PID` (the output being replaced), `.NAME.ecomla-tmp` (one every process of a run agrees on).
 TMP, OLD = "ecomla-tmp", "ecomla-old"
+OWNED = re.compile(rf"\.(?P<name>.+)\.(?P<kind>{TMP}|{OLD})-(?P<pid>\d+)(-[A-Za-z0-9_]+)?")  # one with its writer's pid
 # Those and the locks, cleaned or ignored; no other name is taken for ecomla's (a user's `.notes.old-2023` is theirs)
-OWN_TEMPORARY = re.compile(rf"\..+\.({TMP}|{OLD})-\d+(-[A-Za-z0-9_]+)?|\..+\.{TMP}|\..+" + re.escape(LOCK_SUFFIX)
-                           + "|" + re.escape(LEGACY_LOCK))
+OWN_TEMPORARY = re.compile(rf"{OWNED.pattern}|\..+\.{TMP}|\..+" + re.escape(LOCK_SUFFIX) + "|" + re.escape(LEGACY_LOCK))
 COMMAND_OF_KIND = {"dpo-state": "dpo", "report": "run"}
 RESUMABLE = ("align", "distill", "dpo", "dpo-state", "run")  # kinds whose command takes --resume
 
@@ -332,11 +332,16 @@ def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecom
     return out_path
 
 
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def _check_writable(path: Path, shown: str, flag: str = "--out") -> None:
     """The first existing ancestor (or `path` itself) must be a writable directory."""
-    probe = path if path.exists() else path.parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing(path)
     if not probe.is_dir():
         raise OutputError(f"{flag} {shown}: {probe} is a file, so nothing can be written below it")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -355,11 +360,10 @@ def check_free_space(needs: dict, what: str, fix: str) -> None:
     at the end of an 8B model's conversion costs the whole conversion. `fix`: where else to write, or how less."""
     disks = {}  # device -> (a folder on it, bytes wanted there)
     for path, needed in needs.items():
-        probe = Path(path).absolute()
-        while not probe.exists():
-            probe = probe.parent
-        folder, total = disks.get(probe.stat().st_dev, (probe, 0))
-        disks[probe.stat().st_dev] = (folder, total + needed)
+        probe = _existing(Path(path).absolute())
+        device = probe.stat().st_dev
+        folder, total = disks.get(device, (probe, 0))
+        disks[device] = (folder, total + needed)
     for folder, needed in disks.values():
         free = shutil.disk_usage(folder).free
         want = int(needed * 1.02) + (64 << 20)
@@ -377,7 +381,7 @@ def dead_leftovers(folder: Path) -> list[tuple[Path, int]]:
     """(path, bytes) of ecomla's temporaries in `folder` whose process is gone (a killed run's partial output)."""
     found = []
     for p in Path(folder).glob(f".*.{TMP}-*"):
-        if OWN_TEMPORARY.fullmatch(p.name) and not _owner_alive(p) and not p.is_symlink():
+        if OWNED.fullmatch(p.name) and not _owner_alive(p) and not p.is_symlink():
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
             found.append((p, size))
     return sorted(found, key=lambda t: -t[1])
@@ -395,9 +399,10 @@ def clean_leftovers(out: Path) -> None:
     parent = out.parent
     if not parent.is_dir():
         return
-    name = re.escape(out.name)
-    ours = lambda kind: sorted(p for p in parent.glob(f".{glob_escape(out.name)}.{kind}-*")
-                               if re.fullmatch(rf"\.{name}\.{kind}-\d+(-[A-Za-z0-9_]+)?", p.name) and not _owner_alive(p))
+    def ours(kind):
+        return sorted(p for p in parent.glob(f".{glob_escape(out.name)}.{kind}-*")
+                      if (m := OWNED.fullmatch(p.name)) and m["name"] == out.name and not _owner_alive(p))
+
     olds = [p for p in ours(OLD) if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
     if olds and not out.exists():  # killed between the two renames of a replacement: put the old one back
         olds[-1].rename(out)
@@ -411,11 +416,11 @@ def glob_escape(name: str) -> str:
 
 
 def _owner_alive(p: Path) -> bool:
-    m = re.search(rf"\.(?:{TMP}|{OLD})-(\d+)", p.name)
-    if not m or int(m.group(1)) == os.getpid():
+    m = OWNED.fullmatch(p.name)
+    if not m or int(m["pid"]) == os.getpid():
         return False
     try:
-        os.kill(int(m.group(1)), 0)
+        os.kill(int(m["pid"]), 0)
     except OSError as err:
         return err.errno == errno.EPERM
     return True

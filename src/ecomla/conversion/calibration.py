@@ -301,7 +301,7 @@ def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | No
     n = model.config.num_hidden_layers
     dtype = next(model.parameters()).dtype
     store = cache_store(cache_dir, stats_key(model.config, model.named_parameters(), input_ids, dtype))
-    cov = store.load_all(n) if all(store.path(i).is_file() for i in range(n)) else None
+    cov = store.load_all(n)  # None where a layer's is missing or damaged
     if cov is None:
         cov = attention_input_covariance(model, input_ids, progress=progress)
         for i, c in cov.items():

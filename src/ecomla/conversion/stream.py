@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..model.cache import checkpoint_tensors
 from ..model.modeling_ecomla import EcoMLAForCausalLM
 from ..options import ConvertOptions
 from ..sources import check_supported, model_skeleton
@@ -323,9 +324,7 @@ def convert_layerwise(weights, plan: ConversionPlan, ids: torch.Tensor | None, s
 
 def _converted_tensors(reader: LayerReader, config, plan, covariance, rotation, mla_layers, progress):
     """Pass 3: (name, tensor) of the converted model in state-dict order, one layer's in memory at a time."""
-    with torch.device("meta"):
-        names = [k for k in EcoMLAForCausalLM(config).state_dict()
-                 if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    names = [name for name, _ in checkpoint_tensors(config)]
     current, layer = None, {}
     for name in tqdm(names, desc="SVD init", unit="tensor", disable=not progress):
         i = _layer_index(name)
@@ -353,19 +352,12 @@ def _converted_layer(reader: LayerReader, config, plan, i: int, covariance, rota
     return layer
 
 
-def saved_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of each tensor the converted model's checkpoint holds, in state-dict order (a tied head once)."""
-    with torch.device("meta"):
-        state = EcoMLAForCausalLM(config).state_dict()
-    return [(k, tuple(v.shape)) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")]
-
-
 def written_bytes(plan: ConversionPlan, config, out, dtype: torch.dtype, calib_cache: str | None) -> dict[Path, int]:
     """{where: bytes} `write_conversion` writes for `plan` (`config`: its `build_config`): the weight shards into
     `out`, and with calibration one float64 (d, d) covariance per layer (d: hidden size, + 1 with biases) into
     `out`'s staging folder (`calib_cache` "none") or the statistics cache."""
     size = torch.empty((), dtype=dtype).element_size()
-    needs = {Path(out): sum(prod(shape) for _, shape in saved_tensors(config)) * size}
+    needs = {Path(out): sum(prod(shape) for _, shape in checkpoint_tensors(config)) * size}
     if plan.needs_calibration:
         d = config.hidden_size + int(config.attention_bias)
         where = Path(out) if calib_cache == "none" else Path(calib_cache or default_cache_dir())
@@ -390,7 +382,7 @@ def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, ch
                                         progress=progress)
     with torch.device("meta"):
         EcoMLAForCausalLM(config).save_pretrained(out, state_dict={})  # config, generation config, code: no weights
-    writer = ShardWriter(out, saved_tensors(config), dtype, SHARD_BYTES)
+    writer = ShardWriter(out, checkpoint_tensors(config), dtype, SHARD_BYTES)
     for name, tensor in tensors:
         writer.write(name, tensor)
         del tensor  # before the next is made: the 8B's 2 GiB embeddings were held while layer 0 was converted

@@ -28,11 +28,12 @@ def _export(options: ExportOptions, inputs: dict, log):
 
     if options.format == "gguf":
         check_output_file(options.out, inputs, options.overwrite, gguf_written_by_ecomla, ".gguf")
-        check_gguf_exportable(load_config(options.model))
+        config = load_config(options.model)
+        check_gguf_exportable(config)
         tok = load_tokenizer(options.model)
         tokenizer_json(tok)  # a tokenizer the GGUF can carry
         outtype = options.outtype or GGUF_DEFAULT_OUTTYPE
-        check_export_space(options.out, load_config(options.model), GGUF_BYTES[outtype],
+        check_export_space(options.out, config, GGUF_BYTES[outtype],
                            f"the GGUF ({outtype})", "--outtype q8_0 (about half of f16)" if outtype != "q8_0" else "")
         model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
         out = export_gguf(model, tok, options.out, outtype)
@@ -73,13 +74,12 @@ def checkpoint_bytes_per_parameter(config) -> int:
 def check_export_space(out, config, bytes_per_parameter: float, what: str, smaller: str) -> None:
     """Refuse an export the disk holding `out` has no room for (parameters x `bytes_per_parameter`), before the
     model loads; `smaller`: the option that makes it smaller, if any."""
-    import torch
+    from math import prod
 
     from ..io import check_free_space
-    from ..model.modeling_ecomla import EcoMLAForCausalLM
+    from ..model.cache import checkpoint_tensors
 
-    with torch.device("meta"):
-        n = sum(p.numel() for p in EcoMLAForCausalLM(config).parameters())  # a tied head once
+    n = sum(prod(shape) for _, shape in checkpoint_tensors(config))
     check_free_space({out: int(n * bytes_per_parameter)}, what,
                      "choose --out on another disk" + (f", or {smaller}" if smaller else ""))
 

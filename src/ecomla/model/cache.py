@@ -22,6 +22,18 @@ def model_dims(model_config) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def checkpoint_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each tensor a converted model's checkpoint holds (`config`: an EcoMLAConfig), in state-dict
+    order, a tied head once: read from the model built on the meta device (no memory)."""
+    import torch
+
+    from .modeling_ecomla import EcoMLAForCausalLM
+
+    with torch.device("meta"):
+        state = EcoMLAForCausalLM(config).state_dict()
+    return [(k, tuple(v.shape)) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")]
+
+
 def has_attention_bias(config) -> bool:
     """Qwen2 (q, k, v biases) and Llama with attention_bias (q, k, v, o biases)."""
     return getattr(config, "model_type", None) == "qwen2" or bool(getattr(config, "attention_bias", False))
