@@ -149,6 +149,8 @@ SPM_TEXTS = ["the cat sat on the mat.", "Größe der Straße: 12 € — naïve 
 def sentencepiece_tokenizer():
     """A SentencePiece-style BPE tokenizer as transformers builds Llama 2's and Mistral's: a vocabulary with byte
     pieces <0x00>..<0xFF> and scores, merges made from it (`generate_merges`), byte fallback, spaces as U+2581."""
+    from collections import Counter
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
@@ -157,8 +159,13 @@ def sentencepiece_tokenizer():
 
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    bpe.train_from_iterator([TINY_TEXT, " ".join(SPM_TEXTS[1:]) * 3],
-                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60))
+    corpus = [TINY_TEXT, " ".join(SPM_TEXTS[1:]) * 3]
+    # The 60 most frequent characters, ties broken by code point: the trainer's own limit_alphabet breaks ties in
+    # hash order, so which rare characters fell back to bytes changed from run to run.
+    counts = Counter("".join(corpus).replace(" ", "\u2581"))
+    alphabet = sorted(counts, key=lambda c: (-counts[c], c))[:60]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=alphabet, limit_alphabet=len(alphabet)))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
