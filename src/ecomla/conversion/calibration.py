@@ -96,7 +96,8 @@ def causal_mask(config, layer: int, hidden: torch.Tensor, position_ids: torch.Te
     types = getattr(config, "layer_types", None)
     sliding = types[layer] == "sliding_attention" if types else getattr(config, "sliding_window", None) is not None
     make = create_sliding_window_causal_mask if sliding else create_causal_mask
-    return make(config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+    # the cache by position: transformers 5.17 names it past_key_values, later versions cache
+    return make(config, hidden, None, None, position_ids=position_ids)
 
 
 class LayerStream:
