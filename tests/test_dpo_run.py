@@ -128,8 +128,15 @@ def test_run_recipe_with_an_alignment_stage(tmp_path):
     assert "margin kept" in (report / "report.md").read_text() and (report / "report.png").is_file()
     assert json.loads((tmp_path / "out" / "aligned" / "training" / "args.json").read_text())["teacher"] == str(teacher)
     lines = []
+    scores = json.loads((report / "report.json").read_text())["rows"]
     run_recipe(tmp_path / "r.yaml", log=lines.append)
-    assert sum("already done" in str(x) for x in lines) == 3
+    assert sum("already done" in str(x) for x in lines) == 4  # the evaluation too: same options, same models
+    assert json.loads((report / "report.json").read_text())["rows"] == scores
+    recipe["distill"]["lr"] = 0.001  # distill is made again, so its model is evaluated again
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(recipe))
+    lines = []
+    run_recipe(tmp_path / "r2.yaml", log=lines.append)
+    assert sum("already done" in str(x) for x in lines) == 2 and "eval: already done" not in "\n".join(map(str, lines))
     recipe["align"]["teacher"] = str(teacher)  # the original is always this stage's teacher
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="recipe section 'align': 'teacher' is set by the recipe itself"):
@@ -197,3 +204,35 @@ def test_a_changed_step_cut_short_continues_on_the_next_run(tmp_path, monkeypatc
     rows = [json.loads(r) for r in open(tmp_path / "out" / "distilled" / "training" / "log.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert "started" not in json.loads((tmp_path / "out" / "steps.json").read_text())
+
+
+def test_run_recipe_in_two_processes(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/cpu2.yaml -m ecomla.cli run R` (the recipes' multi-GPU
+    command, on 2 CPU processes): the first process converts while the other waits, both train each stage
+    together, the first alone writes the run's record and report; a rerun skips every step on both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    teacher = tiny_model_dir(tmp_path / "teacher")
+    (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
+    shared = {"data": [str(tmp_path / "train.txt")], "seq_len": 32, "batch_size": 1, "eval_every": 0, "save_every": 0}
+    recipe = {"model": str(teacher), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+              "align": {**shared, "tokens": 4 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    config = Path(__file__).parent.parent / "recipes" / "accelerate" / "cpu2.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "ecomla.cli", "run",
+           str(tmp_path / "r.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if attempt == 0:
+            for stage in ("aligned", "distilled"):
+                summary = json.loads((tmp_path / "out" / stage / "training" / "summary.json").read_text())
+                assert summary["world_size"] == 2 and len(set(summary["rank_param_checksums"])) == 1
+            assert (tmp_path / "out" / "report" / "report.md").is_file()
+            assert proc.stdout.count("[ecomla run] convert: ConvertOptions") == 1  # said once, by the first process
+        else:
+            assert proc.stdout.count("already done, skipped") == 3

@@ -120,3 +120,83 @@ def test_fsdp2_on_two_cpu_processes_trains_and_resumes_as_one_process(tmp_path):
         # float32 sums of two halves of the batch, reduced across processes, against one sum: rounding only
         torch.testing.assert_close(sharded[k], w, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"sharded {k}: {m}")
         torch.testing.assert_close(resumed[k], sharded[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"resumed {k}: {m}")
+
+
+def _fsdp_launch(tmp_path, command: str, *args: str, world: int = 2):
+    """ecomla `command` under accelerate's FSDP path on `world` CPU processes (tests/fsdp_on_cpu.py), with the
+    wrapping of recipes/accelerate/fsdp.yaml."""
+    import subprocess
+
+    import yaml
+
+    config = yaml.safe_load(open(Path(__file__).parent.parent / "recipes" / "accelerate" / "fsdp.yaml"))
+    config.update(num_processes=world, mixed_precision="no", use_cpu=True)
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
+           str(Path(__file__).parent / "fsdp_on_cpu.py"), command, *args]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_ecomla_training_under_accelerates_fsdp_matches_one_process(tmp_path):
+    """ecomla's own loop under accelerate's FSDP2 (2 processes, each holding half of every weight): a distillation
+    stopped after step 2 and resumed from accelerate's FSDP checkpoint, and an alignment (which calls each MLA
+    attention by itself), end with the weights one process reaches with the same global batch; the held-out
+    evaluations run (the top module's weights are gathered only inside its forward); the summary's checksum is the
+    whole model's sum on both ranks."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import tiny_training_inputs, tiny_run_options
+    from ecomla.options import AlignOptions, DistillOptions
+    from ecomla.training.align import align
+    from ecomla.training.distill import distill
+
+    inputs = tiny_training_inputs(tmp_path, kv_lora_rank=8)
+    teacher, student, text = inputs
+    # align's mse loss: the normalized one is a ratio per process's batch, which two halves average differently
+    for command, cls, run, extra in (("distill", DistillOptions, distill, {}),
+                                     ("align", AlignOptions, align, {"align_loss": "mse"})):
+        one = tmp_path / f"{command}-one"
+        run(tiny_run_options(cls, inputs, one, **extra), log=lambda *a: None)
+        common = [*[f"--{k.replace('_', '-')}={v}" for k, v in extra.items()], student, "--teacher", teacher, "--data", text, "--tokens", str(6 * 2 * 32), "--seq-len", "32",
+                  "--batch-size", "1", "--lr", "3e-3", "--eval-every", "2", "--save-every", "2", "--warmup", "0.2",
+                  "--out", str(tmp_path / command)]
+        if command == "distill":
+            _fsdp_launch(tmp_path, command, *common, "--stop-after", "2")
+            assert (tmp_path / command / "training" / "checkpoints" / "step-000002" / "pytorch_model_fsdp.bin").is_file()
+            out = _fsdp_launch(tmp_path, command, *common, "--resume")
+            assert "resuming from" in out
+        else:
+            _fsdp_launch(tmp_path, command, *common)
+        summary = json.loads((tmp_path / command / "training" / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["after"]["heldout_kl"] < summary["before"]["heldout_kl"]
+        a, b = load_file(tmp_path / command / "model.safetensors"), load_file(one / "model.safetensors")
+        assert sorted(a) == sorted(b)
+        for k in a:  # gradients summed over 2 processes in another order than in one: float rounding only
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{command} {k}: {m}")
+        whole = sum(float(w.double().sum()) for w in b.values())
+        assert summary["rank_param_checksums"] == [pytest.approx(whole, rel=1e-6)] * 2
+
+
+def test_an_fsdp_wrapping_that_leaves_mla_attention_inside_its_layer_is_refused_for_align():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ecomla.options import AlignOptions, DistillOptions
+    from ecomla.training.align import Alignment
+    from ecomla.training.distill import Distillation
+    from ecomla.training.loop import check_fsdp_units
+
+    def accelerator(*names):
+        plugin = SimpleNamespace(transformer_cls_names_to_wrap=list(names))
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+
+    aligning = Alignment(AlignOptions(student="s", teacher="t", out="o"))
+    with pytest.raises(ValueError, match="fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer,MLAAttention"):
+        check_fsdp_units(accelerator("LlamaDecoderLayer"), aligning)
+    check_fsdp_units(accelerator("LlamaDecoderLayer", "MLAAttention"), aligning)
+    check_fsdp_units(accelerator("LlamaDecoderLayer"), Distillation(DistillOptions(student="s", teacher="t", out="o")))

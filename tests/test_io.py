@@ -163,7 +163,9 @@ def test_a_users_file_inside_a_checkpoint_is_theirs(tmp_path):
     run = tmp_path / "run"
     step = run / "training" / "checkpoints" / "step-000006"
     step.mkdir(parents=True)
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "state.json"):
+    (step / "pytorch_model_fsdp_0").mkdir()
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "state.json",
+                 "pytorch_model_fsdp.bin", "pytorch_model_fsdp_rank1.bin", "pytorch_model_fsdp_0/__0_0.distcp"):  # FSDP's
         (step / name).write_text("x")
     mark(run, "distill")
     assert foreign_files(run) == [] and unknown_files(step, ACCELERATE_CHECKPOINT) == []

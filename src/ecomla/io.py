@@ -53,6 +53,7 @@ HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by sha256, larg
 # The files of one checkpoint, by name: a user's file inside one is theirs, never taken for the library's.
 # accelerate's save_state (ecomla adds state.json; FSDP writes sharded folders):
 ACCELERATE_CHECKPOINT = (r"(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(safetensors|bin)"
+                         r"|(pytorch_model_fsdp|optimizer)(_\d+)?(_rank\d+)?\.bin"  # FSDP's full and local state dicts
                          r"|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt|state\.json"
                          r"|(pytorch_model_fsdp|optimizer)_\d+/[^/]+")
 # transformers' Trainer (TRL's DPO): the model as save_pretrained writes it (ecomla's code files included), trainer state

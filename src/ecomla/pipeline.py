@@ -8,7 +8,9 @@ e.g. `kv_rank`). Every section is checked before
 step one. Steps write OUT/converted, OUT/aligned, OUT/distilled, OUT/dpo and OUT/report/. Re-running a recipe
 continues where it stopped: a step whose output is complete and whose section is unchanged is
 skipped, an interrupted distillation resumes, and a changed section reruns its step and every
-step after it (OUT/steps.json records the options each output was made with).
+step after it (OUT/steps.json records the options each output was made with). Under `accelerate launch` with
+several processes the first converts while the others wait, all of them train, and the first alone writes
+the record and the report (`Launch`).
 """
 
 from __future__ import annotations
@@ -190,62 +192,137 @@ def _complete(model_dir: Path) -> bool:
 STARTED = "started"  # steps.json: {step: recorded options} of the steps begun and not yet finished
 
 
-def run_steps(steps: list[Step], record_path: Path, log=print) -> dict[str, float]:
-    """Run each step in order, unless its output is complete and was made with the same options and inputs
-    (`record_path`, JSON: what each output was made with); a step that reruns makes every later one rerun.
-    A distillation after a data-free alignment that samples alike reads the alignment's text. Returns the
-    seconds of each step run. `ecomla run` and benchmarks/recovery_smollm2.py run their stages with this."""
-    from .io import atomic_write
-    from .training.data import reuse_sampled_text
+class Launch:
+    """The processes one `accelerate launch` (torchrun) started for `ecomla run`. The first decides which steps run,
+    converts, and writes the run's record and report; all of them run the training steps together. They agree
+    through the launcher's own key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), not a process group:
+    accelerate makes that itself when training starts. One process alone: nothing to agree on."""
 
-    timings: dict[str, float] = {}
-    made = read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
-        if record_path.is_file() else {}
-    if not isinstance(made, dict):
-        raise ValueError(f"the run's record of its steps {record_path} is damaged: remove it, and every step is made again")
+    def __init__(self):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.main = int(os.environ.get("RANK", "0")) == 0
+        self._store = None
+        if self.world > 1:
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                raise ValueError("ecomla run in several processes needs the launcher's store: start it with `accelerate "
+                                 "launch` or `torchrun`, or run its steps one by one (ecomla convert, align, distill)")
+            from datetime import timedelta
+
+            from torch.distributed import TCPStore
+
+            # a conversion can take hours; the launcher ends every process when one fails
+            self._store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=timedelta(days=7), wait_for_workers=False)
+
+    def share(self, key: str, value=None):
+        """The first process's `value` (JSON) on every process; the others wait until it is set."""
+        if self._store is None:
+            return value
+        if self.main:
+            self._store.set(f"ecomla-run/{key}", json.dumps(value))
+            return value
+        return json.loads(self._store.get(f"ecomla-run/{key}"))
+
+
+def _together(step: Step) -> bool:
+    """Whether every process of a launch runs this step (training), or only the first (conversion)."""
+    return isinstance(step.options, (TrainOptions, DPOOptions))
+
+
+def decide_steps(steps: list[Step], made: dict, record_exists: bool) -> dict[str, dict | None]:
+    """What each step does on this run: None (skipped: its output is complete and made with these options and
+    inputs) or {"why": why it is made again, or None; "changes": the option changes it runs with}."""
+    decisions: dict[str, dict | None] = {}
     rerun = False  # once a step reruns, every later step reruns too (its input changed)
-    stages = {s.name: s for s in steps}
     for step in steps:
         now = step.recorded()
         # made with these very options, then cut short (STARTED: recorded before a step runs): continue it, as a
         # step never changed does, rather than start it again from step 0
         interrupted = made.get(STARTED, {}).get(step.name) == now and not _complete(step.out)
         changed = step.name in made and made[step.name] != now and not interrupted
-        if _complete(step.out) and not changed and not rerun and (step.name in made or not record_path.is_file()):
+        if _complete(step.out) and not changed and not rerun and (step.name in made or not record_exists):
+            decisions[step.name] = None
+            continue
+        why, changes = None, {}
+        if changed or (rerun and step.out.exists()):
+            why = (f"its section or inputs changed ({'; '.join(differences(made[step.name], now))})"
+                   if changed else "an earlier step was redone")
+            if hasattr(step.options, "resume"):
+                changes = {"resume": False, "overwrite": True}
+        rerun = rerun or changed or step.name not in made or not _complete(step.out)
+        decisions[step.name] = {"why": why, "changes": changes}
+    return decisions
+
+
+def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | None = None) -> dict[str, float]:
+    """Run each step in order, unless its output is complete and was made with the same options and inputs
+    (`record_path`, JSON: what each output was made with); a step that reruns makes every later one rerun.
+    A distillation after a data-free alignment that samples alike reads the alignment's text. Returns the
+    seconds of each step run. `ecomla run` and benchmarks/recovery_smollm2.py run their stages with this.
+    Under a launch of several processes, the first decides and writes, and the others follow (`Launch`)."""
+    from .io import atomic_write
+    from .training.data import reuse_sampled_text
+
+    launch = launch or Launch()
+    timings: dict[str, float] = {}
+    made, decisions = {}, None
+    if launch.main:
+        made = read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
+            if record_path.is_file() else {}
+        if not isinstance(made, dict):
+            raise ValueError(f"the run's record of its steps {record_path} is damaged: remove it, and every step is made again")
+        decisions = decide_steps(steps, made, record_path.is_file())
+    decisions = launch.share("decisions", decisions)
+    stages = {s.name: s for s in steps}
+    for step in steps:
+        decision = decisions[step.name]
+        if decision is None:
             log(f"[ecomla run] {step.name}: already done, skipped")
             continue
-        if changed or (rerun and step.out.exists()):
-            why = (f"its section or inputs changed ({'; '.join(differences(made[step.name], step.recorded()))})"
-                   if changed else "an earlier step was redone")
-            log(f"[ecomla run] {step.name}: {step.out} was made with other options; {why}: making it again")
-            if hasattr(step.options, "resume"):
-                step.options = step.options.replace(resume=False, overwrite=True)
-        rerun = rerun or changed or step.name not in made or not _complete(step.out)
+        if decision["why"]:
+            log(f"[ecomla run] {step.name}: {step.out} was made with other options; {decision['why']}: making it again")
+        if decision["changes"]:
+            step.options = step.options.replace(**decision["changes"])
         log(f"[ecomla run] {step.name}: {type(step.options).__name__} -> {step.out}")
-        if step.name == "distill" and "align" in stages:
-            reuse_sampled_text(stages["align"].options, step.options)
-        if getattr(step.options, "resume", False) and not step.out.exists():  # a new run, not one continued
+        new_run = None
+        if launch.main:
+            if step.name == "distill" and "align" in stages:  # its copy of the text starts the folder resumed into
+                reuse_sampled_text(stages["align"].options, step.options)
+            new_run = getattr(step.options, "resume", False) and not step.out.exists()  # a new run, not one continued
+        if launch.share(f"{step.name} new run", new_run):
             step.options = step.options.replace(resume=False)
-        made[STARTED] = {**made.get(STARTED, {}), step.name: now}
-        atomic_write(record_path, json.dumps(made, indent=1))
+        now = step.recorded()
+        if launch.main:
+            made[STARTED] = {**made.get(STARTED, {}), step.name: now}
+            atomic_write(record_path, json.dumps(made, indent=1))
         t0 = time.time()
-        step.options.run(log=log)
+        if launch.main or _together(step):
+            step.options.run(log=log)
+        if not _together(step):
+            launch.share(f"{step.name} done", True)  # the other processes wait here for the first's conversion
         timings[step.name] = time.time() - t0
-        started = {k: v for k, v in made[STARTED].items() if k != step.name}
-        made = {**{k: v for k, v in made.items() if k not in (step.name, STARTED)}, step.name: now,
-                **({STARTED: started} if started else {})}
-        atomic_write(record_path, json.dumps(made, indent=1))
+        if launch.main:
+            started = {k: v for k, v in made[STARTED].items() if k != step.name}
+            made = {**{k: v for k, v in made.items() if k not in (step.name, STARTED)}, step.name: now,
+                    **({STARTED: started} if started else {})}
+            atomic_write(record_path, json.dumps(made, indent=1))
     return timings
 
 
 def run(options, log=print) -> Path:
     """`ecomla run RECIPE` (`RunOptions`): run the recipe; returns the report folder."""
     report = run_recipe(options.recipe, log)
-    log(f"report: {report}/report.md, report.json, report.png")
+    if report is not None:
+        log(f"report: {report}/report.md, report.json, report.png")
     return report
 
 
-def run_recipe(path: str | Path, log=print) -> Path:
+def run_recipe(path: str | Path, log=print) -> Path | None:
+    """Run a recipe; returns its report folder (None on the other processes of a launch: the first writes it)."""
+    from contextlib import nullcontext
+
     from .io import claimed_output, mark
     from .model.cache import cache_values_per_token
     from .sources import load_config
@@ -257,11 +334,15 @@ def run_recipe(path: str | Path, log=print) -> Path:
     inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
               "calibration file": steps[0].options.calib}
     record_path = out / "steps.json"
-    # the only writer of the run folder (and of every step's output inside it)
-    with claimed_output(out, inputs, resume=True, kind="run"):
-        out.mkdir(parents=True, exist_ok=True)
-        mark(out, "run")
-        timings = run_steps(steps, record_path, log)
+    launch = Launch()
+    # the only writer of the run folder (and of every step's output inside it): the first process of a launch
+    with claimed_output(out, inputs, resume=True, kind="run") if launch.main else nullcontext():
+        if launch.main:
+            out.mkdir(parents=True, exist_ok=True)
+            mark(out, "run")
+        timings = run_steps(steps, record_path, log if launch.main else lambda *a: None, launch)
+        if not launch.main:
+            return None
         last = steps[-1].out
         report = out / "report"
         report.mkdir(exist_ok=True)
@@ -270,15 +351,33 @@ def run_recipe(path: str | Path, log=print) -> Path:
                                      cache_values_per_token(load_config(str(last))))
         eval_md = ""
         if evaluation is not None:
-            from .evaluation.evaluate import run_eval
-
-            t0 = time.time()
-            eval_md, _ = run_eval(evaluation, log=log)
-            timings["eval"] = time.time() - t0
+            eval_md = _evaluate(evaluation, record_path, timings, log)
             _add_scores(rows, json.loads((Path(evaluation.out) / "results.json").read_text())["summary"])
         write_report(report, recipe, rows, summary, eval_md, timings, out)
     log((report / "report.md").read_text())
     return report
+
+
+def _evaluate(evaluation: EvalOptions, record_path: Path, timings: dict, log) -> str:
+    """The recipe's evaluation (markdown table), skipped when its results exist and were made with these options
+    of these very models and task files (recorded in steps.json as the steps are)."""
+    from .evaluation.evaluate import run_eval
+    from .io import atomic_write
+
+    out = Path(evaluation.out)
+    step = Step("eval", evaluation, out, [*evaluation.models, evaluation.data_dir, *evaluation.ppl_files,
+                                          evaluation.passkey_filler])
+    read = lambda: read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
+        if record_path.is_file() else {}  # noqa: E731
+    now, made = step.recorded(), read()
+    if made.get("eval") == now and (out / "results.json").is_file() and (out / "results.md").is_file():
+        log("[ecomla run] eval: already done, skipped")
+        return (out / "results.md").read_text()
+    t0 = time.time()
+    eval_md, _ = run_eval(evaluation, log=log)
+    timings["eval"] = time.time() - t0
+    atomic_write(record_path, json.dumps({**read(), "eval": now}, indent=1))
+    return eval_md
 
 
 def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -> tuple[list[dict], dict]:

@@ -24,19 +24,18 @@ from torch import nn
 
 from ..model.mla_attention import MLAAttention
 from ..options import AlignOptions
-from .loop import Objective, train, trainable_parameters
+from .loop import Objective, StudentModule, train, trainable_parameters
 
 
-class AlignStudent(nn.Module):
-    """The student whose forward returns (alignment loss, the same loss detached, weighted token count)."""
+class AlignStudent(StudentModule):
+    """The student whose loss is (alignment loss, the same loss detached, weighted token count)."""
 
     def __init__(self, lm: nn.Module, normalize: bool):
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm)
         self.normalize = normalize
         self.layers = [i for i, layer in enumerate(lm.model.layers) if isinstance(layer.self_attn, MLAAttention)]
 
-    def forward(self, input_ids, weights, captured: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    def loss(self, input_ids, weights, captured: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         B, T = input_ids.shape
         body = self.lm.model
         x0 = captured[self.layers[0]][0]  # (B, T, C)
@@ -99,6 +98,7 @@ class Alignment(Objective):
     MLA parameters train; the log's metric is the alignment loss itself."""
 
     metric = "align_loss"
+    called_alone = ("MLAAttention",)  # each MLA layer's attention, on the original's captured inputs
 
     def check(self, student_config, teacher_config) -> None:
         check_teacher(student_config, teacher_config)

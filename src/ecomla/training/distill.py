@@ -17,18 +17,17 @@ from torch import nn
 
 from ..options import DistillOptions
 from .losses import chunked_distill_loss
-from .loop import Objective, train, trainable_parameters
+from .loop import Objective, StudentModule, train, trainable_parameters
 
 
-class DistillStudent(nn.Module):
-    """The student LM whose forward returns the distillation loss: (loss, mean KL, token count)."""
+class DistillStudent(StudentModule):
+    """The student LM whose loss is the distillation loss: (loss, mean KL, token count)."""
 
     def __init__(self, lm: nn.Module, cfg: DistillOptions):
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm)
         self.cfg = cfg
 
-    def forward(self, input_ids, weights, teacher_hidden, teacher_head):
+    def loss(self, input_ids, weights, teacher_hidden, teacher_head):
         body = getattr(self.lm, self.lm.base_model_prefix)
         hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C): position t predicts token t+1

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, claim, clear_run_dir, mark, read_json,
@@ -36,11 +38,34 @@ from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_o
 from ..options import DTYPES, TrainOptions
 
 
+class StudentModule(nn.Module):
+    """The module accelerate wraps (DDP, FSDP): the student LM, whose forward is the objective's `loss`.
+
+    `module(fn)` returns `fn(lm)`, run inside this module's forward: FSDP2 gathers the weights it keeps at the top
+    (embeddings, final norm, LM head) only in the top module's forward, so the held-out evaluation calls the LM
+    this way, on every process."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, *batch):
+        if callable(batch[0]):
+            return batch[0](self.lm)
+        return self.loss(*batch)
+
+    def loss(self, *batch):
+        raise NotImplementedError
+
+
 class Objective:
     """What a training job optimizes. Subclasses set `metric` (the log's name for the objective's second
     output) and implement `build`; `check` refuses models the objective cannot train before any weight loads."""
 
     metric = "loss"
+    # module classes the objective's loss calls by themselves, not through their decoder layer: FSDP gathers a
+    # module's weights only in the forward of the unit holding them, so each must be an FSDP unit of its own
+    called_alone: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainOptions):
         self.cfg = cfg
@@ -49,7 +74,7 @@ class Objective:
         """Raise ValueError when these models cannot be trained by this objective (configs only)."""
 
     def build(self, lm: nn.Module, teacher: nn.Module):
-        """(student module whose forward(input_ids, weights, *targets) returns (loss, metric, token count),
+        """(StudentModule whose loss(input_ids, weights, *targets) returns (loss, metric, token count),
         trainable parameters, teacher function input_ids -> targets) for the loaded models."""
         raise NotImplementedError
 
@@ -166,6 +191,19 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
     return 0
 
 
+def _unsharded_copy(lm: nn.Module) -> nn.Module:
+    """An empty CPU model of `lm`'s class and config, its buffers (RoPE frequencies) copied, for the full state
+    dict: FSDP turned `lm`'s own parameters into shards."""
+    with torch.device("meta"):
+        plain = type(lm)(lm.config)
+    plain.to_empty(device="cpu")
+    plain.tie_weights()  # to_empty made the tied embedding and LM head two tensors
+    for name, buf in lm.named_buffers():
+        module, _, leaf = name.rpartition(".")
+        plain.get_submodule(module)._buffers[leaf] = buf.detach().cpu()
+    return plain
+
+
 def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
     """save_pretrained into a temporary folder, then move files into `out`, config.json last (recorded as
     ecomla's before they move in)."""
@@ -247,6 +285,7 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
         log(f"[ecomla {cfg.command}] warning: FSDP was asked for (accelerate config), but accelerate shards only on GPUs "
             "and other accelerators: on CPU processes it runs plain data parallelism (DDP), every process holding the "
             "whole student, teacher and optimizer state (docs/training.md)")
+    check_fsdp_units(accelerator, objective)
     # the main process holds --out's lock from the first check to the end: the only writer there
     with claim(cfg.out, _inputs(cfg)) if main else nullcontext():
         plan = _preflight(cfg, objective, accelerator.num_processes)
@@ -269,6 +308,20 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
             if main and created and not _checkpoints(out / "training" / "checkpoints") and not (out / "config.json").exists():
                 shutil.rmtree(out, ignore_errors=True)
             raise
+
+
+def check_fsdp_units(accelerator, objective: Objective) -> None:
+    """Under FSDP, refuse a wrapping that leaves a module the objective calls alone inside a larger unit (its
+    weights would stay shards there), naming the line of the accelerate config that fixes it."""
+    if accelerator.distributed_type.name != "FSDP" or not objective.called_alone:
+        return
+    wrapped = accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or []
+    missing = [c for c in objective.called_alone if c not in wrapped]
+    if missing:
+        raise ValueError(f"ecomla {objective.cfg.command} under FSDP calls each {', '.join(missing)} by itself, so each "
+                         f"must be an FSDP unit; the accelerate config wraps {', '.join(wrapped) or 'no class by name'}: set "
+                         f"fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP and fsdp_transformer_layer_cls_to_wrap: "
+                         f"{','.join([*wrapped, *missing])} (as recipes/accelerate/fsdp.yaml does)")
 
 
 def fsdp_ran_as_ddp(accelerator) -> bool:
@@ -381,7 +434,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
                                           autocast=accelerator.autocast))
         unwrapped = accelerator.unwrap_model(student).lm
         unwrapped.eval()
-        m = heldout_metrics(to_teacher[0], unwrapped)
+        with torch.no_grad():
+            m = student(lambda lm: heldout_metrics(to_teacher[0], lm))
         unwrapped.train()
         if not math.isfinite(m["heldout_kl"]):
             raise TrainingDiverged(diverged_message(cfg, objective, step, "held-out KL", m["heldout_kl"], ckpt_dir))
@@ -442,8 +496,16 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     bar.close()
     after = evaluate(steps) if held_ids.shape[0] else None
     accelerator.wait_for_everyone()
-    # every process's own weights, summed: equal on all ranks when data parallelism kept them in sync
-    own = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(student).parameters()]).sum()
+    # every process's own weights, summed: equal on all ranks when data parallelism kept them in sync; under FSDP
+    # each process holds a shard (a DTensor), and the shards' sums add up to the whole model's
+    wrapped = accelerator.unwrap_model(student)
+    if isinstance(wrapped, FSDPModule):
+        wrapped.reshard()  # the last evaluation left the top module's weights gathered (plain tensors)
+    params = list(wrapped.parameters())
+    sharded = any(isinstance(p, DTensor) for p in params)
+    own = torch.stack([(p.to_local() if isinstance(p, DTensor) else p).detach().double().sum() for p in params]).sum()
+    if sharded:
+        own = accelerator.reduce(own.to(device), "sum")
     checksums = [float(c) for c in accelerator.gather(own.reshape(1).to(device)).cpu()]
     summary = TrainResult(steps=steps, tokens=steps * per_step_tokens, world_size=world,
                           train_tokens_per_s=trained / max(train_seconds, 1e-9) if trained else None,
@@ -453,7 +515,11 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     state = accelerator.get_state_dict(student)  # a collective under FSDP: every rank calls it
     if main:
         lm_final = accelerator.unwrap_model(student).lm
-        lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False)
+        if sharded:  # its parameters are this process's shards: the full weights go into a plain copy
+            lm_final = _unsharded_copy(lm_final)
+        missing = lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False).missing_keys
+        if sharded and missing:  # the plain copy's memory is uninitialized where the state dict says nothing
+            raise RuntimeError(f"the full state dict of the sharded student lacks {', '.join(missing[:5])}")
         _publish_model(lm_final, tokenizer, out, cfg.command)
         prev = read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite") \
             if (train_dir / "summary.json").is_file() else {}
