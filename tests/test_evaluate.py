@@ -70,10 +70,14 @@ def hand_loglikelihood(model, tok, context: str, continuation: str) -> float:
 def test_harness_scores_equal_hand_computation(tiny_dir, data_dir, tmp_path):
     from ecomla.sources import load_model
 
+    lines = []
     md, rows = run_eval(EvalOptions(models=[str(tiny_dir)], tasks=["arc_easy", "lambada_openai", "wikitext"],
                                     out=str(tmp_path / "r"), data_dir=str(data_dir), dtype="float32", device="cpu",
-                                    batch_size=2, ppl_window=2048, ppl_stride=1024))
+                                    batch_size=2, ppl_window=2048, ppl_stride=1024), log=lines.append)
     model, tok = load_model(str(tiny_dir))
+    limit = model.config.max_position_embeddings  # a window beyond the model's positions shrinks, and it is said
+    assert limit < 2048 and any(f"--ppl-window 2048 is beyond the {limit} positions" in x for x in lines)
+    assert [r["window"] for r in rows if r["task"] == "wikitext"] == [limit]
     acc = acc_norm = 0.0
     for r in ARC:
         ll = [hand_loglikelihood(model, tok, r["query"] + "\nAnswer:", " " + c) for c in r["choices"]]
@@ -136,6 +140,11 @@ def test_bad_input_fails_before_work(tiny_dir, data_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no file for task 'piqa'.*piqa.jsonl"):
         check_tasks(["piqa"], str(empty))
+    (tmp_path / "blank.txt").write_text(" \n")  # named before any model loads, not after
+    with pytest.raises(ValueError, match="--ppl-file .*blank.txt is empty"):
+        check_tasks([], None, [str(tmp_path / "blank.txt")])
+    with pytest.raises(ValueError, match="--passkey-filler .*blank.txt is empty"):
+        check_tasks(["passkey"], None, passkey_filler=str(tmp_path / "blank.txt"))
     # every model must resolve before the first one is evaluated
     with pytest.raises(FileNotFoundError, match="not found"):
         run_eval(EvalOptions(models=[str(tiny_dir), str(tmp_path / "missing-model")], tasks=["arc_easy"],

@@ -92,6 +92,18 @@ def test_ranges_are_checked_when_the_object_is_made(cls, kwargs, message):
         cls(**kwargs)
 
 
+def test_a_recipe_takes_the_command_lines_comma_spelling_of_a_list():
+    """`tasks: arc_easy,piqa` in a recipe means what `--tasks arc_easy,piqa` means (it was refused: not a list)."""
+    from ecomla.cli import build_parser
+
+    cli = EvalOptions.from_args(build_parser().parse_args(["eval", "m", "--tasks", "arc_easy,piqa",
+                                                           "--passkey-contexts", "256,512"]))
+    recipe = EvalOptions.from_dict({"tasks": "arc_easy, piqa", "passkey_contexts": "256,512"}, models=["m"])
+    assert recipe == cli and recipe.tasks == ["arc_easy", "piqa"] and recipe.passkey_contexts == [256, 512]
+    with pytest.raises(ValueError, match=r"passkey_contexts \(--passkey-contexts\) must be a list of numbers, got '256,x'"):
+        EvalOptions.from_dict({"passkey_contexts": "256,x"}, "recipe section 'eval'")
+
+
 def test_recipe_sections_name_unknown_and_malformed_keys():
     with pytest.raises(ValueError, match=r"recipe section 'eval': unknown option 'task' \(did you mean 'tasks'\?\)"):
         EvalOptions.from_dict({"task": ["arc_easy"]}, "recipe section 'eval'")

@@ -4,7 +4,7 @@ A recipe (see recipes/) has `model`, `out`, a `convert` section and optional `tr
 settings for every training stage: data, seq_len, batch_size, ...; a stage's own section overrides them),
 `align` (its teacher is always `model`, the original), `distill`, `dpo` and `eval` sections; each section
 holds the fields of that job's options (ecomla.options; the command-line spellings without dashes work too,
-e.g. `kv_rank`). Every section is checked before
+e.g. `kv_rank`, and a list as the command line writes it, `tasks: arc_easy,piqa`). Every section is checked before
 step one. Steps write OUT/converted, OUT/aligned, OUT/distilled, OUT/dpo and OUT/report/. Re-running a recipe
 continues where it stopped: a step whose output is complete and whose section is unchanged is
 skipped, an interrupted distillation resumes, and a changed section reruns its step and every

@@ -172,13 +172,15 @@ def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = (
     elif "passkey" in tasks and not passkey_filler:
         raise ValueError("task 'passkey' hides the key in filler text: give --data-dir DIR holding "
                          "wikitext-2-raw-test.txt, or --passkey-filler FILE")
-    for f in [*ppl_files, *([passkey_filler] if passkey_filler else [])]:
+    for flag, f in [*(("--ppl-file", f) for f in ppl_files), *([("--passkey-filler", passkey_filler)] if passkey_filler else [])]:
         if not Path(f).is_file():
-            raise FileNotFoundError(f"--ppl-file {f}: no such file")
+            raise FileNotFoundError(f"{flag} {f}: no such file")
         try:
-            Path(f).read_text(encoding="utf-8")
+            text = Path(f).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"--ppl-file {f}: cannot read it as UTF-8 text ({err})") from None
+            raise ValueError(f"{flag} {f}: cannot read it as UTF-8 text ({err})") from None
+        if not text.strip():
+            raise ValueError(f"{flag} {f} is empty: give a file with the text to measure on")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -452,6 +454,12 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
             if not fitting_contexts(o.passkey_contexts, limit):
                 raise ValueError(f"--passkey-contexts {','.join(map(str, o.passkey_contexts))}: every prompt is beyond "
                                  f"the {limit} positions of {m}; give contexts up to {limit - ANSWER_TOKENS}")
+    if perplexity_texts(tasks, o, data_dir):
+        for m, c in configs.items():
+            limit = getattr(c, "max_position_embeddings", None)
+            if limit and o.ppl_window > limit:
+                log(f"[ecomla eval] note: --ppl-window {o.ppl_window} is beyond the {limit} positions of {m}: its "
+                    f"perplexity windows are {limit} tokens (results.json records each row's window)")
     device = resolve_device(o.device)
     dtype = DTYPES[o.dtype]
     rows: list[dict] = []
