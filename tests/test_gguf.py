@@ -227,6 +227,16 @@ def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     assert "must be a .gguf file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mla"), "--outtype", "f16", "--out", str(tmp_path / "ds")]) == 2
     assert "does not apply to --format deepseek-v3" in capsys.readouterr().err
+    # `ecomla kv` reads both exports (it refused them): the cache per token the converted model has
+    from ecomla.model.cache import cache_values_per_token
+
+    assert main(["export", str(tmp_path / "mla"), "--out", str(tmp_path / "ds")]) == 0
+    capsys.readouterr()
+    per_token = cache_values_per_token(model.config)
+    for exported, layout in ((out, "llama.cpp deepseek2 GGUF"), (tmp_path / "ds", "DeepSeek-V3 checkpoint")):
+        assert main(["kv", str(exported)]) == 0
+        row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith(f"| {layout} |"))
+        assert row.split("|")[3].strip() == f"{per_token:,}"
 
 
 def test_a_tokenizer_llama_cpp_cannot_take_is_refused_before_the_weights_load(tmp_path, capsys):

@@ -53,12 +53,18 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 def kv(options, log=print) -> str:
     """`ecomla kv SOURCE` (`KVOptions`): log and return `kv_report` of the source's config (no weights load)."""
-    from .model.cache import kv_report
-    from .sources import SUPPORTED_MODEL_TYPES, load_config
+    from .model.cache import exported_mla_table, kv_report
+    from .sources import SUPPORTED_MODEL_TYPES, exported_mla_layout, load_config
 
+    exported = exported_mla_layout(options.source)  # what `ecomla export` wrote: an engine's own MLA layout
+    if exported is not None:
+        text = exported_mla_table(**exported)
+        log(text)
+        return text
     config = load_config(options.source)
     if config.model_type not in (*SUPPORTED_MODEL_TYPES, "ecomla"):
-        raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)} and ecomla models, not {config.model_type!r}")
+        raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)}, ecomla models and their DeepSeek-V3 and "
+                         f"deepseek2 GGUF exports, not {config.model_type!r}")
     text = kv_report(config)
     log(text)
     return text

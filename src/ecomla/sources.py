@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import functools
 import importlib.util
+import json
 import logging
 import re
 from pathlib import Path
@@ -84,9 +85,10 @@ def _not_loaded(source: str, what: str, err: Exception) -> FileNotFoundError:
 
 
 @functools.lru_cache(maxsize=16)
-def check_gguf(path: str, size: int, mtime_ns: int) -> None:
+def check_gguf(path: str, size: int, mtime_ns: int) -> dict:
     """Refuse a GGUF file that cannot be read or holds no weights, before transformers builds a model from it
-    (a header without tensors would become a default-sized random Llama). Cached per file version."""
+    (a header without tensors would become a default-sized random Llama); returns the header's scalar fields
+    ({key: value}, the vocabulary's arrays left out). Cached per file version."""
     import gguf
 
     try:
@@ -98,6 +100,31 @@ def check_gguf(path: str, size: int, mtime_ns: int) -> None:
         raise ValueError(f"GGUF file {path} holds no tensors (metadata only): give a GGUF with the model's weights")
     if "general.architecture" not in reader.fields:
         raise ValueError(f"GGUF file {path} names no architecture (general.architecture): it is not a model file")
+    return {k: f.contents() for k, f in reader.fields.items() if f.types and f.types[0] != gguf.GGUFValueType.ARRAY}
+
+
+def exported_mla_layout(source: str) -> dict | None:
+    """{layers, kv_lora_rank, qk_rope_head_dim, layout} of a model in an engine's own MLA layout (a DeepSeek-V3
+    checkpoint, a llama.cpp deepseek2 GGUF: what `ecomla export` writes), read from its config or header; else None."""
+    if str(source).lower() in BUILTIN:  # a Llama: its header need not be read twice
+        return None
+    path, gguf_name = resolve_source(source)
+    if gguf_name is not None:
+        file = (Path(path) / gguf_name).resolve()
+        fields = check_gguf(str(file), file.stat().st_size, file.stat().st_mtime_ns)  # read once (resolve_source did)
+        if fields["general.architecture"] != "deepseek2":
+            return None
+        get = lambda key: int(fields[f"deepseek2.{key}"])  # noqa: E731
+        return {"layers": get("block_count"), "kv_lora_rank": get("attention.kv_lora_rank"),
+                "qk_rope_head_dim": get("rope.dimension_count"), "layout": "llama.cpp deepseek2 GGUF"}
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "deepseek_v3":
+        return None
+    return {"layers": config["num_hidden_layers"], "kv_lora_rank": config["kv_lora_rank"],
+            "qk_rope_head_dim": config["qk_rope_head_dim"], "layout": "DeepSeek-V3 checkpoint"}
 
 
 # Families people ask for that the converter does not take yet, and why (named in the refusal).

@@ -132,6 +132,22 @@ def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), byt
     return text
 
 
+def exported_mla_table(layers: int, kv_lora_rank: int, qk_rope_head_dim: int, layout: str,
+                       contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
+    """`ecomla kv` of an exported model (DeepSeek-V3 checkpoint, deepseek2 GGUF): every layer caches its latent and
+    one shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token. (The original's size is not recorded
+    there: `ecomla kv` of the converted ecomla folder compares both.)"""
+    from ..report import markdown_table
+
+    per_layer = kv_lora_rank + qk_rope_head_dim
+    values = layers * per_layer
+    header = ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"] + [f"cache MiB @{t // 1024}K" for t in contexts]
+    row = [layout, f"{per_layer:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
+    row += [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts]
+    return (markdown_table(header, [row]) + f"\n{layers} MLA layers: latent {kv_lora_rank} + one shared RoPE key "
+            f"{qk_rope_head_dim} per token (bytes at {bytes_per_value} bytes/value, batch 1)")
+
+
 def kv_report(config) -> str:
     """`ecomla kv`: the KV table of an original or converted model's config (and the engines that serve a converted one)."""
     from .engines import engine_table
