@@ -42,6 +42,15 @@ def test_preference_formats(tmp_path):
         read_preferences(tmp_path / "e.jsonl")
 
 
+def test_a_resumed_dpo_runs_train_loss_covers_every_step():
+    from ecomla.training.dpo import whole_run_train_loss
+
+    # after a resume at step 2 the Trainer's closing train_loss is the mean of step 3 alone (0.3)
+    history = [{"loss": 0.9, "step": 1}, {"loss": 0.6, "step": 2}, {"loss": 0.3, "step": 3}, {"train_loss": 0.3, "step": 3}]
+    assert whole_run_train_loss(history)[-1]["train_loss"] == pytest.approx(0.6)
+    assert whole_run_train_loss(history)[:3] == history[:3]
+
+
 def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):
     from ecomla.training.dpo import DPOOptions, dpo
     from ecomla.sources import load_model

@@ -113,6 +113,13 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     return out
 
 
+def whole_run_train_loss(history: list[dict]) -> list[dict]:
+    """The Trainer's log with its closing `train_loss` over every step: after a resume the Trainer averages only the
+    steps since the checkpoint (each step's `loss` is logged, logging_steps=1, and the log restored on resume)."""
+    losses = [r["loss"] for r in history if "loss" in r]
+    return [{**r, "train_loss": sum(losses) / len(losses)} if "train_loss" in r and losses else r for r in history]
+
+
 def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, log) -> None:
     import datasets
     import torch
@@ -139,7 +146,8 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         last = str(ckpts[-1]) if ckpts else None
         log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
     trainer.train(resume_from_checkpoint=last)
-    atomic_write(state / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+    history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
+    atomic_write(state / "log_history.json", json.dumps(history, indent=1))
     bad = [n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
