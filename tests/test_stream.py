@@ -210,6 +210,36 @@ def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refuse
     assert not (tmp_path / "c").exists()
 
 
+def test_an_interrupted_calibration_forward_continues_where_it_stopped(tmp_path, monkeypatch):
+    """The calibration forward keeps its hidden states now and then (every layer here): interrupted at layer 2, the
+    next `ecomla convert` continues there, not at layer 0, and the weights equal an uninterrupted conversion's;
+    the kept states are removed once every layer's statistics are there."""
+    from ecomla.conversion import calibration
+
+    src, text = source_dir(tmp_path, "llama")
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache=str(tmp_path / "cache"))
+    want = streamed(src, dataclasses.replace(options, calib_cache=str(tmp_path / "other")), tmp_path / "want", [])
+    monkeypatch.setattr(stream, "STREAM_SAVE_SECONDS", 0.0)
+    real_save, real_step, layers_run = calibration.CovarianceStore.save, calibration.LayerStream.step, []
+
+    def killed_at_2(store, layer, cov):
+        if layer == 2:
+            raise KeyboardInterrupt
+        real_save(store, layer, cov)
+
+    monkeypatch.setattr(calibration.CovarianceStore, "save", killed_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        streamed(src, options, tmp_path / "a", [])
+    kept, = (tmp_path / "cache").glob("cov-*/stream-*.pt")
+    assert kept.name == "stream-2.pt"  # the input of layer 2 (the one cut short)
+    monkeypatch.setattr(calibration.CovarianceStore, "save", real_save)
+    monkeypatch.setattr(calibration.LayerStream, "step",
+                        lambda self, *a, **k: layers_run.append(self.layer) or real_step(self, *a, **k))
+    assert_same_weights(streamed(src, options, tmp_path / "a", []), want)
+    assert layers_run == [2]  # layers 0 and 1 were not run again
+    assert list((tmp_path / "cache").glob("cov-*/stream-*.pt")) == []
+
+
 def test_missing_or_mis_shaped_tensors_are_refused_from_the_headers_before_the_model_loads(tmp_path, monkeypatch):
     """What no renaming on load could mend (a tensor missing, none extra; a tensor of another shape) is refused from
     the safetensors headers, naming the tensors, before any weight loads."""

@@ -106,9 +106,11 @@ class LayerStream:
     layer need exist at a time (ecomla.conversion.stream loads each from disk), so memory holds the activations
     (N, T, d) and one layer."""
 
-    def __init__(self, embeddings: torch.Tensor, config, rotary, batch_size: int = 4):
+    def __init__(self, embeddings: torch.Tensor, config, rotary, batch_size: int = 4, layer: int = 0):
+        """`embeddings` (N, T, d): the input of decoder layer `layer` (0: the token embeddings; later: the
+        hidden states `CovarianceStore.save_stream` kept, to continue an interrupted forward)."""
         self.hidden = list(embeddings.split(batch_size))  # [(B, T, d)]: the input of the next layer
-        self.config, self.layer = config, 0
+        self.config, self.layer = config, layer
         T = embeddings.shape[1]
         self.position_ids = torch.arange(T, device=embeddings.device)[None]  # (1, T)
         self.rotary = rotary(self.hidden[0], position_ids=self.position_ids)  # (cos, sin): the same for every chunk
@@ -252,18 +254,43 @@ class CovarianceStore:
     def path(self, layer: int) -> Path:
         return self.folder / f"layer-{layer}.pt"
 
+    def valid(self, layer: int) -> bool:
+        """The layer's file is there and reads as a square float64 matrix: a truncated or damaged one (a full disk,
+        a copy cut short) means its statistics are computed again, never trusted."""
+        try:
+            cov = self.load(layer)
+        except Exception:
+            return False
+        return isinstance(cov, torch.Tensor) and cov.dtype == torch.float64 and cov.ndim == 2 and cov.shape[0] == cov.shape[1]
+
     def complete(self, n_layers: int) -> bool:
-        """Every layer's file is there and reads as a square float64 matrix (one at a time): a truncated or damaged
-        one (a full disk, a copy cut short) means the statistics are computed again, never trusted."""
-        for i in range(n_layers):
-            try:
-                cov = self.load(i)
-            except Exception:
-                return False
-            if not (isinstance(cov, torch.Tensor) and cov.dtype == torch.float64 and cov.ndim == 2
-                    and cov.shape[0] == cov.shape[1]):
-                return False
-        return True
+        """Every layer's covariance is valid (read one at a time)."""
+        return all(self.valid(i) for i in range(n_layers))
+
+    def save_stream(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        """Keep the calibration forward's hidden states entering `layer` (N, T, d), so an interrupted forward
+        continues there rather than at layer 0; the earlier one is removed (one at a time, as big as the
+        calibration text's activations: 64 MiB for 4096 tokens of an 8B in float32)."""
+        atomic_torch_save(torch.cat([h.cpu() for h in hidden]), self.folder / f"stream-{layer}.pt")
+        self.clear_stream(but=layer)
+
+    def resume_point(self, n_layers: int) -> tuple[int, torch.Tensor | None]:
+        """(k, hidden states entering layer k) of the furthest readable saved stream whose layers before k all have
+        a valid covariance; (0, None) when there is none."""
+        saved = sorted(((int(p.stem.split("-")[1]), p) for p in self.folder.glob("stream-*.pt")
+                        if p.stem.split("-")[1].isdigit()), reverse=True)
+        for k, p in saved:
+            if 0 < k < n_layers and all(self.valid(i) for i in range(k)):
+                try:
+                    return k, torch.load(p, weights_only=True)
+                except Exception:
+                    continue
+        return 0, None
+
+    def clear_stream(self, but: int | None = None) -> None:
+        for p in self.folder.glob("stream-*.pt"):
+            if p.name != f"stream-{but}.pt":
+                p.unlink(missing_ok=True)
 
     def save(self, layer: int, cov: torch.Tensor) -> None:
         atomic_torch_save(cov, self.path(layer))
@@ -284,6 +311,15 @@ class InMemoryStore(dict):
 
     def complete(self, n_layers: int) -> bool:
         return all(i in self for i in range(n_layers))
+
+    def save_stream(self, layer: int, hidden) -> None:  # nothing outlives a conversion in memory
+        pass
+
+    def resume_point(self, n_layers: int) -> tuple[int, None]:
+        return 0, None
+
+    def clear_stream(self) -> None:
+        pass
 
     def save(self, layer: int, cov: torch.Tensor) -> None:
         self[layer] = cov

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from math import prod
 from pathlib import Path
 
@@ -278,6 +279,10 @@ def in_memory_weights(model, ids: torch.Tensor | None) -> tuple[StateDictWeights
     return StateDictWeights(llama.state_dict(), llama), choices, llama.config
 
 
+# The calibration forward keeps its hidden states (a resume point) when this long has passed since it last did
+STREAM_SAVE_SECONDS = 60.0
+
+
 @torch.no_grad()
 def convert_layerwise(weights, plan: ConversionPlan, ids: torch.Tensor | None, store, choices: dict, *,
                       dtype: torch.dtype, device="cpu", stages=None, progress: bool = True):
@@ -293,13 +298,23 @@ def convert_layerwise(weights, plan: ConversionPlan, ids: torch.Tensor | None, s
     covariance = lambda i: None  # noqa: E731
     if plan.needs_calibration:
         if not store.complete(n_layers):  # pass 1: the calibration forward, layer by layer
-            embed = weights.read_one("model.embed_tokens.weight", dtype).to(device)  # (V, d)
+            start, states = store.resume_point(n_layers)  # where an interrupted forward got to
+            if states is None:
+                embed = weights.read_one("model.embed_tokens.weight", dtype).to(device)  # (V, d)
+                states = torch.nn.functional.embedding(ids.to(device), embed)  # (N, T, d)
+                del embed
             rotary = type(reader.skeleton.model.rotary_emb)(config=reader.config).to(device)
-            stream = LayerStream(torch.nn.functional.embedding(ids.to(device), embed), reader.config, rotary)
-            del embed
-            for i in tqdm(range(n_layers), desc="calibration", unit="layer", disable=not progress):
+            stream = LayerStream(states.to(device), reader.config, rotary, layer=start)
+            del states
+            kept = time.time()
+            for i in tqdm(range(start, n_layers), desc="calibration" + (f" (continued at layer {start})" if start else ""),
+                          unit="layer", initial=start, total=n_layers, disable=not progress):
                 store.save(i, stream.step(reader.layer(i)))
                 reader.release(i)
+                if i + 1 < n_layers and time.time() - kept >= STREAM_SAVE_SECONDS:
+                    store.save_stream(i + 1, stream.hidden)
+                    kept = time.time()
+            store.clear_stream()
             del stream
         stages("calibration forward")
         covariance = store.load
