@@ -156,6 +156,8 @@ def test_ecomla_training_under_accelerates_fsdp_matches_one_process(tmp_path):
 
     inputs = tiny_training_inputs(tmp_path, kv_lora_rank=8)
     teacher, student, text = inputs
+    generation = {"eos_token_id": [1, 5], "temperature": 0.6, "do_sample": True}  # kept by the published model
+    (Path(student) / "generation_config.json").write_text(json.dumps(generation))
     # align's mse loss: the normalized one is a ratio per process's batch, which two halves average differently
     for command, cls, run, extra in (("distill", DistillOptions, distill, {}),
                                      ("align", AlignOptions, align, {"align_loss": "mse"})):
@@ -177,6 +179,8 @@ def test_ecomla_training_under_accelerates_fsdp_matches_one_process(tmp_path):
         assert sorted(a) == sorted(b)
         for k in a:  # gradients summed over 2 processes in another order than in one: float rounding only
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{command} {k}: {m}")
+        published = json.loads((tmp_path / command / "generation_config.json").read_text())
+        assert {k: published.get(k) for k in generation} == generation
         whole = sum(float(w.double().sum()) for w in b.values())
         assert summary["rank_param_checksums"] == [pytest.approx(whole, rel=1e-6)] * 2
 
@@ -199,4 +203,7 @@ def test_an_fsdp_wrapping_that_leaves_mla_attention_inside_its_layer_is_refused_
     with pytest.raises(ValueError, match="fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer,MLAAttention"):
         check_fsdp_units(accelerator("LlamaDecoderLayer"), aligning)
     check_fsdp_units(accelerator("LlamaDecoderLayer", "MLAAttention"), aligning)
+    no_wrap = accelerator()
+    no_wrap.state.fsdp_plugin.auto_wrap_policy = None  # NO_WRAP: one unit, gathered whole in the top forward
+    check_fsdp_units(no_wrap, aligning)
     check_fsdp_units(accelerator("LlamaDecoderLayer"), Distillation(DistillOptions(student="s", teacher="t", out="o")))

@@ -198,9 +198,14 @@ class Launch:
     through the launcher's own key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), not a process group:
     accelerate makes that itself when training starts. One process alone: nothing to agree on."""
 
+    _made = 0  # Launches made in this process (the same count on every process of a launch)
+
     def __init__(self):
         import os
 
+        Launch._made += 1
+        # keys of this attempt (torchrun restarts reuse the store) and this Launch (a benchmark runs several)
+        self._prefix = f"ecomla-run/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{Launch._made}/"
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.main = int(os.environ.get("RANK", "0")) == 0
         self._store = None
@@ -221,9 +226,9 @@ class Launch:
         if self._store is None:
             return value
         if self.main:
-            self._store.set(f"ecomla-run/{key}", json.dumps(value))
+            self._store.set(self._prefix + key, json.dumps(value))
             return value
-        return json.loads(self._store.get(f"ecomla-run/{key}"))
+        return json.loads(self._store.get(self._prefix + key))
 
 
 def _together(step: Step) -> bool:
@@ -280,6 +285,9 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
         decision = decisions[step.name]
         if decision is None:
             log(f"[ecomla run] {step.name}: already done, skipped")
+            if launch.main and step.name not in made:  # a folder from before steps.json: recorded as it stands, so
+                made[step.name] = step.recorded()  # a later record (the eval's) does not make it look unmade
+                atomic_write(record_path, json.dumps(made, indent=1))
             continue
         if decision["why"]:
             log(f"[ecomla run] {step.name}: {step.out} was made with other options; {decision['why']}: making it again")

@@ -191,16 +191,22 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
     return 0
 
 
-def _unsharded_copy(lm: nn.Module) -> nn.Module:
-    """An empty CPU model of `lm`'s class and config, its buffers (RoPE frequencies) copied, for the full state
-    dict: FSDP turned `lm`'s own parameters into shards."""
+def _unsharded(lm: nn.Module, state: dict) -> nn.Module:
+    """A plain model of `lm`'s class holding the full weights `state` (no copy: assigned), `lm`'s buffers (RoPE
+    frequencies) and generation config: FSDP turned `lm`'s own parameters into shards."""
+    import copy
+
     with torch.device("meta"):
         plain = type(lm)(lm.config)
-    plain.to_empty(device="cpu")
-    plain.tie_weights()  # to_empty made the tied embedding and LM head two tensors
+    missing = plain.load_state_dict(state, strict=False, assign=True).missing_keys
+    plain.tie_weights()  # a tied head the state dict left out is the embedding again
+    missing = [k for k in missing if k in dict(plain.named_parameters()) and plain.get_parameter(k).is_meta]
+    if missing:
+        raise RuntimeError(f"the full state dict of the sharded student lacks {', '.join(missing[:5])}")
     for name, buf in lm.named_buffers():
         module, _, leaf = name.rpartition(".")
         plain.get_submodule(module)._buffers[leaf] = buf.detach().cpu()
+    plain.generation_config = copy.deepcopy(lm.generation_config)
     return plain
 
 
@@ -315,7 +321,10 @@ def check_fsdp_units(accelerator, objective: Objective) -> None:
     weights would stay shards there), naming the line of the accelerate config that fixes it."""
     if accelerator.distributed_type.name != "FSDP" or not objective.called_alone:
         return
-    wrapped = accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or []
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "auto_wrap_policy", True) is None:  # NO_WRAP: one unit, gathered in the top forward
+        return
+    wrapped = plugin.transformer_cls_names_to_wrap or []
     missing = [c for c in objective.called_alone if c not in wrapped]
     if missing:
         raise ValueError(f"ecomla {objective.cfg.command} under FSDP calls each {', '.join(missing)} by itself, so each "
@@ -515,11 +524,11 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     state = accelerator.get_state_dict(student)  # a collective under FSDP: every rank calls it
     if main:
         lm_final = accelerator.unwrap_model(student).lm
-        if sharded:  # its parameters are this process's shards: the full weights go into a plain copy
-            lm_final = _unsharded_copy(lm_final)
-        missing = lm_final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()}, strict=False).missing_keys
-        if sharded and missing:  # the plain copy's memory is uninitialized where the state dict says nothing
-            raise RuntimeError(f"the full state dict of the sharded student lacks {', '.join(missing[:5])}")
+        full = {k.removeprefix("lm."): v for k, v in state.items()}
+        if sharded:  # its parameters are this process's shards: the full weights go into a plain model
+            lm_final = _unsharded(lm_final, full)
+        else:
+            lm_final.load_state_dict(full, strict=False)
         _publish_model(lm_final, tokenizer, out, cfg.command)
         prev = read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite") \
             if (train_dir / "summary.json").is_file() else {}
