@@ -236,6 +236,15 @@ def _together(step: Step) -> bool:
     return isinstance(step.options, (TrainOptions, DPOOptions))
 
 
+def read_record(record_path: Path) -> dict:
+    """steps.json: {step: the options and inputs its output was made with} ({} when there is none yet)."""
+    fix = "remove it, and every step is made again"
+    made = read_json(record_path, "the run's record of its steps", fix) if record_path.is_file() else {}
+    if not isinstance(made, dict):
+        raise ValueError(f"the run's record of its steps {record_path} is damaged: {fix}")
+    return made
+
+
 def decide_steps(steps: list[Step], made: dict, record_exists: bool) -> dict[str, dict | None]:
     """What each step does on this run: None (skipped: its output is complete and made with these options and
     inputs) or {"why": why it is made again, or None; "changes": the option changes it runs with}."""
@@ -274,10 +283,7 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
     timings: dict[str, float] = {}
     made, decisions = {}, None
     if launch.main:
-        made = read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
-            if record_path.is_file() else {}
-        if not isinstance(made, dict):
-            raise ValueError(f"the run's record of its steps {record_path} is damaged: remove it, and every step is made again")
+        made = read_record(record_path)
         decisions = decide_steps(steps, made, record_path.is_file())
     decisions = launch.share("decisions", decisions)
     stages = {s.name: s for s in steps}
@@ -375,16 +381,14 @@ def _evaluate(evaluation: EvalOptions, record_path: Path, timings: dict, log) ->
     out = Path(evaluation.out)
     step = Step("eval", evaluation, out, [*evaluation.models, evaluation.data_dir, *evaluation.ppl_files,
                                           evaluation.passkey_filler])
-    read = lambda: read_json(record_path, "the run's record of its steps", "remove it, and every step is made again") \
-        if record_path.is_file() else {}  # noqa: E731
-    now, made = step.recorded(), read()
+    now, made = step.recorded(), read_record(record_path)
     if made.get("eval") == now and (out / "results.json").is_file() and (out / "results.md").is_file():
         log("[ecomla run] eval: already done, skipped")
         return (out / "results.md").read_text()
     t0 = time.time()
     eval_md, _ = run_eval(evaluation, log=log)
     timings["eval"] = time.time() - t0
-    atomic_write(record_path, json.dumps({**read(), "eval": now}, indent=1))
+    atomic_write(record_path, json.dumps({**made, "eval": now}, indent=1))
     return eval_md
 
 
