@@ -110,19 +110,24 @@ def original_config(config):
     return LlamaConfig(**{k: v for k, v in config.to_dict().items() if k in keys})
 
 
+def _cache_header(contexts) -> list[str]:
+    return ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"] + [f"cache MiB @{t // 1024}K" for t in contexts]
+
+
+def _cache_row(name: str, values: int, layers: int, contexts, bytes_per_value: int) -> list[str]:
+    """A model's cache in the KV tables: `values` cached per token over its `layers` layers, and the MiB at each context."""
+    return ([name, f"{values / layers:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
+            + [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts])
+
+
 def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
     """Markdown table: original vs converted cache and parameter sizes (one row without a conversion)."""
     from ..report import markdown_table
 
     configs = [("original", original)] + ([("converted", converted)] if converted is not None else [])
-    header = ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"]
-    header += [f"cache MiB @{t // 1024}K" for t in contexts] + ["attention params"]
-    rows = []
-    for name, cfg in configs:
-        values = cache_values_per_token(cfg)
-        rows.append([name, f"{values / cfg.num_hidden_layers:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
-                    + [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts]
-                    + [f"{attention_params(cfg) / 1e6:.2f}M"])
+    header = _cache_header(contexts) + ["attention params"]
+    rows = [_cache_row(name, cache_values_per_token(cfg), cfg.num_hidden_layers, contexts, bytes_per_value)
+            + [f"{attention_params(cfg) / 1e6:.2f}M"] for name, cfg in configs]
     text = markdown_table(header, rows)
     if converted is not None:
         ratio = cache_values_per_token(original) / cache_values_per_token(converted)
@@ -139,12 +144,8 @@ def exported_mla_table(layers: int, kv_lora_rank: int, qk_rope_head_dim: int, la
     there: `ecomla kv` of the converted ecomla folder compares both.)"""
     from ..report import markdown_table
 
-    per_layer = kv_lora_rank + qk_rope_head_dim
-    values = layers * per_layer
-    header = ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"] + [f"cache MiB @{t // 1024}K" for t in contexts]
-    row = [layout, f"{per_layer:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
-    row += [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts]
-    return (markdown_table(header, [row]) + f"\n{layers} MLA layers: latent {kv_lora_rank} + one shared RoPE key "
+    row = _cache_row(layout, layers * (kv_lora_rank + qk_rope_head_dim), layers, contexts, bytes_per_value)
+    return (markdown_table(_cache_header(contexts), [row]) + f"\n{layers} MLA layers: latent {kv_lora_rank} + one shared RoPE key "
             f"{qk_rope_head_dim} per token (bytes at {bytes_per_value} bytes/value, batch 1)")
 
 
