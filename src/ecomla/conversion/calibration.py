@@ -263,9 +263,9 @@ class CovarianceStore:
             return False
         return isinstance(cov, torch.Tensor) and cov.dtype == torch.float64 and cov.ndim == 2 and cov.shape[0] == cov.shape[1]
 
-    def complete(self, n_layers: int) -> bool:
-        """Every layer's covariance is valid (read one at a time)."""
-        return all(self.valid(i) for i in range(n_layers))
+    def valid_layers(self, n_layers: int) -> int:
+        """How many layers, from layer 0 on, have a valid covariance (read one at a time); n_layers: complete."""
+        return next((i for i in range(n_layers) if not self.valid(i)), n_layers)
 
     def save_stream(self, layer: int, hidden: list[torch.Tensor]) -> None:
         """Keep the calibration forward's hidden states entering `layer` (N, T, d), so an interrupted forward
@@ -274,13 +274,13 @@ class CovarianceStore:
         atomic_torch_save(torch.cat([h.cpu() for h in hidden]), self.folder / f"stream-{layer}.pt")
         self.clear_stream(but=layer)
 
-    def resume_point(self, n_layers: int) -> tuple[int, torch.Tensor | None]:
-        """(k, hidden states entering layer k) of the furthest readable saved stream whose layers before k all have
-        a valid covariance; (0, None) when there is none."""
+    def resume_point(self, done: int) -> tuple[int, torch.Tensor | None]:
+        """(k, hidden states entering layer k) of the furthest readable saved stream with k <= `done` (the layers
+        with a valid covariance, `valid_layers`); (0, None) when there is none."""
         saved = sorted(((int(p.stem.split("-")[1]), p) for p in self.folder.glob("stream-*.pt")
                         if p.stem.split("-")[1].isdigit()), reverse=True)
         for k, p in saved:
-            if 0 < k < n_layers and all(self.valid(i) for i in range(k)):
+            if 0 < k <= done:
                 try:
                     return k, torch.load(p, weights_only=True)
                 except Exception:
@@ -309,13 +309,13 @@ class CovarianceStore:
 class InMemoryStore(dict):
     """`CovarianceStore`'s interface over a dict {layer: covariance} (a conversion in memory)."""
 
-    def complete(self, n_layers: int) -> bool:
-        return all(i in self for i in range(n_layers))
+    def valid_layers(self, n_layers: int) -> int:
+        return next((i for i in range(n_layers) if i not in self), n_layers)
 
     def save_stream(self, layer: int, hidden) -> None:  # nothing outlives a conversion in memory
         pass
 
-    def resume_point(self, n_layers: int) -> tuple[int, None]:
+    def resume_point(self, done: int) -> tuple[int, None]:
         return 0, None
 
     def clear_stream(self) -> None:

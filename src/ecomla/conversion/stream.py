@@ -297,8 +297,9 @@ def convert_layerwise(weights, plan: ConversionPlan, ids: torch.Tensor | None, s
     n_layers = plan.num_hidden_layers
     covariance = lambda i: None  # noqa: E731
     if plan.needs_calibration:
-        if not store.complete(n_layers):  # pass 1: the calibration forward, layer by layer
-            start, states = store.resume_point(n_layers)  # where an interrupted forward got to
+        done = store.valid_layers(n_layers)  # each layer's covariance read once to check it
+        if done < n_layers:  # pass 1: the calibration forward, layer by layer
+            start, states = store.resume_point(done)  # where an interrupted forward got to
             if states is None:
                 embed = weights.read_one("model.embed_tokens.weight", dtype).to(device)  # (V, d)
                 states = torch.nn.functional.embedding(ids.to(device), embed)  # (N, T, d)
