@@ -198,9 +198,9 @@ def _unsharded(lm: nn.Module, state: dict) -> nn.Module:
 
     with torch.device("meta"):
         plain = type(lm)(lm.config)
-    missing = plain.load_state_dict(state, strict=False, assign=True).missing_keys
+    plain.load_state_dict(state, strict=False, assign=True)
     plain.tie_weights()  # a tied head the state dict left out is the embedding again
-    missing = [k for k in missing if k in dict(plain.named_parameters()) and plain.get_parameter(k).is_meta]
+    missing = [name for name, p in plain.named_parameters() if p.is_meta]  # what the state dict did not hold
     if missing:
         raise RuntimeError(f"the full state dict of the sharded student lacks {', '.join(missing[:5])}")
     for name, buf in lm.named_buffers():
