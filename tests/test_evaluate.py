@@ -41,9 +41,9 @@ EXPECTED = {
 
 @pytest.mark.parametrize("task", sorted(LOCAL_TASKS))
 def test_local_files_give_the_harness_standard_requests(task, data_dir):
-    from lm_eval.tasks import TaskManager
+    from ecomla.evaluation.evaluate import task_manager
 
-    tm = TaskManager()
+    tm = task_manager()  # the one ecomla's evaluation shares
     built = tm.load([local_task_config(task, data_dir, tm)])["tasks"][task]
     built.build_all_requests(limit=1, rank=0, world_size=1)
     assert built.instances[0].arguments == EXPECTED[task]

@@ -14,6 +14,7 @@ window - stride tokens of context (except at the start):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -150,10 +151,7 @@ def check_tasks(tasks: list[str], data_dir: str | None, ppl_files: list[str] = (
         raise ValueError("no tasks: give --tasks (e.g. " + ",".join(DEFAULT_TASKS) + ",wikitext,passkey) or --ppl-file")
     harness = [t for t in tasks if t not in OWN_TASKS]
     if harness:
-        from lm_eval.tasks import TaskManager
-
-        tm = TaskManager()
-        unknown = [t for t in harness if t not in tm.all_tasks]
+        unknown = [t for t in harness if t not in task_manager().all_tasks]
         if unknown:
             raise ValueError(
                 f"unknown task(s) {', '.join(unknown)}: use lm-eval task names such as {', '.join(DEFAULT_TASKS)}, "
@@ -195,11 +193,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def harness_tasks(tasks: list[str], data_dir: str | None):
-    """Task specs for simple_evaluate: local-file configs when data_dir is given, else hub names."""
+@functools.cache
+def task_manager():
+    """lm-eval's index of its tasks, built once per process: building it parses every task's YAML (about 6 s here),
+    and a recipe's evaluation asked for it once per task check and per model."""
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager()
+    return TaskManager()
+
+
+def harness_tasks(tasks: list[str], data_dir: str | None):
+    """Task specs for simple_evaluate: local-file configs when data_dir is given, else hub names."""
+    tm = task_manager()
     names = [t for t in tasks if t not in OWN_TASKS]
     if data_dir is None:
         return names, tm
