@@ -99,6 +99,48 @@ def test_two_creators_of_one_output_cannot_both_succeed(lab, tmp_path):
         assert "replacing" not in "".join(err for _, err in results)
 
 
+SLOW_CONVERT = """
+import pathlib, sys, time
+import ecomla.conversion.stream as stream
+from ecomla.cli import main
+real = stream.write_conversion
+def written_then_wait(*a, **k):  # every weight written into the temporary output, then a long pause to be stopped in
+    real(*a, **k)
+    pathlib.Path(sys.argv[1]).write_text("written")
+    time.sleep(600)
+stream.write_conversion = written_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_removes_the_temporary_output_and_the_lock_and_a_run_resumes(lab, tmp_path):
+    """`kill` (SIGTERM: a scheduler's time limit, `timeout`, torchrun stopping its workers) stops a command as Ctrl-C
+    does: the half-made output and the lock go; a training run keeps its checkpoint and --resume finishes it."""
+    def stopped(argv, ready):
+        proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
+
+    marker, out = tmp_path / "marker", tmp_path / "work" / "o"
+    out.parent.mkdir()
+    stopped([sys.executable, "-c", SLOW_CONVERT, marker, "convert", lab / "teacher", "--kv-rank", "8", "--out", out],
+            marker.is_file)
+    assert not list(out.parent.iterdir()), "a temporary output or a lock was left behind"
+    run = tmp_path / "work" / "R"
+    train = ["distill", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt", "--tokens",
+             str(400 * 2 * 32), "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--save-every", "2",
+             "--out", run]
+    stopped([sys.executable, "-m", "ecomla.cli", *map(str, train)], lambda: any(run.glob("training/checkpoint*")))
+    assert [p.name for p in out.parent.iterdir()] == ["R"], "a lock was left behind"
+    assert main([*train, "--resume"]) == 0
+    assert json.loads((run / "training" / "summary.json").read_text())["steps"] == 400
+
+
 # ---------------------------------------------------------------------------- outputs know their kind
 
 

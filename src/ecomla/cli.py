@@ -7,6 +7,7 @@ one default. Errors a user can fix print one line naming the problem and exit wi
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -93,15 +94,29 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler's time limit, torchrun stopping its workers) raised as Ctrl-C is:
+    the `finally` blocks run, so a command's temporary output is removed and its lock released."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cls = args.options_class
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the default dies at once, leaving the temporaries
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         options = cls.from_args(args)
         options.run()
     except user_errors() as err:
         print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"ecomla {args.command}: terminated (SIGTERM); nothing half-written is left", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"ecomla {args.command}: interrupted", file=sys.stderr)
         return 130
