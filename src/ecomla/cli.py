@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import typing
 from dataclasses import MISSING, fields
 
@@ -106,8 +107,8 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cls = args.options_class
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the default dies at once, leaving the temporaries
-        signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # the default dies at once, leaving the temporaries
     try:
         options = cls.from_args(args)
         options.run()
