@@ -4,6 +4,7 @@ rerun when what they read changes. Every data-loss case hashes the user's files 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,22 +115,24 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_sigterm_removes_the_temporary_output_and_the_lock_and_a_run_resumes(lab, tmp_path):
-    """`kill` (SIGTERM: a scheduler's time limit, `timeout`, torchrun stopping its workers) stops a command as Ctrl-C
-    does: the half-made output and the lock go; a training run keeps its checkpoint and --resume finishes it."""
-    def stopped(argv, ready):
+    """`kill` (SIGTERM: a scheduler's time limit, `timeout`, torchrun stopping its workers) or a closed terminal
+    (SIGHUP) stops a command as Ctrl-C does: the half-made output and the lock go; a training run keeps its
+    checkpoint and --resume finishes it."""
+    def stopped(argv, ready, signum=signal.SIGTERM):
         proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while not ready():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.2)
-        proc.terminate()
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
+        assert proc.returncode == 128 + signum and f"terminated ({signum.name})" in err and "Traceback" not in err, \
+            err[-2000:]
 
     marker, out = tmp_path / "marker", tmp_path / "work" / "o"
     out.parent.mkdir()
     stopped([sys.executable, "-c", SLOW_CONVERT, marker, "convert", lab / "teacher", "--kv-rank", "8", "--out", out],
-            marker.is_file)
+            marker.is_file, signal.SIGHUP)
     assert not list(out.parent.iterdir()), "a temporary output or a lock was left behind"
     run = tmp_path / "work" / "R"
     train = ["distill", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt", "--tokens",

@@ -96,28 +96,35 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a scheduler's time limit, torchrun stopping its workers) raised as Ctrl-C is:
-    the `finally` blocks run, so a command's temporary output is removed and its lock released."""
+    """SIGTERM (`kill`, `timeout`, a scheduler's time limit, torchrun stopping its workers) or SIGHUP (the terminal
+    closed) raised as Ctrl-C is: the `finally` blocks run, so a command's temporary output is removed and its lock
+    released."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cls = args.options_class
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # the default dies at once, leaving the temporaries
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # their default dies at once, leaving the temporaries
+        if signal.getsignal(signum) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            signal.signal(signum, _terminate)  # (nohup's ignored SIGHUP stays ignored)
     try:
         options = cls.from_args(args)
         options.run()
     except user_errors() as err:
         print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Terminated:
-        print(f"ecomla {args.command}: terminated (SIGTERM); nothing half-written is left", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as stop:
+        print(f"ecomla {args.command}: terminated ({signal.Signals(stop.signum).name}); nothing half-written is left",
+              file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"ecomla {args.command}: interrupted", file=sys.stderr)
         return 130
