@@ -1,8 +1,10 @@
 """Output directories appear whole or not at all; the output policy; run locks; leftover cleanup."""
 
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,40 @@ def test_success_replaces_and_refuses_without_overwrite(tmp_path):
         (tmp / "b.txt").write_text("b")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_a_stop_between_the_two_renames_of_a_replacement_waits_for_both(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) arriving right after the old output is renamed aside is held until the new one is in place,
+    then delivered: `out` holds the new output, never neither, and nothing else is left."""
+    out = tmp_path / "ckpt"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real = Path.rename
+
+    def rename(self, target):
+        moved = real(self, target)
+        if Path(target).name.startswith(".ckpt.ecomla-old"):  # the first of the two renames
+            signal.raise_signal(signal.SIGTERM)
+        return moved
+
+    def stop(signum, frame):
+        raise Stopped
+
+    monkeypatch.setattr(Path, "rename", rename)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            with atomic_output_dir(out, overwrite=True) as tmp:
+                (tmp / "a.txt").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (out / "a.txt").read_text() == "new"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # every handler given back
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # neither the old output nor a temporary nor the lock
 
 
 def test_overwrite_never_replaces_a_folder_ecomla_did_not_write(tmp_path):

@@ -587,6 +587,29 @@ def check_side_output(path, flag: str, out, inputs: dict | None = None) -> None:
 
 
 @contextmanager
+def signals_deferred():
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends, then deliver the first one caught, to the handler that
+    was in place (in the main thread, where Python runs signal handlers; elsewhere a plain block). For a few
+    renames that must not be cut in two."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+@contextmanager
 def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, log=None, *, kind: str = "convert",
                       overwrite_kind: str | None = None):
     """Yield a temporary directory beside `out`; on success it replaces `out`, on error it is removed.
@@ -598,6 +621,7 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
+        replaced = None  # the old output once the new one took its place
         try:
             yield tmp
             record(tmp, kind)
@@ -606,8 +630,10 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
                 if log:
                     log(f"replacing {out} (an earlier ecomla output, --overwrite)")
                 old = out.with_name(f".{out.name}.{OLD}-{os.getpid()}")
-                out.rename(old)
-                tmp.rename(out)
+                with signals_deferred():  # stopped between the renames, `out` would hold neither output
+                    out.rename(old)
+                    tmp.rename(out)
+                    replaced = old
                 shutil.rmtree(old)
             else:
                 if out.is_dir():
@@ -616,6 +642,8 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            if replaced is not None and replaced.exists():  # stopped as the renames ended: the swap is done
+                shutil.rmtree(replaced, ignore_errors=True)
 
 
 def write_via_temporary(path, write) -> None:
