@@ -44,6 +44,16 @@ def snapshot(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def free_port() -> int:
+    """A TCP port free now, for `accelerate launch --main_process_port`: accelerate's default 29500 fails the test
+    wherever another job on the machine (a user's own training run, a second test session) holds it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error ||a - b|| / ||b||."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_TEXT, tiny_model_dir, tiny_run_options, tiny_tokenizer, tiny_training_inputs
+from conftest import TINY_TEXT, free_port, tiny_model_dir, tiny_run_options, tiny_tokenizer, tiny_training_inputs
 from ecomla.training.losses import chunked_distill_loss, token_kd
 
 
@@ -214,9 +214,9 @@ def test_two_processes_under_accelerate_take_identical_steps(models, tmp_path):
     common = ["--teacher", teacher, "--data", text, "--tokens", str(3 * 4 * 32), "--seq-len", "32", "--lr", "3e-3",
               "--eval-every", "0", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "ecomla.cli", "distill", student,
-           *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--multi_gpu", "-m", "ecomla.cli", "distill", student, *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "training" / "summary.json").read_text())
@@ -269,9 +269,9 @@ def test_an_fsdp_config_on_cpu_processes_is_said_to_run_as_ddp(models, tmp_path)
     config.update(num_processes=2, mixed_precision="no", use_cpu=True)
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m",
-           "ecomla.cli", "distill", student, "--teacher", teacher, "--data", text, "--tokens", str(2 * 4 * 32),
-           "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+           "--config_file", str(tmp_path / "fsdp.yaml"), "-m", "ecomla.cli", "distill", student, "--teacher", teacher,
+           "--data", text, "--tokens", str(2 * 4 * 32), "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerate shards only on GPUs" in proc.stdout + proc.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_TEXT, tiny_model_dir, write_local_files
+from conftest import TINY_TEXT, free_port, tiny_model_dir, write_local_files
 
 pytest.importorskip("trl")
 
@@ -236,8 +236,8 @@ def test_run_recipe_in_two_processes(tmp_path):
               "align": {**shared, "tokens": 4 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     config = Path(__file__).parent.parent / "recipes" / "accelerate" / "cpu2.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "ecomla.cli", "run",
-           str(tmp_path / "r.yaml")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+           "--config_file", str(config), "-m", "ecomla.cli", "run", str(tmp_path / "r.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # CPU processes on a GPU machine too
     for attempt in range(2):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

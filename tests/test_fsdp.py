@@ -128,12 +128,13 @@ def _fsdp_launch(tmp_path, command: str, *args: str, world: int = 2):
     import subprocess
 
     import yaml
+    from conftest import free_port
 
     config = yaml.safe_load(open(Path(__file__).parent.parent / "recipes" / "accelerate" / "fsdp.yaml"))
     config.update(num_processes=world, mixed_precision="no", use_cpu=True)
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
-           str(Path(__file__).parent / "fsdp_on_cpu.py"), command, *args]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+           "--config_file", str(tmp_path / "fsdp.yaml"), str(Path(__file__).parent / "fsdp_on_cpu.py"), command, *args]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
