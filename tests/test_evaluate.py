@@ -158,6 +158,63 @@ def test_bad_input_fails_before_work(tiny_dir, data_dir, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_model_without_a_tokenizer_is_refused_before_any_model_is_evaluated(tiny_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"  # weights and config, no tokenizer
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dir / f, bare / f)
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 20)
+    lines = []
+    with pytest.raises(ValueError, match="ships no tokenizer"):
+        run_eval(EvalOptions(models=[str(tiny_dir), str(bare)], ppl_files=[str(tmp_path / "t.txt")]), log=lines.append)
+    assert not any("done in" in str(x) for x in lines), lines  # refused before the first model's evaluation
+
+
+def test_perplexity_files_of_one_name_stay_apart(tmp_path):
+    """`en/test.txt` and `de/test.txt` are two rows and two KL references, not one `test.txt` the second overwrote."""
+    from ecomla.evaluation.evaluate import perplexity_texts
+
+    files = [str(tmp_path / "en" / "test.txt"), str(tmp_path / "de" / "test.txt"), str(tmp_path / "en" / "test.txt")]
+    texts = perplexity_texts([], EvalOptions(models=["m"], ppl_files=files), None)
+    assert [name for name, _ in texts] == ["en/test.txt", "de/test.txt"]  # the same file given twice: once
+
+
+def test_the_eval_data_variable_serves_every_task_that_reads_a_file(data_dir, monkeypatch):
+    """$ECOMLA_EVAL_DATA stands for --data-dir for wikitext and passkey (always a local file), not only for harness
+    tasks when the hub is out of reach."""
+    from ecomla.evaluation.evaluate import task_data
+
+    monkeypatch.setenv("ECOMLA_EVAL_DATA", str(data_dir))
+    for tasks in (["wikitext"], ["passkey"]):
+        assert task_data(EvalOptions(models=["m"], tasks=tasks)) == str(data_dir)
+    monkeypatch.delenv("ECOMLA_EVAL_DATA")
+    with pytest.raises(ValueError, match="give --data-dir DIR holding wikitext"):
+        task_data(EvalOptions(models=["m"], tasks=["wikitext"]))
+
+
+def test_hellaswag_jsonl_in_the_common_format_and_rows_missing_fields(tmp_path):
+    """hellaswag.jsonl as llm-foundry writes it ({query, choices, gold}) gives the rows of the 6-line file; a row with
+    neither format's fields is refused naming the file, the row and the fields (lm-eval raised KeyError inside)."""
+    from ecomla.evaluation.tasks import local_rows
+
+    six, jsonl = tmp_path / "six", tmp_path / "jsonl"
+    six.mkdir(), jsonl.mkdir()
+    endings = ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+               "starts pulling up roofing on a roof."]
+    query = "Roof shingle removal: A man is sitting on a roof. he"
+    (six / "hellaswag_val_full.txt").write_text("\n".join([query, "3", *endings]) + "\n")
+    (jsonl / "hellaswag.jsonl").write_text(json.dumps({"query": query, "choices": endings, "gold": 3}) + "\n")
+    assert local_rows("hellaswag", jsonl) == local_rows("hellaswag", six)
+    (jsonl / "hellaswag.jsonl").write_text(json.dumps({"context": query, "endings": endings}) + "\n")
+    with pytest.raises(ValueError, match="hellaswag.jsonl, row 1: lacks field 'query'"):
+        local_rows("hellaswag", jsonl)
+    (tmp_path / "arc_easy.jsonl").write_text(json.dumps({"question": "q?", "choices": {"text": ["a"], "label": ["A"]}}) + "\n")
+    with pytest.raises(ValueError, match="arc_easy.jsonl, row 1: lacks field 'answerKey'"):
+        local_rows("arc_easy", tmp_path)
+
+
 def test_cli_eval(tiny_dir, data_dir, tmp_path, capsys):
     from ecomla.cli import main
 

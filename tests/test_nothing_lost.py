@@ -337,6 +337,8 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     ({"distill": {"seq_len": 100000}}, "recipe section 'distill': seq_len 100000 is beyond the model's maximum length 256"),
     ({"eval": {"tasks": ["arc_eazy"], "data_dir": "{t}"}}, "recipe section 'eval': unknown task(s) arc_eazy"),
     ({"dpo": {"data": "{t}/nowhere.json"}}, "recipe section 'dpo': preference file"),
+    ({"eval": {"tasks": ["passkey"], "passkey_filler": "{l}/text.txt", "passkey_contexts": [1024]}},
+     "recipe section 'eval': --passkey-contexts 1024: every prompt is beyond the 256 positions"),
 ])
 def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, message):
     from ecomla.pipeline import run_recipe
@@ -344,12 +346,35 @@ def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, 
     recipe = {"model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
               "distill": {"data": [str(lab / "text.txt")], "tokens": 128, "seq_len": 32, "batch_size": 2}}
     for key, value in change.items():
-        value = json.loads(json.dumps(value).replace("{t}", str(tmp_path)))
+        value = json.loads(json.dumps(value).replace("{t}", str(tmp_path)).replace("{l}", str(lab)))
         recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and key in recipe else value
     with pytest.raises((ValueError, OSError)) as err:
         run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
     assert message.replace("{t}", str(tmp_path)) in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_recipes_eval_files_are_found_and_recorded_where_they_are(lab, tmp_path, monkeypatch):
+    """The passkey filler is read beside the recipe, as its other files are; the task folder $ECOMLA_EVAL_DATA names
+    is the one the evaluation reads and steps.json records, so pointing it elsewhere evaluates again."""
+    from ecomla.pipeline import Step, check_inputs, load_recipe, plan
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "filler.txt").write_text((lab / "text.txt").read_text())
+    recipe = write_recipe(tmp_path / "proj" / "r.yaml", {
+        "model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+        "eval": {"tasks": ["wikitext", "passkey"], "passkey_filler": "filler.txt", "passkey_contexts": [128]}})
+    assert load_recipe(recipe)["eval"]["passkey_filler"] == str(tmp_path / "proj" / "filler.txt")
+    recorded = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "wikitext-2-raw-test.txt").write_text(f"text {name} " * 50)
+        monkeypatch.setenv("ECOMLA_EVAL_DATA", str(tmp_path / name))
+        steps, evaluation = plan(load_recipe(recipe))
+        evaluation = check_inputs(str(lab / "teacher"), steps, evaluation)
+        assert evaluation.data_dir == str(tmp_path / name)
+        recorded[name] = Step("eval", evaluation, tmp_path / "out", [evaluation.data_dir]).recorded()
+    assert recorded["a"] != recorded["b"]
 
 
 def test_a_recipe_reruns_a_step_whose_input_files_changed(lab, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from .io import read_json, read_log
 from .options import SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options, TrainOptions
 
 SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
-PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib")  # relative to the recipe file when not to the cwd
+PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib", "passkey_filler")  # relative to the recipe file when not to the cwd
 RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
 
 
@@ -150,9 +151,10 @@ def plan(recipe: dict) -> tuple[list[Step], EvalOptions | None]:
     return steps, evaluation
 
 
-def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) -> None:
-    """What every section reads, checked before step one: files, tasks, lengths, teachers."""
-    from .evaluation.evaluate import task_data
+def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) -> EvalOptions | None:
+    """What every section reads, checked before step one: files, tasks, lengths, teachers. Returns the evaluation
+    with the task folder it reads ($ECOMLA_EVAL_DATA's too), which steps.json records like any input."""
+    from .evaluation.evaluate import check_passkey_contexts, task_data
     from .sources import load_config
     from .training.data import check_vocab
     from .training.dpo import read_preferences
@@ -178,11 +180,15 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                     check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:
             raise type(err)(f"{where}: {err}") from None
-    if evaluation is not None:
-        try:
-            task_data(evaluation)
-        except (ValueError, OSError) as err:
-            raise type(err)(f"recipe section 'eval': {err}") from None
+    if evaluation is None:
+        return None
+    try:
+        data_dir = task_data(evaluation)
+        if "passkey" in evaluation.task_list:  # the converted models keep the original's positions
+            check_passkey_contexts(evaluation.passkey_contexts, config, model)
+    except (ValueError, OSError) as err:
+        raise type(err)(f"recipe section 'eval': {err}") from None
+    return dataclasses.replace(evaluation, data_dir=data_dir)
 
 
 def _complete(model_dir: Path) -> bool:
@@ -343,7 +349,7 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
 
     recipe = load_recipe(path)
     steps, evaluation = plan(recipe)
-    check_inputs(str(recipe["model"]), steps, evaluation)
+    evaluation = check_inputs(str(recipe["model"]), steps, evaluation)
     out = Path(str(recipe["out"]))
     inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
               "calibration file": steps[0].options.calib}

@@ -264,8 +264,11 @@ def evaluate_model(
 
 
 def perplexity_texts(tasks: list[str], options: EvalOptions, data_dir) -> list[tuple[str, Path]]:
-    """(task name, file) of every perplexity text: the `wikitext` task's and each --ppl-file."""
-    return [(t, local_file(t, data_dir)) for t in tasks if t in PPL_TASKS] + [(Path(f).name, Path(f)) for f in options.ppl_files]
+    """(task name, file) of every perplexity text: the `wikitext` task's and each --ppl-file, a file named by its
+    shortest trailing path no other has (`en/test.txt` and `de/test.txt`, not `test.txt` twice), once each."""
+    files = list(dict.fromkeys(str(f) for f in options.ppl_files))
+    return ([(t, local_file(t, data_dir)) for t in tasks if t in PPL_TASKS]
+            + [(name, Path(f)) for name, f in zip(short_names(files), files)])
 
 
 def read_perplexity_text(path: Path) -> str:
@@ -414,14 +417,25 @@ def task_data(o: EvalOptions) -> str | None:
     """Where the tasks' files come from (--data-dir, $ECOMLA_EVAL_DATA, or the hub), after checking every task
     and file (check_tasks): fails fast, before any model loads."""
     data_dir = o.data_dir
-    if data_dir is None and [t for t in o.task_list if t not in OWN_TASKS] and not hub_reachable():
-        env = os.environ.get("ECOMLA_EVAL_DATA")
-        if not env:
+    harness = [t for t in o.task_list if t not in OWN_TASKS]
+    local = [t for t in o.task_list if t in PPL_TASKS or (t == "passkey" and not o.passkey_filler)]  # a file always
+    if data_dir is None and (local or (harness and not hub_reachable())):
+        data_dir = os.environ.get("ECOMLA_EVAL_DATA") or None
+        if data_dir is None and not local:
             raise ValueError("the dataset hub is out of reach: give --data-dir DIR with the tasks' local files "
                              "(e.g. ../shared/data/eval) or set ECOMLA_EVAL_DATA")
-        data_dir = env
     check_tasks(o.task_list, data_dir, o.ppl_files, o.passkey_filler)
     return data_dir
+
+
+def check_passkey_contexts(contexts: list[int], config, name: str) -> None:
+    """Refuse passkey contexts of which none fits the positions of model `name` (its `config`)."""
+    from .passkey import ANSWER_TOKENS, fitting_contexts
+
+    limit = getattr(config, "max_position_embeddings", None)
+    if not fitting_contexts(contexts, limit):
+        raise ValueError(f"--passkey-contexts {','.join(map(str, contexts))}: every prompt is beyond the {limit} "
+                         f"positions of {name}; give contexts up to {limit - ANSWER_TOKENS}")
 
 
 def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
@@ -448,17 +462,16 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
 def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inputs: dict, log) -> tuple[str, list[dict]]:
     from ..model.cache import cache_values_per_token
     from ..io import atomic_output_dir
-    from ..sources import load_config, load_model, resolve_device
+    from ..sources import load_config, load_model, load_tokenizer, resolve_device
 
     configs = {m: load_config(m) for m in models}  # every model must resolve before any long work
+    tokenizers = {m: load_tokenizer(m) for m in models}
+    for m, tok in tokenizers.items():
+        if tok is None:
+            raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
     if "passkey" in tasks:
-        from .passkey import ANSWER_TOKENS, fitting_contexts
-
         for m, c in configs.items():
-            limit = getattr(c, "max_position_embeddings", None)
-            if not fitting_contexts(o.passkey_contexts, limit):
-                raise ValueError(f"--passkey-contexts {','.join(map(str, o.passkey_contexts))}: every prompt is beyond "
-                                 f"the {limit} positions of {m}; give contexts up to {limit - ANSWER_TOKENS}")
+            check_passkey_contexts(o.passkey_contexts, c, m)
     if perplexity_texts(tasks, o, data_dir):
         for m, c in configs.items():
             limit = getattr(c, "max_position_embeddings", None)
@@ -472,9 +485,8 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
     kl_to_first = None
     for m in models:
         log(f"[ecomla eval] {m}: loading ({dtype}, {device})")
-        model, tok = load_model(m, dtype=getattr(torch, dtype), device=device)
-        if tok is None:
-            raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
+        model, _ = load_model(m, dtype=getattr(torch, dtype), device=device, tokenizer=False)
+        tok = tokenizers[m]
         t0 = time.time()
         rows += evaluate_model(model, tok, m, tasks, o, data_dir)
         if len(models) > 1 and o.kl_tokens:

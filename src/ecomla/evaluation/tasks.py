@@ -9,9 +9,10 @@ the harness renders exactly the prompts a hub run renders. Local formats (see
     piqa               {"query": "Question: g\\n", ...}   -> {goal, sol1, sol2, label}
     winogrande         {"context_options", "continuation", "gold"} -> {sentence with "_", option1, option2, answer}
     lambada_openai     {"context", "continuation"}        -> {text = context + " " + continuation}
-    hellaswag          6 lines per item (label: ctx / gold / 4 endings) -> {activity_label, ctx_a, ctx_b, endings, label}
+    hellaswag          6 lines per item (label: ctx / gold / 4 endings), or JSONL {"query": "label: ctx", "choices",
+                       "gold"} -> {activity_label, ctx_a, ctx_b, endings, label}
 
-Rows already in the hub's format pass through unchanged.
+Rows already in the hub's format pass through unchanged; a row with neither format's fields is refused, naming them.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?]) ")
 def hellaswag_item(label_ctx: str, gold: str, endings: list[str]) -> dict:
     """The hub's fields from one local item. The harness builds ctx_a + " " + ctx_b.capitalize();
     ctx_b is the unfinished last sentence of the context (empty when it ends with . ! ?)."""
+    if ": " not in label_ctx:  # the harness's prompt starts with the activity label
+        raise ValueError(f"HellaSwag context {label_ctx[:60]!r} lacks its activity label: write 'label: context'")
     activity_label, ctx = label_ctx.split(": ", 1)
     ctx_a, ctx_b = ctx, ""
     if ctx and ctx.rstrip()[-1] not in ".!?":
@@ -134,9 +137,14 @@ def hellaswag_item(label_ctx: str, gold: str, endings: list[str]) -> dict:
     return {"activity_label": activity_label, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": endings, "label": str(int(gold))}
 
 
+def hellaswag_row(r: dict) -> dict:
+    if "ctx_a" in r:
+        return r
+    return hellaswag_item(r["query"], r["gold"], r["choices"])
+
+
 def read_hellaswag(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return read_rows(path, "HellaSwag file")
+    """Items of the 6-lines-per-item file (plain or .bz2)."""
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -144,24 +152,31 @@ def read_hellaswag(path: Path) -> list[dict]:
         lines.pop()
     if len(lines) % 6:
         raise ValueError(f"{path}: expected 6 lines per HellaSwag item (label: context, gold, 4 endings), got {len(lines)} lines")
-    return [hellaswag_item(lines[i], lines[i + 1], lines[i + 2 : i + 6]) for i in range(0, len(lines), 6)]
+    try:
+        return [hellaswag_item(lines[i], lines[i + 1], lines[i + 2 : i + 6]) for i in range(0, len(lines), 6)]
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 @dataclass(frozen=True)
 class LocalTask:
     files: tuple[str, ...]  # accepted file names in --data-dir, first found wins
     split: str  # the split the harness evaluates
-    row: Callable[[dict], dict] | None  # local row -> hub row (None: custom reader)
+    row: Callable[[dict], dict]  # a JSONL row -> the hub's row
+    fields: tuple[str, ...]  # the hub's fields the harness reads (a row lacking one would fail inside it)
 
 
+ARC_FIELDS = ("question", "choices", "answerKey")
 LOCAL_TASKS = {
-    "arc_easy": LocalTask(("arc_easy.jsonl",), "test", arc_row),
-    "arc_challenge": LocalTask(("arc_challenge.jsonl",), "test", arc_row),
-    "openbookqa": LocalTask(("openbookqa.jsonl", "openbook_qa.jsonl"), "test", openbookqa_row),
-    "piqa": LocalTask(("piqa.jsonl",), "validation", piqa_row),
-    "winogrande": LocalTask(("winogrande.jsonl",), "validation", winogrande_row),
-    "lambada_openai": LocalTask(("lambada_openai.jsonl",), "test", lambada_row),
-    "hellaswag": LocalTask(("hellaswag_val_full.txt.bz2", "hellaswag_val_full.txt", "hellaswag.jsonl"), "validation", None),
+    "arc_easy": LocalTask(("arc_easy.jsonl",), "test", arc_row, ARC_FIELDS),
+    "arc_challenge": LocalTask(("arc_challenge.jsonl",), "test", arc_row, ARC_FIELDS),
+    "openbookqa": LocalTask(("openbookqa.jsonl", "openbook_qa.jsonl"), "test", openbookqa_row,
+                            ("question_stem", "choices", "answerKey")),
+    "piqa": LocalTask(("piqa.jsonl",), "validation", piqa_row, ("goal", "sol1", "sol2", "label")),
+    "winogrande": LocalTask(("winogrande.jsonl",), "validation", winogrande_row, ("sentence", "option1", "option2", "answer")),
+    "lambada_openai": LocalTask(("lambada_openai.jsonl",), "test", lambada_row, ("text",)),
+    "hellaswag": LocalTask(("hellaswag_val_full.txt.bz2", "hellaswag_val_full.txt", "hellaswag.jsonl"), "validation",
+                           hellaswag_row, ("activity_label", "ctx_a", "ctx_b", "endings", "label")),
 }
 
 
@@ -181,14 +196,23 @@ def local_file(task: str, data_dir: str | Path) -> Path:
 
 def local_rows(task: str, data_dir: str | Path) -> list[dict]:
     """The task's items from its local file, in the hub's field names."""
-    path = local_file(task, data_dir)
-    if task == "hellaswag":
+    path, spec = local_file(task, data_dir), LOCAL_TASKS[task]
+    if task == "hellaswag" and path.suffix != ".jsonl":
         return read_hellaswag(path)
-    rows = read_rows(path, f"task file for {task!r}")
-    try:
-        return [LOCAL_TASKS[task].row(r) for r in rows]
-    except KeyError as err:
-        raise ValueError(f"{path}: rows lack field {err} expected for task {task!r} (see ecomla/evaluation/tasks.py)") from err
+    out = []
+    for i, r in enumerate(read_rows(path, f"task file for {task!r}"), 1):
+        try:
+            row = spec.row(r)
+            missing = [f for f in spec.fields if f not in row]
+            if missing:
+                raise KeyError(", ".join(missing))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}, row {i}: lacks field {err} for task {task!r}: give rows in the llm-foundry format "
+                             f"or the hub's ({', '.join(spec.fields)}); see ecomla/evaluation/tasks.py") from None
+        except ValueError as err:
+            raise ValueError(f"{path}, row {i}: {err}") from None
+        out.append(row)
+    return out
 
 
 def harness_config(task: str, task_manager) -> dict:
