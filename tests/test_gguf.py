@@ -98,6 +98,24 @@ def test_tiny_gguf_runs_the_same_model_in_llama_cpp(tmp_path, case, conv, outtyp
     check_in_llama_cpp(model, tok, path, outtype)
 
 
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_the_latent_down_projections_keep_their_precision_in_16_and_8_bit_ggufs(tmp_path, outtype):
+    """Rescaled to llama.cpp's eps, the latent rows are ~1e-5: in f16 they were subnormals holding a few bits (a
+    hidden-512 model's f16 GGUF: logits 1.6e-2 off, 2.7e-3 with these in f32). They are written as f32."""
+    import gguf
+
+    from ecomla.export.gguf import LATENT_DOWN, gguf_tensors
+
+    model, tok = tiny_converted(tmp_path, q_lora_rank=24)
+    want = gguf_tensors(model)
+    reader = gguf.GGUFReader(str(export_gguf(model, tok, tmp_path / "m.gguf", outtype)))
+    latent = [t for t in reader.tensors if t.name.endswith(LATENT_DOWN)]
+    assert len(latent) == 2 * model.config.num_hidden_layers
+    for t in latent:
+        w = want[t.name].float().numpy()
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(np.asarray(t.data).reshape(w.shape), w)
+
+
 def test_linear_rope_scaling_and_untied_head(tmp_path):
     model, tok = load_model(str(tiny_model_dir(tmp_path / "llama")))
     model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}

@@ -270,9 +270,12 @@ def _as_type(w: torch.Tensor, outtype: str):
     return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
 
-# The latent down-projections: rows rescaled to DeepSeek's eps (~1e-4, see latent_norm_init) would get q8_0
-# block scales below f16's normal range (~1e-6), so they stay f16 (small tensors) under --outtype q8_0.
+# The latent down-projections: rows rescaled to DeepSeek's eps (by ~1e-4, see latent_norm_init) are ~1e-5, below
+# f16's smallest normal number (6.1e-5), where f16 keeps a few bits (an f16 GGUF of a hidden-512 model: logits 1.6e-2
+# off, 2.7e-3 with these in f32) and q8_0's f16 block scales underflow. They stay f32 under f16 and q8_0 (small
+# tensors: (latent + RoPE) x hidden per layer); bf16 has f32's exponent range.
 LATENT_DOWN = ("attn_kv_a_mqa.weight", "attn_q_a.weight")
+LATENT_DOWN_TYPE = {"f16": "f32", "q8_0": "f32"}
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_* of the bulk of the weights
 
 
@@ -316,7 +319,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = GGUF_DEFAULT_OUTTYPE
     for key, value in (extra or {}).items():
         writer.add_string(key, str(value))
     for name, w in gguf_tensors(model).items():
-        data, dtype = _as_type(w, "f16" if outtype == "q8_0" and name.endswith(LATENT_DOWN) else outtype)
+        data, dtype = _as_type(w, LATENT_DOWN_TYPE.get(outtype, outtype) if name.endswith(LATENT_DOWN) else outtype)
         writer.add_tensor(name, data, raw_dtype=dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
