@@ -104,6 +104,8 @@ def test_sharded_source_bfloat16_and_sharded_output(tmp_path, monkeypatch):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert all(v.dtype == torch.bfloat16 for v in got.values())
+    # config.json says so (it said float32: `dtype="auto"` then loaded, and exported, at twice the size)
+    assert json.loads((tmp_path / "mla" / "config.json").read_text())["dtype"] == "bfloat16"
     assert_same_weights(got, in_memory(src, options))
 
 

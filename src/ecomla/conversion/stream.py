@@ -396,8 +396,8 @@ def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, ch
                  cache_store(calib_cache, statistics_key(weights, key_config, ids, dtype)))
     config, tensors = convert_layerwise(weights, plan, ids, store, choices, dtype=dtype, device=device, stages=stages,
                                         progress=progress)
-    with torch.device("meta"):
-        EcoMLAForCausalLM(config).save_pretrained(out, state_dict={})  # config, generation config, code: no weights
+    with torch.device("meta"):  # config, generation config, code: no weights; in --dtype, which config.json records
+        EcoMLAForCausalLM(config).to(dtype).save_pretrained(out, state_dict={})
     writer = ShardWriter(out, checkpoint_tensors(config), dtype, SHARD_BYTES)
     for name, tensor in tensors:
         writer.write(name, tensor)
