@@ -305,6 +305,41 @@ def test_gguf_refusals_name_the_reason_and_the_fix(tmp_path, conv, message):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_shapes_llama_cpp_loads_but_runs_otherwise_are_refused(tmp_path, capsys):
+    """Found by running them in llama.cpp: a 26- or 27-layer model with a query LoRA (llama.cpp reads none at
+    DeepSeek-V2-Lite's layer counts: "tensor 'blk.0.attn_q.weight' not found"), an MLP activation other than SiLU
+    (deepseek2 always applies SiLU: logits 16% off with GELU), and a byte-level BPE tokenizer that adds a prefix
+    space (llama.cpp adds none: "the cat" became 5 tokens, not 3)."""
+    import copy
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import TINY_TEXT
+    from ecomla.model.engines import vllm_problems
+
+    model, tok = tiny_converted(tmp_path, q_lora_rank=24)
+    assert not gguf_problems(model.config)
+    lite = copy.deepcopy(model.config)
+    lite.num_hidden_layers, lite.mla_layers = 26, list(range(26))
+    assert any("reads no query LoRA in a 26-layer deepseek2" in p for p in gguf_problems(lite))
+    lite.q_lora_rank = None
+    assert not gguf_problems(lite)
+    gelu = copy.deepcopy(model.config)
+    gelu.hidden_act = "gelu"
+    assert any("its MLP uses 'gelu', llama.cpp's deepseek2 always SiLU" in p for p in gguf_problems(gelu))
+    assert any("vLLM's DeepSeek always SiLU" in p for p in vllm_problems(gelu))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TINY_TEXT], trainers.BpeTrainer(vocab_size=len(tok), special_tokens=["<pad>", "<eos>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model.save_pretrained(tmp_path / "mla")
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(tmp_path / "mla")
+    assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "adds a space before the text" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+
+
 def test_llama3_rope_scaling_runs_in_llama_cpp_with_pairs_inside_one_band(tmp_path):
     """Under llama3 scaling llama.cpp's deepseek2 takes no per-frequency factors, but inside one band of the
     scaling the kept pairs are a standard rotary (unchanged: a new base; divided by the factor: linear), so the

@@ -46,7 +46,8 @@ def _export(options: ExportOptions, inputs: dict, log):
     check_output(options.out, inputs, options.overwrite, kind="export", overwrite_kind=options.overwrite_kind)
     config = load_config(options.model)
     check_exportable(config)
-    check_export_space(options.out, config, checkpoint_bytes_per_parameter(config), "the DeepSeek-V3 checkpoint", "")
+    check_export_space(options.out, config, checkpoint_bytes_per_parameter(config), "the DeepSeek-V3 checkpoint", "",
+                       deepseek_v3_extra_parameters(config, options.query_lora))
     model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
     out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs,
                              query_lora=options.query_lora, overwrite_kind=options.overwrite_kind)
@@ -71,17 +72,26 @@ def checkpoint_bytes_per_parameter(config) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def check_export_space(out, config, bytes_per_parameter: float, what: str, smaller: str) -> None:
-    """Refuse an export the disk holding `out` has no room for (parameters x `bytes_per_parameter`), before the
-    model loads; `smaller`: the option that makes it smaller, if any."""
+def check_export_space(out, config, bytes_per_parameter: float, what: str, smaller: str, extra_parameters: int = 0) -> None:
+    """Refuse an export the disk holding `out` has no room for ((the checkpoint's parameters + `extra_parameters`) x
+    `bytes_per_parameter`), before the model loads; `smaller`: the option that makes it smaller, if any."""
     from math import prod
 
     from ..io import check_free_space
     from ..model.cache import checkpoint_tensors
 
-    n = sum(prod(shape) for _, shape in checkpoint_tensors(config))
+    n = sum(prod(shape) for _, shape in checkpoint_tensors(config)) + extra_parameters
     check_free_space({out: int(n * bytes_per_parameter)}, what,
                      "choose --out on another disk" + (f", or {smaller}" if smaller else ""))
+
+
+def deepseek_v3_extra_parameters(config, query_lora: str | None) -> int:
+    """What a DeepSeek-V3 export writes beyond the ecomla checkpoint's tensors: the head of a tied model (written
+    out), and with --query-lora identity a (hidden, hidden) q_a_proj and its norm per layer."""
+    d = config.hidden_size
+    head = config.vocab_size * d if config.tie_word_embeddings else 0
+    identity = config.num_hidden_layers * (d * d + d) if query_lora == "identity" and config.q_lora_rank is None else 0
+    return head + identity
 
 
 def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE):

@@ -77,6 +77,12 @@ def _pre_tokenizer_signature(tok_json: dict) -> tuple[str, bool]:
 
 def llama_cpp_pre_tokenizer(tok_json: dict) -> str:
     """llama.cpp's name for the pre-tokenizer of `tok_json`; ExportError if llama.cpp has none that matches."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    for step in pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]:
+        if step.get("type") == "ByteLevel" and step.get("add_prefix_space"):  # "the" would become "Ġthe" there only
+            raise ExportError("the tokenizer adds a space before the text (ByteLevel add_prefix_space), which "
+                              "llama.cpp's byte-level BPE never does, so it would tokenize every text otherwise; "
+                              "save the tokenizer with add_prefix_space=False to export it")
     pattern, digits = _pre_tokenizer_signature(tok_json)
     known = {(GPT2_PATTERN, True): "smollm", (GPT2_PATTERN, False): "gpt-2", (LLAMA3_PATTERN, False): "llama-bpe",
              (QWEN2_PATTERN, False): "qwen2"}

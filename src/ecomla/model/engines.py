@@ -151,7 +151,18 @@ def gguf_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = 
                            f"{fits} (the default does this for llama.cpp)" if fits else ""))
     if config.qk_nope_head_dim < 1:
         problems.append("llama.cpp's deepseek2 needs at least one query/key dim without RoPE (convert with a smaller --rope-dim)")
+    if config.q_lora_rank is not None and config.num_hidden_layers in LLAMA_CPP_Q_LORA_OPTIONAL_LAYERS:
+        problems.append(f"llama.cpp reads no query LoRA in a {config.num_hidden_layers}-layer deepseek2 (DeepSeek-V2-Lite's "
+                        "shape), so it cannot load this one (convert without --q-rank)")
+    problems += silu_problems(config, "llama.cpp's deepseek2")
     return problems
+
+
+def silu_problems(config, engine: str) -> list[str]:
+    """An MLP activation other than SiLU, which DeepSeek's MLP in `engine` always applies."""
+    act = getattr(config, "hidden_act", "silu")
+    return [] if act in ("silu", "swish") else [f"its MLP uses {act!r}, {engine} always SiLU (ecomla's own code and "
+                                                  "transformers' DeepSeek-V3 run it)"]
 
 
 VLLM_ROPE_DIM = 64
@@ -174,7 +185,7 @@ def llama_cpp_cuda_fa_problems(config, **kw) -> list[str]:
 
 
 def vllm_problems(config, **kw) -> list[str]:
-    problems = deepseek_v3_problems(config, **kw)
+    problems = deepseek_v3_problems(config, **kw) + silu_problems(config, "vLLM's DeepSeek")
     shape = (config.kv_lora_rank, config.qk_rope_head_dim)
     if shape not in VLLM_SHAPES:
         problems.append(f"its latent + RoPE key is {shape[0]} + {shape[1]}; vLLM's MLA backends take 512 + 64 or 256 + 64 "
