@@ -160,6 +160,42 @@ def test_interrupted_run_resumes_to_the_same_end(models, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_resume_on_another_number_of_processes_is_refused(models, tmp_path):
+    """The steps, data order and learning-rate schedule follow the global batch: a run started on 2 processes and
+    resumed on 1 went on to 12 steps where it planned 6, silently. Refused, naming both counts."""
+    from ecomla.training.distill import distill
+
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    args = tmp_path / "cut" / "training" / "args.json"
+    args.write_text(json.dumps({**json.loads(args.read_text()), "world_size": 2}))  # as a 2-process launch records it
+    with pytest.raises(ValueError, match=r"--resume on 1 process\(es\) of a run .* that started on 2"):
+        distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    assert json.loads(args.read_text())["world_size"] == 2  # the record kept
+
+
+def test_chat_data_whose_prompts_fill_whole_sequences_trains(models, tmp_path):
+    """Long prompts, short answers: packed sequences holding only prompt tokens (weight 0) crashed distillation in
+    backward ("element 0 of tensors does not require grad"), made alignment refuse ("every gradient is zero") and,
+    held out, reported KL 0 and perplexity 1. They are left out; data with no counted token at all is refused."""
+    from ecomla.training.align import AlignOptions, align
+    from ecomla.training.data import Document, pack
+    from ecomla.training.distill import distill
+
+    chat = tmp_path / "chat.jsonl"
+    turn = {"messages": [{"role": "user", "content": TINY_TEXT[:600]}, {"role": "assistant", "content": "blue"}]}
+    chat.write_text((json.dumps(turn) + "\n") * 6)
+    for run, train in (("distill", distill), ("align", align)):
+        cls = AlignOptions if run == "align" else None
+        options = (tiny_run_options(cls, models, tmp_path / run, data=[str(chat)], batch_size=1, tokens=8 * 32)
+                   if cls else _cfg(models, tmp_path / run, data=[str(chat)], batch_size=1, tokens=8 * 32))
+        summary = train(options, log=lambda *a: None)
+        assert summary["after"]["heldout_tokens"] > 0, summary
+    ids, w = pack([Document([1, 2, 3, 4], [0, 0, 0, 1]), Document([5, 6, 7, 8], [0, 0, 0, 0])], 4, None)
+    assert ids.tolist() == [[1, 2, 3, 4]] and w[:, 1:].sum(1).tolist() == [1]  # the all-prompt sequence left out
+    with pytest.raises(ValueError, match="every one is prompt"):
+        pack([Document([5, 6, 7, 8], [0, 0, 0, 0])], 4, None)
+
+
 def test_vocabulary_mismatch_is_refused(models, tmp_path):
     from transformers import LlamaConfig
 

@@ -128,7 +128,8 @@ def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = Fal
 
 def pack(docs: list[Document], seq_len: int, eos_id: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle documents (seeded), join with EOS, cut into (S, seq_len) ids and weights; weights[:, 0]
-    is never used (nothing predicts the first token of a sequence)."""
+    is never used (nothing predicts the first token of a sequence). A sequence with no counted token (all
+    prompt: chat data whose prompts outrun --seq-len) is left out: it would train nothing, and score nothing held out."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     ids, weights = [], []
@@ -143,7 +144,11 @@ def pack(docs: list[Document], seq_len: int, eos_id: int | None, seed: int = 0) 
         raise ValueError(f"the data hold {len(ids)} tokens, fewer than one sequence of {seq_len}: add data or lower --seq-len")
     ids_t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # (S, L)
     w_t = torch.tensor(weights[: n * seq_len], dtype=torch.float32).view(n, seq_len)  # (S, L)
-    return ids_t, w_t
+    counted = w_t[:, 1:].sum(1) > 0  # (S,)
+    if not bool(counted.any()):
+        raise ValueError(f"no sequence of {seq_len} tokens holds a token that counts: every one is prompt (weight 0), "
+                         "so nothing would train; raise --seq-len or use data whose answers fit in it")
+    return ids_t[counted], w_t[counted]
 
 
 def split_heldout(ids: torch.Tensor, weights: torch.Tensor, fraction: float, max_sequences: int = 64):

@@ -143,6 +143,11 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     last = None
     if args.resume:
         ckpts = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for ckpt in ckpts:  # the Trainer writes a checkpoint in place, trainer_state.json last
+            if not (ckpt / "trainer_state.json").is_file():
+                log(f"[ecomla dpo] {ckpt.name} is incomplete (no trainer_state.json: stopped while it was written); "
+                    "not resumed from")
+        ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
         last = str(ckpts[-1]) if ckpts else None
         log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
     trainer.train(resume_from_checkpoint=last)

@@ -261,7 +261,7 @@ def _inputs(cfg: TrainOptions) -> dict:
     return {"student": cfg.student, "teacher": cfg.teacher, "training data": list(cfg.data)}
 
 
-def _prepare_run_dir(cfg: TrainOptions, out: Path, log) -> dict | None:
+def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | None:
     """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
     train_dir = out / "training"
     if cfg.resume:
@@ -271,6 +271,13 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, log) -> dict | None:
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
             log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
             return read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite")
+        started = read_json(train_dir / "args.json", "the run's recorded options", "start the run again with "
+                            "--overwrite").get("world_size") if (train_dir / "args.json").is_file() else None
+        if started not in (None, world) and _checkpoints(train_dir / "checkpoints"):
+            raise ValueError(f"--resume on {world} process(es) of a run in {out} that started on {started}: its steps, "
+                             "data order and learning-rate schedule follow the number of processes (the global batch), "
+                             f"so it would end elsewhere; resume it on {started} process(es), or start a new run with "
+                             "another --out (or --overwrite)")
     elif cfg.overwrite and any(out.iterdir()):
         log(f"[ecomla {cfg.command}] --overwrite: replacing the earlier ecomla run in {out}")
         clear_run_dir(out)
@@ -304,7 +311,7 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
             out.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         try:
-            done = _prepare_run_dir(cfg, out, log) if main else None
+            done = _prepare_run_dir(cfg, out, accelerator.num_processes, log) if main else None
             done = accelerate_broadcast(accelerator, done)
             if done is not None:
                 return done
