@@ -138,7 +138,8 @@ def test_sigterm_removes_the_temporary_output_and_the_lock_and_a_run_resumes(lab
     train = ["distill", lab / "student", "--teacher", lab / "teacher", "--data", lab / "text.txt", "--tokens",
              str(400 * 2 * 32), "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--save-every", "2",
              "--out", run]
-    stopped([sys.executable, "-m", "ecomla.cli", *map(str, train)], lambda: any(run.glob("training/checkpoint*")))
+    stopped([sys.executable, "-m", "ecomla.cli", *map(str, train)],  # once a checkpoint is whole (renamed into place)
+            lambda: any(run.glob("training/checkpoints/step-*/state.json")))
     assert [p.name for p in out.parent.iterdir()] == ["R"], "a lock was left behind"
     assert main([*train, "--resume"]) == 0
     assert json.loads((run / "training" / "summary.json").read_text())["steps"] == 400
