@@ -173,6 +173,21 @@ def test_a_resume_on_another_number_of_processes_is_refused(models, tmp_path):
     assert json.loads(args.read_text())["world_size"] == 2  # the record kept
 
 
+def test_a_resume_with_changed_data_is_refused(models, tmp_path):
+    """The packing, order and held-out split follow the data's contents: resumed after the data file was edited, a
+    run trained on other text and scored another held-out set (its paths alone were compared). Refused, naming it."""
+    import shutil
+
+    from ecomla.training.distill import distill
+
+    data = tmp_path / "train.txt"
+    shutil.copy(models[2], data)
+    assert distill(_cfg(models, tmp_path / "cut", data=[str(data)], stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    data.write_text(data.read_text() + "a new line of text. " * 20)
+    with pytest.raises(ValueError, match=f"with data that changed since it started \\({data}\\)"):
+        distill(_cfg(models, tmp_path / "cut", data=[str(data)], resume=True), log=lambda *a: None)
+
+
 def test_chat_data_whose_prompts_fill_whole_sequences_trains(models, tmp_path):
     """Long prompts, short answers: packed sequences holding only prompt tokens (weight 0) crashed distillation in
     backward ("element 0 of tensors does not require grad"), made alignment refuse ("every gradient is zero") and,

@@ -249,6 +249,18 @@ def test_a_changed_step_cut_short_continues_on_the_next_run(tmp_path, monkeypatc
     rows = [json.loads(r) for r in open(tmp_path / "out" / "distilled" / "training" / "log.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert "started" not in json.loads((tmp_path / "out" / "steps.json").read_text())
+    # a step's first run cut short, then its data edited: made again from step 0 on the new text, not resumed on it
+    recipe["out"] = str(tmp_path / "out2")
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(loop, "_save_checkpoint", cut_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tmp_path / "r2.yaml", log=lambda *a: None)
+    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    (tmp_path / "train.txt").write_text(TINY_TEXT * 4)
+    lines = []
+    run_recipe(tmp_path / "r2.yaml", log=lines.append)
+    assert any("making it again" in str(x) and "train.txt" in str(x) for x in lines), lines
+    assert not any("step-000004" in str(x) for x in lines), lines
 
 
 def test_run_recipe_in_two_processes(tmp_path):

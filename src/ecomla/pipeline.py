@@ -260,14 +260,17 @@ def decide_steps(steps: list[Step], made: dict, record_exists: bool) -> dict[str
         now = step.recorded()
         # made with these very options, then cut short (STARTED: recorded before a step runs): continue it, as a
         # step never changed does, rather than start it again from step 0
-        interrupted = made.get(STARTED, {}).get(step.name) == now and not _complete(step.out)
-        changed = step.name in made and made[step.name] != now and not interrupted
+        begun = made.get(STARTED, {}).get(step.name)
+        interrupted = begun == now and not _complete(step.out)
+        # made, or begun and cut short, with other options or inputs (data edited meanwhile): made again from step 0
+        before = begun if begun is not None and not _complete(step.out) else made.get(step.name)
+        changed = before is not None and before != now and not interrupted
         if _complete(step.out) and not changed and not rerun and (step.name in made or not record_exists):
             decisions[step.name] = None
             continue
         why, changes = None, {}
         if changed or (rerun and step.out.exists()):
-            why = (f"its section or inputs changed ({'; '.join(differences(made[step.name], now))})"
+            why = (f"its section or inputs changed ({'; '.join(differences(before, now))})"
                    if changed else "an earlier step was redone")
             if hasattr(step.options, "resume"):
                 changes = {"resume": False, "overwrite": True}

@@ -33,8 +33,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, claim, clear_run_dir, mark, read_json,
-                  read_log, record, unknown_files)
+from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, claim, clear_run_dir,
+                  fingerprint_sources, mark, read_json, read_log, record, unknown_files)
 from ..options import DTYPES, TrainOptions
 
 
@@ -271,12 +271,20 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | No
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
             log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
             return read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite")
-        started = read_json(train_dir / "args.json", "the run's recorded options", "start the run again with "
-                            "--overwrite").get("world_size") if (train_dir / "args.json").is_file() else None
+        recorded = read_json(train_dir / "args.json", "the run's recorded options", "start the run again with "
+                             "--overwrite") if (train_dir / "args.json").is_file() else {}
+        started = recorded.get("world_size")
         if started not in (None, world) and _checkpoints(train_dir / "checkpoints"):
             raise ValueError(f"--resume on {world} process(es) of a run in {out} that started on {started}: its steps, "
                              "data order and learning-rate schedule follow the number of processes (the global batch), "
                              f"so it would end elsewhere; resume it on {started} process(es), or start a new run with "
+                             "another --out (or --overwrite)")
+        then, now = recorded.get("data_files"), fingerprint_sources(cfg.data)
+        if then is not None and then != now and _checkpoints(train_dir / "checkpoints"):
+            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+            raise ValueError(f"--resume of the run in {out} with data that changed since it started ({', '.join(changed)}): "
+                             "the packing, order and held-out split follow the data, so the resumed run would train on "
+                             "other text and score another held-out set; restore the data, or start a new run with "
                              "another --out (or --overwrite)")
     elif cfg.overwrite and any(out.iterdir()):
         log(f"[ecomla {cfg.command}] --overwrite: replacing the earlier ecomla run in {out}")
@@ -428,7 +436,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         raise ValueError(refusal)
     earlier_seconds = 0.0
     if main:
-        atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world}, indent=1))
+        atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world,
+                                                          "data_files": fingerprint_sources(cfg.data)}, indent=1))
         kept = []
         if log_path.is_file():  # drop rows past the checkpoint: they are re-run
             fix = "start the run again with --overwrite"
