@@ -173,6 +173,22 @@ def test_a_resume_on_another_number_of_processes_is_refused(models, tmp_path):
     assert json.loads(args.read_text())["world_size"] == 2  # the record kept
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_with_one_log(models, tmp_path):
+    """Killed outright (no `finally`) before its first checkpoint, a run resumed from step 0 kept its first held-out
+    evaluation and made another: two step-0 rows. Its log is now the uninterrupted run's, row for row."""
+    import shutil
+
+    from ecomla.training.distill import distill
+
+    distill(_cfg(models, tmp_path / "full"), log=lambda *a: None)
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    shutil.rmtree(tmp_path / "cut" / "training" / "checkpoints")  # as if killed before step 2's checkpoint
+    distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    rows = lambda out: [(r["step"], sorted(k for k in r if k not in ("time", "train_seconds", "tok_s")))  # noqa: E731
+                        for r in map(json.loads, open(out / "training" / "log.jsonl"))]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+
+
 def test_a_resume_with_changed_data_is_refused(models, tmp_path):
     """The packing, order and held-out split follow the data's contents: resumed after the data file was edited, a
     run trained on other text and scored another held-out set (its paths alone were compared). Refused, naming it."""

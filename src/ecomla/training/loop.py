@@ -439,8 +439,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world,
                                                           "data_files": fingerprint_sources(cfg.data)}, indent=1))
         kept = []
-        if log_path.is_file():  # drop rows past the checkpoint: they are re-run
-            fix = "start the run again with --overwrite"
+        if log_path.is_file() and start_step:  # drop rows past the checkpoint: they are re-run (from step 0: all,
+            fix = "start the run again with --overwrite"  # the held-out evaluation before training too)
             kept = [r for r in read_log(log_path, fix) if r.get("step", math.inf) <= start_step]
         atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in kept))
         # wall-clock training time of the whole run, parts before a resume included (the compute a result cost)
