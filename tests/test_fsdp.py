@@ -95,6 +95,9 @@ def _worker(rank, world, root, mode):
             full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(full, root / f"weights-{mode}.pt")
+        # both ranks done before either tears gloo down: a rank that destroyed its group while the other still used
+        # it aborted once in about ten runs ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
