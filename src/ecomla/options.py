@@ -183,8 +183,9 @@ class Options:
         return [f"{f.name}: {recorded[f.name]!r} -> {now[f.name]!r}" for f in fields(self)
                 if f.metadata.get("resume_must_match") and f.name in recorded and recorded[f.name] != now[f.name]]
 
-    def check_resume(self, recorded_file) -> None:
-        """Refuse to resume the run recorded in `recorded_file` (JSON of `recorded()`) with options that change it."""
+    def check_resume(self, recorded_file) -> dict:
+        """Refuse to resume the run recorded in `recorded_file` (JSON of `recorded()`) with options that change it;
+        returns the record ({} when there is none)."""
         from pathlib import Path
 
         path = Path(recorded_file)
@@ -195,6 +196,7 @@ class Options:
             raise ValueError(f"--resume with options other than those the run in {self.out} started with "
                              f"({'; '.join(diffs)}): resume with the same options, or start a new run with another "
                              "--out (or --overwrite)")
+        return recorded if isinstance(recorded, dict) else {}
 
     @classmethod
     def keys(cls) -> dict[str, str]:

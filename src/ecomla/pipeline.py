@@ -15,9 +15,9 @@ the record and the report (`Launch`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,13 +258,12 @@ def decide_steps(steps: list[Step], made: dict, record_exists: bool) -> dict[str
     rerun = False  # once a step reruns, every later step reruns too (its input changed)
     for step in steps:
         now = step.recorded()
-        # made with these very options, then cut short (STARTED: recorded before a step runs): continue it, as a
-        # step never changed does, rather than start it again from step 0
+        # what the output was made with, or, cut short, begun with (STARTED: recorded before a step runs): the same
+        # as now, it is continued as a step never changed is; other options or inputs (data edited meanwhile), it
+        # is made again from step 0
         begun = made.get(STARTED, {}).get(step.name)
-        interrupted = begun == now and not _complete(step.out)
-        # made, or begun and cut short, with other options or inputs (data edited meanwhile): made again from step 0
         before = begun if begun is not None and not _complete(step.out) else made.get(step.name)
-        changed = before is not None and before != now and not interrupted
+        changed = before is not None and before != now
         if _complete(step.out) and not changed and not rerun and (step.name in made or not record_exists):
             decisions[step.name] = None
             continue

@@ -318,7 +318,7 @@ class InMemoryStore(dict):
     def resume_point(self, done: int) -> tuple[int, None]:
         return 0, None
 
-    def clear_stream(self) -> None:
+    def clear_stream(self, but: int | None = None) -> None:
         pass
 
     def save(self, layer: int, cov: torch.Tensor) -> None:

@@ -265,14 +265,12 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | No
     """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
     train_dir = out / "training"
     if cfg.resume:
-        cfg.check_resume(train_dir / "args.json")
+        recorded = cfg.check_resume(train_dir / "args.json")
         if (train_dir / "log.jsonl").is_file():  # a damaged log is named now, before anything is written
             read_log(train_dir / "log.jsonl", "start the run again with --overwrite")
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
             log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
             return read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite")
-        recorded = read_json(train_dir / "args.json", "the run's recorded options", "start the run again with "
-                             "--overwrite") if (train_dir / "args.json").is_file() else {}
         started = recorded.get("world_size")
         if started not in (None, world) and _checkpoints(train_dir / "checkpoints"):
             raise ValueError(f"--resume on {world} process(es) of a run in {out} that started on {started}: its steps, "
