@@ -77,7 +77,8 @@ def test_dpo_prefers_chosen_and_keeps_reference_frozen(student, tmp_path):
 def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch):
     """The Trainer writes a checkpoint in place, trainer_state.json last: a run stopped inside it (SIGTERM now stops
     as Ctrl-C does) left checkpoint-N without its state, which every --resume picked and failed on. The resume
-    starts from the newest whole checkpoint and says why it passed the other."""
+    starts from the newest whole checkpoint and says why it passed the other. --keep-checkpoints 1 leaves the newest
+    alone at the end (TRL kept every checkpoint, each the model and AdamW's moments), never the cut-short one."""
     import transformers
 
     from ecomla.training.dpo import DPOOptions, dpo
@@ -85,7 +86,8 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     row = {"conversations": [{"from": "human", "value": "what is the sky?"}], "chosen": {"from": "gpt", "value": "blue."},
            "rejected": {"from": "gpt", "value": "a dog ran."}}
     (tmp_path / "p.json").write_text(json.dumps([row] * 8))
-    options = dict(model=student, data=str(tmp_path / "p.json"), out=str(tmp_path / "o"), max_steps=4, save_every=2, lr=1e-3)
+    options = dict(model=student, data=str(tmp_path / "p.json"), out=str(tmp_path / "o"), max_steps=4, save_every=2, lr=1e-3,
+                   keep_checkpoints=1)
     real = transformers.Trainer._save_optimizer_and_scheduler
 
     def stopped_at_step_4(self, output_dir):  # the model is written, the optimizer and the trainer state not yet
@@ -103,6 +105,8 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     dpo(DPOOptions(**options, resume=True), log=lines.append)
     assert any("checkpoint-4 is incomplete" in x for x in lines) and any("resuming from" in x and "checkpoint-2" in x for x in lines)
     assert (tmp_path / "o" / "config.json").is_file()
+    assert sorted(p.name for p in state.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (state / "checkpoint-4" / "trainer_state.json").is_file()
 
 
 def test_run_recipe_end_to_end(tmp_path):

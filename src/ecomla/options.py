@@ -362,6 +362,7 @@ class RunOutputOptions(Options):
     grad_accum: int = opt(1, "micro-steps per optimizer step", min=1, resume_must_match=True)
     precision: str = opt("fp32", "bf16: autocast, fp32 master weights", choices=PRECISIONS, resume_must_match=True)
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)", min=0)
+    keep_checkpoints: int = opt(2, "checkpoints kept (the newest)", min=1)
     seed: int = opt(0, "seed of data order, sampling and initialization", min=0, resume_must_match=True)
     resume: bool = opt(False, "continue the run in --out from its last good checkpoint")
     overwrite: bool = opt(False, "replace --out if it is an earlier output of this same command")
@@ -399,7 +400,6 @@ class TrainOptions(RunOutputOptions):
     eval_fraction: float = opt(0.05, "share of the packed sequences held out (at most 64)", min=0, max=0.5,
                                resume_must_match=True)
     eval_every: int = opt(50, "held-out KL/perplexity every N steps (0: only before and after)", min=0)
-    keep_checkpoints: int = opt(2, "checkpoints kept (the newest)", min=1)
     data_free_tokens: int = opt(65536, "tokens the teacher samples when no --data", min=1, resume_must_match=True)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
     stop_after: int | None = opt(None, "==SUPPRESS==", min=1)  # stop after this step's checkpoint (tests)

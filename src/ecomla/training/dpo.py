@@ -136,6 +136,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         max_length=args.max_length, bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
+        save_total_limit=args.keep_checkpoints,  # the newest; each holds the model and AdamW's moments
         logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
     )
     trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
