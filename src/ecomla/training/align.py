@@ -103,6 +103,10 @@ class Alignment(Objective):
     def check(self, student_config, teacher_config) -> None:
         check_teacher(student_config, teacher_config)
 
+    @staticmethod
+    def counted(weights: torch.Tensor) -> float:
+        return float(weights.sum())  # every position's attention output is a target, the first one too
+
     def build(self, lm: nn.Module, teacher: nn.Module):
         params = trainable_parameters(lm, "mla")
         student = AlignStudent(lm, normalize=self.cfg.align_loss == "normalized")

@@ -19,6 +19,7 @@ Output layout (OUT is locked while a run writes it; `--resume` refuses changed t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -82,6 +83,12 @@ class Objective:
         """The objective's own settings that can make training diverge, named for the user."""
         return []
 
+    @staticmethod
+    def counted(weights: torch.Tensor) -> float:
+        """The token count the loss of a batch with these weights (B, T) divides by: a next-token loss counts the
+        predictions of tokens 2..T; the same as the third output of the student's loss."""
+        return float(weights[:, 1:].sum())
+
 
 @dataclass
 class TrainResult:
@@ -130,16 +137,34 @@ def lr_lambda(cfg: TrainOptions, steps: int):
     return f
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n_train: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_train, generator=g)
+
+
 def batch_rows(step: int, micro: int, rank: int, world: int, cfg: TrainOptions, n_train: int) -> torch.Tensor:
     """Indices of the training sequences for (step, micro-step, process): a seeded permutation per epoch."""
     per_step = cfg.batch_size * world * cfg.grad_accum
     start = step * per_step + (micro * world + rank) * cfg.batch_size
-    idx = []
-    for k in range(start, start + cfg.batch_size):
-        epoch, pos = divmod(k, n_train)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        idx.append(int(torch.randperm(n_train, generator=g)[pos]))
-    return torch.tensor(idx)
+    return torch.tensor([int(_epoch_order(cfg.seed, k // n_train, n_train)[k % n_train])
+                         for k in range(start, start + cfg.batch_size)])
+
+
+def loss_shares(step: int, rank: int, world: int, cfg: TrainOptions, train_w: torch.Tensor, counted) -> list[float]:
+    """Per micro-step of this process, the factor s_m that makes the step's gradient the loss per counted token of
+    the whole (global) batch. Each micro-batch's loss is a mean over its own N_m counted tokens; summed over micro-
+    steps and averaged over processes (as DDP and FSDP average gradients),
+
+        (1/W) sum_r sum_m s_rm L_rm / A = sum_rm N_rm L_rm / N,   s_rm = N_rm W A / N    (A: --grad-accum, W: world)
+
+    (N: the step's counted tokens). Plain text counts every token, so every s is exactly 1.0 and the arithmetic is
+    the plain mean's; chat data's prompts do not count, and without s a micro-batch of few answer tokens weighed as
+    much as a full one (2 processes did not train as 1 with twice the batch)."""
+    n = [[counted(train_w[batch_rows(step, m, r, world, cfg, train_w.shape[0])]) for r in range(world)]
+         for m in range(cfg.grad_accum)]
+    total = sum(map(sum, n))
+    return [n[m][rank] * world * cfg.grad_accum / total for m in range(cfg.grad_accum)]
 
 
 def trainable_parameters(lm: nn.Module, which: str) -> list[nn.Parameter]:
@@ -473,6 +498,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     for step in range(start_step, steps):
         t_step = time.time()
         loss_acc, kl_acc = 0.0, 0.0
+        shares = loss_shares(step, accelerator.process_index, world, cfg, train_w, objective.counted)
         for micro in range(cfg.grad_accum):
             rows = batch_rows(step, micro, accelerator.process_index, world, cfg, train_ids.shape[0])
             x = train_ids[rows].to(device)  # (B, T)
@@ -482,9 +508,9 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
             sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 else _null()
             with sync, accelerator.autocast():
                 loss, kl, _ = student(x, w, *targets)
-                accelerator.backward(loss / cfg.grad_accum)
-            loss_acc += float(loss.detach()) / cfg.grad_accum
-            kl_acc += float(kl) / cfg.grad_accum
+                accelerator.backward(loss * shares[micro] / cfg.grad_accum)
+            loss_acc += float(loss.detach()) * shares[micro] / cfg.grad_accum
+            kl_acc += float(kl) * shares[micro] / cfg.grad_accum
         # the global gradient norm (clipped when --max-grad-norm is set): checked before the weights change
         grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
         loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
