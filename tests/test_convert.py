@@ -48,6 +48,29 @@ def test_full_rank_equals_rope_change_reference(kv_heads, freqs):
         assert rel_err(ref(ids).logits, model(ids).logits) > 1e-2  # the RoPE change itself is not a no-op
 
 
+def test_a_rotary_scaling_that_scales_every_score_is_kept_on_the_pairs_that_lose_rotation():
+    """yarn and longrope (Qwen2.5's yarn, Phi-3-mini-128k, Phi-3.5) scale cos and sin by s = attention_scaling, so the
+    original multiplies every pair's score by s^2; MLA's tables reach only the kept pairs. The conversion puts s^2 on
+    the others (`upcycle.dropped_rotation`). yarn at full rank equals the RoPE-change reference, whose unrotated pairs
+    keep cos = s; longrope resets its frequencies in every forward (no such reference), so it is compared with the
+    original where rotations barely turn (rope_theta 1e9). Without it the logits were 0.4 and 0.8 off."""
+    ids = torch.randint(0, 128, (2, 24))
+    yarn = tiny_llama(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 64})
+    longrope = tiny_llama(rope_parameters={"rope_type": "longrope", "rope_theta": 1e9, "short_factor": [1.0] * 8,
+                                           "long_factor": [2.0] * 8, "original_max_position_embeddings": 64})
+    ref = rope_change_reference(yarn, select_rope_pairs(16, 8, "high"))
+    exact = dict(rope_key_heads="per-group", latent_norm=False)  # the original itself is the reference
+    for model, reference, tol, kw in ((yarn, ref, 1e-4, {}), (longrope, longrope, 1e-3, exact)):
+        assert model.model.rotary_emb.attention_scaling > 1.05
+        for drop in ("unrotated", "average"):
+            conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 8), qk_rope_head_dim=8, rope_freqs="high",
+                                       init="xecomla", rope_drop=drop, rope_context=1, **kw)
+            mla = convert(model, conv, progress=False)
+            with torch.no_grad():
+                assert rel_err(mla(ids).logits, reference(ids).logits) <= tol, (model.config.rope_parameters, drop)
+
+
 def test_per_group_rope_keys_all_frequencies_full_rank_reproduce_original():
     model = tiny_llama(num_kv_heads=2)
     conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2, latent_norm=False)

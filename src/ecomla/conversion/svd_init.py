@@ -287,7 +287,8 @@ def init_mla_layer(
         svd="activations" (the latent keeps what matters on real inputs, keys and values scaled
         to equal energy before the joint SVD and back after) and rope_key_init="pca".
     rope_residual: keep what a shared RoPE key misses in the latent (module docstring).
-    rotation_mean (D/2,) complex: c_j for the pairs that lose rotation (None: 1, unrotated).
+    rotation_mean (D/2,) complex: c_j for the pairs that lose rotation (None: 1, unrotated), times any factor
+        the original puts on every pair's score (yarn's attention scaling squared: `upcycle.dropped_rotation`).
     Exact at full rank with per-group keys and every pair kept, whatever the other options."""
     H, G, D, n_r = num_heads, num_kv_heads, head_dim, rope_key_heads
     d = w_q.shape[1]

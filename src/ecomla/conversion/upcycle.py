@@ -48,9 +48,13 @@ def latent_norm_init(weights: dict, down: str, up: str, gain: str, rank: int, co
 
 def rotary_inv_freq(model_config) -> torch.Tensor:
     """The model's rotary frequencies per pair (D/2,), rotary scaling (llama3, yarn, ...) included."""
+    return _rotary(model_config).inv_freq
+
+
+def _rotary(model_config):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    return LlamaRotaryEmbedding(config=model_config).inv_freq
+    return LlamaRotaryEmbedding(config=model_config)
 
 
 def projections(attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,11 +116,16 @@ def allocate_ranks(spectra: dict[int, torch.Tensor], total: int, min_rank: int) 
 
 
 def dropped_rotation(plan: ConversionPlan, model_config) -> torch.Tensor | None:
-    """What a pair that loses its rotation keeps (`init_mla_layer`'s rotation_mean): the mean rotation over
-    --rope-context for --rope-drop average, None (unrotated) otherwise. The same for every layer."""
+    """What a pair that loses its rotation keeps of its score (`init_mla_layer`'s rotation_mean), the same for
+    every layer: s^2 c_j, with c_j the mean rotation over --rope-context for --rope-drop average (else 1,
+    unrotated) and s the rotary scaling's `attention_scaling` (yarn, longrope: transformers scales cos and sin by
+    s, so every pair's score by s^2, while MLA's tables reach only the kept pairs). None: 1 for every pair."""
+    rotary = _rotary(model_config)
+    s2 = float(rotary.attention_scaling) ** 2
     if plan.rope_drop != "average":
-        return None
-    return rotation_mean(rotary_inv_freq(model_config), plan.rope_distances)
+        return None if s2 == 1.0 else torch.full(rotary.inv_freq.shape, s2, dtype=torch.complex128)
+    c = rotation_mean(rotary.inv_freq, plan.rope_distances)
+    return c if s2 == 1.0 else c * s2
 
 
 def layer_weights(attn, config: EcoMLAConfig, plan: ConversionPlan, layer: int, cov: torch.Tensor | None,
