@@ -195,6 +195,27 @@ def test_overwrite_replaces_only_its_own_kind_and_never_a_users_file(lab, tmp_pa
     assert json.loads((trained / ".ecomla-output").read_text())["kind"] == "eval"
 
 
+def test_overwrite_never_takes_another_commands_output_inside_along(lab, tmp_path, capsys):
+    """An output written inside another (a distillation run in a conversion's folder) is its own: replacing the outer
+    one with --overwrite deleted the inner without a word (no --overwrite-kind asked). Only a recipe's steps (and the
+    report's evaluation) are parts of their run; pipeline.plan names its steps as io.NESTED_OUTPUTS does."""
+    work = tmp_path / "work"
+    subprocess.run(["cp", "-r", lab / "student", work], check=True)
+    subprocess.run(["cp", "-r", lab / "trained", work / "distill-run"], check=True)
+    refused(capsys, ["convert", lab / "teacher", "--kv-rank", "8", "--init", "xecomla", "--out", work, "--overwrite"],
+            "distill-run/ (a distillation run (ecomla distill: a trained model, its checkpoints and log): a finished "
+            "model, 1 checkpoint(s), the last at step 2, of its own)", tmp_path)
+    from ecomla.io import NESTED_OUTPUTS
+    from ecomla.pipeline import plan
+
+    steps, evaluation = plan({"model": "m", "out": str(tmp_path / "run"), "convert": {"kv_lora_rank": 8}, "align": {},
+                              "distill": {}, "dpo": {"data": "p.json"}, "eval": {}})
+    parts = {s.out.name: s.options.command for s in steps} | {f"{s.out.name}.dpo-state": "dpo-state" for s in steps
+                                                               if s.name == "dpo"}
+    assert parts.items() <= NESTED_OUTPUTS["run"].items() and Path(evaluation.out).parent.name == "report"
+    assert NESTED_OUTPUTS["report"] == {Path(evaluation.out).name: "eval"}
+
+
 def test_an_empty_folder_is_used_and_a_legacy_output_is_refused(lab, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -69,6 +69,11 @@ GROWING = {
     "run": r"steps\.json",
     "report": r"report\.(md|json|png)|recipe\.yaml",
 }
+# The outputs an output holds as parts of itself, by folder name and kind: a recipe's steps (pipeline.plan), the
+# report's evaluation. Any other ecomla output inside one is another command's: --overwrite never takes it along.
+NESTED_OUTPUTS = {"run": {"converted": "convert", "aligned": "align", "distilled": "distill", "dpo": "dpo",
+                          "dpo.dpo-state": "dpo-state", "report": "report"},
+                  "report": {"eval": "eval"}}
 # Names ecomla gives its temporaries: `.NAME.ecomla-tmp-PID[-RANDOM]` (a file or folder being written),
 # `.NAME.ecomla-old-PID` (the output being replaced), `.NAME.ecomla-tmp` (one every process of a run agrees on).
 TMP, OLD = "ecomla-tmp", "ecomla-old"
@@ -197,9 +202,13 @@ def foreign_files(directory) -> list[str]:
             sub = top / d
             if OWN_TEMPORARY.fullmatch(d):
                 dirs.remove(d)
-            elif (sub / MARKER).is_file() and not sub.is_symlink():  # a nested output (a recipe's steps)
+            elif (sub / MARKER).is_file() and not sub.is_symlink():  # a nested output
                 dirs.remove(d)
-                found += [f"{sub.relative_to(directory)}/{f}" for f in foreign_files(sub)]
+                inner, rel = read_marker(sub), sub.relative_to(directory)
+                if top == directory and inner is not None and NESTED_OUTPUTS.get(marker.kind, {}).get(d) == inner.kind:
+                    found += [f"{rel}/{f}" for f in foreign_files(sub)]  # a part of this output (a recipe's step)
+                else:
+                    found.append(f"{rel}/ ({describe(sub, inner) if inner else 'an ecomla output'}, of its own)")
             elif sub.is_symlink():
                 found.append(str(sub.relative_to(directory)))
         for name in names:
