@@ -221,7 +221,8 @@ def test_data_free_distillation_reuses_the_text_the_alignment_sampled(tmp_path, 
 
 def test_a_changed_step_cut_short_continues_on_the_next_run(tmp_path, monkeypatch):
     """A section changed, its step made again and interrupted after a checkpoint: the next `ecomla run` continues that
-    run from its checkpoint (it was made with these very options) instead of starting it again from step 0."""
+    run from its checkpoint (it was made with these very options, or others that only change how it runs) instead of
+    starting it again from step 0."""
     from ecomla.pipeline import run_recipe
     from ecomla.training import loop
 
@@ -247,6 +248,10 @@ def test_a_changed_step_cut_short_continues_on_the_next_run(tmp_path, monkeypatc
         run_recipe(tmp_path / "r.yaml", log=lines.append)
     assert any("making it again" in str(x) for x in lines)
     monkeypatch.setattr(loop, "_save_checkpoint", save)
+    # how it runs, not what it makes (out of memory: recompute activations; more checkpoints): still continued, as
+    # `ecomla distill --resume` allows (it was thrown away and started again from step 0)
+    recipe["distill"] |= {"gradient_checkpointing": True, "save_every": 1, "eval_every": 3}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     lines = []
     run_recipe(tmp_path / "r.yaml", log=lines.append)
     assert not any("making it again" in str(x) for x in lines) and any("step-000004" in str(x) for x in lines), lines

@@ -81,6 +81,14 @@ class Step:
         return {**made, "inputs": fingerprint_sources([r for r in self.reads if r])}
 
 
+def what_it_makes(step: Step, recorded: dict) -> dict:
+    """Of a step's record, what decides its output: for a training step the options a resume must match (lr, data,
+    tokens...) and the inputs, not how it runs (--save-every, --eval-every, --chunk-size, --gradient-checkpointing,
+    --keep-checkpoints), which a resumed run may change; for the others every option."""
+    kept = {f.name for f in dataclasses.fields(step.options) if f.metadata.get("resume_must_match")}
+    return {k: v for k, v in recorded.items() if k in kept or k == "inputs"} if kept else recorded
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for each recorded option that changed; changed input files by name."""
     diffs = []
@@ -263,13 +271,14 @@ def decide_steps(steps: list[Step], made: dict, record_exists: bool) -> dict[str
         # is made again from step 0
         begun = made.get(STARTED, {}).get(step.name)
         before = begun if begun is not None and not _complete(step.out) else made.get(step.name)
-        changed = before is not None and before != now
+        changed = before is not None and what_it_makes(step, before) != what_it_makes(step, now)
         if _complete(step.out) and not changed and not rerun and (step.name in made or not record_exists):
             decisions[step.name] = None
             continue
         why, changes = None, {}
         if changed or (rerun and step.out.exists()):
-            why = (f"its section or inputs changed ({'; '.join(differences(before, now))})"
+            diffs = differences(what_it_makes(step, before), what_it_makes(step, now)) if changed else []
+            why = (f"its section or inputs changed ({'; '.join(diffs)})"
                    if changed else "an earlier step was redone")
             if hasattr(step.options, "resume"):
                 changes = {"resume": False, "overwrite": True}
