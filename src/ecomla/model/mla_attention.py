@@ -173,6 +173,16 @@ class MLAAttention(nn.Module):
         )  # (B, T, H, d_v)
         return self.o_proj(out.reshape(bsz, q_len, heads * self.v_head_dim)), weights
 
+    def up_projection(self, like: torch.Tensor) -> torch.Tensor:
+        """W_ukv (H (d_nope + d_v), r), the matrix kv_b_proj applies: its weight, or for a module wrapping it (a PEFT
+        LoRA adapter, a quantized Linear) its output on the identity, W_ukv^T = f(I_r), in `like`'s dtype and device.
+        Decoding from the latent then computes what prefill's kv_b_proj(c) does; reading .weight decoded without
+        the adapter (or failed)."""
+        if type(self.kv_b_proj) is nn.Linear:
+            return self.kv_b_proj.weight
+        eye = torch.eye(self.kv_lora_rank, dtype=like.dtype, device=like.device)  # (r, r)
+        return self.kv_b_proj(eye).T  # (H (d_nope + d_v), r)
+
     def absorbed_attention(
         self,
         q_nope: torch.Tensor,  # (B, H, T, d_nope)
@@ -184,7 +194,7 @@ class MLAAttention(nn.Module):
         """Attention over the latent cache with W_uk folded into the query and W_uv applied last."""
         bsz, heads, q_len, _ = q_nope.shape
         kv_len, n_r, d_rope, rank = c_kv.shape[1], self.rope_key_heads, self.qk_rope_head_dim, self.kv_lora_rank
-        w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
+        w_kv = self.up_projection(c_kv).view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_nope, r), (H, d_v, r)
         # Absorption as one bmm over heads on strided views of W (no copy of it): einsum permutes and
         # copies per call, ~15 us more per product on CPU (measured), which adds up over 30 layers.
