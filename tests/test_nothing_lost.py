@@ -376,6 +376,21 @@ def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
+def test_a_recipe_whose_out_sits_inside_a_stages_input_is_refused_before_step_one(lab, tmp_path):
+    """A run folder inside distill's teacher was refused only when the distillation began, after the conversion had
+    written its step (and the run's record) inside the teacher."""
+    from ecomla.pipeline import run_recipe
+
+    teacher = tmp_path / "teacher2"
+    subprocess.run(["cp", "-r", lab / "teacher", teacher], check=True)
+    before = snapshot(teacher)
+    recipe = {"model": str(lab / "teacher"), "out": str(teacher / "run"), "convert": {"kv_rank": 8, "init": "xecomla"},
+              "distill": {"teacher": str(teacher), "data": [str(lab / "text.txt")], "tokens": 128, "seq_len": 32}}
+    with pytest.raises(ValueError, match=r"sits inside the input of recipe section 'distill'"):
+        run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
+    assert snapshot(teacher) == before and not (teacher / "run").exists()
+
+
 def test_a_recipes_eval_files_are_found_and_recorded_where_they_are(lab, tmp_path, monkeypatch):
     """The passkey filler is read beside the recipe, as its other files are; the task folder $ECOMLA_EVAL_DATA names
     is the one the evaluation reads and steps.json records, so pointing it elsewhere evaluates again."""

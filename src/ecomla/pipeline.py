@@ -362,8 +362,11 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
     steps, evaluation = plan(recipe)
     evaluation = check_inputs(str(recipe["model"]), steps, evaluation)
     out = Path(str(recipe["out"]))
-    inputs = {"model": recipe["model"], **{f"{s.name} data": getattr(s.options, "data", None) for s in steps},
-              "calibration file": steps[0].options.calib}
+    # everything a step reads besides the step before it (teachers, data, reference model, task files), so the run
+    # folder is refused now when it would sit inside one, not after the conversion wrote its first step there
+    inputs = {"model": recipe["model"], **{f"input of recipe section '{s.name}'": s.reads for s in steps}}
+    if evaluation is not None:
+        inputs["input of recipe section 'eval'"] = [evaluation.data_dir, *evaluation.ppl_files, evaluation.passkey_filler]
     record_path = out / "steps.json"
     launch = Launch()
     # the only writer of the run folder (and of every step's output inside it): the first process of a launch
