@@ -60,3 +60,30 @@ def test_a_bare_name_close_to_a_local_folder_is_a_typo_not_a_hub_id(tmp_path, mo
         resolve_source("./other")
     assert "ecomla-lock" not in str(err.value)
     assert resolve_source("gpt2") == ("gpt2", None)
+
+
+def test_a_damaged_tokenizer_is_named_and_no_tokenizer_is_none(tmp_path):
+    """A truncated tokenizer.json, or a tokenizer_config.json whose tokenizer.json is gone, was taken for "no
+    tokenizer": `ecomla convert` published the model without one, without a word."""
+    import shutil
+
+    from conftest import tiny_model_dir
+    from ecomla.cli import main
+    from ecomla.sources import load_tokenizer
+
+    model = tiny_model_dir(tmp_path / "m")
+    assert load_tokenizer(str(model)) is not None
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(model / f, bare / f)
+    assert load_tokenizer(str(bare)) is None  # weights only: no tokenizer, as before
+    text = (model / "tokenizer.json").read_text()
+    (model / "tokenizer.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"its tokenizer \(tokenizer.json, tokenizer_config.json.*\) cannot be loaded"):
+        load_tokenizer(str(model))
+    assert main(["convert", str(model), "--kv-rank", "8", "--init", "xecomla", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"its tokenizer \(tokenizer_config.json.*\) cannot be loaded"):
+        load_tokenizer(str(model))

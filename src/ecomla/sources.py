@@ -183,16 +183,27 @@ def load_config(source: str):
         raise ValueError(f"{where} is not a valid model config: {' '.join(str(err).split())}") from None
 
 
-def load_tokenizer(source: str):
-    """The source's tokenizer, or None when it ships none (weights-only directories)."""
-    from transformers import AutoTokenizer
+# what a saved tokenizer is made of (transformers' fast and slow tokenizers, sentencepiece models)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "special_tokens_map.json")
 
+
+def load_tokenizer(source: str):
+    """The source's tokenizer, or None when it ships none (weights-only directories). A local folder holding
+    tokenizer files that do not load is an error naming them (it was taken for "no tokenizer", and a conversion
+    was published without one)."""
+    from transformers import AutoTokenizer
 
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError) as err:
+        found = [] if gguf or not Path(path).is_dir() else [f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+        if found:
+            why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{source}: its tokenizer ({', '.join(found)}) cannot be loaded ({why}): a file is "
+                             "damaged or missing; save or download the tokenizer again") from None
         return None
 
 
