@@ -216,6 +216,23 @@ def test_overwrite_never_takes_another_commands_output_inside_along(lab, tmp_pat
     assert NESTED_OUTPUTS["report"] == {Path(evaluation.out).name: "eval"}
 
 
+def test_a_file_that_appears_at_a_gguf_out_during_the_export_is_kept(lab, tmp_path, capsys, monkeypatch):
+    """A user's file made at --out while the GGUF was written was replaced by it (no --overwrite given): the single-
+    file output is checked again before its rename, as a folder output is."""
+    import ecomla.export.gguf as gguf_writer
+
+    out, real = tmp_path / "model.gguf", gguf_writer.write_gguf
+
+    def user_file_meanwhile(model, tok, path, *a, **k):
+        out.write_text("the user's own file")
+        return real(model, tok, path, *a, **k)
+
+    monkeypatch.setattr(gguf_writer, "write_gguf", user_file_meanwhile)
+    assert main(["export", lab / "cpp", "--format", "gguf", "--outtype", "f32", "--out", out]) == 2
+    assert "exists: choose another --out" in capsys.readouterr().err
+    assert out.read_text() == "the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
 def test_an_empty_folder_is_used_and_a_legacy_output_is_refused(lab, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

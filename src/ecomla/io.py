@@ -323,13 +323,15 @@ def _outside_inputs(out, inputs: dict | None) -> Path:
     return out_path
 
 
-def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecomla_file, suffix: str) -> Path:
+def check_output_file(out, inputs: dict | None, overwrite: bool, written_by_ecomla_file, suffix: str,
+                      clean: bool = True) -> Path:
     """`check_output` for a single-file output (e.g. a GGUF): an existing file is replaced only with
-    --overwrite and only if `written_by_ecomla_file(path)` says ecomla wrote it."""
+    --overwrite and only if `written_by_ecomla_file(path)` says ecomla wrote it (clean: as check_output's)."""
     out_path = _outside_inputs(out, inputs)
     if out_path.suffix != suffix:
         raise OutputError(f"--out {out} must be a {suffix} file path (it is one file, not a folder)")
-    clean_leftovers(out_path)
+    if clean:
+        clean_leftovers(out_path)
     if out_path.is_dir():
         raise OutputError(f"--out {out} is a directory; give a {suffix} file path")
     if out_path.exists():
@@ -655,14 +657,17 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
                 shutil.rmtree(replaced, ignore_errors=True)
 
 
-def write_via_temporary(path, write) -> None:
+def write_via_temporary(path, write, check=None) -> None:
     """`write(tmp)` into a temporary sibling, then rename it onto `path`: never half-written, and on error
-    the temporary is removed and `path` left as it was."""
+    the temporary is removed and `path` left as it was. `check()`, when given, runs again just before the rename
+    (a file that appeared at `path` meanwhile is not replaced unless it may be)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
         write(tmp)
+        if check is not None:
+            check()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

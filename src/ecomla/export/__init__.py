@@ -36,7 +36,7 @@ def _export(options: ExportOptions, inputs: dict, log):
         check_export_space(options.out, config, GGUF_BYTES[outtype],
                            f"the GGUF ({outtype})", "--outtype q8_0 (about half of f16)" if outtype != "q8_0" else "")
         model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
-        out = export_gguf(model, tok, options.out, outtype)
+        out = export_gguf(model, tok, options.out, outtype, options.overwrite, inputs)
         log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
         return out
@@ -94,16 +94,20 @@ def deepseek_v3_extra_parameters(config, query_lora: str | None) -> int:
     return head + identity
 
 
-def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE):
-    """Write the GGUF into a temporary sibling and rename it onto `out` when complete."""
+def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE, overwrite: bool = False,
+                inputs: dict | None = None):
+    """Write the GGUF into a temporary sibling and rename it onto `out` when complete: over an existing file only
+    with `overwrite` and only one ecomla wrote, checked again just before the rename (a user's file that appeared
+    at `out` while the GGUF was written is kept, and the export refused)."""
     from pathlib import Path
 
-    from ..io import write_via_temporary
+    from ..io import check_output_file, write_via_temporary
     from ..version import __version__
     from .gguf import write_gguf
 
     out = Path(out).expanduser().resolve()
-    write_via_temporary(out, lambda tmp: write_gguf(model, tokenizer, tmp, outtype, extra={GGUF_MARK: __version__}))
+    write_via_temporary(out, lambda tmp: write_gguf(model, tokenizer, tmp, outtype, extra={GGUF_MARK: __version__}),
+                        check=lambda: check_output_file(out, inputs, overwrite, gguf_written_by_ecomla, ".gguf", clean=False))
     return out
 
 
