@@ -107,6 +107,11 @@ def test_sharded_source_bfloat16_and_sharded_output(tmp_path, monkeypatch):
     # config.json says so (it said float32: `dtype="auto"` then loaded, and exported, at twice the size)
     assert json.loads((tmp_path / "mla" / "config.json").read_text())["dtype"] == "bfloat16"
     assert_same_weights(got, in_memory(src, options))
+    # an index that leaves a tensor out (transformers reads it from its shard anyway): KeyError in the last pass
+    source_index = json.loads((src / "model.safetensors.index.json").read_text())
+    del source_index["weight_map"]["model.layers.0.mlp.down_proj.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps(source_index))
+    assert_same_weights(streamed(src, options, tmp_path / "mla2", []), got)
 
 
 def test_streaming_shares_the_in_memory_calibration_cache(tmp_path, monkeypatch):

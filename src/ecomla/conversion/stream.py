@@ -68,7 +68,11 @@ class SourceWeights:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            return cls({name: folder / file for name, file in weight_map.items()})
+            files = {name: folder / file for name, file in weight_map.items()}
+            for file in sorted(set(files.values())):  # what the shards hold, as transformers loads it: an index
+                with _opened(file) as f:  # that leaves a tensor out still has it read from its shard
+                    files |= {name: file for name in f.keys() if name not in files}
+            return cls(files)
         single = folder / "model.safetensors"
         if not single.is_file():
             return None
