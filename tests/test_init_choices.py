@@ -291,6 +291,25 @@ def test_covariance_cache_is_reused_and_keyed_by_weights(tmp_path, monkeypatch):
         model.model.layers[0].input_layernorm.weight.mul_(2)
     cached_covariance(model, ids, tmp_path, progress=False)  # other weights: another entry
     assert len(list(tmp_path.glob("cov-*"))) == 2
+    # the same tokens cut into other sequences are other statistics (they were served the (2, 16) ones)
+    cut = cached_covariance(model, ids.reshape(8, 4), tmp_path, progress=False)
+    assert len(list(tmp_path.glob("cov-*"))) == 3 and not torch.equal(cut[1], again[1])
+
+
+def test_cached_covariance_of_a_qwen3_is_what_its_conversion_measures(tmp_path):
+    """A Qwen3 is converted from its QK-norm fold, whose later layers' inputs differ from the original's: the
+    documented `covariance=cached_covariance(model, ids)` measured the original, and the weights differed (kv_b_proj
+    by up to 2.4)."""
+    from test_families import tiny_qwen3
+
+    model = tiny_qwen3()
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    options = MLAConversionConfig(kv_lora_rank=12, svd="activations")
+    direct = convert(model, options, progress=False, calibration_ids=ids).state_dict()
+    cached = convert(model, options, progress=False, calibration_ids=ids,
+                     covariance=cached_covariance(model, ids, tmp_path, progress=False)).state_dict()
+    for k in direct:
+        torch.testing.assert_close(cached[k], direct[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_xecomla_preset_is_the_papers_initialization():

@@ -236,6 +236,7 @@ def stats_key(config, named_weights, input_ids: torch.Tensor, dtype: torch.dtype
             h.update(name.encode())
             flat = p.detach().reshape(-1)
             h.update(flat[:: max(1, flat.numel() // 4096)].to(dtype).float().cpu().numpy().tobytes())
+    h.update(str(tuple(input_ids.shape)).encode())  # the same tokens cut into other sequences are other statistics
     h.update(input_ids.cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:32]
 
@@ -334,7 +335,14 @@ def cache_store(cache_dir: str | Path | None, key: str) -> CovarianceStore:
 
 def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | None = None,
                       progress: bool = True) -> dict[int, torch.Tensor]:
-    """`attention_input_covariance` for every layer, read from / written to `cache_dir` (a `CovarianceStore`)."""
+    """`attention_input_covariance` for every layer, read from / written to `cache_dir` (a `CovarianceStore`), of
+    the model the conversion measures: a Qwen3's is its QK-norm fold (`families.as_llama`), whose later layers'
+    inputs differ from the original's, so `convert(..., covariance=cached_covariance(model, ids))` gives what
+    `convert(..., calibration_ids=ids)` gives."""
+    from .families import NEEDS_TEXT, as_llama
+
+    if model.config.model_type in NEEDS_TEXT:
+        model = as_llama(model, input_ids)
     n = model.config.num_hidden_layers
     dtype = next(model.parameters()).dtype
     store = cache_store(cache_dir, stats_key(model.config, model.named_parameters(), input_ids, dtype))
