@@ -71,8 +71,19 @@ def test_resolve_defaults():
         (dict(kv_ratio=float("nan")), "finite"),
         (dict(kv_lora_rank=64, layers="3-1"), "--layers '3-1'"),
         (dict(kv_lora_rank=64, rope_freqs="random"), "rope_freqs"),
+        # the ratio's own fix, not the rank's the user never gave
+        (dict(kv_ratio=1.01), r"--kv-ratio 1.01 asks for kv_lora_rank=\d+, which is impossible.*choose a larger --kv-ratio$"),
     ],
 )
 def test_resolve_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resolve(MLAConversionConfig(**kwargs), SMOLLM2)
+
+
+def test_vllm_target_with_heads_narrower_than_its_rope_key_names_that():
+    """head_dim 16: the RoPE-dim refusal suggested --rope-dim 8, which --target vllm then refused too."""
+    small = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
+    for extra in ({}, {"qk_rope_head_dim": 8}):
+        with pytest.raises(ValueError, match=r"--target vllm: vLLM's MLA runs a RoPE key of 64 dims, more than this "
+                                             r"model's heads have \(head_dim 16\); use --target llama.cpp or no --target"):
+            resolve(MLAConversionConfig(kv_ratio=2, target="vllm", **extra), small)

@@ -141,6 +141,22 @@ def test_what_cannot_stream_converts_from_the_loaded_model_says_why_and_gives_th
     assert_same_weights(got, in_memory(src, options))
 
 
+def test_every_layer_asked_by_count_streams_and_records_no_choice(tmp_path):
+    """--num-mla-layers equal to the layer count loaded the whole model and scored every layer's sensitivity, to pick
+    them all; and every full conversion recorded a layer_choice no layer was chosen by."""
+    src, text = source_dir(tmp_path, "llama")
+    runs = {}
+    for name, kw in (("count", dict(num_mla_layers=3)), ("all", dict(layers="all"))):
+        logs = []
+        options = ConvertOptions(kv_lora_rank=12, calib=str(text), calib_tokens=512, calib_cache="none", **kw)
+        runs[name] = streamed(src, options, tmp_path / name, logs)
+        assert any("from the safetensors files" in line for line in logs), logs
+        conversion = json.loads((tmp_path / name / "config.json").read_text())["conversion"]
+        assert "layer_choice" not in conversion and "layer_choice" not in conversion["request"]
+        assert "layer_sensitivity_kl" not in conversion
+    assert_same_weights(runs["count"], runs["all"])
+
+
 def test_unaffordable_sampling_and_a_missing_gpu_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
     from ecomla.conversion import calibration
     import ecomla.sources as sources

@@ -137,6 +137,8 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
         if not options.num_mla_layers <= n_layers:
             raise ValueError(f"num_mla_layers={options.num_mla_layers} must be between 1 and the model's {n_layers} layers")
         count = options.num_mla_layers
+        if count == n_layers:  # every layer: nothing to choose (nor to score on the whole model)
+            layers = tuple(range(n_layers))
     else:
         layers = tuple(parse_layers(options.layers, n_layers))
         bad = [i for i in layers if not 0 <= i < n_layers]
@@ -150,6 +152,9 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     heads, kv_heads, head_dim = model_dims(model_config)
     hidden = model_config.hidden_size
     d_rope = s.get("qk_rope_head_dim") or default_rope_dim(model_config, head_dim, s["rope_freqs"], options.target)
+    if options.target == "vllm" and head_dim < VLLM_ROPE_DIM:  # before the RoPE dim's check, whose fix vLLM refuses
+        raise ValueError(f"--target vllm: vLLM's MLA runs a RoPE key of {VLLM_ROPE_DIM} dims, more than this model's "
+                         f"heads have (head_dim {head_dim}); use --target llama.cpp or no --target")
     if not 0 < d_rope <= head_dim or d_rope % 2:
         raise ValueError(f"RoPE dimension {d_rope} is invalid: it must be even and between 2 and head_dim={head_dim} "
                          f"(e.g. --rope-dim {head_dim // 2})")
@@ -168,11 +173,15 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     else:
         rank = options.kv_lora_rank
     if not 1 <= rank <= max_rank:
+        from_ratio = options.target != "vllm" and options.kv_ratio is not None
+        fix = (f"choose a {'larger' if rank > max_rank else 'smaller'} --kv-ratio" if from_ratio
+               else f"choose 1..{max_rank}")
         raise ValueError(
-            f"kv_lora_rank={rank} is impossible: the stacked key/value matrix of each layer has rank "
+            (f"--kv-ratio {options.kv_ratio:g} asks for kv_lora_rank={rank}, which" if from_ratio else
+             f"kv_lora_rank={rank}") + " is impossible: the stacked key/value matrix of each layer has rank "
             f"at most {max_rank} (= min(hidden {hidden}{' + 1 for the biases' if has_attention_bias(model_config) else ''}, "
             f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope dim {d_rope}"
-            f"{' + the shared key residual ' + str(residual) if residual else ''}))); choose 1..{max_rank}")
+            f"{' + the shared key residual ' + str(residual) if residual else ''}))); {fix}")
     nope = head_dim - d_rope + residual if options.qk_nope_head_dim is None else options.qk_nope_head_dim
     if options.q_lora_rank is not None:
         q_max = min(hidden, heads * (nope + d_rope))
@@ -180,7 +189,7 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
             raise ValueError(f"q_lora_rank={options.q_lora_rank} is impossible: choose 1..{q_max} or leave it unset")
     needs_calibration = (s["svd"] == "activations" or s["rope_freqs"] in MEASURED_ROPE_FREQS
                          or s["rope_key_init"] in ("pca", "freqfold") or options.target is not None or bool(s["latent_norm"])
-                         or (options.num_mla_layers is not None and options.layer_choice != "alternate"))
+                         or (layers is None and options.layer_choice != "alternate"))
     plan = ConversionPlan(
         request=options, source_config=model_config, llama_config=llama_config(model_config),
         source_model_type=model_config.model_type, num_hidden_layers=n_layers,
@@ -302,11 +311,11 @@ def build_config(plan: ConversionPlan, layers: list[int] | None = None, layer_pa
             "ecomla_version": __version__,
             "source": getattr(model_config, "name_or_path", None) or getattr(model_config, "_name_or_path", None),
             "source_model_type": plan.source_model_type,
-            **{k: getattr(plan, k) for k in RECORDED},
+            **{k: getattr(plan, k) for k in RECORDED if k != "layer_choice" or plan.layers is None},
             **request.extra,
             **(choices or {}),
-            "request": {k: v for k, v in request.to_dict().items()
-                        if k in (*RECORDED, "layers") and v is not None and k != "init"},
+            "request": {k: v for k, v in request.to_dict().items() if k in (*RECORDED, "layers") and v is not None
+                        and k != "init" and (k != "layer_choice" or plan.layers is None)},
         },
     )
     config = EcoMLAConfig(**base)
