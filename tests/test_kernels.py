@@ -53,9 +53,9 @@ def test_kernel_equals_pytorch_absorbed_path(interpret, monkeypatch, dtype, tol,
     additive = torch.zeros(B, 1, 1, S, device=DEVICE).masked_fill(~pad, torch.finfo(torch.float32).min)
     for mask in (None, pad, additive, additive[:1], pad[:1]):  # [:1]: one mask row broadcast over the batch
         with torch.no_grad():
-            got = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # kernel (interpreted)
+            got, _ = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # kernel (interpreted)
             monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "0")
-            want = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # PyTorch path
+            want, _ = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)  # PyTorch path
             monkeypatch.setenv("ECOMLA_DECODE_KERNEL", "interpret")
         assert got.shape == want.shape == (B, 1, H, 10)
         assert rel_err(got, want) <= tol, (mask is None, rel_err(got, want))

@@ -50,7 +50,7 @@ def test_absorbed_equals_naive_attention(rope_key_heads, q_len):
     c_kv, k_pe = torch.randn(B, S, 24), torch.randn(B, S, rope_key_heads * 8)
     mask = torch.rand(B, 1, q_len, S) > 0.3
     mask[..., -1] = True  # every query sees at least one key
-    got = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+    got, _ = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
     want = naive_over_cache(attn, q_nope, q_pe, c_kv, k_pe, mask)
     assert got.shape == (B, q_len, H, 10)
     assert rel_err(got, want) <= 1e-5

@@ -62,6 +62,27 @@ def test_cached_decoding_applies_what_wraps_kv_b_proj(hybrid):
     assert torch.equal(cached.logits[0], uncached.logits[0]) and rel_err(cached.logits[1], uncached.logits[1]) < 0.1  # 1.8e-2
 
 
+def test_output_attentions_has_one_map_per_layer_mla_ones_too():
+    """Llama's recording hooks caught only LlamaAttention: a full MLA model returned no attention map and a hybrid
+    half of them, at the wrong layer indices. Each layer's map sums to 1 over the positions it sees, in the prefill
+    and in cached decoding; an MLA layer's equals the uncached forward's at the same step."""
+    model = convert(tiny_llama(num_kv_heads=2, layers=4, attn="eager"),  # attention maps are eager's (transformers')
+                    MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8, rope_key_heads=2, layers=[0, 2]),
+                    progress=False)
+    ids = torch.randint(1, 128, (2, 7))
+    with torch.no_grad():
+        full = model(ids, output_attentions=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             pad_token_id=0, output_attentions=True, return_dict_in_generate=True)
+        whole = model(out.sequences[:, :-1], output_attentions=True)
+    assert len(full.attentions) == 4 and all(a.shape == (2, 4, 7, 7) for a in full.attentions)
+    last = out.attentions[-1]  # the last decoding step: one query over the cache
+    assert len(last) == 4 and all(a.shape == (2, 4, 1, 9) for a in last)
+    for i in range(4):
+        torch.testing.assert_close(last[i].sum(-1), torch.ones(2, 4, 1))
+        torch.testing.assert_close(last[i][:, :, 0], whole.attentions[i][:, :, -1], rtol=1e-4, atol=1e-5)
+
+
 def test_static_cache_generates_same_tokens_as_dynamic(hybrid):
     ids = torch.randint(1, 128, (2, 6))
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))

@@ -149,8 +149,8 @@ class MLAAttention(nn.Module):
             k_pe_flat = k_pe.transpose(1, 2).reshape(bsz, 1, q_len, n_r * d_rope)  # (B, 1, T, n_r*d_rope)
             c_all, k_pe_all = past_key_values.update(c_kv.unsqueeze(1), k_pe_flat, self.layer_idx)  # (B, 1, S, r), (B, 1, S, n_r*d_rope)
             if c_all.shape[-2] != q_len:  # past tokens (or a static cache): attend over the latent cache
-                out = self.absorbed_attention(q_nope, q_pe, c_all[:, 0], k_pe_all[:, 0], attention_mask)  # (B, T, H, d_v)
-                return self.o_proj(out.reshape(bsz, q_len, heads * self.v_head_dim)), None
+                out, probs = self.absorbed_attention(q_nope, q_pe, c_all[:, 0], k_pe_all[:, 0], attention_mask)  # (B, T, H, d_v)
+                return self.o_proj(out.reshape(bsz, q_len, heads * self.v_head_dim)), probs
 
         # Prefill / training: decompress this chunk's keys and values and use the standard kernels.
         kv = self.kv_b_proj(c_kv).view(bsz, q_len, heads, d_nope + self.v_head_dim).transpose(1, 2)  # (B, H, T, d_nope+d_v)
@@ -190,8 +190,9 @@ class MLAAttention(nn.Module):
         c_kv: torch.Tensor,  # (B, S, r) cached latent
         k_pe: torch.Tensor,  # (B, S, n_r*d_rope) cached rotated RoPE keys
         attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Attention over the latent cache with W_uk folded into the query and W_uv applied last."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over the latent cache with W_uk folded into the query and W_uv applied last: (output, the
+        attention map (B, H, T, S), or None from the decode kernel)."""
         bsz, heads, q_len, _ = q_nope.shape
         kv_len, n_r, d_rope, rank = c_kv.shape[1], self.rope_key_heads, self.qk_rope_head_dim, self.kv_lora_rank
         w_kv = self.up_projection(c_kv).view(heads, self.qk_nope_head_dim + self.v_head_dim, rank)
@@ -217,7 +218,7 @@ class MLAAttention(nn.Module):
             if attention_mask is not None:
                 mask = attention_mask[:, 0, -1, :kv_len].expand(bsz, -1)  # (B, S) bool or additive; batch may broadcast
             o_lat = kernel(q_lat[:, :, 0], q_pe[:, :, 0], c_kv, k_pe, self.scaling, mask, n_r)  # (B, H, r)
-            return up_values(o_lat[:, :, None])  # (B, 1, H, d_v)
+            return up_values(o_lat[:, :, None]), None  # (B, 1, H, d_v); the kernel keeps no attention map
 
         # All heads and queries share one latent (and n_r RoPE keys): fold (H, T) into the rows of one
         # batched matmul per sequence, so the cache is read once, never broadcast per head.
@@ -242,7 +243,7 @@ class MLAAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)  # (B, H, T, S)
 
         o_lat = torch.bmm(probs.view(bsz, heads * q_len, kv_len), c_kv).view(bsz, heads, q_len, rank)  # (B, H, T, r)
-        return up_values(o_lat)  # (B, T, H, d_v)
+        return up_values(o_lat), probs  # (B, T, H, d_v), (B, H, T, S): the attention map output_attentions returns
 
 
 __all__ = ["MLAAttention"]

@@ -8,7 +8,8 @@ tables, head) is the stock Llama code; MLA layers read the model's full-head-dim
 and keep only their frequency pairs.
 """
 
-from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel,
+                                                      LlamaPreTrainedModel)
 from torch import nn
 
 from .configuration_ecomla import EcoMLAConfig
@@ -20,6 +21,8 @@ class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
     config: EcoMLAConfig
     _supports_flash_attn = False  # MLA's value head dim differs from its query/key head dim
     _supports_flex_attn = False  # the absorbed decode path reads boolean/additive masks, not BlockMasks
+    # output_attentions: one map per layer, MLA's and the original attention's alike (Llama's recorded only the latter)
+    _can_record_outputs = {"hidden_states": LlamaDecoderLayer, "attentions": [LlamaAttention, MLAAttention]}
 
 
 class EcoMLAModel(EcoMLAPreTrainedModel, LlamaModel):
