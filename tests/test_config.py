@@ -87,3 +87,28 @@ def test_vllm_target_with_heads_narrower_than_its_rope_key_names_that():
         with pytest.raises(ValueError, match=r"--target vllm: vLLM's MLA runs a RoPE key of 64 dims, more than this "
                                              r"model's heads have \(head_dim 16\); use --target llama.cpp or no --target"):
             resolve(MLAConversionConfig(kv_ratio=2, target="vllm", **extra), small)
+
+
+def test_the_model_config_refuses_impossible_shapes_and_counts_its_attention_weights():
+    """rope_key_heads=0 was a ZeroDivisionError; q_lora_rank=0 and v_head_dim=0 were accepted; a layer listed twice
+    in mla_layers counted twice in the conversion table; the table's attention weights missed the latent norms."""
+    import torch
+
+    from ecomla import EcoMLAConfig, EcoMLAForCausalLM
+    from ecomla.model.cache import attention_params
+
+    base = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_hidden_layers=3, vocab_size=128, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=16)
+    for bad, message in ((dict(rope_key_heads=0), "rope_key_heads must be >= 1"),
+                         (dict(q_lora_rank=0), r"q_lora_rank must be >= 1 \(or None"),
+                         (dict(v_head_dim=0), "v_head_dim must be >= 1"),
+                         (dict(qk_nope_head_dim=-2), "qk_nope_head_dim must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            EcoMLAConfig(**{**base, **bad})
+    config = EcoMLAConfig(**base, mla_layers=[1, 1, 0], q_lora_rank=24, use_kv_a_layernorm=True, use_q_a_layernorm=True)
+    assert config.mla_layers == [0, 1]
+    with torch.device("meta"):
+        model = EcoMLAForCausalLM(config)
+    real = sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
+    assert attention_params(config) == real

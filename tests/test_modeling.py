@@ -107,14 +107,16 @@ def test_save_and_load_round_trip_identical_logits(hybrid, tmp_path):
 
 REMOTE = """
 import sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+body = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()  # the bare model, as Llama's loads
 assert "ecomla" not in sys.modules, "the remote-code path must not import ecomla"
 ids = torch.load(sys.argv[2])
 with torch.no_grad():
     logits = model(ids).logits
+    hidden = body(ids).last_hidden_state
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-torch.save({"logits": logits, "tokens": tokens, "cls": type(model).__module__}, sys.argv[3])
+torch.save({"logits": logits, "hidden": hidden, "tokens": tokens, "cls": type(model).__module__}, sys.argv[3])
 """
 
 
@@ -132,6 +134,7 @@ def test_trust_remote_code_in_fresh_process(tmp_path, layers):
     assert out["cls"].startswith("transformers_modules")
     with torch.no_grad():
         assert rel_err(out["logits"], model(ids).logits) == 0.0
+        assert rel_err(out["hidden"], model.model(ids).last_hidden_state) == 0.0
         want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     assert torch.equal(out["tokens"], want)
 

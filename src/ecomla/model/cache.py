@@ -83,7 +83,7 @@ def cache_bytes(config, tokens: int, batch: int = 1, bytes_per_value: int = 2) -
 
 
 def attention_params(config) -> int:
-    """Parameters of all attention layers (original or MLA) from a config alone."""
+    """Weights of all attention layers (original or MLA) from a config alone (biases not counted)."""
     heads, kv_heads, head_dim = model_dims(config)
     d = config.hidden_size
     gqa = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
@@ -92,9 +92,12 @@ def attention_params(config) -> int:
     dq = config.qk_nope_head_dim + config.qk_rope_head_dim
     q = d * heads * dq if config.q_lora_rank is None else config.q_lora_rank * (d + heads * dq)
 
-    def mla(rank: int) -> int:
+    norms = config.q_lora_rank if config.q_lora_rank is not None and config.use_q_a_layernorm else 0
+
+    def mla(rank: int) -> int:  # the projections, and the latent norms' gains
         return (q + d * (rank + config.rope_key_heads * config.qk_rope_head_dim)
-                + rank * heads * (config.qk_nope_head_dim + config.v_head_dim) + heads * config.v_head_dim * d)
+                + rank * heads * (config.qk_nope_head_dim + config.v_head_dim) + heads * config.v_head_dim * d
+                + norms + rank * bool(config.use_kv_a_layernorm))
 
     n_mla = len(config.mla_layers)
     return sum(mla(config.layer_kv_lora_rank(i)) for i in config.mla_layers) + (config.num_hidden_layers - n_mla) * gqa

@@ -39,7 +39,7 @@ class EcoMLAConfig(LlamaConfig):
     qk_nope_head_dim: int = 32
     v_head_dim: int = 64
     rope_key_heads: int = 1  # 1 = one RoPE key shared by all heads (DeepSeek layout)
-    rope_pair_indices: list[int] | None = None  # None = every other pair ("uniform")
+    rope_pair_indices: list[int] | None = None  # None = pairs 0, s, 2s, ... with s = head_dim // qk_rope_head_dim
     layer_kv_lora_ranks: dict | None = None
     layer_rope_pair_indices: dict | None = None
     use_kv_a_layernorm: bool = False
@@ -54,7 +54,7 @@ class EcoMLAConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         if self.mla_layers is None:
             self.mla_layers = list(range(self.num_hidden_layers))
-        self.mla_layers = sorted(int(i) for i in self.mla_layers)
+        self.mla_layers = sorted({int(i) for i in self.mla_layers})  # a set of layers: one listed twice is one
         if self.rope_pair_indices is None:
             stride = self.head_dim // self.qk_rope_head_dim if self.qk_rope_head_dim else 1
             self.rope_pair_indices = [stride * i for i in range(self.qk_rope_head_dim // 2)]
@@ -77,6 +77,12 @@ class EcoMLAConfig(LlamaConfig):
             raise ValueError("rope_pair_indices must list qk_rope_head_dim // 2 frequency pairs")
         if any(not 0 <= j < self.head_dim // 2 for j in self.rope_pair_indices):
             raise ValueError(f"rope_pair_indices must lie in [0, {self.head_dim // 2})")
+        for name in ("rope_key_heads", "v_head_dim", "q_lora_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1{' (or None: a full-rank q_proj)' * (name == 'q_lora_rank')}, "
+                                 f"got {getattr(self, name)}")
+        if self.qk_nope_head_dim < 0:
+            raise ValueError(f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim}")
         if self.num_attention_heads % self.rope_key_heads:
             raise ValueError("num_attention_heads must be a multiple of rope_key_heads")
         for layer in self.mla_layers:
@@ -105,7 +111,6 @@ class EcoMLAConfig(LlamaConfig):
     def layer_cache_values_per_token(self, layer: int) -> int:
         """Values MLA layer `layer` caches per token: latent + decoupled RoPE key(s)."""
         return self.layer_kv_lora_rank(layer) + self.rope_key_heads * self.qk_rope_head_dim
-
 
 
 __all__ = ["EcoMLAConfig"]

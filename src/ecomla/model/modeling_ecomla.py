@@ -24,6 +24,13 @@ class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
     # output_attentions: one map per layer, MLA's and the original attention's alike (Llama's recorded only the latter)
     _can_record_outputs = {"hidden_states": LlamaDecoderLayer, "attentions": [LlamaAttention, MLAAttention]}
 
+    def save_pretrained(self, *args, **kwargs):
+        # auto_map names the class saved (AutoModelForCausalLM); the bare model loads with trust_remote_code too
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    "AutoModel": f"{EcoMLAModel.__module__.split('.')[-1]}.EcoMLAModel"}
+        return super().save_pretrained(*args, **kwargs)
+
 
 class EcoMLAModel(EcoMLAPreTrainedModel, LlamaModel):
     def __init__(self, config: EcoMLAConfig):
