@@ -256,6 +256,37 @@ def test_chat_data_trains_alike_however_the_global_batch_is_split(models, tmp_pa
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}")
 
 
+@pytest.mark.parametrize("template, want", [
+    ("MISTRAL_V03", [" blue.<eos>", " the cat sat.<eos>"]),  # the system text only in the last user turn
+    ("QWEN3", ["blue.<|im_end|>\n", "<think>\n\n</think>\n\nthe cat sat.<|im_end|>\n"]),  # <think> when last
+    ("PHI35", ["blue.<|end|>\n", "the cat sat.<|end|>\n<eos>"]),  # EOS closes the chat when not prompted
+    ("DEFAULT", ["blue.<eos>", "the cat sat.<eos>"]),  # a template that renders every turn alike: as before
+])
+def test_chat_weights_count_each_assistant_turn_whatever_the_template(template, want):
+    """Templates that render a turn otherwise when it is the last one counted the next user turn's first tokens
+    (Qwen3, Phi-3.5), or, with a system message, no answer token at all (Mistral v0.3): each assistant turn's own
+    tokens count, and its end of turn."""
+    import chat_templates
+    from conftest import tiny_tokenizer
+    from ecomla.training.data import chat_document
+
+    tok = tiny_tokenizer()
+    if template != "DEFAULT":
+        tok.chat_template = getattr(chat_templates, template)
+    chat = [{"role": "system", "content": "you read many books."}, {"role": "user", "content": "what is the sky?"},
+            {"role": "assistant", "content": "blue."}, {"role": "user", "content": "the dog ran in the park."},
+            {"role": "assistant", "content": "the cat sat."}]
+    doc = chat_document(tok, chat)
+    runs, run = [], []
+    for t, w in zip(doc.ids, doc.weights):
+        if w:
+            run.append(t)
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    assert [tok.decode(r) for r in runs] == want
+
+
 def test_vocabulary_mismatch_is_refused(models, tmp_path):
     from transformers import LlamaConfig
 

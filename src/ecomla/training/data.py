@@ -77,7 +77,15 @@ def to_messages(row: dict, where: str = "row") -> list[dict] | None:
 
 
 def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) -> Document:
-    """Tokens of a chat and their weights: assistant turns count, the rest only if prompt_counts."""
+    """Tokens of a chat and their weights: assistant turns count, the rest only if prompt_counts.
+
+    Assistant turn i spans from the end of the chat before it rendered with the generation prompt to the end of the
+    chat up to it, where those renders are prefixes of the whole chat's (most templates). Some templates render a
+    turn otherwise when it is the last one: Qwen3 adds an empty <think> block, Mistral v0.3 puts the system text
+    into the last user turn only, Phi-3.5 closes with EOS. Such a turn is located in the whole chat's text instead
+    (`_located_turns`): the end of the prefix before it where that holds, else its own text found in order, up to
+    as much of its end-of-turn text as the whole chat has after it. Counted there before: the next user turn's
+    first tokens (Qwen3, Phi-3.5), or nothing at all (Mistral with a system message)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("chat data needs a tokenizer with a chat template")
 
@@ -87,14 +95,69 @@ def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) 
 
     full = ids(messages, False)
     weights = [1 if prompt_counts else 0] * len(full)
+    located = None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(ids(messages[:i], True)) if i else 0
-        end = len(ids(messages[: i + 1], False))
-        for t in range(start, min(end, len(full))):
+        before, upto = (ids(messages[:i], True) if i else []), ids(messages[: i + 1], False)
+        if full[: len(before)] == before and full[: len(upto)] == upto:
+            start, end = len(before), len(upto)
+        else:  # the template renders this turn differently inside the whole chat
+            located = located or _located_turns(tokenizer, messages, full)
+            start, end = located[i]
+        for t in range(start, end):
             weights[t] = 1
     return Document(full, weights)
+
+
+def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int, tuple[int, int]]:
+    """{i: (first token, end token)} of each assistant turn i in `full` (the whole chat's ids), found in the whole
+    chat's text: from the end of the chat before it (with the generation prompt) where that is a prefix of the
+    text, else from its content found after the previous turn; to the end of the chat up to it where that is a
+    prefix, else to the end of its content plus the part of the template's end of turn (what follows the content
+    when the turn is rendered last) that the whole text has there. Tokens that end inside count (one that
+    begins before, a space and the turn's first letters, is the turn's)."""
+    import os
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+
+    text = render(messages, False)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a slow tokenizer has no character offsets
+        enc = None
+    if enc is None or list(enc["input_ids"]) != full:
+        raise ValueError("this tokenizer's chat template renders an assistant turn differently when it is the last one, "
+                         "and its tokens cannot be mapped back to the text (a slow tokenizer, or one whose text does "
+                         "not tokenize as the template does): use a fast tokenizer, or plain text data")
+    spans, cursor = {}, 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto, content = render(messages[:i], True), render(messages[: i + 1], False), m["content"]
+        start = len(before) if text.startswith(before) and len(before) >= cursor else None
+        at = text.find(content, cursor if start is None else start)
+        if at < 0 and "</think>" in content:  # reasoning that the template leaves out of earlier turns (Qwen3)
+            content = content.rsplit("</think>", 1)[1].strip()
+            at = text.find(content, cursor if start is None else start)
+        if at < 0:
+            raise ValueError(f"the chat template does not render assistant turn {i + 1} ({content[:40]!r}...) as "
+                             "written, so its tokens cannot be found: use plain text data, or another template")
+        start = at if start is None else start
+        if text.startswith(upto):
+            end = len(upto)
+        else:
+            tail = upto[upto.rfind(content) + len(content):] if content in upto else ""
+            same = len(os.path.commonprefix([tail, text[at + len(content):]]))
+            # whole tokens of the end of turn only ("<|end|>\n<" of Phi-3.5's "<|end|>\n<eos>" is the next "<|user|>")
+            kept = [b for a, b in tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                    if b <= same]
+            end = at + len(content) + max(kept, default=0)
+        tokens = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if start < b <= end and a < b]
+        spans[i] = (tokens[0], tokens[-1] + 1) if tokens else (0, 0)
+        cursor = end
+    return spans
 
 
 def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = False) -> list[Document]:
