@@ -393,6 +393,18 @@ def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
+def test_a_recipe_section_with_nothing_under_it_runs_its_stage(tmp_path):
+    """`distill:` and `eval:` written bare (YAML's null; everything set in `train:`, the default tasks) were taken for
+    absent: only the conversion ran, and the report said nothing of it."""
+    from ecomla.pipeline import load_recipe, plan
+
+    (tmp_path / "r.yaml").write_text("model: m\nout: o\nconvert:\n  kv_rank: 8\ntrain:\n  seq_len: 32\n"
+                                     "align:\ndistill:\neval:\n")
+    steps, evaluation = plan(load_recipe(tmp_path / "r.yaml"))
+    assert [s.name for s in steps] == ["convert", "align", "distill"] and evaluation is not None
+    assert steps[2].options.seq_len == 32
+
+
 def test_a_recipe_whose_out_sits_inside_a_stages_input_is_refused_before_step_one(lab, tmp_path):
     """A run folder inside distill's teacher was refused only when the distillation began, after the conversion had
     written its step (and the run's record) inside the teacher."""

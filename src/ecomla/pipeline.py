@@ -48,6 +48,9 @@ def load_recipe(path: str | Path) -> dict:
     for key in ("model", "out", "convert"):
         if key not in recipe:
             raise ValueError(f"recipe {path}: missing '{key}'")
+    for section in ("convert", "train", "align", "distill", "dpo", "eval"):
+        if section in recipe and recipe[section] is None:  # `distill:` with nothing under it (YAML's null): the stage
+            recipe[section] = {}  # runs with its defaults and the `train:` settings; it was left out without a word
     for key, what in (("model", "a hub id, local directory, .gguf file or built-in name"), ("out", "a folder path"),
                       ("name", "a name")):
         value = recipe.get(key, "" if key == "name" else None)
