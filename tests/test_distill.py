@@ -287,6 +287,19 @@ def test_chat_weights_count_each_assistant_turn_whatever_the_template(template, 
     assert [tok.decode(r) for r in runs] == want
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_took(models, tmp_path):
+    """The log's lr was read after the scheduler's step: one step ahead of the rate used (step 1 showed the peak, and
+    the last step's min_lr rate was never the one logged)."""
+    from ecomla.training import loop
+    from ecomla.training.distill import distill
+
+    cfg = _cfg(models, tmp_path / "run", tokens=4 * 2 * 32, warmup=0.5, lr=1e-3, eval_every=0, save_every=0)
+    f = loop.lr_lambda(cfg, 4)
+    distill(cfg, log=lambda *a: None)
+    rows = [json.loads(r) for r in open(tmp_path / "run" / "training" / "log.jsonl")]
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([1e-3 * f(k) for k in range(4)])
+
+
 def test_vocabulary_mismatch_is_refused(models, tmp_path):
     from transformers import LlamaConfig
 

@@ -523,6 +523,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
                                    f"(loss {loss_avg:.4g}); the loss does not depend on the trained weights"
                                    + ". Check the options" + "".join(f" ({c})" for c in objective.divergence_causes())
                                    + " and the student")
+        lr = scheduler.get_last_lr()[0]  # the rate this step takes (the scheduler then moves to the next step's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -530,7 +531,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         train_seconds += time.time() - t_step
         tok_s = trained / max(train_seconds, 1e-9)
         write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, objective.metric: kl_avg,
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "train_seconds": earlier_seconds + train_seconds})
+                   "lr": lr, "tokens_per_s": tok_s, "train_seconds": earlier_seconds + train_seconds})
         bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         done = step + 1
