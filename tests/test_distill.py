@@ -345,6 +345,30 @@ def test_data_free_distillation_runs(models, tmp_path):
     assert (tmp_path / "free" / "training" / "sampled.jsonl").is_file() and summary["steps"] == 2
 
 
+def test_data_free_sampling_makes_the_tokens_asked_and_leaves_the_tokenizer_as_it_was(models):
+    """Rows that end early at EOS were counted as full (SmolLM2: 2048 tokens asked, 1840 made); and the sampler set
+    the pad token (to EOS) on the tokenizer the run then published."""
+    from ecomla.sources import load_model
+    from ecomla.training.data import sample_data_free
+
+    teacher, tok = load_model(models[0])
+    tok.pad_token = None
+    made, generate = [], teacher.generate
+
+    def recording(**kw):  # a teacher whose rows end at EOS after 0..31 new tokens (then EOS as padding)
+        out = generate(**kw)
+        start = kw["input_ids"].shape[1]
+        for r in range(out.shape[0]):
+            out[r, start + (r * 7) % 32:] = tok.eos_token_id
+        made.append(int((out[:, start:] != tok.eos_token_id).sum()))
+        return out
+
+    teacher.generate = recording
+    sample_data_free(teacher, tok, tokens=600, seq_len=32, seed=0, device="cpu")
+    assert sum(made) >= 600 and sum(made[:-1]) < 600 and tok.pad_token is None
+    assert len(made) > 1  # full rows would need one batch (19 rows of 32 tokens)
+
+
 def test_two_processes_under_accelerate_take_identical_steps(models, tmp_path):
     """DDP on 2 CPU processes: both ranks end with the same weights, equal to one process with the
     same global batch."""

@@ -262,16 +262,22 @@ def reuse_sampled_text(source, cfg) -> bool:
 
 
 def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, device, batch: int = 64) -> list[str]:
-    """Texts sampled from the teacher (temperature 1, top-p 0.95) from generic prompts."""
+    """Texts sampled from the teacher (temperature 1, top-p 0.95) from generic prompts, until `tokens` new tokens
+    were generated (a row that ends early at EOS counts the tokens it has: counted as full, 2048 asked gave 1840).
+    Padding is set on a copy of the tokenizer: the one the run publishes keeps its own pad token."""
+    import copy
+
     torch.manual_seed(seed)
     texts: list[str] = []
     new = sample_length(seq_len)
     batch = max(1, min(batch, -(-tokens // new)))  # no more rows than the budget needs
     total = 0
     bar = tqdm(total=tokens, desc="sampling data-free text from the teacher", unit="tok")
+    tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    stops = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}
     k = 0
     while total < tokens:
         prompts = [DATA_FREE_PROMPTS[(k + j) % len(DATA_FREE_PROMPTS)] for j in range(batch)]
@@ -279,10 +285,11 @@ def sample_data_free(teacher, tokenizer, tokens: int, seq_len: int, seed: int, d
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         out = teacher.generate(**enc, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=new,
                                pad_token_id=tokenizer.pad_token_id)
-        for row in out:
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            texts.append(text)
-        total += out.shape[0] * new
-        bar.update(out.shape[0] * new)
+        made = sum(int(t) not in stops for t in out[:, enc["input_ids"].shape[1]:].reshape(-1))  # the new tokens
+        if made == 0:
+            raise ValueError("the teacher ends every data-free sample at once (its first token is EOS): give --data")
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+        total += made
+        bar.update(made)
     bar.close()
     return texts
