@@ -300,6 +300,22 @@ def test_the_logged_learning_rate_is_the_one_each_step_took(models, tmp_path):
     assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([1e-3 * f(k) for k in range(4)])
 
 
+def test_a_rows_system_prompt_and_alpaca_history_are_part_of_the_chat():
+    """LLaMA-Factory's alpaca `system` and `history`, and a ShareGPT row's top-level `system`, were dropped: the chat
+    trained on lost its system prompt and earlier turns."""
+    from ecomla.training.data import to_messages
+
+    alpaca = {"system": "be brief.", "history": [["hi", "hello."]], "instruction": "the cat sat on the?", "output": "mat."}
+    assert to_messages(alpaca) == [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "hello."},
+                                   {"role": "user", "content": "the cat sat on the?"},
+                                   {"role": "assistant", "content": "mat."}]
+    sharegpt = {"system": "be brief.", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert to_messages(sharegpt)[0] == {"role": "system", "content": "be brief."} and len(to_messages(sharegpt)) == 3
+    with pytest.raises(ValueError, match="'history' must be a list of \\[user, assistant\\] pairs"):
+        to_messages({**alpaca, "history": ["hi"]})
+
+
 def test_vocabulary_mismatch_is_refused(models, tmp_path):
     from transformers import LlamaConfig
 

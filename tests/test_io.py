@@ -220,3 +220,18 @@ def test_a_users_file_inside_a_checkpoint_is_theirs(tmp_path):
     assert foreign_files(state) == []
     (state / "checkpoint-2" / "analysis.py").write_text("mine")
     assert foreign_files(state) == ["checkpoint-2/analysis.py"]
+
+
+def test_json_lines_are_read_whatever_the_extensions_case_and_unicode_line_separators(tmp_path):
+    """data.JSONL was read as one plain-text document (the model trained on the raw JSON); a row holding an unescaped
+    U+2028 (json.dumps(..., ensure_ascii=False) writes one) was cut in two and refused."""
+    import json
+
+    from ecomla.io import read_rows
+
+    rows = [{"text": "the cat sat."}, {"text": "a line\u2028separator and\u0085a next line"}]
+    for name in ("data.JSONL", "data.ndjson", "data.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        assert read_rows(tmp_path / name) == rows
+    (tmp_path / "data.JSON").write_text(json.dumps(rows))
+    assert read_rows(tmp_path / "data.JSON") == rows

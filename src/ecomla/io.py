@@ -722,8 +722,8 @@ def read_log(path, fix: str) -> list[dict]:
 
 
 def read_rows(path, what: str = "data file") -> list:
-    """Plain strings (a text file is one document) or the rows of a .json list / .jsonl file; errors name
-    the file (and the line)."""
+    """Plain strings (a text file is one document) or the rows of a .json list / .jsonl (.ndjson) file, whatever
+    the extension's case; errors name the file (and the line)."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{what} {path}: a folder; give its files (.txt, .json or .jsonl), one by one")
@@ -735,16 +735,18 @@ def read_rows(path, what: str = "data file") -> list:
         raise ValueError(f"{what} {path}: cannot read it as UTF-8 text ({err})") from err
     if not raw.strip():
         raise ValueError(f"{what} {path} is empty")
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()  # data.JSONL is JSON lines too (it was read as one plain-text document)
+    if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for n, line in enumerate(raw.splitlines(), 1):
+        # lines end at \n only: U+2028 and U+0085 may stand unescaped inside a JSON string (str.splitlines cut there)
+        for n, line in enumerate(raw.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
         return rows
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as err:

@@ -2,10 +2,10 @@
 
 Formats (by extension and fields):
     .txt                         plain text (one document per file; blank-line paragraphs kept)
-    .jsonl / .json with "text"   one document per row
+    .jsonl (.ndjson) / .json     one document per row ("text"), whatever the extension's case
     "messages" / "conversations" chat through the tokenizer's chat template; content may be a string
                                  or a list of {"type": "text", "value"|"text"} parts
-    "instruction" [+ "input"] + "output"   alpaca style, as a user/assistant chat
+    "instruction" [+ "input"] + "output"   alpaca style, as a user/assistant chat ([+ "system", "history"])
     "question" + "answer"        as a user/assistant chat (GSM8K)
 
 Chat documents carry a per-token weight: 1 on assistant tokens, 0 on the prompt (unless
@@ -59,17 +59,31 @@ def _text(value, key: str, where: str) -> str:
     return value
 
 
+def _system(row: dict, where: str) -> list[dict]:
+    """The row's own `system` prompt (LLaMA-Factory's alpaca and ShareGPT rows) as a first turn, if it has one."""
+    return [{"role": "system", "content": _text(row["system"], "system", where)}] if row.get("system") else []
+
+
 def to_messages(row: dict, where: str = "row") -> list[dict] | None:
-    """A chat (list of {role, content}) from a row in any chat/instruction format, or None."""
+    """A chat (list of {role, content}) from a row in any chat/instruction format, or None. A row's `system` and an
+    alpaca row's `history` ([[user, assistant], ...] before its instruction) are part of the chat (they were left
+    out)."""
     if "messages" in row or "conversations" in row:
         msgs = row.get("messages") or row.get("conversations")
         if not isinstance(msgs, list):
             raise ValueError(f"{where}: 'messages'/'conversations' must be a list of turns, got {msgs!r}")
-        return [message(m, where) for m in msgs]
+        turns = [message(m, where) for m in msgs]
+        return (_system(row, where) if not turns or turns[0]["role"] != "system" else []) + turns
     if "instruction" in row and "output" in row:
         extra = row.get("input")
         prompt = _text(row["instruction"], "instruction", where) + (("\n\n" + _text(extra, "input", where)) if extra else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row["output"], "output", where)}]
+        history = row.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+            raise ValueError(f"{where}: 'history' must be a list of [user, assistant] pairs, got {history!r}")
+        earlier = [{"role": role, "content": _text(text, "history", where)}
+                   for pair in history for role, text in zip(("user", "assistant"), pair)]
+        return [*_system(row, where), *earlier, {"role": "user", "content": prompt},
+                {"role": "assistant", "content": _text(row["output"], "output", where)}]
     if "question" in row and "answer" in row:
         return [{"role": "user", "content": _text(row["question"], "question", where)},
                 {"role": "assistant", "content": _text(row["answer"], "answer", where)}]
@@ -170,7 +184,7 @@ def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = Fal
             if isinstance(row, str):
                 docs.append(Document(tokenizer(row, add_special_tokens=False)["input_ids"], []))
                 continue
-            where = f"data file {path}, {'line' if path.suffix == '.jsonl' else 'row'} {n}"
+            where = f"data file {path}, {'line' if path.suffix.lower() in ('.jsonl', '.ndjson') else 'row'} {n}"
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: rows must be objects, got {type(row).__name__}")
             msgs = to_messages(row, where)
