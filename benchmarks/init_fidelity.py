@@ -18,8 +18,10 @@ of next-token distributions on the same tokens, for
   (one RoPE key per KV group, 16 dims each so the latent keeps most of the budget), +spectrum
   (per-layer ranks);
 - aware+cost, aware+pca (at 4x): each RoPE improvement given the whitened latent;
-- best: the default of that time (`init="ecomla"`, every option at its default, with dropped RoPE pairs
-  unrotated as then: `PINNED`);
+- best: the default of its day (per-layer `cost` frequencies, no latent norm, dropped RoPE pairs unrotated:
+  `PINNED`), which `--rope-freqs cost --no-latent-norm` still gives (ecomla's own code serves it, no engine);
+- default: `--init ecomla` as it ships now (one RoPE progression that engines run, a latent RMS norm, the
+  dropped pairs' mean rotation over 128 tokens), at 4x;
 - a hybrid with half the layers converted at rank 64: layers chosen by sensitivity vs every other one.
 The study (`--only split,rope`): at 4x, other splits of the cache between latent and RoPE keys
 (split:NxD, otherwise the default); and the RoPE change alone at full latent rank (rope:FREQS+KEY).
@@ -60,8 +62,10 @@ METHODS = {  # name -> conversion options (added to kv_ratio)
     "+spectrum": dict(XECOMLA, rank_alloc="spectrum"),
     "aware+cost": dict(XECOMLA, svd="activations", rope_freqs="cost"),  # the RoPE gains given a whitened latent
     "aware+pca": dict(XECOMLA, svd="activations", rope_key_init="pca"),
-    "best": dict(),
+    "best": dict(rope_freqs="cost", latent_norm=False),  # the default of its day (PINNED too): per-layer frequencies
+    "default": dict(),  # `--init ecomla` as it ships now (one RoPE progression, latent norm, averaged rotation)
 }
+SHIPPED = {"default"}  # rows converted as the options say, without PINNED
 ALL_RATIOS = {"xecomla", "+aware", "+cost", "+pca", "best"}  # the rows at every ratio; the others at 4x only
 SPLITS = {"split:1x32": dict(qk_rope_head_dim=32, rope_key_heads="shared"),  # = best
           "split:1x16": dict(qk_rope_head_dim=16, rope_key_heads="shared"),
@@ -128,7 +132,8 @@ def main() -> int:
             return
         t = time.time()
         try:
-            mla = convert(model, ConvertOptions(**{**PINNED, **kw}), progress=False, calibration_ids=calib, covariance=cov)
+            pinned = {} if name in SHIPPED else PINNED
+            mla = convert(model, ConvertOptions(**{**pinned, **kw}), progress=False, calibration_ids=calib, covariance=cov)
         except ValueError as e:  # e.g. a split that leaves no room for the latent at this ratio
             print(f"{name}: skipped ({e})", flush=True)
             return
