@@ -405,6 +405,21 @@ def test_a_recipe_section_with_nothing_under_it_runs_its_stage(tmp_path):
     assert steps[2].options.seq_len == 32
 
 
+def test_a_recipes_models_are_found_beside_it_as_its_files_are(tmp_path, monkeypatch):
+    """`data: [text.txt]` was found beside the recipe but `teacher: teacher` (beside it too) was taken for a hub id;
+    a name that is no local path stays one."""
+    from ecomla.pipeline import load_recipe
+
+    (tmp_path / "recipes" / "teacher").mkdir(parents=True)
+    (tmp_path / "recipes" / "base").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("model: base\nout: o\nconvert: {kv_rank: 8}\n"
+                                                 "distill: {teacher: teacher}\ndpo: {ref_model: org/name, data: p.json}\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("recipes/r.yaml")
+    assert recipe["model"] == "recipes/base" and recipe["distill"]["teacher"] == "recipes/teacher"
+    assert recipe["dpo"]["ref_model"] == "org/name" and recipe["out"] == "o"
+
+
 def test_a_recipe_whose_out_sits_inside_a_stages_input_is_refused_before_step_one(lab, tmp_path):
     """A run folder inside distill's teacher was refused only when the distillation began, after the conversion had
     written its step (and the run's record) inside the teacher."""

@@ -29,6 +29,7 @@ from .options import SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOpt
 
 SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
 PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib", "passkey_filler")  # relative to the recipe file when not to the cwd
+MODEL_KEYS = ("teacher", "ref_model")  # like `model`: a local path beside the recipe, else as written (a hub id)
 RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
 
 
@@ -61,12 +62,19 @@ def load_recipe(path: str | Path) -> dict:
     def fix(v):
         return str(v) if Path(str(v)).is_absolute() or (Path.cwd() / str(v)).exists() else str(base / str(v))
 
+    def model(v):  # a hub id stays one: only a folder or file that exists beside the recipe (and not here) moves
+        return str(base / v) if isinstance(v, str) and not (Path.cwd() / v).exists() and (base / v).exists() else v
+
+    recipe["model"] = model(recipe["model"])
     for section in ("convert", "train", "align", "distill", "dpo", "eval"):
         sec = recipe.get(section)
         if isinstance(sec, dict):
             for key in PATH_KEYS:
                 if sec.get(key):
                     sec[key] = [fix(v) for v in sec[key]] if isinstance(sec[key], list) else fix(sec[key])
+            for key in MODEL_KEYS:
+                if sec.get(key):
+                    sec[key] = model(sec[key])
     return recipe
 
 
