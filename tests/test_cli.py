@@ -145,3 +145,11 @@ def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys
     assert main(["generate", str(out), "--prompt", "the cat sat", "--max-new-tokens", "255"]) == 2
     assert re.search(r"the prompt's (\d+) tokens and --max-new-tokens 255 run past the model's 256 positions: choose "
                      r"--max-new-tokens \d+ at most", capsys.readouterr().err)
+
+
+def test_a_list_option_given_without_a_value_is_refused(tmp_path, capsys):
+    """`--data $FILES` with an empty variable trained data-free on text the teacher samples, without a word."""
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "student", "--teacher", "teacher", "--data", "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "--data: expected at least one argument" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -43,8 +43,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         elif typing.get_origin(base) is list and not m.get("parse"):
             kw["type"] = typing.get_args(base)[0]
             kw["action"] = "append" if m.get("append") else "store"
-            if not m.get("append"):
-                kw["nargs"] = m.get("nargs") or "*"
+            if not m.get("append"):  # a list flag given with no value is a mistake (an empty shell variable), never []
+                kw["nargs"] = m.get("nargs") or "+"
         else:
             kw["type"] = m.get("parse") or (base if base in (int, float) else str)
             kw["metavar"] = f.name.upper() if not m.get("choices") else None
