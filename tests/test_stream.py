@@ -157,6 +157,39 @@ def test_every_layer_asked_by_count_streams_and_records_no_choice(tmp_path):
     assert_same_weights(runs["count"], runs["all"])
 
 
+def test_a_hub_source_fetches_only_the_shards_its_index_names(tmp_path, monkeypatch):
+    """A hub repo may hold other weights beside the model's shards (Mistral-7B-Instruct-v0.3's 14 GB
+    consolidated.safetensors); "*.safetensors" fetched them too, and no space check counted them. The hub is out
+    of reach here: snapshot_download is replaced by a copy from a local 'repo' that honours allow_patterns."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from ecomla.conversion.plan import resolve
+    from ecomla.conversion.stream import streaming_source
+    from ecomla.sources import load_config
+
+    repo, _ = source_dir(tmp_path, "llama", max_shard_size="60KB")
+    (repo / "consolidated.safetensors").write_bytes(b"the same weights in another layout")
+    cache = tmp_path / "cache"
+
+    def snapshot_download(repo_id, allow_patterns):
+        cache.mkdir(exist_ok=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, pat) for pat in allow_patterns):
+                shutil.copy(f, cache / f.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    config = load_config(str(repo))
+    options = ConvertOptions(kv_lora_rank=12, init="xecomla", source="org/model", out=str(tmp_path / "o"))
+    weights, why = streaming_source("org/model", config, resolve(options, config))
+    assert weights is not None, why
+    shards = set(json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert {f.name for f in cache.glob("*.safetensors")} == shards
+
+
 def test_unaffordable_sampling_and_a_missing_gpu_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
     from ecomla.conversion import calibration
     import ecomla.sources as sources

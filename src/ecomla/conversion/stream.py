@@ -140,7 +140,13 @@ def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceW
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+            # the index first, then only the shards it names: a repo may hold other weights too (Mistral's
+            # consolidated.safetensors, 14 GB more, which "*.safetensors" fetched and no space check counted)
+            folder = Path(snapshot_download(path, allow_patterns=["*.json"]))
+            index = folder / "model.safetensors.index.json"
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+                else ["model.safetensors"]
+            folder = Path(snapshot_download(path, allow_patterns=["*.json", *shards]))
         except Exception as err:  # offline and not cached: the in-memory loader says what is wrong
             return None, f"its files could not be fetched ({type(err).__name__})"
     weights = SourceWeights.of_folder(folder)
