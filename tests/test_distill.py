@@ -257,63 +257,41 @@ def test_chat_data_trains_alike_however_the_global_batch_is_split(models, tmp_pa
 
 
 @pytest.mark.parametrize("template, want", [
-    ("MISTRAL_V03", [" blue.<eos>", " the cat sat.<eos>"]),  # the system text only in the last user turn
-    ("QWEN3", ["blue.<|im_end|>\n", "<think>\n\n</think>\n\nthe cat sat.<|im_end|>\n"]),  # <think> when last
-    ("PHI35", ["blue.<|end|>\n", "the cat sat.<|end|>\n<eos>"]),  # EOS closes the chat when not prompted
-    ("DEFAULT", ["blue.<eos>", "the cat sat.<eos>"]),  # a template that renders every turn alike: as before
+    ("MISTRAL_V03", ["yes<eos>", " the cat sat.<eos>"]),  # the system text only in the last user turn
+    ("QWEN3", ["yes<|im_end|>\n", "<think>\n\n</think>\n\nthe cat sat.<|im_end|>\n"]),  # <think> when last
+    ("PHI35", ["yes<|end|>\n", "the cat sat.<|end|>\n<eos>"]),  # EOS closes the chat when not prompted
+    ("DEFAULT", ["yes<eos>", "the cat sat.<eos>"]),  # a template that renders every turn alike: as before
 ])
 def test_chat_weights_count_each_assistant_turn_whatever_the_template(template, want):
     """Templates that render a turn otherwise when it is the last one counted the next user turn's first tokens
     (Qwen3, Phi-3.5), or, with a system message, no answer token at all (Mistral v0.3): each assistant turn's own
-    tokens count, and its end of turn."""
+    tokens count, and its end of turn. An answer that also stands in the question ("yes") is found in its own turn,
+    and two equal Qwen3 turns carrying a <think> block each are both found (the later one kept its block)."""
     import chat_templates
     from conftest import tiny_tokenizer
     from ecomla.training.data import chat_document
 
+    def counted(chat):
+        doc = chat_document(tok, chat)
+        runs, run = [], []
+        for t, w in zip(doc.ids, doc.weights):
+            if w:
+                run.append(t)
+            elif run:
+                runs, run = runs + [run], []
+        return [tok.decode(r) for r in runs + ([run] if run else [])]
+
     tok = tiny_tokenizer()
     if template != "DEFAULT":
         tok.chat_template = getattr(chat_templates, template)
-    chat = [{"role": "system", "content": "you read many books."}, {"role": "user", "content": "what is the sky?"},
-            {"role": "assistant", "content": "blue."}, {"role": "user", "content": "the dog ran in the park."},
-            {"role": "assistant", "content": "the cat sat."}]
-    doc = chat_document(tok, chat)
-    runs, run = [], []
-    for t, w in zip(doc.ids, doc.weights):
-        if w:
-            run.append(t)
-        elif run:
-            runs, run = runs + [run], []
-    runs += [run] if run else []
-    assert [tok.decode(r) for r in runs] == want
-
-
-def test_the_logged_learning_rate_is_the_one_each_step_took(models, tmp_path):
-    """The log's lr was read after the scheduler's step: one step ahead of the rate used (step 1 showed the peak, and
-    the last step's min_lr rate was never the one logged)."""
-    from ecomla.training import loop
-    from ecomla.training.distill import distill
-
-    cfg = _cfg(models, tmp_path / "run", tokens=4 * 2 * 32, warmup=0.5, lr=1e-3, eval_every=0, save_every=0)
-    f = loop.lr_lambda(cfg, 4)
-    distill(cfg, log=lambda *a: None)
-    rows = [json.loads(r) for r in open(tmp_path / "run" / "training" / "log.jsonl")]
-    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([1e-3 * f(k) for k in range(4)])
-
-
-def test_a_rows_system_prompt_and_alpaca_history_are_part_of_the_chat():
-    """LLaMA-Factory's alpaca `system` and `history`, and a ShareGPT row's top-level `system`, were dropped: the chat
-    trained on lost its system prompt and earlier turns."""
-    from ecomla.training.data import to_messages
-
-    alpaca = {"system": "be brief.", "history": [["hi", "hello."]], "instruction": "the cat sat on the?", "output": "mat."}
-    assert to_messages(alpaca) == [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"},
-                                   {"role": "assistant", "content": "hello."},
-                                   {"role": "user", "content": "the cat sat on the?"},
-                                   {"role": "assistant", "content": "mat."}]
-    sharegpt = {"system": "be brief.", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-    assert to_messages(sharegpt)[0] == {"role": "system", "content": "be brief."} and len(to_messages(sharegpt)) == 3
-    with pytest.raises(ValueError, match="'history' must be a list of \\[user, assistant\\] pairs"):
-        to_messages({**alpaca, "history": ["hi"]})
+    chat = [{"role": "system", "content": "you read many books."},
+            {"role": "user", "content": "is the sky blue? say yes or no."}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "the dog ran in the park."}, {"role": "assistant", "content": "the cat sat."}]
+    assert counted(chat) == want
+    if template == "QWEN3":
+        think = "<think>\n\n</think>\n\nthe cat sat."
+        chat[2]["content"] = chat[4]["content"] = think
+        assert counted(chat) == ["the cat sat.<|im_end|>\n", think + "<|im_end|>\n"]
 
 
 def test_vocabulary_mismatch_is_refused(models, tmp_path):

@@ -57,6 +57,19 @@ def _decode_kernel():
 _KERNEL = False
 
 
+try:  # transformers 5's output collector (an internal): what this forward records (output_attentions, ...)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:
+    _active_collector = None
+
+
+def _attention_maps_asked() -> bool:
+    """Whether this forward records attention maps (output_attentions). The decode kernel makes none, so it then
+    steps aside for the PyTorch path, which does."""
+    collected = _active_collector.get() if _active_collector is not None else None
+    return collected is not None and "attentions" in collected
+
+
 # DeepSeek-V3's latent norm eps (transformers' DeepseekV3RMSNorm default), whatever the model's rms_norm_eps.
 # A checkpoint's own is in its config (kv_a_layernorm_eps, q_a_layernorm_eps); exporters rescale the latent
 # rows to this one (RMSNorm_eps(a c) = RMSNorm_{eps / a^2}(c)).
@@ -211,7 +224,7 @@ class MLAAttention(nn.Module):
         # gradients are needed (it has no backward).
         kernel = None
         if (q_len == 1 and (c_kv.is_cuda or os.environ.get("ECOMLA_DECODE_KERNEL") == "interpret")
-                and not (torch.is_grad_enabled() and q_nope.requires_grad)):
+                and not (torch.is_grad_enabled() and q_nope.requires_grad) and not _attention_maps_asked()):
             kernel = _decode_kernel()
         if kernel is not None:
             mask = None

@@ -126,11 +126,14 @@ def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) 
 
 def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int, tuple[int, int]]:
     """{i: (first token, end token)} of each assistant turn i in `full` (the whole chat's ids), found in the whole
-    chat's text: from the end of the chat before it (with the generation prompt) where that is a prefix of the
-    text, else from its content found after the previous turn; to the end of the chat up to it where that is a
-    prefix, else to the end of its content plus the part of the template's end of turn (what follows the content
-    when the turn is rendered last) that the whole text has there. Tokens that end inside count (one that
-    begins before, a space and the turn's first letters, is the turn's)."""
+    chat's text. A turn's region runs from the end of the user turn before it (user turns found in order; a system
+    text, which templates may place anywhere, is not used) to where the next user turn's text begins. It starts
+    where the chat before it (with the generation prompt) ends if that is a prefix of the text, else at its
+    content, found in its region (as written, else without the reasoning a template leaves out of earlier turns);
+    it ends where the chat up to it ends if that is a prefix, else after its content and as much of the template's
+    end of turn (what follows the content when the turn is rendered last) as the text has there. Tokens that end
+    inside count (one that begins before, a space and the turn's first letters, is the turn's). An empty turn
+    that cannot be placed by the prefixes counts nothing."""
     import os
 
     def render(msgs, gen):
@@ -147,14 +150,31 @@ def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int
                          "not tokenize as the template does): use a fast tokenizer, or plain text data")
     spans, cursor = {}, 0
     for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] == "user":
+            at = text.find(content, cursor) if content else -1
+            cursor = at + len(content) if at >= 0 else cursor
         if m["role"] != "assistant":
             continue
-        before, upto, content = render(messages[:i], True), render(messages[: i + 1], False), m["content"]
+        nxt = next((u["content"] for u in messages[i + 1:] if u["role"] == "user" and u["content"]), None)
+        limit = text.find(nxt, cursor) if nxt else -1
+        region = (cursor, limit if limit >= 0 else len(text))
+        before, upto = render(messages[:i], True), render(messages[: i + 1], False)
         start = len(before) if text.startswith(before) and len(before) >= cursor else None
-        at = text.find(content, cursor if start is None else start)
-        if at < 0 and "</think>" in content:  # reasoning that the template leaves out of earlier turns (Qwen3)
-            content = content.rsplit("</think>", 1)[1].strip()
-            at = text.find(content, cursor if start is None else start)
+        lo = region[0] if start is None else start
+        if not content and (start is None or not text.startswith(upto)):  # nothing to find it by
+            spans[i] = (0, 0)
+            continue
+        candidates = [content] + ([content.rsplit("</think>", 1)[1].strip()] if "</think>" in content else [])
+        at, found = -1, content
+        for hi in (region[1], len(text)):  # its own region first (an equal turn later must not be taken)
+            for c in candidates:
+                at = text.find(c, lo, hi) if c else lo
+                if at >= 0:
+                    found = c
+                    break
+            if at >= 0:
+                break
         if at < 0:
             raise ValueError(f"the chat template does not render assistant turn {i + 1} ({content[:40]!r}...) as "
                              "written, so its tokens cannot be found: use plain text data, or another template")
@@ -162,15 +182,15 @@ def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int
         if text.startswith(upto):
             end = len(upto)
         else:
-            tail = upto[upto.rfind(content) + len(content):] if content in upto else ""
-            same = len(os.path.commonprefix([tail, text[at + len(content):]]))
+            tail = upto[upto.rfind(found) + len(found):] if found and found in upto else ""
+            same = len(os.path.commonprefix([tail, text[at + len(found):]]))
             # whole tokens of the end of turn only ("<|end|>\n<" of Phi-3.5's "<|end|>\n<eos>" is the next "<|user|>")
             kept = [b for a, b in tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
                     if b <= same]
-            end = at + len(content) + max(kept, default=0)
+            end = at + len(found) + max(kept, default=0)
         tokens = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if start < b <= end and a < b]
         spans[i] = (tokens[0], tokens[-1] + 1) if tokens else (0, 0)
-        cursor = end
+        cursor = max(cursor, end)
     return spans
 
 
