@@ -109,13 +109,14 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     assert (state / "checkpoint-4" / "trainer_state.json").is_file()
 
 
-def test_run_recipe_end_to_end(tmp_path):
+def test_run_recipe_end_to_end(tmp_path, monkeypatch):
     from ecomla.pipeline import run_recipe
 
     teacher = tiny_model_dir(tmp_path / "teacher")
     (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
-    recipe = {
-        "name": "tiny", "model": str(teacher), "out": str(tmp_path / "out"),
+    monkeypatch.chdir(tmp_path)  # `out` relative, as a recipe writes it (a rerun redid every step: out was recorded
+    recipe = {  # relative before the folder existed, absolute after)
+        "name": "tiny", "model": str(teacher), "out": "out",
         "convert": {"kv_rank": 8},
         "distill": {"data": [str(tmp_path / "train.txt")], "tokens": 4 * 2 * 32, "seq_len": 32, "batch_size": 2,
                     "lr": 0.003, "eval_every": 2, "save_every": 2},

@@ -95,9 +95,12 @@ class Step:
 def what_it_makes(step: Step, recorded: dict) -> dict:
     """Of a step's record, what decides its output: for a training step the options a resume must match (lr, data,
     tokens...) and the inputs, not how it runs (--save-every, --eval-every, --chunk-size, --gradient-checkpointing,
-    --keep-checkpoints), which a resumed run may change; for the others every option."""
+    --keep-checkpoints), which a resumed run may change; for the others every option. Never `out`: a step's folder
+    is its place in the run, recorded relative while it did not exist yet and absolute after (a finished recipe run
+    again from a relative `out` redid every step)."""
     kept = {f.name for f in dataclasses.fields(step.options) if f.metadata.get("resume_must_match")}
-    return {k: v for k, v in recorded.items() if k in kept or k == "inputs"} if kept else recorded
+    made = {k: v for k, v in recorded.items() if k != "out"}
+    return {k: v for k, v in made.items() if k in kept or k == "inputs"} if kept else made
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -413,7 +416,8 @@ def _evaluate(evaluation: EvalOptions, record_path: Path, timings: dict, log) ->
     step = Step("eval", evaluation, out, [*evaluation.models, evaluation.data_dir, *evaluation.ppl_files,
                                           evaluation.passkey_filler])
     now, made = step.recorded(), read_record(record_path)
-    if made.get("eval") == now and (out / "results.json").is_file() and (out / "results.md").is_file():
+    if (made.get("eval") is not None and what_it_makes(step, made["eval"]) == what_it_makes(step, now)
+            and (out / "results.json").is_file() and (out / "results.md").is_file()):
         log("[ecomla run] eval: already done, skipped")
         return (out / "results.md").read_text()
     t0 = time.time()
