@@ -1,5 +1,6 @@
 """`ecomla convert` / `ecomla kv` on a tiny local model: outputs, and refusals that write nothing."""
 
+import os
 import re
 
 import pytest
@@ -153,3 +154,26 @@ def test_a_list_option_given_without_a_value_is_refused(tmp_path, capsys):
         main(["distill", "student", "--teacher", "teacher", "--data", "--out", str(tmp_path / "o")])
     assert stop.value.code == 2 and "--data: expected at least one argument" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_forked_worker_stopped_by_sigterm_ends_quietly(capfd):
+    """lm-eval's bootstrap pool forks workers that inherit `ecomla`'s SIGTERM handler: shutting the pool down made
+    each one raise Terminated and print a traceback in the middle of an evaluation that succeeded."""
+    import multiprocessing
+    import signal
+    import time
+
+    import ecomla.cli as cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cli._COMMAND_PID = os.getpid()
+    signal.signal(signal.SIGTERM, cli._terminate)
+    try:
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        time.sleep(0.5)
+        worker.terminate()  # SIGTERM, as a pool's shutdown sends its busy workers
+        worker.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "Traceback" not in capfd.readouterr().err and worker.exitcode == -signal.SIGTERM

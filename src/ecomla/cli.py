@@ -7,6 +7,7 @@ one default. Errors a user can fix print one line naming the problem and exit wi
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -105,13 +106,22 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_COMMAND_PID = None  # the process `main` runs in: a child forked from it (lm-eval's bootstrap pool) inherits the handler
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _COMMAND_PID:  # a forked worker being shut down: end as the default would, without a traceback
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _COMMAND_PID
     args = build_parser().parse_args(argv)
     cls = args.options_class
+    _COMMAND_PID = os.getpid()
     for signum in (signal.SIGTERM, signal.SIGHUP):  # their default dies at once, leaving the temporaries
         if signal.getsignal(signum) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signum, _terminate)  # (nohup's ignored SIGHUP stays ignored)
