@@ -1,6 +1,7 @@
 """Passkey retrieval: prompts put the key where they say, the scorer reads the generated number."""
 
 import json
+import re
 
 import pytest
 
@@ -56,5 +57,13 @@ def test_eval_reports_passkey_per_context_and_skips_contexts_beyond_the_model(tm
     rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
     got = {r["metric"]: r["n"] for r in rows if r["task"] == "passkey"}
     assert got == {"acc@200": 2, "acc@240": 2, "acc": 4}  # 4096 > 256 positions: skipped
+    assert "wrote " + str(tmp_path / "r") + "/results.md, results.json (no plot" in capsys.readouterr().out
+    # too short for the passkey text itself: refused before any model loads, with the range that works (the
+    # refusal of 4096 alone said "up to 248", and 128 then failed after the models loaded)
+    for contexts in ("128,200", "4096"):
+        assert main(["eval", str(model), "--tasks", "passkey", "--passkey-filler", str(tmp_path / "filler.txt"),
+                     "--passkey-contexts", contexts]) == 2
+        out, err = capsys.readouterr()
+        assert re.search(r"give contexts between \d+ and 248", err) and "loading" not in out, (out, err)
     assert main(["eval", str(model), "--tasks", "passkey"]) == 2
     assert "give --data-dir DIR holding wikitext-2-raw-test.txt, or --passkey-filler FILE" in capsys.readouterr().err

@@ -177,7 +177,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     """What every section reads, checked before step one: files, tasks, lengths, teachers. Returns the evaluation
     with the task folder it reads ($ECOMLA_EVAL_DATA's too), which steps.json records like any input."""
     from .evaluation.evaluate import check_passkey_contexts, task_data
-    from .sources import load_config
+    from .sources import load_config, load_tokenizer
     from .training.data import check_vocab
     from .training.dpo import read_preferences
 
@@ -207,7 +207,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     try:
         data_dir = task_data(evaluation)
         if "passkey" in evaluation.task_list:  # the converted models keep the original's positions
-            check_passkey_contexts(evaluation.passkey_contexts, config, model)
+            check_passkey_contexts(evaluation.passkey_contexts, config, model, load_tokenizer(model))
     except (ValueError, OSError) as err:
         raise type(err)(f"recipe section 'eval': {err}") from None
     return dataclasses.replace(evaluation, data_dir=data_dir)
@@ -370,7 +370,7 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
 
     from .io import claimed_output, mark
     from .model.cache import cache_values_per_token
-    from .sources import load_config
+    from .sources import load_config, load_tokenizer
 
     recipe = load_recipe(path)
     steps, evaluation = plan(recipe)

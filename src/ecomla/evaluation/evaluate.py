@@ -404,7 +404,8 @@ def plot(table: list[dict], path: Path, title: str = "") -> bool:
 
 
 def write_report(rows: list[dict], kv: dict[str, int], out_dir: Path, meta: dict) -> str:
-    """results.json (flat rows + summary + meta), results.md, results.png into out_dir."""
+    """results.json (flat rows + summary + meta), results.md, and results.png (when harness tasks give an average)
+    into out_dir."""
     columns, table = summary_table(rows, kv)
     md = markdown(columns, table)
     (out_dir / "results.md").write_text(md)
@@ -428,14 +429,22 @@ def task_data(o: EvalOptions) -> str | None:
     return data_dir
 
 
-def check_passkey_contexts(contexts: list[int], config, name: str) -> None:
-    """Refuse passkey contexts of which none fits the positions of model `name` (its `config`)."""
-    from .passkey import ANSWER_TOKENS, fitting_contexts
+def check_passkey_contexts(contexts: list[int], config, name: str, tokenizer=None) -> None:
+    """Refuse passkey contexts of which none fits the positions of model `name` (its `config`), and, with its
+    `tokenizer`, any context too short to hold the passkey text itself: both before any model loads, naming the
+    range that works."""
+    from .passkey import ANSWER_TOKENS, fitting_contexts, shortest_context
 
     limit = getattr(config, "max_position_embeddings", None)
+    shortest = shortest_context(tokenizer) if tokenizer is not None else 1
+    span = f"between {shortest} and {limit - ANSWER_TOKENS}" if limit else f"of at least {shortest}"
+    short = [c for c in contexts if c < shortest]
+    if short:
+        raise ValueError(f"--passkey-contexts {','.join(map(str, short))}: a passkey prompt for {name} takes at least "
+                         f"{shortest} tokens (its own text and one filler token); give contexts {span}")
     if not fitting_contexts(contexts, limit):
         raise ValueError(f"--passkey-contexts {','.join(map(str, contexts))}: every prompt is beyond the {limit} "
-                         f"positions of {name}; give contexts up to {limit - ANSWER_TOKENS}")
+                         f"positions of {name}; give contexts {span}")
 
 
 def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
@@ -455,7 +464,9 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
         # the only writer of --out, from this check to the final rename
         with claimed_output(o.out, inputs, o.overwrite, kind="eval", overwrite_kind=o.overwrite_kind):
             md, rows = _run_eval(o, models, tasks, data_dir, inputs, log)
-    log(md + (f"\nwrote {o.out}/results.md, results.json, results.png" if o.out else ""))
+    written = [n for n in ("results.md", "results.json", "results.png") if o.out and (Path(o.out) / n).is_file()]
+    log(md + (f"\nwrote {o.out}/{', '.join(written)}" if o.out else "")
+        + ("" if not o.out or "results.png" in written else " (no plot: it draws the harness average)"))
     return md, rows
 
 
@@ -471,7 +482,7 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
             raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
     if "passkey" in tasks:
         for m, c in configs.items():
-            check_passkey_contexts(o.passkey_contexts, c, m)
+            check_passkey_contexts(o.passkey_contexts, c, m, tokenizers[m])
     if perplexity_texts(tasks, o, data_dir):
         for m, c in configs.items():
             limit = getattr(c, "max_position_embeddings", None)

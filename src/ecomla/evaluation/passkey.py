@@ -59,6 +59,13 @@ def read_key(text: str) -> int | None:
 ANSWER_TOKENS = 8  # tokens generated after the question (the key is 5 digits)
 
 
+def shortest_context(tokenizer) -> int:
+    """The fewest tokens a passkey prompt takes with this tokenizer: its fixed text (prefix, needle with a 5-digit
+    key, question) and one filler token."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return len(enc(PREFIX)) + len(enc(NEEDLE.format(key=99999))) + len(enc(QUESTION)) + 1
+
+
 def fitting_contexts(contexts: list[int], max_len: int | None, max_new_tokens: int = ANSWER_TOKENS) -> list[int]:
     """The prompt lengths a model with `max_len` positions can be tested at (prompt + answer inside them)."""
     return [c for c in contexts if max_len is None or c + max_new_tokens <= max_len]
