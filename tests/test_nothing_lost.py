@@ -444,7 +444,7 @@ def test_a_recipes_eval_files_are_found_and_recorded_where_they_are(lab, tmp_pat
     (tmp_path / "proj" / "filler.txt").write_text((lab / "text.txt").read_text())
     recipe = write_recipe(tmp_path / "proj" / "r.yaml", {
         "model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
-        "eval": {"tasks": ["wikitext", "passkey"], "passkey_filler": "filler.txt", "passkey_contexts": [128]}})
+        "eval": {"tasks": ["wikitext", "passkey"], "passkey_filler": "filler.txt", "passkey_contexts": [200]}})
     assert load_recipe(recipe)["eval"]["passkey_filler"] == str(tmp_path / "proj" / "filler.txt")
     recorded = {}
     for name in ("a", "b"):
