@@ -233,6 +233,20 @@ def test_a_file_that_appears_at_a_gguf_out_during_the_export_is_kept(lab, tmp_pa
     assert out.read_text() == "the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
+def test_an_exported_gguf_given_back_to_ecomla_says_where_it_runs(lab, tmp_path, capsys):
+    """`ecomla generate` (or convert) of the GGUF ecomla exported said transformers' "GGUF model with architecture
+    deepseek2 is not supported yet"."""
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", lab / "cpp", "--format", "gguf", "--outtype", "f32", "--out", gguf]) == 0
+    capsys.readouterr()
+    for command in (["generate", gguf, "--prompt", "the cat", "--max-new-tokens", "2"],
+                    ["convert", gguf, "--kv-rank", "8", "--out", tmp_path / "o"]):
+        assert main(command) == 2
+        assert "is a llama.cpp deepseek2 GGUF (an `ecomla export --format gguf` output): it runs in llama.cpp" in \
+            capsys.readouterr().err
+    assert main(["kv", gguf]) == 0  # and ecomla still reads its cache sizes
+
+
 def test_an_empty_folder_is_used_and_a_legacy_output_is_refused(lab, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -376,6 +390,8 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     ({"distill": {"seq_len": 100000}}, "recipe section 'distill': seq_len 100000 is beyond the model's maximum length 256"),
     ({"eval": {"tasks": ["arc_eazy"], "data_dir": "{t}"}}, "recipe section 'eval': unknown task(s) arc_eazy"),
     ({"dpo": {"data": "{t}/nowhere.json"}}, "recipe section 'dpo': preference file"),
+    ({"train": {"loss": "jsd"}}, "put it in the 'distill' section"),  # align refused it in turn
+    ({"train": {"align_loss": "mse"}}, "put it in the 'align' section"),
     ({"eval": {"tasks": ["passkey"], "passkey_filler": "{l}/text.txt", "passkey_contexts": [1024]}},
      "recipe section 'eval': --passkey-contexts 1024: every prompt is beyond the 256 positions"),
 ])

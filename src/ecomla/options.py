@@ -266,7 +266,7 @@ def int_or_name(text: str) -> int | str:
 
 @dataclass
 class ConvertOptions(Options):
-    """Upcycle a Llama/Mistral model into MLA (full or hybrid).
+    """Upcycle a Llama, Mistral, Qwen2, Qwen3 or Phi-3 model into MLA (full or hybrid).
 
     A conversion request; `conversion.plan.resolve(options, model_config)` checks it against a model
     and fills the preset's defaults.
@@ -486,7 +486,8 @@ class EvalOptions(Options):
     models: list[str] = opt([], "anything ecomla loads; the first is the reference", positional=True, nargs="+")
     tasks: list[str] | None = opt(None, "comma-separated harness tasks and/or 'wikitext' (default: "
                                   + ",".join(DEFAULT_TASKS) + "; none when only --ppl-file is given)", parse=comma_list)
-    limit: int | None = opt(None, "at most N items per task (default: all)", min=1)
+    limit: int | None = opt(None, "at most N items per harness task (default: all; wikitext, --ppl-file and passkey "
+                            "are not limited)", min=1)
     data_dir: str | None = opt(None, "read the tasks from local files in DIR")
     ppl_files: list[str] = opt([], "also report the perplexity of this text file (repeatable)", flag="--ppl-file",
                                append=True)
@@ -587,7 +588,7 @@ class KVOptions(Options):
 
 @dataclass
 class RunOptions(Options):
-    """The main job from a recipe: convert, distill, optional DPO, evaluate, report."""
+    """The main job from a recipe: convert, align, distill, optional DPO, evaluate, report."""
 
     command: typing.ClassVar[str] = "run"
     runner: typing.ClassVar[str] = "ecomla.pipeline:run"

@@ -127,8 +127,12 @@ def shared_training(recipe: dict) -> dict:
     for key, value in sec.items():
         name = keys.get(str(key).replace("-", "_"))
         if name not in SHARED_TRAIN_KEYS:
+            field = str(key).replace("-", "_")
+            stages = [s for s, cls in (("align", AlignOptions), ("distill", DistillOptions)) if cls.keys().get(field)]
+            where = (f"put it in the {' or '.join(repr(s) for s in stages)} section" if stages else
+                     "no training stage takes it")
             raise ValueError(f"recipe section 'train': {key!r} is not a setting every training stage shares (those are "
-                             f"{', '.join(SHARED_TRAIN_KEYS)}); put it in the 'align' or 'distill' section")
+                             f"{', '.join(SHARED_TRAIN_KEYS)}); {where}")
         shared[name] = value
     return shared
 

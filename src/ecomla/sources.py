@@ -171,8 +171,11 @@ def load_config(source: str):
     """The HF config of a source, without loading weights (GGUF: read from the file header)."""
     from transformers import AutoConfig
 
-
     path, gguf = resolve_source(source)
+    if gguf and exported_mla_layout(source) is not None:  # what `ecomla export --format gguf` writes
+        raise ValueError(f"{source} is a llama.cpp deepseek2 GGUF (an `ecomla export --format gguf` output): it runs in "
+                         f"llama.cpp (llama-cli -m {source}), and `ecomla kv` reads it; ecomla loads only Llama-family "
+                         "GGUFs: give the checkpoint it was exported from")
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         return AutoConfig.from_pretrained(path, **kwargs)
