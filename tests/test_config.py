@@ -112,3 +112,19 @@ def test_the_model_config_refuses_impossible_shapes_and_counts_its_attention_wei
         model = EcoMLAForCausalLM(config)
     real = sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
     assert attention_params(config) == real
+
+
+def test_an_engines_refusal_says_whether_any_shape_it_takes_would_do():
+    """The engine table told SmolLM2 (and a 16-dim-head model) to "convert with --target vllm", which then refused:
+    no vLLM shape makes their cache smaller. A model one fits gets the fix and what it buys."""
+    from ecomla.model.engines import llama_cpp_cuda_fa_problems, vllm_problems
+
+    small = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
+    llama1b = LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64, num_hidden_layers=2)
+    for config in (SMOLLM2, small):
+        planned = build_config(resolve(MLAConversionConfig(kv_ratio=4), config))
+        for problems in (vllm_problems(planned), llama_cpp_cuda_fa_problems(planned)):
+            assert "no shape it takes fits this model's heads" in problems[-1] and "convert with" not in problems[-1]
+    planned = build_config(resolve(MLAConversionConfig(kv_ratio=4), llama1b))
+    assert "(convert with --target vllm: at most 3.2x smaller than the original's cache)" in vllm_problems(planned)[-1]
+    assert "--rope-dim 64: at most 5.3x smaller" in llama_cpp_cuda_fa_problems(planned)[-1]

@@ -170,14 +170,31 @@ VLLM_SHAPES = ((512, VLLM_ROPE_DIM), (256, VLLM_ROPE_DIM))  # vLLM's MLA backend
 CUDA_FA_SHAPES = {(512, 64): 1, (256, 64): 32, (128, 64): 8}  # (latent, rope dim) -> heads must be a multiple of
 
 
+def shape_fix(config, shapes: dict[tuple[int, int], int], how: str) -> str:
+    """Whether converting this model (`config`, an EcoMLAConfig) to one of an engine's fixed MLA `shapes`
+    ({(kv_lora_rank, qk_rope_head_dim): heads must be a multiple of}) can make its cache smaller than the original's,
+    and how; the refusals said "convert with --target vllm" where no setting could (SmolLM2 at 4x, heads of 16 dims)."""
+    from .cache import max_kv_lora_rank, model_dims
+
+    heads, kv_heads, head_dim = model_dims(config)
+    original = 2 * kv_heads * head_dim  # values per token and layer
+    fits = [r + d for (r, d), m in shapes.items()
+            if d <= head_dim and heads % m == 0 and r <= max_kv_lora_rank(config, d) and r + d < original]
+    if not fits:
+        return (f"no shape it takes fits this model's heads ({heads} of {head_dim} dims) with a cache smaller than the "
+                f"original's {original} values per token and layer")
+    return f"{how}: at most {original / min(fits):.2g}x smaller than the original's cache"
+
+
 def llama_cpp_cuda_fa_problems(config, **kw) -> list[str]:
     problems = gguf_problems(config, **kw)
     shape = (config.kv_lora_rank, config.qk_rope_head_dim)
     multiple = CUDA_FA_SHAPES.get(shape)
     if multiple is None:
+        fix = shape_fix(config, CUDA_FA_SHAPES, "convert with --kv-rank and --rope-dim 64")
         problems.append(f"its latent + RoPE key is {shape[0]} + {shape[1]}; llama.cpp's CUDA flash attention takes 512 + 64, "
-                        "256 + 64 (heads a multiple of 32) or 128 + 64 (heads a multiple of 8) (convert with --kv-rank "
-                        "and --rope-dim 64); without flash attention llama.cpp's CUDA path still runs it")
+                        f"256 + 64 (heads a multiple of 32) or 128 + 64 (heads a multiple of 8) ({fix}); without flash "
+                        "attention llama.cpp's CUDA path still runs it")
     elif config.num_attention_heads % multiple:
         problems.append(f"{shape[0]} + {shape[1]} needs a multiple of {multiple} heads in llama.cpp's CUDA flash "
                         f"attention, the model has {config.num_attention_heads}")
@@ -188,8 +205,9 @@ def vllm_problems(config, **kw) -> list[str]:
     problems = deepseek_v3_problems(config, **kw) + silu_problems(config, "vLLM's DeepSeek")
     shape = (config.kv_lora_rank, config.qk_rope_head_dim)
     if shape not in VLLM_SHAPES:
+        fix = shape_fix(config, dict.fromkeys(VLLM_SHAPES, 1), "convert with --target vllm")
         problems.append(f"its latent + RoPE key is {shape[0]} + {shape[1]}; vLLM's MLA backends take 512 + 64 or 256 + 64 "
-                        "(convert with --target vllm)")
+                        f"({fix})")
     return problems
 
 
