@@ -212,7 +212,7 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
     if ckpts:
         raise ValueError(f"no checkpoint in {ckpt_dir} can be read ({', '.join(p.name for p in ckpts)}): "
                          "start the run again with --overwrite")
-    log(f"[ecomla] --resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    log(f"[ecomla] no checkpoint in {ckpt_dir} yet: starting from step 0")  # a recipe's new step resumes too
     return 0
 
 
