@@ -374,7 +374,7 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
 
     from .io import claimed_output, mark
     from .model.cache import cache_values_per_token
-    from .sources import load_config, load_tokenizer
+    from .sources import load_config
 
     recipe = load_recipe(path)
     steps, evaluation = plan(recipe)
