@@ -114,12 +114,20 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def default_signals():
+    """A child's SIGHUP and SIGINT as a terminal gives them: a suite run under nohup or in the background passes them
+    on ignored, and ecomla keeps an ignored SIGHUP ignored (nohup's), so the child would never stop."""
+    for signum in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def test_sigterm_removes_the_temporary_output_and_the_lock_and_a_run_resumes(lab, tmp_path):
     """`kill` (SIGTERM: a scheduler's time limit, `timeout`, torchrun stopping its workers) or a closed terminal
     (SIGHUP) stops a command as Ctrl-C does: the half-made output and the lock go; a training run keeps its
     checkpoint and --resume finishes it."""
     def stopped(argv, ready, signum=signal.SIGTERM):
-        proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_signals)  # as a terminal starts it, even under nohup
         deadline = time.time() + 300
         while not ready():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()

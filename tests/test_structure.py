@@ -111,7 +111,8 @@ def test_the_plan_is_frozen_the_request_stays_as_given_and_the_config_records_bo
         plan.kv_lora_rank = 3
     conversion = build_config(plan).conversion
     assert conversion["kv_lora_rank"] == plan.kv_lora_rank and conversion["rope_key_heads"] == 1
-    assert conversion["request"] == {"kv_ratio": 2, "rope_freqs": "uniform", "layer_choice": "sensitivity"}
+    # what the user asked, as given (no layer_choice: every layer is MLA, none was chosen)
+    assert conversion["request"] == {"kv_ratio": 2, "rope_freqs": "uniform"}
 
 
 def test_convert_checkpoint_resolves_the_request_once(tmp_path, monkeypatch):

@@ -55,8 +55,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def kv(options, log=print) -> str:
-    """`ecomla kv SOURCE` (`KVOptions`): log and return `kv_report` of the source's config (no weights load)."""
-    from .model.cache import exported_mla_table, kv_report
+    """`ecomla kv SOURCE` (`KVOptions`): log and return the KV table of the source's config, and for a converted
+    model the engines that serve it (no weights load)."""
+    from .model.cache import conversion_table, exported_mla_table, original_config
+    from .model.engines import engine_table
     from .sources import SUPPORTED_MODEL_TYPES, exported_mla_layout, load_config
 
     exported = exported_mla_layout(options.source)  # what `ecomla export` wrote: an engine's own MLA layout
@@ -68,7 +70,10 @@ def kv(options, log=print) -> str:
     if config.model_type not in (*SUPPORTED_MODEL_TYPES, "ecomla"):
         raise ValueError(f"ecomla kv reads {', '.join(SUPPORTED_MODEL_TYPES)}, ecomla models and their DeepSeek-V3 and "
                          f"deepseek2 GGUF exports, not {config.model_type!r}")
-    text = kv_report(config)
+    if config.model_type != "ecomla":
+        text = conversion_table(config)
+    else:
+        text = conversion_table(original_config(config), config) + "\n\nengines that serve it:\n" + engine_table(config)
     log(text)
     return text
 

@@ -150,13 +150,3 @@ def exported_mla_table(layers: int, kv_lora_rank: int, qk_rope_head_dim: int, la
     row = _cache_row(layout, layers * (kv_lora_rank + qk_rope_head_dim), layers, contexts, bytes_per_value)
     return (markdown_table(_cache_header(contexts), [row]) + f"\n{layers} MLA layers: latent {kv_lora_rank} + one shared RoPE key "
             f"{qk_rope_head_dim} per token (bytes at {bytes_per_value} bytes/value, batch 1)")
-
-
-def kv_report(config) -> str:
-    """`ecomla kv`: the KV table of an original or converted model's config (and the engines that serve a converted one)."""
-    from .engines import engine_table
-
-    if getattr(config, "model_type", None) != "ecomla":
-        return conversion_table(config)
-    return conversion_table(original_config(config), config) + "\n\nengines that serve it:\n" + engine_table(config)
-
