@@ -135,20 +135,9 @@ def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceW
         return None, "Qwen3's QK-norm fold is calibrated on the whole model's outputs"
     if plan.layers is None and plan.layer_choice != "alternate":
         return None, f"--layer-choice {plan.layer_choice} scores each candidate layer on the whole model's outputs"
-    folder = Path(path)
-    if not folder.is_dir():  # a hub id: its files in the local hub cache (downloaded if need be)
-        try:
-            from huggingface_hub import snapshot_download
-
-            # the index first, then only the shards it names: a repo may hold other weights too (Mistral's
-            # consolidated.safetensors, 14 GB more, which "*.safetensors" fetched and no space check counted)
-            folder = Path(snapshot_download(path, allow_patterns=["*.json"]))
-            index = folder / "model.safetensors.index.json"
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-                else ["model.safetensors"]
-            folder = Path(snapshot_download(path, allow_patterns=["*.json", *shards]))
-        except Exception as err:  # offline and not cached: the in-memory loader says what is wrong
-            return None, f"its files could not be fetched ({type(err).__name__})"
+    folder = Path(path) if Path(path).is_dir() else hub_snapshot(path)
+    if isinstance(folder, str):
+        return None, folder
     weights = SourceWeights.of_folder(folder)
     if weights is None:
         return None, "it has no safetensors weights"
@@ -165,6 +154,22 @@ def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceW
     if found != expected:  # other names (e.g. an older layout transformers renames on load)
         return None, "its tensor names differ from the model's own"
     return weights, ""
+
+
+def hub_snapshot(repo_id: str) -> Path | str:
+    """The local folder of hub repo `repo_id`'s config files and the safetensors shards its index names (downloaded
+    if need be), or why it could not be fetched. The index first, then only its shards: a repo may hold other weights
+    too (Mistral's consolidated.safetensors, 14 GB more, which "*.safetensors" fetched and no space check counted)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
+        index = folder / "model.safetensors.index.json"
+        shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                  else ["model.safetensors"])
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", *shards]))
+    except Exception as err:  # offline and not cached: the in-memory loader says what is wrong
+        return f"its files could not be fetched ({type(err).__name__})"
 
 
 def _header(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
