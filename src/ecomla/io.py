@@ -721,6 +721,14 @@ def read_log(path, fix: str) -> list[dict]:
     return rows
 
 
+JSON_LINES = (".jsonl", ".ndjson")  # one JSON row per line (read_rows: whatever the case of the extension)
+
+
+def row_name(path, n: int) -> str:
+    """How an error names row `n` of a file read by `read_rows`: 'line n' of JSON lines, else 'row n'."""
+    return f"{'line' if Path(path).suffix.lower() in JSON_LINES else 'row'} {n}"
+
+
 def read_rows(path, what: str = "data file") -> list:
     """Plain strings (a text file is one document) or the rows of a .json list / .jsonl (.ndjson) file, whatever
     the extension's case; errors name the file (and the line)."""
@@ -736,7 +744,7 @@ def read_rows(path, what: str = "data file") -> list:
     if not raw.strip():
         raise ValueError(f"{what} {path} is empty")
     suffix = path.suffix.lower()  # data.JSONL is JSON lines too (it was read as one plain-text document)
-    if suffix in (".jsonl", ".ndjson"):
+    if suffix in JSON_LINES:
         rows = []
         # lines end at \n only: U+2028 and U+0085 may stand unescaped inside a JSON string (str.splitlines cut there)
         for n, line in enumerate(raw.split("\n"), 1):

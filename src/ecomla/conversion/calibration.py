@@ -27,15 +27,14 @@ from ..model.cache import has_attention_bias
 
 def read_text(path: str) -> str:
     """Plain text, or the "text" fields of a .jsonl / .json file's rows (read as training data is)."""
-    from ..io import read_rows
+    from ..io import read_rows, row_name
 
     texts = []
     for n, row in enumerate(read_rows(Path(path), "calibration file"), 1):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             row = row["text"]
         if not isinstance(row, str):
-            where = f"{'line' if Path(path).suffix == '.jsonl' else 'row'} {n}"
-            raise ValueError(f"calibration file {path}, {where}: expected a row with a 'text' string, got "
+            raise ValueError(f"calibration file {path}, {row_name(path, n)}: expected a row with a 'text' string, got "
                              f"{json.dumps(row)[:80]}; give plain text, or .jsonl/.json rows like {{\"text\": \"...\"}}")
         texts.append(row)
     return "\n\n".join(texts)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write, mark, read_rows
+from ..io import atomic_write, mark, read_rows, row_name
 
 
 @dataclass
@@ -204,7 +204,7 @@ def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = Fal
             if isinstance(row, str):
                 docs.append(Document(tokenizer(row, add_special_tokens=False)["input_ids"], []))
                 continue
-            where = f"data file {path}, {'line' if path.suffix.lower() in ('.jsonl', '.ndjson') else 'row'} {n}"
+            where = f"data file {path}, {row_name(path, n)}"
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: rows must be objects, got {type(row).__name__}")
             msgs = to_messages(row, where)

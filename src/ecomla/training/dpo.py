@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..options import DPOOptions
-from ..io import read_rows
+from ..io import JSON_LINES, read_rows, row_name
 from .data import message
 
 
@@ -48,14 +48,14 @@ def preference_row(row: dict) -> dict:
 def read_preferences(path: str | Path) -> list[dict]:
     """Preference rows from a .json list or .jsonl file (read by io.read_rows, as training data is)."""
     path = Path(path)
-    if path.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
+    if path.suffix.lower() not in (".json", *JSON_LINES):
         raise ValueError(f"preference file {path}: expected .json (a list of rows) or .jsonl (one row per line)")
     rows = []
     for n, r in enumerate(read_rows(path, "preference file"), 1):
         try:
             rows.append(preference_row(r))
         except ValueError as err:
-            raise ValueError(f"preference file {path}, {'line' if path.suffix.lower() in ('.jsonl', '.ndjson') else 'row'} {n}: {err}") from None
+            raise ValueError(f"preference file {path}, {row_name(path, n)}: {err}") from None
     if not rows:
         raise ValueError(f"preference file {path} holds no rows")
     return rows
