@@ -151,9 +151,9 @@ def batch_rows(step: int, micro: int, rank: int, world: int, cfg: TrainOptions, 
                          for k in range(start, start + cfg.batch_size)])
 
 
-def loss_shares(step: int, rank: int, world: int, cfg: TrainOptions, train_w: torch.Tensor, counted) -> list[float]:
-    """Per micro-step of this process, the factor s_m that makes the step's gradient the loss per counted token of
-    the whole (global) batch. Each micro-batch's loss is a mean over its own N_m counted tokens; summed over micro-
+def loss_shares(step_rows: list[list[torch.Tensor]], rank: int, train_w: torch.Tensor, counted) -> list[float]:
+    """Per micro-step of this process (`rank`), the factor s_m that makes the step's gradient the loss per counted
+    token of the whole (global) batch; `step_rows[m][r]`: `batch_rows` of micro-step m and process r. Each micro-batch's loss is a mean over its own N_m counted tokens; summed over micro-
     steps and averaged over processes (as DDP and FSDP average gradients),
 
         (1/W) sum_r sum_m s_rm L_rm / A = sum_rm N_rm L_rm / N,   s_rm = N_rm W A / N    (A: --grad-accum, W: world)
@@ -161,10 +161,10 @@ def loss_shares(step: int, rank: int, world: int, cfg: TrainOptions, train_w: to
     (N: the step's counted tokens). Plain text counts every token, so every s is exactly 1.0 and the arithmetic is
     the plain mean's; chat data's prompts do not count, and without s a micro-batch of few answer tokens weighed as
     much as a full one (2 processes did not train as 1 with twice the batch)."""
-    n = [[counted(train_w[batch_rows(step, m, r, world, cfg, train_w.shape[0])]) for r in range(world)]
-         for m in range(cfg.grad_accum)]
+    n = [[counted(train_w[rows]) for rows in micro] for micro in step_rows]  # [A][W]
+    world, accum = len(step_rows[0]), len(step_rows)
     total = sum(map(sum, n))
-    return [n[m][rank] * world * cfg.grad_accum / total for m in range(cfg.grad_accum)]
+    return [n[m][rank] * world * accum / total for m in range(accum)]
 
 
 def trainable_parameters(lm: nn.Module, which: str) -> list[nn.Parameter]:
@@ -498,9 +498,11 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     for step in range(start_step, steps):
         t_step = time.time()
         loss_acc, kl_acc = 0.0, 0.0
-        shares = loss_shares(step, accelerator.process_index, world, cfg, train_w, objective.counted)
+        step_rows = [[batch_rows(step, m, r, world, cfg, train_ids.shape[0]) for r in range(world)]
+                     for m in range(cfg.grad_accum)]  # every process's, for the shares; this one trains its own
+        shares = loss_shares(step_rows, accelerator.process_index, train_w, objective.counted)
         for micro in range(cfg.grad_accum):
-            rows = batch_rows(step, micro, accelerator.process_index, world, cfg, train_ids.shape[0])
+            rows = step_rows[micro][accelerator.process_index]
             x = train_ids[rows].to(device)  # (B, T)
             w = train_w[rows].to(device)  # (B, T)
             with torch.no_grad(), accelerator.autocast():
