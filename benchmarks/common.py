@@ -25,6 +25,20 @@ def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
 
 
+def resumed_rows(path: Path, scored: dict, resume: bool) -> list[dict]:
+    """The rows of result file `path` that a --resume run keeps: all of them, when each was scored
+    with `scored` (the settings every row of one file must share: tokens, items...); otherwise
+    refuse, since one table would mix rows measured on other data. Without --resume: none."""
+    if not resume or not path.is_file():
+        return []
+    rows = json.loads(path.read_text())
+    other = [r for r in rows if r.get("scored") != scored]
+    if other:
+        raise SystemExit(f"{path}: {len(other)} of its rows were scored with other settings "
+                         f"({other[0].get('scored')}; this run: {scored}); run with those, or give another --out-dir")
+    return rows
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (benchmarks run on machines without a display)."""
     import matplotlib

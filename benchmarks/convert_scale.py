@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common import DATA, RESULTS, ROOT, measured_child, pyplot, save_figure, write_json
+from ecomla.io import atomic_write
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -166,7 +167,7 @@ def main() -> int:
         if created and not args.keep_models:  # only the source this run made, never a folder found there
             shutil.rmtree(src, ignore_errors=True)
     md = table(rows)
-    result.with_suffix(".md").write_text(md + "\n")
+    atomic_write(result.with_suffix(".md"), md + "\n")
     plot(rows, result.with_suffix(".png"))
     print(md)
     return 0

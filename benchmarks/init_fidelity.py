@@ -33,7 +33,6 @@ Models run in bfloat16 (as served); conversion in float32. Writes benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from ecomla.model.cache import cache_values_per_token, max_kv_lora_rank
 from ecomla.io import atomic_write
 from ecomla.metrics import ReferenceKL
 
-from common import DATA, RESULTS, pyplot, save_figure, write_json
+from common import DATA, RESULTS, pyplot, resumed_rows, save_figure, write_json
 
 XECOMLA = dict(init="xecomla")
 # Every row keeps the RoPE handling these numbers were measured with (before benchmarks/rope_position.py
@@ -109,21 +108,23 @@ def main() -> int:
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
     ids = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: args.eval_tokens]
     windows = ids[: len(ids) // args.window * args.window].view(-1, args.window)  # (N, T)
+    out_dir = Path(args.out_dir)
+    result = out_dir / f"{args.name}.json"
+    scored = dict(eval_tokens=windows.numel(), window=args.window, calib_tokens=args.calib_tokens)
+    rows = resumed_rows(result, scored, args.resume)  # refused before the calibration's minutes when scored otherwise
     calib = file_calibration_ids(tok, str(calib_file), args.calib_tokens)  # (M, 256)
     t0 = time.time()
     cov = attention_input_covariance(model, calib)
     print(f"calibration statistics: {calib.numel()} tokens, {time.time() - t0:.0f} s", flush=True)
 
-    out_dir = Path(args.out_dir)
     original = bf16(model)
     evaluate = ReferenceKL(original, windows)
     gqa = cache_values_per_token(model.config)
-    result = out_dir / f"{args.name}.json"
-    rows = json.loads(result.read_text()) if args.resume and result.is_file() else []
     done = {(r["method"], r.get("kv_ratio")) for r in rows}
     if ("original", 1.0) not in done:
         ppl0 = evaluate(original)["ppl"]
-        rows = [dict(method="original", kv_fraction=1.0, kv_ratio=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0)]
+        rows = [dict(method="original", kv_fraction=1.0, kv_ratio=1.0, kv_lora_rank=None, ppl=round(ppl0, 3), kl=0.0,
+                     scored=scored)]
         print(f"original: ppl {ppl0:.2f} on {windows.numel()} WikiText-2 tokens (bf16)", flush=True)
     del original
 
@@ -146,7 +147,7 @@ def main() -> int:
                          qk_rope_head_dim=c.qk_rope_head_dim, rope_key_heads=c.rope_key_heads, svd=conv["svd"],
                          rope_freqs=conv["rope_freqs"], rope_key_init=conv["rope_key_init"], rank_alloc=conv["rank_alloc"],
                          mla_layers=c.mla_layers if len(c.mla_layers) < c.num_hidden_layers else "all",
-                         ppl=round(ppl, 3), kl=round(kl, 4), seconds=round(time.time() - t, 1)))
+                         ppl=round(ppl, 3), kl=round(kl, 4), seconds=round(time.time() - t, 1), scored=scored))
         write_json(result, rows)  # partial results survive an interrupted run (--resume)
         print(f"{name:16s} KV {rows[-1]['kv_fraction']:.3f} r={c.kv_lora_rank:3d} RoPE {c.rope_key_heads}x{c.qk_rope_head_dim}: "
               f"ppl {ppl:10.2f}  KL {kl:.4f}  ({time.time() - t:.0f} s)", flush=True)

@@ -39,7 +39,6 @@ Writes benchmarks/results/rope_position.{json,md,png}; each row is written as so
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ from ecomla.io import atomic_write
 from ecomla.metrics import ReferenceKL
 from ecomla.options import EvalOptions
 
-from common import DATA, RESULTS, pyplot, save_figure, write_json
+from common import DATA, RESULTS, pyplot, resumed_rows, save_figure, write_json
 
 # The rows before 2026-12-03 were measured with the default of their day: per-layer `cost` frequencies and
 # no latent norm; they keep those (PER_LAYER), and the engine-native default of today is a row of its own.
@@ -129,13 +128,14 @@ def main() -> int:
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
     ids = tok(wiki.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][: args.kl_tokens]
     windows = ids[: len(ids) // 1024 * 1024].view(-1, 1024)  # (N, 1024)
+    out_dir = Path(args.out_dir)
+    result = out_dir / "rope_position.json"
+    scored = dict(lambada_items=args.lambada_items, kl_tokens=windows.numel(), calib_tokens=args.calib_tokens)
+    rows = resumed_rows(result, scored, args.resume)  # refused before the calibration's minutes when scored otherwise
     calib = file_calibration_ids(tok, str(calib_file), args.calib_tokens)
     cov = attention_input_covariance(model, calib, progress=False)
     eval_opts = EvalOptions(models=["-"], limit=args.lambada_items, passkey_contexts=CONTEXTS, passkey_trials=1)
 
-    out_dir = Path(args.out_dir)
-    result = out_dir / "rope_position.json"
-    rows = json.loads(result.read_text()) if args.resume and result.is_file() else []
     done = {(r["group"], r["method"]) for r in rows}
     evaluate_kl = ReferenceKL(model, windows)
     gqa = cache_values_per_token(model.config)
@@ -154,7 +154,7 @@ def main() -> int:
                          lambada_ppl=round(value[("lambada_openai", "perplexity")], 2),
                          **{f"passkey@{n}": value.get(("passkey", f"acc@{n}")) for n in CONTEXTS},
                          wikitext_ppl=round(ppl, 3), kl=round(kl, 4), lambada_items=args.lambada_items,
-                         seconds=round(time.time() - t, 1)))
+                         seconds=round(time.time() - t, 1), scored=scored))
         write_json(result, rows)  # partial results survive an interrupted run (--resume)
         r = rows[-1]
         print(f"{group:5s} {name:14s} KV {r['kv_fraction']:.3f}  LAMBADA {r['lambada_acc']:.3f}  passkey "
@@ -195,8 +195,8 @@ def write(rows, out: Path) -> None:
     md = table(sorted(rows, key=lambda r: order.index(r["group"])))  # by group, in the order measured within one
     print("\n" + md)
     atomic_write(out / "rope_position.md", "SmolLM2-135M-Instruct, no training: LAMBADA (lm-eval, 0-shot, first "
-                 f"{rows[0]['lambada_items']} items), passkey retrieval (5 depths per context), KL on 8,192 WikiText-2 "
-                 f"tokens; float32\n\n{md}\n")
+                 f"{rows[0]['lambada_items']} items), passkey retrieval (5 depths per context), KL on "
+                 f"{rows[0]['scored']['kl_tokens']:,} WikiText-2 tokens; float32\n\n{md}\n")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     orig = next(r for r in rows if r["method"] == "original")

@@ -87,3 +87,20 @@ def test_median_rows_keeps_the_median_round_and_every_value(tmp_path):
     assert rows[1]["ms_per_token"] == 12.0 and rows[1]["ms_per_token_runs"] == [12.0, 11.0, 40.0]
     decode_speed.plot(rows, tmp_path / "p.png")  # error bars from the runs
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_resume_refuses_rows_scored_otherwise(tmp_path):
+    """A benchmark's --resume keeps only rows scored with this run's settings: a table of rows measured on
+    65,536 tokens must not take a row measured on 1,024 (init_fidelity and rope_position appended it and
+    relabelled the whole table with the new run's token count)."""
+    common = sys.modules["common"]
+    result = tmp_path / "r.json"
+    scored = dict(eval_tokens=65536, window=1024, calib_tokens=16384)
+    common.write_json(result, [dict(method="original", scored=scored)])
+    assert common.resumed_rows(result, scored, resume=True) == [dict(method="original", scored=scored)]
+    assert common.resumed_rows(result, dict(scored, eval_tokens=1024), resume=False) == []
+    with pytest.raises(SystemExit, match="1 of its rows were scored with other settings"):
+        common.resumed_rows(result, dict(scored, eval_tokens=1024), resume=True)
+    common.write_json(result, [dict(method="original")])  # a row that records no settings is not taken either
+    with pytest.raises(SystemExit):
+        common.resumed_rows(result, scored, resume=True)

@@ -10,9 +10,11 @@ from ecomla.conversion.plan import resolve
 import torch
 
 from conftest import rel_err, tiny_llama
+from transformers import DeepseekV3Config
 from ecomla import MLAConversionConfig, convert
 from ecomla.cli import main
 from ecomla.export.deepseek_v3 import ExportError, export_deepseek_v3, interleave_permutation
+from ecomla.model.cache import cache_values_per_token
 
 FRESH = """
 import sys, torch
@@ -47,6 +49,10 @@ def check_same_model(model, ids, got):
         assert keys == (ids.shape[0], 1, seen, cfg.kv_lora_rank) and values == (ids.shape[0], 1, seen, cfg.qk_rope_head_dim)
     ds = got["cfg"]
     assert ds["model_type"] == "deepseek_v3" and ds["num_key_value_heads"] == ds["num_attention_heads"]
+    # the cache size ecomla reports for the export (eval's kv_cache column) is what the stock model caches, and the
+    # converted model's: it was counted as GQA from num_key_value_heads (= query heads) x head_dim
+    cached = sum(keys[-1] + values[-1] for keys, values in got["cache"])
+    assert cache_values_per_token(DeepseekV3Config.from_dict(ds)) == cached == cache_values_per_token(cfg)
     assert ds["first_k_dense_replace"] >= ds["num_hidden_layers"] and ds["num_nextn_predict_layers"] == 0
     assert ds["rope_interleave"] is True and ds["tie_word_embeddings"] is False
 

@@ -116,6 +116,29 @@ def test_the_latent_down_projections_keep_their_precision_in_16_and_8_bit_ggufs(
         assert t.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(np.asarray(t.data).reshape(w.shape), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_checkpoint_is_rescaled_in_float32_and_rounded_once(tmp_path, dtype):
+    """The latent rows are rescaled to DeepSeek's and llama.cpp's eps: done in the checkpoint's 16-bit dtype,
+    each was rounded again (bf16 checkpoints exported 3e-3 off, even in an f32 GGUF). The f32 GGUF of a 16-bit
+    checkpoint holds what the same weights in float32 give, and the DeepSeek-V3 checkpoint that rounded once."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from ecomla.export.deepseek_v3 import deepseek_v3_state_dict
+    from ecomla.export.gguf import gguf_tensors
+
+    model, tok = tiny_converted(tmp_path, q_lora_rank=24)
+    low = model.to(dtype)
+    exact = copy.deepcopy(low).float()
+    got, want = gguf_tensors(low), gguf_tensors(exact)
+    assert got.keys() == want.keys() and all(torch.equal(got[k].float(), want[k]) for k in want)
+    saved = load_file(export_deepseek_v3(low, tmp_path / "ds") / "model.safetensors")
+    want = deepseek_v3_state_dict(exact)
+    for name, w in saved.items():
+        assert w.dtype == dtype and torch.equal(w, want[name].to(dtype)), name
+
+
 def test_linear_rope_scaling_and_untied_head(tmp_path):
     model, tok = load_model(str(tiny_model_dir(tmp_path / "llama")))
     model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}

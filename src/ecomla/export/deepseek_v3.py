@@ -90,7 +90,9 @@ def identity_query_lora(state: dict[str, torch.Tensor], num_layers: int) -> None
 
 
 def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights under DeepSeek-V3 names and layout (RoPE rows interleaved)."""
+    """The model's weights under DeepSeek-V3 names and layout (RoPE rows interleaved). The tensors rescaled
+    to DeepSeek's latent eps are float32 whatever the model's dtype, so that each writer rounds them once, to
+    its own type (rescaled in bfloat16 they were rounded twice: logits ~3e-3 off, even in an f32 GGUF)."""
     config = model.config
     heads, d_nope, d_rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
     perm = torch.tensor(interleave_permutation(d_rope))
@@ -104,9 +106,10 @@ def deepseek_v3_state_dict(model) -> dict[str, torch.Tensor]:
         elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
             w[config.kv_lora_rank :] = w[config.kv_lora_rank :][perm]
             if config.use_kv_a_layernorm:  # DeepSeek-V3's latent eps: RMSNorm_eps(a c) = RMSNorm_{eps / a^2}(c)
+                w = w.float()
                 w[: config.kv_lora_rank] *= (LATENT_NORM_EPS / getattr(config, "kv_a_layernorm_eps", LATENT_NORM_EPS)) ** 0.5
         elif name.endswith("self_attn.q_a_proj.weight") and config.use_q_a_layernorm:
-            w *= (LATENT_NORM_EPS / getattr(config, "q_a_layernorm_eps", LATENT_NORM_EPS)) ** 0.5
+            w = w.float() * (LATENT_NORM_EPS / getattr(config, "q_a_layernorm_eps", LATENT_NORM_EPS)) ** 0.5
         state[name] = w.contiguous()
     state["lm_head.weight"] = model.lm_head.weight.detach().clone().contiguous()  # written even when tied
     return state
@@ -138,6 +141,8 @@ def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool =
         ds_config.q_lora_rank = config.hidden_size
     if query_lora == "identity":  # for llama.cpp's own converter, which applies the config's eps to the latent norms
         ds_config.rms_norm_eps = LATENT_NORM_EPS  # (the input norms then differ from the model's by eps terms)
+    dtype = model.lm_head.weight.dtype
+    state = {name: w.to(dtype) for name, w in state.items()}  # the checkpoint's dtype (rescaled rows: rounded once)
     with torch.device("meta"):
         ds = DeepseekV3ForCausalLM(ds_config)
     missing, unexpected = ds.load_state_dict(state, strict=False, assign=True)

@@ -237,12 +237,12 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
             out[f"blk.{i}.attn_k_b.weight"] = kv_b[:, :d_nope].transpose(1, 2).contiguous()  # (H, r, d_nope)
             out[f"blk.{i}.attn_v_b.weight"] = kv_b[:, d_nope:].contiguous()  # (H, d_v, r)
         elif module in per_layer:
-            if module == "self_attn.kv_a_proj_with_mqa":
-                w = torch.cat([w[:rank] * eps_scale, w[rank:]])  # (r + d_rope, d): the latent rows feed the norm
+            if module == "self_attn.kv_a_proj_with_mqa":  # rescaled in float32, rounded once to the outtype
+                w = torch.cat([w[:rank].float() * eps_scale, w[rank:].float()])  # (r + d_rope, d): latent rows feed the norm
             elif module == "self_attn.q_a_proj" and config.use_q_a_layernorm:
-                w = w * eps_scale
-            elif module in ("self_attn.q_proj", "self_attn.q_b_proj"):
-                w = w * q_scale
+                w = w.float() * eps_scale
+            elif module in ("self_attn.q_proj", "self_attn.q_b_proj") and q_scale != 1:
+                w = w.float() * q_scale
             out[f"blk.{i}.{per_layer[module]}.weight"] = w
         else:
             raise ExportError(f"no llama.cpp tensor for {name}")

@@ -68,12 +68,19 @@ def rank_for_ratio(model_config, ratio: float, qk_rope_head_dim: int, rope_key_h
     return rank
 
 
+DEEPSEEK_MLA = ("deepseek_v2", "deepseek_v3")  # configs whose every layer caches kv_lora_rank + qk_rope_head_dim values
+
+
 def cache_values_per_token(config) -> int:
-    """Whole-model cached values per token for an original (Llama) or converted (EcoMLA) config
-    (per-layer latent ranks included)."""
-    if getattr(config, "model_type", None) == "ecomla":
+    """Whole-model cached values per token for an original (Llama), converted (EcoMLA) or DeepSeek MLA
+    config (per-layer latent ranks included). A DeepSeek config's num_key_value_heads is its query
+    heads and its head_dim the RoPE dim: counted as GQA it would be neither."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "ecomla":
         mla, gqa = set(config.mla_layers), gqa_values_per_token(config)
         return sum(config.layer_cache_values_per_token(i) if i in mla else gqa for i in range(config.num_hidden_layers))
+    if model_type in DEEPSEEK_MLA:
+        return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     return config.num_hidden_layers * gqa_values_per_token(config)
 
 
