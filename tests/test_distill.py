@@ -339,6 +339,25 @@ def test_data_free_distillation_runs(models, tmp_path):
     assert (tmp_path / "free" / "training" / "sampled.jsonl").is_file() and summary["steps"] == 2
 
 
+def test_text_sampled_otherwise_before_the_run_recorded_its_options_is_sampled_again(models, tmp_path):
+    """A data-free run stopped after sampling but before it wrote args.json (which --resume checks): resumed with
+    other sampling options, it trained on the old text and recorded the new options."""
+    import json
+
+    from ecomla.io import mark
+    from ecomla.training.data import sampled_text, write_sampled_text
+    from ecomla.training.distill import distill
+
+    out = tmp_path / "free"
+    (out / "training").mkdir(parents=True)
+    mark(out, "distill")
+    write_sampled_text(_cfg(models, out, data=[], data_free_tokens=256), out, ["stale text, sampled with 256 tokens"])
+    distill(_cfg(models, out, data=[], data_free_tokens=512, seed=7, tokens=2 * 2 * 32, resume=True), log=lambda *a: None)
+    text, settings = sampled_text(out)
+    assert "stale text" not in text.read_text() and json.loads(settings.read_text())["data_free_tokens"] == 512
+    assert json.loads((out / "training" / "args.json").read_text())["data_free_tokens"] == 512
+
+
 def test_data_free_sampling_makes_the_tokens_asked_and_leaves_the_tokenizer_as_it_was(models):
     """Rows that end early at EOS were counted as full (SmolLM2: 2048 tokens asked, 1840 made); and the sampler set
     the pad token (to EOS) on the tokenizer the run then published."""

@@ -101,6 +101,10 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     monkeypatch.undo()
     state = tmp_path / "o.dpo-state"
     assert (state / "checkpoint-4").is_dir() and not (state / "checkpoint-4" / "trainer_state.json").exists()
+    (tmp_path / "p.json").write_text(json.dumps([row] * 5))  # other pairs: the rest of the run would train on them
+    with pytest.raises(ValueError, match="preference data that changed since it started"):
+        dpo(DPOOptions(**options, resume=True), log=lambda *a: None)
+    (tmp_path / "p.json").write_text(json.dumps([row] * 8))
     lines = []
     dpo(DPOOptions(**options, resume=True), log=lines.append)
     assert any("checkpoint-4 is incomplete" in x for x in lines) and any("resuming from" in x and "checkpoint-2" in x for x in lines)

@@ -573,3 +573,39 @@ def test_a_damaged_steps_record_is_named(lab, tmp_path):
     (tmp_path / "out" / "steps.json").write_text("{oops")
     with pytest.raises(ValueError, match="the run's record of its steps .*steps.json is damaged"):
         run_recipe(recipe, log=lambda *a: None)
+
+
+class CheckpointWriter:
+    """The part of an accelerate Accelerator that _save_checkpoint uses: one process writing a state folder."""
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+
+
+def test_checkpoints_rotate_and_resume_by_step_number_past_step_999999(tmp_path):
+    """Sorted as text, step-1000000 came before step-999998: the rotation deleted each new checkpoint and a resume
+    went back to step 999,998."""
+    from ecomla.training.loop import _checkpoints, _save_checkpoint
+
+    for step in (999_998, 1_000_000, 1_000_002):
+        _save_checkpoint(CheckpointWriter(), tmp_path, step, keep=2)
+    assert [p.name for p in _checkpoints(tmp_path)] == ["step-1000000", "step-1000002"]
+
+
+def test_a_checkpoint_stopped_while_it_is_written_leaves_nothing_half_written(tmp_path):
+    from ecomla.training.loop import _checkpoints, _save_checkpoint
+
+    class Stopped(CheckpointWriter):
+        def save_state(self, folder):
+            super().save_state(folder)
+            raise KeyboardInterrupt  # as SIGTERM's handler raises in the middle of accelerate's writes
+
+    _save_checkpoint(CheckpointWriter(), tmp_path, 2, keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        _save_checkpoint(Stopped(), tmp_path, 4, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step-000002"] and len(_checkpoints(tmp_path)) == 1

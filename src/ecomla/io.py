@@ -63,8 +63,8 @@ TRAINER_CHECKPOINT = (r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.ind
                       r"|rng_state(_\d+)?\.pth|(configuration_ecomla|modeling_ecomla|mla_attention|rope)\.py")
 # Files a kind of output writes as it goes, not recorded one by one (paths relative to the output).
 GROWING = {
-    "align": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
-    "distill": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
+    "align": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|sampling\.json|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
+    "distill": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|sampling\.json|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
     "dpo-state": rf"args\.json|log_history\.json|README\.md|checkpoint-\d+/({TRAINER_CHECKPOINT})",  # TRL's README too
     "run": r"steps\.json",
     "report": r"report\.(md|json|png)|recipe\.yaml",
@@ -183,6 +183,14 @@ def fingerprint_sources(sources) -> dict:
     return found
 
 
+def changed_sources(then: dict | None, sources) -> list[str]:
+    """The sources whose fingerprint differs from `then`, a run's record of fingerprint_sources (none recorded: [])."""
+    if then is None:
+        return []
+    now = fingerprint_sources(sources)
+    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+
+
 def mark(directory, kind: str) -> None:
     """Mark `directory` as an output of `kind` (keeping the files already recorded for that kind)."""
     record(directory, kind, files=[])
@@ -234,12 +242,19 @@ def unknown_files(folder, known: str) -> list[str]:
                   if not re.fullmatch(known, rel))
 
 
+def step_folders(checkpoints) -> list[Path]:
+    """A training run's checkpoint folders (step-N), oldest first: by step number, not by name (as text,
+    step-1000000 sorts before step-999998, and the rotation deleted each new checkpoint)."""
+    found = [p for p in Path(checkpoints).glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
 def describe(directory, marker: Marker) -> str:
     """What a user would lose with this output, in words."""
     directory = Path(directory)
     what = OUTPUT_KINDS.get(marker.kind, "an ecomla output")
     if marker.kind in ("align", "distill"):
-        steps = sorted(directory.glob("training/checkpoints/step-*"))
+        steps = step_folders(directory / "training" / "checkpoints")
         parts = ["a finished model" if (directory / "config.json").is_file() else "no finished model yet"]
         if steps:
             parts.append(f"{len(steps)} checkpoint(s), the last at step {int(steps[-1].name.split('-')[-1])}")

@@ -15,6 +15,7 @@ prompt tokens are asked to count). Documents are joined with EOS and cut into se
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write, mark, read_rows, row_name
+from ..io import atomic_write, mark, read_json, read_rows, row_name
 
 
 @dataclass
@@ -280,18 +281,49 @@ def sample_length(seq_len: int) -> int:
     return max(16, min(seq_len, 256))
 
 
+def sampling_settings(cfg) -> dict:
+    """What a data-free run's sampled text follows (recorded beside it as training/sampling.json)."""
+    return dict(teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype, data_free_tokens=cfg.data_free_tokens,
+                sample_length=sample_length(cfg.seq_len), seed=cfg.seed)
+
+
+def sampled_text(out) -> tuple[Path, Path]:
+    """(the sampled text, its sampling settings) of a data-free run writing to `out`."""
+    return Path(out) / "training" / "sampled.jsonl", Path(out) / "training" / "sampling.json"
+
+
+def reusable_sampled_text(cfg, out) -> bool:
+    """Whether the text in `out` was sampled as `cfg` samples. A run stopped before it recorded its options
+    (args.json) left text that --resume cannot check against them: sampled with other settings, it is sampled
+    again (nothing trained on it yet). Text from before sampling.json existed is kept where args.json vouches."""
+    text, settings = sampled_text(out)
+    if not text.is_file():
+        return False
+    if settings.is_file():
+        return read_json(settings, "the sampled text's settings", "start the run again with --overwrite") == sampling_settings(cfg)
+    return (Path(out) / "training" / "args.json").is_file()
+
+
+def write_sampled_text(cfg, out, texts: list[str]) -> None:
+    """`texts` as the sampled text of run `cfg` in `out`: its settings first, then the text (a run stopped between
+    them samples again)."""
+    text, settings = sampled_text(out)
+    atomic_write(settings, json.dumps(sampling_settings(cfg), indent=1))
+    atomic_write(text, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
 def reuse_sampled_text(source, cfg) -> bool:
     """Start a data-free run `cfg` (to be resumed into its --out) from the text the finished run `source`
     (e.g. the alignment before it) sampled, when both sample alike (same teacher and dtype, token count,
     sample length, seed): the same text, since sampling is seeded, minutes of generation on a CPU saved.
     Returns whether it copied."""
-    src, target = Path(source.out) / "training" / "sampled.jsonl", Path(cfg.out) / "training" / "sampled.jsonl"
-    sampling = lambda o: (o.data, o.teacher, o.teacher_dtype, o.data_free_tokens, sample_length(o.seq_len), o.seed)  # noqa: E731
-    if source.data or sampling(source) != sampling(cfg) or not src.is_file() or target.exists() or not cfg.resume:
+    src, target = sampled_text(source.out)[0], sampled_text(cfg.out)[0]
+    if (source.data or cfg.data or sampling_settings(source) != sampling_settings(cfg) or not src.is_file()
+            or target.exists() or not cfg.resume):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     mark(Path(cfg.out), cfg.command)
-    atomic_write(target, src.read_bytes())
+    write_sampled_text(cfg, cfg.out, [json.loads(line)["text"] for line in src.read_text(encoding="utf-8").splitlines()])
     return True
 
 

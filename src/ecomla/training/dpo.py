@@ -81,7 +81,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
 
     import torch
 
-    from ..io import check_output
+    from ..io import changed_sources, check_output
     from ..sources import load_config, load_model, load_tokenizer
     from .data import check_vocab
 
@@ -93,7 +93,11 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
         check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
     if args.resume:
-        args.check_resume(state / "args.json")
+        changed = changed_sources(args.check_resume(state / "args.json").get("data_files"), [args.data])
+        if changed and any(state.glob("checkpoint-*")):
+            raise ValueError(f"--resume of the DPO run in {out} with preference data that changed since it started "
+                             f"({', '.join(changed)}): the rest of the run would train on other pairs; restore the "
+                             "data, or start a new run with another --out (or --overwrite)")
     model, tok = load_model(args.model, dtype=torch.float32)
     if tok is None:
         raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
@@ -125,13 +129,14 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from ..io import atomic_write, clear_run_dir, mark, save_checkpoint
+    from ..io import atomic_write, clear_run_dir, fingerprint_sources, mark, save_checkpoint
 
     state.mkdir(parents=True, exist_ok=True)
     if args.overwrite and not args.resume:
         clear_run_dir(state)
     mark(state, "dpo-state")
-    atomic_write(state / "args.json", json.dumps(args.recorded(), indent=1))
+    atomic_write(state / "args.json", json.dumps({**args.recorded(), "data_files": fingerprint_sources([args.data])},
+                                                 indent=1))
     config = DPOConfig(
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,

@@ -34,8 +34,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, claim, clear_run_dir,
-                  fingerprint_sources, mark, read_json, read_log, record, unknown_files)
+from ..io import (ACCELERATE_CHECKPOINT, atomic_write, changed_sources, check_free_space, check_output, claim,
+                  clear_run_dir, fingerprint_sources, mark, read_json, read_log, record, step_folders, unknown_files)
 from ..options import DTYPES, TrainOptions
 
 
@@ -192,7 +192,7 @@ def heldout_metrics(evaluate, model: nn.Module) -> dict:
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+    return [p for p in step_folders(ckpt_dir) if (p / "state.json").is_file()]
 
 
 def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
@@ -302,9 +302,8 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | No
                              "data order and learning-rate schedule follow the number of processes (the global batch), "
                              f"so it would end elsewhere; resume it on {started} process(es), or start a new run with "
                              "another --out (or --overwrite)")
-        then, now = recorded.get("data_files"), fingerprint_sources(cfg.data)
-        if then is not None and then != now and _checkpoints(train_dir / "checkpoints"):
-            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        changed = changed_sources(recorded.get("data_files"), cfg.data)
+        if changed and _checkpoints(train_dir / "checkpoints"):
             raise ValueError(f"--resume of the run in {out} with data that changed since it started ({', '.join(changed)}): "
                              "the packing, order and held-out split follow the data, so the resumed run would train on "
                              "other text and score another held-out set; restore the data, or start a new run with "
@@ -391,20 +390,21 @@ def accelerate_broadcast(accelerator, obj):
 
 def _training_sequences(cfg, plan, teacher, device, accelerator):
     """Packed (train, held-out) sequences; data-free runs sample the text from the teacher once (kept for resumes)."""
-    from .data import pack, read_documents, sample_data_free, split_heldout
+    from .data import (pack, read_documents, reusable_sampled_text, sample_data_free, sampled_text, split_heldout,
+                       write_sampled_text)
 
     tokenizer, docs = plan["tokenizer"], plan["docs"]
     if docs is None:
-        sampled = plan["out"] / "training" / "sampled.jsonl"
-        if not sampled.is_file():
+        out = plan["out"]
+        if not accelerate_broadcast(accelerator, reusable_sampled_text(cfg, out) if accelerator.is_main_process else None):
             if accelerator.is_main_process:
                 texts = [t for t in sample_data_free(teacher, tokenizer, cfg.data_free_tokens, cfg.seq_len, cfg.seed, device)
                          if t.strip()]
                 if not texts:
                     raise ValueError("the teacher sampled no text: check its tokenizer and generation config")
-                atomic_write(sampled, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+                write_sampled_text(cfg, out, texts)
             accelerator.wait_for_everyone()
-        docs = read_documents([sampled], tokenizer)
+        docs = read_documents([sampled_text(out)[0]], tokenizer)
     ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed)
     (train_ids, train_w), (held_ids, held_w) = split_heldout(ids, weights, cfg.eval_fraction)
     if train_ids.shape[0] < cfg.batch_size:
@@ -641,13 +641,19 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+    except BaseException:  # stopped (SIGTERM, Ctrl-C) or failed while writing: no half-written checkpoint stays
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(p for p in ckpt_dir.glob("step-*") if p != final)[: max(0, len(list(ckpt_dir.glob("step-*"))) - keep)]:
+        steps = step_folders(ckpt_dir)
+        for old in [p for p in steps if p != final][: max(0, len(steps) - keep)]:
             if not unknown_files(old, ACCELERATE_CHECKPOINT):  # one holding a user's file stays (theirs to remove)
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
