@@ -127,6 +127,41 @@ def test_streaming_shares_the_in_memory_calibration_cache(tmp_path, monkeypatch)
     streamed(src, options, tmp_path / "mla", [])
 
 
+def test_a_source_with_each_layers_old_rope_buffer_streams(tmp_path):
+    """Older checkpoints (2023's Llama-2 conversions) saved model.layers.N.self_attn.rotary_emb.inv_freq, which
+    transformers drops on load: the conversion loaded the whole model ("its tensor names differ"), 47 GiB for an 8B."""
+    from safetensors.torch import load_file, save_file
+
+    src, text = source_dir(tmp_path, "llama")
+    state = load_file(src / "model.safetensors")
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    state |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in range(layers)}
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache="none")
+    logs = []
+    got = streamed(src, options, tmp_path / "mla", logs)
+    assert not any("whole model loaded in memory" in line for line in logs), logs
+    assert_same_weights(got, in_memory(src, options))
+
+
+def test_a_large_calibration_file_is_tokenized_only_as_far_as_the_tokens_asked(tmp_path):
+    """A corpus given as --calib was tokenized whole to keep --calib-tokens of it (a 45 MB file: 6.4 GB, 46 s for
+    4096 tokens); the ids are the same as the whole text's first ones."""
+    from ecomla.conversion.calibration import file_calibration_ids
+
+    tok, seen = tiny_tokenizer(), []
+    text = "".join(f"{TINY_TEXT} row {i}: {i * 7919 % 1000}.\n" for i in range(300))  # ~250K characters
+    (tmp_path / "corpus.txt").write_text(text)
+
+    def counting(piece, **kw):
+        seen.append(len(piece))
+        return tok(piece, **kw)
+
+    ids = file_calibration_ids(counting, str(tmp_path / "corpus.txt"), 512, seq_len=64)
+    assert torch.equal(ids.flatten(), torch.tensor(tok(text).input_ids[:512]))
+    assert max(seen) < len(text) / 20
+
+
 def test_what_cannot_stream_converts_from_the_loaded_model_says_why_and_gives_the_same_weights(tmp_path, monkeypatch):
     """A sensitivity hybrid reads its layers from the whole model in memory, through the same conversion, written
     shard by shard (never collected into a model)."""

@@ -40,11 +40,23 @@ def read_text(path: str) -> str:
     return "\n\n".join(texts)
 
 
+def leading_ids(tok, text: str, tokens: int, margin: int = 64) -> list[int]:
+    """The first `tokens` ids of `tok(text)`, tokenizing only a prefix of `text` long enough to hold them (a
+    corpus of hundreds of MB, tokenized whole to keep 4096 ids, took GBs). A prefix's last few ids may differ
+    from the whole text's (a word or a run of spaces cut), so it must hold `margin` ids more than kept."""
+    chars = 8 * (tokens + margin)
+    while True:
+        ids = tok(text[:chars]).input_ids
+        if chars >= len(text) or len(ids) >= tokens + margin:
+            return ids[:tokens]
+        chars *= 2
+
+
 def file_calibration_ids(tok, path: str, tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:
     """(N, seq_len) token ids from a text file (at most `tokens`)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
-    ids = tok(read_text(path), return_tensors="pt").input_ids[0][:tokens]
+    ids = torch.tensor(leading_ids(tok, read_text(path), tokens), dtype=torch.long)
     if ids.numel() < seq_len:
         raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least {seq_len}")
     return ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)

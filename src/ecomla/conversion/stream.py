@@ -22,6 +22,7 @@ the model's own). Both give the same weights (tests/test_stream.py).
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 from math import prod
@@ -41,6 +42,8 @@ from .plan import ConversionPlan, build_config, resolve
 from .upcycle import alternate_layers, dropped_rotation, layer_weights, measure_choices, sensitive_layers
 
 SHARD_BYTES = 2 * 2**30  # largest safetensors shard written (what transformers' own sharding calls 2GB)
+# tensors of a source that loading drops, as transformers does: older checkpoints saved each layer's RoPE buffer
+IGNORED_ON_LOAD = r"rotary_emb\.inv_freq$"
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
@@ -83,7 +86,7 @@ class SourceWeights:
         out = {}
         for file in sorted(set(self.files.values())):
             with _opened(file) as f:
-                out |= {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                out |= {name: tuple(f.get_slice(name).get_shape()) for name in f.keys() if name in self.files}
         return out
 
     def read(self, names, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
@@ -141,9 +144,12 @@ def streaming_source(source: str, config, plan: ConversionPlan) -> tuple[SourceW
     weights = SourceWeights.of_folder(folder)
     if weights is None:
         return None, "it has no safetensors weights"
-    expected = {k: tuple(v.shape) for k, v in model_skeleton(config).state_dict().items()}
+    skeleton = model_skeleton(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    ignored = re.compile("|".join([IGNORED_ON_LOAD, *(skeleton._keys_to_ignore_on_load_unexpected or [])]))
+    weights = SourceWeights({k: file for k, file in weights.files.items() if k in expected or not ignored.search(k)})
     found = weights.shapes()
     if config.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # a tied head saved anyway: transformers ignores it too
