@@ -122,6 +122,11 @@ def test_per_layer_ranks_are_refused():
     model = convert(tiny_llama(num_kv_heads=2), MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, target="deepseek-v3"),
                     progress=False)
     assert export_problems(model.config) == []
+    model.config.mlp_bias = True  # named as what it is (the refusal spoke of Qwen2's attention biases)
+    assert export_problems(model.config) == [
+        "its MLP has biases (mlp_bias), which DeepSeek-V3's MLP does not (ecomla's own code runs it: transformers "
+        "with `import ecomla` or trust_remote_code)"]
+    model.config.mlp_bias = False
     with pytest.raises(ValueError, match="one latent rank in every layer .*--rank-alloc uniform"):
         resolve(MLAConversionConfig(kv_lora_rank=16, rank_alloc="spectrum", target="deepseek-v3"), model.config)
     model.config.layer_kv_lora_ranks = {"0": 12, "1": 20}
@@ -184,8 +189,9 @@ def test_an_export_the_disk_cannot_hold_is_refused_before_the_model_loads(tmp_pa
     assert main(["convert", str(tmp_path / "llama"), "--kv-ratio", "2", "--calib", str(tmp_path / "calib.txt"),
                  "--calib-cache", "none", "--out", str(tmp_path / "mla")]) == 0
     assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / "ds")]) == 0
-    assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / "x.gguf")]) == 2
-    assert "names a GGUF file, but --format is deepseek-v3" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    for name in ("x.gguf", "x.GGUF"):  # (an upper-case .GGUF was written as a DeepSeek-V3 folder of that name)
+        assert main(["export", str(tmp_path / "mla"), "--format", "deepseek-v3", "--out", str(tmp_path / name)]) == 2
+        assert "names a GGUF file, but --format is deepseek-v3" in capsys.readouterr().err and not (tmp_path / name).exists()
     config = sources.load_config(str(tmp_path / "mla"))
     with torch.device("meta"):
         n = sum(p.numel() for p in EcoMLAForCausalLM(config).parameters())

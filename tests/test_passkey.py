@@ -57,7 +57,9 @@ def test_eval_reports_passkey_per_context_and_skips_contexts_beyond_the_model(tm
     rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
     got = {r["metric"]: r["n"] for r in rows if r["task"] == "passkey"}
     assert got == {"acc@200": 2, "acc@240": 2, "acc": 4}  # 4096 > 256 positions: skipped
-    assert "wrote " + str(tmp_path / "r") + "/results.md, results.json (no plot" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote " + str(tmp_path / "r") + "/results.md, results.json (no plot" in out
+    assert "passkey contexts 4096 are beyond the 256 positions of" in out  # said (it was skipped without a word)
     # too short for the passkey text itself: refused before any model loads, with the range that works (the
     # refusal of 4096 alone said "up to 248", and 128 then failed after the models loaded)
     for contexts in ("128,200", "4096"):

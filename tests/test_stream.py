@@ -144,6 +144,25 @@ def test_a_source_with_each_layers_old_rope_buffer_streams(tmp_path):
     assert_same_weights(got, in_memory(src, options))
 
 
+def test_the_sources_generation_config_is_carried_on_to_the_conversion_and_its_export(tmp_path):
+    """A source's generation_config.json (Llama-3-Instruct's list of EOS tokens, its sampling defaults) was replaced
+    by one made from the config's single EOS: generation ran past the end of a turn."""
+    from transformers import GenerationConfig
+
+    from ecomla.export.deepseek_v3 import export_deepseek_v3
+
+    src, text = source_dir(tmp_path, "llama")
+    GenerationConfig(bos_token_id=1, eos_token_id=[1, 0], temperature=0.6, top_p=0.9, do_sample=True).save_pretrained(src)
+    options = ConvertOptions(kv_ratio=2, target="deepseek-v3", calib=str(text), calib_tokens=512, calib_cache="none")
+    streamed(src, options, tmp_path / "mla", [])
+    model, tok = load_model(str(src))
+    converted, _ = load_model(str(tmp_path / "mla"))
+    export_deepseek_v3(converted, tmp_path / "ds")
+    for got in (convert(model, options, progress=False, tokenizer=tok).generation_config, GenerationConfig.from_pretrained(tmp_path / "mla"),
+                GenerationConfig.from_pretrained(tmp_path / "ds")):
+        assert (got.eos_token_id, got.temperature, got.top_p, got.do_sample) == ([1, 0], 0.6, 0.9, True)
+
+
 def test_a_large_calibration_file_is_tokenized_only_as_far_as_the_tokens_asked(tmp_path):
     """A corpus given as --calib was tokenized whole to keep --calib-tokens of it (a 45 MB file: 6.4 GB, 46 s for
     4096 tokens); the ids are the same as the whole text's first ones."""

@@ -210,6 +210,20 @@ def load_tokenizer(source: str):
         return None
 
 
+def load_generation_config(source: str):
+    """The source's own generation_config.json (its EOS tokens, sampling defaults) as a GenerationConfig, or
+    None when it has none (a GGUF, a folder without one): a converted model carries it on."""
+    from transformers import GenerationConfig
+
+    path, gguf = resolve_source(source)
+    if gguf or (Path(path).is_dir() and not (Path(path) / "generation_config.json").is_file()):
+        return None
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # a hub repo without one (or not reachable: the weights' loading says so)
+        return None
+
+
 def resolve_device(requested: str | None) -> str:
     """The device to load onto: the one asked for (refused when it is CUDA and there is none), else cuda if present."""
     if requested is None:

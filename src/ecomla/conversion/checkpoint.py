@@ -31,7 +31,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     from ..io import atomic_output_dir, check_free_space, check_writable_folder
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
-    from ..sources import check_supported, load_config, load_model, load_tokenizer, resolve_device
+    from ..sources import check_supported, load_config, load_generation_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
     from .calibration import calibration_ids, check_sampling_affordable, default_cache_dir
     from .plan import build_config, resolve
@@ -39,6 +39,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
 
     stages = StageLog(log, "convert")  # time and peak memory per stage (benchmarks/convert_scale.py)
     src_config, tok = load_config(options.source), load_tokenizer(options.source)
+    generation = load_generation_config(options.source)  # EOS tokens and sampling defaults, carried on
     check_supported(src_config)
     plan = resolve(options, src_config)  # every setting error surfaces here, before loading weights; made once
     if options.calib and not plan.reads_text:
@@ -88,6 +89,8 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
                          stages=stages)
         if tok is not None:
             tok.save_pretrained(tmp)
+        if generation is not None:  # the source's EOS tokens and sampling defaults (the config's single EOS was kept)
+            generation.save_pretrained(tmp)
     log(f"saved {options.out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
         "or with trust_remote_code=True)")
     return Path(options.out)

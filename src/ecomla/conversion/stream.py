@@ -467,4 +467,8 @@ def upcycle(model, plan: ConversionPlan, progress: bool = True, calibration_ids:
     new.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     new.model.rotary_emb = type(weights.model.model.rotary_emb)(config=config).to(device)
     new.tie_weights()
+    if getattr(model, "generation_config", None) is not None:  # its EOS list and sampling defaults, not the config's
+        from copy import deepcopy
+
+        new.generation_config = deepcopy(model.generation_config)
     return new.eval()

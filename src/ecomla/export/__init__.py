@@ -40,7 +40,7 @@ def _export(options: ExportOptions, inputs: dict, log):
         log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
         return out
-    if str(options.out).endswith(".gguf"):  # a folder named like a file: the format was likely forgotten
+    if str(options.out).lower().endswith(".gguf"):  # a folder named like a file: the format was likely forgotten
         raise ValueError(f"--out {options.out} names a GGUF file, but --format is {options.format} (a checkpoint folder): "
                          "add --format gguf, or give the folder another name")
     check_output(options.out, inputs, options.overwrite, kind="export", overwrite_kind=options.overwrite_kind)

@@ -16,6 +16,7 @@ conversion options that would make the model exportable; what it can, is written
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -150,4 +151,6 @@ def export_deepseek_v3(model, out: str | Path, tokenizer=None, overwrite: bool =
         raise ExportError(f"DeepSeek-V3 weights do not line up: missing {missing}, unexpected {unexpected}")
     ds.model.rotary_emb = type(ds.model.rotary_emb)(config=ds_config)
     ds.config.architectures = ["DeepseekV3ForCausalLM"]
+    if getattr(model, "generation_config", None) is not None:  # the converted model's EOS tokens, sampling defaults
+        ds.generation_config = copy.deepcopy(model.generation_config)
     return save_checkpoint(ds, tokenizer, out, overwrite, inputs, kind="export", overwrite_kind=overwrite_kind)

@@ -127,8 +127,11 @@ def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: 
     if rope_type not in ROPE_TYPES:
         problems.append(f"rope scaling {rope_type!r} depends on the rotary dimension, so DeepSeek-V3's "
                         f"{config.qk_rope_head_dim}-dim rotary would use other frequencies (exportable: {', '.join(ROPE_TYPES)})")
-    if config.attention_bias or getattr(config, "mlp_bias", False):
-        problems.append("it has biases, which DeepSeek-V3 layers do not: of Qwen2's, the key bias's non-RoPE part adds to "
+    if getattr(config, "mlp_bias", False):
+        problems.append("its MLP has biases (mlp_bias), which DeepSeek-V3's MLP does not (ecomla's own code runs it: "
+                        "transformers with `import ecomla` or trust_remote_code)")
+    if config.attention_bias:
+        problems.append("its attention has biases, which DeepSeek-V3 layers do not: of Qwen2's, the key bias's non-RoPE part adds to "
                         "each score a term constant across keys (no change to the softmax), but its RoPE part rotates with "
                         "the key's position, the query bias adds b_q . k_s (a term per key), and the value bias a constant "
                         "W_o b_v to each layer's output; bias-free layers express none of these exactly (ecomla's own "
