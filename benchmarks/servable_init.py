@@ -19,6 +19,7 @@ Writes benchmarks/results/servable_init.{json,md,png}.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -44,6 +45,7 @@ ROWS = {  # name -> conversion options (at --kv-ratio 4)
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help (or a stray flag) stops here
     wiki, calib_file = DATA / "eval" / "wikitext-2-raw-test.txt", DATA / "train" / "c4_demo.jsonl"
     if not wiki.is_file() or not calib_file.is_file():
         print(f"needs {wiki} and {calib_file} (the shared data beside the repository)", file=sys.stderr)
