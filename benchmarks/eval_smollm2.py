@@ -3,7 +3,7 @@
 Run (from the repository root; reads ../shared/data/eval, which is not shipped in the repo):
 
     .venv/bin/python benchmarks/eval_smollm2.py                       # the teacher, all items
-    .venv/bin/python benchmarks/eval_smollm2.py out/mla-4x --limit 500 # the teacher beside converted models
+    .venv/bin/python benchmarks/eval_smollm2.py out/mla-4x --limit 500 --name eval_mla4x  # beside converted models
 
 Tasks: arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, lambada_openai (the
 harness's own definitions over the local files) and WikiText-2 token perplexity (window 2048,
@@ -35,6 +35,9 @@ def main() -> int:
     p.add_argument("--tasks", default=",".join([*DEFAULT_TASKS, "wikitext"]))
     p.add_argument("--name", default="eval_smollm2", help="results file stem in benchmarks/results/")
     args = p.parse_args()
+    if (args.models or args.limit is not None) and args.name == p.get_default("name"):
+        sys.exit(f"benchmarks/results/{args.name}.json holds the teacher alone on every item: give this run its own "
+                 "--name (e.g. --name eval_mla4x)")
     if not Path(args.data_dir).is_dir():
         sys.exit(f"{args.data_dir} not found: this benchmark reads ../shared/data/eval (see README)")
     with tempfile.TemporaryDirectory() as tmp:
