@@ -85,6 +85,10 @@ def test_kv_table_for_original_and_refusal_for_others(tiny_dir, tmp_path, capsys
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
     assert main(["kv", str(gpt2)]) == 2 and "not 'gpt2'" in capsys.readouterr().err
+    (tmp_path / "ds").mkdir()  # a damaged DeepSeek-V3 config: a KeyError traceback
+    (tmp_path / "ds" / "config.json").write_text('{"model_type": "deepseek_v3", "num_hidden_layers": 2}')
+    assert main(["kv", str(tmp_path / "ds")]) == 2
+    assert "a DeepSeek-V3 config needs integer num_hidden_layers, kv_lora_rank" in capsys.readouterr().err
 
 
 def test_parse_layers():

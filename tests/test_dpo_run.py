@@ -40,6 +40,10 @@ def test_preference_formats(tmp_path):
         read_preferences(tmp_path / "d.txt")
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_preferences(tmp_path / "e.jsonl")
+    same = {"prompt": "p", "chosen": "", "rejected": ""}  # trained with zero gradient and published (rc 0)
+    (tmp_path / "f.jsonl").write_text("\n".join(json.dumps(r) for r in (same, {**same, "chosen": "c"}, same)))
+    with pytest.raises(ValueError, match=r"2 of 3 rows have the same chosen and rejected answer \(line 1, line 3\)"):
+        read_preferences(tmp_path / "f.jsonl")
 
 
 def test_a_resumed_dpo_runs_train_loss_covers_every_step():

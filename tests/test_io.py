@@ -37,6 +37,25 @@ def test_success_replaces_and_refuses_without_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_published_files_are_readable_as_the_umask_says(tmp_path):
+    """transformers writes model.safetensors through a temporary of its own, mode 0600: a distilled model's weights
+    were unreadable to the server's user while the conversion's were 0644."""
+    import tempfile
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "ckpt", kind="distill") as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)  # 0600, as a writer's own temporary is
+            os.close(fd)
+            os.rename(name, tmp / "model.safetensors")
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "x.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    for f in ("model.safetensors", "sub/x.json", MARKER):
+        assert oct((tmp_path / "ckpt" / f).stat().st_mode)[-3:] == "644", f
+
+
 class Stopped(Exception):
     pass
 

@@ -402,6 +402,8 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     ({"train": {"align_loss": "mse"}}, "put it in the 'align' section"),
     ({"eval": {"tasks": ["passkey"], "passkey_filler": "{l}/text.txt", "passkey_contexts": [1024]}},
      "recipe section 'eval': --passkey-contexts 1024: every prompt is beyond the 256 positions"),
+    # found only after the conversion had run (the budget is the loop's arithmetic; the data file below)
+    ({"distill": {"tokens": 16}}, "recipe section 'distill': --tokens 16 is smaller than one step (2 sequences x 32"),
 ])
 def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, message):
     from ecomla.pipeline import run_recipe
@@ -415,6 +417,24 @@ def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, 
         run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
     assert message.replace("{t}", str(tmp_path)) in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path):
+    """A section given twice kept the last without a word; `lr: 1e-4` was text to YAML 1.1 ("must be a number");
+    an empty data file was found after the whole conversion."""
+    from ecomla.pipeline import load_recipe, run_recipe
+
+    head = f"model: {lab / 'teacher'}\nout: {tmp_path / 'out'}\n"
+    (tmp_path / "twice.yaml").write_text(head + "convert: {kv_rank: 8}\nconvert: {kv_rank: 4}\n")
+    with pytest.raises(ValueError, match=r"'convert' is given twice \(lines 3 and 4\): keep one"):
+        load_recipe(tmp_path / "twice.yaml")
+    (tmp_path / "lr.yaml").write_text(head + "convert: {kv_rank: 8}\ndistill: {lr: 1e-4, data: [a.txt]}\n")
+    assert load_recipe(tmp_path / "lr.yaml")["distill"]["lr"] == 1e-4
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "e.yaml").write_text(head + f"convert: {{kv_rank: 8}}\ndistill: {{data: [{tmp_path / 'empty.txt'}]}}\n")
+    with pytest.raises(ValueError, match="recipe section 'distill': data file .*empty.txt is empty"):
+        run_recipe(tmp_path / "e.yaml", log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_recipe_section_with_nothing_under_it_runs_its_stage(tmp_path):

@@ -80,6 +80,10 @@ def test_recipe_section_and_cli_and_api_give_the_same_object():
     (DPOOptions, dict(max_steps=0), "-1 .* or at least 1"),
     (GenerateOptions, dict(top_p=2), r"top_p \(--top-p\) must be > 0 and <= 1"),
     (GenerateOptions, dict(prompt=""), "prompt .* is empty"),
+    (GenerateOptions, dict(prompt="caf\udce9"), r"not UTF-8 text \(bytes b'\\xe9' at character 3\)"),  # Latin-1 argv
+    # an unset shell variable: --calib "" calibrated on sampled text, --data "" meant the current folder
+    (ConvertOptions, dict(calib=""), r"calib \(--calib\) is empty \(an unset shell variable\?\): give a value, or leave"),
+    (DistillOptions, dict(data=["a.txt", " "]), r"data \(--data\) holds an empty entry"),
     (GenerateOptions, dict(device="banana"), "'banana' is not a device"),
     (EvalOptions, dict(batch_size=0), r"batch_size \(--batch-size\) must be >= 1"),
     (EvalOptions, dict(limit=0), r"limit \(--limit\) must be >= 1"),

@@ -650,6 +650,9 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
         replaced = None  # the old output once the new one took its place
         try:
             yield tmp
+            for f in tmp.rglob("*"):  # as the umask makes files: some writers' own temporaries leave them 0600
+                if f.is_file() and not f.is_symlink():  # (transformers' model.safetensors), unreadable to a server
+                    f.chmod(0o666 & ~umask)
             record(tmp, kind)
             check_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind, clean=False)
             if _nonempty_dir(out):

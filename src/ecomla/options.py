@@ -141,6 +141,12 @@ class Options:
             name = label(type(self), f.name)
             if not _accepts(hints[f.name], value):
                 raise ValueError(f"{name} must be {_type_name(hints[f.name])}, got {value!r}")
+            if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+                # no option takes empty text: it is an unset shell variable (`--calib "$CALIB"`), which
+                # otherwise meant "not given" (data-free calibration) or the current folder
+                raise ValueError(f"{name} {'holds an empty entry' if isinstance(value, list) else 'is empty'} (an "
+                                 "unset shell variable?): give a value" + ("" if m.get("required") or
+                                                                           m.get("positional") else ", or leave it out"))
             if value is None or isinstance(value, (bool, list, dict)):
                 continue
             if m.get("choices") and value not in m["choices"]:
@@ -572,8 +578,12 @@ class GenerateOptions(Options):
                      choices=("dynamic", "static"))
 
     def validate(self) -> None:
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("prompt (--prompt) is empty: give the text to continue")
+        try:
+            (self.prompt or "").encode("utf-8")
+        except UnicodeEncodeError as err:  # bytes the shell passed that are not UTF-8 (Latin-1 text pasted)
+            bad = (self.prompt or "")[err.start:err.end].encode("utf-8", "surrogateescape")
+            raise ValueError(f"prompt (--prompt) is not UTF-8 text (bytes {bad!r} at character {err.start}): "
+                             "give it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
         check_device(self.device)
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,32 @@ MODEL_KEYS = ("teacher", "ref_model")  # like `model`: a local path beside the r
 RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as a recipe is written: a key given twice is an error (PyYAML kept the last without a word: a pasted
+    second `convert:` replaced the first), and `1e-4` is a number (YAML 1.1 wants `1.0e-4`, so `lr: 1e-4` was text)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (lines {seen[key]} and "
+                                                        f"{line}): keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.add_implicit_resolver(  # floats with an exponent and no dot, as YAML 1.2 and Python read them
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path}: no such file")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = yaml.load(path.read_text(), Loader=RecipeLoader)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path}: not valid YAML ({err})") from err
     if not isinstance(recipe, dict):
@@ -182,11 +204,14 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     with the task folder it reads ($ECOMLA_EVAL_DATA's too), which steps.json records like any input."""
     from .evaluation.evaluate import check_passkey_contexts, task_data
     from .sources import load_config, load_tokenizer
-    from .training.data import check_vocab
+    from .training.data import check_vocab, read_documents
     from .training.dpo import read_preferences
+    from .training.loop import run_steps
 
     config = load_config(model)
     max_len = getattr(config, "max_position_embeddings", None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes accelerate launched (the budget is split over them)
+    tokenizer = load_tokenizer(model) if any(s.name in ("align", "distill") and s.options.data for s in steps) else None
     for step in steps:
         o, where = step.options, f"recipe section '{step.name}'"
         try:
@@ -196,8 +221,11 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                 for f in o.data:
                     if not Path(f).is_file():
                         raise FileNotFoundError(f"data file {f}: no such file")
+                if o.data and tokenizer is not None:  # read as the stage reads it: an empty, non-UTF-8 or
+                    read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)  # malformed file stops here
                 if max_len and o.seq_len > max_len:
                     raise ValueError(f"seq_len {o.seq_len} is beyond the model's maximum length {max_len}")
+                run_steps(o, world)
                 if o.teacher != model:
                     check_vocab(None, None, config, load_config(o.teacher))
             if step.name == "dpo":

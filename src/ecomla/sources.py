@@ -120,9 +120,16 @@ def exported_mla_layout(source: str) -> dict | None:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return None
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") != "deepseek_v3":
-        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not a valid model config: {' '.join(str(err).split())}") from None
+    if not isinstance(config, dict) or config.get("model_type") != "deepseek_v3":
+        return None  # (not a mapping: the config loader names the problem)
+    keys = ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim")
+    if any(not isinstance(config.get(k), int) for k in keys):
+        raise ValueError(f"{config_file}: a DeepSeek-V3 config needs integer {', '.join(keys)}; got "
+                         + ", ".join(f"{k} {config.get(k)!r}" for k in keys))
     return {"layers": config["num_hidden_layers"], "kv_lora_rank": config["kv_lora_rank"],
             "qk_rope_head_dim": config["qk_rope_head_dim"], "layout": "DeepSeek-V3 checkpoint"}
 

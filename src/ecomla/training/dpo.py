@@ -58,6 +58,10 @@ def read_preferences(path: str | Path) -> list[dict]:
             raise ValueError(f"preference file {path}, {row_name(path, n)}: {err}") from None
     if not rows:
         raise ValueError(f"preference file {path} holds no rows")
+    same = [row_name(path, n) for n, r in enumerate(rows, 1) if r["chosen"] == r["rejected"]]
+    if same:  # a pair whose answers are one text has zero DPO gradient: a file of them trains nothing, silently
+        raise ValueError(f"preference file {path}: {len(same)} of {len(rows)} rows have the same chosen and rejected "
+                         f"answer ({', '.join(same[:5])}{' ...' if len(same) > 5 else ''}); they teach nothing: drop them")
     return rows
 
 

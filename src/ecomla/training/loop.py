@@ -250,6 +250,16 @@ def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
     tmp.rmdir()
 
 
+def run_steps(cfg: TrainOptions, world: int) -> tuple[int, int]:
+    """(steps, tokens per step) of a run of `cfg` on `world` processes: steps = tokens // (B W A T)."""
+    per_step_tokens = cfg.batch_size * world * cfg.grad_accum * cfg.seq_len
+    steps = cfg.tokens // per_step_tokens
+    if steps < 1:
+        raise ValueError(f"--tokens {cfg.tokens} is smaller than one step ({cfg.batch_size} sequences x {cfg.seq_len} tokens "
+                         f"x {world} processes x {cfg.grad_accum} accumulation = {per_step_tokens} tokens)")
+    return steps, per_step_tokens
+
+
 def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
     """Everything that can fail fast, before any weights load or anything is written."""
     from ..sources import load_config, load_tokenizer
@@ -272,11 +282,7 @@ def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
     if cfg.seq_len > max_pos:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the models' maximum length {max_pos}")
     docs = read_documents(cfg.data, tokenizer, prompt_counts=cfg.prompt_loss) if cfg.data else None
-    per_step_tokens = cfg.batch_size * world * cfg.grad_accum * cfg.seq_len
-    steps = cfg.tokens // per_step_tokens
-    if steps < 1:
-        raise ValueError(f"--tokens {cfg.tokens} is smaller than one step ({cfg.batch_size} sequences x {cfg.seq_len} tokens "
-                         f"x {world} processes x {cfg.grad_accum} accumulation = {per_step_tokens} tokens)")
+    steps, per_step_tokens = run_steps(cfg, world)
     return dict(out=out, tokenizer=tokenizer, docs=docs, steps=steps, per_step_tokens=per_step_tokens)
 
 
