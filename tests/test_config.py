@@ -1,6 +1,7 @@
 """KV-cache arithmetic and conversion-settings validation."""
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from ecomla import MLAConversionConfig
@@ -131,3 +132,33 @@ def test_an_engines_refusal_says_whether_any_shape_it_takes_would_do():
     planned = build_config(resolve(MLAConversionConfig(kv_ratio=4), llama1b))
     assert "(convert with --target vllm: at most 3.2x smaller than the original's cache)" in vllm_problems(planned)[-1]
     assert "--rope-dim 64: at most 5.3x smaller" in llama_cpp_cuda_fa_problems(planned)[-1]
+
+
+def test_a_sliding_window_originals_cache_holds_at_most_its_window():
+    """`ecomla kv` of Mistral-7B-v0.1 (window 4,096) gave its 32K cache as 8x what transformers keeps: a sliding
+    layer holds at most its window (transformers keeps window - 1 tokens between steps)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from ecomla.model.cache import cache_values_per_token, cached_values
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 vocab_size=64, sliding_window=16)
+    for cls, cfg in ((MistralForCausalLM, MistralConfig(**small)),
+                     (Qwen2ForCausalLM, Qwen2Config(**small, use_sliding_window=True, max_window_layers=1))):
+        with torch.no_grad():
+            cache = cls(cfg).eval()(torch.randint(1, 64, (1, 40)), use_cache=True).past_key_values
+        held = sum(layer.keys[0].numel() + layer.values[0].numel() for layer in cache.layers)
+        per_layer = cache_values_per_token(cfg) // cfg.num_hidden_layers
+        assert held <= cached_values(cfg, 40) <= held + per_layer * cfg.num_hidden_layers < 40 * cache_values_per_token(cfg)
+    assert cached_values(MistralConfig(**{**small, "sliding_window": None}), 40) == 40 * cache_values_per_token(cfg)
+
+
+def test_a_hybrid_whose_layers_are_chosen_as_it_converts_is_not_described_by_placeholder_layers():
+    """Before a --num-mla-layers hybrid measures its layers, its planned config holds the first N as a placeholder:
+    the engine table `ecomla convert` prints named the others as kept (exactly the wrong ones)."""
+    plan = resolve(MLAConversionConfig(kv_lora_rank=64, num_mla_layers=28), SMOLLM2)
+    problems = plan.engine_problems("transformers DeepseekV3", build_config(plan))
+    assert "2 of its 30 layers keep the original attention" in problems[0] and "[28, 29]" not in problems[0]
+    chosen = resolve(MLAConversionConfig(kv_lora_rank=64, layers=list(range(28))), SMOLLM2)
+    assert "layers [28, 29] keep the original attention" in chosen.engine_problems("transformers DeepseekV3",
+                                                                                   build_config(chosen))[0]

@@ -71,6 +71,27 @@ def test_a_rotary_scaling_that_scales_every_score_is_kept_on_the_pairs_that_lose
                 assert rel_err(mla(ids).logits, reference(ids).logits) <= tol, (model.config.rope_parameters, drop)
 
 
+def test_a_longrope_conversion_generates_as_the_original_past_the_switch_to_its_long_factors():
+    """Phi-3's longrope uses its long factors once the sequence passes original_max_position_embeddings;
+    Phi3ForCausalLM then recomputes the cache made with the short ones. The converted model kept it: greedy text
+    parted from the original's at that position, though every forward equalled it."""
+    from test_families import tiny_phi3
+
+    model = tiny_phi3(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                                       "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                                       "long_factor": [1.0 + 0.3 * i for i in range(8)],
+                                       "original_max_position_embeddings": 32}, original_max_position_embeddings=32)
+    exact = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads="per-group",
+                                latent_norm=False)
+    mla = convert(model, exact, progress=False)
+    ids = torch.randint(2, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        assert torch.equal(mla.generate(ids, **kw), want)  # 24 + 20 tokens: across position 32
+        assert torch.equal(mla.generate(ids, cache_implementation="static", **kw), want)
+
+
 def test_per_group_rope_keys_all_frequencies_full_rank_reproduce_original():
     model = tiny_llama(num_kv_heads=2)
     conv = MLAConversionConfig(kv_lora_rank=full_rank(model, 16), qk_rope_head_dim=16, rope_key_heads=2, latent_norm=False)

@@ -97,7 +97,7 @@ def test_interleave_permutation():
 
 
 @pytest.mark.parametrize("conv, message", [
-    (dict(layers=[0, 2]), r"layers \[1\] keep grouped-query attention.*--layers all"),
+    (dict(layers=[0, 2]), r"layers \[1\] keep the original attention.*--layers all"),
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
     (dict(rope_freqs="cost"), "keep different RoPE frequencies.*--rope-freqs progression"),
     (dict(latent_norm=False), "latent has no RMS norm.*--no-latent-norm"),

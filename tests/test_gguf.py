@@ -139,6 +139,14 @@ def test_a_16_bit_checkpoint_is_rescaled_in_float32_and_rounded_once(tmp_path, d
         assert w.dtype == dtype and torch.equal(w, want[name].to(dtype)), name
 
 
+def test_a_model_named_like_phi3_without_phi3s_tokens_loads_in_llama_cpp(tmp_path):
+    """llama.cpp gives a model named "phi3..." Phi-3's special tokens' attributes and failed to load one without them
+    ("unordered_map::at"): general.name came from the source's path."""
+    model, tok = tiny_converted(tmp_path)
+    model.config.conversion = {**(model.config.conversion or {}), "source": "models/phi3-4x"}
+    check_in_llama_cpp(model, tok, export_gguf(model, tok, tmp_path / "m.gguf", "f32"), "f32")
+
+
 def test_linear_rope_scaling_and_untied_head(tmp_path):
     model, tok = load_model(str(tiny_model_dir(tmp_path / "llama")))
     model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
@@ -310,7 +318,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("conv, message", [
     (dict(latent_norm=False), "latent has no RMS norm.*--no-latent-norm"),
-    (dict(layers=[0]), r"layers \[1\] keep grouped-query attention.*--layers all"),
+    (dict(layers=[0]), r"layers \[1\] keep the original attention.*--layers all"),
     (dict(rope_key_heads=2), "2 RoPE keys per token.*--rope-key shared"),
     (dict(qk_rope_head_dim=16, target="llama.cpp"), "at least one query/key dim without RoPE"),
 ])

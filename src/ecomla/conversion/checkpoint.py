@@ -50,8 +50,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
         check_writable_folder(options.calib_cache or default_cache_dir(), "--calib-cache")  # default: $ECOMLA_CACHE
     planned = build_config(plan)
     log(conversion_table(src_config, planned))
-    log("engines that serve this shape:\n" + engine_table(planned, per_layer_rope=plan.per_layer_rope,
-                                                            per_layer_ranks=plan.per_layer_ranks))
+    log("engines that serve this shape:\n" + engine_table(planned, **plan.pending))
     if all(plan.engine_problems(engine, planned) for engine in SERVING_ENGINES):
         log("warning: no serving engine runs this shape, only ecomla's own code (transformers with ecomla imported or "
             "trust_remote_code): the table says which options to drop for a model llama.cpp and DeepSeek-V3 engines run")

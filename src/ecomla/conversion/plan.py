@@ -88,11 +88,16 @@ class ConversionPlan:
     def per_layer_ranks(self) -> bool:
         return self.rank_alloc != "uniform"
 
+    @property
+    def pending(self) -> dict:
+        """What the planned config cannot show yet, for the engines' rules: choices made per layer as it converts."""
+        return dict(per_layer_rope=self.per_layer_rope, per_layer_ranks=self.per_layer_ranks,
+                    layers_chosen=self.layers is not None)
+
     def engine_problems(self, engine: str, config: EcoMLAConfig) -> list[str]:
         """Why `engine` (a key of model.engines.ENGINES) cannot run the planned model (`config`: its
         `build_config`); empty if it can."""
-        return ENGINES[engine][0](config, per_layer_rope=self.per_layer_rope,
-                                  per_layer_ranks=self.per_layer_ranks)
+        return ENGINES[engine][0](config, **self.pending)
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:

@@ -283,6 +283,16 @@ def _as_type(w: torch.Tensor, outtype: str):
 LATENT_DOWN = ("attn_kv_a_mqa.weight", "attn_q_a.weight")
 LATENT_DOWN_TYPE = {"f16": "f32", "q8_0": "f32"}
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_* of the bulk of the weights
+PHI3_NAMES, PHI3_TOKENS = ("phi-3", "phi3"), ("</s>", "<unk>", "<s>", "<|endoftext|>")  # llama-vocab.cpp's name rule
+
+
+def gguf_name(source: str, tokenizer) -> str:
+    """general.name: the source's name. llama.cpp gives a model whose name holds "phi3" or "phi-3" Phi-3's special
+    tokens' attributes, and fails to load one whose vocabulary lacks them (a Llama in a folder named phi3-...)."""
+    vocab = tokenizer.get_vocab()
+    if any(n in source.lower() for n in PHI3_NAMES) and not all(t in vocab for t in PHI3_TOKENS):
+        return "ecomla model"
+    return source
 
 
 def write_gguf(model, tokenizer, path: Path, outtype: str = GGUF_DEFAULT_OUTTYPE, extra: dict[str, str] | None = None) -> None:
@@ -296,7 +306,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = GGUF_DEFAULT_OUTTYPE
     if outtype not in GGUF_OUTTYPES:
         raise ExportError(f"--outtype {outtype!r} is not one of {', '.join(GGUF_OUTTYPES)}")
     writer = gguf.GGUFWriter(str(path), ARCH)
-    writer.add_name(str((config.conversion or {}).get("source") or "ecomla model"))
+    writer.add_name(gguf_name(str((config.conversion or {}).get("source") or "ecomla model"), tokenizer))
     writer.add_file_type(FILE_TYPES[outtype])
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

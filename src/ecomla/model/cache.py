@@ -71,22 +71,47 @@ def rank_for_ratio(model_config, ratio: float, qk_rope_head_dim: int, rope_key_h
 DEEPSEEK_MLA = ("deepseek_v2", "deepseek_v3")  # configs whose every layer caches kv_lora_rank + qk_rope_head_dim values
 
 
-def cache_values_per_token(config) -> int:
-    """Whole-model cached values per token for an original (Llama), converted (EcoMLA) or DeepSeek MLA
-    config (per-layer latent ranks included). A DeepSeek config's num_key_value_heads is its query
-    heads and its head_dim the RoPE dim: counted as GQA it would be neither."""
-    model_type = getattr(config, "model_type", None)
+def layer_values_per_token(config) -> list[int]:
+    """Cached values per token of each layer of an original (Llama), converted (EcoMLA) or DeepSeek MLA config
+    (per-layer latent ranks included). A DeepSeek config's num_key_value_heads is its query heads and its
+    head_dim the RoPE dim: counted as GQA it would be neither."""
+    model_type, n = getattr(config, "model_type", None), config.num_hidden_layers
     if model_type == "ecomla":
         mla, gqa = set(config.mla_layers), gqa_values_per_token(config)
-        return sum(config.layer_cache_values_per_token(i) if i in mla else gqa for i in range(config.num_hidden_layers))
+        return [config.layer_cache_values_per_token(i) if i in mla else gqa for i in range(n)]
     if model_type in DEEPSEEK_MLA:
-        return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
-    return config.num_hidden_layers * gqa_values_per_token(config)
+        return [config.kv_lora_rank + config.qk_rope_head_dim] * n
+    return [gqa_values_per_token(config)] * n
+
+
+def layer_windows(config) -> list[int | None]:
+    """The most tokens each layer's cache keeps: an original's sliding window, as transformers applies it (the
+    layers `layer_types` names sliding, else every layer of a windowed Mistral or Phi-3), None for every token.
+    ecomla's conversions have no window (a windowed source is refused)."""
+    n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    if not window or getattr(config, "model_type", None) in ("ecomla", *DEEPSEEK_MLA):
+        return [None] * n
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n if getattr(config, "use_sliding_window", True) else [None] * n
+
+
+def cache_values_per_token(config) -> int:
+    """Whole-model cached values per token (`layer_values_per_token` summed)."""
+    return sum(layer_values_per_token(config))
+
+
+def cached_values(config, tokens: int) -> int:
+    """Values the whole cache holds for one sequence of `tokens` tokens: a layer with a sliding window keeps at most
+    that many (Mistral-7B-v0.1's 4,096: its cache at 32K is 8x smaller than tokens x values per token)."""
+    return sum(v * (tokens if w is None else min(tokens, w)) for v, w in zip(layer_values_per_token(config),
+                                                                           layer_windows(config)))
 
 
 def cache_bytes(config, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
     """Bytes the cache holds for `batch` sequences of `tokens` tokens."""
-    return cache_values_per_token(config) * tokens * batch * bytes_per_value
+    return cached_values(config, tokens) * batch * bytes_per_value
 
 
 def attention_params(config) -> int:
@@ -124,10 +149,12 @@ def _cache_header(contexts) -> list[str]:
     return ["model", "KV values/token/layer", "KV values/token", "KV bytes/token"] + [f"cache MiB @{t // 1024}K" for t in contexts]
 
 
-def _cache_row(name: str, values: int, layers: int, contexts, bytes_per_value: int) -> list[str]:
-    """A model's cache in the KV tables: `values` cached per token over its `layers` layers, and the MiB at each context."""
+def _cache_row(name: str, values: int, layers: int, contexts, bytes_per_value: int, held=None) -> list[str]:
+    """A model's cache in the KV tables: `values` cached per token over its `layers` layers, and the MiB at each context
+    (`held(t)`: the values a context of t tokens keeps, when a sliding window caps it)."""
+    held = held or (lambda t: values * t)
     return ([name, f"{values / layers:g}", f"{values:,}", f"{values * bytes_per_value:,}"]
-            + [f"{values * bytes_per_value * t / 2**20:,.1f}" for t in contexts])
+            + [f"{held(t) * bytes_per_value / 2**20:,.1f}" for t in contexts])
 
 
 def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), bytes_per_value: int = 2) -> str:
@@ -136,9 +163,14 @@ def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), byt
 
     configs = [("original", original)] + ([("converted", converted)] if converted is not None else [])
     header = _cache_header(contexts) + ["attention params"]
-    rows = [_cache_row(name, cache_values_per_token(cfg), cfg.num_hidden_layers, contexts, bytes_per_value)
-            + [f"{attention_params(cfg) / 1e6:.2f}M"] for name, cfg in configs]
+    rows = [_cache_row(name, cache_values_per_token(cfg), cfg.num_hidden_layers, contexts, bytes_per_value,
+                       lambda t, cfg=cfg: cached_values(cfg, t)) + [f"{attention_params(cfg) / 1e6:.2f}M"]
+            for name, cfg in configs]
     text = markdown_table(header, rows)
+    windows = sorted({w for w in layer_windows(original) if w})
+    if windows:
+        text += (f"\nthe original keeps at most {', '.join(map(str, windows))} tokens in "
+                 f"{sum(w is not None for w in layer_windows(original))} of its layers (its sliding window)")
     if converted is not None:
         ratio = cache_values_per_token(original) / cache_values_per_token(converted)
         text += (f"\ncompression: {ratio:.2f}x smaller KV cache ({100 / ratio:.2f}% of the original), "

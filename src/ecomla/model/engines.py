@@ -88,15 +88,18 @@ def largest_llama_cpp_rope_dim(rope_parameters: dict | None, head_dim: int, at_m
     return None
 
 
-def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False) -> list[str]:
+def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False,
+                         layers_chosen: bool = True) -> list[str]:
     """Why `config` (an EcoMLAConfig) cannot be written exactly as DeepSeek-V3; empty if it can.
     The one set of DeepSeek-V3 rules: `ecomla export` reads it, and a conversion plan checks its planned
     config against it before converting (`per_layer_rope`, `per_layer_ranks`: choices the conversion will
-    make per layer, which a planned config does not hold yet)."""
+    make per layer, which a planned config does not hold yet; `layers_chosen` False: a hybrid's layers are
+    picked as it converts, so its planned mla_layers are a count, not which)."""
     problems = []
     missing = sorted(set(range(config.num_hidden_layers)) - set(config.mla_layers))
     if missing:
-        problems.append(f"layers {missing} keep grouped-query attention, but DeepSeek-V3 has MLA in every layer "
+        which = f"layers {missing}" if layers_chosen else f"{len(missing)} of its {config.num_hidden_layers} layers"
+        problems.append(f"{which} keep the original attention, but DeepSeek-V3 has MLA in every layer "
                         "(convert with --layers all)")
     if config.rope_key_heads != 1:
         problems.append(f"it has {config.rope_key_heads} RoPE keys per token, DeepSeek-V3 one shared key "
@@ -139,11 +142,12 @@ def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: 
     return problems
 
 
-def gguf_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False) -> list[str]:
+def gguf_problems(config, per_layer_rope: bool = False, per_layer_ranks: bool = False,
+                  layers_chosen: bool = True) -> list[str]:
     """Why `config` (an EcoMLAConfig) cannot be written exactly as a llama.cpp `deepseek2` GGUF
     (`per_layer_rope`, `per_layer_ranks`: as for `deepseek_v3_problems`)."""
     problems = [p.replace("--target deepseek-v3", "--target llama.cpp").replace("DeepSeek-V3", "llama.cpp's deepseek2")
-                for p in deepseek_v3_problems(config, per_layer_rope, per_layer_ranks)]
+                for p in deepseek_v3_problems(config, per_layer_rope, per_layer_ranks, layers_chosen)]
     rope_type = (engine_rope(config) or config.rope_parameters or {}).get("rope_type", "default")
     if rope_type in ROPE_TYPES and rope_type not in LLAMA_CPP_ROPE_TYPES:  # the others DeepSeek-V3 refuses already
         fits = largest_llama_cpp_rope_dim(config.rope_parameters, config.head_dim, config.qk_rope_head_dim - 2) \
@@ -214,7 +218,7 @@ def vllm_problems(config, **kw) -> list[str]:
     return problems
 
 
-ENGINES = {  # name -> (problems(config, per_layer_rope=, per_layer_ranks=), how it was checked)
+ENGINES = {  # name -> (problems(config, per_layer_rope=, per_layer_ranks=, layers_chosen=), how it was checked)
     "transformers (ecomla code)": (lambda config, **kw: [], "tested"),
     "transformers DeepseekV3": (deepseek_v3_problems, "tested"),
     "llama.cpp (CPU; CUDA without flash attention)": (gguf_problems, "tested on CPU"),
