@@ -30,6 +30,15 @@ def test_convert_writes_checkpoint_and_prints_table(tiny_dir, tmp_path, capsys):
     assert main(["kv", str(out)]) == 0 and "1.45x smaller" in capsys.readouterr().out
 
 
+def test_head_dims_beyond_the_heads_are_said_to_be_zeros(tiny_dir, tmp_path, capsys):
+    """--nope-dim 1000 on 16-dim heads wrote a checkpoint 11x the original's without a word (exact: zeros)."""
+    assert main(["convert", str(tiny_dir), "--kv-rank", "16", "--rope-dim", "8", "--nope-dim", "12", "--v-dim", "16",
+                 "--init", "xecomla", "--out", str(tmp_path / "mla")]) == 0
+    out = capsys.readouterr().out
+    assert "--nope-dim 12 is more than the 8 dimensions each head has: the other 4 are zeros" in out
+    assert "--v-dim" not in out
+
+
 def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     out = tmp_path / "mla"
     out.mkdir()

@@ -356,6 +356,12 @@ def test_text_sampled_otherwise_before_the_run_recorded_its_options_is_sampled_a
     text, settings = sampled_text(out)
     assert "stale text" not in text.read_text() and json.loads(settings.read_text())["data_free_tokens"] == 512
     assert json.loads((out / "training" / "args.json").read_text())["data_free_tokens"] == 512
+    # the teacher's path as written does not matter (a resume with its absolute path sampled again, checkpoints made)
+    from ecomla.training.data import sampling_settings
+
+    teacher = _cfg(models, out, data=[]).teacher
+    relative = os.path.relpath(teacher)
+    assert sampling_settings(_cfg(models, out, data=[], teacher=relative)) == sampling_settings(_cfg(models, out, data=[]))
 
 
 def test_data_free_sampling_makes_the_tokens_asked_and_leaves_the_tokenizer_as_it_was(models):

@@ -430,6 +430,12 @@ def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path)
         load_recipe(tmp_path / "twice.yaml")
     (tmp_path / "lr.yaml").write_text(head + "convert: {kv_rank: 8}\ndistill: {lr: 1e-4, data: [a.txt]}\n")
     assert load_recipe(tmp_path / "lr.yaml")["distill"]["lr"] == 1e-4
+    (tmp_path / "merge.yaml").write_text(head + "convert: {kv_rank: 8}\nalign: &stage {tokens: 4096, seq_len: 128}\n"
+                                         "distill: {<<: *stage, seq_len: 64}\n")  # YAML merge keys, then an override
+    assert load_recipe(tmp_path / "merge.yaml")["distill"] == {"tokens": 4096, "seq_len": 64}
+    (tmp_path / "key.yaml").write_text(head + "convert: {kv_rank: 8}\n? [a, b]\n: 1\n")
+    with pytest.raises(ValueError, match="(?s)not valid YAML .*found unhashable key"):
+        load_recipe(tmp_path / "key.yaml")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "e.yaml").write_text(head + f"convert: {{kv_rank: 8}}\ndistill: {{data: [{tmp_path / 'empty.txt'}]}}\n")
     with pytest.raises(ValueError, match="recipe section 'distill': data file .*empty.txt is empty"):

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,12 @@ class RecipeLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden after it
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):  # (PyYAML's own check names it below)
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (lines {seen[key]} and "
                                                         f"{line}): keep one", key_node.start_mark)

@@ -188,12 +188,6 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
             f"kv_heads {kv_heads} x (2 x head_dim {head_dim} - rope dim {d_rope}"
             f"{' + the shared key residual ' + str(residual) if residual else ''}))); {fix}")
     nope = head_dim - d_rope + residual if options.qk_nope_head_dim is None else options.qk_nope_head_dim
-    for flag, got, most in (("--nope-dim", nope, head_dim - d_rope + residual), ("--v-dim", options.v_head_dim, head_dim)):
-        if got is not None and got > most:  # dimensions the original's heads do not have: zeros, cached and computed
-            raise ValueError(f"{flag} {got} is more than the {most} dimensions each head has to give (head_dim "
-                             f"{head_dim}{f' - rope dim {d_rope}' if flag == '--nope-dim' else ''}"
-                             f"{f' + the shared key residual {residual}' if residual and flag == '--nope-dim' else ''}): "
-                             f"choose 1..{most}, or leave it out ({most})")
     if options.q_lora_rank is not None:
         q_max = min(hidden, heads * (nope + d_rope))
         if not options.q_lora_rank <= q_max:

@@ -283,7 +283,7 @@ def sample_length(seq_len: int) -> int:
 
 def sampling_settings(cfg) -> dict:
     """What a data-free run's sampled text follows (recorded beside it as training/sampling.json)."""
-    return dict(teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype, data_free_tokens=cfg.data_free_tokens,
+    return dict(teacher=cfg.recorded()["teacher"], teacher_dtype=cfg.teacher_dtype, data_free_tokens=cfg.data_free_tokens,
                 sample_length=sample_length(cfg.seq_len), seed=cfg.seed)
 
 
