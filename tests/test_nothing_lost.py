@@ -479,7 +479,8 @@ def test_a_recipe_whose_out_sits_inside_a_stages_input_is_refused_before_step_on
     subprocess.run(["cp", "-r", lab / "teacher", teacher], check=True)
     before = snapshot(teacher)
     recipe = {"model": str(lab / "teacher"), "out": str(teacher / "run"), "convert": {"kv_rank": 8, "init": "xecomla"},
-              "distill": {"teacher": str(teacher), "data": [str(lab / "text.txt")], "tokens": 128, "seq_len": 32}}
+              "distill": {"teacher": str(teacher), "data": [str(lab / "text.txt")], "tokens": 128, "seq_len": 32,
+                          "batch_size": 2}}
     with pytest.raises(ValueError, match=r"sits inside the input of recipe section 'distill'"):
         run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
     assert snapshot(teacher) == before and not (teacher / "run").exists()
