@@ -183,12 +183,16 @@ def fingerprint_sources(sources) -> dict:
     return found
 
 
-def changed_sources(then: dict | None, sources) -> list[str]:
-    """The sources whose fingerprint differs from `then`, a run's record of fingerprint_sources (none recorded: [])."""
+def check_unchanged_sources(then: dict | None, sources, run: str, what: str, why: str) -> None:
+    """Refuse to resume `run` when the fingerprints of `sources` differ from `then`, the run's record of
+    fingerprint_sources (none recorded: nothing to compare); `why`: what the rest of the run would get wrong."""
     if then is None:
-        return []
+        return
     now = fingerprint_sources(sources)
-    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"--resume of {run} with {what} that changed since it started ({', '.join(changed)}): {why}; "
+                         "restore the data, or start a new run with another --out (or --overwrite)")
 
 
 def mark(directory, kind: str) -> None:

@@ -50,12 +50,9 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
         check_writable_folder(options.calib_cache or default_cache_dir(), "--calib-cache")  # default: $ECOMLA_CACHE
     planned = build_config(plan)
     log(conversion_table(src_config, planned))
-    residual = plan.qk_rope_head_dim if plan.rope_residual == "latent" and plan.rope_key_heads < plan.num_key_value_heads else 0
-    for flag, got, most in (("--nope-dim", options.qk_nope_head_dim, plan.head_dim - plan.qk_rope_head_dim + residual),
-                            ("--v-dim", options.v_head_dim, plan.head_dim)):
-        if got is not None and got > most:  # exact (the extra dimensions are zeros), but weights the heads do not need
-            log(f"note: {flag} {got} is more than the {most} dimensions each head has: the other {got - most} are zeros "
-                f"(exact; larger q_proj/kv_b_proj/o_proj, the cache unchanged)")
+    for flag, got, most in plan.zero_padded():
+        log(f"note: {flag} {got} is more than the {most} dimensions each head has: the other {got - most} are zeros "
+            f"(exact; larger q_proj/kv_b_proj/o_proj, the cache unchanged)")
     log("engines that serve this shape:\n" + engine_table(planned, **plan.pending))
     if all(plan.engine_problems(engine, planned) for engine in SERVING_ENGINES):
         log("warning: no serving engine runs this shape, only ecomla's own code (transformers with ecomla imported or "

@@ -94,10 +94,24 @@ class ConversionPlan:
         return dict(per_layer_rope=self.per_layer_rope, per_layer_ranks=self.per_layer_ranks,
                     layers_chosen=self.layers is not None)
 
+    def zero_padded(self) -> list[tuple[str, int, int]]:
+        """(flag, dimensions asked, dimensions each head has) for --nope-dim/--v-dim asked beyond the heads' own:
+        exact (the others are zeros), but larger q_proj/kv_b_proj/o_proj."""
+        residual = shared_key_residual(self.qk_rope_head_dim, self.rope_residual, self.rope_key_heads,
+                                       self.num_key_value_heads)
+        own = (("--nope-dim", self.request.qk_nope_head_dim, self.head_dim - self.qk_rope_head_dim + residual),
+               ("--v-dim", self.request.v_head_dim, self.head_dim))
+        return [(flag, asked, most) for flag, asked, most in own if asked is not None and asked > most]
+
     def engine_problems(self, engine: str, config: EcoMLAConfig) -> list[str]:
         """Why `engine` (a key of model.engines.ENGINES) cannot run the planned model (`config`: its
         `build_config`); empty if it can."""
         return ENGINES[engine][0](config, **self.pending)
+
+
+def shared_key_residual(qk_rope_head_dim: int, rope_residual: str, rope_key_heads: int, kv_heads: int) -> int:
+    """Dimensions a shared RoPE key's residual adds to each head's non-RoPE part (it joins the latent), or 0."""
+    return qk_rope_head_dim if rope_residual == "latent" and rope_key_heads < kv_heads else 0
 
 
 def parse_layers(spec, n_layers: int) -> list[int]:
@@ -169,7 +183,7 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     if not isinstance(n_r, int) or n_r < 1 or kv_heads % n_r:
         raise ValueError(f"rope_key_heads={s['rope_key_heads']!r} must be 'shared', 'per-group' or divide the number of "
                          f"KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)")
-    residual = d_rope if s["rope_residual"] == "latent" and n_r < kv_heads else 0  # the shared key's residual joins the latent
+    residual = shared_key_residual(d_rope, s["rope_residual"], n_r, kv_heads)
     max_rank = max_kv_lora_rank(model_config, d_rope - residual)  # the residual's rows join the latent's target
     if options.target == "vllm":
         rank = vllm_rank(kv_heads, head_dim, options)

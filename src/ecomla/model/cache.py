@@ -167,10 +167,10 @@ def conversion_table(original, converted=None, contexts=(1024, 8192, 32768), byt
                        lambda t, cfg=cfg: cached_values(cfg, t)) + [f"{attention_params(cfg) / 1e6:.2f}M"]
             for name, cfg in configs]
     text = markdown_table(header, rows)
-    windows = sorted({w for w in layer_windows(original) if w})
-    if windows:
-        text += (f"\nthe original keeps at most {', '.join(map(str, windows))} tokens in "
-                 f"{sum(w is not None for w in layer_windows(original))} of its layers (its sliding window)")
+    windowed = [w for w in layer_windows(original) if w]
+    if windowed:
+        text += (f"\nthe original keeps at most {', '.join(map(str, sorted(set(windowed))))} tokens in "
+                 f"{len(windowed)} of its layers (its sliding window)")
     if converted is not None:
         ratio = cache_values_per_token(original) / cache_values_per_token(converted)
         text += (f"\ncompression: {ratio:.2f}x smaller KV cache ({100 / ratio:.2f}% of the original), "

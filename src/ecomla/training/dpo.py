@@ -85,7 +85,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
 
     import torch
 
-    from ..io import changed_sources, check_output
+    from ..io import check_output, check_unchanged_sources
     from ..sources import load_config, load_model, load_tokenizer
     from .data import check_vocab
 
@@ -97,11 +97,10 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
         check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
     if args.resume:
-        changed = changed_sources(args.check_resume(state / "args.json").get("data_files"), [args.data])
-        if changed and any(state.glob("checkpoint-*")):
-            raise ValueError(f"--resume of the DPO run in {out} with preference data that changed since it started "
-                             f"({', '.join(changed)}): the rest of the run would train on other pairs; restore the "
-                             "data, or start a new run with another --out (or --overwrite)")
+        recorded = args.check_resume(state / "args.json")
+        if any(state.glob("checkpoint-*")):  # (before the first checkpoint, nothing trained on it yet)
+            check_unchanged_sources(recorded.get("data_files"), [args.data], f"the DPO run in {out}", "preference data",
+                                    "the rest of the run would train on other pairs")
     model, tok = load_model(args.model, dtype=torch.float32)
     if tok is None:
         raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")

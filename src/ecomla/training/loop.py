@@ -34,8 +34,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..io import (ACCELERATE_CHECKPOINT, atomic_write, changed_sources, check_free_space, check_output, claim,
-                  clear_run_dir, fingerprint_sources, mark, read_json, read_log, record, step_folders, unknown_files)
+from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, check_unchanged_sources,
+                  claim, clear_run_dir, fingerprint_sources, mark, read_json, read_log, record, step_folders,
+                  unknown_files)
 from ..options import DTYPES, TrainOptions
 
 
@@ -308,12 +309,10 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | No
                              "data order and learning-rate schedule follow the number of processes (the global batch), "
                              f"so it would end elsewhere; resume it on {started} process(es), or start a new run with "
                              "another --out (or --overwrite)")
-        changed = changed_sources(recorded.get("data_files"), cfg.data)
-        if changed and _checkpoints(train_dir / "checkpoints"):
-            raise ValueError(f"--resume of the run in {out} with data that changed since it started ({', '.join(changed)}): "
-                             "the packing, order and held-out split follow the data, so the resumed run would train on "
-                             "other text and score another held-out set; restore the data, or start a new run with "
-                             "another --out (or --overwrite)")
+        if _checkpoints(train_dir / "checkpoints"):  # (before the first checkpoint, nothing trained on it yet)
+            check_unchanged_sources(recorded.get("data_files"), cfg.data, f"the run in {out}", "data",
+                                    "the packing, order and held-out split follow the data, so the resumed run "
+                                    "would train on other text and score another held-out set")
     elif cfg.overwrite and any(out.iterdir()):
         log(f"[ecomla {cfg.command}] --overwrite: replacing the earlier ecomla run in {out}")
         clear_run_dir(out)
