@@ -2,6 +2,9 @@
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -28,6 +31,22 @@ def test_convert_writes_checkpoint_and_prints_table(tiny_dir, tmp_path, capsys):
     assert model.config.mla_layers == [0, 2] and model.config.kv_lora_rank == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mla"]  # no temporary directory left behind
     assert main(["kv", str(out)]) == 0 and "1.45x smaller" in capsys.readouterr().out
+
+
+def test_the_command_starts_without_torch_and_still_loads_converted_models(tiny_dir, tmp_path):
+    """The `ecomla` script imports torch and transformers only for a command that uses them: `--help` took
+    ~4 s (and Ctrl-C in those seconds printed a traceback). A converted model still loads there: `sources`
+    registers the EcoMLA classes, which `import ecomla` no longer does in the script."""
+    script = Path(sys.executable).parent / "ecomla"
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.run([script, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert proc.returncode == 0 and "usage: ecomla" in proc.stdout and "ecomla.cli" in imported
+    assert not imported & {"torch", "transformers"}
+    out = tmp_path / "mla"
+    assert main(["convert", str(tiny_dir), "--kv-rank", "16", "--rope-dim", "8", "--out", str(out)]) == 0
+    proc = subprocess.run([script, "kv", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "| converted |" in proc.stdout, proc.stderr
 
 
 def test_head_dims_beyond_the_heads_are_said_to_be_zeros(tiny_dir, tmp_path, capsys):
