@@ -98,7 +98,17 @@ def test_phi3_converts_exactly_at_full_rank_through_its_llama_relayout(init):
         assert rel_err(mla(ids).logits, model(ids).logits) <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "qwen3"])
+def test_a_qwen3_hybrid_is_refused_before_any_work():
+    """A Qwen3 hybrid kept its unconverted layers as Llama attention with the QK-norms folded in: as wrong as
+    converting them (a 1-of-4 hybrid had the full conversion's logits error, 0.63 against 0.06)."""
+    for layers in ([0, 2], "odd"):
+        with pytest.raises(ValueError, match=r"qwen3 hybrid \(2 of 4 layers\) is not supported.*--layers all"):
+            convert(tiny_qwen3(layers=4), ConvertOptions(kv_lora_rank=12, qk_rope_head_dim=8, layers=layers), progress=False)
+    with pytest.raises(ValueError, match="qwen3 hybrid"):
+        convert(tiny_qwen3(layers=4), ConvertOptions(kv_ratio=2, qk_rope_head_dim=8, num_mla_layers=3), progress=False)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_hybrid_cached_decoding_generation_and_round_trips(tmp_path, family):
     model = TINY[family](layers=4)
     mla = convert(model, ConvertOptions(kv_lora_rank=12, qk_rope_head_dim=8, layers=[0, 2], init="xecomla"), progress=False)

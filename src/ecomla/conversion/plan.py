@@ -167,6 +167,10 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
             raise ValueError(f"layer index {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
                              "pass --layers all or indices in that range")
         count = len(layers)
+    if count < n_layers and model_config.model_type in NEEDS_TEXT:  # the converted model's kept layers are Llama's
+        raise ValueError(f"a {model_config.model_type} hybrid ({count} of {n_layers} layers) is not supported: the layers it "
+                         "keeps would lose their per-head QK-norms, approximated as the converted layers are (families.py), "
+                         "so keeping them would recover nothing; convert every layer (--layers all), then distil")
 
     heads, kv_heads, head_dim = model_dims(model_config)
     hidden = model_config.hidden_size
