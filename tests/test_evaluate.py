@@ -283,6 +283,6 @@ def test_the_run_report_prints_scores_as_ecomla_eval_does(tmp_path):
             dict(model="distilled", **base, **{"arc_easy (acc)": 0.4625, "wikitext (KL to first)": 13.12,
                                                "wikitext (ppl)": 12.25, "margin kept": 0.85})]
     (tmp_path / "report").mkdir()
-    write_report(tmp_path / "report", {"model": "m"}, rows, {}, "", {}, tmp_path)
+    write_report(tmp_path / "report", {"model": "m"}, rows, {}, "", {}, [])
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| distilled | 46.25 | 13.1200 | 12.25 | 85.0% |" in md and "1312" not in md

@@ -541,6 +541,42 @@ def test_a_recipe_reruns_a_step_whose_input_files_changed(lab, tmp_path):
     assert f"distill: {tmp_path / 'out' / 'distilled'} was made with other options" in text  # its teacher is the model
 
 
+def test_a_rerun_reports_its_own_recipe_scored_and_drawn(lab, tmp_path, monkeypatch):
+    """Run again from another folder (every step and the evaluation skipped), the report lost its scores table: the
+    scores were matched by the model's path as spelled, `proj/model` then `model`. A recipe without the distill
+    stage, in the same run folder, redrew report.png from the distillation's log left there, and said it wrote a
+    plot when it wrote none."""
+    from ecomla.pipeline import run
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "wikitext-2-raw-test.txt").write_text(TINY_TEXT)
+    monkeypatch.setenv("ECOMLA_EVAL_DATA", str(tmp_path / "tasks"))
+    (tmp_path / "proj").mkdir()
+    subprocess.run(["cp", "-r", lab / "teacher", tmp_path / "proj" / "model"], check=True)
+    out = tmp_path / "out"
+    recipe = {"model": "model", "out": str(out), "convert": {"kv_rank": 8, "init": "xecomla"},
+              "distill": {"data": [str(lab / "text.txt")], "tokens": 128, "seq_len": 32, "batch_size": 2},
+              "eval": {"tasks": ["wikitext"]}}
+    write_recipe(tmp_path / "proj" / "r.yaml", recipe)
+    options = lambda path: type("RunOptions", (), {"recipe": path})  # noqa: E731
+    monkeypatch.chdir(tmp_path)
+    run(options("proj/r.yaml"), log=lambda *a: None)
+    first = json.loads((out / "report" / "report.json").read_text())["rows"]
+    assert first[0]["wikitext (ppl)"] is not None and (out / "report" / "report.png").is_file()
+    monkeypatch.chdir(tmp_path / "proj")
+    lines = []
+    run(options("r.yaml"), log=lines.append)
+    assert sum("already done" in str(x) or "skipped" in str(x) for x in lines) == 3
+    again = json.loads((out / "report" / "report.json").read_text())["rows"]
+    assert [r["wikitext (ppl)"] for r in again] == [r["wikitext (ppl)"] for r in first]
+    del recipe["distill"]
+    write_recipe(tmp_path / "proj" / "r.yaml", recipe)
+    lines = []
+    run(options("r.yaml"), log=lines.append)
+    assert not (out / "report" / "report.png").exists()
+    assert f"report: {out / 'report'}/report.md, report.json" in lines
+
+
 # ---------------------------------------------------------------------------- clear messages, no tracebacks
 
 

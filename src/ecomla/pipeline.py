@@ -396,8 +396,8 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
 def run(options, log=print) -> Path:
     """`ecomla run RECIPE` (`RunOptions`): run the recipe; returns the report folder."""
     report = run_recipe(options.recipe, log)
-    if report is not None:
-        log(f"report: {report}/report.md, report.json, report.png")
+    if report is not None:  # (no plot when there is no training curve and no benchmark score)
+        log(f"report: {report}/" + ", ".join(n for n in ("report.md", "report.json", "report.png") if (report / n).is_file()))
     return report
 
 
@@ -437,8 +437,8 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
         eval_md = ""
         if evaluation is not None:
             eval_md = _evaluate(evaluation, record_path, timings, log)
-            _add_scores(rows, json.loads((Path(evaluation.out) / "results.json").read_text())["summary"])
-        write_report(report, recipe, rows, summary, eval_md, timings, out)
+            _add_scores(rows, evaluation.models, json.loads((Path(evaluation.out) / "results.json").read_text())["summary"])
+        write_report(report, recipe, rows, summary, eval_md, timings, [s.out for s in steps if s.name in ("align", "distill")])
     log((report / "report.md").read_text())
     return report
 
@@ -502,21 +502,25 @@ def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -
     return rows, summary
 
 
-def _add_scores(rows: list[dict], table: list[dict]) -> None:
-    """Each report row gains its model's evaluation scores (the eval summary row of the same path)."""
-    by_path = {r["model"]: r for r in table}
+def _add_scores(rows: list[dict], models: list[str], table: list[dict]) -> None:
+    """Each report row gains its model's evaluation scores: the eval summary row in that model's place among the
+    evaluation's `models` (results.json spells a path as the run that made it did: a rerun from another folder,
+    skipping the evaluation, spells a relative one otherwise)."""
+    by_path = dict(zip(models, table)) if len(models) == len(table) else {r["model"]: r for r in table}
     for row in rows:
         scores = by_path.get(row["path"], {})
         row.update({k: v for k, v in scores.items() if k not in ("model", "kv_cache", "average vs first")})
 
 
-def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, eval_md: str, timings: dict, out: Path) -> None:
+def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, eval_md: str, timings: dict,
+                 trained: list[Path]) -> None:
+    """report.md, report.json, recipe.yaml and report.png (`trained`: the recipe's align/distill output folders)."""
     from .evaluation.evaluate import format_score
     from .io import atomic_write
     from .report import markdown_table
 
     cols = ["model", "kv_values_per_token", "kv_cache", "train_tokens", "train_seconds", "heldout_kl", "heldout_ppl"]
-    scores = [c for c in rows[0] if c not in cols and c != "path"]  # from the evaluation: tasks, average, margin kept
+    scores = list(dict.fromkeys(c for r in rows for c in r if c not in cols and c != "path"))  # tasks, average, margin kept
 
     def fmt(c, v):
         if c in scores:  # as `ecomla eval` prints them (a KL or a perplexity is no percentage)
@@ -548,18 +552,20 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     atomic_write(report / "report.md", "\n".join(md))
     atomic_write(report / "report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings}, indent=1))
     atomic_write(report / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-    _plot(report / "report.png", rows, out)
+    _plot(report / "report.png", rows, trained)
 
 
-def _plot(path: Path, rows: list[dict], out: Path) -> None:
+def _plot(path: Path, rows: list[dict], trained: list[Path]) -> None:
     """Quality against training compute: held-out KL along the training logs (align, then distill), and
-    the margin kept on the benchmarks by each model of the run, both over training seconds."""
+    the margin kept on the benchmarks by each model of the run, both over training seconds. Only the recipe's own
+    stages: a folder an earlier recipe left in the run folder is not drawn; with nothing to draw, an earlier plot goes."""
     from .io import atomic_write
 
     curve, offset = [], 0.0
-    for stage in ("aligned", "distilled"):
-        log_path = out / stage / "training" / "log.jsonl"
-        logged = read_log(log_path, f"make the {stage} step again (remove {out / stage})") if log_path.is_file() else []
+    for folder in trained:
+        stage = folder.name  # "aligned", "distilled"
+        log_path = folder / "training" / "log.jsonl"
+        logged = read_log(log_path, f"make the {stage} step again (remove {folder})") if log_path.is_file() else []
         seconds = 0.0  # a held-out row follows the training step it measured
         for r in logged:
             seconds = r.get("train_seconds", seconds)
@@ -568,6 +574,7 @@ def _plot(path: Path, rows: list[dict], out: Path) -> None:
         offset += seconds
     points = [(r["train_seconds"], r["margin kept"], r["model"]) for r in rows[1:] if r.get("margin kept") is not None]
     if not curve and not points:
+        path.unlink(missing_ok=True)  # ecomla's own report folder: a plot of stages this recipe no longer has
         return
     import matplotlib
 
