@@ -115,6 +115,31 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     assert (tmp_path / "o" / "config.json").is_file()
     assert sorted(p.name for p in state.glob("checkpoint-*")) == ["checkpoint-4"]
     assert (state / "checkpoint-4" / "trainer_state.json").is_file()
+    # the compute it reports covers both parts: TRL counts tokens from zero in each train() call
+    from ecomla.training.dpo import spent
+
+    tokens = {h["step"]: h["num_tokens"] for h in json.loads((state / "log_history.json").read_text()) if "num_tokens" in h}
+    assert spent(tmp_path / "o")["tokens"] == tokens[2] + tokens[4] > tokens[4]
+    assert spent(tmp_path / "o")["train_seconds"] > 0
+
+
+def test_the_dpo_row_of_a_run_report_counts_dpo(tmp_path):
+    """The dpo row repeated the distilled row's training tokens and seconds: DPO's own were left out."""
+    from ecomla.pipeline import Step, _report_rows
+
+    (tmp_path / "distilled" / "training").mkdir(parents=True)
+    (tmp_path / "distilled" / "training" / "summary.json").write_text(json.dumps(dict(
+        steps=2, tokens=100, world_size=1, train_tokens_per_s=20.0, train_seconds=5.0, train_sequences=4,
+        heldout_sequences=1, before={"heldout_kl": 2.0, "heldout_ppl": 9.0, "teacher_ppl": 8.0},
+        after={"heldout_kl": 1.0, "heldout_ppl": 8.5})))
+    steps = [Step(name, None, tmp_path / folder, []) for name, folder in
+             (("convert", "converted"), ("distill", "distilled"), ("dpo", "dpo"))]
+    rows, _ = _report_rows({"model": "m", "out": str(tmp_path)}, steps, 8, 4)
+    assert [(r["model"], r["train_tokens"]) for r in rows[1:]] == [("converted", 0), ("distilled", 100), ("dpo", None)]
+    (tmp_path / "dpo.dpo-state").mkdir()
+    (tmp_path / "dpo.dpo-state" / "ecomla_spent.json").write_text(json.dumps({"tokens": 40, "train_seconds": 2.0}))
+    rows, _ = _report_rows({"model": "m", "out": str(tmp_path)}, steps, 8, 4)
+    assert (rows[-1]["train_tokens"], rows[-1]["train_seconds"]) == (140, 7.0)
 
 
 def test_run_recipe_end_to_end(tmp_path, monkeypatch):

@@ -65,7 +65,8 @@ TRAINER_CHECKPOINT = (r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.ind
 GROWING = {
     "align": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|sampling\.json|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
     "distill": rf"training/(args\.json|log\.jsonl|sampled\.jsonl|sampling\.json|summary\.json|checkpoints/step-\d+/({ACCELERATE_CHECKPOINT}))",
-    "dpo-state": rf"args\.json|log_history\.json|README\.md|checkpoint-\d+/({TRAINER_CHECKPOINT})",  # TRL's README too
+    # TRL's README too; ecomla_spent.json: DPO's tokens and seconds so far (training/dpo.SPENT)
+    "dpo-state": rf"args\.json|log_history\.json|README\.md|ecomla_spent\.json|checkpoint-\d+/({TRAINER_CHECKPOINT}|ecomla_spent\.json)",
     "run": r"steps\.json",
     "report": r"report\.(md|json|png)|recipe\.yaml",
 }

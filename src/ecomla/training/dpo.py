@@ -15,8 +15,24 @@ import json
 from pathlib import Path
 
 from ..options import DPOOptions
-from ..io import JSON_LINES, read_rows, row_name
+from ..io import JSON_LINES, read_json, read_rows, row_name
 from .data import message
+
+# DPO's training compute so far, {"tokens", "train_seconds"}: in each checkpoint (a resume adds to it) and, when the
+# run is done, in its state folder (what `ecomla run`'s report counts for the dpo row)
+SPENT = "ecomla_spent.json"
+
+
+def state_dir(out) -> Path:
+    """TRL's state (checkpoints, log) of the DPO run publishing `out`: beside it, OUT.dpo-state."""
+    out = Path(str(out)).expanduser().resolve()
+    return out.with_name(out.name + ".dpo-state")
+
+
+def spent(out) -> dict:
+    """{"tokens", "train_seconds"} the finished DPO run publishing `out` trained on and for; {} if unknown."""
+    path = state_dir(out) / SPENT
+    return read_json(path, "the DPO run's compute", f"run the DPO step again (remove {out})") if path.is_file() else {}
 
 
 def _turn(m) -> dict:
@@ -72,8 +88,7 @@ def dpo(args: DPOOptions, log=print) -> Path:
     if args.model is None:
         raise ValueError("give the MODEL to train")
     inputs = {"model": args.model, "reference model": args.ref_model, "preference data": args.data}
-    state = Path(str(args.out)).expanduser().resolve()
-    state = state.with_name(state.name + ".dpo-state")
+    state = state_dir(args.out)
     with claim(args.out, inputs), claim(state, inputs):  # the only writer of both, from these checks to the end
         out = _dpo(args, inputs, state, log)
     log(f"saved {out}")
@@ -128,8 +143,11 @@ def whole_run_train_loss(history: list[dict]) -> list[dict]:
 
 
 def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, log) -> None:
+    import time
+
     import datasets
     import torch
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from ..io import atomic_write, clear_run_dir, fingerprint_sources, mark, save_checkpoint
@@ -159,7 +177,24 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
         last = str(ckpts[-1]) if ckpts else None
         log(f"[ecomla dpo] resuming from {last}" if last else "[ecomla dpo] --resume: no checkpoint, starting fresh")
+    recorded = Path(last) / SPENT if last else None  # what the checkpoint resumed from had spent
+    before = (read_json(recorded, "a DPO checkpoint's compute", f"resume from another checkpoint (remove {last})")
+              if recorded and recorded.is_file() else {})
+    t0 = time.time()
+
+    def so_far() -> dict:  # TRL counts the tokens of this train() call (prompt and both answers)
+        return {"tokens": before.get("tokens", 0) + int(getattr(trainer, "_total_train_tokens", 0)),
+                "train_seconds": before.get("train_seconds", 0.0) + time.time() - t0}
+
+    class Spent(TrainerCallback):
+        def on_save(self, train_args, train_state, control, **kwargs):
+            folder = state / f"checkpoint-{train_state.global_step}"
+            if folder.is_dir():
+                atomic_write(folder / SPENT, json.dumps(so_far()))
+
+    trainer.add_callback(Spent())
     trainer.train(resume_from_checkpoint=last)
+    atomic_write(state / SPENT, json.dumps(so_far()))
     history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
     atomic_write(state / "log_history.json", json.dumps(history, indent=1))
     bad = [n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
