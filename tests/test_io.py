@@ -127,6 +127,19 @@ def test_unwritable_or_file_blocked_out(tmp_path):
             check_output(ro / "out")
 
 
+def test_an_empty_out_under_a_read_only_folder_is_refused_saying_why(tmp_path, monkeypatch):
+    """An empty writable folder the user made, under a read-only one: refused (the lock and the temporary copy go
+    beside it), and the message said only that its parent was not writable, as if --out itself were unusable."""
+    import ecomla.io
+
+    (tmp_path / "ro" / "out").mkdir(parents=True)
+    real = os.access
+    monkeypatch.setattr(ecomla.io.os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real(p, mode))
+    with pytest.raises(OutputError, match="not writable .ecomla writes its lock and the output's temporary copy beside"):
+        with claim(tmp_path / "ro" / "out"):
+            pass
+
+
 def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_replace_rolled_back(tmp_path):
     out = tmp_path / "ckpt"
     dead = 2**22 + 12345  # no such process

@@ -377,7 +377,10 @@ def _check_writable(path: Path, shown: str, flag: str = "--out") -> None:
     if not probe.is_dir():
         raise OutputError(f"{flag} {shown}: {probe} is a file, so nothing can be written below it")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {shown}: {probe} is not writable; choose another {flag}")
+        beside = (" (ecomla writes its lock and the output's temporary copy beside the output, then renames it into "
+                  "place: a writable empty folder under a read-only one cannot be used)"
+                  if flag == "--out" and Path(shown).expanduser().absolute().parent == probe else "")
+        raise OutputError(f"{flag} {shown}: {probe} is not writable{beside}; choose another {flag}")
 
 
 def check_writable_folder(path, flag: str) -> None:
