@@ -167,10 +167,6 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
             raise ValueError(f"layer index {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
                              "pass --layers all or indices in that range")
         count = len(layers)
-    if count < n_layers and model_config.model_type in NEEDS_TEXT:  # the converted model's kept layers are Llama's
-        raise ValueError(f"a {model_config.model_type} hybrid ({count} of {n_layers} layers) is not supported: the layers it "
-                         "keeps would lose their per-head QK-norms, approximated as the converted layers are (families.py), "
-                         "so keeping them would recover nothing; convert every layer (--layers all), then distil")
 
     heads, kv_heads, head_dim = model_dims(model_config)
     hidden = model_config.hidden_size
@@ -325,6 +321,8 @@ def build_config(plan: ConversionPlan, layers: list[int] | None = None, layer_pa
                                (plan.rope_candidates or [None])[0] or select_rope_pairs(plan.head_dim, plan.qk_rope_head_dim, "uniform")),
         layer_rope_pair_indices={str(i): p for i, p in layer_pairs.items()} if layer_pairs else None,
         layer_kv_lora_ranks={str(i): r for i, r in layer_ranks.items()} if layer_ranks else None,
+        # a Qwen3 hybrid: the layers it keeps keep their QK-norms (exact; only the converted ones are approximated)
+        qk_norm=plan.source_model_type in NEEDS_TEXT and len(layers or plan.planned_layers) < plan.num_hidden_layers,
         use_kv_a_layernorm=plan.latent_norm,  # every engine normalizes the latents
         use_q_a_layernorm=plan.latent_norm and plan.q_lora_rank is not None,
         kv_a_layernorm_eps=LINEAR_LATENT_NORM_EPS,

@@ -111,10 +111,12 @@ class SourceWeights:
 
 class StateDictWeights:
     """A loaded model's tensors (`model.state_dict()`) behind `SourceWeights`' interface; `model` kept for what
-    needs the whole model (a hybrid's layers chosen by sensitivity)."""
+    needs the whole model (a hybrid's layers chosen by sensitivity). `kept_attention`: {name: tensor} a layer the
+    conversion keeps takes instead of the re-laid-out ones (a Qwen3's q/k projections and QK-norms, not folded)."""
 
-    def __init__(self, state: dict[str, torch.Tensor], model=None):
+    def __init__(self, state: dict[str, torch.Tensor], model=None, kept_attention: dict | None = None):
         self.files, self.model = state, model  # tensor name -> tensor
+        self.kept_attention = kept_attention or {}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.files.items()}
@@ -294,10 +296,15 @@ def in_memory_weights(model, ids: torch.Tensor | None) -> tuple[StateDictWeights
     """(weights, what config.conversion records, the config its statistics are keyed by) of a loaded model, in the
     Llama layout the conversion reads (`families.as_llama`: Phi-3 split, Qwen3's QK-norms folded on `ids`)."""
     llama = as_llama(model, ids)
-    choices = {}
+    choices, kept = {}, {}
     if model.config.model_type in NEEDS_TEXT:
-        choices["qk_norm"] = "folded into q_proj/k_proj as calibrated per-head scales (approximate)"
-    return StateDictWeights(llama.state_dict(), llama), choices, llama.config
+        choices["qk_norm"] = ("folded into the MLA layers' q_proj/k_proj as calibrated per-head scales (approximate); "
+                              "the layers a hybrid keeps keep their QK-norms")
+        kept = {k: v for k, v in model.state_dict().items() if QWEN3_KEPT.search(k)}
+    return StateDictWeights(llama.state_dict(), llama, kept), choices, llama.config
+
+
+QWEN3_KEPT = re.compile(r"^model\.layers\.\d+\.self_attn\.(q_proj|k_proj|q_norm|k_norm)\.")  # a kept layer's own
 
 
 # The calibration forward keeps its hidden states (a resume point) when this long has passed since it last did
@@ -380,6 +387,8 @@ def _converted_layer(reader: LayerReader, config, plan, i: int, covariance, rota
     prefix = f"model.layers.{i}."
     if i not in mla_layers:
         layer = reader.tensors(i, device="cpu")
+        if config.qk_norm:  # the original's q/k projections and QK-norms, not their fold (StateDictWeights)
+            layer |= {k: v.to(reader.dtype) for k, v in reader.weights.kept_attention.items() if k.startswith(prefix)}
     else:
         layer = {k: v for k, v in reader.tensors(i, device="cpu").items() if not k.startswith(prefix + "self_attn.")}
         weights = layer_weights(reader.attention(i), config, plan, i, covariance(i), rotation)

@@ -48,6 +48,9 @@ class EcoMLAConfig(LlamaConfig):
     # far above the latents' mean square, where the norm is nearly linear (see conversion/upcycle.py)
     kv_a_layernorm_eps: float = 1e-6
     q_a_layernorm_eps: float = 1e-6
+    # the layers not in mla_layers normalize each query and key head (an RMSNorm over head_dim, before RoPE, weights
+    # self_attn.q_norm/k_norm) as Qwen3's attention does: a Qwen3 hybrid keeps its unconverted layers exact
+    qk_norm: bool = False
     conversion: dict | None = None  # how the checkpoint was made (method, source, options)
 
     def __post_init__(self, **kwargs):

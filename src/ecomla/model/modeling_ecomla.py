@@ -9,11 +9,30 @@ and keep only their frequency pairs.
 """
 
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel,
-                                                      LlamaPreTrainedModel)
+                                                      LlamaPreTrainedModel, LlamaRMSNorm)
 from torch import nn
 
 from .configuration_ecomla import EcoMLAConfig
 from .mla_attention import MLAAttention
+
+
+class QKNormAttention(LlamaAttention):
+    """A layer a Qwen3 hybrid keeps: Llama's attention whose query and key heads each pass an RMSNorm over head_dim
+    before RoPE, q_h = q_norm(W_q,h x), k_g = k_norm(W_k,g x), as Qwen3Attention computes them (the same weight names),
+    applied to q_proj's and k_proj's outputs."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)  # Qwen3RMSNorm's arithmetic
+        self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.q_proj.register_forward_hook(self._per_head(self.q_norm))
+        self.k_proj.register_forward_hook(self._per_head(self.k_norm))
+
+    @staticmethod
+    def _per_head(norm):
+        def hook(module, args, out):  # (B, T, n D) -> each of the n heads normalized
+            return norm(out.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2)
+        return hook
 
 
 class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
@@ -35,8 +54,11 @@ class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
 class EcoMLAModel(EcoMLAPreTrainedModel, LlamaModel):
     def __init__(self, config: EcoMLAConfig):
         LlamaModel.__init__(self, config)
-        for i in config.mla_layers:
-            self.layers[i].self_attn = MLAAttention(config, layer_idx=i)
+        for i in range(config.num_hidden_layers):
+            if i in config.mla_layers:
+                self.layers[i].self_attn = MLAAttention(config, layer_idx=i)
+            elif config.qk_norm:
+                self.layers[i].self_attn = QKNormAttention(config, layer_idx=i)
         self.post_init()
 
 
@@ -61,4 +83,4 @@ class EcoMLAForCausalLM(EcoMLAPreTrainedModel, LlamaForCausalLM):
         return super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
 
 
-__all__ = ["EcoMLAPreTrainedModel", "EcoMLAModel", "EcoMLAForCausalLM"]
+__all__ = ["EcoMLAPreTrainedModel", "EcoMLAModel", "EcoMLAForCausalLM", "QKNormAttention"]
