@@ -180,21 +180,24 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     recorded = Path(last) / SPENT if last else None  # what the checkpoint resumed from had spent
     before = (read_json(recorded, "a DPO checkpoint's compute", f"resume from another checkpoint (remove {last})")
               if recorded and recorded.is_file() else {})
+    known = recorded is None or recorded.is_file()  # (a checkpoint of an older ecomla recorded nothing: unknown)
     t0 = time.time()
 
-    def so_far() -> dict:  # TRL counts the tokens of this train() call (prompt and both answers)
-        return {"tokens": before.get("tokens", 0) + int(getattr(trainer, "_total_train_tokens", 0)),
-                "train_seconds": before.get("train_seconds", 0.0) + time.time() - t0}
+    def so_far() -> str:  # TRL counts the tokens of this train() call (prompt and both answers)
+        return json.dumps({"tokens": before.get("tokens", 0) + int(getattr(trainer, "_total_train_tokens", 0)),
+                           "train_seconds": before.get("train_seconds", 0.0) + time.time() - t0})
 
     class Spent(TrainerCallback):
         def on_save(self, train_args, train_state, control, **kwargs):
             folder = state / f"checkpoint-{train_state.global_step}"
-            if folder.is_dir():
-                atomic_write(folder / SPENT, json.dumps(so_far()))
+            if known and folder.is_dir():
+                atomic_write(folder / SPENT, so_far())
 
     trainer.add_callback(Spent())
+    (state / SPENT).unlink(missing_ok=True)  # a finished run's, before this one goes on
     trainer.train(resume_from_checkpoint=last)
-    atomic_write(state / SPENT, json.dumps(so_far()))
+    if known:
+        atomic_write(state / SPENT, so_far())
     history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
     atomic_write(state / "log_history.json", json.dumps(history, indent=1))
     bad = [n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
