@@ -87,6 +87,7 @@ def main() -> int:
             row.update(step_us=round(1e6 * seconds, 2), timing=how, bandwidth_gbs=round(bw / 1e9, 1),
                        copy_bandwidth_gbs=round(copy_bw / 1e9, 1), fraction_of_copy=round(bw / copy_bw, 3))
         rows.append(row)
+        write_json(Path(args.out_dir) / f"decode_kernel_sweep_{dev.type}.json", rows)  # each row: a time limit keeps them
         print(f"splits={str(splits):>4} block_n={block_n:3d} warps={warps} stages={stages}: "
               + (f"{row['step_us']:8.1f} us  {row['bandwidth_gbs']:7.1f} GB/s  {100 * row['fraction_of_copy']:5.1f}% of copy  "
                  if seconds is not None else "") + f"err {err:.1e}", flush=True)
@@ -97,7 +98,6 @@ def main() -> int:
         print(f"best: splits={best['num_splits']} block_n={best['block_n']} warps={best['num_warps']} "
               f"stages={best['num_stages']}: {best['bandwidth_gbs']} GB/s ({100 * best['fraction_of_copy']:.1f}% of copy "
               f"{best['copy_bandwidth_gbs']} GB/s); default: {rows[0]['bandwidth_gbs']} GB/s")
-    write_json(Path(args.out_dir) / f"decode_kernel_sweep_{dev.type}.json", rows)
     return 0
 
 

@@ -38,7 +38,10 @@ run)
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log" \
         || echo "KERNEL TESTS FAILED on CUDA (see test_kernels_cuda.log); timing anyway" >&2
-    python3 benchmarks/decode_kernel_sweep.py --out-dir "$out" 2>&1 | tee "$out/decode_kernel_sweep.log" || true
+    # 24 launch settings around the kernel's defaults, at most 4 minutes (the whole grid, 108 settings each compiled
+    # once, could take most of a 15-minute device loan before the decode benchmark started)
+    timeout 240 python3 benchmarks/decode_kernel_sweep.py --splits None,32,128 --block-n 64,128 --warps 4,8 --stages 2,3 \
+        --out-dir "$out" 2>&1 | tee "$out/decode_kernel_sweep.log" || true
     python3 benchmarks/decode_speed.py --device cuda --model /tmp/smollm2.gguf --contexts 1024,4096,16384,32768 \
         --batches 1,8,32 --out-dir "$out" "$@" 2>&1 | tee "$out/decode_speed_cuda.log"
     ;;
