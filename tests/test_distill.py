@@ -74,6 +74,26 @@ def test_chat_documents_weight_only_assistant_tokens():
     assert sum(chat_document(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], prompt_counts=True).weights) > 0
 
 
+def test_the_eos_joining_documents_counts_after_a_text_not_after_a_chat():
+    """pack's joining EOS was always a target: after a chat whose template ends with EOS it taught EOS after EOS, a
+    token no assistant turn holds (and scored it held out)."""
+    from ecomla.training.data import Document, chat_document, pack
+
+    tok = tiny_tokenizer()
+    chat = chat_document(tok, [{"role": "user", "content": "what is the sky?"}, {"role": "assistant", "content": "blue."}])
+    text = Document(tok("the cat sat.", add_special_tokens=False)["input_ids"], [])
+    text.weights = [1] * len(text.ids)
+    n = len(chat.ids) + len(text.ids) + 2
+    ids, w = pack([chat, text], n, tok.eos_token_id, seed=0)
+    order = [chat, text] if ids[0, : len(chat.ids)].tolist() == chat.ids else [text, chat]
+    want = []
+    for d in order:
+        want += d.weights + [0 if d is chat else 1]
+    assert w[0].tolist() == want
+    full = chat_document(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], prompt_counts=True)
+    assert pack([full], len(full.ids) + 1, tok.eos_token_id)[1][0].tolist() == [1] * (len(full.ids) + 1)
+
+
 def test_data_formats(tmp_path):
     from ecomla.training.data import pack, read_documents
 

@@ -30,6 +30,9 @@ from ..io import atomic_write, mark, read_json, read_rows, row_name
 class Document:
     ids: list[int]
     weights: list[int]  # 1: the token counts in the loss (as a prediction target)
+    # the EOS `pack` joins after it counts: a text's end; not a chat's (its template ends each turn, and the join
+    # belongs to no turn: counted, it taught EOS after the last turn's EOS), unless its prompts count too
+    end_counts: bool = True
 
 
 def _content(content, where: str) -> str:
@@ -122,7 +125,7 @@ def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) 
             start, end = located[i]
         for t in range(start, end):
             weights[t] = 1
-    return Document(full, weights)
+    return Document(full, weights, end_counts=prompt_counts)
 
 
 def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int, tuple[int, int]]:
@@ -236,7 +239,7 @@ def pack(docs: list[Document], seq_len: int, eos_id: int | None, seed: int = 0) 
         weights += docs[i].weights
         if eos_id is not None:
             ids.append(eos_id)
-            weights.append(1)
+            weights.append(int(docs[i].end_counts))
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"the data hold {len(ids)} tokens, fewer than one sequence of {seq_len}: add data or lower --seq-len")
