@@ -114,6 +114,12 @@ def test_a_qwen3_hybrid_keeps_its_other_layers_exact(tmp_path):
     print(f"Qwen3 hybrid [3] of 4: logits rel err {err:.4f}; every layer converted {whole:.4f}")
     assert err < whole / 2
     assert mla.config.qk_norm and "hybrid keeps keep their QK-norms" in mla.config.conversion["qk_norm"]
+    import copy
+
+    twin = copy.deepcopy(mla)  # its own norms (hooks on q_proj kept the original's)
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_norm.weight.mul_(2)
+        assert not torch.equal(twin(ids).logits, ours.logits) and torch.equal(mla(ids).logits, ours.logits)
     full = convert(model, ConvertOptions(kv_lora_rank=12, qk_rope_head_dim=8, init="xecomla"), progress=False,
                    calibration_ids=ids)
     assert not full.config.qk_norm  # every layer MLA: nothing kept, the config as before

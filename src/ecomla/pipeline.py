@@ -579,7 +579,8 @@ def _plot(path: Path, rows: list[dict], trained: list[Path]) -> None:
             if "heldout_kl" in r:
                 curve.append((offset + seconds, r["heldout_kl"], stage))
         offset += seconds
-    points = [(r["train_seconds"], r["margin kept"], r["model"]) for r in rows[1:] if r.get("margin kept") is not None]
+    points = [(r["train_seconds"], r["margin kept"], r["model"]) for r in rows[1:]  # (a DPO row's seconds may be unknown)
+              if r.get("margin kept") is not None and r.get("train_seconds") is not None]
     if not curve and not points:
         path.unlink(missing_ok=True)  # ecomla's own report folder: a plot of stages this recipe no longer has
         return

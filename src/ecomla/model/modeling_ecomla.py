@@ -8,8 +8,10 @@ tables, head) is the stock Llama code; MLA layers read the model's full-head-dim
 and keep only their frequency pairs.
 """
 
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel,
-                                                      LlamaPreTrainedModel, LlamaRMSNorm)
+                                                      LlamaPreTrainedModel, LlamaRMSNorm, apply_rotary_pos_emb,
+                                                      eager_attention_forward)
 from torch import nn
 
 from .configuration_ecomla import EcoMLAConfig
@@ -18,21 +20,32 @@ from .mla_attention import MLAAttention
 
 class QKNormAttention(LlamaAttention):
     """A layer a Qwen3 hybrid keeps: Llama's attention whose query and key heads each pass an RMSNorm over head_dim
-    before RoPE, q_h = q_norm(W_q,h x), k_g = k_norm(W_k,g x), as Qwen3Attention computes them (the same weight names),
-    applied to q_proj's and k_proj's outputs."""
+    before RoPE, q_h = q_norm(W_q,h x), k_g = k_norm(W_k,g x), as Qwen3Attention computes them (the same weights and
+    names). In the forward itself, not in hooks on q_proj/k_proj: a deepcopy kept the original's norms, and a LoRA on
+    q_proj was added after the norm."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)  # Qwen3RMSNorm's arithmetic
         self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.q_proj.register_forward_hook(self._per_head(self.q_norm))
-        self.k_proj.register_forward_hook(self._per_head(self.k_norm))
 
-    @staticmethod
-    def _per_head(norm):
-        def hook(module, args, out):  # (B, T, n D) -> each of the n heads normalized
-            return norm(out.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2)
-        return hook
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        past_key_values = past_key_values if past_key_values is not None else cache  # transformers >= 5.24 says `cache`
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, G, T, D)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, G, S, D) each
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                    eager_attention_forward)
+        out, weights = attention_interface(self, q, k, v, attention_mask, scaling=self.scaling,
+                                           dropout=0.0 if not self.training else self.attention_dropout, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights  # (B, T, C)
 
 
 class EcoMLAPreTrainedModel(LlamaPreTrainedModel):
