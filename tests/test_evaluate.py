@@ -286,3 +286,7 @@ def test_the_run_report_prints_scores_as_ecomla_eval_does(tmp_path):
     write_report(tmp_path / "report", {"model": "m"}, rows, {}, "", {}, [])
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| distilled | 46.25 | 13.1200 | 12.25 | 85.0% |" in md and "1312" not in md
+    # a DPO run whose compute is unknown (made by an older ecomla): its row has no seconds, and the plot skips it
+    rows.append(dict(rows[1], model="dpo", train_tokens=None, train_seconds=None))
+    write_report(tmp_path / "report", {"model": "m"}, rows, {}, "", {}, [])
+    assert (tmp_path / "report" / "report.png").is_file() and "| dpo | 8 | 1 | - | - |" in (tmp_path / "report" / "report.md").read_text()
