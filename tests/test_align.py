@@ -13,7 +13,9 @@ from ecomla.training.align import AlignStudent, align, teacher_targets
 
 
 def _loss(student, ids):
-    return student(ids, torch.ones_like(ids), teacher_targets(student.teacher, ids, student.layers))[0]
+    """The alignment loss of one batch: each layer's error over its targets' energy, averaged over the layers."""
+    num, den, _ = student(ids, torch.ones_like(ids), teacher_targets(student.teacher, ids, student.layers))
+    return (num / den).mean()
 
 
 def _student(model, conv):

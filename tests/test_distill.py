@@ -252,7 +252,8 @@ def test_chat_data_trains_alike_however_the_global_batch_is_split(models, tmp_pa
     --grad-accum micro-steps (or averaged over processes) each micro-batch weighed alike, whatever its count. Now the
     step's gradient is the loss per counted token of the whole batch: 4 sequences in one micro-batch and 4 micro-steps
     of one sequence train to the same weights (float rounding only); on the old code the logged losses already
-    differed by 6% at step 2."""
+    differed by 6% at step 2. Alignment's default loss too: each layer's error over its targets' energy, both
+    summed over the whole step (it was a ratio per micro-batch: 0.5% apart after 4 steps)."""
     from ecomla.training.align import AlignOptions, align
     from ecomla.training.distill import distill
 
@@ -262,7 +263,8 @@ def test_chat_data_trains_alike_however_the_global_batch_is_split(models, tmp_pa
             for i in range(0, 120, 3)]
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, cls, run, extra in (("distill", None, distill, {}), ("align", AlignOptions, align, {"align_loss": "mse"})):
+    for name, cls, run, extra in (("distill", None, distill, {}), ("align", AlignOptions, align, {}),
+                                  ("align-mse", AlignOptions, align, {"align_loss": "mse"})):
         out = {}
         for batch, accum in ((4, 1), (1, 4)):
             kw = dict(data=[str(chat)], batch_size=batch, grad_accum=accum, tokens=3 * 4 * 32, eval_every=0,

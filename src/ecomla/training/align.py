@@ -8,7 +8,10 @@ the same x_i (same positions, causal mask) to y^_i, and
     L = 1/|M| sum_{i in M} sum_t w_t ||y^_i,t - y_i,t||^2 / sum_t w_t ||y_i,t||^2     (normalized, default)
     L = 1/|M| sum_{i in M} sum_t w_t ||y^_i,t - y_i,t||^2 / (d sum_t w_t)           (mse)
 
-over the MLA layers M (w: the data's token weights). Normalized, every layer counts alike whatever
+over the MLA layers M and the step's tokens t, every micro-batch's and process's (w: the data's token weights):
+the student returns each layer's two sums, the loop adds them up over the step, and each layer's gradient is
+divided by its denominator (exact: no parameter serves two layers), so a global batch trains alike however it is
+split. Normalized, every layer counts alike whatever
 its output's scale: SmolLM2-135M's attention outputs have mean ||y||^2 from 6.9 (layer 0) to 43,579
 (layer 24) on 512 WikiText-2 tokens, so the plain MSE would train a few loud layers only. No gradient crosses layers (each layer's input is the
 teacher's), the student's other layers and its LM head never run, and only MLA parameters train: a
@@ -28,7 +31,9 @@ from .loop import Objective, StudentModule, train, trainable_parameters
 
 
 class AlignStudent(StudentModule):
-    """The student whose loss is (alignment loss, the same loss detached, weighted token count)."""
+    """The student whose loss is, per MLA layer, (weighted squared error, its denominator, weighted token count): the
+    loop sums both over the whole step and divides (`Objective.ratio_of_sums`), so however --batch-size,
+    --grad-accum and the processes split a global batch, the step is the same."""
 
     def __init__(self, lm: nn.Module, normalize: bool):
         super().__init__(lm)
@@ -43,7 +48,7 @@ class AlignStudent(StudentModule):
         rope = body.rotary_emb(x0, positions)  # (cos, sin), each (B, T, head_dim)
         causal = torch.ones(T, T, dtype=torch.bool, device=x0.device).tril()[None, None]  # (1, 1, T, T)
         w = weights.to(torch.float32)  # (B, T)
-        total = 0.0
+        num, den = [], []
         for i in self.layers:
             x, y = captured[i]  # (B, T, C) each
             attn = body.layers[i].self_attn
@@ -51,9 +56,16 @@ class AlignStudent(StudentModule):
             out = attn(hidden_states=x, position_embeddings=rope, attention_mask=causal)[0]
             err = ((out.float() - y.float()) ** 2).sum(-1)  # (B, T)
             scale = (y.float() ** 2).sum(-1) if self.normalize else torch.full_like(err, y.shape[-1])  # (B, T)
-            total = total + (err * w).sum() / (scale * w).sum().clamp_min(1e-12)
-        loss = total / len(self.layers)
-        return loss, loss.detach(), w.sum()
+            num.append((err * w).sum())
+            den.append((scale * w).sum().detach())
+        return torch.stack(num), torch.stack(den), w.sum()  # (|M|,), (|M|,), ()
+
+    def scale_gradients(self, factors: torch.Tensor) -> None:
+        """Layer i's gradients times factors[i] (layer-local: no parameter serves two layers)."""
+        for i, f in zip(self.layers, factors.tolist()):
+            for p in self.lm.model.layers[i].self_attn.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(f)
 
 
 @torch.no_grad()
@@ -99,6 +111,10 @@ class Alignment(Objective):
 
     metric = "align_loss"
     called_alone = ("MLAAttention",)  # each MLA layer's attention, on the original's captured inputs
+    ratio_of_sums = True  # each layer's error over its targets' energy (or token count) of the whole step
+
+    def scale_gradients(self, student: "AlignStudent", factors: torch.Tensor) -> None:
+        student.scale_gradients(factors)
 
     def check(self, student_config, teacher_config) -> None:
         check_teacher(student_config, teacher_config)

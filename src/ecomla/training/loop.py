@@ -68,6 +68,12 @@ class Objective:
     # module classes the objective's loss calls by themselves, not through their decoder layer: FSDP gathers a
     # module's weights only in the forward of the unit holding them, so each must be an FSDP unit of its own
     called_alone: tuple[str, ...] = ()
+    # True: the loss is a mean over groups g of ratios of sums over the whole step (every micro-batch and process),
+    #     L = 1/G sum_g (sum_b num_gb) / (sum_b den_gb),
+    # the student returning (num (G,), den (G,) without gradient, token count); each group's gradient is scaled by
+    # 1 / its step's denominator (`scale_gradients`), which is exact when no parameter serves two groups. False:
+    # the student's loss is a mean over its batch's counted tokens, weighed by `loss_shares`.
+    ratio_of_sums = False
 
     def __init__(self, cfg: TrainOptions):
         self.cfg = cfg
@@ -78,6 +84,10 @@ class Objective:
     def build(self, lm: nn.Module, teacher: nn.Module):
         """(StudentModule whose loss(input_ids, weights, *targets) returns (loss, metric, token count),
         trainable parameters, teacher function input_ids -> targets) for the loaded models."""
+        raise NotImplementedError
+
+    def scale_gradients(self, student: nn.Module, factors: torch.Tensor) -> None:
+        """(`ratio_of_sums`) Multiply each group's gradients by its factor, factors (G,)."""
         raise NotImplementedError
 
     def divergence_causes(self) -> list[str]:
@@ -502,7 +512,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     train_seconds, trained = 0.0, 0  # training steps only: held-out evaluations and checkpoints excluded
     for step in range(start_step, steps):
         t_step = time.time()
-        loss_acc, kl_acc = 0.0, 0.0
+        loss_acc, kl_acc, sums = 0.0, 0.0, 0.0
         step_rows = [[batch_rows(step, m, r, world, cfg, train_ids.shape[0]) for r in range(world)]
                      for m in range(cfg.grad_accum)]  # every process's, for the shares; this one trains its own
         shares = loss_shares(step_rows, accelerator.process_index, train_w, objective.counted)
@@ -514,14 +524,24 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
                 targets = teacher_step(x)  # distill: the teacher's final hidden states; align: each layer's in/out
             sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 else _null()
             with sync, accelerator.autocast():
-                loss, kl, _ = student(x, w, *targets)
-                accelerator.backward(loss * shares[micro] / cfg.grad_accum)
-            loss_acc += float(loss.detach()) * shares[micro] / cfg.grad_accum
-            kl_acc += float(kl) * shares[micro] / cfg.grad_accum
+                if objective.ratio_of_sums:  # (processes average gradients: x W makes it their sum)
+                    num, den, _ = student(x, w, *targets)  # (G,), (G,)
+                    accelerator.backward(num.sum() * world / len(num))
+                    sums = sums + torch.stack([num.detach().float(), den.float()])  # (2, G)
+                else:
+                    loss, kl, _ = student(x, w, *targets)
+                    accelerator.backward(loss * shares[micro] / cfg.grad_accum)
+                    loss_acc += float(loss.detach()) * shares[micro] / cfg.grad_accum
+                    kl_acc += float(kl) * shares[micro] / cfg.grad_accum
+        if objective.ratio_of_sums:
+            num, den = accelerator.reduce(sums, "sum")  # (G,) each: the whole step's, every process's
+            objective.scale_gradients(accelerator.unwrap_model(student), 1.0 / den.clamp_min(1e-12))
+            loss_avg = kl_avg = float((num / den.clamp_min(1e-12)).mean())
         # the global gradient norm (clipped when --max-grad-norm is set): checked before the weights change
         grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
-        loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
-        kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
+        if not objective.ratio_of_sums:
+            loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
+            kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
         for what, value in (("training loss", loss_avg), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 raise TrainingDiverged(diverged_message(cfg, objective, step + 1, what, value, ckpt_dir))
