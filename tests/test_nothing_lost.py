@@ -419,6 +419,27 @@ def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
+def test_data_align_and_distill_share_is_checked_once_before_step_one(lab, tmp_path, monkeypatch):
+    """The check before step one tokenized the same files once for align and again for distill (for a large chat
+    corpus, minutes each; the stages read them again); files read alike are checked once."""
+    import ecomla.training.data
+    from ecomla.pipeline import check_inputs, load_recipe, plan
+
+    calls = []
+    real = ecomla.training.data.read_documents
+    monkeypatch.setattr(ecomla.training.data, "read_documents", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    data = [str(lab / "text.txt")]
+    for distill_prompt_loss, reads in ((False, 1), (True, 2)):
+        calls.clear()
+        recipe = write_recipe(tmp_path / "r.yaml", {
+            "model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+            "train": {"data": data, "seq_len": 32, "batch_size": 2, "tokens": 128},
+            "align": {}, "distill": {"prompt_loss": distill_prompt_loss}})
+        steps, evaluation = plan(load_recipe(recipe))
+        check_inputs(str(lab / "teacher"), steps, evaluation)
+        assert calls == [data] * reads
+
+
 def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path):
     """A section given twice kept the last without a word; `lr: 1e-4` was text to YAML 1.1 ("must be a number");
     an empty data file was found after the whole conversion."""

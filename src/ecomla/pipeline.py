@@ -217,6 +217,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     max_len = getattr(config, "max_position_embeddings", None)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes accelerate launched (the budget is split over them)
     tokenizer = load_tokenizer(model) if any(s.name in ("align", "distill") and s.options.data for s in steps) else None
+    read = set()  # (files, prompt_loss) already read: align and distill often share their data
     for step in steps:
         o, where = step.options, f"recipe section '{step.name}'"
         try:
@@ -226,8 +227,9 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                 for f in o.data:
                     if not Path(f).is_file():
                         raise FileNotFoundError(f"data file {f}: no such file")
-                if o.data and tokenizer is not None:  # read as the stage reads it: an empty, non-UTF-8 or
-                    read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)  # malformed file stops here
+                if o.data and tokenizer is not None and (tuple(o.data), o.prompt_loss) not in read:
+                    read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)  # as the stage reads them: an
+                    read.add((tuple(o.data), o.prompt_loss))  # empty, non-UTF-8 or malformed file stops here
                 if max_len and o.seq_len > max_len:
                     raise ValueError(f"seq_len {o.seq_len} is beyond the model's maximum length {max_len}")
                 run_steps(o, world)
