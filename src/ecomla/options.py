@@ -396,8 +396,8 @@ class TrainOptions(RunOutputOptions):
     seq_len: int = opt(512, "tokens per training sequence", min=2, resume_must_match=True)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES, resume_must_match=True)
     warmup: float = opt(0.03, "warm-up as a fraction of the steps", min=0, max=1, resume_must_match=True)
-    min_lr_ratio: float = opt(0.1, "learning rate the schedule decays towards, as a fraction of --lr (cosine, linear; reached at the step after the last)", min=0, max=1,
-                              resume_must_match=True)
+    min_lr_ratio: float = opt(0.1, "learning rate the schedule decays towards, as a fraction of --lr (cosine, linear; "
+                              "reached at the step after the last)", min=0, max=1, resume_must_match=True)
     weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)", min=0, resume_must_match=True)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0, resume_must_match=True)
     teacher_dtype: str = opt("float32", "dtype of the frozen teacher", choices=tuple(DTYPES), resume_must_match=True)

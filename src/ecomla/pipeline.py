@@ -494,17 +494,18 @@ def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -
         rows.append({"model": "distilled", "path": str(out / "distilled"), "kv_values_per_token": kv_final,
                      "kv_cache": kv_final / kv_orig, "heldout_kl": summary["after"]["heldout_kl"],
                      "heldout_ppl": summary["after"]["heldout_ppl"]})
-    if any(s.name == "dpo" for s in steps):
-        rows.append({"model": "dpo", "path": str(out / "dpo"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig})
-    from .training.dpo import spent as dpo_spent
+    compute = {"aligned": aligned, "distilled": summary}  # each stage's own {"tokens", "train_seconds"}
+    if "dpo" in names:
+        from .training.dpo import spent as dpo_spent
 
+        rows.append({"model": "dpo", "path": str(out / "dpo"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig})
+        compute["dpo"] = dpo_spent(out / "dpo") or None  # None: a DPO run from before its compute was recorded
     spent = {"tokens": 0, "seconds": 0.0}  # training compute behind each model: its stage and every one before
     for r in rows[1:]:
-        stage = {"aligned": aligned, "distilled": summary}.get(r["model"]) or (dpo_spent(r["path"]) if r["model"] == "dpo"
-                                                                               else {})
-        if r["model"] == "dpo" and not stage:  # a DPO run from before its compute was recorded: unknown
+        stage = compute.get(r["model"], {})
+        if stage is None or spent["tokens"] is None:  # unknown from there on
             spent = {"tokens": None, "seconds": None}
-        elif spent["tokens"] is not None:
+        else:
             spent = {"tokens": spent["tokens"] + stage.get("tokens", 0),
                      "seconds": spent["seconds"] + stage.get("train_seconds", 0.0)}
         r.update(train_tokens=spent["tokens"], train_seconds=spent["seconds"])

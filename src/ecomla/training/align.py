@@ -113,9 +113,6 @@ class Alignment(Objective):
     called_alone = ("MLAAttention",)  # each MLA layer's attention, on the original's captured inputs
     ratio_of_sums = True  # each layer's error over its targets' energy (or token count) of the whole step
 
-    def scale_gradients(self, student: "AlignStudent", factors: torch.Tensor) -> None:
-        student.scale_gradients(factors)
-
     def check(self, student_config, teacher_config) -> None:
         check_teacher(student_config, teacher_config)
 

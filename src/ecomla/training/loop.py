@@ -59,6 +59,10 @@ class StudentModule(nn.Module):
     def loss(self, *batch):
         raise NotImplementedError
 
+    def scale_gradients(self, factors: torch.Tensor) -> None:
+        """(`Objective.ratio_of_sums`) Multiply each group's gradients by its factor, factors (G,)."""
+        raise NotImplementedError
+
 
 class Objective:
     """What a training job optimizes. Subclasses set `metric` (the log's name for the objective's second
@@ -71,7 +75,7 @@ class Objective:
     # True: the loss is a mean over groups g of ratios of sums over the whole step (every micro-batch and process),
     #     L = 1/G sum_g (sum_b num_gb) / (sum_b den_gb),
     # the student returning (num (G,), den (G,) without gradient, token count); each group's gradient is scaled by
-    # 1 / its step's denominator (`scale_gradients`), which is exact when no parameter serves two groups. False:
+    # 1 / its step's denominator (`StudentModule.scale_gradients`), exact when no parameter serves two groups. False:
     # the student's loss is a mean over its batch's counted tokens, weighed by `loss_shares`.
     ratio_of_sums = False
 
@@ -84,10 +88,6 @@ class Objective:
     def build(self, lm: nn.Module, teacher: nn.Module):
         """(StudentModule whose loss(input_ids, weights, *targets) returns (loss, metric, token count),
         trainable parameters, teacher function input_ids -> targets) for the loaded models."""
-        raise NotImplementedError
-
-    def scale_gradients(self, student: nn.Module, factors: torch.Tensor) -> None:
-        """(`ratio_of_sums`) Multiply each group's gradients by its factor, factors (G,)."""
         raise NotImplementedError
 
     def divergence_causes(self) -> list[str]:
@@ -535,13 +535,13 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
                     kl_acc += float(kl) * shares[micro] / cfg.grad_accum
         if objective.ratio_of_sums:
             num, den = accelerator.reduce(sums, "sum")  # (G,) each: the whole step's, every process's
-            objective.scale_gradients(accelerator.unwrap_model(student), 1.0 / den.clamp_min(1e-12))
+            accelerator.unwrap_model(student).scale_gradients(1.0 / den.clamp_min(1e-12))
             loss_avg = kl_avg = float((num / den.clamp_min(1e-12)).mean())
-        # the global gradient norm (clipped when --max-grad-norm is set): checked before the weights change
-        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
-        if not objective.ratio_of_sums:
+        else:
             loss_avg = float(accelerator.reduce(torch.tensor(loss_acc, device=device), "mean"))
             kl_avg = float(accelerator.reduce(torch.tensor(kl_acc, device=device), "mean"))
+        # the global gradient norm (clipped when --max-grad-norm is set): checked before the weights change
+        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
         for what, value in (("training loss", loss_avg), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 raise TrainingDiverged(diverged_message(cfg, objective, step + 1, what, value, ckpt_dir))
