@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The real llama.cpp for the GGUF tests (`make test` only: the demo does not need it), built from source
-# the first time (about 4-17 minutes on 2 cores, by the day) into LLAMA_WHEELS and reused from there (pip's
+# the first time (about 3-17 minutes on 2 cores, by the day) into LLAMA_WHEELS and reused from there (pip's
 # own wheel cache would ignore CMAKE_ARGS). Built for any x86-64 with AVX2 (GGML_NATIVE=OFF), not for this
 # CPU: a native build on a CPU with AMX crashes in llama.cpp's AMX matmul on the tests' tiny q8_0 models
 # (ggml-org/llama.cpp#20824), and a native wheel would crash on an older CPU.

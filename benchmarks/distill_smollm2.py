@@ -2,7 +2,7 @@
 
 Run (from the repository root; reads ../shared/data/train, which is not shipped in the repo):
 
-    .venv/bin/python benchmarks/distill_smollm2.py                 # CPU: ~15 min on 2 cores
+    .venv/bin/python benchmarks/distill_smollm2.py                 # CPU: ~10 min on 2 cores
     python benchmarks/distill_smollm2.py --tokens 2000000 --precision bf16 --name distill_smollm2_cuda   # a GPU
 
 SmolLM2-135M-Instruct converted to full MLA (kv_lora_rank 48 + 3 x 16 RoPE values = 96 per token and

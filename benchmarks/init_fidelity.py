@@ -51,6 +51,9 @@ XECOMLA = dict(init="xecomla")
 # Every row keeps the RoPE handling these numbers were measured with (before benchmarks/rope_position.py
 # made `rope_drop="average", rope_context=128` the default; that study has its own rows).
 PINNED = dict(rope_drop="unrotated", rope_context=4096)
+# The rows built on the `ecomla` preset (best, the hybrids, the splits, the RoPE-only rows) were measured when
+# it chose per-layer `cost` frequencies and no latent norm (before the engine-native default of 2026-12-03).
+PRESET_OF_THEIR_DAY = dict(rope_freqs="cost", latent_norm=False)
 METHODS = {  # name -> conversion options (added to kv_ratio)
     "xecomla": XECOMLA,
     "+aware": dict(XECOMLA, svd="activations"),
@@ -61,7 +64,7 @@ METHODS = {  # name -> conversion options (added to kv_ratio)
     "+spectrum": dict(XECOMLA, rank_alloc="spectrum"),
     "aware+cost": dict(XECOMLA, svd="activations", rope_freqs="cost"),  # the RoPE gains given a whitened latent
     "aware+pca": dict(XECOMLA, svd="activations", rope_key_init="pca"),
-    "best": dict(rope_freqs="cost", latent_norm=False),  # the default of its day (PINNED too): per-layer frequencies
+    "best": dict(PRESET_OF_THEIR_DAY),  # the default of its day (PINNED too): per-layer frequencies
     "default": dict(),  # `--init ecomla` as it ships now (one RoPE progression, latent norm, averaged rotation)
 }
 SHIPPED = {"default"}  # rows converted as the options say, without PINNED
@@ -133,7 +136,7 @@ def main() -> int:
             return
         t = time.time()
         try:
-            pinned = {} if name in SHIPPED else PINNED
+            pinned = {} if name in SHIPPED else {**PINNED, **({} if kw.get("init") == "xecomla" else PRESET_OF_THEIR_DAY)}
             mla = convert(model, ConvertOptions(**{**pinned, **kw}), progress=False, calibration_ids=calib, covariance=cov)
         except ValueError as e:  # e.g. a split that leaves no room for the latent at this ratio
             print(f"{name}: skipped ({e})", flush=True)
@@ -146,6 +149,7 @@ def main() -> int:
                          kv_lora_rank=c.kv_lora_rank, layer_ranks=f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else None,
                          qk_rope_head_dim=c.qk_rope_head_dim, rope_key_heads=c.rope_key_heads, svd=conv["svd"],
                          rope_freqs=conv["rope_freqs"], rope_key_init=conv["rope_key_init"], rank_alloc=conv["rank_alloc"],
+                         latent_norm=conv["latent_norm"], rope_drop=conv["rope_drop"], rope_context=conv["rope_context"],
                          mla_layers=c.mla_layers if len(c.mla_layers) < c.num_hidden_layers else "all",
                          ppl=round(ppl, 3), kl=round(kl, 4), seconds=round(time.time() - t, 1), scored=scored))
         write_json(result, rows)  # partial results survive an interrupted run (--resume)

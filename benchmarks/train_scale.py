@@ -1,6 +1,6 @@
 """What training a real-size student costs in memory on this machine: distillation and alignment of a 1B MLA model.
 
-Run (from the repository root; CPU; ~40 min on 2 cores; the data is ../shared/data, not shipped in the repo):
+Run (from the repository root; CPU; ~12 min on 2 cores; the data is ../shared/data, not shipped in the repo):
 
     .venv/bin/python benchmarks/train_scale.py
 
