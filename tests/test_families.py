@@ -49,7 +49,17 @@ def tiny_qwen3(layers: int = 2, vocab_size: int = 128, seed: int = 0, **kw):
     return model
 
 
-TINY = {"qwen2": tiny_qwen2, "phi3": tiny_phi3, "qwen3": tiny_qwen3}
+def tiny_mistral(layers: int = 2, vocab_size: int = 128, seed: int = 0, **kw):
+    """Mistral v0.3's layout (no sliding window), with Mistral-Nemo's head_dim beyond hidden / heads (32, not 16)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32, vocab_size=vocab_size, max_position_embeddings=256,
+                        sliding_window=None, tie_word_embeddings=False, **kw)
+    return randomized(MistralForCausalLM, cfg, seed)
+
+
+TINY = {"qwen2": tiny_qwen2, "phi3": tiny_phi3, "qwen3": tiny_qwen3, "mistral": tiny_mistral}
 
 
 def exact(model, **kw) -> ConvertOptions:
@@ -158,7 +168,7 @@ def test_hybrid_cached_decoding_generation_and_round_trips(tmp_path, family):
     assert rel_err(torch.load(tmp_path / "o.pt"), full) == 0.0
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "qwen3", "mistral"])
 def test_distills_and_exports_where_the_format_can(tmp_path, family):
     from ecomla.cli import main
     from ecomla.io import save_checkpoint
@@ -186,7 +196,11 @@ def test_distills_and_exports_where_the_format_can(tmp_path, family):
         assert not (tmp_path / "ds").exists()
     else:
         assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "ds")]) == 0
-        assert AutoModelForCausalLM.from_pretrained(tmp_path / "ds").config.model_type == "deepseek_v3"
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")
+        assert exported.config.model_type == "deepseek_v3"
+        ids = torch.randint(1, len(tok), (1, 12))
+        with torch.no_grad():  # the distilled model's function, in stock transformers
+            assert rel_err(exported(ids).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "run")(ids).logits) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["qwen2", "phi3", "qwen3"])
@@ -210,6 +224,35 @@ def test_families_not_handled_yet_are_refused_with_the_reason(model_type, reason
         check_supported(cfg)
     with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
         check_supported(Qwen2Config(use_sliding_window=True))
+
+
+def test_qwen2_windows_are_refused_only_where_a_layer_has_one():
+    """use_sliding_window windows only the layers from max_window_layers on: with max_window_layers at the layer count
+    every layer attends fully (the same function as without the flag), and it converts."""
+    from types import SimpleNamespace
+
+    from ecomla.model.cache import layer_windows
+
+    for cls in (Qwen2Config, __import__("transformers").Qwen3Config):
+        check_supported(cls(use_sliding_window=True, num_hidden_layers=4, max_window_layers=4))
+        with pytest.raises(UnsupportedModelError, match="use_sliding_window: 2 of its 4 layers"):
+            check_supported(cls(use_sliding_window=True, num_hidden_layers=4, max_window_layers=2))
+    # a config without layer_types (older transformers): the same layers, from max_window_layers
+    old = SimpleNamespace(num_hidden_layers=4, sliding_window=8, use_sliding_window=True, max_window_layers=2,
+                          model_type="qwen2")
+    assert layer_windows(old) == [None, None, 8, 8]
+
+
+def test_the_engines_bias_refusal_names_the_sources_biases():
+    """The refusal spoke of "Qwen2's" biases for a Llama with attention_bias and never of its o_proj bias."""
+    from ecomla.model.engines import deepseek_v3_problems
+
+    for model, source, biased in ((tiny_qwen2(), "qwen2", "q/k/v"),
+                                  (tiny_llama(num_kv_heads=2, attention_bias=True), "llama", "q/k/v/o")):
+        mla = convert(model, ConvertOptions(kv_lora_rank=16, qk_rope_head_dim=8, init="xecomla"), progress=False)
+        bias, = [p for p in deepseek_v3_problems(mla.config) if "biases" in p]
+        assert f"its attention has biases (its {source}'s {biased} projections)" in bias
+        assert ("the output bias b_o" in bias) == (source == "llama")
 
 
 def test_phi3_variants_llama_cannot_express_are_refused_with_the_fix():

@@ -403,18 +403,20 @@ def test_llama3_rope_scaling_runs_in_llama_cpp_with_pairs_inside_one_band(tmp_pa
     resolve(MLAConversionConfig(kv_lora_rank=16, qk_rope_head_dim=14, target="deepseek-v3"), model.config)  # DS-V3 takes it
 
 
-def test_phi3_default_conversion_runs_in_llama_cpp(tmp_path):
-    """Phi-3 goes to llama.cpp as it goes to DeepSeek-V3: its fused projections split onto Llama's, the default
-    conversion exported as GGUF computes ecomla's logits (f32, 1e-4)."""
-    from test_families import tiny_phi3
+@pytest.mark.parametrize("family", ["phi3", "mistral"])
+def test_other_families_default_conversion_runs_in_llama_cpp(tmp_path, family):
+    """Phi-3 goes to llama.cpp as it goes to DeepSeek-V3: its fused projections split onto Llama's; Mistral with
+    a head_dim beyond hidden / heads (Mistral-Nemo's layout). The default conversion exported as GGUF computes
+    ecomla's logits (f32, 1e-4)."""
+    from test_families import TINY
 
     from conftest import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = tiny_phi3(vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    model = TINY[family](vocab_size=len(tok), eos_token_id=tok.eos_token_id)
     mla = convert(model, MLAConversionConfig(kv_lora_rank=20, qk_rope_head_dim=8), progress=False, tokenizer=tok)
-    assert mla.config.conversion["source_model_type"] == "phi3" and gguf_problems(mla.config) == []
-    check_in_llama_cpp(mla, tok, export_gguf(mla, tok, tmp_path / "phi3.gguf", "f32"), "f32")
+    assert mla.config.conversion["source_model_type"] == family and gguf_problems(mla.config) == []
+    check_in_llama_cpp(mla, tok, export_gguf(mla, tok, tmp_path / f"{family}.gguf", "f32"), "f32")
 
 
 def test_vllm_target_picks_a_shape_vllm_runs():

@@ -693,3 +693,22 @@ def test_a_checkpoint_stopped_while_it_is_written_leaves_nothing_half_written(tm
     with pytest.raises(KeyboardInterrupt):
         _save_checkpoint(Stopped(), tmp_path, 4, keep=2)
     assert sorted(os.listdir(tmp_path)) == ["step-000002"] and len(_checkpoints(tmp_path)) == 1
+
+
+def test_an_interrupted_final_save_leaves_no_half_copy(tmp_path, monkeypatch):
+    """Ctrl-C while a finished training run moves its model into --out left `.final.ecomla-tmp` holding part of
+    the model (found by stopping `ecomla distill` there); the temporary goes as the interrupt passes."""
+    import ecomla.training.loop as loop
+    from ecomla.sources import load_model
+
+    model, tok = load_model(str(tiny_model_dir(tmp_path / "m")))
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "record", interrupted)  # after the model is saved into the temporary, before it moves
+    with pytest.raises(KeyboardInterrupt):
+        loop._publish_model(model, tok, out, "distill")
+    assert list(out.iterdir()) == []

@@ -153,8 +153,13 @@ def check_supported(config, class_name: str | None = None) -> None:
         raise UnsupportedModelError(f"architecture {arch!r} (model_type {model_type!r}) is not supported yet{why}; "
                                     f"ecomla converts {supported}")
     if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
-        raise UnsupportedModelError(f"{arch}: sliding-window layers (use_sliding_window) are not supported yet; "
-                                    "convert a model with use_sliding_window false (the released ones)")
+        from .model.cache import layer_windows
+
+        windowed = sum(w is not None for w in layer_windows(config))  # none when max_window_layers >= the layers
+        if windowed:
+            raise UnsupportedModelError(f"{arch}: sliding-window layers (use_sliding_window: {windowed} of its "
+                                        f"{config.num_hidden_layers} layers) are not supported yet; convert a model "
+                                        "with use_sliding_window false (the released ones)")
     if model_type == "phi3":
         rope = getattr(config, "rope_parameters", None) or {}
         partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0

@@ -86,15 +86,19 @@ def layer_values_per_token(config) -> list[int]:
 
 def layer_windows(config) -> list[int | None]:
     """The most tokens each layer's cache keeps: an original's sliding window, as transformers applies it (the
-    layers `layer_types` names sliding, else every layer of a windowed Mistral or Phi-3), None for every token.
-    ecomla's conversions have no window (a windowed source is refused)."""
+    layers `layer_types` names sliding, else every layer of a windowed Mistral or Phi-3, and a Qwen2's with
+    use_sliding_window from max_window_layers on), None for every token. ecomla's conversions have no window
+    (a windowed source is refused)."""
     n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
     if not window or getattr(config, "model_type", None) in ("ecomla", *DEEPSEEK_MLA):
         return [None] * n
     types = getattr(config, "layer_types", None)
     if types:
         return [window if t == "sliding_attention" else None for t in types]
-    return [window] * n if getattr(config, "use_sliding_window", True) else [None] * n
+    if not getattr(config, "use_sliding_window", True):
+        return [None] * n
+    first = getattr(config, "max_window_layers", 0) if hasattr(config, "use_sliding_window") else 0
+    return [window if i >= first else None for i in range(n)]
 
 
 def cache_values_per_token(config) -> int:

@@ -134,11 +134,15 @@ def deepseek_v3_problems(config, per_layer_rope: bool = False, per_layer_ranks: 
         problems.append("its MLP has biases (mlp_bias), which DeepSeek-V3's MLP does not (ecomla's own code runs it: "
                         "transformers with `import ecomla` or trust_remote_code)")
     if config.attention_bias:
-        problems.append("its attention has biases, which DeepSeek-V3 layers do not: of Qwen2's, the key bias's non-RoPE part adds to "
-                        "each score a term constant across keys (no change to the softmax), but its RoPE part rotates with "
-                        "the key's position, the query bias adds b_q . k_s (a term per key), and the value bias a constant "
-                        "W_o b_v to each layer's output; bias-free layers express none of these exactly (ecomla's own "
-                        "code runs it: transformers with `import ecomla` or trust_remote_code)")
+        source = (getattr(config, "conversion", None) or {}).get("source_model_type")
+        qwen2 = source == "qwen2"  # Qwen2 biases q, k, v; Llama's attention_bias q, k, v and o
+        problems.append(f"its attention has biases (its {source or 'source'}'s {'q/k/v' if qwen2 else 'q/k/v/o'} "
+                        "projections), which DeepSeek-V3 layers do not: the key bias's non-RoPE part adds to each score "
+                        "a term constant across keys (no change to the softmax), but its RoPE part rotates with the "
+                        "key's position, the query bias adds b_q . k_s (a term per key), and the value bias a constant "
+                        "W_o b_v to each layer's output" + ("" if qwen2 else ", the output bias b_o another") +
+                        "; bias-free layers express none of these exactly (ecomla's own code runs it: transformers "
+                        "with `import ecomla` or trust_remote_code)")
     return problems
 
 

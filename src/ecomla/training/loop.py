@@ -251,14 +251,16 @@ def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
     ecomla's before they move in)."""
     tmp = out / ".final.ecomla-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
-    record(out, kind, files, read_from=tmp)
-    for f in files:
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    try:
+        lm.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        record(out, kind, files, read_from=tmp)
+        for f in files:
+            os.replace(f, out / f.name)
+    finally:  # interrupted (Ctrl-C, SIGTERM) or failed: no half copy stays (without config.json, out is unfinished)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_steps(cfg: TrainOptions, world: int) -> tuple[int, int]:
