@@ -37,6 +37,60 @@ def test_success_replaces_and_refuses_without_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.fixture
+def tmpfs_path(tmp_path):
+    """A fresh folder on tmpfs where there is one (/dev/shm: it lists a folder newest first), else `tmp_path`."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(dir=shm, prefix="ecomla-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_replaced_output_loses_its_marker_last(tmpfs_path, monkeypatch):
+    """--overwrite renames the old output aside and removes it; killed in that removal after the marker went (on
+    tmpfs the marker, written last, is listed first, so it went first), the rest stayed for good: nothing marked
+    it ecomla's, so no later command removed it. The marker goes last now, and a half-removed old output is
+    finished by the next run."""
+    import ecomla.io as io
+
+    tmp_path = tmpfs_path
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for i in range(40):
+        (out / f"old{i}.bin").write_text("old")
+    record(out, "convert")
+    removed, unlink = [], os.unlink
+
+    def recording(path, *a, **k):
+        removed.append(os.path.basename(path))
+        return unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", recording)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "new.bin").write_text("new")
+    monkeypatch.undo()
+    old = [n for n in removed if n.startswith("old") or n == MARKER]
+    assert len(old) == 41 and old[-1] == MARKER
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # what a removal killed before its marker leaves: the next command into the same place removes it
+    left = tmp_path / ".ckpt.ecomla-old-999999999"
+    left.mkdir()
+    (left / "old0.bin").write_text("old")
+    record(left, "convert")
+    assert [p for p, _ in io.dead_leftovers(tmp_path)] == [left]  # named where the disk is short of space
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "newer.bin").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (out / "newer.bin").exists()
+    io.remove_marked(out)
+    assert not out.exists()
+
+
 def test_published_files_are_readable_as_the_umask_says(tmp_path):
     """transformers writes model.safetensors through a temporary of its own, mode 0600: a distilled model's weights
     were unreadable to the server's user while the conversion's were 0644."""

@@ -413,9 +413,11 @@ def check_free_space(needs: dict, what: str, fix: str) -> None:
 
 
 def dead_leftovers(folder: Path) -> list[tuple[Path, int]]:
-    """(path, bytes) of ecomla's temporaries in `folder` whose process is gone (a killed run's partial output)."""
+    """(path, bytes) of ecomla's temporaries in `folder` whose process is gone (a killed run's partial output, or the
+    old output a killed --overwrite had moved aside: `clean_leftovers` removes both)."""
     found = []
-    for p in Path(folder).glob(f".*.{TMP}-*"):
+    olds = [p for p in Path(folder).glob(f".*.{OLD}-*") if (p / MARKER).is_file()]
+    for p in [*Path(folder).glob(f".*.{TMP}-*"), *olds]:
         if OWNED.fullmatch(p.name) and not _owner_alive(p) and not p.is_symlink():
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
             found.append((p, size))
@@ -442,8 +444,24 @@ def clean_leftovers(out: Path) -> None:
     if olds and not out.exists():  # killed between the two renames of a replacement: put the old one back
         olds[-1].rename(out)
         olds = olds[:-1]
-    for p in [*ours(TMP), *olds]:
+    for p in ours(TMP):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    for p in olds:
+        remove_marked(p, ignore_errors=True)
+
+
+def remove_marked(folder: Path, ignore_errors: bool = False) -> None:
+    """Remove an output folder ecomla marked, its marker last: killed half-way (a replaced output's gigabytes take a
+    while), what stays is still marked ecomla's, and the next command into the same place finishes the removal."""
+    try:
+        for p in folder.iterdir():
+            if p.name != MARKER:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        (folder / MARKER).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def glob_escape(name: str) -> str:
@@ -671,7 +689,7 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
                     out.rename(old)
                     tmp.rename(out)
                     replaced = old
-                shutil.rmtree(old)
+                remove_marked(old)
             else:
                 if out.is_dir():
                     shutil.rmtree(out)  # empty but for ecomla's own temporaries
@@ -680,7 +698,7 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             if replaced is not None and replaced.exists():  # stopped as the renames ended: the swap is done
-                shutil.rmtree(replaced, ignore_errors=True)
+                remove_marked(replaced, ignore_errors=True)
 
 
 def write_via_temporary(path, write, check=None) -> None:
