@@ -52,7 +52,7 @@ def tmpfs_path(tmp_path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_a_replaced_output_loses_its_marker_last(tmpfs_path, monkeypatch):
+def test_a_replaced_output_and_a_restarted_run_lose_their_marker_last(tmpfs_path, monkeypatch):
     """--overwrite renames the old output aside and removes it; killed in that removal after the marker went (on
     tmpfs the marker, written last, is listed first, so it went first), the rest stayed for good: nothing marked
     it ecomla's, so no later command removed it. The marker goes last now, and a half-removed old output is
@@ -89,6 +89,17 @@ def test_a_replaced_output_loses_its_marker_last(tmpfs_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (out / "newer.bin").exists()
     io.remove_marked(out)
     assert not out.exists()
+    # a training run's folder that --overwrite restarts is emptied the same way
+    run = tmp_path / "run"
+    run.mkdir()
+    for i in range(40):
+        (run / f"old{i}.bin").write_text("old")
+    record(run, "distill")
+    removed.clear()
+    monkeypatch.setattr(os, "unlink", recording)
+    io.clear_run_dir(run)
+    monkeypatch.undo()
+    assert len(removed) == 41 and removed[-1] == MARKER and list(run.iterdir()) == []
 
 
 def test_published_files_are_readable_as_the_umask_says(tmp_path):

@@ -480,10 +480,12 @@ def _owner_alive(p: Path) -> bool:
 
 
 def clear_run_dir(directory: Path) -> None:
-    """Empty a run folder that --overwrite restarts (check_output has made sure every file in it is ecomla's)."""
+    """Empty a run folder that --overwrite restarts (check_output has made sure every file in it is ecomla's), its
+    marker last: stopped half-way, what stays is still marked ecomla's (the next --overwrite may take it)."""
     for p in Path(directory).iterdir():
-        if p.name != LEGACY_LOCK:
+        if p.name not in (LEGACY_LOCK, MARKER):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (Path(directory) / MARKER).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- one writer per output
