@@ -336,3 +336,87 @@ def test_run_recipe_in_two_processes(tmp_path):
             assert proc.stdout.count("[ecomla run] convert: ConvertOptions") == 1  # said once, by the first process
         else:
             assert proc.stdout.count("already done, skipped") == 3
+
+
+def test_a_dpo_step_cut_short_in_a_recipe_continues_on_the_next_run(tmp_path, monkeypatch):
+    """DPO's checkpoints live beside its output (OUT/dpo.dpo-state) and OUT/dpo appears only when it is done: the
+    next `ecomla run` took an interrupted DPO step for a new run and refused its own checkpoints ("exists ... pass
+    --overwrite", which a recipe cannot pass). It continues from the checkpoint now."""
+    import transformers
+
+    from ecomla.pipeline import run_recipe
+
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "yes.", "rejected": "no, a dog."})
+                                                for i in range(8)))
+    recipe = {"model": str(tiny_model_dir(tmp_path / "teacher")), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+              "dpo": {"data": str(tmp_path / "p.jsonl"), "max_steps": 4, "save_every": 2, "lr": 1e-3}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    real = transformers.Trainer._save_checkpoint
+
+    def stopped_after_checkpoint_2(self, *a, **k):
+        real(self, *a, **k)
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", stopped_after_checkpoint_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / "dpo").exists() and (tmp_path / "out" / "dpo.dpo-state" / "checkpoint-2").is_dir()
+    lines = []
+    run_recipe(tmp_path / "r.yaml", log=lines.append)
+    assert any("resuming from" in str(x) and "checkpoint-2" in str(x) for x in lines), lines
+    assert (tmp_path / "out" / "dpo" / "config.json").is_file()
+
+
+def test_dpo_inputs_the_model_cannot_take_are_refused_before_any_work(tmp_path):
+    """Chat preference rows with a tokenizer that has no chat template were refused only after the models loaded,
+    and in a recipe after every step before DPO; an empty 'conversations' list failed inside TRL without naming the
+    row. Each is refused before any weight loads now."""
+    from ecomla.pipeline import run_recipe
+    from ecomla.training.dpo import DPOOptions, dpo, read_preferences
+
+    model = tiny_model_dir(tmp_path / "plain")
+    (model / "chat_template.jinja").unlink()  # a base model's tokenizer: no chat template
+    assert not __import__("ecomla.sources").sources.load_tokenizer(str(model)).chat_template
+    chat = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "c"},
+            "rejected": {"from": "gpt", "value": "r"}}
+    (tmp_path / "chat.json").write_text(json.dumps([chat]))
+    (tmp_path / "text.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}))
+    (tmp_path / "empty.json").write_text(json.dumps([{**chat, "conversations": []}]))
+    with pytest.raises(ValueError, match=r"empty.json, row 1: 'conversations' is empty"):
+        read_preferences(tmp_path / "empty.json")
+    message = "chat turns and .*plain.*'s tokenizer has no chat template"
+    with pytest.raises(ValueError, match=message):
+        dpo(DPOOptions(model=str(model), data=str(tmp_path / "chat.json"), out=str(tmp_path / "o")), log=lambda *a: None)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.dpo-state").exists()
+    recipe = {"model": str(model), "out": str(tmp_path / "run"), "convert": {"kv_rank": 8},
+              "dpo": {"data": str(tmp_path / "chat.json")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="recipe section 'dpo': .*" + message):
+        run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    assert not (tmp_path / "run" / "converted").exists()  # refused before step one
+
+
+def test_dpo_caps_its_max_length_at_the_models_positions(tmp_path, monkeypatch):
+    """--max-length beyond the model's positions trained on positions it never saw, silently (the default 512 on
+    a 256-position model too): the cap is the model's positions, with a note."""
+    import trl
+
+    from ecomla.training.dpo import DPOOptions, dpo
+
+    seen = []
+    real = trl.DPOTrainer.__init__
+
+    def recording(self, *a, args=None, **k):
+        seen.append(args.max_length)
+        return real(self, *a, args=args, **k)
+
+    monkeypatch.setattr(trl.DPOTrainer, "__init__", recording)
+    (tmp_path / "text.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r, a dog."}))
+    model = tiny_model_dir(tmp_path / "m")  # 256 positions
+    lines = []
+    for given in (4096, 100):
+        dpo(DPOOptions(model=str(model), data=str(tmp_path / "text.jsonl"), out=str(tmp_path / f"o{given}"),
+                       max_steps=1, max_length=given), log=lines.append)
+    assert seen == [256, 100] and sum("--max-length 4096 is beyond the model's 256 positions" in x for x in lines) == 1

@@ -470,7 +470,8 @@ class DPOOptions(RunOutputOptions):
     epochs: float = opt(1.0, "passes over the data (unless --max-steps)", gt=0, resume_must_match=True)
     max_steps: int = opt(-1, "stop after N optimizer steps (-1: by --epochs)", min=-1, resume_must_match=True)
     batch_size: int = opt(2, "pairs per device per step", min=1, resume_must_match=True)
-    max_length: int = opt(512, "tokens per prompt + answer", min=2, resume_must_match=True)
+    max_length: int = opt(512, "tokens per prompt + answer, at most (cut at the model's positions if they are fewer)",
+                          min=2, resume_must_match=True)
     save_every: int = opt(100, "checkpoint every N steps", min=1)
     resume: bool = opt(False, "continue from the last checkpoint in OUT.dpo-state/")
 

@@ -210,7 +210,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     from .evaluation.evaluate import check_passkey_contexts, task_data
     from .sources import load_config, load_tokenizer
     from .training.data import check_vocab, read_documents
-    from .training.dpo import read_preferences
+    from .training.dpo import check_chat_template, read_preferences
     from .training.loop import run_steps
 
     config = load_config(model)
@@ -235,8 +235,8 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                 run_steps(o, world)
                 if o.teacher != model:
                     check_vocab(None, None, config, load_config(o.teacher))
-            if step.name == "dpo":
-                read_preferences(o.data)
+            if step.name == "dpo":  # its model will carry the original's tokenizer
+                check_chat_template(read_preferences(o.data), load_tokenizer(model), model)
                 if o.ref_model:
                     check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:
@@ -348,6 +348,7 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
     Under a launch of several processes, the first decides and writes, and the others follow (`Launch`)."""
     from .io import atomic_write
     from .training.data import reuse_sampled_text
+    from .training.dpo import state_dir as dpo_state_dir
 
     launch = launch or Launch()
     timings: dict[str, float] = {}
@@ -374,7 +375,8 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
         if launch.main:
             if step.name == "distill" and "align" in stages:  # its copy of the text starts the folder resumed into
                 reuse_sampled_text(stages["align"].options, step.options)
-            new_run = getattr(step.options, "resume", False) and not step.out.exists()  # a new run, not one continued
+            begun = step.out.exists() or (step.name == "dpo" and dpo_state_dir(step.out).exists())  # (DPO's
+            new_run = getattr(step.options, "resume", False) and not begun  # checkpoints are beside its out)
         if launch.share(f"{step.name} new run", new_run):
             step.options = step.options.replace(resume=False)
         now = step.recorded()

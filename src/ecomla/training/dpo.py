@@ -46,6 +46,8 @@ def preference_row(row: dict) -> dict:
     if "conversations" in row:
         if not isinstance(row["conversations"], list):
             raise ValueError(f"'conversations' must be a list of chat turns, got {row['conversations']!r}")
+        if not row["conversations"]:
+            raise ValueError("'conversations' is empty: give the prompt's chat turns")
         prompt = [_turn(m) for m in row["conversations"]]
         return {"prompt": prompt, "chosen": [_turn(row["chosen"])], "rejected": [_turn(row["rejected"])]}
     keys = ("prompt", "chosen", "rejected")
@@ -81,6 +83,25 @@ def read_preferences(path: str | Path) -> list[dict]:
     return rows
 
 
+def check_chat_template(rows: list[dict], tokenizer, model: str) -> None:
+    """Chat rows need `model`'s tokenizer to have a chat template (checked before any weight loads)."""
+    if any(isinstance(r["prompt"], list) for r in rows) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the preference data hold chat turns and {model}'s tokenizer has no chat template to render "
+                         "them: give plain-text rows ('prompt', 'chosen' and 'rejected' strings), or add a chat_template "
+                         "to its tokenizer_config.json")
+
+
+def capped_length(max_length: int, config, log) -> int:
+    """--max-length, at most the model's positions: it caps each prompt + answer (TRL truncates to it), and tokens
+    past the positions the model was trained on would train it on positions it has never seen."""
+    most = getattr(config, "max_position_embeddings", None)
+    if most and max_length > most:
+        log(f"[ecomla dpo] note: --max-length {max_length} is beyond the model's {most} positions: sequences are cut "
+            f"at {most}")
+        return most
+    return max_length
+
+
 def dpo(args: DPOOptions, log=print) -> Path:
     """Train with DPO; the final model is written atomically to args.out (TRL state in out.dpo-state/)."""
     from ..io import claim
@@ -108,6 +129,10 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     check_output(state, inputs, overwrite=args.overwrite, resume=args.resume, kind="dpo-state",
                  overwrite_kind=args.overwrite_kind)
     rows = read_preferences(args.data)
+    tok = load_tokenizer(args.model)
+    if tok is None:
+        raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
+    check_chat_template(rows, tok, args.model)
     if args.ref_model:
         check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
@@ -116,13 +141,9 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
         if any(state.glob("checkpoint-*")):  # (before the first checkpoint, nothing trained on it yet)
             check_unchanged_sources(recorded.get("data_files"), [args.data], f"the DPO run in {out}", "preference data",
                                     "the rest of the run would train on other pairs")
-    model, tok = load_model(args.model, dtype=torch.float32)
-    if tok is None:
-        raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
+    model, _ = load_model(args.model, dtype=torch.float32, tokenizer=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if isinstance(rows[0]["prompt"], list) and not tok.chat_template:
-        raise ValueError("chat preference data need a tokenizer with a chat template")
     ref, _ = load_model(args.ref_model or args.model, dtype=torch.float32, tokenizer=False)
     ref.requires_grad_(False)
     created = not state.exists()
@@ -161,7 +182,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     config = DPOConfig(
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        max_length=args.max_length, bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
+        max_length=capped_length(args.max_length, model.config, log), bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
         save_total_limit=args.keep_checkpoints,  # the newest; each holds the model and AdamW's moments
         logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
     )
