@@ -84,10 +84,10 @@ def test_kv_ratio_and_overwrite(tiny_dir, tmp_path, capsys):
     (["--kv-ratio", "0.5"], "kv_ratio (--kv-ratio) must be > 1, got 0.5"),
     (["--kv-rank", "16", "--svd", "activations", "--calib", "/no/such/calib.txt"], "--calib /no/such/calib.txt: no such file"),
     (["--kv-rank", "16", "--svd", "activations", "--calib", "/"], "--calib /: a folder; give a text file"),
-    (["--kv-rank", "16", "--num-mla-layers", "9"], "num_mla_layers=9 must be between 1"),
+    (["--kv-rank", "16", "--num-mla-layers", "9"], "num_mla_layers=9 (--num-mla-layers) must be between 1"),
     (["--kv-rank", "16", "--target", "deepseek-v3", "--rope-freqs", "contribution"], "DeepSeek-V3 one standard rotary"),
     (["--kv-rank", "16", "--svd", "activations", "--calib-tokens", "0"], "calib_tokens (--calib-tokens) must be >= 256"),
-    (["--kv-rank", "16", "--rope-key", "two"], "rope_key_heads='two'"),
+    (["--kv-rank", "16", "--rope-key", "two"], "rope_key_heads='two' (--rope-key) must be"),
 ])
 def test_bad_settings_fail_clearly_and_write_nothing(tiny_dir, tmp_path, capsys, args, message):
     out = tmp_path / "mla"

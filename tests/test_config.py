@@ -47,8 +47,15 @@ def test_rank_for_ratio_picks_largest_rank_meeting_ratio():
     r = rank_for_ratio(SMOLLM2, 6.4, 32, 1, list(range(30)))
     assert kv_fraction(SMOLLM2, list(range(30)), r, 1, 32) <= 1 / 6.4
     assert kv_fraction(SMOLLM2, list(range(30)), r + 1, 1, 32) > 1 / 6.4
-    with pytest.raises(ValueError, match="impossible"):
+    # the refusal names what still can change (it said "convert more layers" with every layer converted)
+    with pytest.raises(ValueError, match=r"4x smaller cache is impossible with 2 of 30 layers .*: choose a --kv-ratio up "
+                                         r"to 1.06, or a lower --rope-dim, or more layers converted \(--layers"):
         rank_for_ratio(SMOLLM2, 4, 32, 1, [0, 1])  # 2 of 30 layers cannot give 4x
+    with pytest.raises(ValueError, match=r"with 30 of 30 layers converted and 3 x 32 RoPE values per token beside the "
+                                         r"latent: choose a --kv-ratio up to 3.95, or a lower --rope-dim, or one shared "
+                                         r"RoPE key \(--rope-key shared\)$"):
+        rank_for_ratio(SMOLLM2, 8, 32, 3, list(range(30)))
+    assert kv_fraction(SMOLLM2, list(range(30)), 1, 3, 32) <= 1 / 3.95  # the ratio it names is reached at rank 1
 
 
 def test_resolve_defaults():
@@ -66,7 +73,7 @@ def test_resolve_defaults():
         (dict(kv_lora_rank=64, qk_rope_head_dim=66), "RoPE dimension 66 is invalid"),
         (dict(kv_lora_rank=64, layers=[0, 30]), "out of range"),
         (dict(kv_lora_rank=64, rope_key_heads=2), "divide the number of KV heads"),
-        (dict(kv_lora_rank=64, q_lora_rank=10_000), "q_lora_rank=10000 is impossible"),
+        (dict(kv_lora_rank=64, q_lora_rank=10_000), r"q_lora_rank=10000 \(--q-rank\) is impossible"),
         (dict(), "give the latent size"),
         (dict(kv_lora_rank=64, kv_ratio=4), "not both"),
         (dict(kv_ratio=float("nan")), "finite"),

@@ -432,6 +432,9 @@ def test_vllm_target_picks_a_shape_vllm_runs():
         resolve(MLAConversionConfig(kv_ratio=4.0, target="vllm"), llama_1b)
     with pytest.raises(ValueError, match="--target vllm takes --kv-rank 512 or 256"):
         resolve(MLAConversionConfig(kv_lora_rank=300, target="vllm"), llama_1b)
+    # a --rope-dim beside it: refused naming that flag (it said "convert with --target vllm", which the user had done)
+    with pytest.raises(ValueError, match="not the 32 of --rope-dim: drop --rope-dim"):
+        resolve(MLAConversionConfig(kv_lora_rank=256, qk_rope_head_dim=32, target="vllm"), llama_1b)
     smollm2 = LlamaConfig(hidden_size=576, intermediate_size=64, num_hidden_layers=2, num_attention_heads=9,
                           num_key_value_heads=3, head_dim=64, vocab_size=128)  # 384 values: only 256 + 64 is smaller
     with pytest.raises(ValueError, match="cannot make this cache smaller"):

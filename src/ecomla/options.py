@@ -82,10 +82,11 @@ def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def label(cls, name: str) -> str:
-    """How messages name a field: `kv_lora_rank (--kv-rank)`."""
+def label(cls, name: str, value=MISSING) -> str:
+    """How messages name a field: `kv_lora_rank (--kv-rank)`, or with its value `q_lora_rank=200 (--q-rank)`."""
     f = next(f for f in fields(cls) if f.name == name)
-    return name if f.metadata.get("positional") else f"{name} ({flag_of(f)})"
+    named = name if value is MISSING else f"{name}={value!r}"
+    return named if f.metadata.get("positional") else f"{named} ({flag_of(f)})"
 
 
 def _accepts(tp, value) -> bool:

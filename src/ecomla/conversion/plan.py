@@ -18,7 +18,7 @@ from ..model.configuration_ecomla import EcoMLAConfig
 from ..model.engines import (ENGINES, TARGET_ENGINES, VLLM_ROPE_DIM, VLLM_SHAPES, largest_llama_cpp_rope_dim,
                              progression_engines)
 from ..model.rope import rotary_progressions, select_rope_pairs
-from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions
+from ..options import INIT_PRESETS, MEASURED_ROPE_FREQS, PER_LAYER_ROPE_FREQS, ConvertOptions, label
 from ..version import __version__
 from .families import NEEDS_TEXT, llama_config
 
@@ -154,7 +154,8 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     layers = None
     if options.num_mla_layers is not None:
         if not options.num_mla_layers <= n_layers:
-            raise ValueError(f"num_mla_layers={options.num_mla_layers} must be between 1 and the model's {n_layers} layers")
+            raise ValueError(f"{label(ConvertOptions, 'num_mla_layers', options.num_mla_layers)} must be between 1 and "
+                             f"the model's {n_layers} layers")
         count = options.num_mla_layers
         if count == n_layers:  # every layer: nothing to choose (nor to score on the whole model)
             layers = tuple(range(n_layers))
@@ -174,6 +175,9 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     if options.target == "vllm" and head_dim < VLLM_ROPE_DIM:  # before the RoPE dim's check, whose fix vLLM refuses
         raise ValueError(f"--target vllm: vLLM's MLA runs a RoPE key of {VLLM_ROPE_DIM} dims, more than this model's "
                          f"heads have (head_dim {head_dim}); use --target llama.cpp or no --target")
+    if options.target == "vllm" and d_rope != VLLM_ROPE_DIM:  # a --rope-dim given beside it: vLLM runs only 64
+        raise ValueError(f"--target vllm: vLLM's MLA runs a RoPE key of {VLLM_ROPE_DIM} dims, not the {d_rope} of "
+                         f"--rope-dim: drop --rope-dim (--target vllm sets {VLLM_ROPE_DIM})")
     if not 0 < d_rope <= head_dim or d_rope % 2:
         raise ValueError(f"RoPE dimension {d_rope} is invalid: it must be even and between 2 and head_dim={head_dim} "
                          f"(e.g. --rope-dim {head_dim // 2})")
@@ -181,7 +185,7 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     if isinstance(n_r, str) and n_r.isdigit():
         n_r = int(n_r)
     if not isinstance(n_r, int) or n_r < 1 or kv_heads % n_r:
-        raise ValueError(f"rope_key_heads={s['rope_key_heads']!r} must be 'shared', 'per-group' or divide the number of "
+        raise ValueError(f"{label(ConvertOptions, 'rope_key_heads', s['rope_key_heads'])} must be 'shared', 'per-group' or divide the number of "
                          f"KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)")
     residual = shared_key_residual(d_rope, s["rope_residual"], n_r, kv_heads)
     max_rank = max_kv_lora_rank(model_config, d_rope - residual)  # the residual's rows join the latent's target
@@ -205,7 +209,8 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     if options.q_lora_rank is not None:
         q_max = min(hidden, heads * (nope + d_rope))
         if not options.q_lora_rank <= q_max:
-            raise ValueError(f"q_lora_rank={options.q_lora_rank} is impossible: choose 1..{q_max} or leave it unset")
+            raise ValueError(f"{label(ConvertOptions, 'q_lora_rank', options.q_lora_rank)} is impossible: choose "
+                             f"1..{q_max} or leave it unset")
     needs_calibration = (s["svd"] == "activations" or s["rope_freqs"] in MEASURED_ROPE_FREQS
                          or s["rope_key_init"] in ("pca", "freqfold") or options.target is not None or bool(s["latent_norm"])
                          or (layers is None and options.layer_choice != "alternate"))

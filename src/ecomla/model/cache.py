@@ -60,10 +60,18 @@ def rank_for_ratio(model_config, ratio: float, qk_rope_head_dim: int, rope_key_h
     n_layers, gqa = model_config.num_hidden_layers, gqa_values_per_token(model_config)
     budget = n_layers * gqa / ratio - (n_layers - len(layers)) * gqa  # values/token left for the MLA layers
     rank = math.floor(budget / len(layers) + 1e-9) - rope_key_heads * qk_rope_head_dim
-    if rank < 1:
+    if rank < 1:  # even a rank-1 latent: the most these settings reach, and what else could reach more
+        most = n_layers * gqa / ((n_layers - len(layers)) * gqa + len(layers) * (1 + rope_key_heads * qk_rope_head_dim))
+        fixes = [f"a --kv-ratio up to {math.floor(most * 100) / 100:g}"]
+        if qk_rope_head_dim > 2:
+            fixes.append("a lower --rope-dim")
+        if rope_key_heads > 1:
+            fixes.append("one shared RoPE key (--rope-key shared)")
+        if len(layers) < n_layers:
+            fixes.append("more layers converted (--layers, --num-mla-layers)")
         raise ValueError(
-            f"a {ratio}x smaller cache is impossible with {len(layers)} of {n_layers} layers converted and "
-            f"{rope_key_heads} x {qk_rope_head_dim} RoPE values per token: convert more layers or lower the RoPE dim"
+            f"a {ratio:g}x smaller cache is impossible with {len(layers)} of {n_layers} layers converted and "
+            f"{rope_key_heads} x {qk_rope_head_dim} RoPE values per token beside the latent: choose " + ", or ".join(fixes)
         )
     return rank
 
