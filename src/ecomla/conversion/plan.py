@@ -185,8 +185,9 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     if isinstance(n_r, str) and n_r.isdigit():
         n_r = int(n_r)
     if not isinstance(n_r, int) or n_r < 1 or kv_heads % n_r:
-        raise ValueError(f"{label(ConvertOptions, 'rope_key_heads', s['rope_key_heads'])} must be 'shared', 'per-group' or divide the number of "
-                         f"KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV group)")
+        raise ValueError(f"{label(ConvertOptions, 'rope_key_heads', s['rope_key_heads'])} must be 'shared', 'per-group' "
+                         f"or divide the number of KV heads ({kv_heads}): use 1 (shared key) or {kv_heads} (one per KV "
+                         "group)")
     residual = shared_key_residual(d_rope, s["rope_residual"], n_r, kv_heads)
     max_rank = max_kv_lora_rank(model_config, d_rope - residual)  # the residual's rows join the latent's target
     if options.target == "vllm":

@@ -134,7 +134,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
         raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
     check_chat_template(rows, tok, args.model)
     if args.ref_model:
-        check_vocab(load_tokenizer(args.model), load_tokenizer(args.ref_model), load_config(args.model),
+        check_vocab(tok, load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
     if args.resume:
         recorded = args.check_resume(state / "args.json")
@@ -182,7 +182,8 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     config = DPOConfig(
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        max_length=capped_length(args.max_length, model.config, log), bf16=args.precision == "bf16", save_steps=args.save_every, save_strategy="steps",
+        max_length=capped_length(args.max_length, model.config, log), bf16=args.precision == "bf16",
+        save_steps=args.save_every, save_strategy="steps",
         save_total_limit=args.keep_checkpoints,  # the newest; each holds the model and AdamW's moments
         logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
     )
