@@ -712,3 +712,26 @@ def test_an_interrupted_final_save_leaves_no_half_copy(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         loop._publish_model(model, tok, out, "distill")
     assert list(out.iterdir()) == []
+
+
+def test_every_process_removes_a_checkpoint_cut_short(tmp_path):
+    """Ctrl-C to a 2-process FSDP run while it wrote a checkpoint: the first process removed the temporary and the
+    second, still writing its shard, made it again, so `.step-N.ecomla-tmp` stayed (2 runs in 5). Each process
+    removes it as it stops now."""
+    from ecomla.training.loop import _save_checkpoint
+
+    class SecondProcess:  # what accelerate gives the process of rank 1, stopped while it writes its shard
+        is_main_process = False
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "pytorch_model_fsdp_1.bin").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        _save_checkpoint(SecondProcess(), tmp_path / "checkpoints", 30, keep=2)
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -671,9 +671,8 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
     try:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
-    except BaseException:  # stopped (SIGTERM, Ctrl-C) or failed while writing: no half-written checkpoint stays
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # stopped (SIGTERM, Ctrl-C) or failed while writing: no half-written checkpoint stays;
+        shutil.rmtree(tmp, ignore_errors=True)  # every process removes it (another may write on after the first stops)
         raise
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
