@@ -118,3 +118,20 @@ def test_a_bfloat16_teacher_aligns_a_float32_student(models, tmp_path):
     """--teacher-dtype bfloat16 (what a large teacher needs): its captured inputs meet float32 MLA layers."""
     summary = align(_cfg(models, tmp_path / "run", tokens=4 * 2 * 32, teacher_dtype="bfloat16"), log=lambda *a: None)
     assert summary["after"]["heldout_kl"] < summary["before"]["heldout_kl"]
+
+
+def test_two_runs_in_one_process_each_take_their_own_precision(tmp_path):
+    """accelerate keeps one state per process: `ecomla run` with `align: {precision: fp32}` and `distill: {precision:
+    bf16}` (or a notebook training twice) failed at the second stage with "AcceleratorState has already been
+    initialized", after the first had run. Each run sets its own precision now, in both orders."""
+    from conftest import tiny_run_options, tiny_training_inputs
+    from ecomla.options import AlignOptions, DistillOptions
+    from ecomla.training.align import align
+    from ecomla.training.distill import distill
+
+    inputs = tiny_training_inputs(tmp_path, kv_lora_rank=8)
+    short = dict(tokens=2 * 2 * 32, eval_every=0, save_every=0)
+    align(tiny_run_options(AlignOptions, inputs, tmp_path / "a", precision="fp32", **short), log=lambda *a: None)
+    distill(tiny_run_options(DistillOptions, inputs, tmp_path / "d", precision="bf16", **short), log=lambda *a: None)
+    align(tiny_run_options(AlignOptions, inputs, tmp_path / "a2", precision="fp32", **short), log=lambda *a: None)
+    assert all((tmp_path / run / "config.json").is_file() for run in ("a", "d", "a2"))

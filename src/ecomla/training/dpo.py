@@ -172,6 +172,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     from trl import DPOConfig, DPOTrainer
 
     from ..io import atomic_write, clear_run_dir, fingerprint_sources, mark, save_checkpoint
+    from .loop import fresh_precision
 
     state.mkdir(parents=True, exist_ok=True)
     if args.overwrite and not args.resume:
@@ -187,6 +188,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         save_total_limit=args.keep_checkpoints,  # the newest; each holds the model and AdamW's moments
         logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
     )
+    fresh_precision()  # the Trainer builds its own Accelerator (bf16 or not) after an earlier stage's
     trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok)
     last = None

@@ -332,6 +332,18 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | No
     return None
 
 
+def fresh_precision() -> None:
+    """Let this training run choose its own mixed precision: accelerate keeps one state per process, and a second
+    run in it asking for another precision was refused ("AcceleratorState has already been initialized"), e.g.
+    `ecomla run` with a float32 alignment then a bfloat16 distillation, or a notebook training twice. The
+    processes' group (accelerate's PartialState) stays as it is."""
+    from accelerate.state import AcceleratorState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)  # accelerate's own tests reset it so between runs
+    if reset is not None:
+        reset(reset_partial_state=False)
+
+
 def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
     """Run (or resume) a training run of `objective`; returns the summary (`TrainResult` as a dict: held-out
     metrics before/after, tokens, speed), or {"stopped_at": step} after --stop-after."""
@@ -339,6 +351,7 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
 
     from accelerate import Accelerator
 
+    fresh_precision()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     if main and fsdp_ran_as_ddp(accelerator):
