@@ -454,10 +454,7 @@ def remove_marked(folder: Path, ignore_errors: bool = False) -> None:
     """Remove an output folder ecomla marked, its marker last: killed half-way (a replaced output's gigabytes take a
     while), what stays is still marked ecomla's, and the next command into the same place finishes the removal."""
     try:
-        for p in folder.iterdir():
-            if p.name != MARKER:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        (folder / MARKER).unlink(missing_ok=True)
+        _empty_marker_last(folder)
         folder.rmdir()
     except OSError:
         if not ignore_errors:
@@ -480,12 +477,17 @@ def _owner_alive(p: Path) -> bool:
 
 
 def clear_run_dir(directory: Path) -> None:
-    """Empty a run folder that --overwrite restarts (check_output has made sure every file in it is ecomla's), its
-    marker last: stopped half-way, what stays is still marked ecomla's (the next --overwrite may take it)."""
-    for p in Path(directory).iterdir():
-        if p.name not in (LEGACY_LOCK, MARKER):
+    """Empty a run folder that --overwrite restarts (check_output has made sure every file in it is ecomla's)."""
+    _empty_marker_last(Path(directory), keep=(LEGACY_LOCK,))
+
+
+def _empty_marker_last(folder: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what a folder ecomla marked holds (but `keep`), its marker last: stopped half-way, what stays is still
+    marked ecomla's, and the next command into the same place may take it."""
+    for p in folder.iterdir():
+        if p.name not in (MARKER, *keep):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    (Path(directory) / MARKER).unlink(missing_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- one writer per output
