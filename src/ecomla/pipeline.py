@@ -216,7 +216,9 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     config = load_config(model)
     max_len = getattr(config, "max_position_embeddings", None)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes accelerate launched (the budget is split over them)
-    tokenizer = load_tokenizer(model) if any(s.name in ("align", "distill") and s.options.data for s in steps) else None
+    reads_text = (any(s.name in ("align", "distill") and s.options.data or s.name == "dpo" for s in steps)
+                  or (evaluation is not None and "passkey" in evaluation.task_list))
+    tokenizer = load_tokenizer(model) if reads_text else None  # every trained model carries the original's
     read = set()  # (files, prompt_loss) already read: align and distill often share their data
     for step in steps:
         o, where = step.options, f"recipe section '{step.name}'"
@@ -235,8 +237,8 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                 run_steps(o, world)
                 if o.teacher != model:
                     check_vocab(None, None, config, load_config(o.teacher))
-            if step.name == "dpo":  # its model will carry the original's tokenizer
-                check_chat_template(read_preferences(o.data), load_tokenizer(model), model)
+            if step.name == "dpo":
+                check_chat_template(read_preferences(o.data), tokenizer, model)
                 if o.ref_model:
                     check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:
@@ -246,7 +248,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     try:
         data_dir = task_data(evaluation)
         if "passkey" in evaluation.task_list:  # the converted models keep the original's positions
-            check_passkey_contexts(evaluation.passkey_contexts, config, model, load_tokenizer(model))
+            check_passkey_contexts(evaluation.passkey_contexts, config, model, tokenizer)
     except (ValueError, OSError) as err:
         raise type(err)(f"recipe section 'eval': {err}") from None
     return dataclasses.replace(evaluation, data_dir=data_dir)
