@@ -511,3 +511,31 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_training(models, tmp_path,
     with pytest.raises(ValueError, match=r"this distill run .* needs about .* GiB free: .*--keep-checkpoints 1"):
         distill(_cfg(models, tmp_path / "small", save_every=2, keep_checkpoints=1), log=lambda *a: None)
     assert not (tmp_path / "small").exists()
+
+
+def test_data_read_alike_is_tokenized_once_per_process(tmp_path, monkeypatch):
+    """`ecomla run` read its data in the check and again in each training stage: a large chat corpus tokenized
+    three times (minutes each). Read alike, it is tokenized once; a changed file, tokenizer or prompt rule reads anew."""
+    import ecomla.training.data as data
+
+    tok = tiny_tokenizer()
+    text, chat = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    text.write_text(TINY_TEXT)
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the dog"}]}) + "\n")
+    calls = []
+    monkeypatch.setattr(data, "_read", {})
+    real = data._tokenize
+    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(a) or real(*a))
+    first = data.read_documents([text, chat], tok)
+    again = data.read_documents([text, chat], tok)
+    assert len(calls) == 1 and again == first and again is not first
+    assert [d.end_counts for d in again] == [True, False] and 0 < sum(again[1].weights) < len(again[1].ids)
+    data.read_documents([text, chat], tok, prompt_counts=True)
+    assert len(calls) == 2
+    chat.write_text(chat.read_text().replace("dog", "cat"))  # the same size, at once
+    changed = data.read_documents([text, chat], tok)
+    assert len(calls) == 3 and changed != first and changed == real([text, chat], tok, False)
+    other = tiny_tokenizer()
+    other.chat_template = other.chat_template.replace("<eos>", "\n")
+    data.read_documents([text, chat], other)
+    assert len(calls) == 4

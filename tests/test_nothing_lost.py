@@ -440,6 +440,25 @@ def test_data_align_and_distill_share_is_checked_once_before_step_one(lab, tmp_p
         assert calls == [data] * reads
 
 
+def test_a_recipe_tokenizes_its_data_once_for_the_check_and_every_stage(lab, tmp_path, monkeypatch):
+    """Read in the check before step one, then by align, then by distill: three tokenizations of one corpus (for a
+    large chat corpus, minutes each). Now once in the process."""
+    import ecomla.training.data as data
+    from ecomla.pipeline import run_recipe
+
+    calls = []
+    monkeypatch.setattr(data, "_read", {})
+    real = data._tokenize
+    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(a[0]) or real(*a))
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+        "train": {"data": [str(lab / "text.txt")], "seq_len": 32, "batch_size": 2, "tokens": 64, "eval_every": 0},
+        "align": {}, "distill": {}})
+    run_recipe(recipe, log=lambda *a: None)
+    assert (tmp_path / "out" / "distilled" / "config.json").is_file()
+    assert calls == [[str(lab / "text.txt")]]
+
+
 def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path):
     """A section given twice kept the last without a word; `lr: 1e-4` was text to YAML 1.1 ("must be a number");
     an empty data file was found after the whole conversion."""
