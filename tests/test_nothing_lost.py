@@ -459,6 +459,29 @@ def test_a_recipe_tokenizes_its_data_once_for_the_check_and_every_stage(lab, tmp
     assert calls == [[str(lab / "text.txt")]]
 
 
+def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path):
+    """Every run writes OUT/report anew: a user's notes added to report.md were overwritten without a word. Now
+    the rerun is refused before step one, naming the file; moved out, the rerun writes the report again."""
+    from ecomla.io import OutputError
+    from ecomla.pipeline import run_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+        "distill": {"data": [str(lab / "text.txt")], "tokens": 64, "seq_len": 32, "batch_size": 2, "eval_every": 0}})
+    run_recipe(recipe, log=lambda *a: None)
+    report = tmp_path / "out" / "report"
+    run_recipe(recipe, log=lambda *a: None)  # unedited: written again
+    (report / "report.md").write_text((report / "report.md").read_text() + "my analysis\n")
+    (report / "mine.txt").write_text("kept")
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(OutputError, match="report.md \\(changed since ecomla wrote it\\): this run writes its report anew"):
+        run_recipe(recipe, log=lambda *a: None)
+    assert snapshot(tmp_path / "out") == before
+    (report / "report.md").rename(tmp_path / "my-report.md")
+    run_recipe(recipe, log=lambda *a: None)
+    assert "my analysis" not in (report / "report.md").read_text() and (report / "mine.txt").read_text() == "kept"
+
+
 def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path):
     """A section given twice kept the last without a word; `lr: 1e-4` was text to YAML 1.1 ("must be a number");
     an empty data file was found after the whole conversion."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import read_json, read_log
+from .io import OutputError, foreign_files, read_json, read_log
 from .options import SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options, TrainOptions
 
 SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
@@ -429,6 +429,7 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
     # the only writer of the run folder (and of every step's output inside it): the first process of a launch
     with claimed_output(out, inputs, resume=True, kind="run") if launch.main else nullcontext():
         if launch.main:
+            check_report_unedited(out / "report")
             out.mkdir(parents=True, exist_ok=True)
             mark(out, "run")
         timings = run_steps(steps, record_path, log if launch.main else lambda *a: None, launch)
@@ -530,7 +531,7 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
                  trained: list[Path]) -> None:
     """report.md, report.json, recipe.yaml and report.png (`trained`: the recipe's align/distill output folders)."""
     from .evaluation.evaluate import format_score
-    from .io import atomic_write
+    from .io import atomic_write, record
     from .report import markdown_table
 
     cols = ["model", "kv_values_per_token", "kv_cache", "train_tokens", "train_seconds", "heldout_kl", "heldout_ppl"]
@@ -567,6 +568,19 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     atomic_write(report / "report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings}, indent=1))
     atomic_write(report / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
     _plot(report / "report.png", rows, trained)
+    record(report, "report", files=[n for n in REPORT_FILES if (report / n).is_file()])  # what a rerun may rewrite
+
+
+REPORT_FILES = ("report.md", "report.json", "recipe.yaml", "report.png")
+
+
+def check_report_unedited(report: Path) -> None:
+    """Refuse, before step one, a rerun that would write over a report file the user changed since ecomla wrote it
+    (every run writes the report anew)."""
+    edited = [f for f in foreign_files(report) if f.split(" ")[0] in REPORT_FILES] if report.is_dir() else []
+    if edited:
+        raise OutputError(f"{report} holds {', '.join(edited)}: this run writes its report anew; move your copy out of "
+                          f"{report} (or rename it) to keep it, then run again")
 
 
 def _plot(path: Path, rows: list[dict], trained: list[Path]) -> None:
