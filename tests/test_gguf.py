@@ -267,6 +267,9 @@ def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     assert main(args + ["--outtype", "f32"]) == 0 and out.is_file()
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # never replaced without --overwrite
     assert main(args + ["--overwrite"]) == 0  # ecomla's own GGUF: replaced
+    before = out.read_bytes()
+    assert main(args + ["--overwrite", "--overwrite-kind", "distill"]) == 2 and out.read_bytes() == before  # meant nothing
+    assert "a GGUF is one file: --overwrite replaces a GGUF ecomla wrote, drop --overwrite-kind" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.gguf")] == []  # no temporary left
     foreign = tmp_path / "theirs.gguf"
     foreign.write_bytes(b"GGUF not ours")

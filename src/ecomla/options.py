@@ -558,6 +558,9 @@ class ExportOptions(Options):
             raise ValueError(f"--outtype sets the GGUF weight type; it does not apply to --format {self.format}")
         if self.query_lora is not None and self.format != "deepseek-v3":
             raise ValueError("--query-lora applies to --format deepseek-v3 (the GGUF export is exact without one)")
+        if self.overwrite_kind is not None and self.format == "gguf":  # --overwrite replaces only a GGUF ecomla wrote
+            raise ValueError("--overwrite-kind names a kind of output folder; a GGUF is one file: --overwrite replaces "
+                             "a GGUF ecomla wrote, drop --overwrite-kind")
 
 
 @dataclass
