@@ -482,6 +482,26 @@ def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path):
     assert "my analysis" not in (report / "report.md").read_text() and (report / "mine.txt").read_text() == "kept"
 
 
+def test_a_recipe_out_refused_is_named_as_the_recipe_writes_it(lab, tmp_path):
+    """`ecomla run` takes no --out, --resume or --overwrite: its refusals named them ("--out X holds a converted
+    model ...: --resume continues only its own kind of run; choose another --out")."""
+    from ecomla.io import OutputError
+    from ecomla.pipeline import run_recipe
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out, says in ((lab / "student", f"recipe out {lab / 'student'} holds a converted model (ecomla convert), not a "
+                       "run of `ecomla run`: `ecomla run` continues only its own kind of run; choose another recipe out"),
+                      (mine, f"recipe out {mine} exists and was not written by ecomla (it holds notes.txt): ecomla never "
+                       "writes into a folder of yours; choose another recipe out, or move it away yourself")):
+        recipe = write_recipe(tmp_path / "r.yaml", {"model": str(lab / "teacher"), "out": str(out), "convert": {"kv_rank": 8}})
+        with pytest.raises(OutputError) as err:
+            run_recipe(recipe, log=lambda *a: None)
+        assert str(err.value) == says and "--" not in str(err.value)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
 def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path):
     """A section given twice kept the last without a word; `lr: 1e-4` was text to YAML 1.1 ("must be a number");
     an empty data file was found after the whole conversion."""

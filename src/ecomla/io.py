@@ -278,18 +278,20 @@ def _nonempty_dir(path: Path) -> bool:
 
 
 def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool = False, resume: bool = False,
-                 kind: str | None = None, overwrite_kind: str | None = None, clean: bool = True) -> Path:
+                 kind: str | None = None, overwrite_kind: str | None = None, clean: bool = True,
+                 flag: str = "--out") -> Path:
     """Refuse an output that would touch an input or a user's files; return it resolved.
 
     inputs: {description: path or source or list of them}; hub ids and missing paths are ignored.
     kind: what this command writes (options.OUTPUT_KINDS); an existing `out` must be an ecomla output of
     that kind (or of `overwrite_kind`, with overwrite) holding only ecomla's unchanged files.
-    resume: an existing `out` is the run being resumed (of the same kind); clean: remove a killed run's leftovers."""
-    out_path = _outside_inputs(out, inputs)
+    resume: an existing `out` is the run being resumed (of the same kind); clean: remove a killed run's leftovers;
+    flag: what the user wrote `out` as (`ecomla run`: its recipe's `out`), for the messages."""
+    out_path = _outside_inputs(out, inputs, flag)
     if clean:
         clean_leftovers(out_path)
     if out_path.is_file():
-        raise OutputError(f"--out {out} is a file; give a directory path")
+        raise OutputError(f"{flag} {out} is a file; give a directory path")
     if _nonempty_dir(out_path):
         marker = read_marker(out_path)
         if not (overwrite or resume) and marker is not None:
@@ -297,49 +299,52 @@ def check_output(out, inputs: dict[str, object] | None = None, overwrite: bool =
                               + (" (--resume continues it)" if kind in RESUMABLE and marker.kind == kind else ""))
         if marker is None:
             names = sorted(p.name for p in out_path.iterdir())[:5]
-            raise OutputError(f"--out {out} exists and was not written by ecomla (it holds {', '.join(names)}"
-                              f"{', ...' if len(names) == 5 else ''}): ecomla never writes into a folder of yours "
-                              f"(--overwrite and --resume only touch ecomla's own outputs); choose another --out, or "
-                              "move it away yourself")
+            raise OutputError(f"{flag} {out} exists and was not written by ecomla (it holds {', '.join(names)}"
+                              f"{', ...' if len(names) == 5 else ''}): ecomla never writes into a folder of yours"
+                              + (" (--overwrite and --resume only touch ecomla's own outputs)" if flag == "--out" else "")
+                              + f"; choose another {flag}, or move it away yourself")
         if marker.kind is None:
-            raise OutputError(f"--out {out} was written by an earlier ecomla that recorded neither its kind nor its "
-                              "files, so ecomla cannot tell your files from its own there: choose another --out, or "
+            raise OutputError(f"{flag} {out} was written by an earlier ecomla that recorded neither its kind nor its "
+                              f"files, so ecomla cannot tell your files from its own there: choose another {flag}, or "
                               "move it away yourself")
-        _check_kind(out, out_path, marker, kind, resume, overwrite_kind if overwrite else None)
+        _check_kind(out, out_path, marker, kind, resume, overwrite_kind if overwrite else None, flag)
         if overwrite:
             foreign = foreign_files(out_path)
             if foreign:
                 shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
                 raise OutputError(f"--out {out} holds files ecomla did not write: {shown}. --overwrite would delete "
                                   "them: move them out of it first, or choose another --out")
-    _check_writable(out_path, str(out))
+    _check_writable(out_path, str(out), flag)
     return out_path
 
 
-def _check_kind(out, out_path: Path, marker: Marker, kind: str | None, resume: bool, also: str | None) -> None:
+def _check_kind(out, out_path: Path, marker: Marker, kind: str | None, resume: bool, also: str | None,
+                flag: str = "--out") -> None:
     if kind is None or marker.kind == kind or marker.kind == also:
         return
     command = COMMAND_OF_KIND.get(kind, kind)
     held = describe(out_path, marker)
     if resume:
-        raise OutputError(f"--out {out} holds {held}, not a run of `ecomla {command}`: --resume continues only its "
-                          "own kind of run; choose another --out")
+        raise OutputError(f"{flag} {out} holds {held}, not a run of `ecomla {command}`: "
+                          + ("--resume continues only its own kind of run" if flag == "--out" else
+                             f"`ecomla {command}` continues only its own kind of run")
+                          + f"; choose another {flag}")
     raise OutputError(f"--out {out} holds {held}. `ecomla {command} --overwrite` replaces only an earlier output of "
                       f"`ecomla {command}`; to replace this one and lose what it holds, add --overwrite-kind "
                       f"{marker.kind}, or choose another --out")
 
 
-def _outside_inputs(out, inputs: dict | None) -> Path:
+def _outside_inputs(out, inputs: dict | None, flag: str = "--out") -> Path:
     if out is None or not str(out).strip():
-        raise OutputError("give an output path with --out")
+        raise OutputError(f"give an output path with {flag}")
     out_path = Path(str(out)).expanduser().resolve()
     for name, values in (inputs or {}).items():
         for value in values if isinstance(values, (list, tuple)) else [values]:
             inp = local_path(value)
             rel = inp and relation(out_path, inp)
             if rel:
-                raise OutputError(f"--out {out} {rel} the {name} {value}: writing there could destroy it; "
-                                  "choose an --out outside every input")
+                raise OutputError(f"{flag} {out} {rel} the {name} {value}: writing there could destroy it; "
+                                  f"choose {'an --out' if flag == '--out' else f'another {flag}'} outside every input")
     return out_path
 
 
@@ -371,22 +376,23 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _check_writable(path: Path, shown: str, flag: str = "--out") -> None:
-    """The first existing ancestor (or `path` itself) must be a writable directory."""
+def _check_writable(path: Path, shown: str, flag: str = "--out", side: bool = False) -> None:
+    """The first existing ancestor (or `path` itself) must be a writable directory (`side`: a path written beside
+    the output, a cache, not an output renamed into place)."""
     probe = _existing(path)
     if not probe.is_dir():
         raise OutputError(f"{flag} {shown}: {probe} is a file, so nothing can be written below it")
     if not os.access(probe, os.W_OK | os.X_OK):
         beside = (" (ecomla writes its lock and the output's temporary copy beside the output, then renames it into "
                   "place: a writable empty folder under a read-only one cannot be used)"
-                  if flag == "--out" and Path(shown).expanduser().absolute().parent == probe else "")
+                  if not side and Path(shown).expanduser().absolute().parent == probe else "")
         raise OutputError(f"{flag} {shown}: {probe} is not writable{beside}; choose another {flag}")
 
 
 def check_writable_folder(path, flag: str) -> None:
     """`path` (given by `flag`) is a folder, or can be made one, that this process can write into."""
     path = Path(path).expanduser().absolute()
-    _check_writable(path, str(path), flag)
+    _check_writable(path, str(path), flag, side=True)
 
 
 def check_free_space(needs: dict, what: str, fix: str) -> None:
@@ -524,7 +530,7 @@ def _holder(path: Path) -> str | None:
     return None
 
 
-def _refuse_writers_around(out: Path) -> None:
+def _refuse_writers_around(out: Path, flag: str = "--out") -> None:
     """Refuse while another process writes an output above `out` (a recipe run) or inside it."""
     nearby = [lock_file(a) for a in out.parents if a != a.parent]
     if out.is_dir() and not out.is_symlink():  # the whole tree of an ecomla output; of any other folder, its top
@@ -537,11 +543,11 @@ def _refuse_writers_around(out: Path) -> None:
         if holder:
             where = locked_output(path)
             raise RunLockedError(f"another ecomla process ({holder}) is writing {where}, which "
-                                 f"{'contains' if where in out.parents else 'sits inside'} --out {out}: wait for it to "
-                                 "end, or choose another --out")
+                                 f"{'contains' if where in out.parents else 'sits inside'} {flag} {out}: wait for it to "
+                                 f"end, or choose another {flag}")
 
 
-def _acquire(path: Path, what: str) -> int:
+def _acquire(path: Path, what: str, flag: str = "--out") -> int:
     import fcntl
 
     for _ in range(20):
@@ -552,7 +558,7 @@ def _acquire(path: Path, what: str) -> int:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "pid ?"
             os.close(fd)
             raise RunLockedError(f"another ecomla process ({holder}) is writing {locked_output(path)}: wait for it to end, "
-                                 "or choose another --out") from None
+                                 f"or choose another {flag}") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -566,15 +572,15 @@ def _acquire(path: Path, what: str) -> int:
 
 
 @contextmanager
-def claim(out, inputs: dict | None = None, what: str | None = None):
+def claim(out, inputs: dict | None = None, what: str | None = None, flag: str = "--out"):
     """Hold the write lock of output `out` (a folder or a file, existing or not) for the block: the only
     writer of `out`, of the folders above it and of everything inside it. Re-entrant in one process.
     `out` is first checked against `inputs` (nothing is created inside an input); folders made for the
-    lock are removed again if nothing was written into them."""
+    lock are removed again if nothing was written into them. `flag`: as in `check_output`."""
     import fcntl
 
-    out = _outside_inputs(out, inputs)
-    _check_writable(out.parent, str(out))  # a file or a read-only folder above it: said before any lock is made
+    out = _outside_inputs(out, inputs, flag)
+    _check_writable(out.parent, str(out), flag)  # a file or a read-only folder above it: said before any lock is made
     path = lock_file(out)
     if path in _HELD:
         yield out
@@ -588,11 +594,11 @@ def claim(out, inputs: dict | None = None, what: str | None = None):
                 continue
             except OSError as err:
                 _remove_empty(made)
-                raise OutputError(f"--out {out}: cannot create {parent} ({err.strerror})") from None
+                raise OutputError(f"{flag} {out}: cannot create {parent} ({err.strerror})") from None
             made.append(parent)
     try:
-        _refuse_writers_around(out)
-        fd = _acquire(path, what or "ecomla " + " ".join(sys.argv[1:2]))
+        _refuse_writers_around(out, flag)
+        fd = _acquire(path, what or "ecomla " + " ".join(sys.argv[1:2]), flag)
     except BaseException:
         _remove_empty(made)
         raise
@@ -623,11 +629,11 @@ run_lock = claim  # the name of earlier versions
 
 @contextmanager
 def claimed_output(out, inputs: dict | None = None, overwrite: bool = False, kind: str | None = None,
-                   overwrite_kind: str | None = None, resume: bool = False):
+                   overwrite_kind: str | None = None, resume: bool = False, flag: str = "--out"):
     """`claim` `out`, then `check_output` it under the lock; yields the checked path (the pattern of every
     command that writes one output: the only writer from the first check to the final rename)."""
-    with claim(out, inputs):
-        yield check_output(out, inputs, overwrite, resume=resume, kind=kind, overwrite_kind=overwrite_kind)
+    with claim(out, inputs, flag=flag):
+        yield check_output(out, inputs, overwrite, resume=resume, kind=kind, overwrite_kind=overwrite_kind, flag=flag)
 
 
 def check_side_output(path, flag: str, out, inputs: dict | None = None) -> None:

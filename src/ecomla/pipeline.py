@@ -33,6 +33,7 @@ from .options import SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOpt
 SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
 PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib", "passkey_filler")  # relative to the recipe file when not to the cwd
 MODEL_KEYS = ("teacher", "ref_model")  # like `model`: a local path beside the recipe, else as written (a hub id)
+RECIPE_OUT = "recipe out"  # how messages name the run folder (a key of the recipe, no flag)
 RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
 
 
@@ -427,7 +428,7 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
     record_path = out / "steps.json"
     launch = Launch()
     # the only writer of the run folder (and of every step's output inside it): the first process of a launch
-    with claimed_output(out, inputs, resume=True, kind="run") if launch.main else nullcontext():
+    with claimed_output(out, inputs, resume=True, kind="run", flag=RECIPE_OUT) if launch.main else nullcontext():
         if launch.main:
             check_report_unedited(out / "report")
             out.mkdir(parents=True, exist_ok=True)
