@@ -178,6 +178,20 @@ def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys
     assert main(["generate", str(out), "--prompt", "the cat sat", "--max-new-tokens", "255"]) == 2
     assert re.search(r"the prompt's (\d+) tokens and --max-new-tokens 255 run past the model's 256 positions: choose "
                      r"--max-new-tokens \d+ at most", capsys.readouterr().err)
+    # a prompt that alone fills the positions: "choose --max-new-tokens 1 at most" (with 1 given) named no fix
+    assert main(["generate", str(out), "--prompt", "the cat sat. " * 100, "--max-new-tokens", "1"]) == 2
+    assert re.search(r"the prompt's (\d+) tokens fill the model's 256 positions, leaving none to generate: shorten the "
+                     r"prompt by at least \d+ tokens", capsys.readouterr().err)
+    # --chat with a tokenizer without a chat template went on as plain text less its BOS: refused
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = None
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template is None
+    assert main(["generate", str(out), "--prompt", "the cat sat", "--chat"]) == 2
+    assert "--chat: the tokenizer of" in capsys.readouterr().err
 
 
 def test_a_list_option_given_without_a_value_is_refused(tmp_path, capsys):
