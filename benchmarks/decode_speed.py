@@ -58,9 +58,9 @@ def variants(num_layers: int) -> dict:
     return {
         "original": None,
         # init="xecomla": speed does not depend on the initialization, and it needs no calibration pass
-        "MLA 4x (r=64)": ConvertOptions(kv_ratio=4, init="xecomla"),
-        "MLA 8x (r=16)": ConvertOptions(kv_ratio=8, init="xecomla"),
-        "hybrid even layers (r=64)": ConvertOptions(kv_lora_rank=64, layers=list(range(0, num_layers, 2)), init="xecomla"),
+        "MLA 4x": ConvertOptions(kv_ratio=4, init="xecomla"),  # each labelled with the rank it gives (main)
+        "MLA 8x": ConvertOptions(kv_ratio=8, init="xecomla"),
+        "hybrid even layers": ConvertOptions(kv_lora_rank=64, layers=list(range(0, num_layers, 2)), init="xecomla"),
     }
 
 
@@ -370,6 +370,7 @@ def main() -> int:
         dirs = {}
         for name, conv in variants(original.config.num_hidden_layers).items():
             model = original if conv is None else convert(original, conv, progress=False)
+            name = name if conv is None else f"{name} (r={model.config.kv_lora_rank})"  # SmolLM2: 64, 16, 64
             dirs[name] = os.path.join(tmp, f"m{len(dirs)}")
             model.save_pretrained(dirs[name])  # float32; workers load it as bfloat16
         del original, model
