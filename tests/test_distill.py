@@ -193,6 +193,23 @@ def test_a_resume_on_another_number_of_processes_is_refused(models, tmp_path):
     assert json.loads(args.read_text())["world_size"] == 2  # the record kept
 
 
+def test_a_resume_under_another_distribution_than_its_checkpoints_is_refused(models, tmp_path):
+    """An FSDP run's checkpoints resumed without FSDP (or the reverse) were all "cannot be read", and the error said
+    to start again with --overwrite, losing them. Refused, naming the distribution each needs, checkpoints kept."""
+    from conftest import snapshot
+    from ecomla.training.distill import distill
+
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    for ckpt in (tmp_path / "cut" / "training" / "checkpoints").iterdir():  # as accelerate's FSDP writes them
+        (ckpt / "model.safetensors").unlink()
+        torch.save({"model": {}}, ckpt / "pytorch_model_fsdp.bin")
+    before = snapshot(tmp_path / "cut")
+    with pytest.raises(ValueError, match=r"whose checkpoints were written under FSDP, without it: each distribution "
+                                         r"reads only its own checkpoints; resume with the accelerate config"):
+        distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    assert snapshot(tmp_path / "cut") == before
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_with_one_log(models, tmp_path):
     """Killed outright (no `finally`) before its first checkpoint, a run resumed from step 0 kept its first held-out
     evaluation and made another: two step-0 rows. Its log is now the uninterrupted run's, row for row."""

@@ -125,9 +125,9 @@ def test_fsdp2_on_two_cpu_processes_trains_and_resumes_as_one_process(tmp_path):
         torch.testing.assert_close(resumed[k], sharded[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"resumed {k}: {m}")
 
 
-def _fsdp_launch(tmp_path, command: str, *args: str, world: int = 2):
+def _fsdp_launch(tmp_path, command: str, *args: str, world: int = 2, fails: bool = False, timeout: int = 600):
     """ecomla `command` under accelerate's FSDP path on `world` CPU processes (tests/fsdp_on_cpu.py), with the
-    wrapping of recipes/accelerate/fsdp.yaml."""
+    wrapping of recipes/accelerate/fsdp.yaml; its stdout (`fails`: its stderr, of a launch that must fail)."""
     import subprocess
 
     import yaml
@@ -138,9 +138,33 @@ def _fsdp_launch(tmp_path, command: str, *args: str, world: int = 2):
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
            "--config_file", str(tmp_path / "fsdp.yaml"), str(Path(__file__).parent / "fsdp_on_cpu.py"), command, *args]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout)
+    if fails:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def test_an_fsdp_resume_past_a_damaged_checkpoint_falls_back_on_every_process(tmp_path):
+    """Under FSDP the first process reads a checkpoint's weights and sends them to the others: with the newest one
+    damaged it fell back to the previous one alone while the second waited for its weights, and both hung. They
+    agree before loading now, and fall back together. A refusal on resume (other options) stops both processes
+    with its message (the second died with a broken connection's traceback)."""
+    from conftest import tiny_training_inputs
+
+    teacher, student, text = tiny_training_inputs(tmp_path, kv_lora_rank=8)
+    common = [student, "--teacher", teacher, "--data", text, "--tokens", str(4 * 2 * 32), "--seq-len", "32",
+              "--batch-size", "1", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "run")]
+    _fsdp_launch(tmp_path, "distill", *common, "--stop-after", "2")
+    newest = tmp_path / "run" / "training" / "checkpoints" / "step-000002"
+    (newest / "pytorch_model_fsdp.bin").write_bytes(b"cut short")
+    err = _fsdp_launch(tmp_path, "distill", *common, "--resume", "--lr", "1e-3", fails=True, timeout=300)
+    assert err.count("--resume with options other than those the run") == 2  # each process says it
+    out = _fsdp_launch(tmp_path, "distill", *common, "--resume", timeout=300)
+    assert f"checkpoint {newest} cannot be read (pytorch_model_fsdp.bin: BadZipFile" in out
+    assert "resuming from" in out and "step-000001 (step 1)" in out
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_ecomla_training_under_accelerates_fsdp_matches_one_process(tmp_path):

@@ -502,6 +502,28 @@ def test_a_recipe_out_refused_is_named_as_the_recipe_writes_it(lab, tmp_path):
     assert (mine / "notes.txt").read_text() == "mine"
 
 
+def test_a_recipe_step_refused_on_resume_says_the_recipes_way_to_start_it_again(lab, tmp_path):
+    """A recipe relaunched on another number of processes was told to "start a new run with another --out (or
+    --overwrite)", flags `ecomla run` has not: it now also says what relaunching continues and what to move away."""
+    from ecomla.pipeline import run_recipe
+
+    distill = {"data": [str(lab / "text.txt")], "tokens": 256, "seq_len": 32, "batch_size": 2, "eval_every": 0,
+               "save_every": 1}
+    recipe = {"model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"}}
+    run_recipe(write_recipe(tmp_path / "r.yaml", {**recipe, "distill": distill}), log=lambda *a: None)
+    distilled = tmp_path / "out" / "distilled"  # as a run killed after its last checkpoint leaves it
+    for f in ("config.json", "model.safetensors", "training/summary.json"):
+        (distilled / f).unlink()
+    assert list((distilled / "training" / "checkpoints").iterdir())
+    args = distilled / "training" / "args.json"
+    args.write_text(json.dumps({**json.loads(args.read_text()), "world_size": 2}))  # as a 2-process launch records it
+    with pytest.raises(ValueError) as err:
+        run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    assert "resume it on 2 process(es)" in str(err.value)
+    assert str(err.value).endswith(f"(ecomla run continues {tmp_path / 'out' / 'distilled'} when the recipe runs again; to "
+                                   f"make this step again from its start, move {tmp_path / 'out' / 'distilled'} away first)")
+
+
 def test_a_recipe_is_read_as_written_and_its_data_before_step_one(lab, tmp_path):
     """A section given twice kept the last without a word; `lr: 1e-4` was text to YAML 1.1 ("must be a number");
     an empty data file was found after the whole conversion."""

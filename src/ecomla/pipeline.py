@@ -388,7 +388,13 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
             atomic_write(record_path, json.dumps(made, indent=1))
         t0 = time.time()
         if launch.main or _together(step):
-            step.options.run(log=log)
+            try:
+                step.options.run(log=log)
+            except ValueError as err:  # its fixes name the command's flags (--out, --overwrite): say a recipe's way
+                if not getattr(step.options, "resume", False):
+                    raise
+                raise type(err)(f"{err} (ecomla run continues {step.out} when the recipe runs again; to make this step "
+                                f"again from its start, move {step.out} away first)") from err
         if not _together(step):
             launch.share(f"{step.name} done", True)  # the other processes wait here for the first's conversion
         timings[step.name] = time.time() - t0

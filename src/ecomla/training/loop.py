@@ -208,15 +208,26 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 
 def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
     """Restore the newest readable checkpoint; a corrupt one is skipped with a warning. Returns its step (0: none).
-    Checkpoints hold pickled optimizer state (accelerate's format): resume only run folders you trust."""
+    Checkpoints hold pickled optimizer state (accelerate's format): resume only run folders you trust.
+    Several processes load one checkpoint together (under FSDP the first reads the weights and sends them to the
+    others): they agree on which before any loads (`unreadable`), or one would fall back alone while the others
+    wait for it forever; a checkpoint that passes that check and still fails to load stops them all."""
     ckpts = _checkpoints(ckpt_dir)
+    together = accelerator.num_processes > 1
     for ckpt in reversed(ckpts):
-        try:
-            accelerator.load_state(str(ckpt))
-            step = int(json.loads((ckpt / "state.json").read_text())["step"])
-        except Exception as err:  # truncated or tampered files: fall back to the previous checkpoint
-            log(f"[ecomla] warning: checkpoint {ckpt} cannot be read ({type(err).__name__}: "
-                f"{str(err)[:200]}); falling back to the previous one")
+        problem = _agreed(accelerator, unreadable(ckpt, fsdp=accelerator.distributed_type.name == "FSDP"))
+        if problem is None:
+            try:
+                accelerator.load_state(str(ckpt))
+                step = int(json.loads((ckpt / "state.json").read_text())["step"])
+            except Exception as err:  # tampered files: fall back to the previous checkpoint
+                if together:
+                    raise ValueError(f"checkpoint {ckpt} could not be loaded ({type(err).__name__}: {str(err)[:200]}) on "
+                                     f"process {accelerator.process_index}; remove that step folder to resume from the "
+                                     "one before it") from err
+                problem = f"{type(err).__name__}: {str(err)[:200]}"
+        if problem is not None:
+            log(f"[ecomla] warning: checkpoint {ckpt} cannot be read ({problem}); falling back to the previous one")
             continue
         log(f"[ecomla] resuming from {ckpt} (step {step})")
         return step
@@ -225,6 +236,41 @@ def load_latest_checkpoint(accelerator, ckpt_dir: Path, log) -> int:
                          "start the run again with --overwrite")
     log(f"[ecomla] no checkpoint in {ckpt_dir} yet: starting from step 0")  # a recipe's new step resumes too
     return 0
+
+
+def unreadable(ckpt: Path, fsdp: bool) -> str | None:
+    """Why checkpoint folder `ckpt` cannot be loaded, found without loading it, or None: a weights file of the
+    other layout (FSDP's `pytorch_model_fsdp*` or a plain model's), or a file cut short or overwritten (torch's
+    zip files and safetensors are checked against their own headers)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    model = [p for p in files if p.name.startswith(("pytorch_model", "model")) or p.parent.name.startswith("pytorch_model")]
+    if fsdp != any("pytorch_model_fsdp" in str(p.relative_to(ckpt)) for p in model):
+        return (f"it holds {'no FSDP' if fsdp else 'FSDP'} model state, and this run is "
+                f"{'' if fsdp else 'not '}under FSDP: resume under the accelerate config it started with")
+    for p in files:
+        try:
+            if p.suffix == ".safetensors":
+                with safe_open(str(p), "pt") as f:
+                    f.keys()
+            elif p.suffix in (".bin", ".pkl", ".pt"):
+                zipfile.ZipFile(p).close()  # torch.save's format: a file cut short has no central directory
+        except Exception as err:
+            return f"{p.name}: {type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def _agreed(accelerator, problem: str | None) -> str | None:
+    """Any process's problem, on every process (None when none has one)."""
+    if accelerator.num_processes == 1:
+        return problem
+    from accelerate.utils import gather_object
+
+    found = [p for p in gather_object([problem]) if p]
+    return found[0] if found else None
 
 
 def _unsharded(lm: nn.Module, state: dict) -> nn.Module:
@@ -305,8 +351,9 @@ def _inputs(cfg: TrainOptions) -> dict:
     return {"student": cfg.student, "teacher": cfg.teacher, "training data": list(cfg.data)}
 
 
-def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | None:
-    """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder."""
+def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, fsdp: bool, log) -> dict | None:
+    """Under the run's lock: refuse a changed resume, return a finished run's summary, or (re)start the folder.
+    `world`, `fsdp`: the processes and the distribution (accelerate's FSDP or not) of this launch."""
     train_dir = out / "training"
     if cfg.resume:
         recorded = cfg.check_resume(train_dir / "args.json")
@@ -315,13 +362,19 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, log) -> dict | No
         if (out / "config.json").is_file() and (train_dir / "summary.json").is_file():
             log(f"[ecomla {cfg.command}] {out} is already complete; nothing to resume")
             return read_json(train_dir / "summary.json", "the run's summary", "start the run again with --overwrite")
+        ckpts = _checkpoints(train_dir / "checkpoints")  # (before the first one, nothing trained on this folder yet)
         started = recorded.get("world_size")
-        if started not in (None, world) and _checkpoints(train_dir / "checkpoints"):
+        if started not in (None, world) and ckpts:
             raise ValueError(f"--resume on {world} process(es) of a run in {out} that started on {started}: its steps, "
                              "data order and learning-rate schedule follow the number of processes (the global batch), "
                              f"so it would end elsewhere; resume it on {started} process(es), or start a new run with "
                              "another --out (or --overwrite)")
-        if _checkpoints(train_dir / "checkpoints"):  # (before the first checkpoint, nothing trained on it yet)
+        if ckpts and all(unreadable(c, not fsdp) is None for c in ckpts):  # each readable under the other layout
+            raise ValueError(f"--resume of the run in {out}, whose checkpoints were written "
+                             f"{'without' if fsdp else 'under'} FSDP, {'under' if fsdp else 'without'} it: each "
+                             "distribution reads only its own checkpoints; resume with the accelerate config the run "
+                             "started with, or start a new run with another --out (or --overwrite)")
+        if ckpts:
             check_unchanged_sources(recorded.get("data_files"), cfg.data, f"the run in {out}", "data",
                                     "the packing, order and held-out split follow the data, so the resumed run "
                                     "would train on other text and score another held-out set")
@@ -371,8 +424,21 @@ def train(cfg: TrainOptions, objective: Objective, log=print) -> dict:
             out.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         try:
-            done = _prepare_run_dir(cfg, out, accelerator.num_processes, log) if main else None
-            done = accelerate_broadcast(accelerator, done)
+            done, refusal = None, None
+            if main:
+                try:
+                    done = _prepare_run_dir(cfg, out, accelerator.num_processes, accelerator.distributed_type.name == "FSDP",
+                                            log)
+                except ValueError as err:
+                    if accelerator.num_processes == 1:
+                        raise
+                    refusal = err
+            # every process stops with the refusal (the others waited here: they died with a broken connection)
+            done, said = accelerate_broadcast(accelerator, (done, str(refusal) if refusal else None))
+            if refusal is not None:
+                raise refusal
+            if said:
+                raise ValueError(said)
             if done is not None:
                 return done
             return _train(cfg, objective, plan, accelerator, log)
