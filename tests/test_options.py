@@ -1,6 +1,7 @@
 """One definition per option: the CLI and the recipes are generated from the options dataclasses."""
 
 import argparse
+import re
 from dataclasses import MISSING, fields
 
 import pytest
@@ -115,3 +116,24 @@ def test_recipe_sections_name_unknown_and_malformed_keys():
         ConvertOptions.from_dict("rank 8", "recipe section 'convert'")
     with pytest.raises(ValueError, match="set by the recipe itself"):
         ConvertOptions.from_dict({"kv_rank": 8, "out": "x"}, "recipe section 'convert'", out="y")
+
+
+def test_a_job_built_in_python_is_refused_without_what_it_needs_and_takes_pathlib_paths(tmp_path):
+    """The CLI's parser asks for a teacher or a preference file; built in Python, DistillOptions without a teacher
+    looked the hub up for "None" and failed on a TypeError, DPOOptions without data likewise. A pathlib.Path was
+    refused where a path is asked for ("must be a string or null")."""
+    from pathlib import Path
+
+    from ecomla.options import AlignOptions, ExportOptions
+
+    for options, says in ((DistillOptions(student="s", out=str(tmp_path / "o")), "give teacher (--teacher): ecomla distill"),
+                          (AlignOptions(student="s", out=str(tmp_path / "o")), "give teacher (--teacher): ecomla align"),
+                          (DPOOptions(model="m", out=str(tmp_path / "o")), "give data (--data): ecomla dpo needs it"),
+                          (DistillOptions(teacher="t", out=str(tmp_path / "o")), "give student: ecomla distill needs it"),
+                          (ExportOptions(model="m"), "give out (--out): ecomla export needs it")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            options.run(log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+    made = DistillOptions(student=Path("s"), teacher=Path("t"), data=[Path("a.txt"), "b.txt"], out=tmp_path / "o")
+    assert (made.student, made.teacher, made.data, made.out) == ("s", "t", ["a.txt", "b.txt"], str(tmp_path / "o"))
+    assert ConvertOptions(source=Path("m"), kv_ratio=4).source == "m"

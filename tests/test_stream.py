@@ -5,6 +5,7 @@ before any weight loads."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -389,3 +390,28 @@ def test_a_missing_shard_or_a_damaged_header_is_named_before_the_model_loads(tmp
     with pytest.raises(ValueError, match=rf"{shards[0].name} cannot be read .*damaged; save or download it again"):
         convert_checkpoint(options, log=lambda *a: None)
     assert not (tmp_path / "mla").exists()
+
+
+def test_convert_in_python_names_what_a_wrong_argument_should_be_and_keeps_the_users_random_state(tmp_path):
+    """A path for the model, a dict for the options, a --calib without the tokenizer that reads it, and a dtype the
+    in-memory conversion does not apply ended in AttributeErrors, a CLI fix ("save a tokenizer beside the weights")
+    or float32 weights without a word; the calibration sampling reseeded the user's global generator."""
+    from conftest import tiny_model_dir
+
+    model = tiny_llama(layers=2)
+    for args, error, says in (((str(tmp_path), ConvertOptions(kv_ratio=4)), TypeError, "converts a loaded model (ecomla.load_model"),
+                              ((model, {"kv_ratio": 4}), TypeError, "options must be a ConvertOptions"),
+                              ((model, ConvertOptions(kv_ratio=4, calib=str(tmp_path / "t.txt"))), ValueError, "pass tokenizer="),
+                              ((model, ConvertOptions(kv_ratio=4, dtype="bf16")), ValueError,
+                               "convert() keeps the model's dtype (float32); ConvertOptions.dtype='bf16'")):
+        with pytest.raises(error, match=re.escape(says)):
+            convert(*args, progress=False)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    convert(model, ConvertOptions(kv_ratio=4), progress=False)  # calibrated on text the model samples
+    assert torch.equal(torch.rand(3), expected)
+    tiny_model_dir(tmp_path / "m")
+    assert next(load_model(tmp_path / "m", dtype="bf16", tokenizer=False)[0].parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'bfloat': give a torch dtype, 'auto' or one of"):
+        load_model(tmp_path / "m", dtype="bfloat")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -129,8 +130,17 @@ class Options:
         """Run this job (the CLI and `ecomla run` both call this: one lookup, no wrappers)."""
         import importlib
 
+        self.require()
         module, name = self.runner.split(":")
         return getattr(importlib.import_module(module), name)(self, log=log)
+
+    def require(self) -> None:
+        """Refuse a job missing what it cannot run without (the CLI's parser asks for it; built in Python, an
+        unset teacher was looked up on the hub as "None"). Checked when the job runs, not when the object is
+        made: a conversion in memory has no --out, a recipe's `train:` section no model."""
+        for f in fields(self):
+            if (f.metadata.get("required") or f.metadata.get("positional")) and getattr(self, f.name) in (None, []):
+                raise ValueError(f"give {label(type(self), f.name)}: ecomla {self.command} needs it")
 
     def __post_init__(self):
         self.check()
@@ -139,6 +149,10 @@ class Options:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value, m = getattr(self, f.name), f.metadata
+            if isinstance(value, os.PathLike) or isinstance(value, list) and any(isinstance(v, os.PathLike) for v in value):
+                value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value] if isinstance(value, list) \
+                    else os.fspath(value)  # a pathlib.Path where a path is asked for: its text
+                setattr(self, f.name, value)
             name = label(type(self), f.name)
             if not _accepts(hints[f.name], value):
                 raise ValueError(f"{name} must be {_type_name(hints[f.name])}, got {value!r}")

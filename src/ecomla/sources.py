@@ -301,9 +301,16 @@ def model_skeleton(config):
 
 
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
-    """Load (model, tokenizer) from any source; the model is in eval mode."""
+    """Load (model, tokenizer) from any source; the model is in eval mode. `dtype`: a torch dtype, "auto" (the
+    checkpoint's), or a name ecomla's options take ("bf16", "float32", ...)."""
     from transformers import AutoModelForCausalLM
 
+    from .options import DTYPES
+
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype.removeprefix("torch.") not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: give a torch dtype, 'auto' or one of {', '.join(DTYPES)}")
+        dtype = getattr(torch, DTYPES[dtype.removeprefix("torch.")])
 
     path, gguf = resolve_source(source)
     kwargs = {"gguf_file": gguf} if gguf else {}

@@ -76,13 +76,16 @@ def sampled_calibration_ids(model, tok, tokens: int, seq_len: int = CALIB_SEQ_LE
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     out = []
-    for start in tqdm(range(0, n_seq, batch_size), desc="sampling calibration text", unit="batch",
-                      disable=not progress):
-        n = min(batch_size, n_seq - start)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        prompt = torch.full((n, 1), bos, device=device)
-        out.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=seq_len - 1,
-                                  min_new_tokens=seq_len - 1, do_sample=True, top_p=0.95, pad_token_id=pad).cpu())
+    # generate draws from the global generators: seeded here, and given back as they were (a notebook's own
+    # sampling after a conversion went on from this seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for start in tqdm(range(0, n_seq, batch_size), desc="sampling calibration text", unit="batch",
+                          disable=not progress):
+            n = min(batch_size, n_seq - start)
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            prompt = torch.full((n, 1), bos, device=device)
+            out.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=seq_len - 1,
+                                      min_new_tokens=seq_len - 1, do_sample=True, top_p=0.95, pad_token_id=pad).cpu())
     return torch.cat(out)
 
 

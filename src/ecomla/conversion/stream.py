@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..model.cache import checkpoint_tensors
 from ..model.modeling_ecomla import EcoMLAForCausalLM
-from ..options import ConvertOptions
+from ..options import DTYPES, ConvertOptions
 from ..sources import check_supported, model_skeleton
 from .calibration import CovarianceStore, InMemoryStore, LayerStream, cache_store, default_cache_dir, stats_key
 from .calibration import calibration_ids as calibration_ids_for
@@ -452,6 +452,20 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
     --calib (so both give the same model). `covariance`: precomputed per-layer input covariances of these ids
     (`calibration.cached_covariance`), so a sweep computes them once.
     """
+    if not isinstance(conv, ConvertOptions):
+        raise TypeError(f"convert(model, options): options must be a ConvertOptions (ConvertOptions(**settings)), got "
+                        f"{type(conv).__name__}")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"convert(model, options) converts a loaded model (ecomla.load_model(source)), got "
+                        f"{type(model).__name__}; for a checkpoint on disk use convert_checkpoint(ConvertOptions(source=..., "
+                        "out=...))")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if DTYPES[conv.dtype] not in ("float32", dtype):  # (float32 is its default: a bfloat16 model keeps its dtype)
+        raise ValueError(f"convert() keeps the model's dtype ({dtype}); ConvertOptions.dtype={conv.dtype!r} is what "
+                         f"convert_checkpoint saves: pass model.to(torch.{DTYPES[conv.dtype]}) instead")
+    if conv.calib and tokenizer is None and calibration_ids is None:
+        raise ValueError(f"convert(model, ConvertOptions(calib={conv.calib!r})) reads that file with the model's "
+                         "tokenizer: pass tokenizer= (ecomla.load_model returns it beside the model)")
     check_supported(model.config, type(model).__name__)
     return upcycle(model, resolve(conv, model.config), progress, calibration_ids, covariance, tokenizer)
 
