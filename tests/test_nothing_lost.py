@@ -459,7 +459,7 @@ def test_a_recipe_tokenizes_its_data_once_for_the_check_and_every_stage(lab, tmp
     assert calls == [[str(lab / "text.txt")]]
 
 
-def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path):
+def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path, monkeypatch):
     """Every run writes OUT/report anew: a user's notes added to report.md were overwritten without a word. Now
     the rerun is refused before step one, naming the file; moved out, the rerun writes the report again."""
     from ecomla.io import OutputError
@@ -470,7 +470,15 @@ def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path):
         "distill": {"data": [str(lab / "text.txt")], "tokens": 64, "seq_len": 32, "batch_size": 2, "eval_every": 0}})
     run_recipe(recipe, log=lambda *a: None)
     report = tmp_path / "out" / "report"
-    run_recipe(recipe, log=lambda *a: None)  # unedited: written again
+    import ecomla.pipeline
+
+    def stop(*a):
+        raise KeyboardInterrupt  # a run stopped as it draws the plot, after report.md was written anew
+    monkeypatch.setattr(ecomla.pipeline, "_plot", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, log=lambda *a: None)
+    monkeypatch.undo()
+    run_recipe(recipe, log=lambda *a: None)  # ecomla's own files, unedited: written again
     (report / "report.md").write_text((report / "report.md").read_text() + "my analysis\n")
     (report / "mine.txt").write_text("kept")
     before = snapshot(tmp_path / "out")

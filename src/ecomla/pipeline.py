@@ -393,8 +393,8 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
             except ValueError as err:  # its fixes name the command's flags (--out, --overwrite): say a recipe's way
                 if not getattr(step.options, "resume", False):
                     raise
-                raise type(err)(f"{err} (ecomla run continues {step.out} when the recipe runs again; to make this step "
-                                f"again from its start, move {step.out} away first)") from err
+                raise ValueError(f"{err} (ecomla run continues {step.out} when the recipe runs again; to make this step "
+                                 f"again from its start, move {step.out} away first)") from err
         if not _together(step):
             launch.share(f"{step.name} done", True)  # the other processes wait here for the first's conversion
         timings[step.name] = time.time() - t0
@@ -571,11 +571,15 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     if eval_md:
         md += ["", "## Evaluation", "", eval_md]
     md += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
-    atomic_write(report / "report.md", "\n".join(md))
-    atomic_write(report / "report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings}, indent=1))
-    atomic_write(report / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    # each recorded as soon as written (what a rerun may write over): a run stopped between two of them (the plot
+    # takes seconds) left files the next run took for the user's edits
+    for name, text in (("report.md", "\n".join(md)), ("recipe.yaml", yaml.safe_dump(recipe, sort_keys=False)),
+                       ("report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings},
+                                                  indent=1))):
+        atomic_write(report / name, text)
+        record(report, "report", files=[name])
     _plot(report / "report.png", rows, trained)
-    record(report, "report", files=[n for n in REPORT_FILES if (report / n).is_file()])  # what a rerun may rewrite
+    record(report, "report", files=["report.png"] if (report / "report.png").is_file() else [])
 
 
 REPORT_FILES = ("report.md", "report.json", "recipe.yaml", "report.png")
