@@ -321,6 +321,33 @@ def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refuse
     assert not (tmp_path / "c").exists()
 
 
+def test_the_statistics_cache_from_the_environment_stays_out_of_inputs_and_follows_every_weight(tmp_path, monkeypatch):
+    """$ECOMLA_CACHE inside the source model wrote covariance files into it, and inside --out failed only after the
+    whole conversion (--calib-cache was refused in both places); statistics were keyed by a strided sample of each
+    weight, so one embedding row trained in place reused the old ones."""
+    from conftest import snapshot
+    from ecomla.conversion.calibration import stats_key
+
+    src, text = source_dir(tmp_path, "llama")
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512)
+    before = snapshot(src)
+    monkeypatch.setattr(stream, "convert_layerwise", lambda *a, **k: pytest.fail("started converting"))
+    for cache, out, says in ((src / "cache", tmp_path / "a", "sits inside the source model"),
+                             (tmp_path / "b" / "cache", tmp_path / "b", "sits inside --out")):
+        monkeypatch.setenv("ECOMLA_CACHE", str(cache))
+        with pytest.raises(ValueError, match=re.escape(f"the calibration cache ($ECOMLA_CACHE) {cache / 'calibration'} {says}")
+                           + r".*or point \$ECOMLA_CACHE elsewhere"):
+            streamed(src, options, out, [])
+        assert not out.exists()
+    assert snapshot(src) == before
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    key = stats_key(model.config, model.named_parameters(), ids, torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 1] += 1.0  # a value the strided sample skipped
+    assert stats_key(model.config, model.named_parameters(), ids, torch.float32) != key
+
+
 def test_an_interrupted_calibration_forward_continues_where_it_stopped(tmp_path, monkeypatch):
     """The calibration forward keeps its hidden states now and then (every layer here): interrupted at layer 2, the
     next `ecomla convert` continues there, not at layer 0, and the weights equal an uninterrupted conversion's;

@@ -636,8 +636,9 @@ def claimed_output(out, inputs: dict | None = None, overwrite: bool = False, kin
         yield check_output(out, inputs, overwrite, resume=resume, kind=kind, overwrite_kind=overwrite_kind, flag=flag)
 
 
-def check_side_output(path, flag: str, out, inputs: dict | None = None) -> None:
-    """Refuse a path a command writes beside its output as it runs (a cache) inside or above `out` or an input."""
+def check_side_output(path, flag: str, out, inputs: dict | None = None, fix: str | None = None) -> None:
+    """Refuse a path a command writes beside its output as it runs (a cache) inside or above `out` or an input
+    (`fix`: what to do instead, when it is not "choose another `flag`")."""
     target = Path(path).expanduser().resolve()
     places = {"--out": (out, Path(out).expanduser().resolve()),
               **{name: (p, local_path(p)) for name, p in (inputs or {}).items() if isinstance(p, (str, Path))}}
@@ -645,7 +646,7 @@ def check_side_output(path, flag: str, out, inputs: dict | None = None) -> None:
         rel = place and relation(target, place)
         if rel:
             raise OutputError(f"{flag} {path} {rel} {'the ' if name != '--out' else ''}{name} {shown}: it would be "
-                              f"written there; choose another {flag}")
+                              f"written there; {fix or f'choose another {flag}'}")
 
 
 @contextmanager

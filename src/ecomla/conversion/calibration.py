@@ -238,9 +238,9 @@ _KEY_VOLATILE = ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "trans
 
 def stats_key(config, named_weights, input_ids: torch.Tensor, dtype: torch.dtype) -> str:
     """Cache key of a model's calibration statistics: its config (less where it came from), the dtype it runs in,
-    a strided sample (<= ~4096 values) of every non-head weight (`named_weights`: (name, tensor) in the model's
-    `named_parameters` order, in any dtype), and the ids. A fingerprint, not a full hash: weights changed only
-    between sampled entries would collide."""
+    every non-head weight (`named_weights`: (name, tensor) in the model's `named_parameters` order, in any dtype;
+    hashed whole in `dtype`: a strided sample let one embedding row trained in place reuse the old statistics),
+    and the ids."""
     h = hashlib.sha256()
     described = {k: v for k, v in config.to_dict().items() if k not in _KEY_VOLATILE}
     h.update(json.dumps(described, sort_keys=True, default=str).encode())
@@ -248,8 +248,7 @@ def stats_key(config, named_weights, input_ids: torch.Tensor, dtype: torch.dtype
     for name, p in named_weights:
         if "lm_head" not in name:
             h.update(name.encode())
-            flat = p.detach().reshape(-1)
-            h.update(flat[:: max(1, flat.numel() // 4096)].to(dtype).float().cpu().numpy().tobytes())
+            h.update(p.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
     h.update(str(tuple(input_ids.shape)).encode())  # the same tokens cut into other sequences are other statistics
     h.update(input_ids.cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:32]

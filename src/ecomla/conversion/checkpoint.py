@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..options import DTYPES, ConvertOptions
@@ -28,7 +29,7 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..io import atomic_output_dir, check_free_space, check_writable_folder
+    from ..io import atomic_output_dir, check_free_space, check_side_output, check_writable_folder
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_generation_config, load_model, load_tokenizer, resolve_device
@@ -47,7 +48,13 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
                          f"{', --svd ' + plan.svd if options.svd else ''}) measures nothing; drop --calib, or use "
                          "--init ecomla / --svd activations, which read it")
     if plan.needs_calibration and options.calib_cache != "none":  # found now, not after the calibration forward
-        check_writable_folder(options.calib_cache or default_cache_dir(), "--calib-cache")  # default: $ECOMLA_CACHE
+        cache = options.calib_cache or default_cache_dir()  # default: $ECOMLA_CACHE/calibration
+        named = ("--calib-cache" if options.calib_cache else
+                 "the calibration cache ($ECOMLA_CACHE)" if os.environ.get("ECOMLA_CACHE") else "the calibration cache")
+        if not options.calib_cache:  # (given, it was checked before the lock): not into --out or an input either
+            check_side_output(cache, named, options.out, inputs, "give --calib-cache DIR elsewhere, or --calib-cache none (no cache)"
+                              + (", or point $ECOMLA_CACHE elsewhere" if os.environ.get("ECOMLA_CACHE") else ""))
+        check_writable_folder(cache, named)
     planned = build_config(plan)
     log(conversion_table(src_config, planned))
     for flag, got, most in plan.zero_padded():
