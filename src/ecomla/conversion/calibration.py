@@ -248,7 +248,8 @@ def stats_key(config, named_weights, input_ids: torch.Tensor, dtype: torch.dtype
     for name, p in named_weights:
         if "lm_head" not in name:
             h.update(name.encode())
-            h.update(p.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+            for part in p.detach().reshape(-1).split(1 << 24):  # converted a part at a time: no whole copy in `dtype`
+                h.update(part.to(device="cpu", dtype=dtype).contiguous().view(torch.uint8).numpy())
     h.update(str(tuple(input_ids.shape)).encode())  # the same tokens cut into other sequences are other statistics
     h.update(input_ids.cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:32]
