@@ -420,3 +420,33 @@ def test_dpo_caps_its_max_length_at_the_models_positions(tmp_path, monkeypatch):
         dpo(DPOOptions(model=str(model), data=str(tmp_path / "text.jsonl"), out=str(tmp_path / f"o{given}"),
                        max_steps=1, max_length=given), log=lines.append)
     assert seen == [256, 100] and sum("--max-length 4096 is beyond the model's 256 positions" in x for x in lines) == 1
+
+
+def test_dpo_says_how_many_pairs_a_max_length_skips_and_refuses_when_it_skips_all(tmp_path):
+    """TRL drops a pair whose prompt alone fills --max-length (none of its answer would fit): a third of the demo
+    pairs at the default 512 were skipped without a word, and with every pair dropped it failed inside the Trainer
+    ("num_samples should be a positive integer value, but got num_samples=0"), after the models loaded."""
+    from ecomla.pipeline import run_recipe
+    from ecomla.training.dpo import DPOOptions, dpo
+
+    model = tiny_model_dir(tmp_path / "m")
+    long = "the cat sat on the mat. " * 8  # ~50 tokens
+    rows = [{"prompt": long, "chosen": "a dog.", "rejected": "the bird sang."},
+            {"prompt": "the", "chosen": "cat sat.", "rejected": "dog ran."}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+    dpo(DPOOptions(model=str(model), data=str(tmp_path / "p.jsonl"), out=str(tmp_path / "o"), max_steps=1,
+                   max_length=20), log=lines.append)
+    assert sum("1 of 2 preference pairs are skipped: the prompt alone fills --max-length 20 tokens" in x for x in lines) == 1
+    (tmp_path / "all.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    says = r"every one of its 1 prompts has at least --max-length 20 tokens \(the shortest \d+\)"
+    with pytest.raises(ValueError, match=says):
+        dpo(DPOOptions(model=str(model), data=str(tmp_path / "all.jsonl"), out=str(tmp_path / "o2"), max_length=20),
+            log=lambda *a: None)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.dpo-state").exists()
+    recipe = {"model": str(model), "out": str(tmp_path / "run"), "convert": {"kv_rank": 8},
+              "dpo": {"data": str(tmp_path / "all.jsonl"), "max_length": 20}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="recipe section 'dpo': .*" + says):
+        run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+    assert not (tmp_path / "run" / "converted").exists()  # refused before step one

@@ -211,7 +211,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     from .evaluation.evaluate import check_passkey_contexts, task_data
     from .sources import load_config, load_tokenizer
     from .training.data import check_vocab, read_documents
-    from .training.dpo import check_chat_template, read_preferences
+    from .training.dpo import check_chat_template, check_prompts_fit, prompt_lengths, read_preferences
     from .training.loop import run_steps
 
     config = load_config(model)
@@ -239,7 +239,9 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                 if o.teacher != model:
                     check_vocab(None, None, config, load_config(o.teacher))
             if step.name == "dpo":
-                check_chat_template(read_preferences(o.data), tokenizer, model)
+                rows = read_preferences(o.data)
+                check_chat_template(rows, tokenizer, model)
+                check_prompts_fit(prompt_lengths(rows, tokenizer), min(o.max_length, max_len or o.max_length), o.data)
                 if o.ref_model:
                     check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:

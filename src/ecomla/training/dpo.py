@@ -91,6 +91,23 @@ def check_chat_template(rows: list[dict], tokenizer, model: str) -> None:
                          "to its tokenizer_config.json")
 
 
+def prompt_lengths(rows: list[dict], tokenizer) -> list[int]:
+    """Tokens of each row's prompt as TRL's DPOTrainer tokenizes it (chat turns through the template with the
+    generation prompt; text as the tokenizer encodes it, special tokens included)."""
+    return [len(tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True)
+                ["input_ids"]) if isinstance(r["prompt"], list) else len(tokenizer(text=r["prompt"])["input_ids"])
+            for r in rows]
+
+
+def check_prompts_fit(lengths: list[int], max_length: int, data) -> None:
+    """Refuse preference data whose every prompt fills --max-length: TRL drops such a pair (none of its answer would
+    be left to train on), and with none left it failed inside the Trainer ("num_samples=0")."""
+    if lengths and min(lengths) >= max_length:
+        raise ValueError(f"preference file {data}: every one of its {len(lengths)} prompts has at least --max-length "
+                         f"{max_length} tokens (the shortest {min(lengths)}), so no answer token would fit and nothing "
+                         "would train: raise --max-length, or shorten the prompts")
+
+
 def capped_length(max_length: int, config, log) -> int:
     """--max-length, at most the model's positions: it caps each prompt + answer (TRL truncates to it), and tokens
     past the positions the model was trained on would train it on positions it has never seen."""
@@ -133,6 +150,8 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     if tok is None:
         raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
     check_chat_template(rows, tok, args.model)
+    max_length = capped_length(args.max_length, load_config(args.model), log)
+    check_prompts_fit(prompt_lengths(rows, tok), max_length, args.data)
     if args.ref_model:
         check_vocab(tok, load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
@@ -148,7 +167,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     ref.requires_grad_(False)
     created = not state.exists()
     try:
-        _train(args, state, out, model, ref, tok, rows, inputs, log)
+        _train(args, state, out, model, ref, tok, rows, inputs, max_length, log)
     except BaseException:
         if created and not any(state.glob("checkpoint-*")):  # nothing worth resuming: leave no empty folder
             shutil.rmtree(state, ignore_errors=True)
@@ -163,7 +182,7 @@ def whole_run_train_loss(history: list[dict]) -> list[dict]:
     return [{**r, "train_loss": sum(losses) / len(losses)} if "train_loss" in r and losses else r for r in history]
 
 
-def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, log) -> None:
+def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, max_length: int, log) -> None:
     import time
 
     import datasets
@@ -183,7 +202,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     config = DPOConfig(
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        max_length=capped_length(args.max_length, model.config, log), bf16=args.precision == "bf16",
+        max_length=max_length, bf16=args.precision == "bf16",
         save_steps=args.save_every, save_strategy="steps",
         save_total_limit=args.keep_checkpoints,  # the newest; each holds the model and AdamW's moments
         logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
@@ -191,6 +210,10 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     fresh_precision()  # the Trainer builds its own Accelerator (bf16 or not) after an earlier stage's
     trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok)
+    skipped = len(rows) - len(trainer.train_dataset)
+    if skipped:  # TRL drops them without a word
+        log(f"[ecomla dpo] note: {skipped} of {len(rows)} preference pairs are skipped: the prompt alone fills "
+            f"--max-length {max_length} tokens, so none of its answer would fit (raise --max-length to train on them)")
     last = None
     if args.resume:
         ckpts = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
