@@ -290,3 +290,18 @@ def test_the_run_report_prints_scores_as_ecomla_eval_does(tmp_path):
     rows.append(dict(rows[1], model="dpo", train_tokens=None, train_seconds=None))
     write_report(tmp_path / "report", {"model": "m"}, rows, {}, "", {}, [])
     assert (tmp_path / "report" / "report.png").is_file() and "| dpo | 8 | 1 | - | - |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_evaluate_model_reads_its_options_task_folder_and_gives_the_model_back_in_its_mode(tmp_path):
+    """Called from Python, evaluate_model ignored EvalOptions.data_dir (it looked the task up on the hub) and left a
+    model in training mode in eval mode (dropout off for the rest of a training loop)."""
+    from ecomla.evaluation.evaluate import evaluate_model
+    from ecomla.sources import load_model
+
+    (tmp_path / "tasks").mkdir()
+    write_local_files(tmp_path / "tasks")
+    model, tok = load_model(str(tiny_model_dir(tmp_path / "m")))
+    model.train()
+    rows = evaluate_model(model, tok, "m", ["wikitext"], EvalOptions(models=["m"], data_dir=str(tmp_path / "tasks")),
+                          progress=False)
+    assert [r["task"] for r in rows] == ["wikitext"] and rows[0]["value"] > 1 and model.training

@@ -223,7 +223,19 @@ def evaluate_model(
     data_dir: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Flat result rows {model, task, metric, value, stderr, n} for one loaded model (settings from `options`)."""
+    """Flat result rows {model, task, metric, value, stderr, n} for one loaded model (settings from `options`; its
+    task folder unless `data_dir` is given). The model comes back in the mode it came in (lm-eval sets eval mode:
+    dropout stayed off in a training loop that evaluated)."""
+    training = model.training
+    try:
+        return _scores(model, tokenizer, name, tasks, options, options.data_dir if data_dir is None else data_dir,
+                       progress)
+    finally:
+        model.train(training)
+
+
+def _scores(model, tokenizer, name: str, tasks: list[str], options: EvalOptions, data_dir: str | None,
+            progress: bool) -> list[dict]:
     limit, batch_size, max_batch_tokens = options.limit, options.batch_size, options.max_batch_tokens
     ppl_window, ppl_stride = options.ppl_window, options.ppl_stride
     from lm_eval import simple_evaluate
