@@ -333,3 +333,52 @@ def test_json_lines_are_read_whatever_the_extensions_case_and_unicode_line_separ
         assert read_rows(tmp_path / name) == rows
     (tmp_path / "data.JSON").write_text(json.dumps(rows))
     assert read_rows(tmp_path / "data.JSON") == rows
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (mounting needs root: skipped without it)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_is_named_with_the_output_and_its_free_space(small_disk, monkeypatch):
+    """torch.save on a full disk raised "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos
+    251392 vs 251284" (a traceback: no file, no disk named), a GGUF "4096 requested and 3424 written"; the lock's own
+    write failed on a disk already full with a bare "[Errno 28]", leaving an empty lock file. Each now says which
+    output and how much room its disk has, and leaves nothing behind."""
+    import errno
+
+    import torch
+
+    from ecomla.io import atomic_torch_save, atomic_write
+
+    atomic_write(small_disk / "kept.txt", "old")
+    with pytest.raises(OutputError, match=r"writing .*big\.pt failed: .* \(the disk holding it has [\d.]+ MiB free\)"):
+        atomic_torch_save(torch.zeros(1 << 17), small_disk / "big.pt")  # 512 KiB on a 256 KiB disk: torch's own error
+    with pytest.raises(OutputError, match=r"writing .*kept\.txt failed: .*No space left"):
+        atomic_write(small_disk / "kept.txt", "x" * (1 << 19))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["kept.txt"] and (small_disk / "kept.txt").read_text() == "old"
+    with pytest.raises(OutputError, match=r"writing .*out failed: .*No space left"):
+        with atomic_output_dir(small_disk / "out") as tmp:
+            (tmp / "w.bin").write_bytes(bytes(1 << 19))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["kept.txt"]
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full)  # the lock file is made; its pid cannot be written
+    with pytest.raises(OutputError, match=r"writing .*\.elsewhere\.ecomla-lock failed"):
+        with claim(small_disk / "elsewhere"):
+            pass
+    monkeypatch.undo()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["kept.txt"]
+
+    def broken(obj, f):
+        raise RuntimeError("not a disk problem")
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="not a disk problem"):  # other errors pass as they are
+        atomic_torch_save({"a": 1}, small_disk / "x.pt")

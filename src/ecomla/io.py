@@ -564,8 +564,14 @@ def _acquire(path: Path, what: str, flag: str = "--out") -> int:
         except FileNotFoundError:
             same = False
         if same:  # (else the holder removed the file as we opened it: take the new one)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}, {what}".encode())
+            try:
+                with disk_errors(path):  # a full disk: said, and no empty lock left behind
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"pid {os.getpid()}, {what}".encode())
+            except BaseException:
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                raise
             return fd
         os.close(fd)
     raise OutputError(f"could not lock {path}: it keeps changing")
@@ -686,7 +692,8 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published directory gets normal permissions
         replaced = None  # the old output once the new one took its place
         try:
-            yield tmp
+            with disk_errors(out):
+                yield tmp
             for f in tmp.rglob("*"):  # as the umask makes files: some writers' own temporaries leave them 0600
                 if f.is_file() and not f.is_symlink():  # (transformers' model.safetensors), unreadable to a server
                     f.chmod(0o666 & ~umask)
@@ -712,6 +719,31 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
                 remove_marked(replaced, ignore_errors=True)
 
 
+# How a write cut short by a full disk shows itself: an OSError (errno ENOSPC/EDQUOT, or numpy's "4096 requested and
+# 3424 written" without one), safetensors' "No space left on device", torch.save's RuntimeError ("unexpected pos 704 vs
+# 598", "iostream error"), none of which names the file or the space
+_SHORT_WRITE = re.compile(r"No space left|Disk quota|requested and \d+ written|unexpected pos|iostream error|"
+                          r"PytorchStreamWriter failed|file write failed", re.IGNORECASE)
+
+
+@contextmanager
+def disk_errors(path):
+    """Say which output failed and how much room its disk has when a write under `path` runs out of space."""
+    try:
+        yield
+    except Exception as err:
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or isinstance(err, (OSError, RuntimeError)) and _SHORT_WRITE.search(str(err))
+                or type(err).__name__ == "SafetensorError" and _SHORT_WRITE.search(str(err))):
+            raise
+        try:
+            free = f"{shutil.disk_usage(_existing(Path(path).absolute())).free / 2**20:.1f} MiB"
+        except OSError:
+            free = "an unknown amount"
+        raise OutputError(f"writing {path} failed: {str(err)[:200]} (the disk holding it has {free} free): free space "
+                          "there, or write elsewhere; nothing half-written was kept") from err
+
+
 def write_via_temporary(path, write, check=None) -> None:
     """`write(tmp)` into a temporary sibling, then rename it onto `path`: never half-written, and on error
     the temporary is removed and `path` left as it was. `check()`, when given, runs again just before the rename
@@ -720,7 +752,8 @@ def write_via_temporary(path, write, check=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        write(tmp)
+        with disk_errors(path):
+            write(tmp)
         if check is not None:
             check()
         os.replace(tmp, path)

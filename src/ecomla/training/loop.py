@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, check_unchanged_sources,
-                  claim, clear_run_dir, fingerprint_sources, mark, read_json, read_log, record, step_folders,
+                  claim, clear_run_dir, disk_errors, fingerprint_sources, mark, read_json, read_log, record, step_folders,
                   unknown_files)
 from ..options import DTYPES, TrainOptions
 
@@ -748,7 +748,8 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        with disk_errors(final):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
     except BaseException:  # stopped (SIGTERM, Ctrl-C) or failed while writing: no half-written checkpoint stays;
         shutil.rmtree(tmp, ignore_errors=True)  # every process removes it (another may write on after the first stops)
