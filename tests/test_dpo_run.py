@@ -450,3 +450,34 @@ def test_dpo_says_how_many_pairs_a_max_length_skips_and_refuses_when_it_skips_al
     with pytest.raises(ValueError, match="recipe section 'dpo': .*" + says):
         run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
     assert not (tmp_path / "run" / "converted").exists()  # refused before step one
+
+
+def test_dpo_counts_a_prompt_as_trl_does_and_a_recipe_without_tokenizer_is_refused(tmp_path):
+    """A prompt whose last token merges with the answer's first counts one token fewer in TRL (the tokens it shares
+    with prompt + answer): ecomla counted the prompt alone and refused data TRL trains on. A recipe's model without a
+    tokenizer, with plain preference rows, crashed in the check (TypeError) instead of saying DPO needs one."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from conftest import tiny_llama, tiny_tokenizer
+    from ecomla.pipeline import run_recipe
+    from ecomla.training.dpo import check_prompts_fit, prompt_lengths
+
+    tok = tiny_tokenizer()
+    rows = [{"prompt": "question: what is the sky? answer: ", "chosen": "blue.", "rejected": "the dog ran"}] * 2
+    alone = len(tok(text=rows[0]["prompt"])["input_ids"])
+    trainer = DPOTrainer(model=tiny_llama(vocab_size=len(tok)), ref_model=tiny_llama(vocab_size=len(tok)),
+                         args=DPOConfig(output_dir=str(tmp_path / "s"), max_length=alone, report_to=[], use_cpu=True),
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    kept = len(trainer.train_dataset)
+    assert kept == 2  # TRL trains on them: its prompt is a token shorter than the prompt alone
+    lengths = prompt_lengths(rows, tok, alone)
+    assert lengths == [alone - 1] * 2
+    check_prompts_fit(lengths, alone, "p.json")  # not refused
+    tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "m")  # no tokenizer
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "the cat", "chosen": "sat", "rejected": "ran"}]))
+    recipe = {"model": str(tmp_path / "m"), "out": str(tmp_path / "run"), "convert": {"kv_rank": 8},
+              "dpo": {"data": str(tmp_path / "p.json")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=f"recipe section 'dpo': {tmp_path / 'm'} ships no tokenizer; DPO needs one"):
+        run_recipe(tmp_path / "r.yaml", log=lambda *a: None)

@@ -382,3 +382,19 @@ def test_a_full_disk_is_named_with_the_output_and_its_free_space(small_disk, mon
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(RuntimeError, match="not a disk problem"):  # other errors pass as they are
         atomic_torch_save({"a": 1}, small_disk / "x.pt")
+
+
+def test_a_short_write_on_a_disk_with_room_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """torch's "unexpected pos" also comes from a file size limit or an I/O error: with room on the disk the message
+    names the file and the room, without telling the user to free space."""
+    import torch
+
+    from ecomla.io import atomic_torch_save
+
+    def short(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", short)
+    with pytest.raises(OutputError) as err:
+        atomic_torch_save({"a": 1}, tmp_path / "x.pt")
+    assert f"writing {tmp_path / 'x.pt'} failed: [enforce fail" in str(err.value) and "MiB free)" in str(err.value)
+    assert "free space there" not in str(err.value) and list(tmp_path.iterdir()) == []

@@ -726,6 +726,9 @@ _SHORT_WRITE = re.compile(r"No space left|Disk quota|requested and \d+ written|u
                           r"PytorchStreamWriter failed|file write failed", re.IGNORECASE)
 
 
+FULL_DISK_BYTES = 64 << 20  # a failed write with this little room left is taken for a full disk
+
+
 @contextmanager
 def disk_errors(path):
     """Say which output failed and how much room its disk has when a write under `path` runs out of space."""
@@ -737,11 +740,14 @@ def disk_errors(path):
                 or type(err).__name__ == "SafetensorError" and _SHORT_WRITE.search(str(err))):
             raise
         try:
-            free = f"{shutil.disk_usage(_existing(Path(path).absolute())).free / 2**20:.1f} MiB"
+            free = shutil.disk_usage(_existing(Path(path).absolute())).free
         except OSError:
-            free = "an unknown amount"
-        raise OutputError(f"writing {path} failed: {str(err)[:200]} (the disk holding it has {free} free): free space "
-                          "there, or write elsewhere; nothing half-written was kept") from err
+            free = None
+        full = full or free is not None and free < FULL_DISK_BYTES  # (else a file size limit, an I/O error, ...)
+        raise OutputError(f"writing {path} failed: {str(err)[:200]} (the disk holding it has "
+                          f"{'an unknown amount' if free is None else f'{free / 2**20:.1f} MiB'} free)"
+                          + (": free space there, or write elsewhere" if full else "")
+                          + "; nothing half-written was kept") from err
 
 
 def write_via_temporary(path, write, check=None) -> None:

@@ -240,8 +240,11 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                     check_vocab(None, None, config, load_config(o.teacher))
             if step.name == "dpo":
                 rows = read_preferences(o.data)
+                if tokenizer is None:
+                    raise ValueError(f"{model} ships no tokenizer; DPO needs one")
                 check_chat_template(rows, tokenizer, model)
-                check_prompts_fit(prompt_lengths(rows, tokenizer), min(o.max_length, max_len or o.max_length), o.data)
+                length = min(o.max_length, max_len or o.max_length)
+                check_prompts_fit(prompt_lengths(rows, tokenizer, length), length, o.data)
                 if o.ref_model:
                     check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:

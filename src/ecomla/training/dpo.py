@@ -91,12 +91,30 @@ def check_chat_template(rows: list[dict], tokenizer, model: str) -> None:
                          "to its tokenizer_config.json")
 
 
-def prompt_lengths(rows: list[dict], tokenizer) -> list[int]:
-    """Tokens of each row's prompt as TRL's DPOTrainer tokenizes it (chat turns through the template with the
-    generation prompt; text as the tokenizer encodes it, special tokens included)."""
-    return [len(tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True)
-                ["input_ids"]) if isinstance(r["prompt"], list) else len(tokenizer(text=r["prompt"])["input_ids"])
-            for r in rows]
+def _ids(tokenizer, text_or_turns, generation_prompt: bool = False) -> list[int]:
+    """As TRL's DPOTrainer tokenizes: chat turns through the template, text as the tokenizer encodes it."""
+    if isinstance(text_or_turns, list):
+        return tokenizer.apply_chat_template(text_or_turns, tokenize=True, add_generation_prompt=generation_prompt,
+                                             return_dict=True)["input_ids"]
+    return tokenizer(text=text_or_turns)["input_ids"]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def prompt_lengths(rows: list[dict], tokenizer, at_least: int) -> list[int]:
+    """Each row's prompt length as TRL's DPOTrainer counts it where it is at least `at_least` (what its
+    --max-length filter compares): the tokens the prompt shares with both prompt + answer (a last prompt token that
+    merges with the answer's first is the answer's); below that, the prompt's own token count (no smaller count
+    changes the comparison)."""
+    lengths = []
+    for r in rows:
+        prompt = _ids(tokenizer, r["prompt"], generation_prompt=True)
+        if len(prompt) >= at_least:
+            prompt = prompt[:min(_common(prompt, _ids(tokenizer, r["prompt"] + r[k])) for k in ("chosen", "rejected"))]
+        lengths.append(len(prompt))
+    return lengths
 
 
 def check_prompts_fit(lengths: list[int], max_length: int, data) -> None:
@@ -151,7 +169,7 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
         raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
     check_chat_template(rows, tok, args.model)
     max_length = capped_length(args.max_length, load_config(args.model), log)
-    check_prompts_fit(prompt_lengths(rows, tok), max_length, args.data)
+    check_prompts_fit(prompt_lengths(rows, tok, max_length), max_length, args.data)
     if args.ref_model:
         check_vocab(tok, load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
