@@ -283,7 +283,7 @@ def write(state, out: Path) -> None:
             arm = [r for r in rows if r["compression"] == comp and r["method"] == method]
             pts = sorted((r["budget_seconds"] / 60, 100 * r["margin_kept"]) for r in arm if not changed(r["train_settings"]))
             if pts:
-                pts = [(0.0, 100 * init[0]["margin_kept"])] * bool(init) + pts
+                pts = ([(0.0, 100 * init[0]["margin_kept"])] if init else []) + pts  # (an arm run without its init row)
                 line, = ax.plot(*zip(*pts), marker="o", label=f"{comp} {method}")
                 sweeps = {}  # changed settings -> [(minutes, margin kept)]
                 for r in arm:
