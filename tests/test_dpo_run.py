@@ -481,3 +481,27 @@ def test_dpo_counts_a_prompt_as_trl_does_and_a_recipe_without_tokenizer_is_refus
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match=f"recipe section 'dpo': {tmp_path / 'm'} ships no tokenizer; DPO needs one"):
         run_recipe(tmp_path / "r.yaml", log=lambda *a: None)
+
+
+def test_dpo_stopped_as_a_checkpoint_is_finished_keeps_its_compute_known(student, tmp_path, monkeypatch):
+    """Its compute went into a checkpoint after the Trainer wrote trainer_state.json (which marks it whole) and
+    removed the older ones: a run stopped in between resumed from a checkpoint without it, and the run's tokens and
+    seconds were unknown for good (the recipe report's dpo row showed "-"). It is written first now."""
+    import transformers.trainer
+
+    from ecomla.training.dpo import DPOOptions, dpo, spent
+
+    row = {"prompt": "the cat", "chosen": "sat on the mat.", "rejected": "a dog ran."}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+    options = dict(model=student, data=str(tmp_path / "p.jsonl"), out=str(tmp_path / "o"), max_steps=2, save_every=1)
+    real = transformers.trainer.rotate_checkpoints
+
+    def stopped(*a, **k):  # after checkpoint-1's trainer_state.json, before ecomla's own record was written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        dpo(DPOOptions(**options), log=lambda *a: None)
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", real)
+    assert (tmp_path / "o.dpo-state" / "checkpoint-1" / "trainer_state.json").is_file()
+    dpo(DPOOptions(**options, resume=True), log=lambda *a: None)
+    assert spent(tmp_path / "o")["tokens"] > 0 and spent(tmp_path / "o")["train_seconds"] > 0

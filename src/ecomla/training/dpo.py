@@ -200,13 +200,32 @@ def whole_run_train_loss(history: list[dict]) -> list[dict]:
     return [{**r, "train_loss": sum(losses) / len(losses)} if "train_loss" in r and losses else r for r in history]
 
 
+def spent_recording_trainer():
+    """TRL's DPOTrainer whose checkpoints get `write_spent(folder)` (the compute so far) before the Trainer writes
+    their trainer_state.json, which marks one whole: written after it (a callback's on_save), a run stopped in
+    between (as the Trainer removed older checkpoints) resumed from a checkpoint without it, and its compute was
+    unknown for good."""
+    from trl import DPOTrainer
+
+    class SpentRecordingDPOTrainer(DPOTrainer):
+        write_spent = None  # folder -> None
+
+        def _save_checkpoint(self, model, trial):
+            if self.write_spent is not None:
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                folder.mkdir(parents=True, exist_ok=True)
+                self.write_spent(folder)
+            super()._save_checkpoint(model, trial)
+
+    return SpentRecordingDPOTrainer
+
+
 def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, max_length: int, log) -> None:
     import time
 
     import datasets
     import torch
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     from ..io import atomic_write, clear_run_dir, fingerprint_sources, mark, save_checkpoint
     from .loop import fresh_precision
@@ -226,8 +245,8 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         logging_steps=1, report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(), save_only_model=False,
     )
     fresh_precision()  # the Trainer builds its own Accelerator (bf16 or not) after an earlier stage's
-    trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok)
+    trainer = spent_recording_trainer()(model=model, ref_model=ref, args=config,
+                                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
     skipped = len(rows) - len(trainer.train_dataset)
     if skipped:  # TRL drops them without a word
         log(f"[ecomla dpo] note: {skipped} of {len(rows)} preference pairs are skipped: the prompt alone fills "
@@ -252,13 +271,8 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         return json.dumps({"tokens": before.get("tokens", 0) + int(getattr(trainer, "_total_train_tokens", 0)),
                            "train_seconds": before.get("train_seconds", 0.0) + time.time() - t0})
 
-    class Spent(TrainerCallback):
-        def on_save(self, train_args, train_state, control, **kwargs):
-            folder = state / f"checkpoint-{train_state.global_step}"
-            if known and folder.is_dir():
-                atomic_write(folder / SPENT, so_far())
-
-    trainer.add_callback(Spent())
+    if known:
+        trainer.write_spent = lambda folder: atomic_write(folder / SPENT, so_far())
     (state / SPENT).unlink(missing_ok=True)  # a finished run's, before this one goes on
     trainer.train(resume_from_checkpoint=last)
     if known:
