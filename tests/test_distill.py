@@ -210,6 +210,20 @@ def test_a_resume_under_another_distribution_than_its_checkpoints_is_refused(mod
     assert snapshot(tmp_path / "cut") == before
 
 
+def test_a_checkpoint_holding_a_users_file_still_resumes(models, tmp_path):
+    """A user's file kept inside a checkpoint (rotation keeps such a folder) was read by the check before loading
+    as if it were accelerate's, and the checkpoint judged unreadable: the resume was refused or fell back."""
+    from ecomla.training.distill import distill
+
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    newest = sorted((tmp_path / "cut" / "training" / "checkpoints").iterdir())[-1]
+    (newest / "notes.pt").write_text("my notes")
+    lines = []
+    distill(_cfg(models, tmp_path / "cut", resume=True), log=lines.append)
+    assert any(f"resuming from {newest} (step 2)" in str(x) for x in lines)
+    assert (newest / "notes.pt").read_text() == "my notes" or not newest.exists()
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_with_one_log(models, tmp_path):
     """Killed outright (no `finally`) before its first checkpoint, a run resumed from step 0 kept its first held-out
     evaluation and made another: two step-0 rows. Its log is now the uninterrupted run's, row for row."""

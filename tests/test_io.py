@@ -398,3 +398,25 @@ def test_a_short_write_on_a_disk_with_room_is_not_called_a_full_disk(tmp_path, m
         atomic_torch_save({"a": 1}, tmp_path / "x.pt")
     assert f"writing {tmp_path / 'x.pt'} failed: [enforce fail" in str(err.value) and "MiB free)" in str(err.value)
     assert "free space there" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_as_a_lock_is_taken_does_not_keep_it_for_the_process(tmp_path, monkeypatch):
+    """Ctrl-C between taking the lock (flock) and holding it kept the lock file's descriptor open: the same process
+    (a notebook, the Python API) was refused its own output ("another ecomla process (pid ?) is writing") until it
+    exited. The interrupt is delivered once the lock is held, and releases it."""
+    import ecomla.io as io
+
+    real = io._acquire
+
+    def interrupted(*a, **k):
+        fd = real(*a, **k)
+        signal.raise_signal(signal.SIGINT)
+        return fd
+    monkeypatch.setattr(io, "_acquire", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with claim(tmp_path / "out"):
+            pass
+    monkeypatch.undo()
+    with claim(tmp_path / "out"):  # the same process takes it again
+        pass
+    assert list(tmp_path.iterdir()) == []

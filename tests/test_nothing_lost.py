@@ -474,7 +474,20 @@ def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path, monkeypatch):
 
     def stop(*a):
         raise KeyboardInterrupt  # a run stopped as it draws the plot, after report.md was written anew
-    monkeypatch.setattr(ecomla.pipeline, "_plot", stop)
+    monkeypatch.setattr(ecomla.pipeline, "_plot_png", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, log=lambda *a: None)
+    monkeypatch.undo()
+    import signal
+
+    import ecomla.io
+    real = ecomla.io.atomic_write
+
+    def ctrl_c_after(path, data):  # Ctrl-C as report.md lands, before its record
+        real(path, data)
+        if path.name == "report.md":
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(ecomla.io, "atomic_write", ctrl_c_after)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, log=lambda *a: None)
     monkeypatch.undo()

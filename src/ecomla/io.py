@@ -583,8 +583,6 @@ def claim(out, inputs: dict | None = None, what: str | None = None, flag: str = 
     writer of `out`, of the folders above it and of everything inside it. Re-entrant in one process.
     `out` is first checked against `inputs` (nothing is created inside an input); folders made for the
     lock are removed again if nothing was written into them. `flag`: as in `check_output`."""
-    import fcntl
-
     out = _outside_inputs(out, inputs, flag)
     _check_writable(out.parent, str(out), flag)  # a file or a read-only folder above it: said before any lock is made
     path = lock_file(out)
@@ -603,20 +601,28 @@ def claim(out, inputs: dict | None = None, what: str | None = None, flag: str = 
                 raise OutputError(f"{flag} {out}: cannot create {parent} ({err.strerror})") from None
             made.append(parent)
     try:
-        _refuse_writers_around(out, flag)
-        fd = _acquire(path, what or "ecomla " + " ".join(sys.argv[1:2]), flag)
+        with signals_deferred():  # a Ctrl-C between taking the lock and holding it here kept it for the process's life
+            _refuse_writers_around(out, flag)
+            _HELD[path] = _acquire(path, what or "ecomla " + " ".join(sys.argv[1:2]), flag)
     except BaseException:
+        if path in _HELD:
+            _release(path)
         _remove_empty(made)
         raise
-    _HELD[path] = fd
     try:
         yield out
     finally:
-        del _HELD[path]
-        path.unlink(missing_ok=True)  # removed while still held: a process that opened it meanwhile retries
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _release(path)
         _remove_empty(made)
+
+
+def _release(path: Path) -> None:
+    import fcntl
+
+    fd = _HELD.pop(path)
+    path.unlink(missing_ok=True)  # removed while still held: a process that opened it meanwhile retries
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def _remove_empty(folders: list[Path]) -> None:

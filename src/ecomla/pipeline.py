@@ -543,7 +543,7 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
                  trained: list[Path]) -> None:
     """report.md, report.json, recipe.yaml and report.png (`trained`: the recipe's align/distill output folders)."""
     from .evaluation.evaluate import format_score
-    from .io import atomic_write, record
+    from .io import atomic_write, record, signals_deferred
     from .report import markdown_table
 
     cols = ["model", "kv_values_per_token", "kv_cache", "train_tokens", "train_seconds", "heldout_kl", "heldout_ppl"]
@@ -578,13 +578,20 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     md += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     # each recorded as soon as written (what a rerun may write over): a run stopped between two of them (the plot
     # takes seconds) left files the next run took for the user's edits
+    # (with Ctrl-C and SIGTERM held between a file and its record)
     for name, text in (("report.md", "\n".join(md)), ("recipe.yaml", yaml.safe_dump(recipe, sort_keys=False)),
                        ("report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings},
                                                   indent=1))):
-        atomic_write(report / name, text)
-        record(report, "report", files=[name])
-    _plot(report / "report.png", rows, trained)
-    record(report, "report", files=["report.png"] if (report / "report.png").is_file() else [])
+        with signals_deferred():
+            atomic_write(report / name, text)
+            record(report, "report", files=[name])
+    png = _plot_png(rows, trained)
+    with signals_deferred():
+        if png is None:
+            (report / "report.png").unlink(missing_ok=True)  # ecomla's own: a plot of stages this recipe no longer has
+        else:
+            atomic_write(report / "report.png", png)
+        record(report, "report", files=["report.png"] if png is not None else [])
 
 
 REPORT_FILES = ("report.md", "report.json", "recipe.yaml", "report.png")
@@ -599,12 +606,10 @@ def check_report_unedited(report: Path) -> None:
                           f"{report} (or rename it) to keep it, then run again")
 
 
-def _plot(path: Path, rows: list[dict], trained: list[Path]) -> None:
-    """Quality against training compute: held-out KL along the training logs (align, then distill), and
+def _plot_png(rows: list[dict], trained: list[Path]) -> bytes | None:
+    """report.png: quality against training compute: held-out KL along the training logs (align, then distill), and
     the margin kept on the benchmarks by each model of the run, both over training seconds. Only the recipe's own
-    stages: a folder an earlier recipe left in the run folder is not drawn; with nothing to draw, an earlier plot goes."""
-    from .io import atomic_write
-
+    stages: a folder an earlier recipe left in the run folder is not drawn; None when there is nothing to draw."""
     curve, offset = [], 0.0
     for folder in trained:
         stage = folder.name  # "aligned", "distilled"
@@ -619,8 +624,7 @@ def _plot(path: Path, rows: list[dict], trained: list[Path]) -> None:
     points = [(r["train_seconds"], r["margin kept"], r["model"]) for r in rows[1:]  # (a DPO row's seconds may be unknown)
               if r.get("margin kept") is not None and r.get("train_seconds") is not None]
     if not curve and not points:
-        path.unlink(missing_ok=True)  # ecomla's own report folder: a plot of stages this recipe no longer has
-        return
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -651,4 +655,4 @@ def _plot(path: Path, rows: list[dict], trained: list[Path]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()

@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -246,7 +247,8 @@ def unreadable(ckpt: Path, fsdp: bool) -> str | None:
 
     from safetensors import safe_open
 
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    own = re.compile(ACCELERATE_CHECKPOINT)  # (a user's file kept in a checkpoint is theirs, not read)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and own.fullmatch(str(p.relative_to(ckpt))))
     model = [p for p in files if p.name.startswith(("pytorch_model", "model")) or p.parent.name.startswith("pytorch_model")]
     if fsdp != any("pytorch_model_fsdp" in str(p.relative_to(ckpt)) for p in model):
         return (f"it holds {'no FSDP' if fsdp else 'FSDP'} model state, and this run is "
