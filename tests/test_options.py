@@ -109,6 +109,24 @@ def test_a_recipe_takes_the_command_lines_comma_spelling_of_a_list():
         EvalOptions.from_dict({"passkey_contexts": "256,x"}, "recipe section 'eval'")
 
 
+def test_a_recipe_takes_one_file_where_a_list_of_files_is_asked(tmp_path):
+    """`data: sft.jsonl` (one file, as the shipped recipes write DPO's `data`) in a `train:` section was refused:
+    "recipe section 'distill': data (--data) must be a list of strings", naming a section the key was not in."""
+    import yaml
+
+    from ecomla.pipeline import load_recipe, plan
+
+    cli = DistillOptions.from_args(build_parser().parse_args(["distill", "s", "--teacher", "t", "--data", "a,b.txt",
+                                                              "--out", "o"]))
+    assert cli.data == ["a,b.txt"]  # a file name may hold a comma: not split
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": "m", "out": str(tmp_path / "o"), "convert": {"kv_rank": 8},
+                                                     "train": {"data": "a,b.txt"}, "align": {}, "distill": {}}))
+    steps, _ = plan(load_recipe(tmp_path / "r.yaml"))
+    # (a file found in neither the current folder nor beside the recipe is named beside the recipe)
+    assert [s.options.data for s in steps if s.name in ("align", "distill")] == [[str(tmp_path / "a,b.txt")]] * 2
+    assert EvalOptions.from_dict({"ppl_files": "x.txt"}, models=["m"]).ppl_files == ["x.txt"]
+
+
 def test_recipe_sections_name_unknown_and_malformed_keys():
     with pytest.raises(ValueError, match=r"recipe section 'eval': unknown option 'task' \(did you mean 'tasks'\?\)"):
         EvalOptions.from_dict({"task": ["arc_easy"]}, "recipe section 'eval'")

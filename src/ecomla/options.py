@@ -248,12 +248,15 @@ class Options:
                 raise ValueError(f"{where}: option {keys[k]!r} is given twice")
             if keys[k] in fixed:
                 raise ValueError(f"{where}: {key!r} is set by the recipe itself ({fixed[keys[k]]!r}); remove it")
-            parse = next(f for f in fields(cls) if f.name == keys[k]).metadata.get("parse")
+            f = next(f for f in fields(cls) if f.name == keys[k])
+            parse = f.metadata.get("parse")
             if parse in (comma_list, int_list, float_list) and isinstance(value, str):
                 try:  # the command line's spelling, `tasks: arc_easy,piqa`, as well as a YAML list
                     value = parse(value)
                 except ValueError:
                     raise ValueError(f"{where}: {label(cls, keys[k])} must be a list of numbers, got {value!r}") from None
+            elif isinstance(value, str) and typing.get_origin(typing.get_type_hints(cls)[f.name]) is list:
+                value = [value]  # one file of a list of files (`data: sft.jsonl`), as the command line takes it
             values[keys[k]] = value
         try:
             return cls(**values)
