@@ -413,9 +413,13 @@ def test_a_ctrl_c_as_a_lock_is_taken_does_not_keep_it_for_the_process(tmp_path, 
         signal.raise_signal(signal.SIGINT)
         return fd
     monkeypatch.setattr(io, "_acquire", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        with claim(tmp_path / "out"):
-            pass
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background run ignores SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with claim(tmp_path / "out"):
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     with claim(tmp_path / "out"):  # the same process takes it again
         pass

@@ -488,8 +488,12 @@ def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path, monkeypatch):
         if path.name == "report.md":
             signal.raise_signal(signal.SIGINT)
     monkeypatch.setattr(ecomla.io, "atomic_write", ctrl_c_after)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, log=lambda *a: None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background run ignores SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe, log=lambda *a: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     run_recipe(recipe, log=lambda *a: None)  # ecomla's own files, unedited: written again
     (report / "report.md").write_text((report / "report.md").read_text() + "my analysis\n")
