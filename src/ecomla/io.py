@@ -742,8 +742,8 @@ def disk_errors(path):
         yield
     except Exception as err:
         full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
-        if not (full or isinstance(err, (OSError, RuntimeError)) and _SHORT_WRITE.search(str(err))
-                or type(err).__name__ == "SafetensorError" and _SHORT_WRITE.search(str(err))):
+        writer = isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+        if not (full or writer and _SHORT_WRITE.search(str(err))):
             raise
         try:
             free = shutil.disk_usage(_existing(Path(path).absolute())).free

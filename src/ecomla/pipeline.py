@@ -211,7 +211,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     from .evaluation.evaluate import check_passkey_contexts, task_data
     from .sources import load_config, load_tokenizer
     from .training.data import check_vocab, read_documents
-    from .training.dpo import check_chat_template, check_prompts_fit, prompt_lengths, read_preferences
+    from .training.dpo import check_preferences, read_preferences
     from .training.loop import run_steps
 
     config = load_config(model)
@@ -239,12 +239,8 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
                 if o.teacher != model:
                     check_vocab(None, None, config, load_config(o.teacher))
             if step.name == "dpo":
-                rows = read_preferences(o.data)
-                if tokenizer is None:
-                    raise ValueError(f"{model} ships no tokenizer; DPO needs one")
-                check_chat_template(rows, tokenizer, model)
-                length = min(o.max_length, max_len or o.max_length)
-                check_prompts_fit(prompt_lengths(rows, tokenizer, length), length, o.data)
+                check_preferences(read_preferences(o.data), tokenizer, model, min(o.max_length, max_len or o.max_length),
+                                  o.data)
                 if o.ref_model:
                     check_vocab(None, None, config, load_config(o.ref_model), other="reference model", job="DPO")
         except (ValueError, OSError) as err:
@@ -576,9 +572,8 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     if eval_md:
         md += ["", "## Evaluation", "", eval_md]
     md += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
-    # each recorded as soon as written (what a rerun may write over): a run stopped between two of them (the plot
-    # takes seconds) left files the next run took for the user's edits
-    # (with Ctrl-C and SIGTERM held between a file and its record)
+    # each recorded as soon as written, Ctrl-C and SIGTERM held in between (what a rerun may write over): a run
+    # stopped between a file and its record (the plot takes seconds) left files the next run took for the user's edits
     for name, text in (("report.md", "\n".join(md)), ("recipe.yaml", yaml.safe_dump(recipe, sort_keys=False)),
                        ("report.json", json.dumps({"recipe": recipe, "rows": rows, "distill": summary, "seconds": timings},
                                                   indent=1))):

@@ -126,6 +126,15 @@ def check_prompts_fit(lengths: list[int], max_length: int, data) -> None:
                          "would train: raise --max-length, or shorten the prompts")
 
 
+def check_preferences(rows: list[dict], tokenizer, model: str, max_length: int, data) -> None:
+    """What DPO needs of its preference rows, checked before any weight loads (by `ecomla dpo` and by `ecomla run`
+    before step one): `model`'s tokenizer, a chat template for chat rows, a prompt shorter than `max_length`."""
+    if tokenizer is None:
+        raise ValueError(f"{model} ships no tokenizer; DPO needs one")
+    check_chat_template(rows, tokenizer, model)
+    check_prompts_fit(prompt_lengths(rows, tokenizer, max_length), max_length, data)
+
+
 def capped_length(max_length: int, config, log) -> int:
     """--max-length, at most the model's positions: it caps each prompt + answer (TRL truncates to it), and tokens
     past the positions the model was trained on would train it on positions it has never seen."""
@@ -165,11 +174,8 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
                  overwrite_kind=args.overwrite_kind)
     rows = read_preferences(args.data)
     tok = load_tokenizer(args.model)
-    if tok is None:
-        raise ValueError(f"{args.model} ships no tokenizer; DPO needs one")
-    check_chat_template(rows, tok, args.model)
     max_length = capped_length(args.max_length, load_config(args.model), log)
-    check_prompts_fit(prompt_lengths(rows, tok, max_length), max_length, args.data)
+    check_preferences(rows, tok, args.model, max_length, args.data)
     if args.ref_model:
         check_vocab(tok, load_tokenizer(args.ref_model), load_config(args.model),
                     load_config(args.ref_model), other="reference model", job="DPO")
