@@ -825,35 +825,30 @@ JSON_LINES = (".jsonl", ".ndjson")  # one JSON row per line (read_rows: whatever
 
 
 def row_name(path, n: int) -> str:
-    """How an error names row `n` of a file read by `read_rows`: 'line n' of JSON lines, else 'row n'."""
+    """How an error names row `n` of a file read by `iter_rows`: 'line n' of JSON lines, else 'row n'."""
     return f"{'line' if Path(path).suffix.lower() in JSON_LINES else 'row'} {n}"
 
 
-def read_rows(path, what: str = "data file") -> list:
-    """Plain strings (a text file is one document) or the rows of a .json list / .jsonl (.ndjson) file, whatever
-    the extension's case; errors name the file (and the line)."""
+def iter_rows(path, what: str = "data file"):
+    """(n, row) for each row of a .json list or .jsonl (.ndjson) file, whatever the extension's case, or (1, text)
+    for a plain text file (one document); n as `row_name` names it (a JSON-lines row's own line: blank lines
+    count). JSON lines are read one at a time (a corpus of GBs is never held whole); errors name the file (and
+    the line)."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{what} {path}: a folder; give its files (.txt, .json or .jsonl), one by one")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
+    suffix = path.suffix.lower()  # data.JSONL is JSON lines too (it was read as one plain-text document)
     try:
-        raw = path.read_text(encoding="utf-8")
+        if suffix in JSON_LINES:
+            yield from _json_lines(path, what)
+            return
+        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no text
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} {path}: cannot read it as UTF-8 text ({err})") from err
     if not raw.strip():
         raise ValueError(f"{what} {path} is empty")
-    suffix = path.suffix.lower()  # data.JSONL is JSON lines too (it was read as one plain-text document)
-    if suffix in JSON_LINES:
-        rows = []
-        # lines end at \n only: U+2028 and U+0085 may stand unescaped inside a JSON string (str.splitlines cut there)
-        for n, line in enumerate(raw.split("\n"), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
-        return rows
     if suffix == ".json":
         try:
             data = json.loads(raw)
@@ -861,5 +856,27 @@ def read_rows(path, what: str = "data file") -> list:
             raise ValueError(f"{what} {path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
         if not isinstance(data, list):
             raise ValueError(f"{what} {path}: expected a JSON list of rows")
-        return data
-    return [raw]
+        yield from enumerate(data, 1)
+        return
+    yield 1, raw
+
+
+def _json_lines(path: Path, what: str):
+    empty = True
+    # lines end at \n only: U+2028 and U+0085 may stand unescaped inside a JSON string (str.splitlines cut there)
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                empty = False
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
+                yield n, row
+    if empty:
+        raise ValueError(f"{what} {path} is empty")
+
+
+def read_rows(path, what: str = "data file") -> list:
+    """The rows of `iter_rows` (a text file: its one text), in a list."""
+    return [row for _, row in iter_rows(path, what)]

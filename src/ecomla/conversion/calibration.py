@@ -27,10 +27,10 @@ from ..model.cache import has_attention_bias
 
 def read_text(path: str) -> str:
     """Plain text, or the "text" fields of a .jsonl / .json file's rows (read as training data is)."""
-    from ..io import read_rows, row_name
+    from ..io import iter_rows, row_name
 
     texts = []
-    for n, row in enumerate(read_rows(Path(path), "calibration file"), 1):
+    for n, row in iter_rows(Path(path), "calibration file"):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             row = row["text"]
         if not isinstance(row, str):

@@ -1,7 +1,7 @@
 """Training text: read files of several formats (or sample it from the teacher), tokenize, pack to a fixed length.
 
 Formats (by extension and fields):
-    .txt                         plain text (one document per file; blank-line paragraphs kept)
+    .txt                         plain text (one document per file; blank-line paragraphs kept; tokenized in pieces)
     .jsonl (.ndjson) / .json     one document per row ("text"), whatever the extension's case
     "messages" / "conversations" chat through the tokenizer's chat template; content may be a string
                                  or a list of {"type": "text", "value"|"text"} parts
@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write, mark, read_json, read_rows, row_name
+from ..io import atomic_write, iter_rows, mark, read_json, row_name
 
 
 @dataclass
@@ -199,11 +200,77 @@ def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int
     return spans
 
 
-# The corpora this process read last, kept compact (ids int32, weights uint8): `ecomla run` reads its data in the
-# check before step one and again in each training stage (align and distill often share it), and a large chat corpus
-# tokenizes for minutes (140k-440k tokens/s on one core here): files and tokenizer unchanged, it tokenizes once.
+@dataclass(frozen=True)
+class Corpus:
+    """Documents stored flat, about 5 bytes a token (Python lists of ints took about 40: a corpus of hundreds of
+    millions of tokens needed tens of GB). Document d is ids[offsets[d]:offsets[d + 1]] with its weights, and
+    end_counts[d] tells whether the EOS `pack` joins after it counts (`Document.end_counts`)."""
+
+    ids: torch.Tensor  # (N,) int32
+    weights: torch.Tensor  # (N,) uint8
+    offsets: torch.Tensor  # (D + 1,) int64
+    end_counts: torch.Tensor  # (D,) bool
+
+    def __len__(self) -> int:
+        return self.end_counts.numel()
+
+    def __getitem__(self, d: int) -> Document:
+        if not -len(self) <= d < len(self):
+            raise IndexError(f"document {d} of {len(self)}")
+        d %= len(self)
+        a, b = int(self.offsets[d]), int(self.offsets[d + 1])
+        return Document(self.ids[a:b].tolist(), self.weights[a:b].tolist(), bool(self.end_counts[d]))
+
+    def __iter__(self):
+        return (self[d] for d in range(len(self)))
+
+    @classmethod
+    def of(cls, docs) -> "Corpus":
+        """The corpus of `docs` (Documents; empty weights: every token counts)."""
+        build = _CorpusBuilder()
+        for d in docs:
+            build.add(d)
+        return build.corpus()
+
+
+class _CorpusBuilder:
+    """Documents appended into growing C arrays (4 bytes an id, 1 a weight)."""
+
+    def __init__(self):
+        self.ids, self.weights, self.lengths, self.ends = array("i"), array("B"), array("q"), array("b")
+
+        self.open = 0  # tokens of the document being added
+
+    def extend(self, ids: list[int], weights: list[int] | None = None) -> None:
+        """More tokens of the document being added (weights None: every one counts)."""
+        self.ids.extend(ids)
+        self.weights.extend(weights if weights else bytes([1]) * len(ids))
+        self.open += len(ids)
+
+    def close(self, end_counts: bool = True) -> None:
+        """The document being added ends."""
+        self.lengths.append(self.open)
+        self.ends.append(end_counts)
+        self.open = 0
+
+    def add(self, doc: Document) -> None:
+        self.extend(doc.ids, doc.weights)
+        self.close(doc.end_counts)
+
+    def corpus(self) -> Corpus:
+        def tensor(a, dtype):  # shares the array's memory (no copy); an empty buffer cannot be viewed
+            return torch.frombuffer(a, dtype=dtype) if len(a) else torch.zeros(0, dtype=dtype)
+
+        lengths = tensor(self.lengths, torch.int64)
+        return Corpus(tensor(self.ids, torch.int32), tensor(self.weights, torch.uint8),
+                      torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]), tensor(self.ends, torch.int8).bool())
+
+
+# The corpora this process read last: `ecomla run` reads its data in the check before step one and again in each
+# training stage (align and distill often share it), and a large chat corpus tokenizes for minutes (140k-440k
+# tokens/s on one core here): files and tokenizer unchanged, it tokenizes once.
 READ_KEPT = 2
-_read: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_read: dict[tuple, Corpus] = {}
 
 
 def _read_key(paths, tokenizer, prompt_counts: bool) -> tuple | None:
@@ -229,77 +296,120 @@ def _file_digest(path) -> str:
     return digest.hexdigest()
 
 
-def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = False) -> list[Document]:
-    """The documents of `paths` (module docstring), tokenized; read alike before in this process, from its copy."""
+def read_documents(paths: list[str | Path], tokenizer, prompt_counts: bool = False) -> Corpus:
+    """The documents of `paths` (module docstring), tokenized; read alike before in this process, its copy (shared:
+    nothing changes a Corpus)."""
     key = _read_key(paths, tokenizer, prompt_counts)
     if key in _read:
-        ids, weights, offsets, ends = _read[key]
-        return [Document(ids[a:b].tolist(), weights[a:b].tolist(), bool(e))
-                for a, b, e in zip(offsets[:-1].tolist(), offsets[1:].tolist(), ends.tolist())]
-    docs = _tokenize(paths, tokenizer, prompt_counts)
+        return _read[key]
+    corpus = _tokenize(paths, tokenizer, prompt_counts)
     if key is not None:
         while len(_read) >= READ_KEPT:
             _read.pop(next(iter(_read)))
-        lengths = torch.tensor([len(d.ids) for d in docs], dtype=torch.int64)
-        _read[key] = (torch.tensor([t for d in docs for t in d.ids], dtype=torch.int32),
-                      torch.tensor([w for d in docs for w in d.weights], dtype=torch.uint8),
-                      torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
-                      torch.tensor([d.end_counts for d in docs], dtype=torch.bool))
-    return docs
+        _read[key] = corpus
+    return corpus
 
 
-def _tokenize(paths: list[str | Path], tokenizer, prompt_counts: bool) -> list[Document]:
-    docs = []
+def _tokenize(paths: list[str | Path], tokenizer, prompt_counts: bool) -> Corpus:
+    build = _CorpusBuilder()
     for p in paths:
-        path = Path(p)
-        rows = read_rows(path)
-        n0 = len(docs)
-        for n, row in enumerate(rows, 1):
-            if isinstance(row, str):
-                docs.append(Document(tokenizer(row, add_special_tokens=False)["input_ids"], []))
+        path, before = Path(p), len(build.ids)
+        for n, row in iter_rows(path):
+            if isinstance(row, str):  # a plain text file
+                for ids in text_pieces(tokenizer, row):
+                    build.extend(ids)
+                build.close()
                 continue
             where = f"data file {path}, {row_name(path, n)}"
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: rows must be objects, got {type(row).__name__}")
             msgs = to_messages(row, where)
             if msgs is not None:
-                docs.append(chat_document(tokenizer, msgs, prompt_counts))
+                build.add(chat_document(tokenizer, msgs, prompt_counts))
             elif "text" in row:
-                docs.append(Document(tokenizer(_text(row["text"], "text", where), add_special_tokens=False)["input_ids"], []))
+                build.add(Document(tokenizer(_text(row["text"], "text", where), add_special_tokens=False)["input_ids"], []))
             else:
                 raise ValueError(f"data file {path}: rows need 'text', 'messages', 'conversations', "
                                  f"'instruction'+'output' or 'question'+'answer'; got {sorted(row)}")
-        if not any(d.ids for d in docs[n0:]):
+        if len(build.ids) == before:
             raise ValueError(f"data file {path} holds no text")
-    for d in docs:
-        if not d.weights:
-            d.weights = [1] * len(d.ids)
-    return docs
+    return build.corpus()
 
 
-def pack(docs: list[Document], seq_len: int, eos_id: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle documents (seeded), join with EOS, cut into (S, seq_len) ids and weights; weights[:, 0]
+# A plain text file is one document, tokenized in pieces: one call over 20 MB of text took 2.8 GB here (the
+# tokenizer's per-token records), a GB of text would not fit. Cuts fall after a line end, before a line that begins
+# with a printing character (a boundary every tokenizer's pre-splitting keeps), each one checked.
+TEXT_PIECE = 1 << 20  # characters tokenized in one call
+CUT_CHECK = 512  # characters either side of a cut that must tokenize the same joined as apart
+CUT_TRIES = 16  # line ends tried for a cut before the rest is tokenized whole
+
+
+def text_pieces(tokenizer, text: str):
+    """The token ids of `text`, in pieces of about TEXT_PIECE characters whose ids, joined, are the whole text's:
+    cut where the CUT_CHECK characters either side tokenize the same joined as apart (a tokenizer that marks the
+    start of a text, a SentencePiece prefix "▁" say, fails the check); the rest is tokenized whole where none of
+    CUT_TRIES line ends passes."""
+    def ids(part):
+        return tokenizer(part, add_special_tokens=False)["input_ids"]
+
+    start = 0
+    while len(text) - start > TEXT_PIECE:
+        cut = _checked_cut(text, start + TEXT_PIECE, ids)
+        if cut is None:
+            break
+        yield ids(text[start:cut])
+        start = cut
+    yield ids(text[start:])
+
+
+def _checked_cut(text: str, near: int, ids) -> int | None:
+    at = near
+    for _ in range(CUT_TRIES):
+        at = text.find("\n", at) + 1
+        if at <= 0 or at >= len(text):
+            return None
+        if text[at].isspace():
+            continue
+        before, after = text[max(0, at - CUT_CHECK) : at], text[at : at + CUT_CHECK]
+        if list(ids(before + after)) == list(ids(before)) + list(ids(after)):
+            return at
+    return None
+
+
+def pack(docs: Corpus | list[Document], seq_len: int, eos_id: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle documents (seeded), join with EOS, cut into (S, seq_len) ids (int32) and weights (uint8); weights[:, 0]
     is never used (nothing predicts the first token of a sequence). A sequence with no counted token (all
-    prompt: chat data whose prompts outrun --seq-len) is left out: it would train nothing, and score nothing held out."""
-    order = list(range(len(docs)))
+    prompt: chat data whose prompts outrun --seq-len) is left out: it would train nothing, and score nothing held out.
+    Written into place, a document at a time: the packed corpus takes 5 bytes a token, and no more beside it."""
+    corpus = docs if isinstance(docs, Corpus) else Corpus.of(docs)
+    order = list(range(len(corpus)))
     random.Random(seed).shuffle(order)
-    ids, weights = [], []
-    for i in order:
-        ids += docs[i].ids
-        weights += docs[i].weights
-        if eos_id is not None:
-            ids.append(eos_id)
-            weights.append(int(docs[i].end_counts))
-    n = len(ids) // seq_len
+    join = int(eos_id is not None)
+    total = corpus.ids.numel() + join * len(corpus)
+    n = total // seq_len
     if n == 0:
-        raise ValueError(f"the data hold {len(ids)} tokens, fewer than one sequence of {seq_len}: add data or lower --seq-len")
-    ids_t = torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # (S, L)
-    w_t = torch.tensor(weights[: n * seq_len], dtype=torch.float32).view(n, seq_len)  # (S, L)
-    counted = w_t[:, 1:].sum(1) > 0  # (S,)
+        raise ValueError(f"the data hold {total} tokens, fewer than one sequence of {seq_len}: add data or lower --seq-len")
+    keep = n * seq_len
+    ids, weights = torch.empty(keep, dtype=torch.int32), torch.empty(keep, dtype=torch.uint8)
+    src_ids, src_w, out_ids, out_w = corpus.ids.numpy(), corpus.weights.numpy(), ids.numpy(), weights.numpy()
+    offsets, ends = corpus.offsets.tolist(), corpus.end_counts.tolist()
+    at = 0
+    for d in order:  # numpy slices: a few hundred ns a document, where a torch slice takes microseconds
+        a, b = offsets[d], offsets[d + 1]
+        m = min(b - a, keep - at)
+        out_ids[at : at + m], out_w[at : at + m] = src_ids[a : a + m], src_w[a : a + m]
+        at += m
+        if join and at < keep:
+            out_ids[at], out_w[at] = eos_id, ends[d]
+            at += 1
+        if at == keep:
+            break
+    ids, weights = ids.view(n, seq_len), weights.view(n, seq_len)  # (S, L)
+    counted = weights[:, 1:].any(1).bool()  # (S,)
     if not bool(counted.any()):
         raise ValueError(f"no sequence of {seq_len} tokens holds a token that counts: every one is prompt (weight 0), "
                          "so nothing would train; raise --seq-len or use data whose answers fit in it")
-    return ids_t[counted], w_t[counted]
+    return (ids, weights) if bool(counted.all()) else (ids[counted], weights[counted])
 
 
 def split_heldout(ids: torch.Tensor, weights: torch.Tensor, fraction: float, max_sequences: int = 64):

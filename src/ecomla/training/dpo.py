@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..options import DPOOptions
-from ..io import JSON_LINES, read_json, read_rows, row_name
+from ..io import JSON_LINES, iter_rows, read_json, row_name
 from .data import message
 
 # DPO's training compute so far, {"tokens", "train_seconds"}: in each checkpoint (a resume adds to it) and, when the
@@ -64,19 +64,20 @@ def preference_row(row: dict) -> dict:
 
 
 def read_preferences(path: str | Path) -> list[dict]:
-    """Preference rows from a .json list or .jsonl file (read by io.read_rows, as training data is)."""
+    """Preference rows from a .json list or .jsonl file (read by io.iter_rows, as training data is)."""
     path = Path(path)
     if path.suffix.lower() not in (".json", *JSON_LINES):
         raise ValueError(f"preference file {path}: expected .json (a list of rows) or .jsonl (one row per line)")
-    rows = []
-    for n, r in enumerate(read_rows(path, "preference file"), 1):
+    rows, numbers = [], []
+    for n, r in iter_rows(path, "preference file"):
         try:
             rows.append(preference_row(r))
+            numbers.append(n)
         except ValueError as err:
             raise ValueError(f"preference file {path}, {row_name(path, n)}: {err}") from None
     if not rows:
         raise ValueError(f"preference file {path} holds no rows")
-    same = [row_name(path, n) for n, r in enumerate(rows, 1) if r["chosen"] == r["rejected"]]
+    same = [row_name(path, n) for n, r in zip(numbers, rows) if r["chosen"] == r["rejected"]]
     if same:  # a pair whose answers are one text has zero DPO gradient: a file of them trains nothing, silently
         raise ValueError(f"preference file {path}: {len(same)} of {len(rows)} rows have the same chosen and rejected "
                          f"answer ({', '.join(same[:5])}{' ...' if len(same) > 5 else ''}); they teach nothing: drop them")

@@ -173,7 +173,7 @@ def loss_shares(step_rows: list[list[torch.Tensor]], rank: int, train_w: torch.T
     (N: the step's counted tokens). Plain text counts every token, so every s is exactly 1.0 and the arithmetic is
     the plain mean's; chat data's prompts do not count, and without s a micro-batch of few answer tokens weighed as
     much as a full one (2 processes did not train as 1 with twice the batch)."""
-    n = [[counted(train_w[rows]) for rows in micro] for micro in step_rows]  # [A][W]
+    n = [[counted(train_w[rows].float()) for rows in micro] for micro in step_rows]  # [A][W]
     world, accum = len(step_rows[0]), len(step_rows)
     total = sum(map(sum, n))
     return [n[m][rank] * world * accum / total for m in range(accum)]
@@ -508,7 +508,7 @@ def _training_sequences(cfg, plan, teacher, device, accelerator):
     if train_ids.shape[0] < cfg.batch_size:
         raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
                          f"fewer than --batch-size {cfg.batch_size}: add data or lower --seq-len/--batch-size")
-    return train_ids, train_w, held_ids, held_w
+    return train_ids, train_w, held_ids.long(), held_w.float()  # packed compact; the held-out few as the models take them
 
 
 def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log) -> dict:
@@ -601,8 +601,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         shares = loss_shares(step_rows, accelerator.process_index, train_w, objective.counted)
         for micro in range(cfg.grad_accum):
             rows = step_rows[micro][accelerator.process_index]
-            x = train_ids[rows].to(device)  # (B, T)
-            w = train_w[rows].to(device)  # (B, T)
+            x = train_ids[rows].to(device, torch.long)  # (B, T)
+            w = train_w[rows].to(device, torch.float32)  # (B, T)
             with torch.no_grad(), accelerator.autocast():
                 targets = teacher_step(x)  # distill: the teacher's final hidden states; align: each layer's in/out
             sync = accelerator.no_sync(student) if micro < cfg.grad_accum - 1 else _null()
