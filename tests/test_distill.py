@@ -146,7 +146,9 @@ def test_a_large_text_file_is_tokenized_in_checked_pieces_to_the_same_ids(tmp_pa
     import ecomla.training.data as data
     from tokenizers import normalizers
 
-    text = "".join(f"{k}: {TINY_TEXT}\n\n  indented line\nlast line of part {k}\n" for k in range(12))
+    block = "def f(x):\n" + "".join(f"    y{i} = x + {i}\n" for i in range(80))  # indented: no line end cuts
+    text = "".join(f"{k}: {TINY_TEXT}\n\n  indented line\n\nlast line of part {k}\n{block if k == 3 else ''}"
+                   for k in range(12))
     (tmp_path / "big.txt").write_text(text)
     monkeypatch.setattr(data, "TEXT_PIECE", 700)
     monkeypatch.setattr(data, "_read", {})
@@ -166,7 +168,7 @@ def test_a_large_text_file_is_tokenized_in_checked_pieces_to_the_same_ids(tmp_pa
         calls.clear()
         corpus = data.read_documents([tmp_path / "big.txt"], Counted(tok))
         assert len(corpus) == 1 and corpus[0].ids == tok(text, add_special_tokens=False)["input_ids"]
-        assert (max(calls) < len(text)) == cut, calls
+        assert (max(calls) < 2 * data.TEXT_PIECE) == cut, calls  # every piece about TEXT_PIECE, or one call
 
 
 def test_a_file_that_begins_with_a_byte_order_mark_reads_as_without(tmp_path):
@@ -183,6 +185,91 @@ def test_a_file_that_begins_with_a_byte_order_mark_reads_as_without(tmp_path):
         assert list(read_documents([tmp_path / name], tok)) == list(read_documents([tmp_path / ("plain_" + name)], tok))
 
 
+def _counted(tok, doc) -> str:
+    return tok.decode([i for i, w in zip(doc.ids, doc.weights) if w])
+
+
+def test_turn_weights_in_the_data_are_kept(tmp_path):
+    """OpenAI's "weight": 0 and LLaMA-Factory's "loss_weight": 0.0 on an assistant turn (leave it out of the loss)
+    were dropped: the turn trained. Kept now; a weight on a user turn that would count it, or one other than 0 or 1,
+    is refused (ecomla counts assistant turns, or every token with --prompt-loss)."""
+    from ecomla.training.data import read_documents
+
+    tok = tiny_tokenizer()
+    U = lambda c, **k: {"role": "user", "content": c, **k}  # noqa: E731
+    A = lambda c, **k: {"role": "assistant", "content": c, **k}  # noqa: E731
+    data = tmp_path / "w.jsonl"
+    data.write_text(json.dumps({"messages": [U("q1"), A("skip", weight=0), U("q2"), A("keep", weight=1)]}) + "\n"
+                    + json.dumps({"messages": [U("q", loss_weight=0.0), A("no", loss_weight=0.0), U("q"), A("yes")]}) + "\n")
+    first, second = read_documents([data], tok)
+    assert _counted(tok, first) == "keep<eos>" and _counted(tok, second) == "yes<eos>"
+    assert all(read_documents([data], tok, prompt_counts=True)[0].weights)
+    for turns, match in (([U("q", loss_weight=1.0), A("a")], "line 1: a user turn has weight 1"),
+                         ([U("q"), A("a", weight=0.5)], "line 1: a turn's weight must be 0 or 1")):
+        data.write_text(json.dumps({"messages": turns}) + "\n")
+        with pytest.raises(ValueError, match=match):
+            read_documents([data], tok)
+    data.write_text(json.dumps({"messages": [U("q", loss_weight=1.0), A("a")]}) + "\n")
+    assert all(read_documents([data], tok, prompt_counts=True)[0].weights)
+
+
+def test_a_chat_that_opens_with_the_assistant_counts_its_words_not_the_template(tmp_path):
+    """A chat opening with an assistant turn (a ShareGPT greeting) counted from token 0: the template's header, and
+    with SmolLM2's template its whole default system prompt, trained as the answer. Now from the turn's start, also
+    where the template cannot render an empty chat."""
+    from ecomla.training.data import chat_document
+
+    chat = [{"role": "assistant", "content": "the cat"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "the dog"}]
+    tok = tiny_tokenizer()
+    assert _counted(tok, chat_document(tok, chat)) == "the cat<eos>the dog<eos>"
+    tok.chat_template = "{{ messages[0]['role'][:0] }}" + tok.chat_template  # an empty chat raises in the template
+    assert _counted(tok, chat_document(tok, chat)) == "the cat<eos>the dog<eos>"
+
+
+@pytest.mark.parametrize("name,row,match", [
+    ("image", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                            {"role": "assistant", "content": "a cat"}]}, "line 1: a chat turn holds a part that is not text"),
+    ("null_part", {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]},
+                                {"role": "assistant", "content": "a"}]}, "line 1: a chat turn holds a part that is not text"),
+    ("number_part", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]},
+                                  {"role": "assistant", "content": "a"}]}, "part that is not text"),
+    ("tool_call", {"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "",
+                                "tool_calls": [{"type": "function"}]}, {"role": "user", "content": "ok"}]},
+     "line 1: a tool call or its result"),
+    ("tool_role", {"conversations": [{"from": "human", "value": "w?"}, {"from": "observation", "value": "sun"},
+                                     {"from": "gpt", "value": "sunny"}]}, "a tool call or its result"),
+    ("no_content", {"conversations": [{"from": "human"}, {"from": "gpt", "value": "yo"}]}, "needs its text as 'content'"),
+    ("no_turns", {"messages": []}, "line 1: 'messages'/'conversations' is empty"),
+    ("unknown", {"prompt": "q", "completion": "a"}, r"line 1: rows need 'text'"),
+])
+def test_rows_ecomla_cannot_train_on_are_refused_naming_their_line(tmp_path, name, row, match):
+    """An image part, a tool call, a turn without text were dropped (the row trained on what was left: an answer
+    about a picture it never saw, an empty tool-calling turn teaching an immediate stop), a null or number part
+    was a TypeError traceback, and an unknown row's error named no line."""
+    from ecomla.training.data import read_documents
+
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=match):
+        read_documents([data], tiny_tokenizer())
+
+
+def test_files_in_layouts_not_read_say_how_to_write_them(tmp_path):
+    """A .csv trained as plain text (its header, commas and quotes); JSON lines saved as .json (datasets' to_json)
+    and a .json object of columns were refused without the fix."""
+    from ecomla.training.data import read_documents
+
+    tok = tiny_tokenizer()
+    cases = {"t.csv": ('text\n"the cat, sat"\n', r"a \.csv table is not read: write its rows as JSON lines"),
+             "l.json": ('{"text": "a"}\n{"text": "b"}\n', "it holds a row per line: name it .jsonl"),
+             "c.json": ('{"text": ["a", "b"]}', r"got an object \(keys text\): give the list of rows")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_documents([tmp_path / name], tok)
+
+
 def test_a_bad_row_is_named_by_its_own_line(tmp_path):
     """Errors named a JSON-lines row by its count among non-blank lines ("line 1" for the third line after two
     blank ones): now by the line it is on, in training data, calibration text and preference files."""
@@ -192,6 +279,12 @@ def test_a_bad_row_is_named_by_its_own_line(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('\n\n{"text": 5}\n')
+    with pytest.raises(ValueError, match="line 3:"):
+        read_documents([bad], tiny_tokenizer())
+    bad.write_bytes(b'{"text": "a"}\r\n' * 400 + b'{"text": "caf\xe9"}\n')  # Latin-1 on line 401
+    with pytest.raises(ValueError, match=r"line 401: cannot read it as UTF-8 text \(byte b'\\xe9' at byte 14 of the line"):
+        read_documents([bad], tiny_tokenizer())
+    bad.write_bytes(b'{"text": "the cat"}\r{"text": "the dog"}\r{"text": 5}\r')  # old Mac line ends
     with pytest.raises(ValueError, match="line 3:"):
         read_documents([bad], tiny_tokenizer())
     with pytest.raises(ValueError, match="line 3:"):

@@ -46,6 +46,45 @@ def test_preference_formats(tmp_path):
         read_preferences(tmp_path / "f.jsonl")
 
 
+def test_preference_layouts_users_export_are_read_as_trl_takes_them(tmp_path):
+    """LLaMA-Factory's sharegpt ranking rows lost their `system` (trained without it, silently); its alpaca ranking
+    rows, TRL's implicit prompts and UltraFeedback's rows were refused; a file mixing text and chat rows crashed in
+    pyarrow after both models loaded; an answer labelled as the user's trained as a user turn."""
+    from ecomla.training.dpo import read_preferences
+
+    U, A = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    rows = {
+        "sharegpt_system": ({"conversations": [{"from": "human", "value": "q"}], "system": "be brief",
+                             "chosen": {"from": "gpt", "value": "c"}, "rejected": {"from": "gpt", "value": "r"}},
+                            {"prompt": [{"role": "system", "content": "be brief"}, U("q")], "chosen": [A("c")], "rejected": [A("r")]}),
+        "alpaca": ({"instruction": "say", "input": "it", "system": "S", "history": [["h", "a"]], "chosen": "c", "rejected": "r"},
+                   {"prompt": [{"role": "system", "content": "S"}, U("h"), A("a"), U("say\n\nit")],
+                    "chosen": [A("c")], "rejected": [A("r")]}),
+        "ultrafeedback": ({"prompt": "q", "chosen": [U("q"), A("c")], "rejected": [U("q"), A("r")]},
+                          {"prompt": [U("q")], "chosen": [A("c")], "rejected": [A("r")]}),
+        "implicit": ({"chosen": [U("q"), A("a"), U("q2"), A("c")], "rejected": [U("q"), A("a"), U("q2"), A("r")]},
+                     {"prompt": [U("q"), A("a"), U("q2")], "chosen": [A("c")], "rejected": [A("r")]}),
+        "conversational": ({"prompt": [U("q")], "chosen": [{**A("c"), "weight": 1}], "rejected": [A("r")]},
+                           {"prompt": [U("q")], "chosen": [A("c")], "rejected": [A("r")]}),
+    }
+    for name, (row, want) in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+        assert read_preferences(tmp_path / f"{name}.jsonl") == [want], name
+    refused = {
+        "mixed": ([{"prompt": "p", "chosen": "c", "rejected": "r"}, rows["ultrafeedback"][0]],
+                  r"mixes plain-text rows \(line 1\) and chat rows \(line 2\)"),
+        "user_answer": ([{"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "human", "value": "c"},
+                          "rejected": {"from": "gpt", "value": "r"}}], r"line 1: 'chosen' must be the assistant's answer"),
+        "other_prompt": ([{"prompt": "another", "chosen": [U("q"), A("c")], "rejected": [U("q"), A("r")]}],
+                         "'prompt' is not the last user turn"),
+        "no_shared_turn": ([{"chosen": [U("q"), A("c")], "rejected": [U("x"), A("r")]}], "share no opening user turn"),
+    }
+    for name, (file_rows, match) in refused.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in file_rows))
+        with pytest.raises(ValueError, match=match):
+            read_preferences(tmp_path / f"{name}.jsonl")
+
+
 def test_a_resumed_dpo_runs_train_loss_covers_every_step():
     from ecomla.training.dpo import whole_run_train_loss
 

@@ -395,6 +395,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     ({"out": None}, "'out' must be a folder path written as text, got None"),
     ({"model": None}, "'model' must be a hub id, local directory, .gguf file or built-in name written as text"),
     ({"distill": {"data": ["{t}/nowhere.txt"]}}, "recipe section 'distill': data file {t}/nowhere.txt: no such file"),
+    ({"distill": {"data": ["{t}"]}}, "recipe section 'distill': data file {t}: a folder; give its files"),  # was "no such file"
     ({"distill": {"seq_len": 100000}}, "recipe section 'distill': seq_len 100000 is beyond the model's maximum length 256"),
     ({"eval": {"tasks": ["arc_eazy"], "data_dir": "{t}"}}, "recipe section 'eval': unknown task(s) arc_eazy"),
     ({"dpo": {"data": "{t}/nowhere.json"}}, "recipe section 'dpo': preference file"),

@@ -822,6 +822,7 @@ def read_log(path, fix: str) -> list[dict]:
 
 
 JSON_LINES = (".jsonl", ".ndjson")  # one JSON row per line (read_rows: whatever the case of the extension)
+TABLES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".xls", ".feather")  # formats not read (else: plain text)
 
 
 def row_name(path, n: int) -> str:
@@ -829,21 +830,30 @@ def row_name(path, n: int) -> str:
     return f"{'line' if Path(path).suffix.lower() in JSON_LINES else 'row'} {n}"
 
 
-def iter_rows(path, what: str = "data file"):
-    """(n, row) for each row of a .json list or .jsonl (.ndjson) file, whatever the extension's case, or (1, text)
-    for a plain text file (one document); n as `row_name` names it (a JSON-lines row's own line: blank lines
-    count). JSON lines are read one at a time (a corpus of GBs is never held whole); errors name the file (and
-    the line)."""
+def check_input_file(path, what: str = "data file") -> Path:
+    """`path` as a Path, where it is a file; else FileNotFoundError naming `what` (a folder: give its files)."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{what} {path}: a folder; give its files (.txt, .json or .jsonl), one by one")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
+    return path
+
+
+def iter_rows(path, what: str = "data file"):
+    """(n, row) for each row of a .json list or .jsonl (.ndjson) file, whatever the extension's case, or (1, text)
+    for a plain text file (one document); n as `row_name` names it (a JSON-lines row's own line: blank lines
+    count). JSON lines are read one at a time (a corpus of GBs is never held whole); errors name the file (and
+    the line)."""
+    path = check_input_file(path, what)
     suffix = path.suffix.lower()  # data.JSONL is JSON lines too (it was read as one plain-text document)
+    if suffix in TABLES:  # read as plain text, a table trained on its header, commas and quotes
+        raise ValueError(f"{what} {path}: a {suffix} table is not read: write its rows as JSON lines (.jsonl; pandas: "
+                         "df.to_json(path, orient='records', lines=True), datasets: ds.to_json(path))")
+    if suffix in JSON_LINES:
+        yield from _json_lines(path, what)
+        return
     try:
-        if suffix in JSON_LINES:
-            yield from _json_lines(path, what)
-            return
         raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no text
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} {path}: cannot read it as UTF-8 text ({err})") from err
@@ -853,7 +863,12 @@ def iter_rows(path, what: str = "data file"):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{what} {path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+            lines = err.msg == "Extra data" and raw.lstrip().startswith("{")  # datasets' to_json writes JSON lines
+            raise ValueError(f"{what} {path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+                             + ("; it holds a row per line: name it .jsonl" if lines else "")) from None
+        if isinstance(data, dict):
+            raise ValueError(f"{what} {path}: expected a JSON list of rows, got an object (keys {', '.join(list(data)[:5])}): "
+                             "give the list of rows itself (one object per row), or one row per line as .jsonl")
         if not isinstance(data, list):
             raise ValueError(f"{what} {path}: expected a JSON list of rows")
         yield from enumerate(data, 1)
@@ -862,17 +877,26 @@ def iter_rows(path, what: str = "data file"):
 
 
 def _json_lines(path: Path, what: str):
-    empty = True
-    # lines end at \n only: U+2028 and U+0085 may stand unescaped inside a JSON string (str.splitlines cut there)
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                empty = False
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
-                yield n, row
+    """(line number, row) of a JSON-lines file, a line at a time; a line is decoded alone, so a byte that is not
+    UTF-8 is named by its line. Lines end at \\n, \\r\\n or \\r (no JSON string holds a raw one); U+2028 and
+    U+0085 may stand unescaped inside a string (str.splitlines cut there)."""
+    empty, n = True, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                text = raw.decode("utf-8-sig" if n == 0 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{what} {path}, line {n + 1}: cannot read it as UTF-8 text (byte {raw[err.start:err.start + 1]!r} "
+                                 f"at byte {err.start + 1} of the line: {err.reason})") from None
+            for line in text.replace("\r\n", "\n").rstrip("\n").split("\r"):
+                n += 1
+                if line.strip():
+                    empty = False
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
+                    yield n, row
     if empty:
         raise ValueError(f"{what} {path} is empty")
 

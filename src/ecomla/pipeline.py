@@ -209,6 +209,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     """What every section reads, checked before step one: files, tasks, lengths, teachers. Returns the evaluation
     with the task folder it reads ($ECOMLA_EVAL_DATA's too), which steps.json records like any input."""
     from .evaluation.evaluate import check_passkey_contexts, task_data
+    from .io import check_input_file
     from .sources import load_config, load_tokenizer
     from .training.data import check_vocab, read_documents
     from .training.dpo import check_preferences, read_preferences
@@ -224,12 +225,11 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     for step in steps:
         o, where = step.options, f"recipe section '{step.name}'"
         try:
-            if step.name == "convert" and o.calib and not Path(o.calib).is_file():
-                raise FileNotFoundError(f"calib {o.calib}: no such file")
+            if step.name == "convert" and o.calib:
+                check_input_file(o.calib, "calib")
             if step.name in ("align", "distill"):
                 for f in o.data:
-                    if not Path(f).is_file():
-                        raise FileNotFoundError(f"data file {f}: no such file")
+                    check_input_file(f)
                 if o.data and tokenizer is not None and (tuple(o.data), o.prompt_loss) not in read:
                     read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)  # as the stage reads them: an
                     read.add((tuple(o.data), o.prompt_loss))  # empty, non-UTF-8 or malformed file stops here

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,25 +39,54 @@ class Document:
 
 
 def _content(content, where: str) -> str:
+    """A turn's text: a string, or a list of text parts (strings, {"type": "text", "text"|"value": str}). Any
+    other part (an image, audio) is refused: dropped, the turn's text would train without what it refers to."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, (dict, str)) for p in content):
-        return "".join(p.get("value", p.get("text", "")) if isinstance(p, dict) else p for p in content)
-    raise ValueError(f"{where}: chat content must be a string or a list of text parts, got {content!r}")
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: chat content must be a string or a list of text parts, got {content!r}")
+    texts = []
+    for part in content:
+        text = part if isinstance(part, str) else (part.get("value", part.get("text")) if isinstance(part, dict)
+                                                     and part.get("type", "text") == "text" else None)
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: a chat turn holds a part that is not text ({json.dumps(part)[:80]}): ecomla "
+                             "trains on text only ({\"type\": \"text\", \"text\": \"...\"} parts); drop such rows")
+        texts.append(text)
+    return "".join(texts)
 
 
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
         "bot": "assistant", "model": "assistant"}
+TOOLS = ("tool", "function", "function_call", "observation", "ipython")  # roles of tool calls and their results
 
 
 def message(m, where: str = "chat turn") -> dict:
-    """One chat turn {role, content} from {role|from, content|value} (content: a string or text parts)."""
+    """One chat turn {role, content} from {role|from, content|value} (content: a string or text parts), with its
+    "weight" (0 or 1) where the row gives one (OpenAI's "weight", LLaMA-Factory's "loss_weight")."""
     if not isinstance(m, dict):
         raise ValueError(f"{where}: a chat turn must be an object with role/from and content/value, got {m!r}")
-    role = ROLE.get(m.get("role", m.get("from")))
+    name = m.get("role", m.get("from"))
+    if name in TOOLS or m.get("tool_calls") or m.get("function_call"):
+        raise ValueError(f"{where}: a tool call or its result ({json.dumps(m)[:80]}): ecomla trains on text turns "
+                         "only (user, assistant, system); drop rows that call tools")
+    role = ROLE.get(name)
     if role is None:
         raise ValueError(f"{where}: unknown chat role in {m!r} (known: {', '.join(ROLE)})")
-    return {"role": role, "content": _content(m.get("content", m.get("value", "")), where)}
+    if "content" not in m and "value" not in m:
+        raise ValueError(f"{where}: a chat turn needs its text as 'content' (or 'value'), got {m!r}")
+    turn = {"role": role, "content": _content(m.get("content", m.get("value")), where)}
+    weight = m.get("weight", m.get("loss_weight"))
+    if weight is not None:
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise ValueError(f"{where}: a turn's weight must be 0 or 1 (ecomla counts a token or does not), got {weight!r}")
+        turn["weight"] = int(weight)
+    return turn
+
+
+def text_turns(turns: list[dict]) -> list[dict]:
+    """`turns` as a chat template takes them: role and content only."""
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def _text(value, key: str, where: str) -> str:
@@ -75,9 +105,11 @@ def to_messages(row: dict, where: str = "row") -> list[dict] | None:
     alpaca row's `history` ([[user, assistant], ...] before its instruction) are part of the chat (they were left
     out)."""
     if "messages" in row or "conversations" in row:
-        msgs = row.get("messages") or row.get("conversations")
+        msgs = row["messages"] if "messages" in row else row["conversations"]
         if not isinstance(msgs, list):
             raise ValueError(f"{where}: 'messages'/'conversations' must be a list of turns, got {msgs!r}")
+        if not msgs:
+            raise ValueError(f"{where}: 'messages'/'conversations' is empty: give the chat's turns, or drop the row")
         turns = [message(m, where) for m in msgs]
         return (_system(row, where) if not turns or turns[0]["role"] != "system" else []) + turns
     if "instruction" in row and "output" in row:
@@ -97,7 +129,8 @@ def to_messages(row: dict, where: str = "row") -> list[dict] | None:
 
 
 def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) -> Document:
-    """Tokens of a chat and their weights: assistant turns count, the rest only if prompt_counts.
+    """Tokens of a chat and their weights: assistant turns count (but one whose "weight" is 0), the rest only if
+    prompt_counts (then every token counts, whatever the turns' weights).
 
     Assistant turn i spans from the end of the chat before it rendered with the generation prompt to the end of the
     chat up to it, where those renders are prefixes of the whole chat's (most templates). Some templates render a
@@ -105,29 +138,49 @@ def chat_document(tokenizer, messages: list[dict], prompt_counts: bool = False) 
     into the last user turn only, Phi-3.5 closes with EOS. Such a turn is located in the whole chat's text instead
     (`_located_turns`): the end of the prefix before it where that holds, else its own text found in order, up to
     as much of its end-of-turn text as the whole chat has after it. Counted there before: the next user turn's
-    first tokens (Qwen3, Phi-3.5), or nothing at all (Mistral with a system message)."""
+    first tokens (Qwen3, Phi-3.5), or nothing at all (Mistral with a system message). A chat that opens with an
+    assistant turn starts it after the template's header (the whole header and a default system prompt counted
+    before)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("chat data needs a tokenizer with a chat template")
+    for m in messages:
+        if m["role"] != "assistant" and m.get("weight") and not prompt_counts:
+            raise ValueError(f"a {m['role']} turn has weight 1: ecomla counts assistant turns only (every token with "
+                             "--prompt-loss); give it weight 0, or train with --prompt-loss")
+    turns = text_turns(messages)
 
     def ids(msgs, gen):
         out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    full = ids(messages, False)
-    weights = [1 if prompt_counts else 0] * len(full)
+    full = ids(turns, False)
+    if prompt_counts:
+        return Document(full, [1] * len(full), end_counts=True)
+    weights = [0] * len(full)
     located = None
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
-        before, upto = (ids(messages[:i], True) if i else []), ids(messages[: i + 1], False)
-        if full[: len(before)] == before and full[: len(upto)] == upto:
+        before, upto = _opening(ids, turns[:i]), ids(turns[: i + 1], False)
+        if before is not None and full[: len(before)] == before and full[: len(upto)] == upto:
             start, end = len(before), len(upto)
         else:  # the template renders this turn differently inside the whole chat
-            located = located or _located_turns(tokenizer, messages, full)
+            located = located or _located_turns(tokenizer, turns, full)
             start, end = located[i]
         for t in range(start, end):
             weights[t] = 1
-    return Document(full, weights, end_counts=prompt_counts)
+    return Document(full, weights, end_counts=False)
+
+
+def _opening(render, turns: list[dict]):
+    """`render(turns, True)`: the chat before a turn, with the generation prompt; before the first turn, None where
+    the template renders no empty chat (some index messages[0])."""
+    try:
+        return render(turns, True)
+    except Exception:  # noqa: BLE001 - any template error on an empty chat means: no opening to go by
+        if turns:
+            raise
+        return None
 
 
 def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int, tuple[int, int]]:
@@ -143,7 +196,7 @@ def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int
     import os
 
     def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     text = render(messages, False)
     try:
@@ -165,8 +218,8 @@ def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int
         nxt = next((u["content"] for u in messages[i + 1:] if u["role"] == "user" and u["content"]), None)
         limit = text.find(nxt, cursor) if nxt else -1
         region = (cursor, limit if limit >= 0 else len(text))
-        before, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        start = len(before) if text.startswith(before) and len(before) >= cursor else None
+        before, upto = _opening(render, messages[:i]), render(messages[: i + 1], False)
+        start = len(before) if before is not None and text.startswith(before) and len(before) >= cursor else None
         lo = region[0] if start is None else start
         if not content and (start is None or not text.startswith(upto)):  # nothing to find it by
             spans[i] = (0, 0)
@@ -325,11 +378,14 @@ def _tokenize(paths: list[str | Path], tokenizer, prompt_counts: bool) -> Corpus
                 raise ValueError(f"{where}: rows must be objects, got {type(row).__name__}")
             msgs = to_messages(row, where)
             if msgs is not None:
-                build.add(chat_document(tokenizer, msgs, prompt_counts))
+                try:
+                    build.add(chat_document(tokenizer, msgs, prompt_counts))
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from None
             elif "text" in row:
                 build.add(Document(tokenizer(_text(row["text"], "text", where), add_special_tokens=False)["input_ids"], []))
             else:
-                raise ValueError(f"data file {path}: rows need 'text', 'messages', 'conversations', "
+                raise ValueError(f"{where}: rows need 'text', 'messages', 'conversations', "
                                  f"'instruction'+'output' or 'question'+'answer'; got {sorted(row)}")
         if len(build.ids) == before:
             raise ValueError(f"data file {path} holds no text")
@@ -337,18 +393,19 @@ def _tokenize(paths: list[str | Path], tokenizer, prompt_counts: bool) -> Corpus
 
 
 # A plain text file is one document, tokenized in pieces: one call over 20 MB of text took 2.8 GB here (the
-# tokenizer's per-token records), a GB of text would not fit. Cuts fall after a line end, before a line that begins
-# with a printing character (a boundary every tokenizer's pre-splitting keeps), each one checked.
-TEXT_PIECE = 1 << 20  # characters tokenized in one call
+# tokenizer's per-token records), a GB of text would not fit. Cuts fall where tokenizers' pre-splitting keeps a
+# boundary (after a line end before a printing character, or before a space between two words), each one checked.
+TEXT_PIECE = 1 << 18  # characters tokenized in one call (a call holds ~600 bytes a token while it runs)
 CUT_CHECK = 512  # characters either side of a cut that must tokenize the same joined as apart
-CUT_TRIES = 16  # line ends tried for a cut before the rest is tokenized whole
+CUT_TRIES = 64  # places tried for a cut before the rest is tokenized whole
+CUTS = re.compile(r"\n(?=\S)|(?<=\S)(?= \S)")  # zero-width: the position of the cut
 
 
 def text_pieces(tokenizer, text: str):
     """The token ids of `text`, in pieces of about TEXT_PIECE characters whose ids, joined, are the whole text's:
     cut where the CUT_CHECK characters either side tokenize the same joined as apart (a tokenizer that marks the
-    start of a text, a SentencePiece prefix "▁" say, fails the check); the rest is tokenized whole where none of
-    CUT_TRIES line ends passes."""
+    start of a text, with a SentencePiece prefix say, fails the check everywhere); the rest is tokenized whole
+    where none of the CUT_TRIES next places passes."""
     def ids(part):
         return tokenizer(part, add_special_tokens=False)["input_ids"]
 
@@ -363,13 +420,8 @@ def text_pieces(tokenizer, text: str):
 
 
 def _checked_cut(text: str, near: int, ids) -> int | None:
-    at = near
-    for _ in range(CUT_TRIES):
-        at = text.find("\n", at) + 1
-        if at <= 0 or at >= len(text):
-            return None
-        if text[at].isspace():
-            continue
+    for _, match in zip(range(CUT_TRIES), CUTS.finditer(text, near)):
+        at = match.end()
         before, after = text[max(0, at - CUT_CHECK) : at], text[at : at + CUT_CHECK]
         if list(ids(before + after)) == list(ids(before)) + list(ids(after)):
             return at

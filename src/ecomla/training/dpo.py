@@ -2,10 +2,12 @@
 
     L = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
 
-Preference files (JSON list or JSONL):
+Preference files (JSON list or JSONL; `preference_row` reads more layouts):
     {"prompt": str, "chosen": str, "rejected": str}                          plain text
     {"conversations": [{"from", "value"}...], "chosen": {"from", "value"}, "rejected": {...}}
                                                                               chat (as ../shared/data/train/dpo_en_demo.json)
+    {"prompt": [turns], "chosen": [turns], "rejected": [turns]}               chat, TRL's conversational rows
+    {"chosen": [whole chat], "rejected": [whole chat]} (+ "prompt": str)     chat, the shared opening is the prompt
 Chat rows go to TRL in its conversational format, so the tokenizer's chat template is applied.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from ..options import DPOOptions
 from ..io import JSON_LINES, iter_rows, read_json, row_name
-from .data import message
+from .data import message, text_turns, to_messages
 
 # DPO's training compute so far, {"tokens", "train_seconds"}: in each checkpoint (a resume adds to it) and, when the
 # run is done, in its state folder (what `ecomla run`'s report counts for the dpo row)
@@ -35,32 +37,73 @@ def spent(out) -> dict:
     return read_json(path, "the DPO run's compute", f"run the DPO step again (remove {out})") if path.is_file() else {}
 
 
-def _turn(m) -> dict:
-    return {"role": "assistant", "content": m} if isinstance(m, str) else message(m, "preference row")
+def _turns(turns, what: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise ValueError(f"'{what}' must be a list of chat turns, got {turns!r}")
+    return text_turns([message(m, "preference row") for m in turns])
+
+
+def _answer(answer, what: str) -> list[dict]:
+    """An answer's turns: a string is one assistant turn; every turn must be the assistant's."""
+    turns = ([{"role": "assistant", "content": answer}] if isinstance(answer, str)
+             else _turns(answer if isinstance(answer, list) else [answer], what))
+    if not turns or any(t["role"] != "assistant" for t in turns):
+        raise ValueError(f"'{what}' must be the assistant's answer, got {answer!r}")
+    return turns
+
+
+def _implicit(row: dict) -> dict:
+    """TRL's implicit prompt: chosen and rejected whole chats; the turns they open with alike are the prompt (a
+    "prompt" string beside them, as UltraFeedback's, must be that prompt's last user turn)."""
+    chosen, rejected = _turns(row["chosen"], "chosen"), _turns(row["rejected"], "rejected")
+    k = 0
+    while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+        k += 1
+    users = [t["content"] for t in chosen[:k] if t["role"] == "user"]
+    if not users:
+        raise ValueError("'chosen' and 'rejected' are chats that share no opening user turn: give the prompt's turns "
+                         "as 'prompt' and only the answers as 'chosen' and 'rejected'")
+    if isinstance(row.get("prompt"), str) and row["prompt"] != users[-1]:
+        raise ValueError("'prompt' is not the last user turn 'chosen' and 'rejected' open with: give the prompt's "
+                         "turns as 'prompt' and only the answers as 'chosen' and 'rejected'")
+    return {"prompt": chosen[:k], "chosen": _answer(chosen[k:], "chosen"), "rejected": _answer(rejected[k:], "rejected")}
 
 
 def preference_row(row: dict) -> dict:
-    """One preference pair in TRL's standard (strings) or conversational (message lists) format."""
+    """One preference pair as TRL's DPOTrainer takes it: prompt, chosen and rejected all strings (plain text) or all
+    lists of chat turns. Read from TRL's standard and conversational rows; its implicit-prompt rows (chosen and
+    rejected whole chats opening alike: UltraFeedback's, with its prompt string beside them); LLaMA-Factory's ranking
+    rows, sharegpt ({conversations, chosen, rejected} turns) and alpaca ({instruction, input, chosen, rejected}), each
+    with its `system` (and alpaca's `history`)."""
     if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
-        raise ValueError("preference rows need 'chosen' and 'rejected' (and 'prompt' or 'conversations')")
+        raise ValueError("preference rows need 'chosen' and 'rejected' (and 'prompt', 'conversations' or 'instruction')")
     if "conversations" in row:
-        if not isinstance(row["conversations"], list):
-            raise ValueError(f"'conversations' must be a list of chat turns, got {row['conversations']!r}")
-        if not row["conversations"]:
+        turns = _turns(row["conversations"], "conversations")
+        if not turns:
             raise ValueError("'conversations' is empty: give the prompt's chat turns")
-        prompt = [_turn(m) for m in row["conversations"]]
-        return {"prompt": prompt, "chosen": [_turn(row["chosen"])], "rejected": [_turn(row["rejected"])]}
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") and turns[0]["role"] != "system" else []
+        if system and not isinstance(row["system"], str):
+            raise ValueError(f"'system' must be a string, got {row['system']!r}")
+        return {"prompt": system + turns, "chosen": _answer(row["chosen"], "chosen"),
+                "rejected": _answer(row["rejected"], "rejected")}
+    if "instruction" in row:
+        if not all(isinstance(row[k], str) for k in ("chosen", "rejected")):
+            raise ValueError("alpaca preference rows need 'chosen' and 'rejected' strings")
+        prompt = text_turns(to_messages({**row, "output": ""}, "preference row")[:-1])
+        return {"prompt": prompt, "chosen": _answer(row["chosen"], "chosen"), "rejected": _answer(row["rejected"], "rejected")}
     keys = ("prompt", "chosen", "rejected")
     if "prompt" in row and all(isinstance(row[k], str) for k in keys):
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
     if "prompt" in row and all(isinstance(row[k], list) for k in keys):  # already conversational
-        return {"prompt": [_turn(m) for m in row["prompt"]], "chosen": [_turn(m) for m in row["chosen"]],
-                "rejected": [_turn(m) for m in row["rejected"]]}
+        return {"prompt": _turns(row["prompt"], "prompt"), "chosen": _answer(row["chosen"], "chosen"),
+                "rejected": _answer(row["rejected"], "rejected")}
+    if all(isinstance(row[k], list) for k in ("chosen", "rejected")) and not isinstance(row.get("prompt"), list):
+        return _implicit(row)
     if "prompt" in row:
         got = ", ".join(f"{k} {type(row[k]).__name__}" for k in keys)
         raise ValueError(f"'prompt', 'chosen' and 'rejected' must all be strings (plain text) or all lists of chat "
                          f"turns; got {got}")
-    raise ValueError("preference rows need 'prompt' or 'conversations' beside 'chosen' and 'rejected'")
+    raise ValueError("preference rows need 'prompt', 'conversations' or 'instruction' beside 'chosen' and 'rejected'")
 
 
 def read_preferences(path: str | Path) -> list[dict]:
@@ -77,6 +120,10 @@ def read_preferences(path: str | Path) -> list[dict]:
             raise ValueError(f"preference file {path}, {row_name(path, n)}: {err}") from None
     if not rows:
         raise ValueError(f"preference file {path} holds no rows")
+    kinds = {isinstance(r["prompt"], list): n for n, r in zip(reversed(numbers), reversed(rows))}  # each kind's first
+    if len(kinds) == 2:  # TRL takes one kind of row a dataset (a mix failed in pyarrow after the models loaded)
+        raise ValueError(f"preference file {path} mixes plain-text rows ({row_name(path, kinds[False])}) and chat rows "
+                         f"({row_name(path, kinds[True])}): give one kind in a file")
     same = [row_name(path, n) for n, r in zip(numbers, rows) if r["chosen"] == r["rejected"]]
     if same:  # a pair whose answers are one text has zero DPO gradient: a file of them trains nothing, silently
         raise ValueError(f"preference file {path}: {len(same)} of {len(rows)} rows have the same chosen and rejected "
