@@ -13,7 +13,8 @@ a child process. Its RSS above what it held after loading the tokenizer, per pac
 the peak while reading, the peak while packing (Linux's VmHWM, reset after the tokenizer loads), and what is still
 held after both (the tokenized documents, kept for the next stage, and the packed sequences);
 rows record the code measured (git revision of --code's checkout), so rows before and after a change sit side by
-side. Writes benchmarks/results/corpus_memory.json and .md; rows measured with other corpus sizes are replaced.
+side. Writes benchmarks/results/corpus_memory.json, .md and .png (peak bytes a token per corpus and code); rows
+measured with other corpus sizes are replaced.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import DATA, RESULTS, ROOT, write_json
+from common import DATA, RESULTS, ROOT, pyplot, save_figure, write_json
 from ecomla.io import atomic_write
 
 CHILD = r"""
@@ -139,6 +140,26 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     atomic_write(RESULTS / "corpus_memory.md", f"# Holding a training corpus\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    plt = pyplot()
+    kinds = list(dict.fromkeys(r["corpus"] for r in rows))
+    codes = list(dict.fromkeys(r["revision"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(codes)
+    for k, code in enumerate(codes):
+        got = {r["corpus"]: r["peak_bytes_per_token"] for r in rows if r["revision"] == code}
+        xs = [i + k * width for i, kind in enumerate(kinds) if kind in got]
+        ax.bar(xs, [got[kind] for kind in kinds if kind in got], width, label=code)
+    ax.set_xticks([i + width * (len(codes) - 1) / 2 for i in range(len(kinds))], kinds)
+    ax.set_yscale("log")
+    ax.set_ylabel("peak RSS while reading and packing, bytes a token")
+    ax.set_title("Holding a training corpus (SmolLM2 tokenizer, sequences of 512)")
+    ax.legend(title="code")
+    fig.tight_layout()
+    save_figure(fig, RESULTS / "corpus_memory.png")
 
 
 if __name__ == "__main__":
