@@ -225,6 +225,12 @@ def test_a_chat_that_opens_with_the_assistant_counts_its_words_not_the_template(
     assert _counted(tok, chat_document(tok, chat)) == "the cat<eos>the dog<eos>"
     tok.chat_template = "{{ messages[0]['role'][:0] }}" + tok.chat_template  # an empty chat raises in the template
     assert _counted(tok, chat_document(tok, chat)) == "the cat<eos>the dog<eos>"
+    # a default system prompt only a chat's first turn brings (SmolLM2's, Qwen2.5's), holding the answer's words: the
+    # answer was found in it, and the header counted from there
+    tok.chat_template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<system>see the cat sat"
+                         "<eos>{% endif %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert _counted(tok, chat_document(tok, chat)) == "the cat<eos>the dog<eos>"
 
 
 @pytest.mark.parametrize("name,row,match", [
@@ -241,6 +247,7 @@ def test_a_chat_that_opens_with_the_assistant_counts_its_words_not_the_template(
                                      {"from": "gpt", "value": "sunny"}]}, "a tool call or its result"),
     ("no_content", {"conversations": [{"from": "human"}, {"from": "gpt", "value": "yo"}]}, "needs its text as 'content'"),
     ("no_turns", {"messages": []}, "line 1: 'messages'/'conversations' is empty"),
+    ("null_turns", {"messages": None, "conversations": None}, "line 1: 'messages'/'conversations' must be a list"),
     ("unknown", {"prompt": "q", "completion": "a"}, r"line 1: rows need 'text'"),
 ])
 def test_rows_ecomla_cannot_train_on_are_refused_naming_their_line(tmp_path, name, row, match):
@@ -253,6 +260,18 @@ def test_rows_ecomla_cannot_train_on_are_refused_naming_their_line(tmp_path, nam
     data.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=match):
         read_documents([data], tiny_tokenizer())
+
+
+def test_a_merged_export_with_one_null_chat_column_reads_the_other(tmp_path):
+    """datasets' concatenation of a messages and a conversations dataset writes both columns, one null: read as
+    before the empty check (the null 'messages' was refused)."""
+    from ecomla.training.data import read_documents
+
+    tok = tiny_tokenizer()
+    data = tmp_path / "merged.jsonl"
+    data.write_text(json.dumps({"messages": None, "conversations": [{"from": "human", "value": "hi"},
+                                                                     {"from": "gpt", "value": "the cat"}]}) + "\n")
+    assert _counted(tok, read_documents([data], tok)[0]) == "the cat<eos>"
 
 
 def test_files_in_layouts_not_read_say_how_to_write_them(tmp_path):
@@ -285,6 +304,12 @@ def test_a_bad_row_is_named_by_its_own_line(tmp_path):
     with pytest.raises(ValueError, match=r"line 401: cannot read it as UTF-8 text \(byte b'\\xe9' at byte 14 of the line"):
         read_documents([bad], tiny_tokenizer())
     bad.write_bytes(b'{"text": "the cat"}\r{"text": "the dog"}\r{"text": 5}\r')  # old Mac line ends
+    with pytest.raises(ValueError, match="line 3:"):
+        read_documents([bad], tiny_tokenizer())
+    bad.write_bytes(b'{"text": "the cat"}\r{"text": "the dog"}\r{"text": "caf\xe9"}\r')
+    with pytest.raises(ValueError, match="line 3: cannot read it as UTF-8 text .* at byte 14 of the line"):
+        read_documents([bad], tiny_tokenizer())
+    bad.write_bytes(b'{"text":\r "the cat"}\r\r\n{"text": "a"}\r\r\n{"text": 5}\r\r\n')  # \r: JSON's whitespace
     with pytest.raises(ValueError, match="line 3:"):
         read_documents([bad], tiny_tokenizer())
     with pytest.raises(ValueError, match="line 3:"):

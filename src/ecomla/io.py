@@ -878,25 +878,39 @@ def iter_rows(path, what: str = "data file"):
 
 def _json_lines(path: Path, what: str):
     """(line number, row) of a JSON-lines file, a line at a time; a line is decoded alone, so a byte that is not
-    UTF-8 is named by its line. Lines end at \\n, \\r\\n or \\r (no JSON string holds a raw one); U+2028 and
-    U+0085 may stand unescaped inside a string (str.splitlines cut there)."""
+    UTF-8 is named by its line. Lines end at \\n (or \\r\\n); a line that is not JSON but splits at \\r into rows
+    that are is a file with old Mac line ends (a \\r within a row is JSON's whitespace). U+2028 and U+0085 may stand
+    unescaped inside a string (str.splitlines cut there)."""
     empty, n = True, 0
     with open(path, "rb") as f:
         for raw in f:
+            n += 1
             try:
-                text = raw.decode("utf-8-sig" if n == 0 else "utf-8")
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{what} {path}, line {n + 1}: cannot read it as UTF-8 text (byte {raw[err.start:err.start + 1]!r} "
-                                 f"at byte {err.start + 1} of the line: {err.reason})") from None
-            for line in text.replace("\r\n", "\n").rstrip("\n").split("\r"):
-                n += 1
-                if line.strip():
-                    empty = False
+                line_start = raw.rfind(b"\r", 0, err.start) + 1  # old Mac line ends: the \r-line holding the byte
+                line = n + raw.count(b"\r", 0, line_start)
+                raise ValueError(f"{what} {path}, line {line}: cannot read it as UTF-8 "
+                                 f"text (byte {raw[err.start:err.start + 1]!r} at byte {err.start - line_start + 1} of the "
+                                 f"line: {err.reason})") from None
+            if not text.strip():
+                continue
+            empty = False
+            try:
+                yield n, json.loads(text)
+                continue
+            except json.JSONDecodeError as err:
+                if "\r" not in text.rstrip("\r\n"):
+                    raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
+            parts = text.rstrip("\r\n").split("\r")
+            for k, part in enumerate(parts):
+                if part.strip():
                     try:
-                        row = json.loads(line)
+                        row = json.loads(part)
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
-                    yield n, row
+                        raise ValueError(f"{what} {path}, line {n + k}: not JSON ({err.msg} at column {err.colno})") from None
+                    yield n + k, row
+            n += len(parts) - 1
     if empty:
         raise ValueError(f"{what} {path} is empty")
 

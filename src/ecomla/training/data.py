@@ -104,8 +104,8 @@ def to_messages(row: dict, where: str = "row") -> list[dict] | None:
     """A chat (list of {role, content}) from a row in any chat/instruction format, or None. A row's `system` and an
     alpaca row's `history` ([[user, assistant], ...] before its instruction) are part of the chat (they were left
     out)."""
-    if "messages" in row or "conversations" in row:
-        msgs = row["messages"] if "messages" in row else row["conversations"]
+    if "messages" in row or "conversations" in row:  # (a merged export carries both columns, one of them null)
+        msgs = row["messages"] if row.get("messages") is not None else row.get("conversations")
         if not isinstance(msgs, list):
             raise ValueError(f"{where}: 'messages'/'conversations' must be a list of turns, got {msgs!r}")
         if not msgs:
@@ -183,6 +183,9 @@ def _opening(render, turns: list[dict]):
         return None
 
 
+_MARK = "\u2063ecomla-turn\u2063"  # a turn's text no template changes (U+2063: an invisible separator)
+
+
 def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int, tuple[int, int]]:
     """{i: (first token, end token)} of each assistant turn i in `full` (the whole chat's ids), found in the whole
     chat's text. A turn's region runs from the end of the user turn before it (user turns found in order; a system
@@ -221,6 +224,11 @@ def _located_turns(tokenizer, messages: list[dict], full: list[int]) -> dict[int
         before, upto = _opening(render, messages[:i]), render(messages[: i + 1], False)
         start = len(before) if before is not None and text.startswith(before) and len(before) >= cursor else None
         lo = region[0] if start is None else start
+        if start is None:  # where the template puts this turn's text: after a header, a default system prompt...
+            probe = render(messages[:i] + [{"role": "assistant", "content": _MARK}], False)
+            k = probe.find(_MARK)
+            if k >= cursor and text.startswith(probe[:k]):
+                lo = k
         if not content and (start is None or not text.startswith(upto)):  # nothing to find it by
             spans[i] = (0, 0)
             continue
