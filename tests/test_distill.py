@@ -312,6 +312,14 @@ def test_a_bad_row_is_named_by_its_own_line(tmp_path):
     bad.write_bytes(b'{"text":\r "the cat"}\r\r\n{"text": "a"}\r\r\n{"text": 5}\r\r\n')  # \r: JSON's whitespace
     with pytest.raises(ValueError, match="line 3:"):
         read_documents([bad], tiny_tokenizer())
+    for raw, where in ((b'{"text": "a"}\n{"text":\r "caf\xe9"}\n{"text": "b"}\n', "line 2: .* at byte 15 of the line"),
+                       (b'\xef\xbb\xbf{"text": "caf\xe9"}\n', r"line 1: .*byte b'\\xe9' at byte 14 of the line"),
+                       (b'{"text": "a"}\n{"text": "abc"\n', r"line 2: not JSON \(Expecting ',' delimiter at column 15\)"),
+                       (b'{"text": "a"}\r\n{"text": "abc",\r\n', "line 2: not JSON .* at column 16")):
+        bad.write_bytes(raw)  # a \r inside a row; a byte-order mark; a row cut short, each named where it is
+        with pytest.raises(ValueError, match=where):
+            read_documents([bad], tiny_tokenizer())
+    bad.write_text('\n\n{"text": 5}\n')
     with pytest.raises(ValueError, match="line 3:"):
         read_text(str(bad))
     pairs = tmp_path / "pairs.jsonl"

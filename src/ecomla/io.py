@@ -21,6 +21,7 @@ The policy (every command that writes goes through `claim` and `check_output`, b
 
 from __future__ import annotations
 
+import codecs
 import errno
 import hashlib
 import json
@@ -885,14 +886,14 @@ def _json_lines(path: Path, what: str):
     with open(path, "rb") as f:
         for raw in f:
             n += 1
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):  # (Windows editors write one; bytes counted after it)
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                line_start = raw.rfind(b"\r", 0, err.start) + 1  # old Mac line ends: the \r-line holding the byte
-                line = n + raw.count(b"\r", 0, line_start)
-                raise ValueError(f"{what} {path}, line {line}: cannot read it as UTF-8 "
-                                 f"text (byte {raw[err.start:err.start + 1]!r} at byte {err.start - line_start + 1} of the "
-                                 f"line: {err.reason})") from None
+                line, at = _mac_line(raw, err.start)
+                raise ValueError(f"{what} {path}, line {n + line}: cannot read it as UTF-8 text (byte "
+                                 f"{raw[err.start:err.start + 1]!r} at byte {err.start - at + 1} of the line: {err.reason})") from None
             if not text.strip():
                 continue
             empty = False
@@ -900,19 +901,40 @@ def _json_lines(path: Path, what: str):
                 yield n, json.loads(text)
                 continue
             except json.JSONDecodeError as err:
-                if "\r" not in text.rstrip("\r\n"):
-                    raise ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})") from None
-            parts = text.rstrip("\r\n").split("\r")
-            for k, part in enumerate(parts):
+                whole = ValueError(f"{what} {path}, line {n}: not JSON ({err.msg} at column {err.colno})")
+            rows, bad = [], None  # a file with old Mac line ends: rows ended by \r
+            for k, part in enumerate(text.split("\r")):
                 if part.strip():
                     try:
-                        row = json.loads(part)
+                        rows.append((n + k, json.loads(part)))
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"{what} {path}, line {n + k}: not JSON ({err.msg} at column {err.colno})") from None
-                    yield n + k, row
-            n += len(parts) - 1
+                        bad = ValueError(f"{what} {path}, line {n + k}: not JSON ({err.msg} at column {err.colno})")
+                        break
+            if not rows:  # its first row does not parse: one broken row, said as a whole
+                raise whole from None
+            yield from rows
+            if bad is not None:
+                raise bad from None
+            n += text.count("\r")
     if empty:
         raise ValueError(f"{what} {path} is empty")
+
+
+def _mac_line(raw: bytes, at: int) -> tuple[int, int]:
+    """(lines before, start byte) of the line holding byte `at` of `raw`: a line of rows ended by \\r (every \\r-part
+    before `at` parses as JSON) counts those parts; any other line is one line."""
+    head = raw[:at].decode("utf-8").split("\r")
+    if len(head) > 1 and all(_parses(part) for part in head[:-1]):
+        return len(head) - 1, at - len(head[-1].encode())
+    return 0, 0
+
+
+def _parses(part: str) -> bool:
+    try:
+        json.loads(part)
+        return True
+    except json.JSONDecodeError:
+        return not part.strip()
 
 
 def read_rows(path, what: str = "data file") -> list:
