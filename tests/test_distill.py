@@ -248,7 +248,10 @@ def test_a_chat_that_opens_with_the_assistant_counts_its_words_not_the_template(
     ("no_content", {"conversations": [{"from": "human"}, {"from": "gpt", "value": "yo"}]}, "needs its text as 'content'"),
     ("no_turns", {"messages": []}, "line 1: 'messages'/'conversations' is empty"),
     ("null_turns", {"messages": None, "conversations": None}, "line 1: 'messages'/'conversations' must be a list"),
-    ("unknown", {"prompt": "q", "completion": "a"}, r"line 1: rows need 'text'"),
+    ("unknown", {"input": "q", "target": "a"}, r"line 1: rows need 'text'"),
+    ("preference", {"prompt": "q", "chosen": "a", "rejected": "b"}, r"a preference row: train it with `ecomla dpo`"),
+    ("completion_turns", {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     "'completion' must be the assistant's turns"),
 ])
 def test_rows_ecomla_cannot_train_on_are_refused_naming_their_line(tmp_path, name, row, match):
     """An image part, a tool call, a turn without text were dropped (the row trained on what was left: an answer
@@ -260,6 +263,25 @@ def test_rows_ecomla_cannot_train_on_are_refused_naming_their_line(tmp_path, nam
     data.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=match):
         read_documents([data], tiny_tokenizer())
+
+
+def test_prompt_completion_rows_count_the_completion(tmp_path):
+    """TRL's prompt-completion rows (and OpenAI's legacy fine-tuning files) were refused: the completion counts now,
+    and the EOS joined after it (the model learns to stop); as chat turns they go through the template."""
+    from ecomla.training.data import pack, read_documents
+
+    tok = tiny_tokenizer()
+    data = tmp_path / "pc.jsonl"
+    data.write_text(json.dumps({"prompt": "the cat", "completion": " sat on the mat."}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                                  "completion": [{"role": "assistant", "content": "the dog"}]}) + "\n")
+    text, chat = read_documents([data], tok)
+    assert text.ids == tok("the cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    assert _counted(tok, text) == " sat on the mat." and text.end_counts
+    assert _counted(tok, chat) == "the dog<eos>" and not chat.end_counts
+    ids, w = pack([text], len(text.ids) + 1, tok.eos_token_id)
+    assert w[0, -1] == 1 and ids[0, -1] == tok.eos_token_id  # the EOS after a completion is a target
+    assert all(read_documents([data], tok, prompt_counts=True)[0].weights)
 
 
 def test_a_merged_export_with_one_null_chat_column_reads_the_other(tmp_path):

@@ -7,6 +7,8 @@ Formats (by extension and fields):
                                  or a list of {"type": "text", "value"|"text"} parts
     "instruction" [+ "input"] + "output"   alpaca style, as a user/assistant chat ([+ "system", "history"])
     "question" + "answer"        as a user/assistant chat (GSM8K)
+    "prompt" + "completion"      TRL's prompt-completion rows: strings as plain text (the completion and the EOS after it
+                                 count), lists of turns as a chat
 
 Chat documents carry a per-token weight: 1 on assistant tokens, 0 on the prompt (unless
 prompt tokens are asked to count). Documents are joined with EOS and cut into sequences of
@@ -122,6 +124,13 @@ def to_messages(row: dict, where: str = "row") -> list[dict] | None:
                    for pair in history for role, text in zip(("user", "assistant"), pair)]
         return [*_system(row, where), *earlier, {"role": "user", "content": prompt},
                 {"role": "assistant", "content": _text(row["output"], "output", where)}]
+    if "prompt" in row and "completion" in row and isinstance(row["prompt"], list):  # TRL's, as chat turns
+        if not isinstance(row["completion"], list):
+            raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of chat turns")
+        answer = [message(m, where) for m in row["completion"]]
+        if not answer or any(t["role"] != "assistant" for t in answer):
+            raise ValueError(f"{where}: 'completion' must be the assistant's turns, got {row['completion']!r}")
+        return [message(m, where) for m in row["prompt"]] + answer
     if "question" in row and "answer" in row:
         return [{"role": "user", "content": _text(row["question"], "question", where)},
                 {"role": "assistant", "content": _text(row["answer"], "answer", where)}]
@@ -181,6 +190,16 @@ def _opening(render, turns: list[dict]):
         if turns:
             raise
         return None
+
+
+def completion_document(tokenizer, prompt: str, completion: str, prompt_counts: bool = False) -> Document:
+    """TRL's prompt-completion row as plain text (no chat template): the tokens of prompt + completion, those past
+    the prompt's own tokens counting (as TRL masks them; where the two tokenize differently at the join, from the
+    first token that differs), and the EOS joined after it (the model learns to stop there)."""
+    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+    return Document(list(ids), [1] * len(ids) if prompt_counts else [0] * n + [1] * (len(ids) - n), end_counts=True)
 
 
 _MARK = "\u2063ecomla-turn\u2063"  # a turn's text no template changes (U+2063: an invisible separator)
@@ -392,9 +411,13 @@ def _tokenize(paths: list[str | Path], tokenizer, prompt_counts: bool) -> Corpus
                     raise ValueError(f"{where}: {err}") from None
             elif "text" in row:
                 build.add(Document(tokenizer(_text(row["text"], "text", where), add_special_tokens=False)["input_ids"], []))
+            elif "prompt" in row and "completion" in row:
+                build.add(completion_document(tokenizer, _text(row["prompt"], "prompt", where),
+                                              _text(row["completion"], "completion", where), prompt_counts))
             else:
-                raise ValueError(f"{where}: rows need 'text', 'messages', 'conversations', "
-                                 f"'instruction'+'output' or 'question'+'answer'; got {sorted(row)}")
+                dpo = " (a preference row: train it with `ecomla dpo`)" if "chosen" in row and "rejected" in row else ""
+                raise ValueError(f"{where}: rows need 'text', 'messages', 'conversations', 'instruction'+'output', "
+                                 f"'prompt'+'completion' or 'question'+'answer'; got {sorted(row)}{dpo}")
         if len(build.ids) == before:
             raise ValueError(f"data file {path} holds no text")
     return build.corpus()
