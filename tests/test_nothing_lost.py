@@ -460,6 +460,25 @@ def test_a_recipe_tokenizes_its_data_once_for_the_check_and_every_stage(lab, tmp
     assert calls == [[str(lab / "text.txt")]]
 
 
+def test_a_recipe_out_with_a_tilde_is_one_folder_in_the_home(lab, tmp_path, monkeypatch):
+    """`out: ~/runA`: each step's command expanded it, the run's own files (its marker, steps.json, the report) went
+    to a folder literally named '~' under the working directory, never locked or checked. A '~' in a data path was
+    put under the recipe's folder."""
+    from ecomla.pipeline import run_recipe
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    (home / "text.txt").write_text((lab / "text.txt").read_text())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": str(lab / "teacher"), "out": "~/runA", "convert": {"kv_rank": 8, "init": "xecomla"},
+        "distill": {"data": ["~/text.txt"], "tokens": 64, "seq_len": 32, "batch_size": 2, "eval_every": 0}})
+    run_recipe(recipe, log=lambda *a: None)
+    assert list(work.iterdir()) == []
+    assert {"converted", "distilled", "steps.json", "report"} <= {p.name for p in (home / "runA").iterdir()}
+
+
 def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path, monkeypatch):
     """Every run writes OUT/report anew: a user's notes added to report.md were overwritten without a word. Now
     the rerun is refused before step one, naming the file; moved out, the rerun writes the report again."""

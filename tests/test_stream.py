@@ -321,6 +321,23 @@ def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refuse
     assert not (tmp_path / "c").exists()
 
 
+def test_a_cache_given_with_a_tilde_is_written_in_the_home_folder(tmp_path, monkeypatch):
+    """`$ECOMLA_CACHE=~/...` (a Dockerfile's ENV, a .env file) or `--calib-cache=~/...` passed the check as the home
+    folder's, then was written to a folder literally named '~' under the working directory: inside the source
+    model when run from there."""
+    src, text = source_dir(tmp_path, "llama")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(src)
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=256)
+    monkeypatch.setenv("ECOMLA_CACHE", "~/env-cache")
+    streamed(src, options, tmp_path / "a", [])
+    streamed(src, dataclasses.replace(options, calib_cache="~/flag-cache"), tmp_path / "b", [])
+    assert not (src / "~").exists()
+    assert any((home / "env-cache" / "calibration").iterdir()) and any((home / "flag-cache").iterdir())
+
+
 def test_the_statistics_cache_from_the_environment_stays_out_of_inputs_and_follows_every_weight(tmp_path, monkeypatch):
     """$ECOMLA_CACHE inside the source model wrote covariance files into it, and inside --out failed only after the
     whole conversion (--calib-cache was refused in both places); statistics were keyed by a strided sample of each

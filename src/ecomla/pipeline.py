@@ -87,12 +87,16 @@ def load_recipe(path: str | Path) -> dict:
             raise ValueError(f"recipe {path}: '{key}' must be {what} written as text, got {value!r}")
     base = path.parent
 
-    def fix(v):
-        return str(v) if Path(str(v)).is_absolute() or (Path.cwd() / str(v)).exists() else str(base / str(v))
+    def fix(v):  # ~ is the home folder, as on a command line (environment variables are not expanded)
+        v = os.path.expanduser(str(v))
+        return v if Path(v).is_absolute() or (Path.cwd() / v).exists() else str(base / v)
 
     def model(v):  # a hub id stays one: only a folder or file that exists beside the recipe (and not here) moves
+        if isinstance(v, str) and v.startswith("~"):
+            return os.path.expanduser(v)
         return str(base / v) if isinstance(v, str) and not (Path.cwd() / v).exists() and (base / v).exists() else v
 
+    recipe["out"] = os.path.expanduser(recipe["out"])  # (each step's command expanded it: the run's own files did not)
     recipe["model"] = model(recipe["model"])
     for section in ("convert", "train", "align", "distill", "dpo", "eval"):
         sec = recipe.get(section)

@@ -256,7 +256,7 @@ def stats_key(config, named_weights, input_ids: torch.Tensor, dtype: torch.dtype
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ECOMLA_CACHE") or Path.home() / ".cache" / "ecomla") / "calibration"
+    return Path(os.environ.get("ECOMLA_CACHE") or Path.home() / ".cache" / "ecomla").expanduser() / "calibration"
 
 
 class CovarianceStore:
@@ -344,7 +344,7 @@ class InMemoryStore(dict):
 
 
 def cache_store(cache_dir: str | Path | None, key: str) -> CovarianceStore:
-    return CovarianceStore(Path(cache_dir or default_cache_dir()) / f"cov-{key}")
+    return CovarianceStore(Path(cache_dir or default_cache_dir()).expanduser() / f"cov-{key}")  # ~ as the check took it
 
 
 def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | None = None,

@@ -102,4 +102,4 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
             generation.save_pretrained(tmp)
     log(f"saved {options.out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
         "or with trust_remote_code=True)")
-    return Path(options.out)
+    return Path(options.out).expanduser()

@@ -477,7 +477,7 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
         # the only writer of --out, from this check to the final rename
         with claimed_output(o.out, inputs, o.overwrite, kind="eval", overwrite_kind=o.overwrite_kind):
             md, rows = _run_eval(o, models, tasks, data_dir, inputs, log)
-    written = [n for n in ("results.md", "results.json", "results.png") if o.out and (Path(o.out) / n).is_file()]
+    written = [n for n in ("results.md", "results.json", "results.png") if o.out and (Path(o.out).expanduser() / n).is_file()]
     log(md + (f"\nwrote {o.out}/{', '.join(written)}" if o.out else "")
         + ("" if not o.out or "results.png" in written else " (no plot: it draws the harness average)"))
     return md, rows

@@ -535,7 +535,8 @@ def sampling_settings(cfg) -> dict:
 
 def sampled_text(out) -> tuple[Path, Path]:
     """(the sampled text, its sampling settings) of a data-free run writing to `out`."""
-    return Path(out) / "training" / "sampled.jsonl", Path(out) / "training" / "sampling.json"
+    out = Path(out).expanduser()  # (as the run's output check took it)
+    return out / "training" / "sampled.jsonl", out / "training" / "sampling.json"
 
 
 def reusable_sampled_text(cfg, out) -> bool:
@@ -568,7 +569,7 @@ def reuse_sampled_text(source, cfg) -> bool:
             or target.exists() or not cfg.resume):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    mark(Path(cfg.out), cfg.command)
+    mark(Path(cfg.out).expanduser(), cfg.command)
     write_sampled_text(cfg, cfg.out, [json.loads(line)["text"] for line in src.read_text(encoding="utf-8").splitlines()])
     return True
 
