@@ -479,6 +479,32 @@ def test_a_recipe_out_with_a_tilde_is_one_folder_in_the_home(lab, tmp_path, monk
     assert {"converted", "distilled", "steps.json", "report"} <= {p.name for p in (home / "runA").iterdir()}
 
 
+def test_a_run_folder_recorded_by_an_earlier_ecomla_is_not_made_again(lab, tmp_path):
+    """A run folder an earlier ecomla made was made again from its first step, saying no reason ("its section or
+    inputs changed ()"): its steps.json lacked an option added since (convert's `device`). An added option was at its
+    default; one since removed that held nothing is no change; one that held something is named."""
+    from ecomla.pipeline import run_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+        "distill": {"data": [str(lab / "text.txt")], "tokens": 64, "seq_len": 32, "batch_size": 2, "eval_every": 0}})
+    run_recipe(recipe, log=lambda *a: None)
+    steps = tmp_path / "out" / "steps.json"
+    record = json.loads(steps.read_text())
+    assert "device" in record["convert"]
+    del record["convert"]["device"]
+    record["convert"]["rope_fold"] = None  # an option since removed (no such option today), at its default
+    steps.write_text(json.dumps(record))
+    logs = []
+    run_recipe(recipe, log=logs.append)
+    assert sum("already done" in str(m) for m in logs) == 2, logs
+    record["convert"]["rope_fold"] = "half"
+    steps.write_text(json.dumps(record))
+    logs.clear()
+    run_recipe(recipe, log=logs.append)
+    assert any("changed (rope_fold: 'half' -> (no longer an option))" in str(m) for m in logs), logs
+
+
 def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path, monkeypatch):
     """Every run writes OUT/report anew: a user's notes added to report.md were overwritten without a word. Now
     the rerun is refused before step one, naming the file; moved out, the rerun writes the report again."""

@@ -135,9 +135,21 @@ def what_it_makes(step: Step, recorded: dict) -> dict:
     return {k: v for k, v in made.items() if k in kept or k == "inputs"} if kept else made
 
 
+def as_recorded_now(step: Step, before: dict, now: dict) -> dict:
+    """A record an earlier ecomla wrote (`before`), as today's (`now`) records it: an option added since, absent
+    from it, was at its default (what the code did before the option existed); one since removed that held nothing
+    is left out (a run folder made before convert's `device` option was made again from its first step, saying no
+    reason)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(step.options)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    added = {k: defaults[k] for k in now if k not in before and k in defaults}
+    return {**{k: v for k, v in before.items() if k in now or v not in (None, {}, [], "", False)}, **added}
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for each recorded option that changed; changed input files by name."""
-    diffs = []
+    diffs = [f"{k}: {v!r} -> (no longer an option)" for k, v in old.items() if k not in new]
     for k, v in new.items():
         if k == "inputs":
             before = old.get(k) or {}
@@ -332,6 +344,7 @@ def decide_steps(steps: list[Step], made: dict, record_exists: bool) -> dict[str
         # is made again from step 0
         begun = made.get(STARTED, {}).get(step.name)
         before = begun if begun is not None and not _complete(step.out) else made.get(step.name)
+        before = None if before is None else as_recorded_now(step, before, now)
         changed = before is not None and what_it_makes(step, before) != what_it_makes(step, now)
         if _complete(step.out) and not changed and not rerun and (step.name in made or not record_exists):
             decisions[step.name] = None
