@@ -514,6 +514,32 @@ def test_a_resume_with_changed_data_is_refused(models, tmp_path):
         distill(_cfg(models, tmp_path / "cut", data=[str(data)], resume=True), log=lambda *a: None)
 
 
+def test_a_resume_by_an_ecomla_that_reads_the_data_otherwise_is_refused(models, tmp_path, monkeypatch):
+    """A run started by an earlier ecomla and resumed by today's trained on, silently, where the versions read the
+    same files into other sequences (which chat tokens count, the EOS after a chat): a 4918cec run resumed at step 60
+    ended 0.05 away from the run it began. The packed sequences' fingerprint is recorded and a resume that packs
+    others is refused; a run recorded before data fingerprints existed (an older loop) is refused too."""
+    import json
+
+    import ecomla.training.data as data
+    from ecomla.training.distill import distill
+
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    args = tmp_path / "cut" / "training" / "args.json"
+    recorded = json.loads(args.read_text())
+    assert len(recorded["data_digest"]) == 32
+    real = data.pack
+    monkeypatch.setattr(data, "pack", lambda *a, **k: tuple(t.flip(0) for t in real(*a, **k)))  # packed otherwise
+    with pytest.raises(ValueError, match="this ecomla reads its data otherwise than the one that started it"):
+        distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    monkeypatch.setattr(data, "pack", real)
+    args.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("data_files", "data_digest")}))
+    with pytest.raises(ValueError, match="started by an earlier ecomla whose training differs"):
+        distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    args.write_text(json.dumps({k: v for k, v in recorded.items() if k != "data_digest"}))  # 2026-12-04 to today: kept
+    assert "after" in distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+
+
 def test_chat_data_whose_prompts_fill_whole_sequences_trains(models, tmp_path):
     """Long prompts, short answers: packed sequences holding only prompt tokens (weight 0) crashed distillation in
     backward ("element 0 of tensors does not require grad"), made alignment refuse ("every gradient is zero") and,

@@ -20,6 +20,7 @@ Output layout (OUT is locked while a run writes it; `--resume` refuses changed t
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -376,6 +377,11 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, fsdp: bool, log) 
                              f"{'without' if fsdp else 'under'} FSDP, {'under' if fsdp else 'without'} it: each "
                              "distribution reads only its own checkpoints; resume with the accelerate config the run "
                              "started with, or start a new run with another --out (or --overwrite)")
+        if ckpts and "data_files" not in recorded:  # (args.json records them since 2026-12-04)
+            raise ValueError(f"--resume of the run in {out}, started by an earlier ecomla whose training differs from "
+                             "this one's (how chat data count, the loss per token of a batch): resumed, it would end "
+                             "elsewhere than it began to; finish it with the ecomla that started it, or start it again "
+                             "with --overwrite")
         if ckpts:
             check_unchanged_sources(recorded.get("data_files"), cfg.data, f"the run in {out}", "data",
                                     "the packing, order and held-out split follow the data, so the resumed run "
@@ -511,6 +517,17 @@ def _training_sequences(cfg, plan, teacher, device, accelerator):
     return train_ids, train_w, held_ids.long(), held_w.float()  # packed compact; the held-out few as the models take them
 
 
+def data_digest(*tensors: torch.Tensor) -> str:
+    """A fingerprint of the packed sequences and their weights (train, held out): what a resume must train on
+    again. The data files' own fingerprints do not see how a version of ecomla reads them (which chat tokens count,
+    the EOS after a chat, the packing), and a run resumed by another read otherwise, silently."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
 def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log) -> dict:
     from accelerate.utils import set_seed
 
@@ -543,8 +560,16 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
 
     start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
     refusal = None
+    digest = data_digest(train_ids, train_w, held_ids, held_w)
     if main:  # before the long work: the checkpoints and the model it will write must fit on the disk
         try:
+            began = read_json(train_dir / "args.json", "the run's recorded options", "start the run again with "
+                              "--overwrite").get("data_digest") if start_step and (train_dir / "args.json").is_file() else None
+            if began not in (None, digest):
+                raise ValueError(f"--resume of the run in {out}: this ecomla reads its data otherwise than the one that "
+                                 "started it (the packed tokens or the ones that count differ), so the resumed run would "
+                                 "train on other sequences; finish it with the ecomla that started it, or start it again "
+                                 "with --overwrite")
             check_free_space({ckpt_dir: run_disk_bytes(cfg, student, params, lm, start_step, steps,
                                                        len(_checkpoints(ckpt_dir)))},
                              f"this {cfg.command} run (its checkpoints and final model)",
@@ -558,7 +583,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     earlier_seconds = 0.0
     if main:
         atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world,
-                                                          "data_files": fingerprint_sources(cfg.data)}, indent=1))
+                                                          "data_files": fingerprint_sources(cfg.data),
+                                                          "data_digest": digest}, indent=1))
         kept = []
         if log_path.is_file() and start_step:  # drop rows past the checkpoint: they are re-run (from step 0: all,
             fix = "start the run again with --overwrite"  # the held-out evaluation before training too)
