@@ -524,7 +524,8 @@ def data_digest(*tensors: torch.Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+        if t.numel():  # (no held-out set: (0, L), which a memoryview cannot cast)
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))
     return h.hexdigest()
 
 
