@@ -250,6 +250,7 @@ def test_a_chat_that_opens_with_the_assistant_counts_its_words_not_the_template(
     ("null_turns", {"messages": None, "conversations": None}, "line 1: 'messages'/'conversations' must be a list"),
     ("unknown", {"input": "q", "target": "a"}, r"line 1: rows need 'text'"),
     ("preference", {"prompt": "q", "chosen": "a", "rejected": "b"}, r"a preference row: train it with `ecomla dpo`"),
+    ("kto", {"prompt": "q", "completion": "a", "label": False}, r"line 1: a preference row with a 'label'"),
     ("completion_turns", {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
      "'completion' must be the assistant's turns"),
 ])
@@ -533,10 +534,11 @@ def test_a_resume_by_an_ecomla_that_reads_the_data_otherwise_is_refused(models, 
     with pytest.raises(ValueError, match="this ecomla reads its data otherwise than the one that started it"):
         distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
     monkeypatch.setattr(data, "pack", real)
-    args.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("data_files", "data_digest")}))
-    with pytest.raises(ValueError, match="started by an earlier ecomla whose training differs"):
-        distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
-    args.write_text(json.dumps({k: v for k, v in recorded.items() if k != "data_digest"}))  # 2026-12-04 to today: kept
+    for dropped in (("data_files", "data_digest"), ("data_digest",)):  # before 2026-12-04; since, before the digest
+        args.write_text(json.dumps({k: v for k, v in recorded.items() if k not in dropped}))
+        with pytest.raises(ValueError, match="started by an earlier ecomla whose training may differ"):
+            distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    args.write_text(json.dumps(recorded))
     assert "after" in distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
 
 

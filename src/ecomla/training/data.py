@@ -412,6 +412,9 @@ def _tokenize(paths: list[str | Path], tokenizer, prompt_counts: bool) -> Corpus
             elif "text" in row:
                 build.add(Document(tokenizer(_text(row["text"], "text", where), add_special_tokens=False)["input_ids"], []))
             elif "prompt" in row and "completion" in row:
+                if "label" in row:  # TRL's unpaired preference (KTO): a completion labelled false is not to imitate
+                    raise ValueError(f"{where}: a preference row with a 'label' (an unpaired preference): ecomla "
+                                     "trains on completions to imitate; drop the label, or the rows labelled false")
                 build.add(completion_document(tokenizer, _text(row["prompt"], "prompt", where),
                                               _text(row["completion"], "completion", where), prompt_counts))
             else:

@@ -377,11 +377,11 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, fsdp: bool, log) 
                              f"{'without' if fsdp else 'under'} FSDP, {'under' if fsdp else 'without'} it: each "
                              "distribution reads only its own checkpoints; resume with the accelerate config the run "
                              "started with, or start a new run with another --out (or --overwrite)")
-        if ckpts and "data_files" not in recorded:  # (args.json records them since 2026-12-04)
-            raise ValueError(f"--resume of the run in {out}, started by an earlier ecomla whose training differs from "
-                             "this one's (how chat data count, the loss per token of a batch): resumed, it would end "
-                             "elsewhere than it began to; finish it with the ecomla that started it, or start it again "
-                             "with --overwrite")
+        if ckpts and "data_digest" not in recorded:  # (args.json records the packed sequences since 2026-12-05)
+            raise ValueError(f"--resume of the run in {out}, started by an earlier ecomla whose training may differ from "
+                             "this one's (which chat tokens count, the loss per token of a batch), and which recorded no "
+                             "fingerprint of its packed data to check: resumed, it could end elsewhere than it began to; "
+                             "finish it with the ecomla that started it, or start it again with --overwrite")
         if ckpts:
             check_unchanged_sources(recorded.get("data_files"), cfg.data, f"the run in {out}", "data",
                                     "the packing, order and held-out split follow the data, so the resumed run "
