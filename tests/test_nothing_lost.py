@@ -498,11 +498,12 @@ def test_a_run_folder_recorded_by_an_earlier_ecomla_is_not_made_again(lab, tmp_p
     logs = []
     run_recipe(recipe, log=logs.append)
     assert sum("already done" in str(m) for m in logs) == 2, logs
-    record["convert"]["rope_fold"] = "half"
-    steps.write_text(json.dumps(record))
-    logs.clear()
-    run_recipe(recipe, log=logs.append)
-    assert any("changed (rope_fold: 'half' -> (no longer an option))" in str(m) for m in logs), logs
+    for held, said in ((0, "0"), ("half", "'half'")):  # (0 == False: it was taken for nothing)
+        record["convert"]["rope_fold"] = held
+        steps.write_text(json.dumps(record))
+        logs.clear()
+        run_recipe(recipe, log=logs.append)
+        assert any(f"changed (rope_fold: {said} -> (no longer an option))" in str(m) for m in logs), logs
 
 
 def test_a_rerun_keeps_a_report_the_user_edited(lab, tmp_path, monkeypatch):
