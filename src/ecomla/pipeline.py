@@ -144,6 +144,7 @@ def as_recorded_now(step: Step, before: dict, now: dict) -> dict:
                 for f in dataclasses.fields(step.options)
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     added = {k: defaults[k] for k in now if k not in before and k in defaults}
+
     def empty(v):  # (0 == False: a removed option that held 0 held something)
         return v is None or v is False or isinstance(v, (dict, list, str)) and not v
 

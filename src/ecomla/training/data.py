@@ -318,7 +318,6 @@ class _CorpusBuilder:
 
     def __init__(self):
         self.ids, self.weights, self.lengths, self.ends = array("i"), array("B"), array("q"), array("b")
-
         self.open = 0  # tokens of the document being added
 
     def extend(self, ids: list[int], weights: list[int] | None = None) -> None:

@@ -561,8 +561,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
 
     start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
     refusal = None
-    digest = data_digest(train_ids, train_w, held_ids, held_w)
     if main:  # before the long work: the checkpoints and the model it will write must fit on the disk
+        digest = data_digest(train_ids, train_w, held_ids, held_w)  # (the main process checks and records it)
         try:
             began = read_json(train_dir / "args.json", "the run's recorded options", "start the run again with "
                               "--overwrite").get("data_digest") if start_step and (train_dir / "args.json").is_file() else None
