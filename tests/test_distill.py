@@ -542,6 +542,26 @@ def test_a_resume_by_an_ecomla_that_reads_the_data_otherwise_is_refused(models, 
     assert "after" in distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
 
 
+def test_a_resume_by_an_ecomla_whose_training_step_computes_otherwise_is_refused(models, tmp_path, monkeypatch):
+    """The packed data's fingerprint does not see a change to the loss's arithmetic alone: the training version is
+    recorded, and a checkpoint of another version is not resumed (a run recorded with its data's fingerprint but no
+    version was made by version 1)."""
+    import ecomla.training.loop as loop
+    from ecomla.training.distill import distill
+
+    assert distill(_cfg(models, tmp_path / "cut", stop_after=2), log=lambda *a: None) == {"stopped_at": 2}
+    args = tmp_path / "cut" / "training" / "args.json"
+    recorded = json.loads(args.read_text())
+    assert recorded["training_version"] == loop.TRAINING_VERSION == 1
+    monkeypatch.setattr(loop, "TRAINING_VERSION", 2)
+    with pytest.raises(ValueError, match=r"training step computes otherwise \(training version 1, this ecomla's 2\)"):
+        distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+    assert json.loads(args.read_text()) == recorded  # nothing rewritten
+    monkeypatch.setattr(loop, "TRAINING_VERSION", 1)
+    args.write_text(json.dumps({k: v for k, v in recorded.items() if k != "training_version"}))
+    assert "after" in distill(_cfg(models, tmp_path / "cut", resume=True), log=lambda *a: None)
+
+
 def test_chat_data_whose_prompts_fill_whole_sequences_trains(models, tmp_path):
     """Long prompts, short answers: packed sequences holding only prompt tokens (weight 0) crashed distillation in
     backward ("element 0 of tensors does not require grad"), made alignment refuse ("every gradient is zero") and,

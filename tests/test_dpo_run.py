@@ -148,6 +148,17 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="preference data that changed since it started"):
         dpo(DPOOptions(**options, resume=True), log=lambda *a: None)
     (tmp_path / "p.json").write_text(json.dumps([row] * 8))
+    # read otherwise by this ecomla (LLaMA-Factory's `system` was dropped until 2026-12-05), or recorded before
+    # the pairs' fingerprint existed: refused, the checkpoint kept
+    args = state / "args.json"
+    recorded = json.loads(args.read_text())
+    for record, match in (({**recorded, "pairs_digest": "0" * 32}, "reads its preference file otherwise than the one"),
+                          ({k: v for k, v in recorded.items() if k != "pairs_digest"}, "started by an earlier ecomla")):
+        args.write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=match):
+            dpo(DPOOptions(**options, resume=True), log=lambda *a: None)
+        assert not (state / "checkpoint-4" / "trainer_state.json").exists() and not (tmp_path / "o").exists()
+    args.write_text(json.dumps(recorded))
     lines = []
     dpo(DPOOptions(**options, resume=True), log=lines.append)
     assert any("checkpoint-4 is incomplete" in x for x in lines) and any("resuming from" in x and "checkpoint-2" in x for x in lines)
@@ -160,6 +171,9 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     tokens = {h["step"]: h["num_tokens"] for h in json.loads((state / "log_history.json").read_text()) if "num_tokens" in h}
     assert spent(tmp_path / "o")["tokens"] == tokens[2] + tokens[4] > tokens[4]
     assert spent(tmp_path / "o")["train_seconds"] > 0
+    # a finished run trains no more: its resume is not refused for want of the pairs' fingerprint
+    args.write_text(json.dumps({k: v for k, v in json.loads(args.read_text()).items() if k != "pairs_digest"}))
+    dpo(DPOOptions(**options, resume=True), log=lambda *a: None)
 
 
 def test_the_dpo_row_of_a_run_report_counts_dpo(tmp_path):

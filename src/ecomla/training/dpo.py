@@ -232,6 +232,13 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
         if any(state.glob("checkpoint-*")):  # (before the first checkpoint, nothing trained on it yet)
             check_unchanged_sources(recorded.get("data_files"), [args.data], f"the DPO run in {out}", "preference data",
                                     "the rest of the run would train on other pairs")
+            began = recorded.get("pairs_digest")  # (recorded since 2026-12-05; a finished run trains no more)
+            if began != pairs_digest(rows) and not (out / "config.json").is_file():
+                why = ("this ecomla reads its preference file otherwise than the one that started it" if began else
+                       "started by an earlier ecomla, which may read its preference file otherwise and recorded no "
+                       "fingerprint of the pairs it read to check")
+                raise ValueError(f"--resume of the DPO run in {out}: {why}, so the rest of the run could train on other "
+                                 "pairs; finish it with the ecomla that started it, or start it again with --overwrite")
     model, _ = load_model(args.model, dtype=torch.float32, tokenizer=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -245,6 +252,14 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
             shutil.rmtree(state, ignore_errors=True)
         raise
     return out
+
+
+def pairs_digest(rows: list[dict]) -> str:
+    """A fingerprint of the pairs as read (TRL's rows): what a resume must train on again. The file's own fingerprint
+    does not see how a version of ecomla reads it (LLaMA-Factory's `system`, which turns are the prompt)."""
+    import hashlib
+
+    return hashlib.blake2b(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).hexdigest()
 
 
 def whole_run_train_loss(history: list[dict]) -> list[dict]:
@@ -288,8 +303,8 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     if args.overwrite and not args.resume:
         clear_run_dir(state)
     mark(state, "dpo-state")
-    atomic_write(state / "args.json", json.dumps({**args.recorded(), "data_files": fingerprint_sources([args.data])},
-                                                 indent=1))
+    atomic_write(state / "args.json", json.dumps({**args.recorded(), "data_files": fingerprint_sources([args.data]),
+                                                  "pairs_digest": pairs_digest(rows)}, indent=1))
     config = DPOConfig(
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,

@@ -41,6 +41,11 @@ from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_o
                   unknown_files)
 from ..options import DTYPES, TrainOptions
 
+# The version of the training step's arithmetic (the loss, its weighting over a batch, the schedule): bump it with
+# any change that makes a run resumed from another version's checkpoint end elsewhere than it began to. Recorded in
+# args.json; a resume of another version's run is refused. The packed data have their own check (`data_digest`).
+TRAINING_VERSION = 1
+
 
 class StudentModule(nn.Module):
     """The module accelerate wraps (DDP, FSDP): the student LM, whose forward is the objective's `loss`.
@@ -377,6 +382,11 @@ def _prepare_run_dir(cfg: TrainOptions, out: Path, world: int, fsdp: bool, log) 
                              f"{'without' if fsdp else 'under'} FSDP, {'under' if fsdp else 'without'} it: each "
                              "distribution reads only its own checkpoints; resume with the accelerate config the run "
                              "started with, or start a new run with another --out (or --overwrite)")
+        if ckpts and "data_digest" in recorded and recorded.get("training_version", 1) != TRAINING_VERSION:
+            raise ValueError(f"--resume of the run in {out}, started by an ecomla whose training step computes otherwise "
+                             f"(training version {recorded.get('training_version', 1)}, this ecomla's "
+                             f"{TRAINING_VERSION}): resumed, it would end elsewhere than it began to; finish it with "
+                             "the ecomla that started it, or start it again with --overwrite")
         if ckpts and "data_digest" not in recorded:  # (args.json records the packed sequences since 2026-12-05)
             raise ValueError(f"--resume of the run in {out}, started by an earlier ecomla whose training may differ from "
                              "this one's (which chat tokens count, the loss per token of a batch), and which recorded no "
@@ -585,7 +595,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     if main:
         atomic_write(train_dir / "args.json", json.dumps({**cfg.recorded(), "steps": steps, "world_size": world,
                                                           "data_files": fingerprint_sources(cfg.data),
-                                                          "data_digest": digest}, indent=1))
+                                                          "data_digest": digest,
+                                                          "training_version": TRAINING_VERSION}, indent=1))
         kept = []
         if log_path.is_file() and start_step:  # drop rows past the checkpoint: they are re-run (from step 0: all,
             fix = "start the run again with --overwrite"  # the held-out evaluation before training too)
