@@ -321,6 +321,23 @@ def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refuse
     assert not (tmp_path / "c").exists()
 
 
+def test_a_conversion_says_what_the_statistics_cache_holds(tmp_path):
+    """The cache grows by a set of statistics per model and calibration text (an 8B model's: 4 GiB) and ecomla never
+    removes one: each conversion that uses it says where its set is, and how many sets and bytes the cache holds."""
+    src, text = source_dir(tmp_path, "llama")
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache=str(tmp_path / "cache"))
+    for n, (calib_tokens, out) in enumerate(((512, "a"), (256, "b"), (256, "c")), 1):
+        logs = []
+        streamed(src, dataclasses.replace(options, calib_tokens=calib_tokens), tmp_path / out, logs)
+        sets = sorted((tmp_path / "cache").glob("cov-*"))
+        mib = sum(f.stat().st_size for d in sets for f in d.glob("layer-*.pt")) / 2**20
+        note, = [x for x in logs if str(x).startswith("calibration statistics cached in")]
+        assert f"the cache holds {min(n, 2)} set(s), {mib:.1f} MiB in all" in note and len(sets) == min(n, 2)
+    logs = []
+    streamed(src, dataclasses.replace(options, calib_cache="none"), tmp_path / "d", logs)
+    assert not [x for x in logs if "calibration statistics cached" in str(x)]
+
+
 def test_a_cache_given_with_a_tilde_is_written_in_the_home_folder(tmp_path, monkeypatch):
     """`$ECOMLA_CACHE=~/...` (a Dockerfile's ENV, a .env file) or `--calib-cache=~/...` passed the check as the home
     folder's, then was written to a folder literally named '~' under the working directory: inside the source

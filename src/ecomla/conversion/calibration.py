@@ -321,6 +321,17 @@ class CovarianceStore:
             return None
 
 
+def cache_note(folder: Path) -> str:
+    """One line on the calibration cache after `folder` (one set of statistics) was used: its size and the whole
+    cache's. ecomla never removes a set (an 8B model's is 4 GiB: 32 layers of 4096^2 float64)."""
+    size = lambda d: sum(f.stat().st_size for f in d.glob("layer-*.pt"))  # noqa: E731
+    sets = [d for d in folder.parent.glob("cov-*") if d.is_dir()]
+    total = sum(size(d) for d in sets)
+    return (f"calibration statistics cached in {folder} ({size(folder) / 2**20:.1f} MiB; the cache holds {len(sets)} "
+            f"set(s), {total / 2**20:.1f} MiB in all, never removed by ecomla: delete the cov-* folders you no longer "
+            "need, or convert with --calib-cache none to keep none)")
+
+
 class InMemoryStore(dict):
     """`CovarianceStore`'s interface over a dict {layer: covariance} (a conversion in memory)."""
 
@@ -370,4 +381,4 @@ def cached_covariance(model, input_ids: torch.Tensor, cache_dir: str | Path | No
 
 __all__ = ["CALIB_SEQ_LEN", "read_text", "file_calibration_ids", "sampled_calibration_ids", "calibration_ids",
            "attention_input_covariance", "cached_covariance", "stats_key", "default_cache_dir", "CovarianceStore",
-           "LayerStream", "causal_mask", "cache_store", "InMemoryStore"]
+           "LayerStream", "causal_mask", "cache_store", "cache_note", "InMemoryStore"]

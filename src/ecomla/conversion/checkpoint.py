@@ -34,7 +34,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_generation_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
-    from .calibration import calibration_ids, check_sampling_affordable, default_cache_dir
+    from .calibration import cache_note, calibration_ids, check_sampling_affordable, default_cache_dir
     from .plan import build_config, resolve
     from .stream import in_memory_weights, streaming_source, write_conversion, written_bytes
 
@@ -93,13 +93,15 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     del model
     with atomic_output_dir(options.out, options.overwrite, inputs, log, kind="convert",
                            overwrite_kind=options.overwrite_kind) as tmp:
-        write_conversion(weights, plan, ids, {"calibration": source, **choices} if source else choices, tmp,
-                         dtype=dtype, key_config=key_config, device=device, calib_cache=options.calib_cache,
-                         stages=stages)
+        cached = write_conversion(weights, plan, ids, {"calibration": source, **choices} if source else choices, tmp,
+                                  dtype=dtype, key_config=key_config, device=device, calib_cache=options.calib_cache,
+                                  stages=stages)
         if tok is not None:
             tok.save_pretrained(tmp)
         if generation is not None:  # the source's EOS tokens and sampling defaults (the config's single EOS was kept)
             generation.save_pretrained(tmp)
+    if cached is not None:
+        log(cache_note(cached))
     log(f"saved {options.out} (load with AutoModelForCausalLM.from_pretrained after `import ecomla`, "
         "or with trust_remote_code=True)")
     return Path(options.out).expanduser()

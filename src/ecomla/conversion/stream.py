@@ -413,11 +413,11 @@ def written_bytes(plan: ConversionPlan, config, out, dtype: torch.dtype, calib_c
 
 def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, choices: dict, out: Path, *,
                      dtype: torch.dtype, key_config, device="cpu", calib_cache: str | None = None, stages=None,
-                     progress: bool = True) -> None:
+                     progress: bool = True) -> Path | None:
     """Write the conversion `plan` describes into folder `out` (config, ecomla's code, weight shards written tensor
     by tensor; the caller adds the tokenizer and publishes `out` atomically). `calib_cache`: as `ecomla convert
     --calib-cache` (None: the default cache, keyed by `key_config` and the weights; "none": a staging folder
-    inside `out`, removed before it returns)."""
+    inside `out`, removed before it returns). Returns the cache folder that holds the statistics, if any."""
     stages = stages or (lambda stage: None)
     staging = out / ".calibration-statistics"
     store = None
@@ -438,6 +438,7 @@ def write_conversion(weights, plan: ConversionPlan, ids: torch.Tensor | None, ch
 
         shutil.rmtree(staging)
     stages("SVD init and writing")
+    return store.folder if store is not None and calib_cache != "none" else None
 
 
 def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids: torch.Tensor | None = None,
