@@ -1,6 +1,7 @@
 """ecomla dpo (TRL, explicit frozen reference) and ecomla run (the main job from a recipe)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -171,9 +172,28 @@ def test_dpo_resumes_past_a_checkpoint_cut_short(student, tmp_path, monkeypatch)
     tokens = {h["step"]: h["num_tokens"] for h in json.loads((state / "log_history.json").read_text()) if "num_tokens" in h}
     assert spent(tmp_path / "o")["tokens"] == tokens[2] + tokens[4] > tokens[4]
     assert spent(tmp_path / "o")["train_seconds"] > 0
-    # a finished run trains no more: its resume is not refused for want of the pairs' fingerprint
+    # a finished run trains no more (the Trainer resumed at its last step trained one past it, wrote checkpoint-5 and
+    # added its tokens): a resume publishes the last checkpoint as it is, also where the run stopped before publishing;
+    # it is not refused for want of the pairs' fingerprint
+    from safetensors.torch import load_file
+
+    published, history = load_file(tmp_path / "o" / "model.safetensors"), json.loads((state / "log_history.json").read_text())
     args.write_text(json.dumps({k: v for k, v in json.loads(args.read_text()).items() if k != "pairs_digest"}))
-    dpo(DPOOptions(**options, resume=True), log=lambda *a: None)
+    for stopped_before_publishing in (False, True):
+        if stopped_before_publishing:
+            shutil.rmtree(tmp_path / "o")
+            (state / "ecomla_spent.json").unlink()
+        lines = []
+        dpo(DPOOptions(**options, resume=True), log=lines.append)
+        assert any("checkpoint-4 holds the run's last step: nothing more to train" in x for x in lines)
+        assert sorted(p.name for p in state.glob("checkpoint-*")) == ["checkpoint-4"]
+        assert spent(tmp_path / "o")["tokens"] == tokens[2] + tokens[4]
+        steps = lambda h: [r["step"] for r in h if "loss" in r]  # noqa: E731
+        now = json.loads((state / "log_history.json").read_text())
+        assert steps(now) == steps(history) == [1, 2, 3, 4] and now[-1]["train_loss"] == pytest.approx(history[-1]["train_loss"])
+        assert load_file(tmp_path / "o" / "model.safetensors").keys() == published.keys()
+        for k, v in load_file(tmp_path / "o" / "model.safetensors").items():
+            assert torch.equal(v, published[k]), k
 
 
 def test_the_dpo_row_of_a_run_report_counts_dpo(tmp_path):

@@ -290,6 +290,7 @@ def spent_recording_trainer():
 
 
 def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, max_length: int, log) -> None:
+    import math
     import time
 
     import datasets
@@ -343,15 +344,26 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     if known:
         trainer.write_spent = lambda folder: atomic_write(folder / SPENT, so_far())
     (state / SPENT).unlink(missing_ok=True)  # a finished run's, before this one goes on
-    trainer.train(resume_from_checkpoint=last)
-    if known:
-        atomic_write(state / SPENT, so_far())
-    history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
+    ended = last and read_json(Path(last) / "trainer_state.json", "a DPO checkpoint's trainer state",
+                               f"resume from another checkpoint (remove {last})")
+    if ended and ended.get("global_step", 0) >= ended.get("max_steps", math.inf) > 0:
+        # the run's last step (stopped while publishing, or finished): the Trainer would train one step past its end
+        log(f"[ecomla dpo] {Path(last).name} holds the run's last step: nothing more to train; publishing it")
+        trained = type(trainer.model).from_pretrained(last, dtype=torch.float32)
+        history = whole_run_train_loss(ended["log_history"] + [{"train_loss": None, "step": ended["global_step"]}])
+        if known:
+            atomic_write(state / SPENT, json.dumps(before))
+    else:
+        trainer.train(resume_from_checkpoint=last)
+        if known:
+            atomic_write(state / SPENT, so_far())
+        trained = trainer.model
+        history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
     atomic_write(state / "log_history.json", json.dumps(history, indent=1))
-    bad = [n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in trained.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         raise ValueError(f"[ecomla dpo] training diverged: {len(bad)} weight tensors hold non-finite values (e.g. "
                          f"{bad[0]}; logged losses {losses[-3:]}); nothing was published to {out}. Likely cause: "
                          f"the learning rate (--lr {args.lr:g}) or --beta {args.beta:g}; start again with a lower --lr")
-    save_checkpoint(trainer.model, tok, out, overwrite=True, inputs=inputs, kind="dpo", overwrite_kind=args.overwrite_kind)
+    save_checkpoint(trained, tok, out, overwrite=True, inputs=inputs, kind="dpo", overwrite_kind=args.overwrite_kind)
