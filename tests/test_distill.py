@@ -405,10 +405,18 @@ def _train_rows(out):
 
 
 def test_distill_lowers_heldout_kl_and_saves_a_loadable_model(models, tmp_path):
+    """...and its files readable as the umask says: transformers writes model.safetensors through a temporary of
+    its own, mode 0600, and distillation and alignment published it so (unreadable to a server's user)."""
     from ecomla.training.distill import distill
     from ecomla.sources import load_model
 
-    summary = distill(_cfg(models, tmp_path / "run", tokens=12 * 2 * 32), log=lambda *a: None)
+    umask = os.umask(0o022)
+    try:
+        summary = distill(_cfg(models, tmp_path / "run", tokens=12 * 2 * 32), log=lambda *a: None)
+    finally:
+        os.umask(umask)
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert oct((tmp_path / "run" / f).stat().st_mode)[-3:] == "644", f
     assert summary["after"]["heldout_kl"] < summary["before"]["heldout_kl"]
     model, tok = load_model(str(tmp_path / "run"))
     assert type(model).__name__ == "EcoMLAForCausalLM" and tok is not None

@@ -685,6 +685,16 @@ def signals_deferred():
             signal.raise_signal(caught[0])
 
 
+def as_umask_makes(folder: Path) -> None:
+    """Give the files under `folder` the permissions the umask gives new files: some writers' own temporaries leave
+    them 0600 (transformers' model.safetensors), unreadable to a server running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~umask)
+
+
 @contextmanager
 def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, log=None, *, kind: str = "convert",
                       overwrite_kind: str | None = None):
@@ -701,9 +711,7 @@ def atomic_output_dir(out, overwrite: bool = False, inputs: dict | None = None, 
         try:
             with disk_errors(out):
                 yield tmp
-            for f in tmp.rglob("*"):  # as the umask makes files: some writers' own temporaries leave them 0600
-                if f.is_file() and not f.is_symlink():  # (transformers' model.safetensors), unreadable to a server
-                    f.chmod(0o666 & ~umask)
+            as_umask_makes(tmp)
             record(tmp, kind)
             check_output(out, inputs, overwrite, kind=kind, overwrite_kind=overwrite_kind, clean=False)
             if _nonempty_dir(out):

@@ -36,9 +36,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..io import (ACCELERATE_CHECKPOINT, atomic_write, check_free_space, check_output, check_unchanged_sources,
-                  claim, clear_run_dir, disk_errors, fingerprint_sources, mark, read_json, read_log, record, step_folders,
-                  unknown_files)
+from ..io import (ACCELERATE_CHECKPOINT, as_umask_makes, atomic_write, check_free_space, check_output,
+                  check_unchanged_sources, claim, clear_run_dir, disk_errors, fingerprint_sources, mark, read_json,
+                  read_log, record, step_folders, unknown_files)
 from ..options import DTYPES, TrainOptions
 
 # The version of the training step's arithmetic (the loss, its weighting over a batch, the schedule): bump it with
@@ -309,6 +309,7 @@ def _publish_model(lm, tokenizer, out: Path, kind: str) -> None:
         lm.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        as_umask_makes(tmp)
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
         record(out, kind, files, read_from=tmp)
         for f in files:
