@@ -36,6 +36,17 @@ def test_hybrid_greedy_generate_same_with_and_without_cache_and_cache_holds_late
             assert layer.keys.shape == layer.values.shape == (2, cfg.num_key_value_heads, seen, cfg.head_dim)
 
 
+def test_generate_from_input_embeddings_as_the_original_does(hybrid):
+    """Soft prompts: `generate(inputs_embeds=...)` was refused for every converted model (the longrope override of
+    prepare_inputs_for_generation hid `inputs_embeds` from transformers' signature check); the original runs it."""
+    ids = torch.randint(1, 128, (2, 7))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        from_ids = hybrid.generate(ids, **kw)
+        from_embeddings = hybrid.generate(inputs_embeds=hybrid.get_input_embeddings()(ids), **kw)
+    assert torch.equal(from_embeddings, from_ids[:, ids.shape[1]:])  # (only the new tokens, as transformers returns)
+
+
 def test_cached_decoding_applies_what_wraps_kv_b_proj(hybrid):
     """A PEFT LoRA on kv_b_proj (fine-tuning a converted model) and a dynamically quantized Linear: decoding from the
     latent cache read kv_b_proj.weight, so it dropped the adapter (step-1 logits 1.2 relative off, other tokens) and

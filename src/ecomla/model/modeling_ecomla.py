@@ -83,17 +83,19 @@ class EcoMLAForCausalLM(EcoMLAPreTrainedModel, LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, inputs_embeds=None, **kwargs):
         """As Phi3ForCausalLM: longrope rotates with its short factors up to original_max_position_embeddings and
         with its long ones past it, so the keys cached before that point are recomputed once when a generation
-        crosses it (a converted Phi-3-mini-128k or Phi-3.5 kept decoding on short-factor keys)."""
+        crosses it (a converted Phi-3-mini-128k or Phi-3.5 kept decoding on short-factor keys). `inputs_embeds` is
+        named: transformers reads this signature to allow `generate(inputs_embeds=...)`."""
         rope = self.config.rope_parameters or {}
         limit = rope.get("original_max_position_embeddings")
         if (cache is not None and rope.get("rope_type") == "longrope" and limit
                 and input_ids.shape[1] >= limit + 1 and cache.get_seq_length() <= limit):
             cache = None
             kwargs["next_sequence_length"] = None
-        return super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
+        return super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask,
+                                                     inputs_embeds=inputs_embeds, **kwargs)
 
 
 __all__ = ["EcoMLAPreTrainedModel", "EcoMLAModel", "EcoMLAForCausalLM", "QKNormAttention"]
