@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from conftest import TINY_TEXT, randomized, tiny_llama, tiny_tokenizer
-from ecomla import ConvertOptions, convert, load_model
+from ecomla import ConvertOptions, GenerateOptions, convert, load_model
 from ecomla.conversion import stream
 from ecomla.conversion.checkpoint import convert_checkpoint
 from test_families import tiny_phi3, tiny_qwen2, tiny_qwen3
@@ -467,12 +467,31 @@ def test_convert_in_python_names_what_a_wrong_argument_should_be_and_keeps_the_u
                                "convert() keeps the model's dtype (float32); ConvertOptions.dtype='bf16'")):
         with pytest.raises(error, match=re.escape(says)):
             convert(*args, progress=False)
+    ids = torch.randint(0, 128, (2, 16))  # calibration ids: (batch, tokens) integer ids below the vocabulary's
+    for bad, got in ((ids[0], "got shape (16,)"), (ids.tolist(), "got a list"), (ids.float(), "torch.float32 tensor"),
+                     (ids + 128, "below the vocabulary's 128 (tokenizer(texts, return_tensors='pt').input_ids), got "
+                                 "ids from")):  # (were errors deep in transformers, or an AttributeError)
+        with pytest.raises(ValueError, match=re.escape(got)):
+            convert(model, ConvertOptions(kv_ratio=4), progress=False, calibration_ids=bad)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     convert(model, ConvertOptions(kv_ratio=4), progress=False)  # calibrated on text the model samples
     assert torch.equal(torch.rand(3), expected)
     tiny_model_dir(tmp_path / "m")
+    # so do convert_checkpoint (timing a product before sampling drew from the global generator) and generation
+    torch.manual_seed(123)
+    convert_checkpoint(ConvertOptions(str(tmp_path / "m"), kv_ratio=4, calib_tokens=256, calib_cache="none",
+                                      out=str(tmp_path / "mla")), log=lambda *a: None)
+    GenerateOptions(str(tmp_path / "mla"), prompt="the cat", max_new_tokens=3, sample=True, device="cpu").run()
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(TypeError, match=r"options must be a ConvertOptions \(ConvertOptions\(source="):
+        convert_checkpoint({"source": str(tmp_path / "m")})
+    for source in (123, None):
+        with pytest.raises(TypeError, match="give a model's name, folder or file"):
+            load_model(source)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):  # before the weights load
+        load_model(tmp_path / "m", device="gpu")
     assert next(load_model(tmp_path / "m", dtype="bf16", tokenizer=False)[0].parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype 'bfloat': give a torch dtype, 'auto' or one of"):
         load_model(tmp_path / "m", dtype="bfloat")

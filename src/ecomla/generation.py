@@ -38,11 +38,12 @@ def generate(options: GenerateOptions, log=print) -> str:
                          f"{positions} positions: choose --max-new-tokens {positions - prompt} at most, or a shorter prompt")
     model, _ = load_model(o.model, dtype=getattr(torch, DTYPES[o.dtype]), device=device, tokenizer=False)
     inputs = inputs.to(device)
-    torch.manual_seed(o.seed)
     streamer = TextStreamer(tok, skip_prompt=o.chat, skip_special_tokens=True)
     gen = dict(max_new_tokens=o.max_new_tokens, do_sample=o.sample, streamer=streamer,
                pad_token_id=tok.pad_token_id or tok.eos_token_id, cache_implementation=o.cache)
     if o.sample:
         gen.update(temperature=o.temperature, top_p=o.top_p)
-    ids = model.generate(**inputs, **gen)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(o.seed)  # the caller's generator is left as it was
+        ids = model.generate(**inputs, **gen)
     return tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -307,6 +308,13 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
 
     from .options import DTYPES
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_model(source): give a model's name, folder or file (str or Path), got {source!r}")
+    if device is not None:  # named now, not after the weights load
+        try:
+            resolve_device(str(torch.device(device)))
+        except RuntimeError:
+            raise ValueError(f"device {device!r} is not a torch device: give cpu, cuda, cuda:N or mps") from None
     if isinstance(dtype, str) and dtype != "auto":
         if dtype.removeprefix("torch.") not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: give a torch dtype, 'auto' or one of {', '.join(DTYPES)}")

@@ -177,7 +177,8 @@ def check_sampling_affordable(config, tokens: int, dtype: torch.dtype, log=print
 
     params = sum(p.numel() for p in model_skeleton(config).parameters())
     steps = (seq_len - 1) * -(-max(1, tokens // seq_len) // batch_size)
-    x, w = torch.randn(batch_size, 2048, dtype=dtype), torch.randn(2048, 8192, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # (the caller's generator is left as it was)
+    x, w = (torch.randn(shape, generator=gen, dtype=dtype) for shape in ((batch_size, 2048), (2048, 8192)))
     x @ w  # warm-up
     start, reps = time.perf_counter(), 5
     for _ in range(reps):

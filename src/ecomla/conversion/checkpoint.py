@@ -13,6 +13,9 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
     `ecomla run` call this. Every check runs before any weight loads; nothing is written on error."""
     from ..io import check_side_output, claimed_output
 
+    if not isinstance(options, ConvertOptions):
+        raise TypeError(f"convert_checkpoint(options): options must be a ConvertOptions (ConvertOptions(source=..., "
+                        f"out=..., **settings)), got {type(options).__name__}")
     if options.source is None:
         raise ValueError("give the SOURCE model to convert")
     if options.calib and not Path(options.calib).is_file():

@@ -467,6 +467,15 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
     if conv.calib and tokenizer is None and calibration_ids is None:
         raise ValueError(f"convert(model, ConvertOptions(calib={conv.calib!r})) reads that file with the model's "
                          "tokenizer: pass tokenizer= (ecomla.load_model returns it beside the model)")
+    if calibration_ids is not None:
+        ids, vocab = calibration_ids, model.config.vocab_size
+        got = (f"a {type(ids).__name__}" if not isinstance(ids, torch.Tensor) else
+               f"a {ids.dtype} tensor" if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool else
+               f"shape {tuple(ids.shape)}" if ids.ndim != 2 or not ids.numel() else
+               f"ids from {int(ids.min())} to {int(ids.max())}" if ids.min() < 0 or ids.max() >= vocab else None)
+        if got:
+            raise ValueError(f"calibration_ids must be a (batch, tokens) integer tensor of token ids below the "
+                             f"vocabulary's {vocab} (tokenizer(texts, return_tensors='pt').input_ids), got {got}")
     check_supported(model.config, type(model).__name__)
     return upcycle(model, resolve(conv, model.config), progress, calibration_ids, covariance, tokenizer)
 
