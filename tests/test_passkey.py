@@ -46,6 +46,29 @@ def test_the_original_smollm2_finds_the_key_and_a_random_model_does_not(smollm2)
         assert passkey_accuracy(tiny, tiny_tok, text, [240], [0.5], trials=2)[0]["accuracy"] == 0.0
 
 
+def test_every_model_sees_the_same_key_at_a_context_whichever_contexts_it_skips(monkeypatch):
+    """Keys were drawn from one generator as the contexts were tested: a model that skipped a context listed first
+    (beyond its positions) saw other keys at every later one. Each context's keys are drawn, tested or not (in the
+    default ascending order the keys are those drawn before)."""
+    import random
+
+    import ecomla.evaluation.passkey as passkey
+    from conftest import tiny_llama
+
+    tok, seen = tiny_tokenizer(), []
+    real = passkey.passkey_prompt
+    monkeypatch.setattr(passkey, "passkey_prompt", lambda *a: seen.append((a[2], a[4])) or real(*a))
+    for positions in (512, 280):  # 300 fits the first model only
+        model = tiny_llama(layers=1, vocab_size=tok.vocab_size)
+        model.config.max_position_embeddings = positions  # (rotary positions are computed, not a table)
+        passkey_accuracy(model, tok, TINY_TEXT * 10, [300, 250], [0.0, 1.0], seed=3, max_new_tokens=2)
+    first, second = seen[:4], seen[4:]
+    assert [c for c, _ in first] == [300, 300, 250, 250] and [c for c, _ in second] == [250, 250]
+    assert second == first[2:]
+    rng = random.Random(3)
+    assert [k for _, k in first] == [rng.randint(10000, 99999) for _ in range(4)]
+
+
 def test_eval_reports_passkey_per_context_and_skips_contexts_beyond_the_model(tmp_path, capsys):
     from ecomla.cli import main
 

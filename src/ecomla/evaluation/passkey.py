@@ -82,11 +82,16 @@ def passkey_accuracy(model, tokenizer, filler_text: str, contexts: list[int], de
     max_len = getattr(model.config, "max_position_embeddings", None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, hits, total = [], 0, 0
-    for context in fitting_contexts(contexts, max_len, max_new_tokens):  # beyond the positions: no retrieval test
+    fits = set(fitting_contexts(contexts, max_len, max_new_tokens))  # beyond the positions: no retrieval test
+    for context in contexts:
+        # every context's keys are drawn, tested or not: a model that skips one sees the others' keys all the same
+        keys = [[rng.randint(10000, 99999) for _ in range(trials)] for _ in depths]
+        if context not in fits:
+            continue
         right = 0
-        for depth in depths:
-            for _ in range(trials):
-                p = passkey_prompt(tokenizer, filler, context, depth, rng.randint(10000, 99999))
+        for depth, depth_keys in zip(depths, keys):
+            for key in depth_keys:
+                p = passkey_prompt(tokenizer, filler, context, depth, key)
                 ids = torch.tensor([p.ids], device=model.device)
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      do_sample=False, pad_token_id=pad)
