@@ -213,6 +213,14 @@ def test_the_dpo_row_of_a_run_report_counts_dpo(tmp_path):
     (tmp_path / "dpo.dpo-state" / "ecomla_spent.json").write_text(json.dumps({"tokens": 40, "train_seconds": 2.0}))
     rows, _ = _report_rows({"model": "m", "out": str(tmp_path)}, steps, 8, 4)
     assert (rows[-1]["train_tokens"], rows[-1]["train_seconds"]) == (140, 7.0)
+    # a distillation without a held-out set (eval_fraction 0) lost its row, and with it its evaluation scores; the
+    # original's held-out KL read 0 though nothing was measured
+    summary = json.loads((tmp_path / "distilled" / "training" / "summary.json").read_text())
+    (tmp_path / "distilled" / "training" / "summary.json").write_text(json.dumps({**summary, "before": None, "after": None,
+                                                                                "heldout_sequences": 0}))
+    rows, _ = _report_rows({"model": "m", "out": str(tmp_path)}, steps, 8, 4)
+    assert [r["model"] for r in rows] == ["original", "converted", "distilled", "dpo"]
+    assert not any("heldout_kl" in r for r in rows) and rows[2]["train_tokens"] == 100
 
 
 def test_run_recipe_end_to_end(tmp_path, monkeypatch):

@@ -441,6 +441,25 @@ def test_data_align_and_distill_share_is_checked_once_before_step_one(lab, tmp_p
         assert calls == [data] * reads
 
 
+def test_a_dpo_section_without_data_and_a_train_section_no_stage_reads_are_refused_before_step_one(lab, tmp_path):
+    """`dpo:` without `data` ended in a TypeError traceback; `train:` beside DPO alone (TRL's loop, its own settings)
+    went unused without a word while the report listed it."""
+    from ecomla.pipeline import run_recipe
+
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    base = {"model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"}}
+    for recipe, message in (({**base, "dpo": {"max_steps": 1}}, "recipe section 'dpo': give data (--data)"),
+                            ({**base, "dpo": None}, "recipe section 'dpo': give data (--data)"),
+                            ({**base, "train": {"lr": 0.5}, "dpo": {"data": str(prefs)}},
+                             "recipe section 'train' holds settings for align and distill (ecomla's training loop), and "
+                             "this recipe has neither; DPO (TRL's loop) takes its own: put them in the 'dpo' section")):
+        with pytest.raises(ValueError) as err:
+            run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
+        assert message in str(err.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "r.yaml"]
+
+
 def test_a_recipe_tokenizes_its_data_once_for_the_check_and_every_stage(lab, tmp_path, monkeypatch):
     """Read in the check before step one, then by align, then by distill: three tokenizations of one corpus (for a
     large chat corpus, minutes each). Now once in the process."""
@@ -716,6 +735,42 @@ def test_a_recipe_reruns_a_step_whose_input_files_changed(lab, tmp_path):
     assert f"convert: {tmp_path / 'out' / 'converted'} was made with other options" in text
     assert f"input {model} changed" in text
     assert f"distill: {tmp_path / 'out' / 'distilled'} was made with other options" in text  # its teacher is the model
+
+
+def test_a_step_whose_input_was_remade_by_a_run_that_left_it_out_is_made_again(lab, tmp_path):
+    """convert + distill, then the recipe with another rank and no distill (convert remade), then with distill again:
+    the distilled model trained from the rank-8 conversion was kept ("already done") beside a rank-4 conversion, and
+    the report mixed them. Each step records the output it was made from; remade since, the step is made again.
+    A record from before 2026-12-05 (none of that) is taken as made from today's, and completed."""
+    from ecomla.pipeline import run_recipe
+
+    base = {"model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8, "init": "xecomla"},
+            "distill": {"data": [str(lab / "text.txt")], "tokens": 64, "seq_len": 32, "batch_size": 2, "eval_every": 0}}
+    rank = lambda out: json.loads((tmp_path / "out" / out / "config.json").read_text())["kv_lora_rank"]  # noqa: E731
+    run_recipe(write_recipe(tmp_path / "a.yaml", base), log=lambda *a: None)
+    steps = tmp_path / "out" / "steps.json"
+    old = json.loads(steps.read_text())
+    without = {k: v for k, v in base.items() if k != "distill"}
+    run_recipe(write_recipe(tmp_path / "b.yaml", {**without, "convert": {"kv_rank": 4, "init": "xecomla"}}),
+               log=lambda *a: None)
+    assert (rank("converted"), rank("distilled")) == (4, 8)
+    lines = []
+    run_recipe(write_recipe(tmp_path / "c.yaml", {**base, "convert": {"kv_rank": 4, "init": "xecomla"}}), log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "convert: already done" in text and "the output it was made from" in text, text
+    assert (rank("converted"), rank("distilled")) == (4, 4)
+    lines = []
+    run_recipe(tmp_path / "c.yaml", log=lines.append)
+    assert sum("already done" in str(x) for x in lines) == 2, lines
+    # an earlier ecomla's record: no `made_from`; skipped as before, then completed with what it is made from now
+    record = json.loads(steps.read_text())
+    steps.write_text(json.dumps({k: ({n: x for n, x in v.items() if n != "made_from"} if isinstance(v, dict) else v)
+                                 for k, v in record.items()}))
+    lines = []
+    run_recipe(tmp_path / "c.yaml", log=lines.append)
+    assert sum("already done" in str(x) for x in lines) == 2, lines
+    assert json.loads(steps.read_text())["distill"]["made_from"] == record["distill"]["made_from"]
+    assert "made_from" not in old["convert"] and "made_from" in old["distill"]
 
 
 def test_a_rerun_reports_its_own_recipe_scored_and_drawn(lab, tmp_path, monkeypatch):

@@ -116,12 +116,16 @@ class Step:
     options: Options
     out: Path
     reads: list  # what the step reads besides the previous step's output: a changed file reruns it
+    after: Path | None = None  # the previous step's output, which it starts from: remade since, it reruns
 
     def recorded(self) -> dict:
         from .io import fingerprint_sources
 
         made = {k: v for k, v in self.options.recorded().items() if k not in RUN_SWITCHES}
-        return {**made, "inputs": fingerprint_sources([r for r in self.reads if r])}
+        made["inputs"] = fingerprint_sources([r for r in self.reads if r])
+        if self.after is not None:  # (its files; keyed by nothing: `out` is recorded relative, then absolute)
+            made["made_from"] = next(iter(fingerprint_sources([self.after]).values()))
+        return made
 
 
 def what_it_makes(step: Step, recorded: dict) -> dict:
@@ -132,18 +136,20 @@ def what_it_makes(step: Step, recorded: dict) -> dict:
     again from a relative `out` redid every step)."""
     kept = {f.name for f in dataclasses.fields(step.options) if f.metadata.get("resume_must_match")}
     made = {k: v for k, v in recorded.items() if k != "out"}
-    return {k: v for k, v in made.items() if k in kept or k == "inputs"} if kept else made
+    return {k: v for k, v in made.items() if k in kept or k in ("inputs", "made_from")} if kept else made
 
 
 def as_recorded_now(step: Step, before: dict, now: dict) -> dict:
     """A record an earlier ecomla wrote (`before`), as today's (`now`) records it: an option added since, absent
     from it, was at its default (what the code did before the option existed); one since removed that held nothing
     is left out (a run folder made before convert's `device` option was made again from its first step, saying no
-    reason)."""
+    reason). A record without `made_from` (before 2026-12-05) is taken as made from the output there now."""
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(step.options)
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     added = {k: defaults[k] for k in now if k not in before and k in defaults}
+    if "made_from" in now and "made_from" not in before:
+        added["made_from"] = now["made_from"]
 
     def empty(v):  # (0 == False: a removed option that held 0 held something)
         return v is None or v is False or isinstance(v, (dict, list, str)) and not v
@@ -155,7 +161,9 @@ def differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for each recorded option that changed; changed input files by name."""
     diffs = [f"{k}: {v!r} -> (no longer an option)" for k, v in old.items() if k not in new]
     for k, v in new.items():
-        if k == "inputs":
+        if k == "made_from":
+            diffs.append("the output it was made from was made again since")
+        elif k == "inputs":
             before = old.get(k) or {}
             changed = sorted(p for p in {*before, *v} if before.get(p) != v.get(p))
             diffs += [f"input {p} changed" for p in changed[:3]] + ([f"{len(changed) - 3} more inputs"] if len(changed) > 3 else [])
@@ -199,24 +207,33 @@ def plan(recipe: dict) -> tuple[list[Step], EvalOptions | None]:
     """Every section as its options object (all checked now, before any work), in run order."""
     out, model = Path(str(recipe["out"])), str(recipe["model"])
     shared = shared_training(recipe)
+    if shared and recipe.get("align") is None and recipe.get("distill") is None:  # (it went unused, silently)
+        raise ValueError("recipe section 'train' holds settings for align and distill (ecomla's training loop), and "
+                         "this recipe has neither" + ("; DPO (TRL's loop) takes its own: put them in the 'dpo' section"
+                                                      if recipe.get("dpo") is not None else ""))
     convert = ConvertOptions.from_dict(recipe["convert"], "recipe section 'convert'", source=model,
                                        out=str(out / "converted"), overwrite=True)
     steps = [Step("convert", convert, out / "converted", [model, convert.calib])]
     if recipe.get("align") is not None:  # the original model is this stage's teacher, whatever distill's is
         o = AlignOptions.from_dict(_stage(recipe, "align", shared), "recipe section 'align'", student=str(steps[-1].out),
                                    teacher=model, out=str(out / "aligned"), resume=True)
-        steps.append(Step("align", o, out / "aligned", [o.teacher, *o.data]))
+        steps.append(Step("align", o, out / "aligned", [o.teacher, *o.data], steps[-1].out))
     if recipe.get("distill") is not None:
         sec = _stage(recipe, "distill", shared)
         if isinstance(sec, dict):
             sec.setdefault("teacher", model)
         o = DistillOptions.from_dict(sec, "recipe section 'distill'", student=str(steps[-1].out),
                                      out=str(out / "distilled"), resume=True)
-        steps.append(Step("distill", o, out / "distilled", [o.teacher, *o.data]))
+        steps.append(Step("distill", o, out / "distilled", [o.teacher, *o.data], steps[-1].out))
     if recipe.get("dpo") is not None:
         o = DPOOptions.from_dict(recipe["dpo"], "recipe section 'dpo'", model=str(steps[-1].out), out=str(out / "dpo"),
                                  resume=True)
-        steps.append(Step("dpo", o, out / "dpo", [o.data, o.ref_model]))
+        steps.append(Step("dpo", o, out / "dpo", [o.data, o.ref_model], steps[-1].out))
+    for step in steps:  # what a stage cannot run without (DPO's data), named now, not as a traceback at its turn
+        try:
+            step.options.require()
+        except ValueError as err:
+            raise ValueError(f"recipe section '{step.name}': {err}") from None
     evaluation = None
     if recipe.get("eval") is not None:
         models = [model, *[str(s.out) for s in steps]]
@@ -390,6 +407,9 @@ def run_steps(steps: list[Step], record_path: Path, log=print, launch: Launch | 
             if launch.main and step.name not in made:  # a folder from before steps.json: recorded as it stands, so
                 made[step.name] = step.recorded()  # a later record (the eval's) does not make it look unmade
                 atomic_write(record_path, json.dumps(made, indent=1))
+            elif launch.main and step.after is not None and "made_from" not in made[step.name]:  # (before 2026-12-05)
+                made[step.name] = {**made[step.name], "made_from": step.recorded()["made_from"]}
+                atomic_write(record_path, json.dumps(made, indent=1))
             continue
         if decision["why"]:
             log(f"[ecomla run] {step.name}: {step.out} was made with other options; {decision['why']}: making it again")
@@ -512,8 +532,9 @@ def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -
     names = {s.name for s in steps}
     summary = read("distilled") if "distill" in names else {}
     aligned = read("aligned") if "align" in names else {}
-    if summary or aligned:
-        rows[0].update(heldout_kl=0.0, heldout_ppl=((summary or aligned).get("before") or {}).get("teacher_ppl"))
+    held = next((r["before"] for r in (summary, aligned) if r.get("before")), None)  # (none: eval_fraction 0)
+    if held:
+        rows[0].update(heldout_kl=0.0, heldout_ppl=held.get("teacher_ppl"))
     conv_row = {"model": "converted", "path": str(out / "converted"), "kv_values_per_token": kv_final, "kv_cache": kv_final / kv_orig}
     first = (aligned or summary).get("before")  # the converted model, before any training
     if first:
@@ -524,10 +545,11 @@ def _report_rows(recipe: dict, steps: list[Step], kv_orig: int, kv_final: int) -
         rows.append({"model": "aligned", "path": str(out / "aligned"), "kv_values_per_token": kv_final,
                      "kv_cache": kv_final / kv_orig, **({"heldout_kl": after["heldout_kl"], "heldout_ppl": after["heldout_ppl"]}
                                                          if after else {})})
-    if summary.get("after"):
+    if summary:  # (its held-out measures only where it kept a held-out set)
+        after = summary.get("after")
         rows.append({"model": "distilled", "path": str(out / "distilled"), "kv_values_per_token": kv_final,
-                     "kv_cache": kv_final / kv_orig, "heldout_kl": summary["after"]["heldout_kl"],
-                     "heldout_ppl": summary["after"]["heldout_ppl"]})
+                     "kv_cache": kv_final / kv_orig, **({"heldout_kl": after["heldout_kl"], "heldout_ppl": after["heldout_ppl"]}
+                                                         if after else {})})
     compute = {"aligned": aligned, "distilled": summary}  # each stage's own {"tokens", "train_seconds"}
     if "dpo" in names:
         from .training.dpo import spent as dpo_spent
