@@ -49,6 +49,27 @@ def test_the_command_starts_without_torch_and_still_loads_converted_models(tiny_
     assert proc.returncode == 0 and "| converted |" in proc.stdout, proc.stderr
 
 
+def test_a_reader_that_stops_reading_stdout_leaves_the_work_done_and_written(tiny_dir, tmp_path):
+    """`ecomla eval ... | head -1`: the evaluation ran, then printing its table failed (BrokenPipeError, an OSError, taken
+    for bad input): exit 2 and no results written; `ecomla kv | head` exited 2 too. What is printed after the reader
+    left is dropped; the command finishes, writes its outputs and exits 0. `ecomla --version` answers."""
+    script = str(Path(sys.executable).parent / "ecomla")
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    for argv, written in (([script, "kv", str(tiny_dir)], None),
+                          ([script, "eval", str(tiny_model_dir(tmp_path / "m")), "--ppl-file", str(text), "--ppl-window", "64", "--ppl-stride",
+                            "32", "--dtype", "float32", "--out", str(tmp_path / "ev")], tmp_path / "ev" / "results.json")):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader is gone before the first line (as `| head -0`)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 0 and "error" not in err and "Traceback" not in err, err
+        assert written is None or written.is_file()
+    from ecomla.version import __version__
+
+    proc = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"ecomla {__version__}"
+
+
 def test_head_dims_beyond_the_heads_are_said_to_be_zeros(tiny_dir, tmp_path, capsys):
     """--nope-dim 1000 on 16-dim heads wrote a checkpoint 11x the original's without a word (exact: zeros)."""
     assert main(["convert", str(tiny_dir), "--kv-rank", "16", "--rope-dim", "8", "--nope-dim", "12", "--v-dim", "16",

@@ -79,7 +79,10 @@ def kv(options, log=print) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
     p = argparse.ArgumentParser(prog="ecomla", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"ecomla {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for cls in JOBS:
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
@@ -111,6 +114,36 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+class ReaderGone:
+    """stdout that drops what is written once its reader has gone (`ecomla eval ... | head -1`): the command goes on,
+    writes its outputs and exits 0, where printing raised BrokenPipeError (an OSError, taken for bad input) after the
+    work, before the results were written."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def _call(self, name: str, *args):
+        if not self.gone:
+            try:
+                return getattr(self.stream, name)(*args)
+            except BrokenPipeError:
+                self.gone = True
+                try:  # Python's own flush of stdout at exit must not fail on the pipe either
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+                except (OSError, ValueError):  # (no file descriptor: a test's capture)
+                    pass
+        return len(args[0]) if name == "write" else None
+
+    def write(self, text: str):
+        return self._call("write", text)
+
+    def flush(self):
+        self._call("flush")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 _COMMAND_PID = None  # the process `main` runs in: a child forked from it (lm-eval's bootstrap pool) inherits the handler
 
 
@@ -130,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):  # their default dies at once, leaving the temporaries
         if signal.getsignal(signum) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signum, _terminate)  # (nohup's ignored SIGHUP stays ignored)
+    stdout, sys.stdout = sys.stdout, ReaderGone(sys.stdout)
     try:
         options = cls.from_args(args)
         options.run()
+        sys.stdout.flush()  # (what is still buffered meets a gone reader here, not in Python's exit)
     except user_errors() as err:
         print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -143,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ecomla {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout
     return 0
 
 
