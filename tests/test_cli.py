@@ -70,6 +70,16 @@ def test_a_reader_that_stops_reading_stdout_leaves_the_work_done_and_written(tin
     assert proc.returncode == 0 and proc.stdout.strip() == f"ecomla {__version__}"
 
 
+def test_a_repeated_data_flag_adds_its_files():
+    """`--data a --data b` trained on b alone, without a word (as `--ppl-file`, repeatable, suggests: both)."""
+    from ecomla.cli import build_parser
+
+    for argv, files in ((["--data", "a", "--data", "b"], ["a", "b"]), (["--data", "a", "b", "--data", "c"], ["a", "b", "c"]),
+                        (["--data", "a"], ["a"])):
+        args = build_parser().parse_args(["distill", "s", "--teacher", "t", "--out", "o", *argv])
+        assert args.options_class.from_args(args).data == files
+
+
 def test_head_dims_beyond_the_heads_are_said_to_be_zeros(tiny_dir, tmp_path, capsys):
     """--nope-dim 1000 on 16-dim heads wrote a checkpoint 11x the original's without a word (exact: zeros)."""
     assert main(["convert", str(tiny_dir), "--kv-rank", "16", "--rope-dim", "8", "--nope-dim", "12", "--v-dim", "16",

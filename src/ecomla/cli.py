@@ -43,7 +43,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             kw["action"] = argparse.BooleanOptionalAction if type(None) in typing.get_args(tp) else "store_true"
         elif typing.get_origin(base) is list and not m.get("parse"):
             kw["type"] = typing.get_args(base)[0]
-            kw["action"] = "append" if m.get("append") else "store"
+            kw["action"] = "append" if m.get("append") else "extend"  # (`--data a --data b`: both, not b alone)
             if not m.get("append"):  # a list flag given with no value is a mistake (an empty shell variable), never []
                 kw["nargs"] = m.get("nargs") or "+"
         else:

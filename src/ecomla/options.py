@@ -408,8 +408,8 @@ class TrainOptions(RunOutputOptions):
                               resume_must_match=True)
     teacher: str | None = opt(None, "the original model or a larger one with the same tokenizer", required=True,
                               resume_must_match=True)
-    data: list[str] = opt([], ".txt, .jsonl/.json (text, messages, conversations, alpaca, question/answer); "
-                          "none: data-free (the teacher samples the text)", resume_must_match=True)
+    data: list[str] = opt([], ".txt, .jsonl/.json (text, messages, conversations, alpaca, question/answer), one or more "
+                          "(repeatable); none: data-free (the teacher samples the text)", resume_must_match=True)
     tokens: int = opt(1_000_000, "training token budget (all processes together)", min=1, resume_must_match=True)
     seq_len: int = opt(512, "tokens per training sequence", min=2, resume_must_match=True)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES, resume_must_match=True)
