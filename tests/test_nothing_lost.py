@@ -359,8 +359,8 @@ def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_publishes_nothi
     argv = ["distill", lab / "student", "--teacher", teacher, "--data", lab / "text.txt", "--tokens", "256", "--seq-len",
             "32", "--batch-size", "2", "--eval-fraction", "0", "--save-every", "2", "--out", run]
     assert main([str(a) for a in [*argv, "--stop-after", "2"]]) == 0
-    weights = load_file(teacher / "model.safetensors")  # the teacher breaks: its logits become NaN
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    weights = load_file(teacher / "model.safetensors")  # the teacher breaks: finite weights, logits that overflow
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
     save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
     checkpoint = snapshot(run / "training" / "checkpoints")
     err = refused(capsys, [*argv, "--resume"], "step 3: the training loss is nan (not a finite number): training "
@@ -369,6 +369,18 @@ def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_publishes_nothi
     assert not (run / "config.json").exists() and snapshot(run / "training" / "checkpoints") == checkpoint
     fresh = tmp_path / "fresh"  # nothing to keep: no folder is left
     refused(capsys, [*argv[:-1], fresh], "step 1: the training loss is nan", lab)
+    assert not fresh.exists()
+    # before any step (the held-out evaluation at step 0) the learning rate was blamed too
+    held = [a for a in argv[:-1] if a not in ("--eval-fraction", "0")]
+    err = refused(capsys, [*held, fresh, "--teacher-dtype", "bf16"], "before any training step: the held-out KL is "
+                  "nan (not a finite number): the models' forward overflows on the held-out text; nothing was trained "
+                  "or published: run it with --teacher-dtype float32", lab)
+    assert "--lr" not in err and not fresh.exists()
+    # weights that are not numbers are named when they load: the first evaluation failed as a divergence
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    refused(capsys, [*argv[:-1], fresh], f"the teacher {teacher} holds weights that are not finite numbers (1 tensors, "
+            "e.g. model.norm.weight): nothing can train from it", lab)
     assert not fresh.exists()
 
 

@@ -556,6 +556,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     train_ids, train_w, held_ids, held_w = _training_sequences(cfg, plan, teacher, device, accelerator)
 
     lm, _ = load_model(cfg.student, dtype=torch.float32, device=str(device), tokenizer=False)
+    for model, role, source in ((teacher, "teacher", cfg.teacher), (lm, "student", cfg.student)):
+        check_finite_weights(model, f"the {role} {source}")
     lm.train()
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
@@ -737,8 +739,24 @@ class TrainingDiverged(ValueError):
     """Training produced a non-finite number (or nothing to train): the run stops, nothing is published."""
 
 
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Refuse a model holding NaN or infinite weights before training: its first held-out evaluation failed as a
+    divergence blamed on the learning rate, before any step."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{name} holds weights that are not finite numbers ({len(bad)} tensors, e.g. {bad[0]}): "
+                         "nothing can train from it; make it again (an earlier run that diverged, a damaged copy)")
+
+
 def diverged_message(cfg: TrainOptions, objective: Objective, step: int, what: str, value: float, ckpt_dir: Path) -> str:
     """Where and why a run stopped, what is kept, and what to change."""
+    if step == 0:  # before any step (the weights are finite: checked when they loaded): the forward overflows
+        fixes = ([] if DTYPES[cfg.teacher_dtype] == "float32" else ["--teacher-dtype float32"]) + \
+            (["--precision fp32"] if cfg.precision == "bf16" else [])
+        return (f"[ecomla {cfg.command}] before any training step: the {what} is {value} (not a finite number): the "
+                "models' forward overflows on the held-out text; nothing was trained or published: "
+                + (f"run it with {' and '.join(fixes)}" if fixes else "their weights are finite and the forward runs "
+                   "in float32, so please report it"))
     kept = _checkpoints(ckpt_dir)
     where = (f"the last good checkpoint ({kept[-1]}) is kept" if kept else "no checkpoint was written before it")
     causes = [f"the learning rate (--lr {cfg.lr:g}) is too high for this model"]
