@@ -366,6 +366,8 @@ def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_publishes_nothi
     err = refused(capsys, [*argv, "--resume"], "step 3: the training loss is nan (not a finite number): training "
                   "diverged and stopped; no model was published, the last good checkpoint", lab)
     assert "step-000002" in err and "--lr" in err
+    lines = [x for x in err.split("\n") if x.strip()]  # (a bar's redraws are \r within a line)
+    assert lines[-1].startswith("ecomla distill: error: [ecomla distill] step 3"), lines[-3:]  # not glued to the bar
     assert not (run / "config.json").exists() and snapshot(run / "training" / "checkpoints") == checkpoint
     fresh = tmp_path / "fresh"  # nothing to keep: no folder is left
     refused(capsys, [*argv[:-1], fresh], "step 1: the training loss is nan", lab)

@@ -144,6 +144,14 @@ class ReaderGone:
         return getattr(self.stream, name)
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a stopped command left open, so its last line (the error) stands alone: it was glued
+    to a bar in a log file, and the bar drawn again after it."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 _COMMAND_PID = None  # the process `main` runs in: a child forked from it (lm-eval's bootstrap pool) inherits the handler
 
 
@@ -163,19 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):  # their default dies at once, leaving the temporaries
         if signal.getsignal(signum) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signum, _terminate)  # (nohup's ignored SIGHUP stays ignored)
+    if not sys.stderr.isatty():  # a log file (CI, nohup): a progress bar redrawn at most twice a minute, not per step
+        os.environ.setdefault("TQDM_MININTERVAL", "30")  # (read as tqdm is imported, after this)
     stdout, sys.stdout = sys.stdout, ReaderGone(sys.stdout)
     try:
         options = cls.from_args(args)
         options.run()
         sys.stdout.flush()  # (what is still buffered meets a gone reader here, not in Python's exit)
     except user_errors() as err:
+        close_progress_bars()
         print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Terminated as stop:
+        close_progress_bars()
         print(f"ecomla {args.command}: terminated ({signal.Signals(stop.signum).name}); nothing half-written is left",
               file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"ecomla {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:

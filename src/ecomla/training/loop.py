@@ -683,7 +683,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         tok_s = trained / max(train_seconds, 1e-9)
         write_log({"step": step + 1, "tokens": (step + 1) * per_step_tokens, "loss": loss_avg, objective.metric: kl_avg,
                    "lr": lr, "tokens_per_s": tok_s, "train_seconds": earlier_seconds + train_seconds})
-        bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)  # (drawn by update, not twice)
         bar.update(1)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < steps and held_ids.shape[0]:
