@@ -355,6 +355,36 @@ def test_a_cache_given_with_a_tilde_is_written_in_the_home_folder(tmp_path, monk
     assert any((home / "env-cache" / "calibration").iterdir()) and any((home / "flag-cache").iterdir())
 
 
+def test_an_unwritable_default_cache_is_left_out_and_one_asked_for_is_refused_naming_the_fixes(tmp_path, monkeypatch):
+    """A read-only home (a CI container) refused every calibrated conversion ("choose another the calibration
+    cache"): the default cache, not asked for, is optional; an unwritable one asked for is refused with the fixes."""
+    import os
+
+    import ecomla.io
+
+    src, text = source_dir(tmp_path, "llama")
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o500)  # (root writes there all the same: the check's os.access answers as for another user)
+    real = os.access
+    monkeypatch.setattr(ecomla.io.os, "access", lambda p, mode: real(p, mode) and not str(p).startswith(str(home)))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("ECOMLA_CACHE", raising=False)
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=256)
+    logs = []
+    try:
+        got = streamed(src, options, tmp_path / "a", logs)
+        assert any("is not writable: the calibration statistics are kept only while this conversion runs" in str(x)
+                   for x in logs), logs
+        assert_same_weights(got, streamed(src, dataclasses.replace(options, calib_cache="none"), tmp_path / "b", []))
+        monkeypatch.setenv("ECOMLA_CACHE", str(home / "cache"))
+        with pytest.raises(ValueError, match=r"is not writable; give --calib-cache DIR elsewhere, or --calib-cache none "
+                                             r"\(no cache\), or point \$ECOMLA_CACHE elsewhere"):
+            streamed(src, options, tmp_path / "c", [])
+    finally:
+        home.chmod(0o700)
+
+
 def test_the_statistics_cache_from_the_environment_stays_out_of_inputs_and_follows_every_weight(tmp_path, monkeypatch):
     """$ECOMLA_CACHE inside the source model wrote covariance files into it, and inside --out failed only after the
     whole conversion (--calib-cache was refused in both places); statistics were keyed by a strided sample of each

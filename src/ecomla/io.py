@@ -377,9 +377,9 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _check_writable(path: Path, shown: str, flag: str = "--out", side: bool = False) -> None:
+def _check_writable(path: Path, shown: str, flag: str = "--out", side: bool = False, fix: str | None = None) -> None:
     """The first existing ancestor (or `path` itself) must be a writable directory (`side`: a path written beside
-    the output, a cache, not an output renamed into place)."""
+    the output, a cache, not an output renamed into place). `fix`: what to do instead (default: choose another)."""
     probe = _existing(path)
     if not probe.is_dir():
         raise OutputError(f"{flag} {shown}: {probe} is a file, so nothing can be written below it")
@@ -387,13 +387,13 @@ def _check_writable(path: Path, shown: str, flag: str = "--out", side: bool = Fa
         beside = (" (ecomla writes its lock and the output's temporary copy beside the output, then renames it into "
                   "place: a writable empty folder under a read-only one cannot be used)"
                   if not side and Path(shown).expanduser().absolute().parent == probe else "")
-        raise OutputError(f"{flag} {shown}: {probe} is not writable{beside}; choose another {flag}")
+        raise OutputError(f"{flag} {shown}: {probe} is not writable{beside}; {fix or f'choose another {flag}'}")
 
 
-def check_writable_folder(path, flag: str) -> None:
+def check_writable_folder(path, flag: str, fix: str | None = None) -> None:
     """`path` (given by `flag`) is a folder, or can be made one, that this process can write into."""
     path = Path(path).expanduser().absolute()
-    _check_writable(path, str(path), flag, side=True)
+    _check_writable(path, str(path), flag, side=True, fix=fix)
 
 
 def check_free_space(needs: dict, what: str, fix: str) -> None:

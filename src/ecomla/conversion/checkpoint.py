@@ -32,7 +32,7 @@ def convert_checkpoint(options: ConvertOptions, log=print) -> Path:
 def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     import torch
 
-    from ..io import atomic_output_dir, check_free_space, check_side_output, check_writable_folder
+    from ..io import OutputError, atomic_output_dir, check_free_space, check_side_output, check_writable_folder
     from ..model.cache import conversion_table
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_generation_config, load_model, load_tokenizer, resolve_device
@@ -50,14 +50,23 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
         raise ValueError(f"--calib {options.calib} would never be read: this initialization (--init {options.init}"
                          f"{', --svd ' + plan.svd if options.svd else ''}) measures nothing; drop --calib, or use "
                          "--init ecomla / --svd activations, which read it")
+    calib_cache = options.calib_cache  # (the default one, unwritable and not asked for: none)
     if plan.needs_calibration and options.calib_cache != "none":  # found now, not after the calibration forward
         cache = options.calib_cache or default_cache_dir()  # default: $ECOMLA_CACHE/calibration
         named = ("--calib-cache" if options.calib_cache else
                  "the calibration cache ($ECOMLA_CACHE)" if os.environ.get("ECOMLA_CACHE") else "the calibration cache")
+        elsewhere = ("give --calib-cache DIR elsewhere, or --calib-cache none (no cache)"
+                     + (", or point $ECOMLA_CACHE elsewhere" if os.environ.get("ECOMLA_CACHE") else ""))
         if not options.calib_cache:  # (given, it was checked before the lock): not into --out or an input either
-            check_side_output(cache, named, options.out, inputs, "give --calib-cache DIR elsewhere, or --calib-cache none (no cache)"
-                              + (", or point $ECOMLA_CACHE elsewhere" if os.environ.get("ECOMLA_CACHE") else ""))
-        check_writable_folder(cache, named)
+            check_side_output(cache, named, options.out, inputs, elsewhere)
+        try:
+            check_writable_folder(cache, named, elsewhere)
+        except OutputError as err:
+            if options.calib_cache or os.environ.get("ECOMLA_CACHE"):  # asked for: refused
+                raise
+            calib_cache = "none"  # a read-only home (a CI container): the statistics live only while it converts
+            log(f"note: {str(err).split(';')[0]}: the calibration statistics are kept only while this conversion "
+                "runs (to keep them for the next, give --calib-cache DIR or set $ECOMLA_CACHE)")
     planned = build_config(plan)
     log(conversion_table(src_config, planned))
     for flag, got, most in plan.zero_padded():
@@ -68,7 +77,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
         log("warning: no serving engine runs this shape, only ecomla's own code (transformers with ecomla imported or "
             "trust_remote_code): the table says which options to drop for a model llama.cpp and DeepSeek-V3 engines run")
     dtype = getattr(torch, DTYPES[options.dtype])
-    check_free_space(written_bytes(plan, planned, options.out, dtype, options.calib_cache),
+    check_free_space(written_bytes(plan, planned, options.out, dtype, calib_cache),
                      f"the converted model ({options.dtype})" + (" and its calibration statistics" * plan.needs_calibration),
                      "choose --out" + (" or --calib-cache" * plan.needs_calibration) + " on another disk"
                      + (", or --dtype bfloat16 (half of float32's bytes)" if dtype == torch.float32 else ""))
@@ -97,7 +106,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     with atomic_output_dir(options.out, options.overwrite, inputs, log, kind="convert",
                            overwrite_kind=options.overwrite_kind) as tmp:
         cached = write_conversion(weights, plan, ids, {"calibration": source, **choices} if source else choices, tmp,
-                                  dtype=dtype, key_config=key_config, device=device, calib_cache=options.calib_cache,
+                                  dtype=dtype, key_config=key_config, device=device, calib_cache=calib_cache,
                                   stages=stages)
         if tok is not None:
             tok.save_pretrained(tmp)
