@@ -211,7 +211,7 @@ def main() -> int:
                 step_tokens = args.seq_len * args.batch_size
                 tokens = max(1, round(share * budget * throughput[tp_key] / step_tokens)) * step_tokens
                 cfg = training_options(args, stage, student, run_root / stage, tokens, resume=True)
-                steps.append(Step(stage, cfg, run_root / stage, [cfg.teacher, *cfg.data]))
+                steps.append(Step(stage, cfg, run_root / stage, [cfg.teacher, *cfg.data], Path(student)))
                 student = str(run_root / stage)
             # the pipeline's stages: a finished stage is kept, an interrupted one resumes, and a distillation after a
             # data-free alignment reads the text the alignment sampled
