@@ -68,6 +68,12 @@ def test_a_reader_that_stops_reading_stdout_leaves_the_work_done_and_written(tin
 
     proc = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"ecomla {__version__}"
+    # started with stdout closed (`>&-`, cron): Python's stdout is None, which the reader-gone wrapper called
+    proc = subprocess.run([script, "kv", str(tiny_dir)], stderr=subprocess.PIPE, text=True, timeout=300,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    # a log file's slower progress bars are the command's own: nothing is left in this process's environment
+    assert main(["kv", str(tiny_dir)]) == 0 and "TQDM_MININTERVAL" not in os.environ
 
 
 def test_a_repeated_data_flag_adds_its_files():

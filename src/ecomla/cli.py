@@ -171,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):  # their default dies at once, leaving the temporaries
         if signal.getsignal(signum) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signum, _terminate)  # (nohup's ignored SIGHUP stays ignored)
-    if not sys.stderr.isatty():  # a log file (CI, nohup): a progress bar redrawn at most twice a minute, not per step
-        os.environ.setdefault("TQDM_MININTERVAL", "30")  # (read as tqdm is imported, after this)
-    stdout, sys.stdout = sys.stdout, ReaderGone(sys.stdout)
+    quiet_bars = sys.stderr is not None and not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ
+    if quiet_bars:  # a log file (CI, nohup): a progress bar redrawn at most twice a minute, not per step
+        os.environ["TQDM_MININTERVAL"] = "30"  # (read as tqdm is imported: the `ecomla` script imports it after this)
+    stdout = sys.stdout
+    if stdout is not None:  # (None: started with stdout closed, `>&-`; print then writes nothing)
+        sys.stdout = ReaderGone(stdout)
     try:
         options = cls.from_args(args)
         options.run()
-        sys.stdout.flush()  # (what is still buffered meets a gone reader here, not in Python's exit)
+        if sys.stdout is not None:  # (what is still buffered meets a gone reader here, not in Python's exit)
+            sys.stdout.flush()
     except user_errors() as err:
         close_progress_bars()
         print(f"ecomla {args.command}: error: {err}", file=sys.stderr)
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         sys.stdout = stdout
+        if quiet_bars:
+            os.environ.pop("TQDM_MININTERVAL", None)
     return 0
 
 

@@ -668,7 +668,8 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
         grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or math.inf))
         for what, value in (("training loss", loss_avg), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
-                raise TrainingDiverged(diverged_message(cfg, objective, step + 1, what, value, ckpt_dir))
+                raise TrainingDiverged(diverged_message(cfg, objective, 0 if step == 0 else step + 1, what, value,
+                                                        ckpt_dir))  # (at a fresh run's first step no weight moved yet)
         if step == start_step and grad_norm == 0.0:
             raise TrainingDiverged(f"[ecomla {cfg.command}] nothing trains: every gradient is zero at step {step + 1} "
                                    f"(loss {loss_avg:.4g}); the loss does not depend on the trained weights"
@@ -753,10 +754,11 @@ def diverged_message(cfg: TrainOptions, objective: Objective, step: int, what: s
     if step == 0:  # before any step (the weights are finite: checked when they loaded): the forward overflows
         fixes = ([] if DTYPES[cfg.teacher_dtype] == "float32" else ["--teacher-dtype float32"]) + \
             (["--precision fp32"] if cfg.precision == "bf16" else [])
+        text = "held-out" if "held-out" in what else "training"
         return (f"[ecomla {cfg.command}] before any training step: the {what} is {value} (not a finite number): the "
-                "models' forward overflows on the held-out text; nothing was trained or published: "
-                + (f"run it with {' and '.join(fixes)}" if fixes else "their weights are finite and the forward runs "
-                   "in float32, so please report it"))
+                f"models' forward overflows on the {text} text; nothing was trained or published: "
+                + (f"run it with {' and '.join(fixes)}" if fixes else "it runs in float32 on finite weights, so some "
+                   "weight is far out of range (check the models: do they generate?), or please report it"))
     kept = _checkpoints(ckpt_dir)
     where = (f"the last good checkpoint ({kept[-1]}) is kept" if kept else "no checkpoint was written before it")
     causes = [f"the learning rate (--lr {cfg.lr:g}) is too high for this model"]
