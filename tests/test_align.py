@@ -112,6 +112,18 @@ def test_a_teacher_that_is_not_the_original_or_a_student_that_is_not_converted_i
         align(_cfg(models, tmp_path / "b", student=teacher), log=lambda *a: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main(["align", student, "--teacher", str(other), "--data", text, "--out", str(tmp_path / "c")]) == 2
+    # the same layers and width in another family trained toward it without a word
+    import json
+    import shutil
+
+    mistral = tmp_path / "mistral"
+    shutil.copytree(teacher, mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": None,
+                                                     "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="the student was converted from a 'llama' model, this teacher is a 'mistral'"):
+        align(_cfg(models, tmp_path / "d", teacher=str(mistral)), log=lambda *a: None)
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_bfloat16_teacher_aligns_a_float32_student(models, tmp_path):

@@ -94,6 +94,11 @@ def check_teacher(student_config, teacher_config) -> None:
         raise ValueError(f"ecomla align needs the original model the student was converted from as --teacher; this "
                          f"teacher is a {kind!r} model, which ecomla does not convert ({', '.join(SUPPORTED_MODEL_TYPES)}): "
                          "a teacher of another family belongs to `ecomla distill`")
+    source = (getattr(student_config, "conversion", None) or {}).get("source_model_type")
+    if source is not None and kind != source:  # same layers and width, another family: it trained toward it
+        raise ValueError(f"ecomla align needs the original model the student was converted from as --teacher: the "
+                         f"student was converted from a {source!r} model, this teacher is a {kind!r} model (a "
+                         "teacher of another family belongs to `ecomla distill`)")
     s = (student_config.num_hidden_layers, student_config.hidden_size)
     t = (teacher_config.num_hidden_layers, teacher_config.hidden_size)
     if s != t:
