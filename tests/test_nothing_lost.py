@@ -787,6 +787,11 @@ def test_a_step_whose_input_was_remade_by_a_run_that_left_it_out_is_made_again(l
     assert sum("already done" in str(x) for x in lines) == 2, lines
     assert json.loads(steps.read_text())["distill"]["made_from"] == record["distill"]["made_from"]
     assert "made_from" not in old["convert"] and "made_from" in old["distill"]
+    lines = []  # another seed alone: the reason names it, not the model it starts from (which is as it was)
+    run_recipe(write_recipe(tmp_path / "d.yaml", {**base, "convert": {"kv_rank": 4, "init": "xecomla"},
+                                                  "distill": {**base["distill"], "seed": 1}}), log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "changed (seed: 0 -> 1)" in text and "made again since" not in text, text
 
 
 def test_a_rerun_reports_its_own_recipe_scored_and_drawn(lab, tmp_path, monkeypatch):

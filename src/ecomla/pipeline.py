@@ -162,7 +162,8 @@ def differences(old: dict, new: dict) -> list[str]:
     diffs = [f"{k}: {v!r} -> (no longer an option)" for k, v in old.items() if k not in new]
     for k, v in new.items():
         if k == "made_from":
-            diffs.append("the output it was made from was made again since")
+            if old.get(k) != v:
+                diffs.append("the output it was made from was made again since")
         elif k == "inputs":
             before = old.get(k) or {}
             changed = sorted(p for p in {*before, *v} if before.get(p) != v.get(p))
