@@ -730,6 +730,52 @@ def test_text_sampled_otherwise_before_the_run_recorded_its_options_is_sampled_a
     teacher = _cfg(models, out, data=[]).teacher
     relative = os.path.relpath(teacher)
     assert sampling_settings(_cfg(models, out, data=[], teacher=relative)) == sampling_settings(_cfg(models, out, data=[]))
+    # bf16 and bfloat16 are one dtype: the same sampling, and no change to refuse on --resume
+    assert (sampling_settings(_cfg(models, out, data=[], teacher_dtype="bf16"))
+            == sampling_settings(_cfg(models, out, data=[], teacher_dtype="bfloat16")))
+    assert _cfg(models, out, teacher_dtype="fp32").resume_differences({"teacher_dtype": "float32"}) == []
+    # stopped between the settings and the text: an older run's text stood beside the new settings, vouched for
+    import ecomla.io
+
+    real = ecomla.io.atomic_write
+
+    def stop_before_the_text(path, data):
+        if path.name == "sampled.jsonl":
+            raise KeyboardInterrupt
+        real(path, data)
+
+    import ecomla.training.data as data
+
+    data.atomic_write = stop_before_the_text
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_sampled_text(_cfg(models, out, data=[], data_free_tokens=512, seed=8), out, ["new text"])
+    finally:
+        data.atomic_write = real
+    assert not text.exists()  # (sampled again by the resume, never the seed-7 text under seed 8's settings)
+
+
+def test_data_free_runs_that_cannot_fill_a_batch_or_pad_are_refused_before_the_teacher_samples(models, tmp_path,
+                                                                                               monkeypatch):
+    """--data-free-tokens 10 failed after the teacher loaded and sampled ("add data", in a run without data); a tokenizer
+    with neither EOS nor pad token failed inside the sampling with transformers' advice to change code."""
+    import ecomla.training.data as data
+    from ecomla.training.distill import distill
+
+    monkeypatch.setattr(data, "sample_data_free", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(ValueError, match=r"--data-free-tokens 10 fill at most 0 sequences of --seq-len 32, fewer than "
+                                         r"one batch of 2 beside the held-out share: raise --data-free-tokens"):
+        distill(_cfg(models, tmp_path / "a", data=[], data_free_tokens=10, tokens=2 * 2 * 32), log=lambda *a: None)
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(models[1], student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    (student / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None, "pad_token": None}))
+    with pytest.raises(ValueError, match="the tokenizer has neither an EOS nor a pad token: give --data"):
+        distill(_cfg(models, tmp_path / "b", student=str(student), data=[], data_free_tokens=512, tokens=2 * 2 * 32),
+                log=lambda *a: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_data_free_sampling_makes_the_tokens_asked_and_leaves_the_tokenizer_as_it_was(models):

@@ -201,8 +201,12 @@ class Options:
     def resume_differences(self, recorded: dict) -> list[str]:
         """'name: old -> new' for each option that changes a run (resume_must_match) and differs from `recorded`."""
         now = self.recorded()
+
+        def same(f, a, b) -> bool:  # (bf16 and bfloat16 name one dtype)
+            return DTYPES.get(a, a) == DTYPES.get(b, b) if f.metadata.get("choices") == tuple(DTYPES) else a == b
+
         return [f"{f.name}: {recorded[f.name]!r} -> {now[f.name]!r}" for f in fields(self)
-                if f.metadata.get("resume_must_match") and f.name in recorded and recorded[f.name] != now[f.name]]
+                if f.metadata.get("resume_must_match") and f.name in recorded and not same(f, recorded[f.name], now[f.name])]
 
     def check_resume(self, recorded_file) -> dict:
         """Refuse to resume the run recorded in `recorded_file` (JSON of `recorded()`) with options that change it;

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_write, iter_rows, mark, read_json, row_name
+from ..options import DTYPES
 
 
 @dataclass
@@ -531,7 +532,8 @@ def sample_length(seq_len: int) -> int:
 
 def sampling_settings(cfg) -> dict:
     """What a data-free run's sampled text follows (recorded beside it as training/sampling.json)."""
-    return dict(teacher=cfg.recorded()["teacher"], teacher_dtype=cfg.teacher_dtype, data_free_tokens=cfg.data_free_tokens,
+    return dict(teacher=cfg.recorded()["teacher"], teacher_dtype=DTYPES[cfg.teacher_dtype],  # (bf16 = bfloat16)
+                data_free_tokens=cfg.data_free_tokens,
                 sample_length=sample_length(cfg.seq_len), seed=cfg.seed)
 
 
@@ -557,6 +559,7 @@ def write_sampled_text(cfg, out, texts: list[str]) -> None:
     """`texts` as the sampled text of run `cfg` in `out`: its settings first, then the text (a run stopped between
     them samples again)."""
     text, settings = sampled_text(out)
+    text.unlink(missing_ok=True)  # an older run's text must not stand beside these settings if we stop between
     atomic_write(settings, json.dumps(sampling_settings(cfg), indent=1))
     atomic_write(text, "".join(json.dumps({"text": t}) + "\n" for t in texts))
 

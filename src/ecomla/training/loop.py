@@ -350,6 +350,15 @@ def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
     if cfg.seq_len > max_pos:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the models' maximum length {max_pos}")
     docs = read_documents(cfg.data, tokenizer, prompt_counts=cfg.prompt_loss) if cfg.data else None
+    if not cfg.data:  # data-free: the teacher samples the text
+        if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+            raise ValueError("data-free training pads the teacher's prompts, and the tokenizer has neither an EOS nor a "
+                             "pad token: give --data, or a tokenizer that names its EOS token")
+        sequences = cfg.data_free_tokens // cfg.seq_len  # (at most: sampled text packs into this many, or fewer)
+        if sequences * (1 - cfg.eval_fraction) < cfg.batch_size:
+            raise ValueError(f"--data-free-tokens {cfg.data_free_tokens} fill at most {sequences} sequences of --seq-len "
+                             f"{cfg.seq_len}, fewer than one batch of {cfg.batch_size} beside the held-out share: raise "
+                             "--data-free-tokens, or lower --seq-len/--batch-size")
     steps, per_step_tokens = run_steps(cfg, world)
     return dict(out=out, tokenizer=tokenizer, docs=docs, steps=steps, per_step_tokens=per_step_tokens)
 
@@ -523,8 +532,9 @@ def _training_sequences(cfg, plan, teacher, device, accelerator):
     ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed)
     (train_ids, train_w), (held_ids, held_w) = split_heldout(ids, weights, cfg.eval_fraction)
     if train_ids.shape[0] < cfg.batch_size:
+        more = "add data" if cfg.data else "raise --data-free-tokens"
         raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
-                         f"fewer than --batch-size {cfg.batch_size}: add data or lower --seq-len/--batch-size")
+                         f"fewer than --batch-size {cfg.batch_size}: {more} or lower --seq-len/--batch-size")
     return train_ids, train_w, held_ids.long(), held_w.float()  # packed compact; the held-out few as the models take them
 
 
