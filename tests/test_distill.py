@@ -755,17 +755,16 @@ def test_text_sampled_otherwise_before_the_run_recorded_its_options_is_sampled_a
     assert not text.exists()  # (sampled again by the resume, never the seed-7 text under seed 8's settings)
 
 
-def test_data_free_runs_that_cannot_fill_a_batch_or_pad_are_refused_before_the_teacher_samples(models, tmp_path,
-                                                                                               monkeypatch):
-    """--data-free-tokens 10 failed after the teacher loaded and sampled ("add data", in a run without data); a tokenizer
-    with neither EOS nor pad token failed inside the sampling with transformers' advice to change code."""
+def test_data_free_runs_that_cannot_fill_a_batch_or_pad_say_what_to_change(models, tmp_path, monkeypatch):
+    """--data-free-tokens 10 said "add data" in a run without data (how many sequences sampled text packs into is
+    known once it is sampled: a small budget samples fast); a tokenizer with neither EOS nor pad token failed inside
+    the sampling with transformers' advice to change code: refused before the teacher loads."""
     import ecomla.training.data as data
     from ecomla.training.distill import distill
 
-    monkeypatch.setattr(data, "sample_data_free", lambda *a, **k: pytest.fail("sampled"))
-    with pytest.raises(ValueError, match=r"--data-free-tokens 10 fill at most 0 sequences of --seq-len 32, fewer than "
-                                         r"one batch of 2 beside the held-out share: raise --data-free-tokens"):
+    with pytest.raises(ValueError, match=r"fewer than --batch-size 2: raise --data-free-tokens or lower --seq-len"):
         distill(_cfg(models, tmp_path / "a", data=[], data_free_tokens=10, tokens=2 * 2 * 32), log=lambda *a: None)
+    monkeypatch.setattr(data, "sample_data_free", lambda *a, **k: pytest.fail("sampled"))
     import shutil
 
     student = tmp_path / "student"

@@ -354,11 +354,6 @@ def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
         if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
             raise ValueError("data-free training pads the teacher's prompts, and the tokenizer has neither an EOS nor a "
                              "pad token: give --data, or a tokenizer that names its EOS token")
-        sequences = cfg.data_free_tokens // cfg.seq_len  # (at most: sampled text packs into this many, or fewer)
-        if sequences * (1 - cfg.eval_fraction) < cfg.batch_size:
-            raise ValueError(f"--data-free-tokens {cfg.data_free_tokens} fill at most {sequences} sequences of --seq-len "
-                             f"{cfg.seq_len}, fewer than one batch of {cfg.batch_size} beside the held-out share: raise "
-                             "--data-free-tokens, or lower --seq-len/--batch-size")
     steps, per_step_tokens = run_steps(cfg, world)
     return dict(out=out, tokenizer=tokenizer, docs=docs, steps=steps, per_step_tokens=per_step_tokens)
 
