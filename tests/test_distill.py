@@ -755,6 +755,29 @@ def test_text_sampled_otherwise_before_the_run_recorded_its_options_is_sampled_a
     assert not text.exists()  # (sampled again by the resume, never the seed-7 text under seed 8's settings)
 
 
+def test_dtype_spellings_are_one_dtype_to_a_recipe_and_to_text_sampled_before_and_advice_fits_the_failure(models, tmp_path):
+    """bf16 and bfloat16: a recipe remade its step for the spelling, and text sampled by a run that recorded "bf16"
+    was sampled again on --resume. A gradient that overflows at the loaded weights was told to change the forward's
+    dtype (the loss was finite); sampled text too short for one sequence said "add data" in a run without data."""
+    from ecomla.pipeline import Step, what_it_makes
+    from ecomla.training.data import Document, pack, reusable_sampled_text, sampled_text, write_sampled_text
+    from ecomla.training.loop import Objective, diverged_message
+
+    cfg = _cfg(models, tmp_path / "run", data=[], teacher_dtype="bfloat16")
+    step = Step("distill", cfg, tmp_path / "run", [])
+    record = step.recorded()
+    assert what_it_makes(step, {**record, "teacher_dtype": "bf16"}) == what_it_makes(step, record)
+    write_sampled_text(cfg, cfg.out, ["some text"])
+    settings = sampled_text(cfg.out)[1]
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "teacher_dtype": "bf16"}))
+    (tmp_path / "run" / "training" / "args.json").write_text("{}")
+    assert reusable_sampled_text(cfg, cfg.out)
+    message = diverged_message(cfg, Objective(cfg), 0, "gradient norm", float("inf"), tmp_path / "none")
+    assert "the student's gradients overflow" in message and "dtype" not in message and "--lr" not in message
+    with pytest.raises(ValueError, match="fewer than one sequence of 32: raise --data-free-tokens or lower --seq-len"):
+        pack([Document([1, 2, 3], [1, 1, 1])], 32, 0, more="raise --data-free-tokens")
+
+
 def test_data_free_runs_that_cannot_fill_a_batch_or_pad_say_what_to_change(models, tmp_path, monkeypatch):
     """--data-free-tokens 10 said "add data" in a run without data (how many sequences sampled text packs into is
     known once it is sampled: a small budget samples fast); a tokenizer with neither EOS nor pad token failed inside

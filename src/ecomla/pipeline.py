@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from .io import OutputError, foreign_files, read_json, read_log
-from .options import SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions, Options, TrainOptions
+from .options import (DTYPES, SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions,
+                      Options, TrainOptions)
 
 SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
 PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib", "passkey_filler")  # relative to the recipe file when not to the cwd
@@ -135,7 +136,9 @@ def what_it_makes(step: Step, recorded: dict) -> dict:
     is its place in the run, recorded relative while it did not exist yet and absolute after (a finished recipe run
     again from a relative `out` redid every step)."""
     kept = {f.name for f in dataclasses.fields(step.options) if f.metadata.get("resume_must_match")}
-    made = {k: v for k, v in recorded.items() if k != "out"}
+    dtypes = {f.name for f in dataclasses.fields(step.options) if f.metadata.get("choices") == tuple(DTYPES)}
+    made = {k: DTYPES.get(v, v) if k in dtypes and isinstance(v, str) else v  # (bf16 and bfloat16: one dtype)
+            for k, v in recorded.items() if k != "out"}
     return {k: v for k, v in made.items() if k in kept or k in ("inputs", "made_from")} if kept else made
 
 

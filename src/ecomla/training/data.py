@@ -462,7 +462,8 @@ def _checked_cut(text: str, near: int, ids) -> int | None:
     return None
 
 
-def pack(docs: Corpus | list[Document], seq_len: int, eos_id: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(docs: Corpus | list[Document], seq_len: int, eos_id: int | None, seed: int = 0,
+         more: str = "add data") -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle documents (seeded), join with EOS, cut into (S, seq_len) ids (int32) and weights (uint8); weights[:, 0]
     is never used (nothing predicts the first token of a sequence). A sequence with no counted token (all
     prompt: chat data whose prompts outrun --seq-len) is left out: it would train nothing, and score nothing held out.
@@ -474,7 +475,7 @@ def pack(docs: Corpus | list[Document], seq_len: int, eos_id: int | None, seed: 
     total = corpus.ids.numel() + join * len(corpus)
     n = total // seq_len
     if n == 0:
-        raise ValueError(f"the data hold {total} tokens, fewer than one sequence of {seq_len}: add data or lower --seq-len")
+        raise ValueError(f"the data hold {total} tokens, fewer than one sequence of {seq_len}: {more} or lower --seq-len")
     keep = n * seq_len
     ids, weights = torch.empty(keep, dtype=torch.int32), torch.empty(keep, dtype=torch.uint8)
     src_ids, src_w, out_ids, out_w = corpus.ids.numpy(), corpus.weights.numpy(), ids.numpy(), weights.numpy()
@@ -551,7 +552,10 @@ def reusable_sampled_text(cfg, out) -> bool:
     if not text.is_file():
         return False
     if settings.is_file():
-        return read_json(settings, "the sampled text's settings", "start the run again with --overwrite") == sampling_settings(cfg)
+        stored = read_json(settings, "the sampled text's settings", "start the run again with --overwrite")
+        if isinstance(stored, dict) and stored.get("teacher_dtype") in DTYPES:  # (recorded as spelled until 2026-12-05)
+            stored["teacher_dtype"] = DTYPES[stored["teacher_dtype"]]
+        return stored == sampling_settings(cfg)
     return (Path(out) / "training" / "args.json").is_file()
 
 

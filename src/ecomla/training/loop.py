@@ -524,10 +524,10 @@ def _training_sequences(cfg, plan, teacher, device, accelerator):
                 write_sampled_text(cfg, out, texts)
             accelerator.wait_for_everyone()
         docs = read_documents([sampled_text(out)[0]], tokenizer)
-    ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed)
+    more = "add data" if cfg.data else "raise --data-free-tokens"
+    ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed, more=more)
     (train_ids, train_w), (held_ids, held_w) = split_heldout(ids, weights, cfg.eval_fraction)
     if train_ids.shape[0] < cfg.batch_size:
-        more = "add data" if cfg.data else "raise --data-free-tokens"
         raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
                          f"fewer than --batch-size {cfg.batch_size}: {more} or lower --seq-len/--batch-size")
     return train_ids, train_w, held_ids.long(), held_w.float()  # packed compact; the held-out few as the models take them
@@ -756,6 +756,10 @@ def check_finite_weights(model: nn.Module, name: str) -> None:
 
 def diverged_message(cfg: TrainOptions, objective: Objective, step: int, what: str, value: float, ckpt_dir: Path) -> str:
     """Where and why a run stopped, what is kept, and what to change."""
+    if step == 0 and what == "gradient norm":  # the loss was finite: no dtype of the forward helps
+        return (f"[ecomla {cfg.command}] before any training step: the {what} is {value} (not a finite number) at the "
+                "weights as loaded: the student's gradients overflow, so some weight is far out of range (check the "
+                "student: does it generate?); nothing was trained or published")
     if step == 0:  # before any step (the weights are finite: checked when they loaded): the forward overflows
         fixes = ([] if DTYPES[cfg.teacher_dtype] == "float32" else ["--teacher-dtype float32"]) + \
             (["--precision fp32"] if cfg.precision == "bf16" else [])
