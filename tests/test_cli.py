@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import tiny_llama, tiny_model_dir
@@ -229,6 +230,15 @@ def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys
     assert AutoTokenizer.from_pretrained(out).chat_template is None
     assert main(["generate", str(out), "--prompt", "the cat sat", "--chat"]) == 2
     assert "--chat: the tokenizer of" in capsys.readouterr().err
+    # weights that are not numbers (a run that diverged, a damaged copy) printed the prompt alone and exited 0
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    assert main(["generate", str(out), "--prompt", "the cat sat"]) == 2
+    assert "holds weights that are not finite numbers (1 tensors, e.g. model.norm.weight): it cannot generate" in \
+        capsys.readouterr().err
 
 
 def test_a_list_option_given_without_a_value_is_refused(tmp_path, capsys):

@@ -10,7 +10,7 @@ def generate(options: GenerateOptions, log=print) -> str:
     import torch
     from transformers import TextStreamer
 
-    from .sources import load_config, load_model, load_tokenizer, resolve_device
+    from .sources import check_finite_weights, load_config, load_model, load_tokenizer, resolve_device
 
     o = options
     if o.model is None or o.prompt is None:
@@ -37,6 +37,7 @@ def generate(options: GenerateOptions, log=print) -> str:
         raise ValueError(f"the prompt's {prompt} tokens and --max-new-tokens {o.max_new_tokens} run past the model's "
                          f"{positions} positions: choose --max-new-tokens {positions - prompt} at most, or a shorter prompt")
     model, _ = load_model(o.model, dtype=getattr(torch, DTYPES[o.dtype]), device=device, tokenizer=False)
+    check_finite_weights(model, f"model {o.model}", "it cannot generate")
     inputs = inputs.to(device)
     streamer = TextStreamer(tok, skip_prompt=o.chat, skip_special_tokens=True)
     gen = dict(max_new_tokens=o.max_new_tokens, do_sample=o.sample, streamer=streamer,

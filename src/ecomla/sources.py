@@ -301,6 +301,15 @@ def model_skeleton(config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def check_finite_weights(model, name: str, cannot: str) -> None:
+    """Refuse a model holding NaN or infinite weights (an earlier run that diverged, a damaged copy) before the work
+    it `cannot` do: training stopped as a divergence blamed on the learning rate; generation printed the prompt."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{name} holds weights that are not finite numbers ({len(bad)} tensors, e.g. {bad[0]}): "
+                         f"{cannot}; make it again (an earlier run that diverged, a damaged copy)")
+
+
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
     """Load (model, tokenizer) from any source; the model is in eval mode. `dtype`: a torch dtype, "auto" (the
     checkpoint's), or a name ecomla's options take ("bf16", "float32", ...)."""

@@ -549,7 +549,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     from accelerate.utils import set_seed
 
     from ..metrics import ReferenceKL
-    from ..sources import load_model
+    from ..sources import check_finite_weights, load_model
 
     out, tokenizer, steps, per_step_tokens = plan["out"], plan["tokenizer"], plan["steps"], plan["per_step_tokens"]
     train_dir, main, world = out / "training", accelerator.is_main_process, accelerator.num_processes
@@ -562,7 +562,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
 
     lm, _ = load_model(cfg.student, dtype=torch.float32, device=str(device), tokenizer=False)
     for model, role, source in ((teacher, "teacher", cfg.teacher), (lm, "student", cfg.student)):
-        check_finite_weights(model, f"the {role} {source}")
+        check_finite_weights(model, f"the {role} {source}", "nothing can train from it")
     lm.train()
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
@@ -743,15 +743,6 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
 
 class TrainingDiverged(ValueError):
     """Training produced a non-finite number (or nothing to train): the run stops, nothing is published."""
-
-
-def check_finite_weights(model: nn.Module, name: str) -> None:
-    """Refuse a model holding NaN or infinite weights before training: its first held-out evaluation failed as a
-    divergence blamed on the learning rate, before any step."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ValueError(f"{name} holds weights that are not finite numbers ({len(bad)} tensors, e.g. {bad[0]}): "
-                         "nothing can train from it; make it again (an earlier run that diverged, a damaged copy)")
 
 
 def diverged_message(cfg: TrainOptions, objective: Objective, step: int, what: str, value: float, ckpt_dir: Path) -> str:
