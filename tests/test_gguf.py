@@ -275,6 +275,16 @@ def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     foreign.write_bytes(b"GGUF not ours")
     assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(foreign), "--overwrite"]) == 2
     assert "not written by ecomla" in capsys.readouterr().err and foreign.read_bytes() == b"GGUF not ours"
+    # a file the user made from ecomla's (llama.cpp's quantizer copies every key, ecomla's mark too): other tensors,
+    # so not ecomla's (--overwrite replaced a user's Q4_0 file); as are ecomla GGUFs from before the fingerprint
+    import gguf
+
+    derived = bytearray(out.read_bytes())
+    derived[gguf.GGUFReader(str(out)).tensors[-1].data_offset] ^= 1
+    mine = tmp_path / "mine-q4.gguf"
+    mine.write_bytes(derived)
+    assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(mine), "--overwrite"]) == 2
+    assert "not written by ecomla" in capsys.readouterr().err and mine.read_bytes() == derived
     assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(tmp_path / "m.bin")]) == 2
     assert "must be a .gguf file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mla"), "--outtype", "f16", "--out", str(tmp_path / "ds")]) == 2

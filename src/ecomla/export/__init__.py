@@ -112,9 +112,18 @@ def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE, over
 
 
 def gguf_written_by_ecomla(path) -> bool:
+    """ecomla's mark and its tensors as ecomla wrote them: llama.cpp's quantizer copies every key, so a file the
+    user made from an ecomla GGUF bears the mark too (and `--overwrite` replaced it); its tensors differ. A GGUF from
+    before the fingerprint (2026-12-05) is not taken for ecomla's: remove it yourself to replace it."""
     try:
         import gguf
 
-        return GGUF_MARK in gguf.GGUFReader(str(path)).fields
+        from .gguf import TENSOR_DIGEST, gguf_tensor_digest
+
+        reader = gguf.GGUFReader(str(path))
+        if GGUF_MARK not in reader.fields or TENSOR_DIGEST not in reader.fields:
+            return False
+        recorded = reader.fields[TENSOR_DIGEST]
+        return bytes(recorded.parts[recorded.data[0]]).decode() == gguf_tensor_digest(reader)
     except Exception:  # not a GGUF, or unreadable: not ours
         return False

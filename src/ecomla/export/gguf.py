@@ -29,6 +29,7 @@ key, one rank, a standard rotary, RMS-normalized latents, no biases) plus llama.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -295,6 +296,25 @@ def gguf_name(source: str, tokenizer) -> str:
     return source
 
 
+TENSOR_DIGEST = "ecomla.tensor_digest"  # a GGUF key: the tensors' fingerprint, so a file derived from it is told apart
+
+
+def tensor_digest_update(digest, name: str, data) -> None:
+    """Add one tensor, as the file holds its bytes, to a GGUF's tensor fingerprint (writer and reader alike)."""
+    import numpy as np
+
+    digest.update(name.encode())
+    digest.update(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+def gguf_tensor_digest(reader) -> str:
+    """The tensor fingerprint of a GGUF as read (`gguf.GGUFReader`), in the file's order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in reader.tensors:
+        tensor_digest_update(digest, t.name, t.data)
+    return digest.hexdigest()
+
+
 def write_gguf(model, tokenizer, path: Path, outtype: str = GGUF_DEFAULT_OUTTYPE, extra: dict[str, str] | None = None) -> None:
     """Write `model` (EcoMLAForCausalLM, exportable) and its tokenizer to the GGUF file `path`
     (`extra`: string keys added to the metadata, e.g. the writer's version)."""
@@ -334,9 +354,12 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = GGUF_DEFAULT_OUTTYPE
     add_tokenizer(writer, tokenizer, tok_json, config.vocab_size)
     for key, value in (extra or {}).items():
         writer.add_string(key, str(value))
+    digest = hashlib.blake2b(digest_size=16)
     for name, w in gguf_tensors(model).items():
         data, dtype = _as_type(w, LATENT_DOWN_TYPE.get(outtype, outtype) if name.endswith(LATENT_DOWN) else outtype)
         writer.add_tensor(name, data, raw_dtype=dtype)
+        tensor_digest_update(digest, name, data)
+    writer.add_string(TENSOR_DIGEST, digest.hexdigest())  # (before the header is written: it holds the keys)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
