@@ -258,6 +258,32 @@ def test_sentencepiece_tokenizers_tokenize_as_in_transformers(tmp_path, form):
         llm.close()
 
 
+def test_an_export_whose_model_is_replaced_while_it_is_read_is_refused(tmp_path, capsys, monkeypatch):
+    """A convert --overwrite into the model while it was exported: the GGUF held the old tokenizer and the new
+    weights (its token list cut to the new vocabulary), and llama.cpp ran it."""
+    import os
+
+    import ecomla.sources
+
+    model, tok = tiny_converted(tmp_path)
+    for name in ("mla", "other"):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    real = ecomla.sources.load_model
+
+    def replaced_first(source, *a, **k):  # as an `ecomla convert --overwrite` renames its new output onto it
+        os.rename(tmp_path / "mla", tmp_path / "old")
+        os.rename(tmp_path / "other", tmp_path / "mla")
+        return real(source, *a, **k)
+
+    monkeypatch.setattr(ecomla.sources, "load_model", replaced_first)
+    for fmt, out in (("gguf", tmp_path / "m.gguf"), ("deepseek-v3", tmp_path / "ds")):
+        assert main(["export", str(tmp_path / "mla"), "--format", fmt, "--out", str(out)]) == 2
+        assert "was replaced while it was read" in capsys.readouterr().err and not out.exists()
+        os.rename(tmp_path / "mla", tmp_path / "other")
+        os.rename(tmp_path / "old", tmp_path / "mla")
+
+
 def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     model, tok = tiny_converted(tmp_path)
     model.save_pretrained(tmp_path / "mla")

@@ -20,12 +20,33 @@ def export_checkpoint(options: ExportOptions, log=print):
         return _export(options, inputs, log)
 
 
+def source_identity(source) -> tuple | None:
+    """The local model folder or file as it is now (its inode and modification time): ecomla replaces an output by
+    renaming a new one onto it, so a model rewritten while it is read shows another identity. None: a hub id."""
+    from ..io import local_path
+
+    path = local_path(source)
+    if path is None or not path.exists():
+        return None
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def check_unchanged_source(source, before: tuple | None) -> None:
+    """Refuse an export whose model was replaced while its config, tokenizer and weights were read one after the
+    other: the GGUF held one model's tokenizer and the other's weights (the token list cut to fit), silently."""
+    if source_identity(source) != before:
+        raise ValueError(f"the model {source} was replaced while it was read (its tokenizer and weights may come from "
+                         "two models): export again once whatever writes it has finished")
+
+
 def _export(options: ExportOptions, inputs: dict, log):
     from ..io import check_output, check_output_file
     from ..sources import load_config, load_model, load_tokenizer
     from .deepseek_v3 import check_exportable, export_deepseek_v3
     from .gguf import check_gguf_exportable, tokenizer_json
 
+    before = source_identity(options.model)
     if options.format == "gguf":
         check_output_file(options.out, inputs, options.overwrite, gguf_written_by_ecomla, ".gguf")
         config = load_config(options.model)
@@ -36,6 +57,7 @@ def _export(options: ExportOptions, inputs: dict, log):
         check_export_space(options.out, config, GGUF_BYTES[outtype],
                            f"the GGUF ({outtype})", "--outtype q8_0 (about half of f16)" if outtype != "q8_0" else "")
         model, _ = load_model(options.model, dtype="auto", tokenizer=False)  # keep the checkpoint's dtype
+        check_unchanged_source(options.model, before)
         out = export_gguf(model, tok, options.out, outtype, options.overwrite, inputs)
         log(f"saved {out} (gguf, {outtype}: llama.cpp architecture deepseek2 with its latent cache, "
             f"e.g. llama-cli -m {out})")
@@ -49,6 +71,7 @@ def _export(options: ExportOptions, inputs: dict, log):
     check_export_space(options.out, config, checkpoint_bytes_per_parameter(config), "the DeepSeek-V3 checkpoint", "",
                        deepseek_v3_extra_parameters(config, options.query_lora))
     model, tok = load_model(options.model, dtype="auto")  # keep the checkpoint's dtype
+    check_unchanged_source(options.model, before)
     out = export_deepseek_v3(model, options.out, tokenizer=tok, overwrite=options.overwrite, inputs=inputs,
                              query_lora=options.query_lora, overwrite_kind=options.overwrite_kind)
     log(f"saved {out} ({options.format}: loads with transformers' DeepseekV3ForCausalLM, no custom code)")
