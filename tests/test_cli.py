@@ -239,6 +239,11 @@ def test_generate_static_cache_streams_the_same_text_as_dynamic(tmp_path, capsys
     assert main(["generate", str(out), "--prompt", "the cat sat"]) == 2
     assert "holds weights that are not finite numbers (1 tensors, e.g. model.norm.weight): it cannot generate" in \
         capsys.readouterr().err
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 1e5)  # finite, beyond float16's range
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    assert main(["generate", str(out), "--prompt", "the cat sat", "--dtype", "fp16"]) == 2
+    assert "loaded in float16, a weight beyond its range becomes inf: use --dtype float32 or bfloat16" in \
+        capsys.readouterr().err
 
 
 def test_a_list_option_given_without_a_value_is_refused(tmp_path, capsys):

@@ -311,6 +311,16 @@ def test_cli_export_gguf_and_its_output_policy(tmp_path, capsys):
     mine.write_bytes(derived)
     assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(mine), "--overwrite"]) == 2
     assert "not written by ecomla" in capsys.readouterr().err and mine.read_bytes() == derived
+    import ecomla.export.gguf as gguf_writer  # a GGUF of an ecomla from before the fingerprint: said so
+
+    old = tmp_path / "old.gguf"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_writer, "TENSOR_DIGEST", "ecomla.not_the_fingerprint")
+        assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(old)]) == 0
+    before = old.read_bytes()
+    assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(old), "--overwrite"]) == 2
+    assert "is a GGUF an earlier ecomla wrote (before 2026-12-05), which records no fingerprint" in \
+        capsys.readouterr().err and old.read_bytes() == before
     assert main(["export", str(tmp_path / "mla"), "--format", "gguf", "--out", str(tmp_path / "m.bin")]) == 2
     assert "must be a .gguf file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mla"), "--outtype", "f16", "--out", str(tmp_path / "ds")]) == 2

@@ -301,13 +301,17 @@ def model_skeleton(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def check_finite_weights(model, name: str, cannot: str) -> None:
+def check_finite_weights(model, name: str, cannot: str, flag: str = "--dtype") -> None:
     """Refuse a model holding NaN or infinite weights (an earlier run that diverged, a damaged copy) before the work
-    it `cannot` do: training stopped as a divergence blamed on the learning rate; generation printed the prompt."""
+    it `cannot` do: training stopped as a divergence blamed on the learning rate; generation printed the prompt.
+    Loaded in float16 (`flag` chose it), a weight beyond its range (65504) became inf: that is said instead."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
+        half = next(model.parameters()).dtype == torch.float16
+        fix = (f"loaded in float16, a weight beyond its range becomes inf: use {flag} float32 or bfloat16" if half else
+               "make it again (an earlier run that diverged, a damaged copy)")
         raise ValueError(f"{name} holds weights that are not finite numbers ({len(bad)} tensors, e.g. {bad[0]}): "
-                         f"{cannot}; make it again (an earlier run that diverged, a damaged copy)")
+                         f"{cannot}; {fix}")
 
 
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):

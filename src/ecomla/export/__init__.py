@@ -48,6 +48,10 @@ def _export(options: ExportOptions, inputs: dict, log):
 
     before = source_identity(options.model)
     if options.format == "gguf":
+        if options.overwrite and unfingerprinted_ecomla_gguf(options.out):  # (it said "not written by ecomla")
+            raise ValueError(f"--out {options.out} is a GGUF an earlier ecomla wrote (before 2026-12-05), which records "
+                             "no fingerprint of its tensors to tell it from a file made from it (a quantized copy "
+                             "keeps ecomla's keys): move it away or remove it yourself, then export again")
         check_output_file(options.out, inputs, options.overwrite, gguf_written_by_ecomla, ".gguf")
         config = load_config(options.model)
         check_gguf_exportable(config)
@@ -132,6 +136,19 @@ def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE, over
     write_via_temporary(out, lambda tmp: write_gguf(model, tokenizer, tmp, outtype, extra={GGUF_MARK: __version__}),
                         check=lambda: check_output_file(out, inputs, overwrite, gguf_written_by_ecomla, ".gguf", clean=False))
     return out
+
+
+def unfingerprinted_ecomla_gguf(path) -> bool:
+    """A GGUF with ecomla's mark and no tensor fingerprint: what ecomla wrote before 2026-12-05 (or a copy of it)."""
+    try:
+        import gguf
+
+        from .gguf import TENSOR_DIGEST
+
+        fields = gguf.GGUFReader(str(path)).fields
+        return GGUF_MARK in fields and TENSOR_DIGEST not in fields
+    except Exception:  # missing, not a GGUF, unreadable
+        return False
 
 
 def gguf_written_by_ecomla(path) -> bool:

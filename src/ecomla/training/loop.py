@@ -562,7 +562,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
 
     lm, _ = load_model(cfg.student, dtype=torch.float32, device=str(device), tokenizer=False)
     for model, role, source in ((teacher, "teacher", cfg.teacher), (lm, "student", cfg.student)):
-        check_finite_weights(model, f"the {role} {source}", "nothing can train from it")
+        check_finite_weights(model, f"the {role} {source}", "nothing can train from it", "--teacher-dtype")
     lm.train()
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
