@@ -301,11 +301,16 @@ def model_skeleton(config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def non_finite_weights(model) -> list[str]:
+    """The names of the parameters holding NaN or infinite values."""
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
 def check_finite_weights(model, name: str, cannot: str, flag: str = "--dtype") -> None:
     """Refuse a model holding NaN or infinite weights (an earlier run that diverged, a damaged copy) before the work
     it `cannot` do: training stopped as a divergence blamed on the learning rate; generation printed the prompt.
     Loaded in float16 (`flag` chose it), a weight beyond its range (65504) became inf: that is said instead."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite_weights(model)
     if bad:
         half = next(model.parameters()).dtype == torch.float16
         fix = (f"loaded in float16, a weight beyond its range becomes inf: use {flag} float32 or bfloat16" if half else

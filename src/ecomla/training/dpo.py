@@ -298,6 +298,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     from trl import DPOConfig
 
     from ..io import atomic_write, clear_run_dir, fingerprint_sources, mark, save_checkpoint
+    from ..sources import non_finite_weights
     from .loop import fresh_precision
 
     state.mkdir(parents=True, exist_ok=True)
@@ -360,7 +361,7 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         trained = trainer.model
         history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
     atomic_write(state / "log_history.json", json.dumps(history, indent=1))
-    bad = [n for n, p in trained.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite_weights(trained)
     if bad:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         raise ValueError(f"[ecomla dpo] training diverged: {len(bad)} weight tensors hold non-finite values (e.g. "
