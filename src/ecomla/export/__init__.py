@@ -48,10 +48,6 @@ def _export(options: ExportOptions, inputs: dict, log):
 
     before = source_identity(options.model)
     if options.format == "gguf":
-        if options.overwrite and unfingerprinted_ecomla_gguf(options.out):  # (it said "not written by ecomla")
-            raise ValueError(f"--out {options.out} is a GGUF an earlier ecomla wrote (before 2026-12-05), which records "
-                             "no fingerprint of its tensors to tell it from a file made from it (a quantized copy "
-                             "keeps ecomla's keys): move it away or remove it yourself, then export again")
         check_output_file(options.out, inputs, options.overwrite, gguf_written_by_ecomla, ".gguf")
         config = load_config(options.model)
         check_gguf_exportable(config)
@@ -138,32 +134,24 @@ def export_gguf(model, tokenizer, out, outtype: str = GGUF_DEFAULT_OUTTYPE, over
     return out
 
 
-def unfingerprinted_ecomla_gguf(path) -> bool:
-    """A GGUF with ecomla's mark and no tensor fingerprint: what ecomla wrote before 2026-12-05 (or a copy of it)."""
-    try:
-        import gguf
-
-        from .gguf import TENSOR_DIGEST
-
-        fields = gguf.GGUFReader(str(path)).fields
-        return GGUF_MARK in fields and TENSOR_DIGEST not in fields
-    except Exception:  # missing, not a GGUF, unreadable
-        return False
-
-
 def gguf_written_by_ecomla(path) -> bool:
     """ecomla's mark and its tensors as ecomla wrote them: llama.cpp's quantizer copies every key, so a file the
     user made from an ecomla GGUF bears the mark too (and `--overwrite` replaced it); its tensors differ. A GGUF from
-    before the fingerprint (2026-12-05) is not taken for ecomla's: remove it yourself to replace it."""
+    before the fingerprint (2026-12-05) is refused with its own message: remove it yourself to replace it."""
     try:
         import gguf
 
         from .gguf import TENSOR_DIGEST, gguf_tensor_digest
 
         reader = gguf.GGUFReader(str(path))
-        if GGUF_MARK not in reader.fields or TENSOR_DIGEST not in reader.fields:
-            return False
-        recorded = reader.fields[TENSOR_DIGEST]
-        return bytes(recorded.parts[recorded.data[0]]).decode() == gguf_tensor_digest(reader)
+        fields = reader.fields
+        unfingerprinted = GGUF_MARK in fields and TENSOR_DIGEST not in fields
+        ours = (GGUF_MARK in fields and TENSOR_DIGEST in fields and
+                bytes(fields[TENSOR_DIGEST].parts[fields[TENSOR_DIGEST].data[0]]).decode() == gguf_tensor_digest(reader))
     except Exception:  # not a GGUF, or unreadable: not ours
         return False
+    if unfingerprinted:  # (it said "not written by ecomla")
+        raise ValueError(f"--out {path} is a GGUF an earlier ecomla wrote (before 2026-12-05), which records no "
+                         "fingerprint of its tensors to tell it from a file made from it (a quantized copy keeps "
+                         "ecomla's keys): move it away or remove it yourself, then export again")
+    return ours
