@@ -77,6 +77,23 @@ def test_a_reader_that_stops_reading_stdout_leaves_the_work_done_and_written(tin
     assert main(["kv", str(tiny_dir)]) == 0 and "TQDM_MININTERVAL" not in os.environ
 
 
+def test_a_log_files_progress_bars_are_slow_however_main_is_entered(tiny_dir, monkeypatch):
+    """With stderr no terminal, bars are redrawn at most every 30 s. tqdm reads TQDM_MININTERVAL once, as it is
+    imported: `python -m ecomla.cli` and `main()` from Python import it first (a tiny distill drew 15 and 79 bars
+    where the `ecomla` script drew 2). Afterwards bars are as they were."""
+    import io
+
+    import tqdm.auto  # (as `import ecomla` imports it, through huggingface_hub)
+
+    from ecomla.options import KVOptions
+
+    seen = []
+    monkeypatch.setattr(KVOptions, "run", lambda self, log=print: seen.append(tqdm.auto.tqdm(range(2)).mininterval))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
+    assert main(["kv", str(tiny_dir)]) == 0 and seen == [30]
+    assert tqdm.auto.tqdm(range(2), file=io.StringIO()).mininterval == 0.1 and "TQDM_MININTERVAL" not in os.environ
+
+
 def test_a_repeated_data_flag_adds_its_files():
     """`--data a --data b` trained on b alone, without a word (as `--ppl-file`, repeatable, suggests: both)."""
     from ecomla.cli import build_parser

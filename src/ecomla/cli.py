@@ -152,6 +152,20 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def slow_progress_bars(seconds: float = 30):
+    """Progress bars redrawn at most every `seconds` (tqdm's `mininterval`) until the returned function is called.
+    tqdm reads TQDM_MININTERVAL once, as it is imported, which `import ecomla` may already have done (`python -m
+    ecomla.cli`, `main()` from Python: the variable was set too late); its constructor's defaults are set instead."""
+    from functools import partialmethod
+
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__dict__["__init__"]  # a partialmethod (tqdm's env-variable defaults)
+    tqdm.std.tqdm.__init__ = partialmethod(getattr(init, "func", init), **{**getattr(init, "keywords", {}),
+                                                                           "mininterval": seconds})
+    return lambda: setattr(tqdm.std.tqdm, "__init__", init)
+
+
 _COMMAND_PID = None  # the process `main` runs in: a child forked from it (lm-eval's bootstrap pool) inherits the handler
 
 
@@ -172,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(signum) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signum, _terminate)  # (nohup's ignored SIGHUP stays ignored)
     quiet_bars = sys.stderr is not None and not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ
-    if quiet_bars:  # a log file (CI, nohup): a progress bar redrawn at most twice a minute, not per step
-        os.environ["TQDM_MININTERVAL"] = "30"  # (read as tqdm is imported: the `ecomla` script imports it after this)
+    restore_bars = slow_progress_bars() if quiet_bars else None  # a log file (CI, nohup): not a redraw per step
     stdout = sys.stdout
     if stdout is not None:  # (None: started with stdout closed, `>&-`; print then writes nothing)
         sys.stdout = ReaderGone(stdout)
@@ -197,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         sys.stdout = stdout
-        if quiet_bars:
-            os.environ.pop("TQDM_MININTERVAL", None)
+        if restore_bars:
+            restore_bars()
     return 0
 
 
