@@ -304,8 +304,8 @@ def test_the_output_size_is_known_from_the_plan_and_a_disk_too_small_is_refused_
 
 
 def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refused_up_front(tmp_path, monkeypatch):
-    """A cached covariance cut short (a full disk, a copy interrupted) is not trusted: the statistics are computed
-    again and the weights are those of a fresh cache; a --calib-cache that is a file is refused before any work."""
+    """A cached covariance cut short (a full disk, a copy interrupted), altered or not finite is not trusted: the
+    statistics are computed again and the weights are those of a fresh cache; a --calib-cache that is a file is refused before any work."""
     src, text = source_dir(tmp_path, "llama")
     options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache=str(tmp_path / "cache"))
     first = streamed(src, options, tmp_path / "a", [])
@@ -313,6 +313,17 @@ def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refuse
     damaged.write_bytes(damaged.read_bytes()[:100])
     assert_same_weights(streamed(src, options, tmp_path / "b", []), first)
     assert torch.load(damaged, weights_only=True).shape[0] == torch.load(damaged.with_name("layer-0.pt")).shape[0]
+    # a byte changed inside a file that still parses (its zip checksum no longer matches): trusted, it gave other
+    # weights and exit 0; NaNs written with a matching checksum: a Cholesky traceback on every later conversion
+    layer0 = damaged.with_name("layer-0.pt")
+    data = bytearray(layer0.read_bytes())
+    at = data.find(torch.load(layer0, weights_only=True).numpy().tobytes()[:64])
+    data[at + 7] ^= 1  # the exponent of element [0, 0]
+    layer0.write_bytes(data)
+    assert_same_weights(streamed(src, options, tmp_path / "b2", []), first)
+    torch.save(torch.full_like(torch.load(layer0, weights_only=True), float("nan")), layer0)
+    assert_same_weights(streamed(src, options, tmp_path / "b3", []), first)
+    assert torch.isfinite(torch.load(layer0, weights_only=True)).all()
 
     (tmp_path / "afile").write_text("not a folder")
     monkeypatch.setattr(stream, "convert_layerwise", lambda *a, **k: pytest.fail("started converting"))

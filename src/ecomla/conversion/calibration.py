@@ -271,13 +271,13 @@ class CovarianceStore:
         return self.folder / f"layer-{layer}.pt"
 
     def valid(self, layer: int) -> bool:
-        """The layer's file is there and reads as a square float64 matrix: a truncated or damaged one (a full disk,
-        a copy cut short) means its statistics are computed again, never trusted."""
+        """The layer's file is there and `load` reads it: a truncated or damaged one (a full disk, a copy cut short,
+        a flipped byte) means its statistics are computed again, never trusted."""
         try:
-            cov = self.load(layer)
+            self.load(layer)
         except Exception:
             return False
-        return isinstance(cov, torch.Tensor) and cov.dtype == torch.float64 and cov.ndim == 2 and cov.shape[0] == cov.shape[1]
+        return True
 
     def valid_layers(self, n_layers: int) -> int:
         """How many layers, from layer 0 on, have a valid covariance (read one at a time); n_layers: complete."""
@@ -298,7 +298,7 @@ class CovarianceStore:
         for k, p in saved:
             if 0 < k <= done:
                 try:
-                    return k, torch.load(p, weights_only=True)
+                    return k, checked_torch_load(p)
                 except Exception:
                     continue
         return 0, None
@@ -312,7 +312,13 @@ class CovarianceStore:
         atomic_torch_save(cov, self.path(layer))
 
     def load(self, layer: int) -> torch.Tensor:
-        return torch.load(self.path(layer), weights_only=True)
+        """The layer's covariance: a square float64 matrix of finite values, from a file whose checksums hold
+        (ValueError otherwise)."""
+        cov = checked_torch_load(self.path(layer))
+        if not (isinstance(cov, torch.Tensor) and cov.dtype == torch.float64 and cov.ndim == 2
+                and cov.shape[0] == cov.shape[1] and bool(torch.isfinite(cov).all())):
+            raise ValueError(f"{self.path(layer)} is not a covariance ecomla wrote: remove it and convert again")
+        return cov
 
     def load_all(self, n_layers: int) -> dict[int, torch.Tensor] | None:
         """Every layer's, or None where one is missing or damaged (recomputed, never trusted)."""
@@ -320,6 +326,19 @@ class CovarianceStore:
             return {i: self.load(i) for i in range(n_layers)}
         except Exception:
             return None
+
+
+def checked_torch_load(path: Path) -> torch.Tensor:
+    """`torch.load` of a file `torch.save` wrote, after checking its zip records' CRC-32s, which torch.load does not
+    (a byte flipped in a cache file that still parsed gave other weights, exit 0). Read once, from memory."""
+    import io
+    import zipfile
+
+    data = Path(path).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        if archive.testzip() is not None:
+            raise ValueError(f"{path} is damaged (its checksum does not match): remove it and convert again")
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def cache_note(folder: Path) -> str:
