@@ -678,8 +678,29 @@ def test_a_recipes_models_are_found_beside_it_as_its_files_are(tmp_path, monkeyp
                                                  "distill: {teacher: teacher}\ndpo: {ref_model: org/name, data: p.json}\n")
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe("recipes/r.yaml")
-    assert recipe["model"] == "recipes/base" and recipe["distill"]["teacher"] == "recipes/teacher"
+    assert recipe["model"] == str(tmp_path / "recipes" / "base")
+    assert recipe["distill"]["teacher"] == str(tmp_path / "recipes" / "teacher")
     assert recipe["dpo"]["ref_model"] == "org/name" and recipe["out"] == "o"
+
+
+def test_a_recipes_report_copy_runs_from_anywhere_and_its_out_may_be_a_link_to_a_folder_not_made(lab, tmp_path,
+                                                                                                     monkeypatch):
+    """report/recipe.yaml kept paths relative to the folder the run started from ('rec/../teacher'): run again from
+    elsewhere, its model was not found. A recipe `out` that is a link to a folder not made yet: 'File exists'."""
+    from ecomla.pipeline import run_recipe
+
+    (tmp_path / "rec").mkdir()
+    subprocess.run(["cp", "-r", lab / "teacher", tmp_path / "teacher"], check=True)
+    (tmp_path / "run").symlink_to(tmp_path / "made" / "later")  # dangling
+    write_recipe(tmp_path / "rec" / "r.yaml", {"model": "../teacher", "out": "run", "convert": {"kv_rank": 8}})
+    monkeypatch.chdir(tmp_path)
+    run_recipe("rec/r.yaml", log=lambda *a: None)
+    assert (tmp_path / "made" / "later" / "converted" / "config.json").is_file()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    logs = []
+    run_recipe(tmp_path / "run" / "report" / "recipe.yaml", log=logs.append)
+    assert "[ecomla run] convert: already done, skipped" in logs and list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_a_recipe_whose_out_sits_inside_a_stages_input_is_refused_before_step_one(lab, tmp_path):

@@ -86,16 +86,20 @@ def load_recipe(path: str | Path) -> dict:
         value = recipe.get(key, "" if key == "name" else None)
         if not isinstance(value, str) or (key != "name" and not value.strip()):
             raise ValueError(f"recipe {path}: '{key}' must be {what} written as text, got {value!r}")
-    base = path.parent
+    base = path.expanduser().absolute().parent
+    # local paths made absolute (here first, then beside the recipe): the report's copy of the recipe runs from
+    # anywhere (it kept 'rec/../m/tiny', relative to the folder the run was started from)
 
     def fix(v):  # ~ is the home folder, as on a command line (environment variables are not expanded)
         v = os.path.expanduser(str(v))
-        return v if Path(v).is_absolute() or (Path.cwd() / v).exists() else str(base / v)
+        return v if Path(v).is_absolute() else str(Path.cwd() / v) if (Path.cwd() / v).exists() else str(base / v)
 
-    def model(v):  # a hub id stays one: only a folder or file that exists beside the recipe (and not here) moves
-        if isinstance(v, str) and v.startswith("~"):
-            return os.path.expanduser(v)
-        return str(base / v) if isinstance(v, str) and not (Path.cwd() / v).exists() and (base / v).exists() else v
+    def model(v):  # a hub id stays one: only a folder or file that exists here or beside the recipe is a path
+        if not isinstance(v, str):
+            return v
+        v = os.path.expanduser(v)
+        here = Path.cwd() / v
+        return v if Path(v).is_absolute() else str(here) if here.exists() else str(base / v) if (base / v).exists() else v
 
     recipe["out"] = os.path.expanduser(recipe["out"])  # (each step's command expanded it: the run's own files did not)
     recipe["model"] = model(recipe["model"])
@@ -483,7 +487,7 @@ def run_recipe(path: str | Path, log=print) -> Path | None:
     with claimed_output(out, inputs, resume=True, kind="run", flag=RECIPE_OUT) if launch.main else nullcontext():
         if launch.main:
             check_report_unedited(out / "report")
-            out.mkdir(parents=True, exist_ok=True)
+            out.resolve().mkdir(parents=True, exist_ok=True)  # (through a link to a folder not made yet: made)
             mark(out, "run")
         timings = run_steps(steps, record_path, log if launch.main else lambda *a: None, launch)
         if not launch.main:
@@ -584,8 +588,11 @@ def _add_scores(rows: list[dict], models: list[str], table: list[dict]) -> None:
 
 def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, eval_md: str, timings: dict,
                  trained: list[Path]) -> None:
-    """report.md, report.json, recipe.yaml and report.png (`trained`: the recipe's align/distill output folders)."""
+    """report.md, report.json, recipe.yaml and report.png (`trained`: the recipe's align/distill output folders).
+    The recipe as run: its paths absolute, so the copy runs again from any folder (into this run's folder)."""
     from .evaluation.evaluate import format_score
+
+    recipe = {**recipe, "out": str(Path(recipe["out"]).expanduser().absolute())}
     from .io import atomic_write, record, signals_deferred
     from .report import markdown_table
 
