@@ -94,6 +94,22 @@ def test_a_log_files_progress_bars_are_slow_however_main_is_entered(tiny_dir, mo
     assert tqdm.auto.tqdm(range(2), file=io.StringIO()).mininterval == 0.1 and "TQDM_MININTERVAL" not in os.environ
 
 
+def test_a_file_flags_tilde_is_the_home_folder_as_for_models_and_out(monkeypatch):
+    """`--calib=~/t.txt` (the shell expands no `~` after `=`): 'no such file', though `--out=~/x` and models given so
+    were found; the same for --data, --data-dir, --ppl-file and --passkey-filler."""
+    from ecomla.cli import build_parser
+
+    monkeypatch.setenv("HOME", "/home/u")
+    parse = lambda argv: (lambda a: a.options_class.from_args(a))(build_parser().parse_args(argv))  # noqa: E731
+    assert parse(["convert", "m", "--kv-ratio", "4", "--calib=~/t.txt", "--out", "o"]).calib == "/home/u/t.txt"
+    assert parse(["distill", "m", "--teacher", "t", "--data=~/a.txt", "--data", "~/b.txt", "--out", "o"]).data == \
+        ["/home/u/a.txt", "/home/u/b.txt"]
+    evaluation = parse(["eval", "m", "--data-dir=~/ev", "--ppl-file=~/p.txt", "--passkey-filler=~/f.txt"])
+    assert (evaluation.data_dir, evaluation.ppl_files, evaluation.passkey_filler) == \
+        ("/home/u/ev", ["/home/u/p.txt"], "/home/u/f.txt")
+    assert parse(["dpo", "m", "--data=~/p.jsonl", "--out", "o"]).data == "/home/u/p.jsonl"
+
+
 def test_a_repeated_data_flag_adds_its_files():
     """`--data a --data b` trained on b alone, without a word (as `--ppl-file`, repeatable, suggests: both)."""
     from ecomla.cli import build_parser

@@ -396,6 +396,11 @@ def check_writable_folder(path, flag: str, fix: str | None = None) -> None:
     _check_writable(path, str(path), flag, side=True, fix=fix)
 
 
+def size_text(n: int) -> str:
+    """Bytes as a message says them: GiB to one decimal, MiB below 0.1 GiB (a small disk's '0.0 GiB free')."""
+    return f"{n / 2**30:.1f} GiB" if n >= 0.1 * 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def check_free_space(needs: dict, what: str, fix: str) -> None:
     """Refuse, before the work starts, to write `needs` ({path: bytes} a run will write there) where the disk
     holding a path (or its first existing ancestor) has less free (with 2% + 64 MiB slack): a full disk found
@@ -412,9 +417,9 @@ def check_free_space(needs: dict, what: str, fix: str) -> None:
         if free < want:
             left = dead_leftovers(folder) + (dead_leftovers(folder.parent) if folder.parent != folder else [])
             held = sum(n for _, n in left)
-            raise OutputError(f"{what} needs about {want / 2**30:.1f} GiB on the disk holding {folder}, which has "
-                              f"{free / 2**30:.1f} GiB free: free space there, or {fix}"
-                              + (f". {held / 2**30:.1f} GiB there is held by what killed ecomla runs left: "
+            raise OutputError(f"{what} needs about {size_text(want)} on the disk holding {folder}, which has "
+                              f"{size_text(free)} free: free space there, or {fix}"
+                              + (f". {size_text(held)} there is held by what killed ecomla runs left: "
                                  f"{', '.join(str(p) for p, _ in left[:3])}{' ...' if len(left) > 3 else ''} (remove it, "
                                  "or run again into the --out it was for, which cleans it)" if left else ""))
 

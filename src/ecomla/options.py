@@ -269,8 +269,17 @@ class Options:
 
     @classmethod
     def from_args(cls, namespace):
-        """From an argparse namespace made by `cli.add_options` (unset options keep the dataclass default)."""
-        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+        """From an argparse namespace made by `cli.add_options` (unset options keep the dataclass default). A file's
+        leading `~` is the home folder: the shell leaves `--calib=~/t.txt` as it is (models and --out expand it)."""
+        def home(v):
+            return [home(x) for x in v] if isinstance(v, list) else os.path.expanduser(v) if isinstance(v, str) else v
+
+        return cls(**{f.name: home(getattr(namespace, f.name)) if f.name in PATH_KEYS else getattr(namespace, f.name)
+                      for f in fields(cls) if hasattr(namespace, f.name)})
+
+
+PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib", "passkey_filler")  # files a job reads (recipes:
+# relative to the current folder, else to the recipe's)
 
 
 def comma_list(text: str) -> list[str]:

@@ -28,11 +28,10 @@ from pathlib import Path
 import yaml
 
 from .io import OutputError, foreign_files, read_json, read_log
-from .options import (DTYPES, SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions, EvalOptions,
-                      Options, TrainOptions)
+from .options import (DTYPES, PATH_KEYS, SHARED_TRAIN_KEYS, AlignOptions, ConvertOptions, DistillOptions, DPOOptions,
+                      EvalOptions, Options, TrainOptions)
 
 SECTIONS = {"name", "model", "out", "convert", "train", "align", "distill", "dpo", "eval"}
-PATH_KEYS = ("data", "data_dir", "ppl_files", "ppl_file", "calib", "passkey_filler")  # relative to the recipe file when not to the cwd
 MODEL_KEYS = ("teacher", "ref_model")  # like `model`: a local path beside the recipe, else as written (a hub id)
 RECIPE_OUT = "recipe out"  # how messages name the run folder (a key of the recipe, no flag)
 RUN_SWITCHES = ("resume", "overwrite", "overwrite_kind", "progress", "stop_after")  # how a step runs, not what it makes
