@@ -412,7 +412,9 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     ({"model": None}, "'model' must be a hub id, local directory, .gguf file or built-in name written as text"),
     ({"distill": {"data": ["{t}/nowhere.txt"]}}, "recipe section 'distill': data file {t}/nowhere.txt: no such file"),
     ({"distill": {"data": ["{t}"]}}, "recipe section 'distill': data file {t}: a folder; give its files"),  # was "no such file"
-    ({"distill": {"seq_len": 100000}}, "recipe section 'distill': seq_len 100000 is beyond the model's maximum length 256"),
+    ({"distill": {"seq_len": 100000}}, "recipe section 'distill': seq_len 100000 is beyond the models' maximum length 256"),
+    # found only after the conversion (and an alignment) had run: data short of one batch
+    ({"distill": {"batch_size": 1000}}, "recipe section 'distill': the data give "),
     ({"eval": {"tasks": ["arc_eazy"], "data_dir": "{t}"}}, "recipe section 'eval': unknown task(s) arc_eazy"),
     ({"dpo": {"data": "{t}/nowhere.json"}}, "recipe section 'dpo': preference file"),
     ({"train": {"loss": "jsd"}}, "put it in the 'distill' section"),  # align refused it in turn
@@ -434,6 +436,33 @@ def test_every_recipe_section_is_checked_before_step_one(lab, tmp_path, change, 
         run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
     assert message.replace("{t}", str(tmp_path)) in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_teachers_length_and_a_student_without_mla_layers_are_refused_before_any_weights_load(lab, tmp_path,
+                                                                                                  monkeypatch):
+    """A recipe checked seq_len against its model only: a distill teacher of 64 positions refused seq_len 128 after
+    the conversion and alignment. `ecomla distill --train mla` of a model never converted: after the teacher loaded
+    (and a data-free run sampled its text)."""
+    import ecomla.sources
+    from ecomla.options import DistillOptions
+    from ecomla.pipeline import run_recipe
+    from ecomla.training.distill import distill
+
+    teacher = tmp_path / "teacher64"
+    subprocess.run(["cp", "-r", lab / "teacher", teacher], check=True)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    recipe = {"model": str(lab / "teacher"), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
+              "train": {"data": [str(lab / "text.txt")], "tokens": 256, "seq_len": 128, "batch_size": 1},
+              "align": {}, "distill": {"teacher": str(teacher)}}
+    with pytest.raises(ValueError, match=r"recipe section 'distill': seq_len 128 is beyond the models' maximum length 64"):
+        run_recipe(write_recipe(tmp_path / "r.yaml", recipe), log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(ecomla.sources, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(ValueError, match=r"--train mla: the student has no MLA layers: give an `ecomla convert` output"):
+        distill(DistillOptions(student=str(lab / "teacher"), teacher=str(lab / "teacher"), train="mla", seq_len=32,
+                               batch_size=2, tokens=256, out=str(tmp_path / "d")), log=lambda *a: None)
+    assert not (tmp_path / "d").exists()
 
 
 def test_data_align_and_distill_share_is_checked_once_before_step_one(lab, tmp_path, monkeypatch):

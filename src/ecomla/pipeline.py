@@ -255,7 +255,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     from .evaluation.evaluate import check_passkey_contexts, task_data
     from .io import check_input_file
     from .sources import load_config, load_tokenizer
-    from .training.data import check_vocab, read_documents
+    from .training.data import check_enough_data, check_vocab, read_documents
     from .training.dpo import check_preferences, read_preferences
     from .training.loop import run_steps
 
@@ -265,7 +265,7 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
     reads_text = (any(s.name in ("align", "distill") and s.options.data or s.name == "dpo" for s in steps)
                   or (evaluation is not None and "passkey" in evaluation.task_list))
     tokenizer = load_tokenizer(model) if reads_text else None  # every trained model carries the original's
-    read = set()  # (files, prompt_loss) already read: align and distill often share their data
+    read = {}  # (files, prompt_loss) -> documents: align and distill often share their data
     for step in steps:
         o, where = step.options, f"recipe section '{step.name}'"
         try:
@@ -274,14 +274,18 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
             if step.name in ("align", "distill"):
                 for f in o.data:
                     check_input_file(f)
-                if o.data and tokenizer is not None and (tuple(o.data), o.prompt_loss) not in read:
-                    read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)  # as the stage reads them: an
-                    read.add((tuple(o.data), o.prompt_loss))  # empty, non-UTF-8 or malformed file stops here
-                if max_len and o.seq_len > max_len:
-                    raise ValueError(f"seq_len {o.seq_len} is beyond the model's maximum length {max_len}")
+                teacher = load_config(o.teacher) if o.teacher != model else config
+                longest = min(getattr(c, "max_position_embeddings", None) or 1 << 30 for c in (config, teacher))
+                if o.seq_len > longest:
+                    raise ValueError(f"seq_len {o.seq_len} is beyond the models' maximum length {longest}")
+                if o.data and tokenizer is not None:
+                    key = (tuple(o.data), o.prompt_loss)  # as the stage reads them: an empty, non-UTF-8 or
+                    if key not in read:  # malformed file, or one too short for a batch, stops here
+                        read[key] = read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)
+                    check_enough_data(read[key], o, tokenizer.eos_token_id)
                 run_steps(o, world)
                 if o.teacher != model:
-                    check_vocab(None, None, config, load_config(o.teacher))
+                    check_vocab(None, None, config, teacher)
             if step.name == "dpo":
                 check_preferences(read_preferences(o.data), tokenizer, model, min(o.max_length, max_len or o.max_length),
                                   o.data)

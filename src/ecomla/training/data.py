@@ -499,11 +499,33 @@ def pack(docs: Corpus | list[Document], seq_len: int, eos_id: int | None, seed: 
     return (ids, weights) if bool(counted.all()) else (ids[counted], weights[counted])
 
 
+def heldout_count(n: int, fraction: float, max_sequences: int = 64) -> int:
+    """How many of `n` packed sequences are held out: round(n * fraction), at least one when there are two or more,
+    at most `max_sequences`."""
+    return min(max(1, round(n * fraction)), max_sequences) if n >= 2 and fraction > 0 else 0
+
+
 def split_heldout(ids: torch.Tensor, weights: torch.Tensor, fraction: float, max_sequences: int = 64):
-    """The last sequences (at least one, when there are two or more) become the held-out set."""
+    """The last sequences (`heldout_count` of them) become the held-out set."""
     n = ids.shape[0]
-    k = min(max(1, round(n * fraction)), max_sequences) if n >= 2 and fraction > 0 else 0
+    k = heldout_count(n, fraction, max_sequences)
     return (ids[: n - k], weights[: n - k]), (ids[n - k :], weights[n - k :])
+
+
+def check_batch_fits(n_train: int, seq_len: int, batch_size: int, more: str) -> None:
+    """Refuse training whose data give fewer training sequences than one batch; `more`: how to get more."""
+    if n_train < batch_size:
+        raise ValueError(f"the data give {n_train} training sequences of {seq_len} tokens, fewer than --batch-size "
+                         f"{batch_size}: {more} or lower --seq-len/--batch-size")
+
+
+def check_enough_data(docs, cfg, eos_id: int | None) -> None:
+    """`check_batch_fits` from the documents alone, before any model loads (the count `pack` can reach at most:
+    the tokens and one EOS per document, cut into --seq-len; the held-out sequences off): a recipe's distillation
+    found its data short only after the conversion and alignment had run."""
+    corpus = docs if isinstance(docs, Corpus) else Corpus.of(docs)
+    n = (corpus.ids.numel() + int(eos_id is not None) * len(corpus)) // cfg.seq_len
+    check_batch_fits(n - heldout_count(n, cfg.eval_fraction), cfg.seq_len, cfg.batch_size, "add data")
 
 
 def check_vocab(student_tok, teacher_tok, student_cfg, teacher_cfg, other: str = "teacher",

@@ -47,6 +47,12 @@ class Distillation(Objective):
 
     metric = "kl"
 
+    def check(self, student_config, teacher_config) -> None:
+        if self.cfg.train == "mla" and not (getattr(student_config, "model_type", None) == "ecomla"
+                                            and getattr(student_config, "mla_layers", None)):
+            raise ValueError("--train mla: the student has no MLA layers: give an `ecomla convert` output as STUDENT, "
+                             "or --train all")
+
     def build(self, lm: nn.Module, teacher: nn.Module):
         t_body, t_head = getattr(teacher, teacher.base_model_prefix), teacher.get_output_embeddings()
         params = trainable_parameters(lm, self.cfg.train)

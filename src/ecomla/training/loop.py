@@ -331,7 +331,7 @@ def run_steps(cfg: TrainOptions, world: int) -> tuple[int, int]:
 def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
     """Everything that can fail fast, before any weights load or anything is written."""
     from ..sources import load_config, load_tokenizer
-    from .data import check_vocab, read_documents
+    from .data import check_enough_data, check_vocab, read_documents
 
     out = check_output(cfg.out, _inputs(cfg), cfg.overwrite, resume=cfg.resume, kind=cfg.command,
                        overwrite_kind=cfg.overwrite_kind)
@@ -350,6 +350,8 @@ def _preflight(cfg: TrainOptions, objective: Objective, world: int) -> dict:
     if cfg.seq_len > max_pos:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the models' maximum length {max_pos}")
     docs = read_documents(cfg.data, tokenizer, prompt_counts=cfg.prompt_loss) if cfg.data else None
+    if docs is not None:
+        check_enough_data(docs, cfg, tokenizer.eos_token_id)
     if not cfg.data:  # data-free: the teacher samples the text
         if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
             raise ValueError("data-free training pads the teacher's prompts, and the tokenizer has neither an EOS nor a "
@@ -509,8 +511,8 @@ def accelerate_broadcast(accelerator, obj):
 
 def _training_sequences(cfg, plan, teacher, device, accelerator):
     """Packed (train, held-out) sequences; data-free runs sample the text from the teacher once (kept for resumes)."""
-    from .data import (pack, read_documents, reusable_sampled_text, sample_data_free, sampled_text, split_heldout,
-                       write_sampled_text)
+    from .data import (check_batch_fits, pack, read_documents, reusable_sampled_text, sample_data_free, sampled_text,
+                       split_heldout, write_sampled_text)
 
     tokenizer, docs = plan["tokenizer"], plan["docs"]
     if docs is None:
@@ -527,9 +529,7 @@ def _training_sequences(cfg, plan, teacher, device, accelerator):
     more = "add data" if cfg.data else "raise --data-free-tokens"
     ids, weights = pack(docs, cfg.seq_len, tokenizer.eos_token_id, seed=cfg.seed, more=more)
     (train_ids, train_w), (held_ids, held_w) = split_heldout(ids, weights, cfg.eval_fraction)
-    if train_ids.shape[0] < cfg.batch_size:
-        raise ValueError(f"the data give {train_ids.shape[0]} training sequences of {cfg.seq_len} tokens, "
-                         f"fewer than --batch-size {cfg.batch_size}: {more} or lower --seq-len/--batch-size")
+    check_batch_fits(train_ids.shape[0], cfg.seq_len, cfg.batch_size, more)  # (as packed: a data-free run's text)
     return train_ids, train_w, held_ids.long(), held_w.float()  # packed compact; the held-out few as the models take them
 
 
