@@ -5,6 +5,7 @@ before any weight loads."""
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -324,6 +325,13 @@ def test_a_damaged_statistics_cache_is_computed_again_and_an_unusable_one_refuse
     torch.save(torch.full_like(torch.load(layer0, weights_only=True), float("nan")), layer0)
     assert_same_weights(streamed(src, options, tmp_path / "b3", []), first)
     assert torch.isfinite(torch.load(layer0, weights_only=True)).all()
+    # a writer killed before its rename left its temporary in the cache, which nothing removed (128 MiB for an 8B)
+    dead = 2**22 + 12345  # no such process
+    left = layer0.with_name(f".layer-1.pt.ecomla-tmp-{dead}")
+    alive = layer0.with_name(f".layer-1.pt.ecomla-tmp-{os.getppid()}")  # (a process that lives: still writing)
+    left.write_bytes(b"partial"), alive.write_bytes(b"being written")
+    assert_same_weights(streamed(src, options, tmp_path / "b4", []), first)
+    assert not left.exists() and alive.exists()
 
     (tmp_path / "afile").write_text("not a folder")
     monkeypatch.setattr(stream, "convert_layerwise", lambda *a, **k: pytest.fail("started converting"))

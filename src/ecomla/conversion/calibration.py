@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, dead_leftovers
 from ..options import CALIB_SEQ_LEN
 from ..model.cache import has_attention_bias
 
@@ -281,7 +281,15 @@ class CovarianceStore:
 
     def valid_layers(self, n_layers: int) -> int:
         """How many layers, from layer 0 on, have a valid covariance (read one at a time); n_layers: complete."""
+        self.clean()
         return next((i for i in range(n_layers) if not self.valid(i)), n_layers)
+
+    def clean(self) -> None:
+        """Remove the temporaries a killed writer left here (`.layer-K.pt.ecomla-tmp-PID`, its process gone): nothing
+        else would, and an 8B model's are 128 MiB (a covariance) or more (a saved stream) each."""
+        for p, _ in dead_leftovers(self.folder):
+            if p.is_file():
+                p.unlink(missing_ok=True)
 
     def save_stream(self, layer: int, hidden: list[torch.Tensor]) -> None:
         """Keep the calibration forward's hidden states entering `layer` (N, T, d), so an interrupted forward
@@ -322,6 +330,7 @@ class CovarianceStore:
 
     def load_all(self, n_layers: int) -> dict[int, torch.Tensor] | None:
         """Every layer's, or None where one is missing or damaged (recomputed, never trusted)."""
+        self.clean()
         try:
             return {i: self.load(i) for i in range(n_layers)}
         except Exception:
