@@ -92,6 +92,13 @@ def test_a_log_files_progress_bars_are_slow_however_main_is_entered(tiny_dir, mo
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
     assert main(["kv", str(tiny_dir)]) == 0 and seen == [30]
     assert tqdm.auto.tqdm(range(2), file=io.StringIO()).mininterval == 0.1 and "TQDM_MININTERVAL" not in os.environ
+    from ecomla.cli import slow_progress_bars  # two commands in threads of one process, the first ending first: the
+
+    first, second = slow_progress_bars(), slow_progress_bars()  # second put back the first's slowed bars, for good
+    first()
+    assert tqdm.auto.tqdm(range(2), file=io.StringIO()).mininterval == 30
+    second()
+    assert tqdm.auto.tqdm(range(2), file=io.StringIO()).mininterval == 0.1
 
 
 def test_a_file_flags_tilde_is_the_home_folder_as_for_models_and_out(monkeypatch):

@@ -710,6 +710,9 @@ def test_a_recipes_models_are_found_beside_it_as_its_files_are(tmp_path, monkeyp
     assert recipe["model"] == str(tmp_path / "recipes" / "base")
     assert recipe["distill"]["teacher"] == str(tmp_path / "recipes" / "teacher")
     assert recipe["dpo"]["ref_model"] == "org/name" and recipe["out"] == "o"
+    (tmp_path / "smollm2-135m").mkdir()  # a built-in name wins over a folder named alike here, as when it loads
+    (tmp_path / "b.yaml").write_text("model: smollm2-135m\nout: o\nconvert: {kv_rank: 8}\n")
+    assert load_recipe("b.yaml")["model"] == "smollm2-135m"
 
 
 def test_a_recipes_report_copy_runs_from_anywhere_and_its_out_may_be_a_link_to_a_folder_not_made(lab, tmp_path,

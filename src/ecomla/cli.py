@@ -152,18 +152,33 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+_SLOWED = {"commands": 0, "init": None}  # tqdm's own constructor while commands (threads of one process) run
+_SLOWED_LOCK = threading.Lock()
+
+
 def slow_progress_bars(seconds: float = 30):
     """Progress bars redrawn at most every `seconds` (tqdm's `mininterval`) until the returned function is called.
     tqdm reads TQDM_MININTERVAL once, as it is imported, which `import ecomla` may already have done (`python -m
-    ecomla.cli`, `main()` from Python: the variable was set too late); its constructor's defaults are set instead."""
+    ecomla.cli`, `main()` from Python: the variable was set too late); its constructor's defaults are set instead,
+    and restored when the last command running in this process ends."""
     from functools import partialmethod
 
     import tqdm.std
 
-    init = tqdm.std.tqdm.__dict__["__init__"]  # a partialmethod (tqdm's env-variable defaults)
-    tqdm.std.tqdm.__init__ = partialmethod(getattr(init, "func", init), **{**getattr(init, "keywords", {}),
-                                                                           "mininterval": seconds})
-    return lambda: setattr(tqdm.std.tqdm, "__init__", init)
+    with _SLOWED_LOCK:
+        if _SLOWED["commands"] == 0:
+            init = _SLOWED["init"] = tqdm.std.tqdm.__dict__["__init__"]  # a partialmethod (its env-variable defaults)
+            tqdm.std.tqdm.__init__ = partialmethod(getattr(init, "func", init), **{**getattr(init, "keywords", {}),
+                                                                                   "mininterval": seconds})
+        _SLOWED["commands"] += 1
+
+    def restore():
+        with _SLOWED_LOCK:
+            _SLOWED["commands"] -= 1
+            if _SLOWED["commands"] == 0:
+                tqdm.std.tqdm.__init__ = _SLOWED["init"]
+
+    return restore
 
 
 _COMMAND_PID = None  # the process `main` runs in: a child forked from it (lm-eval's bootstrap pool) inherits the handler

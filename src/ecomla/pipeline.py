@@ -93,8 +93,10 @@ def load_recipe(path: str | Path) -> dict:
         v = os.path.expanduser(str(v))
         return v if Path(v).is_absolute() else str(Path.cwd() / v) if (Path.cwd() / v).exists() else str(base / v)
 
-    def model(v):  # a hub id stays one: only a folder or file that exists here or beside the recipe is a path
-        if not isinstance(v, str):
+    def model(v):  # a hub id or built-in name stays one: only a folder or file that exists here or beside the
+        from .sources import BUILTIN  # recipe is a path (a built-in name wins over a folder named alike, as loading)
+
+        if not isinstance(v, str) or v.lower() in BUILTIN:
             return v
         v = os.path.expanduser(v)
         here = Path.cwd() / v

@@ -339,15 +339,14 @@ class CovarianceStore:
 
 def checked_torch_load(path: Path) -> torch.Tensor:
     """`torch.load` of a file `torch.save` wrote, after checking its zip records' CRC-32s, which torch.load does not
-    (a byte flipped in a cache file that still parsed gave other weights, exit 0). Read once, from memory."""
-    import io
+    (a byte flipped in a cache file that still parsed gave other weights, exit 0). The check streams the file: read
+    into memory first, a saved calibration stream of GiBs was held twice. (Files are replaced only by a rename.)"""
     import zipfile
 
-    data = Path(path).read_bytes()
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    with zipfile.ZipFile(path) as archive:
         if archive.testzip() is not None:
             raise ValueError(f"{path} is damaged (its checksum does not match): remove it and convert again")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return torch.load(path, weights_only=True)
 
 
 def cache_note(folder: Path) -> str:
