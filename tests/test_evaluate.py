@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -257,8 +258,11 @@ def test_plot_labels_are_the_shortest_path_tails_that_tell_models_apart():
 def test_eval_reports_each_models_kl_to_the_first_over_the_perplexity_text(tiny_dir, data_dir, tmp_path):
     from ecomla.sources import load_model
 
+    import shutil
+
     other = tiny_model_dir(tmp_path / "other", seed=1)
-    md, rows = run_eval(EvalOptions(models=[str(tiny_dir), str(other), str(tiny_dir)], tasks=["wikitext"],
+    same = shutil.copytree(tiny_dir, tmp_path / "same")  # (one model listed twice is refused: its copy)
+    md, rows = run_eval(EvalOptions(models=[str(tiny_dir), str(other), str(same)], tasks=["wikitext"],
                                     data_dir=str(data_dir), dtype="float32", ppl_window=32, ppl_stride=16, kl_tokens=80),
                         log=lambda *a: None)
     kl = [r["value"] for r in rows if r["metric"] == "kl_to_first"]
@@ -305,3 +309,109 @@ def test_evaluate_model_reads_its_options_task_folder_and_gives_the_model_back_i
     rows = evaluate_model(model, tok, "m", ["wikitext"], EvalOptions(models=["m"], data_dir=str(tmp_path / "tasks")),
                           progress=False)
     assert [r["task"] for r in rows] == ["wikitext"] and rows[0]["value"] > 1 and model.training
+
+
+def test_eval_names_what_would_fail_at_a_models_turn_before_any_model_is_scored(tiny_dir, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    """A later model with cut-short or missing weights failed at its turn, the earlier models' scores lost; a model
+    listed twice (two spellings of one folder), a passkey context or depth listed twice, and a perplexity text of
+    one token (found after the harness tasks): all named before the first model is scored."""
+    import shutil
+
+    import ecomla.evaluation.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("scored a model"))
+    cut = shutil.copytree(tiny_dir, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    bare = shutil.copytree(tiny_dir, tmp_path / "bare")
+    (bare / "model.safetensors").unlink()
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    base = dict(tasks=["arc_easy"], data_dir=str(data_dir), out=str(tmp_path / "out"))
+    for change, message in (({"models": [str(tiny_dir), str(cut)]}, rf"its weights \({weights}\) are damaged"),
+                            ({"models": [str(tiny_dir), str(bare)]}, "has no weights in"),
+                            ({"models": [str(tiny_dir), f"{tiny_dir}/."]}, "one model listed twice; list each once"),
+                            ({"models": [str(tiny_dir)], "ppl_files": [str(one)]}, "fewer than the 2 tokens")):
+        with pytest.raises(ValueError, match=message):
+            run_eval(EvalOptions(**{**base, **change}), log=lambda *a: None)
+    for change in ({"passkey_contexts": [128, 128]}, {"passkey_depths": [0.5, 0.5]}):
+        with pytest.raises(ValueError, match="listed twice; list each once"):
+            EvalOptions(models=[str(tiny_dir)], **change)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_model_that_overflows_or_holds_nans(tiny_dir, data_dir, tmp_path):
+    """A mean NLL beyond 709: math.exp overflowed, a traceback after every model was scored, nothing written (its
+    perplexity is inf, null in results.json). NaN weights: scored as a model (100% on a one-item task, 'margin kept
+    180%', bare NaN in results.json): refused, named."""
+    from ecomla.sources import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+        model.model.embed_tokens.weight.copy_(model.lm_head.weight / 1e4)  # (tied or not: only the head scaled)
+    model.save_pretrained(tmp_path / "hot"), tok.save_pretrained(tmp_path / "hot")
+    md, rows = run_eval(EvalOptions(models=[str(tiny_dir), str(tmp_path / "hot")], tasks=["wikitext"],
+                                    data_dir=str(data_dir), ppl_window=32, ppl_stride=16, out=str(tmp_path / "o")),
+                        log=lambda *a: None)
+    ppl = [r["value"] for r in rows if r["metric"] == "ppl"]
+    assert math.isfinite(ppl[0]) and ppl[1] == math.inf and "| inf |" in md
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())  # strict JSON: no Infinity
+    assert [r["value"] for r in saved["rows"] if r["metric"] == "ppl"] == [ppl[0], None]
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan"), tok.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"nan holds weights that are not finite numbers .*scored on NaN"):
+        run_eval(EvalOptions(models=[str(tmp_path / "nan")], tasks=["arc_easy"], data_dir=str(data_dir)),
+                 log=lambda *a: None)
+
+
+def test_malformed_task_rows_are_named_not_tracebacks(tmp_path):
+    """A gold answer out of range was an IndexError (arc) or failed inside the harness (hellaswag, winogrande); a row
+    that is a JSON list said 'lacks field list indices must be integers'."""
+    import bz2
+
+    from ecomla.evaluation.tasks import local_rows
+
+    write_local_files(tmp_path)
+    for task, name, row, says in (
+            ("arc_easy", "arc_easy.jsonl", {"query": "q", "choices": ["a", "b"], "gold": 5}, "gold answer is not the index"),
+            ("winogrande", "winogrande.jsonl", {"context_options": ["x a", "x b"], "continuation": "c", "gold": 2},
+             "answer '3' is not 1 or 2"),
+            ("piqa", "piqa.jsonl", {"goal": "g", "sol1": "a", "sol2": "b", "label": 2}, "label 2 is not 0 or 1"),
+            ("arc_easy", "arc_easy.jsonl", [1, 2], "a row is a JSON object with the task's fields, not list")):
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=rf"{name}, row 1: .*{re.escape(says)}"):
+            local_rows(task, tmp_path)
+    with bz2.open(tmp_path / "hellaswag_val_full.txt.bz2", "wt") as f:
+        f.write("Roof: A man is on a roof. he\n7\na.\nb.\nc.\nd.\n")
+    with pytest.raises(ValueError, match=r"item 1: label '7' is not the index of one of its 4 endings"):
+        local_rows("hellaswag", tmp_path)
+
+
+def test_kl_to_the_first_skips_a_padded_vocabulary_and_fits_every_models_positions(tiny_dir, data_dir, tmp_path):
+    """A model with the first's tokenizer and a padded vocabulary (320 logits, 300 tokens) crashed the KL step after
+    every model was scored; a later model of 64 positions was compared in windows of the first's 256."""
+    from transformers import AutoConfig
+
+    from ecomla.sources import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    model.resize_token_embeddings(320)
+    model.save_pretrained(tmp_path / "padded"), tok.save_pretrained(tmp_path / "padded")
+    short = tiny_model_dir(tmp_path / "short", seed=1)
+    config = AutoConfig.from_pretrained(short)
+    config.max_position_embeddings = 64
+    config.save_pretrained(short)
+    md, rows = run_eval(EvalOptions(models=[str(tiny_dir), str(tmp_path / "padded"), str(short)], tasks=["wikitext"],
+                                    data_dir=str(data_dir), ppl_window=128, ppl_stride=64, kl_tokens=10_000),
+                        log=lambda *a: None)
+    kl = {r["model"]: r for r in rows if r["metric"] == "kl_to_first"}
+    assert str(tmp_path / "padded") not in kl and str(short) in kl
+    text_tokens = len(tok((data_dir / "wikitext-2-raw-test.txt").read_text(), add_special_tokens=False).input_ids)
+    assert kl[str(short)]["n"] == (text_tokens // 64) * 63  # windows of 64 (each predicts 63 tokens), not 128
+    from ecomla.evaluation.evaluate import check_passkey_contexts  # and no passkey prompt fits it: said so (it asked
+
+    with pytest.raises(ValueError, match=r"beyond the 64 positions of .*short: leave passkey out for it"):  # for
+        check_passkey_contexts([200], config, str(short), tok)  # contexts "between 194 and 56")

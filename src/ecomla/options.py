@@ -554,6 +554,11 @@ class EvalOptions(Options):
             raise ValueError(f"passkey_contexts (--passkey-contexts) must be token counts >= 64, got {self.passkey_contexts}")
         if not self.passkey_depths or any(not 0 <= d <= 1 for d in self.passkey_depths):
             raise ValueError(f"passkey_depths (--passkey-depths) must lie in [0, 1], got {self.passkey_depths}")
+        for name, values in (("models", self.models), ("passkey_contexts (--passkey-contexts)", self.passkey_contexts),
+                             ("passkey_depths (--passkey-depths)", self.passkey_depths)):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:  # (scored twice: the table had one row, results.json two, the passkey average counted it twice)
+                raise ValueError(f"{name}: {', '.join(twice)} listed twice; list each once")
         if self.ppl_stride >= self.ppl_window:
             raise ValueError(f"ppl_stride (--ppl-stride) must be smaller than ppl_window (--ppl-window): got stride "
                              f"{self.ppl_stride}, window {self.ppl_window}")

@@ -597,7 +597,8 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     The recipe as run: its paths absolute, so the copy runs again from any folder (into this run's folder)."""
     from .evaluation.evaluate import format_score
 
-    recipe = {**recipe, "out": str(Path(recipe["out"]).expanduser().absolute())}
+    if "out" in recipe:
+        recipe = {**recipe, "out": str(Path(recipe["out"]).expanduser().absolute())}
     from .io import atomic_write, record, signals_deferred
     from .report import markdown_table
 

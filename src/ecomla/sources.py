@@ -319,6 +319,36 @@ def check_finite_weights(model, name: str, cannot: str, flag: str = "--dtype") -
                          f"{cannot}; {fix}")
 
 
+def check_weight_files(source: str) -> None:
+    """A local model's weight files are there and their headers read (a truncated file is named), without loading
+    them: for work that loads several models one after another (`ecomla eval`), a model failing at its turn lost
+    the others' scores. GGUF files are checked as they resolve; a hub id is checked when it loads."""
+    from safetensors import safe_open
+
+    path, gguf = resolve_source(source)
+    folder = Path(path)
+    if gguf or not folder.is_dir():
+        return
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file()
+                 else sorted(folder.glob("*.safetensors")))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"model {source!r}: its {index.name} cannot be read ({err}); save or download it again") from None
+    if not files and not list(folder.glob("*.bin")):
+        raise ValueError(f"model {source!r} has no weights in {folder} (model.safetensors, its shards, or "
+                         "pytorch_model.bin): save or download them again")
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"model {source!r} lacks {f.name}, which {index.name} lists: save or download it again")
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as err:  # (SafetensorError: cut short, not safetensors)
+            raise ValueError(f"could not load model {source!r}: its weights ({f}) are damaged ({err}); "
+                             "save or download them again") from None
+
+
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
     """Load (model, tokenizer) from any source; the model is in eval mode. `dtype`: a torch dtype, "auto" (the
     checkpoint's), or a name ecomla's options take ("bf16", "float32", ...)."""

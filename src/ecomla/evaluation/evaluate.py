@@ -134,7 +134,8 @@ def perplexity(model, token_ids: list[int], window: int, stride: int, batch_size
             nll += float(F.cross_entropy(head(h).float(), target, reduction="sum"))
             count += len(target)
     assert count == len(ids) - 1
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "window": window, "stride": stride}
+    ppl = math.exp(nll / count) if nll / count < 709 else math.inf  # (beyond, exp overflowed: a traceback, no report)
+    return {"ppl": ppl, "nll": nll / count, "tokens": count, "window": window, "stride": stride}
 
 
 def text_perplexity(model, tokenizer, text: str, window: int, stride: int, batch_size: int = 4, progress: bool = True) -> dict:
@@ -295,12 +296,15 @@ class KLToFirst:
     perplexity text, in windows of `ppl_window` tokens (`metrics.ReferenceKL`: the one held-out evaluator).
     Made from the first model; models with another vocabulary get no value."""
 
-    def __init__(self, model, tokenizer, tasks: list[str], options: EvalOptions, data_dir):
+    def __init__(self, model, tokenizer, tasks: list[str], options: EvalOptions, data_dir, positions: int | None = None):
+        """`positions`: the fewest positions of the models compared (a later model's windows must fit it too)."""
         from ..metrics import ReferenceKL
 
         self.vocab = tokenizer.get_vocab()
+        self.vocab_size = model.config.vocab_size
         self.references = {}
-        window = min(options.ppl_window, getattr(model.config, "max_position_embeddings", options.ppl_window))
+        window = min(options.ppl_window, getattr(model.config, "max_position_embeddings", options.ppl_window),
+                     positions or options.ppl_window)
         for task, path in perplexity_texts(tasks, options, data_dir):
             ids = tokenizer(read_perplexity_text(path), add_special_tokens=False, return_tensors="pt").input_ids[0]
             ids = ids[: options.kl_tokens]  # (n,)
@@ -311,7 +315,7 @@ class KLToFirst:
             self.references[task] = ReferenceKL(model, windows.to(model.device))
 
     def rows(self, model, tokenizer, name: str) -> list[dict]:
-        if tokenizer.get_vocab() != self.vocab:
+        if tokenizer.get_vocab() != self.vocab or model.config.vocab_size != self.vocab_size:  # (padded: logits differ)
             return []
         return [{"model": name, "task": task, "metric": "kl_to_first", "value": (m := ref(model))["kl"], "stderr": None,
                  "n": int(m["tokens"])} for task, ref in self.references.items()]
@@ -415,13 +419,26 @@ def plot(table: list[dict], path: Path, title: str = "") -> bool:
     return True
 
 
+def finite_or_null(value):
+    """`value` (JSON-like) with every non-finite float as None: a perplexity that overflowed is null in results.json
+    (the table prints inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def write_report(rows: list[dict], kv: dict[str, int], out_dir: Path, meta: dict) -> str:
     """results.json (flat rows + summary + meta), results.md, and results.png (when harness tasks give an average)
     into out_dir."""
     columns, table = summary_table(rows, kv)
     md = markdown(columns, table)
     (out_dir / "results.md").write_text(md)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": table, "rows": rows}, indent=1))
+    report = finite_or_null({"meta": meta, "summary": table, "rows": rows})  # (NaN/Infinity are not JSON)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     plot(table, out_dir / "results.png")
     return md
 
@@ -449,6 +466,10 @@ def check_passkey_contexts(contexts: list[int], config, name: str, tokenizer=Non
 
     limit = getattr(config, "max_position_embeddings", None)
     shortest = shortest_context(tokenizer) if tokenizer is not None else 1
+    if limit and limit - ANSWER_TOKENS < shortest:
+        raise ValueError(f"task passkey: a passkey prompt takes at least {shortest} tokens (its own text and one filler "
+                         f"token) and its answer {ANSWER_TOKENS} more, beyond the {limit} positions of {name}: leave "
+                         "passkey out for it")
     span = f"between {shortest} and {limit - ANSWER_TOKENS}" if limit else f"of at least {shortest}"
     short = [c for c in contexts if c < shortest]
     if short:
@@ -486,13 +507,33 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
 def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inputs: dict, log) -> tuple[str, list[dict]]:
     from ..model.cache import cache_values_per_token
     from ..io import atomic_output_dir
-    from ..sources import load_config, load_model, load_tokenizer, resolve_device
+    from ..io import local_path
+    from ..sources import check_finite_weights, check_weight_files, load_config, load_model, load_tokenizer, resolve_device
 
-    configs = {m: load_config(m) for m in models}  # every model must resolve before any long work
-    tokenizers = {m: load_tokenizer(m) for m in models}
+    places = [str(local_path(m) or m) for m in models]
+    twice = sorted({m for m, p in zip(models, places) if places.count(p) > 1})
+    if twice:  # (one folder under two spellings: scored twice, one row in the table)
+        raise ValueError(f"{', '.join(twice)}: one model listed twice; list each once")
+    configs = {m: load_config(m) for m in models}  # every model must resolve before any long work: a model failing
+    tokenizers = {m: load_tokenizer(m) for m in models}  # at its turn lost the scores of those before it
     for m, tok in tokenizers.items():
         if tok is None:
             raise ValueError(f"model {m!r} ships no tokenizer: save one beside it (ecomla convert does)")
+        check_weight_files(m)
+    kv = {}
+    for m, c in configs.items():
+        try:
+            kv[m] = cache_values_per_token(c)
+        except AttributeError as err:
+            raise ValueError(f"model {m!r} ({getattr(c, 'model_type', None)}): its KV cache cannot be counted from its "
+                             f"config ({err}); ecomla evaluates Llama-like models (attention heads, KV heads, head dim) "
+                             "and its own") from None
+    for task, path in perplexity_texts(tasks, o, data_dir):  # a text too short to score: named now, not after the tasks
+        text = read_perplexity_text(path)
+        for m, tok in tokenizers.items():
+            if len(text) < 4096 and len(tok(text, add_special_tokens=False).input_ids) < 2:
+                raise ValueError(f"perplexity text {path} ({task}) is {len(text)} characters, fewer than the 2 tokens "
+                                 f"perplexity needs with the tokenizer of {m}: give a longer text")
     if "passkey" in tasks:
         for m, c in configs.items():
             skipped = check_passkey_contexts(o.passkey_contexts, c, m, tokenizers[m])
@@ -513,16 +554,17 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
     for m in models:
         log(f"[ecomla eval] {m}: loading ({dtype}, {device})")
         model, _ = load_model(m, dtype=getattr(torch, dtype), device=device, tokenizer=False)
+        check_finite_weights(model, m, "it would be scored on NaN log-likelihoods (the first choice, every time)")
         tok = tokenizers[m]
         t0 = time.time()
         rows += evaluate_model(model, tok, m, tasks, o, data_dir)
         if len(models) > 1 and o.kl_tokens:
-            kl_to_first = kl_to_first or KLToFirst(model, tok, tasks, o, data_dir)
+            positions = min((getattr(c, "max_position_embeddings", None) or o.ppl_window for c in configs.values()))
+            kl_to_first = kl_to_first or KLToFirst(model, tok, tasks, o, data_dir, positions)
             rows += kl_to_first.rows(model, tok, m)
         timings[m] = time.time() - t0
         log(f"[ecomla eval] {m}: done in {timings[m]:.0f} s")
         del model
-    kv = {m: cache_values_per_token(configs[m]) for m in models}
     meta = {"tasks": tasks, "limit": o.limit, "data_dir": data_dir, "dtype": dtype, "device": device,
             "batch_size": o.batch_size, "max_batch_tokens": o.max_batch_tokens, "seconds": timings,
             "kv_values_per_token": kv, "torch_threads": torch.get_num_threads()}

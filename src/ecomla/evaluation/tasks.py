@@ -194,14 +194,43 @@ def local_file(task: str, data_dir: str | Path) -> Path:
     raise FileNotFoundError(f"--data-dir {data_dir} has no file for task {task!r}: expected {' or '.join(names)}")
 
 
+def answer_problem(task: str, row: dict) -> str | None:
+    """What is wrong with a hub-format row's answer (its index or key out of range), or None: the harness failed on
+    it with an IndexError or KeyError traceback."""
+    try:
+        if task in ("arc_easy", "arc_challenge", "openbookqa"):
+            labels = row["choices"]["label"]
+            ok = row["answerKey"] in labels
+            shown = f"answerKey {row['answerKey']!r} is none of its choices' labels {labels}"
+        elif task == "piqa":
+            ok, shown = str(row["label"]) in ("0", "1"), f"label {row['label']!r} is not 0 or 1"
+        elif task == "winogrande":
+            ok, shown = str(row["answer"]) in ("1", "2"), f"answer {row['answer']!r} is not 1 or 2"
+        elif task == "hellaswag":
+            n = len(row["endings"])
+            ok = str(row["label"]).isdigit() and int(row["label"]) < n
+            shown = f"label {row['label']!r} is not the index of one of its {n} endings"
+        else:
+            return None
+    except (KeyError, TypeError) as err:
+        return f"lacks field {err}"
+    return None if ok else shown + " (the gold answer, counted from 0 in the llm-foundry format)"
+
+
 def local_rows(task: str, data_dir: str | Path) -> list[dict]:
-    """The task's items from its local file, in the hub's field names."""
+    """The task's items from its local file, in the hub's field names, each answer in range (`answer_problem`)."""
     path, spec = local_file(task, data_dir), LOCAL_TASKS[task]
     if task == "hellaswag" and path.suffix != ".jsonl":
-        return read_hellaswag(path)
+        rows = read_hellaswag(path)
+        bad = next(((i, p) for i, r in enumerate(rows, 1) if (p := answer_problem(task, r))), None)
+        if bad:
+            raise ValueError(f"{path}, item {bad[0]}: {bad[1]}")
+        return rows
     out = []
     for i, r in enumerate(read_rows(path, f"task file for {task!r}"), 1):
         try:
+            if not isinstance(r, dict):
+                raise ValueError(f"a row is a JSON object with the task's fields, not {type(r).__name__} {r!r:.60}")
             row = spec.row(r)
             missing = [f for f in spec.fields if f not in row]
             if missing:
@@ -209,8 +238,13 @@ def local_rows(task: str, data_dir: str | Path) -> list[dict]:
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path}, row {i}: lacks field {err} for task {task!r}: give rows in the llm-foundry format "
                              f"or the hub's ({', '.join(spec.fields)}); see ecomla/evaluation/tasks.py") from None
+        except IndexError:
+            raise ValueError(f"{path}, row {i}: its gold answer is not the index of one of its choices") from None
         except ValueError as err:
             raise ValueError(f"{path}, row {i}: {err}") from None
+        problem = answer_problem(task, row)
+        if problem:
+            raise ValueError(f"{path}, row {i}: {problem}")
         out.append(row)
     return out
 
