@@ -554,10 +554,10 @@ class EvalOptions(Options):
             raise ValueError(f"passkey_contexts (--passkey-contexts) must be token counts >= 64, got {self.passkey_contexts}")
         if not self.passkey_depths or any(not 0 <= d <= 1 for d in self.passkey_depths):
             raise ValueError(f"passkey_depths (--passkey-depths) must lie in [0, 1], got {self.passkey_depths}")
-        for name, values in (("models", self.models), ("passkey_contexts (--passkey-contexts)", self.passkey_contexts),
+        for name, values in (("passkey_contexts (--passkey-contexts)", self.passkey_contexts),
                              ("passkey_depths (--passkey-depths)", self.passkey_depths)):
             twice = sorted({str(v) for v in values if values.count(v) > 1})
-            if twice:  # (scored twice: the table had one row, results.json two, the passkey average counted it twice)
+            if twice:  # (scored twice: the passkey average counted it twice; models: `run_eval`, by place)
                 raise ValueError(f"{name}: {', '.join(twice)} listed twice; list each once")
         if self.ppl_stride >= self.ppl_window:
             raise ValueError(f"ppl_stride (--ppl-stride) must be smaller than ppl_window (--ppl-window): got stride "

@@ -596,11 +596,11 @@ def write_report(report: Path, recipe: dict, rows: list[dict], summary: dict, ev
     """report.md, report.json, recipe.yaml and report.png (`trained`: the recipe's align/distill output folders).
     The recipe as run: its paths absolute, so the copy runs again from any folder (into this run's folder)."""
     from .evaluation.evaluate import format_score
+    from .io import atomic_write, record, signals_deferred
+    from .report import markdown_table
 
     if "out" in recipe:
         recipe = {**recipe, "out": str(Path(recipe["out"]).expanduser().absolute())}
-    from .io import atomic_write, record, signals_deferred
-    from .report import markdown_table
 
     cols = ["model", "kv_values_per_token", "kv_cache", "train_tokens", "train_seconds", "heldout_kl", "heldout_ppl"]
     scores = list(dict.fromkeys(c for r in rows for c in r if c not in cols and c != "path"))  # tasks, average, margin kept
