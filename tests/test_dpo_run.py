@@ -390,7 +390,8 @@ def test_a_changed_step_cut_short_continues_on_the_next_run(tmp_path, monkeypatc
 def test_run_recipe_in_two_processes(tmp_path):
     """`accelerate launch --config_file recipes/accelerate/cpu2.yaml -m ecomla.cli run R` (the recipes' multi-GPU
     command, on 2 CPU processes): the first process converts while the other waits, both train each stage
-    together, the first alone writes the run's record and report; a rerun skips every step on both."""
+    together, the first alone writes the run's record and report; a rerun skips every step on both. DPO too: the
+    second process was refused the lock the first held (the paper recipes' DPO step could not run so)."""
     import os
     import subprocess
     import sys
@@ -400,7 +401,11 @@ def test_run_recipe_in_two_processes(tmp_path):
     (tmp_path / "train.txt").write_text(TINY_TEXT * 3)
     shared = {"data": [str(tmp_path / "train.txt")], "seq_len": 32, "batch_size": 1, "eval_every": 0, "save_every": 0}
     recipe = {"model": str(teacher), "out": str(tmp_path / "out"), "convert": {"kv_rank": 8},
-              "align": {**shared, "tokens": 4 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003}}
+              "align": {**shared, "tokens": 4 * 2 * 32, "lr": 0.01}, "distill": {**shared, "tokens": 4 * 2 * 32, "lr": 0.003},
+              "dpo": {"data": str(tmp_path / "prefs.jsonl"), "max_steps": 2, "batch_size": 1, "max_length": 64,
+                      "save_every": 1}}
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps({"prompt": f"the {w} sat on", "chosen": " the mat",
+                                                              "rejected": " a cloud"}) + "\n" for w in ("cat", "dog")))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     config = Path(__file__).parent.parent / "recipes" / "accelerate" / "cpu2.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
@@ -413,10 +418,18 @@ def test_run_recipe_in_two_processes(tmp_path):
             for stage in ("aligned", "distilled"):
                 summary = json.loads((tmp_path / "out" / stage / "training" / "summary.json").read_text())
                 assert summary["world_size"] == 2 and len(set(summary["rank_param_checksums"])) == 1
-            assert (tmp_path / "out" / "report" / "report.md").is_file()
+            assert (tmp_path / "out" / "report" / "report.md").is_file() and (tmp_path / "out" / "dpo" / "config.json").is_file()
             assert proc.stdout.count("[ecomla run] convert: ConvertOptions") == 1  # said once, by the first process
         else:
-            assert proc.stdout.count("already done, skipped") == 3
+            assert proc.stdout.count("already done, skipped") == 4
+    # `ecomla dpo` alone in 2 processes (no stage before it had set up the process group: each took itself for the
+    # first, and one was refused the other's lock)
+    cmd = cmd[: cmd.index("run")] + ["dpo", str(tmp_path / "out" / "distilled"), "--data", str(tmp_path / "prefs.jsonl"),
+                                     "--out", str(tmp_path / "dpo2"), "--max-steps", "2", "--batch-size", "1",
+                                     "--max-length", "64"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and (tmp_path / "dpo2" / "config.json").is_file(), proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1
 
 
 def test_a_dpo_step_cut_short_in_a_recipe_continues_on_the_next_run(tmp_path, monkeypatch):

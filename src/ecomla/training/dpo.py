@@ -195,20 +195,31 @@ def capped_length(max_length: int, config, log) -> int:
 
 
 def dpo(args: DPOOptions, log=print) -> Path:
-    """Train with DPO; the final model is written atomically to args.out (TRL state in out.dpo-state/)."""
+    """Train with DPO; the final model is written atomically to args.out (TRL state in out.dpo-state/). Under a
+    launch of several processes (`accelerate launch`) every process trains (TRL's Trainer shares the batches) and the
+    first alone holds the outputs' locks and writes (the others were refused the lock it held, or wrote beside it)."""
+    from contextlib import nullcontext
+
+    from accelerate import PartialState
+
     from ..io import claim
 
     if args.model is None:
         raise ValueError("give the MODEL to train")
+    import torch
+
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # (as the Trainer's use_cpu: one group)
+    log = log if main else (lambda *a, **k: None)
     inputs = {"model": args.model, "reference model": args.ref_model, "preference data": args.data}
     state = state_dir(args.out)
-    with claim(args.out, inputs), claim(state, inputs):  # the only writer of both, from these checks to the end
-        out = _dpo(args, inputs, state, log)
+    # the first process is the only writer of both, from these checks to the end
+    with claim(args.out, inputs) if main else nullcontext(), claim(state, inputs) if main else nullcontext():
+        out = _dpo(args, inputs, state, log, main)
     log(f"saved {out}")
     return out
 
 
-def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
+def _dpo(args: DPOOptions, inputs: dict, state: Path, log, main: bool = True) -> Path:
     import shutil
 
     import torch
@@ -246,9 +257,9 @@ def _dpo(args: DPOOptions, inputs: dict, state: Path, log) -> Path:
     ref.requires_grad_(False)
     created = not state.exists()
     try:
-        _train(args, state, out, model, ref, tok, rows, inputs, max_length, log)
+        _train(args, state, out, model, ref, tok, rows, inputs, max_length, log, main)
     except BaseException:
-        if created and not any(state.glob("checkpoint-*")):  # nothing worth resuming: leave no empty folder
+        if main and created and not any(state.glob("checkpoint-*")):  # nothing worth resuming: leave no empty folder
             shutil.rmtree(state, ignore_errors=True)
         raise
     return out
@@ -289,7 +300,8 @@ def spent_recording_trainer():
     return SpentRecordingDPOTrainer
 
 
-def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, max_length: int, log) -> None:
+def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inputs, max_length: int, log,
+           main: bool = True) -> None:
     import math
     import time
 
@@ -301,12 +313,16 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
     from ..sources import non_finite_weights
     from .loop import fresh_precision
 
-    state.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and not args.resume:
-        clear_run_dir(state)
-    mark(state, "dpo-state")
-    atomic_write(state / "args.json", json.dumps({**args.recorded(), "data_files": fingerprint_sources([args.data]),
-                                                  "pairs_digest": pairs_digest(rows)}, indent=1))
+    from accelerate import PartialState
+
+    if main:
+        state.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and not args.resume:
+            clear_run_dir(state)
+        mark(state, "dpo-state")
+        atomic_write(state / "args.json", json.dumps({**args.recorded(), "data_files": fingerprint_sources([args.data]),
+                                                      "pairs_digest": pairs_digest(rows)}, indent=1))
+    PartialState().wait_for_everyone()  # the others read the state folder after the first has made it
     config = DPOConfig(
         output_dir=str(state), beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -342,9 +358,10 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         return json.dumps({"tokens": before.get("tokens", 0) + int(getattr(trainer, "_total_train_tokens", 0)),
                            "train_seconds": before.get("train_seconds", 0.0) + time.time() - t0})
 
-    if known:
+    if known and main:
         trainer.write_spent = lambda folder: atomic_write(folder / SPENT, so_far())
-    (state / SPENT).unlink(missing_ok=True)  # a finished run's, before this one goes on
+    if main:
+        (state / SPENT).unlink(missing_ok=True)  # a finished run's, before this one goes on
     ended = last and read_json(Path(last) / "trainer_state.json", "a DPO checkpoint's trainer state",
                                f"resume from another checkpoint (remove {last})")
     if ended and ended.get("global_step", 0) >= ended.get("max_steps", math.inf) > 0:
@@ -352,19 +369,22 @@ def _train(args: DPOOptions, state: Path, out: Path, model, ref, tok, rows, inpu
         log(f"[ecomla dpo] {Path(last).name} holds the run's last step: nothing more to train; publishing it")
         trained = type(trainer.model).from_pretrained(last, dtype=torch.float32)
         history = whole_run_train_loss(ended["log_history"] + [{"train_loss": None, "step": ended["global_step"]}])
-        if known:
+        if known and main:
             atomic_write(state / SPENT, json.dumps(before))
     else:
         trainer.train(resume_from_checkpoint=last)
-        if known:
+        if known and main:
             atomic_write(state / SPENT, so_far())
         trained = trainer.model
         history = whole_run_train_loss(trainer.state.log_history) if last else trainer.state.log_history
-    atomic_write(state / "log_history.json", json.dumps(history, indent=1))
+    if main:
+        atomic_write(state / "log_history.json", json.dumps(history, indent=1))
     bad = non_finite_weights(trained)
     if bad:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         raise ValueError(f"[ecomla dpo] training diverged: {len(bad)} weight tensors hold non-finite values (e.g. "
                          f"{bad[0]}; logged losses {losses[-3:]}); nothing was published to {out}. Likely cause: "
                          f"the learning rate (--lr {args.lr:g}) or --beta {args.beta:g}; start again with a lower --lr")
-    save_checkpoint(trained, tok, out, overwrite=True, inputs=inputs, kind="dpo", overwrite_kind=args.overwrite_kind)
+    if main:
+        save_checkpoint(trained, tok, out, overwrite=True, inputs=inputs, kind="dpo", overwrite_kind=args.overwrite_kind)
+    PartialState().wait_for_everyone()  # (the others end once the model is published)

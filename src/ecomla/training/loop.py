@@ -577,7 +577,7 @@ def _train(cfg: TrainOptions, objective: Objective, plan: dict, accelerator, log
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    start_step = load_latest_checkpoint(accelerator, ckpt_dir, log) if cfg.resume else 0
+    start_step = load_latest_checkpoint(accelerator, ckpt_dir, log if main else lambda *a: None) if cfg.resume else 0
     refusal = None
     if main:  # before the long work: the checkpoints and the model it will write must fit on the disk
         digest = data_digest(train_ids, train_w, held_ids, held_w)  # (the main process checks and records it)
