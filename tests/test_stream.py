@@ -544,3 +544,21 @@ def test_convert_in_python_names_what_a_wrong_argument_should_be_and_keeps_the_u
     assert next(load_model(tmp_path / "m", dtype="bf16", tokenizer=False)[0].parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype 'bfloat': give a torch dtype, 'auto' or one of"):
         load_model(tmp_path / "m", dtype="bfloat")
+
+
+def test_a_calibration_forward_this_machine_cannot_hold_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """A --calib file of millions of tokens failed inside the calibration forward (an allocator traceback: 4.9 GB of
+    hidden states asked for), after the weights had loaded; sampled calibration was checked, a file was not."""
+    from ecomla import sources
+    from ecomla.conversion import calibration
+
+    src, text = source_dir(tmp_path, "llama")
+    options = ConvertOptions(kv_ratio=2, calib=str(text), calib_tokens=512, calib_cache="none")
+    monkeypatch.setattr(calibration, "_available_memory", lambda: 200_000)  # bytes: less than 3 x 512 x 64 x 4
+    monkeypatch.setattr(stream, "convert_layerwise", lambda *a, **k: pytest.fail("started converting"))
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(ValueError, match=r"the calibration forward over 512 tokens holds their hidden states, about .* "
+                                         r"in torch.float32, and this machine has 0 MiB free: give a smaller "
+                                         r"--calib-tokens \(about 208 fit\)"):
+        streamed(src, options, tmp_path / "out", [])
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_torch_save, dead_leftovers
+from ..io import atomic_torch_save, dead_leftovers, size_text
 from ..options import CALIB_SEQ_LEN
 from ..model.cache import has_attention_bias
 
@@ -201,6 +201,25 @@ def check_sampling_affordable(config, tokens: int, dtype: torch.dtype, log=print
             (available is not None and need > 0.8 * available) else ""
         raise ValueError(f"sampling {tokens} calibration tokens from this model is not affordable here: {problem}. "
                          f"Give --calib FILE (text like the model's use: .txt, or .jsonl rows with 'text'){smaller}")
+
+
+def check_calibration_memory(config, tokens: int, dtype: torch.dtype, whole_model: bool) -> None:
+    """Before any weight loads: refuse a calibration forward whose hidden states this machine cannot hold. It keeps
+    every calibration token's hidden state entering a layer and leaving it, and a copy when it saves its place:
+    3 x tokens x hidden x bytes, plus the whole model when it is loaded whole (else one layer). A --calib file of
+    millions of tokens failed inside the forward with an allocator traceback, after the weights had loaded."""
+    from ..sources import model_skeleton
+
+    size = torch.empty((), dtype=dtype).element_size()
+    states = 3 * tokens * config.hidden_size * size
+    weights = sum(p.numel() for p in model_skeleton(config).parameters()) * size if whole_model else 0
+    available = _available_memory()
+    if available is not None and states + weights > 0.8 * available:
+        fits = max(0, int(0.8 * available - weights)) // (3 * config.hidden_size * size)
+        raise ValueError(f"the calibration forward over {tokens:,} tokens holds their hidden states, about "
+                         f"{size_text(states)} in {dtype}" + (f" beside {size_text(weights)} of weights" if weights else "")
+                         + f", and this machine has {size_text(available)} free: give a smaller --calib-tokens "
+                         f"(about {fits:,} fit)")
 
 
 def _available_memory() -> int | None:

@@ -37,7 +37,8 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     from ..model.engines import SERVING_ENGINES, engine_table
     from ..sources import check_supported, load_config, load_generation_config, load_model, load_tokenizer, resolve_device
     from ..stages import StageLog
-    from .calibration import cache_note, calibration_ids, check_sampling_affordable, default_cache_dir
+    from .calibration import (cache_note, calibration_ids, check_calibration_memory, check_sampling_affordable,
+                              default_cache_dir)
     from .plan import build_config, resolve
     from .stream import in_memory_weights, streaming_source, write_conversion, written_bytes
 
@@ -91,6 +92,9 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     sampling = plan.reads_text and ids is None
     if sampling:  # before any weight loads: can this machine afford it?
         check_sampling_affordable(src_config, options.calib_tokens, dtype, log)
+    if plan.needs_calibration:
+        check_calibration_memory(src_config, ids.numel() if ids is not None else options.calib_tokens, dtype,
+                                 whole_model=weights is None or sampling)
     stages("checks")
 
     model, key_config, choices = None, src_config, {}
