@@ -79,13 +79,24 @@ def test_resolve_defaults():
         (dict(kv_ratio=float("nan")), "finite"),
         (dict(kv_lora_rank=64, layers="3-1"), "--layers '3-1'"),
         (dict(kv_lora_rank=64, rope_freqs="random"), "rope_freqs"),
-        # the ratio's own fix, not the rank's the user never gave
-        (dict(kv_ratio=1.01), r"--kv-ratio 1.01 asks for kv_lora_rank=\d+, which is impossible.*choose a larger --kv-ratio$"),
     ],
 )
 def test_resolve_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resolve(MLAConversionConfig(**kwargs), SMOLLM2)
+
+
+def test_a_ratio_near_one_takes_the_full_rank_and_vllm_a_latent_the_model_allows():
+    """--kv-ratio 1.01 asked for a rank above the key/value matrices' (348 of at most 288) and was refused, though the
+    full rank is at least 1.01x smaller (1.2x); --target vllm --kv-ratio 1.1 on heads of 80 dims chose a latent of
+    512 where 384 is the most, and its fix ('choose 1..384') was one --target vllm refuses."""
+    plan = resolve(MLAConversionConfig(kv_ratio=1.01), SMOLLM2)
+    assert plan.kv_lora_rank == 288 and cache_values_per_token(SMOLLM2) / cache_values_per_token(build_config(plan)) >= 1.01
+    wide = LlamaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=80, num_hidden_layers=1)
+    assert resolve(MLAConversionConfig(target="vllm", kv_ratio=1.1), wide).kv_lora_rank == 256
+    with pytest.raises(ValueError, match=r"kv_lora_rank=512 is impossible.*--target vllm takes --kv-rank 512 or 256: "
+                                         r"use --target llama.cpp or no --target"):
+        resolve(MLAConversionConfig(target="vllm", kv_lora_rank=512), wide)
 
 
 def test_vllm_target_with_heads_narrower_than_its_rope_key_names_that():

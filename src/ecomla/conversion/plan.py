@@ -191,15 +191,16 @@ def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     residual = shared_key_residual(d_rope, s["rope_residual"], n_r, kv_heads)
     max_rank = max_kv_lora_rank(model_config, d_rope - residual)  # the residual's rows join the latent's target
     if options.target == "vllm":
-        rank = vllm_rank(kv_heads, head_dim, options)
-    elif options.kv_ratio is not None:
-        rank = rank_for_ratio(model_config, options.kv_ratio, d_rope, n_r, list(range(count)))
+        rank = vllm_rank(kv_heads, head_dim, options, max_rank)
+    elif options.kv_ratio is not None:  # the largest rank whose cache is at least that much smaller: at most the
+        rank = min(rank_for_ratio(model_config, options.kv_ratio, d_rope, n_r, list(range(count))), max_rank)  # full
     else:
         rank = options.kv_lora_rank
     if not 1 <= rank <= max_rank:
         from_ratio = options.target != "vllm" and options.kv_ratio is not None
         fix = (f"choose a {'larger' if rank > max_rank else 'smaller'} --kv-ratio" if from_ratio
-               else f"choose 1..{max_rank}")
+               else "--target vllm takes --kv-rank 512 or 256: use --target llama.cpp or no --target"
+               if options.target == "vllm" else f"choose 1..{max_rank}")
         raise ValueError(
             (f"--kv-ratio {options.kv_ratio:g} asks for kv_lora_rank={rank}, which" if from_ratio else
              f"kv_lora_rank={rank}") + " is impossible: the stacked key/value matrix of each layer has rank "
@@ -272,17 +273,18 @@ def progression_candidates(model_config, head_dim: int, d_rope: int, target: str
     return tuple(chosen) or (tuple(select_rope_pairs(head_dim, d_rope, "uniform")),)
 
 
-def vllm_rank(kv_heads: int, head_dim: int, options: ConvertOptions) -> int:
+def vllm_rank(kv_heads: int, head_dim: int, options: ConvertOptions, max_rank: int) -> int:
     """The latent rank for --target vllm: 512 or 256 (with a 64-dim RoPE key); with --kv-ratio X the larger
-    one whose cache is X times smaller; refused when neither makes the cache smaller than the original's."""
+    one whose cache is X times smaller and which the key/value matrices' rank (`max_rank`) allows; refused when
+    neither makes the cache smaller than the original's."""
     original = 2 * kv_heads * head_dim  # values per token and layer
     ranks = [r for r, d in VLLM_SHAPES]
     if options.kv_lora_rank is not None:
         if options.kv_lora_rank not in ranks:
             raise ValueError(f"--target vllm takes --kv-rank 512 or 256 (vLLM's MLA latents), got {options.kv_lora_rank}")
         fits = [options.kv_lora_rank]
-    else:
-        fits = [r for r in ranks if original >= options.kv_ratio * (r + VLLM_ROPE_DIM)]
+    else:  # (a latent of 512 where the stacked key/value matrix has rank 384 is impossible: 256 may fit)
+        fits = [r for r in ranks if original >= options.kv_ratio * (r + VLLM_ROPE_DIM) and r <= max_rank]
     fits = [r for r in fits if r + VLLM_ROPE_DIM < original]
     if not fits:
         shown = " or ".join(f"{r} + {VLLM_ROPE_DIM}" for r in ranks)
