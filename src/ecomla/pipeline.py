@@ -276,14 +276,14 @@ def check_inputs(model: str, steps: list[Step], evaluation: EvalOptions | None) 
             if step.name in ("align", "distill"):
                 for f in o.data:
                     check_input_file(f)
+                key = (tuple(o.data), o.prompt_loss)  # as the stage reads them: an empty, non-UTF-8 or malformed
+                if o.data and tokenizer is not None and key not in read:  # file stops here (then one too short)
+                    read[key] = read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)
                 teacher = load_config(o.teacher) if o.teacher != model else config
                 longest = min(getattr(c, "max_position_embeddings", None) or 1 << 30 for c in (config, teacher))
                 if o.seq_len > longest:
                     raise ValueError(f"seq_len {o.seq_len} is beyond the models' maximum length {longest}")
-                if o.data and tokenizer is not None:
-                    key = (tuple(o.data), o.prompt_loss)  # as the stage reads them: an empty, non-UTF-8 or
-                    if key not in read:  # malformed file, or one too short for a batch, stops here
-                        read[key] = read_documents(o.data, tokenizer, prompt_counts=o.prompt_loss)
+                if key in read:
                     check_enough_data(read[key], o, tokenizer.eos_token_id)
                 run_steps(o, world)
                 if o.teacher != model:
