@@ -562,3 +562,13 @@ def test_a_calibration_forward_this_machine_cannot_hold_is_refused_before_the_we
                                          r"--calib-tokens \(about 208 fit\)"):
         streamed(src, options, tmp_path / "out", [])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_python_api_refuses_a_calibration_file_it_would_never_read_as_the_command_does(tmp_path):
+    """`ecomla convert --init xecomla --calib FILE` is refused (the file is never read); `convert(model,
+    ConvertOptions(init="xecomla", latent_norm=False, calib=FILE), tokenizer=tok)` took it without a word."""
+    src, text = source_dir(tmp_path, "llama")
+    model, tok = load_model(str(src))
+    options = ConvertOptions(kv_lora_rank=8, init="xecomla", latent_norm=False, calib=str(text))
+    with pytest.raises(ValueError, match=r"--calib .*calib.txt would never be read: this initialization \(--init xecomla\)"):
+        convert(model, options, tokenizer=tok)

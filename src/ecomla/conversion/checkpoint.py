@@ -39,7 +39,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     from ..stages import StageLog
     from .calibration import (cache_note, calibration_ids, check_calibration_memory, check_sampling_affordable,
                               default_cache_dir)
-    from .plan import build_config, resolve
+    from .plan import build_config, check_calib_read, resolve
     from .stream import in_memory_weights, streaming_source, write_conversion, written_bytes
 
     stages = StageLog(log, "convert")  # time and peak memory per stage (benchmarks/convert_scale.py)
@@ -47,10 +47,7 @@ def _convert_checkpoint(options: ConvertOptions, inputs: dict, log) -> Path:
     generation = load_generation_config(options.source)  # EOS tokens and sampling defaults, carried on
     check_supported(src_config)
     plan = resolve(options, src_config)  # every setting error surfaces here, before loading weights; made once
-    if options.calib and not plan.reads_text:
-        raise ValueError(f"--calib {options.calib} would never be read: this initialization (--init {options.init}"
-                         f"{', --svd ' + plan.svd if options.svd else ''}) measures nothing; drop --calib, or use "
-                         "--init ecomla / --svd activations, which read it")
+    check_calib_read(options, plan)
     calib_cache = options.calib_cache  # (the default one, unwritable and not asked for: none)
     if plan.needs_calibration and options.calib_cache != "none":  # found now, not after the calibration forward
         cache = options.calib_cache or default_cache_dir()  # default: $ECOMLA_CACHE/calibration

@@ -138,6 +138,15 @@ def parse_layers(spec, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def check_calib_read(options: ConvertOptions, plan: ConversionPlan) -> None:
+    """Refuse a calibration file the plan never reads (`convert_checkpoint` and `convert` alike: the Python API
+    took it without a word where the command refused it)."""
+    if options.calib and not plan.reads_text:
+        raise ValueError(f"--calib {options.calib} would never be read: this initialization (--init {options.init}"
+                         f"{', --svd ' + plan.svd if options.svd else ''}) measures nothing; drop --calib, or use "
+                         "--init ecomla / --svd activations, which read it")
+
+
 def resolve(options: ConvertOptions, model_config) -> ConversionPlan:
     """Validate `options` against `model_config` (a Llama-family HF config); return the frozen plan."""
     n_layers = model_config.num_hidden_layers

@@ -38,7 +38,7 @@ from ..sources import check_supported, model_skeleton
 from .calibration import CovarianceStore, InMemoryStore, LayerStream, cache_store, default_cache_dir, stats_key
 from .calibration import calibration_ids as calibration_ids_for
 from .families import NEEDS_TEXT, as_llama, llama_tensors
-from .plan import ConversionPlan, build_config, resolve
+from .plan import ConversionPlan, build_config, check_calib_read, resolve
 from .upcycle import alternate_layers, dropped_rotation, layer_weights, measure_choices, sensitive_layers
 
 SHARD_BYTES = 2 * 2**30  # largest safetensors shard written (what transformers' own sharding calls 2GB)
@@ -477,7 +477,9 @@ def convert(model, conv: ConvertOptions, progress: bool = True, calibration_ids:
             raise ValueError(f"calibration_ids must be a (batch, tokens) integer tensor of token ids below the "
                              f"vocabulary's {vocab} (tokenizer(texts, return_tensors='pt').input_ids), got {got}")
     check_supported(model.config, type(model).__name__)
-    return upcycle(model, resolve(conv, model.config), progress, calibration_ids, covariance, tokenizer)
+    plan = resolve(conv, model.config)
+    check_calib_read(conv, plan)
+    return upcycle(model, plan, progress, calibration_ids, covariance, tokenizer)
 
 
 @torch.no_grad()
