@@ -345,8 +345,13 @@ def check_weight_files(source: str) -> None:
             with safe_open(str(f), "pt"):
                 pass
         except Exception as err:  # (SafetensorError: cut short, not safetensors)
-            raise ValueError(f"could not load model {source!r}: its weights ({f}) are damaged ({err}); "
-                             "save or download them again") from None
+            raise damaged_weights(source, f, err) from None
+
+
+def damaged_weights(source: str, files, err: Exception) -> ValueError:
+    """The error for a model whose weight files cannot be read (cut short, empty, not safetensors)."""
+    return ValueError(f"could not load model {source!r}: its weights ({files}) are damaged ({err}); "
+                      "save or download them again")
 
 
 def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, tokenizer: bool = True):
@@ -380,8 +385,7 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32, device: st
         if type(err).__name__ != "SafetensorError":
             raise
         files = ", ".join(str(p) for p in sorted(Path(path).glob("*.safetensors"))) or path
-        raise ValueError(f"could not load model {source!r}: its weights ({files}) are damaged ({err}); "
-                         "save or download them again") from None
+        raise damaged_weights(source, files, err) from None
     problems = weight_problems(info)
     if problems:
         raise weights_mismatch(source, Path(path) / gguf if gguf else path, problems)

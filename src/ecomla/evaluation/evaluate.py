@@ -506,8 +506,7 @@ def run_eval(options: EvalOptions, log=print) -> tuple[str, list[dict]]:
 
 def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inputs: dict, log) -> tuple[str, list[dict]]:
     from ..model.cache import cache_values_per_token
-    from ..io import atomic_output_dir
-    from ..io import local_path
+    from ..io import atomic_output_dir, local_path
     from ..sources import check_finite_weights, check_weight_files, load_config, load_model, load_tokenizer, resolve_device
 
     places = [str(local_path(m) or m) for m in models]
@@ -551,6 +550,7 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
     rows: list[dict] = []
     timings = {}
     kl_to_first = None
+    positions = min(getattr(c, "max_position_embeddings", None) or o.ppl_window for c in configs.values())
     for m in models:
         log(f"[ecomla eval] {m}: loading ({dtype}, {device})")
         model, _ = load_model(m, dtype=getattr(torch, dtype), device=device, tokenizer=False)
@@ -559,7 +559,6 @@ def _run_eval(o: EvalOptions, models: list[str], tasks: list[str], data_dir, inp
         t0 = time.time()
         rows += evaluate_model(model, tok, m, tasks, o, data_dir)
         if len(models) > 1 and o.kl_tokens:
-            positions = min((getattr(c, "max_position_embeddings", None) or o.ppl_window for c in configs.values()))
             kl_to_first = kl_to_first or KLToFirst(model, tok, tasks, o, data_dir, positions)
             rows += kl_to_first.rows(model, tok, m)
         timings[m] = time.time() - t0

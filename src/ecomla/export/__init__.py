@@ -144,13 +144,12 @@ def gguf_written_by_ecomla(path) -> bool:
         from .gguf import TENSOR_DIGEST, gguf_tensor_digest
 
         reader = gguf.GGUFReader(str(path))
-        fields = reader.fields
-        unfingerprinted = GGUF_MARK in fields and TENSOR_DIGEST not in fields
-        ours = (GGUF_MARK in fields and TENSOR_DIGEST in fields and
-                bytes(fields[TENSOR_DIGEST].parts[fields[TENSOR_DIGEST].data[0]]).decode() == gguf_tensor_digest(reader))
+        marked, recorded = GGUF_MARK in reader.fields, reader.fields.get(TENSOR_DIGEST)
+        ours = (marked and recorded is not None
+                and bytes(recorded.parts[recorded.data[0]]).decode() == gguf_tensor_digest(reader))
     except Exception:  # not a GGUF, or unreadable: not ours
         return False
-    if unfingerprinted:  # (it said "not written by ecomla")
+    if marked and recorded is None:  # (it said "not written by ecomla")
         raise ValueError(f"--out {path} is a GGUF an earlier ecomla wrote (before 2026-12-05), which records no "
                          "fingerprint of its tensors to tell it from a file made from it (a quantized copy keeps "
                          "ecomla's keys): move it away or remove it yourself, then export again")

@@ -200,14 +200,13 @@ def dpo(args: DPOOptions, log=print) -> Path:
     first alone holds the outputs' locks and writes (the others were refused the lock it held, or wrote beside it)."""
     from contextlib import nullcontext
 
+    import torch
     from accelerate import PartialState
 
     from ..io import claim
 
     if args.model is None:
         raise ValueError("give the MODEL to train")
-    import torch
-
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # (as the Trainer's use_cpu: one group)
     log = log if main else (lambda *a, **k: None)
     inputs = {"model": args.model, "reference model": args.ref_model, "preference data": args.data}
